@@ -1,0 +1,140 @@
+// pybind11 module scott_kernels._C. Kernels take raw data pointers, sizes, strides and (for CUDA)
+// the stream, so the module never links libtorch and one build serves every torch version.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "patch_tiles.h"
+
+#ifdef SCOTT_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+#ifndef SCOTT_CUDA_ARCHS
+#define SCOTT_CUDA_ARCHS ""
+#endif
+
+namespace py = pybind11;
+using scott::DType;
+using scott::TileGeometry;
+
+namespace {
+
+void validate(const TileGeometry& g) {
+  auto require = [](bool ok, const char* what) {
+    if (!ok) throw std::invalid_argument(std::string("TileGeometry: ") + what);
+  };
+  require(g.batch >= 0 && g.grid_h > 0 && g.grid_w > 0, "batch >= 0 and grid_h, grid_w > 0 expected");
+  require(g.channels > 0 && g.side > 0, "channels and side must be positive");
+  require(g.halo_lo >= 0 && g.halo_hi >= 0, "halo_lo and halo_hi must be non-negative");
+  require(g.num_tiles >= 0, "num_tiles must be non-negative");
+  for (int d = 0; d < 3; ++d) require(g.slot_sizes[d] > 0, "slot_sizes must be positive");
+}
+
+template <typename T>
+T* ptr(std::uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+void gather_tiles(const TileGeometry& g, int dtype, std::uintptr_t src, std::uintptr_t slot,
+                  std::uintptr_t tile_pos, std::uintptr_t tiles, bool on_cuda, std::uintptr_t stream) {
+  validate(g);
+  const auto dt = static_cast<DType>(dtype);
+  scott::element_size(dt);  // rejects unknown codes
+  if (on_cuda) {
+#ifdef SCOTT_WITH_CUDA
+    scott::gather_tiles_cuda(g, dt, ptr<const void>(src), ptr<const int64_t>(slot),
+                             ptr<const int64_t>(tile_pos), ptr<void>(tiles), ptr<void>(stream));
+    return;
+#else
+    throw std::runtime_error("gather_tiles: scott_kernels was built without CUDA");
+#endif
+  }
+  py::gil_scoped_release nogil;
+  scott::gather_tiles_cpu(g, dt, ptr<const void>(src), ptr<const int64_t>(slot),
+                          ptr<const int64_t>(tile_pos), ptr<void>(tiles));
+}
+
+void scatter_tiles(const TileGeometry& g, int dtype, std::uintptr_t grad_tiles, std::uintptr_t slot,
+                   std::uintptr_t slot_pos, std::uintptr_t tile_of, std::uintptr_t grad_src,
+                   bool on_cuda, std::uintptr_t stream) {
+  validate(g);
+  const auto dt = static_cast<DType>(dtype);
+  scott::element_size(dt);
+  if (on_cuda) {
+#ifdef SCOTT_WITH_CUDA
+    scott::scatter_tiles_cuda(g, dt, ptr<const void>(grad_tiles), ptr<const int64_t>(slot),
+                              ptr<const int64_t>(slot_pos), ptr<const int64_t>(tile_of),
+                              ptr<void>(grad_src), ptr<void>(stream));
+    return;
+#else
+    throw std::runtime_error("scatter_tiles: scott_kernels was built without CUDA");
+#endif
+  }
+  py::gil_scoped_release nogil;
+  scott::scatter_tiles_cpu(g, dt, ptr<const void>(grad_tiles), ptr<const int64_t>(slot),
+                           ptr<const int64_t>(slot_pos), ptr<const int64_t>(tile_of), ptr<void>(grad_src));
+}
+
+py::dict build_info() {
+  py::dict info;
+#ifdef SCOTT_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+  info["cuda_archs"] = std::string(SCOTT_CUDA_ARCHS);
+  info["cuda_runtime_version"] = scott::cuda_runtime_version();
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = py::none();
+  info["cuda_archs"] = "";
+#endif
+  info["compiler"] =
+#if defined(__clang__)
+      std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+      std::string("gcc ") + __VERSION__;
+#else
+      std::string("unknown");
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "scott_kernels native kernels (C++ CPU and, when built with nvcc, CUDA)";
+
+  py::class_<TileGeometry>(m, "TileGeometry")
+      .def(py::init<>())
+      .def_readwrite("batch", &TileGeometry::batch)
+      .def_readwrite("grid_h", &TileGeometry::grid_h)
+      .def_readwrite("grid_w", &TileGeometry::grid_w)
+      .def_readwrite("channels", &TileGeometry::channels)
+      .def_readwrite("side", &TileGeometry::side)
+      .def_readwrite("halo_lo", &TileGeometry::halo_lo)
+      .def_readwrite("halo_hi", &TileGeometry::halo_hi)
+      .def_readwrite("num_tiles", &TileGeometry::num_tiles)
+      .def_readwrite("c_stride", &TileGeometry::c_stride)
+      .def_readwrite("y_stride", &TileGeometry::y_stride)
+      .def_readwrite("x_stride", &TileGeometry::x_stride)
+      .def("set_slots",
+           [](TileGeometry& g, py::tuple sizes, py::tuple strides) {
+             if (sizes.size() != 3 || strides.size() != 3)
+               throw std::invalid_argument("set_slots: expected three sizes and three strides");
+             for (int d = 0; d < 3; ++d) {
+               g.slot_sizes[d] = sizes[d].cast<int64_t>();
+               g.slot_strides[d] = strides[d].cast<int64_t>();
+             }
+           })
+      .def_property_readonly("tile_side", &TileGeometry::tile_side)
+      .def_property_readonly("num_slots", &TileGeometry::num_slots);
+
+  m.def("gather_tiles", &gather_tiles, py::arg("geometry"), py::arg("dtype"), py::arg("src"),
+        py::arg("slot"), py::arg("tile_pos"), py::arg("tiles"), py::arg("on_cuda"), py::arg("stream"),
+        "tiles (M, C, T, T) <- visible patches of src with their halo, zero elsewhere");
+  m.def("scatter_tiles", &scatter_tiles, py::arg("geometry"), py::arg("dtype"), py::arg("grad_tiles"),
+        py::arg("slot"), py::arg("slot_pos"), py::arg("tile_of"), py::arg("grad_src"), py::arg("on_cuda"),
+        py::arg("stream"), "grad_src (S, C, side, side) <- adjoint of gather_tiles");
+  m.def("build_info", &build_info, "what this build compiled");
+}

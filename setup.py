@@ -1,0 +1,96 @@
+"""Builds scott_kernels and its native module scott_kernels._C with CMake + ninja + pybind11.
+
+Environment variables:
+  SCOTT_CUDA_ARCHS   CUDA architectures, CMake syntax (default "80;90a": sm_80 SASS+PTX, sm_90a SASS)
+  SCOTT_REQUIRE_CUDA=1  fail the build when nvcc is not found (default: build the C++ part only)
+  SCOTT_NO_CUDA=1    never compile the CUDA sources
+  CMAKE_BUILD_PARALLEL_LEVEL  parallel compile jobs
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CUDA_ARCHS = "80;90a"
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def find_nvcc():
+    """nvcc from CUDA_HOME / CUDA_PATH, then PATH, then the usual install location."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return str(default) if default.is_file() else None
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent  # .../scott_kernels
+        build_temp = Path(self.build_temp).resolve() / ext.name
+        build_temp.mkdir(parents=True, exist_ok=True)
+
+        nvcc = None if _truthy("SCOTT_NO_CUDA") else find_nvcc()
+        if nvcc is None and _truthy("SCOTT_REQUIRE_CUDA"):
+            raise RuntimeError(
+                "scott_kernels: SCOTT_REQUIRE_CUDA is set but nvcc was not found "
+                "(set CUDA_HOME or put nvcc on PATH)"
+            )
+        archs = os.environ.get("SCOTT_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+        args = [
+            str(ROOT),
+            "-G", "Ninja",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ]
+        if nvcc:
+            args += ["-DSCOTT_WITH_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DSCOTT_CUDA_ARCHS={archs}"]
+            print(f"scott_kernels: building C++ and CUDA kernels with {nvcc} for architectures {archs}")
+        else:
+            args += ["-DSCOTT_WITH_CUDA=OFF"]
+            print("scott_kernels: nvcc not found, building the C++ (CPU) kernels only; "
+                  "set CUDA_HOME to build the CUDA kernels")
+        subprocess.run(["cmake", *args], cwd=build_temp, check=True)
+        subprocess.run(["cmake", "--build", ".", "--target", "_C"], cwd=build_temp, check=True)
+        built = list(out_dir.glob("_C*"))
+        if not built:
+            raise RuntimeError(f"scott_kernels: CMake finished but no _C module appeared in {out_dir}")
+        print(f"scott_kernels: built {built[0].name} ({'CUDA ' + archs if nvcc else 'CPU only'})")
+
+
+setup(
+    name="scott-kernels",
+    version="0.1.0",
+    description="Sparse convolutional tokenizer (SCOTT) for Vision Transformers, computed only over visible patches",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["scott_kernels"],
+    install_requires=["torch>=2.4"],
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "timm>=1.0"]},
+    ext_modules=[CMakeExtension("scott_kernels._C")],
+    cmdclass={"build_ext": CMakeBuild},
+)
