@@ -29,7 +29,7 @@ void validate(const TileGeometry& g) {
   require(g.channels > 0 && g.side > 0, "channels and side must be positive");
   require(g.halo_lo >= 0 && g.halo_hi >= 0, "halo_lo and halo_hi must be non-negative");
   require(g.num_tiles >= 0, "num_tiles must be non-negative");
-  for (int d = 0; d < 3; ++d) require(g.slot_sizes[d] > 0, "slot_sizes must be positive");
+  for (int d = 0; d < 3; ++d) require(g.slot_sizes[d] >= 0, "slot_sizes must be non-negative");
 }
 
 template <typename T>

@@ -1,0 +1,41 @@
+"""scott-kernels: the SCOTT sparse convolutional tokenizer, computed only over visible patches."""
+
+from __future__ import annotations
+
+from .functional import available_backends, select_backend, sparse_conv_tokenize
+from .module import SparseConvTokenizer, masked
+from .reference import reference_tokenize
+
+__version__ = "0.1.0"
+__all__ = [
+    "SparseConvTokenizer",
+    "masked",
+    "sparse_conv_tokenize",
+    "reference_tokenize",
+    "available_backends",
+    "select_backend",
+    "build_info",
+]
+
+
+def build_info() -> dict:
+    """What the native module was compiled with, and what can run here."""
+    import os
+
+    import torch
+
+    from . import _C
+
+    info = dict(_C.build_info())
+    info["cpp_only"] = not info["cuda"]
+    info["torch"] = torch.__version__
+    info["cuda_device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+        info["triton_usable"] = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    except ImportError:
+        info["triton"] = None
+        info["triton_usable"] = False
+    return info

@@ -144,8 +144,8 @@ def scatter_tiles(grad_tiles: torch.Tensor, slot: torch.Tensor, tile_pos: torch.
             or grad_tiles.shape[0] != tile_pos.shape[0]:
         raise ValueError(f"scatter_tiles: grad_tiles must be (M={tile_pos.shape[0]}, C, {side_t}, {side_t}), "
                          f"got {tuple(grad_tiles.shape)}")
-    if len(slot_sizes) != 3 or min(slot_sizes) <= 0 or side <= 0:
-        raise ValueError(f"scatter_tiles: expected three positive slot sizes and a positive side, "
+    if len(slot_sizes) != 3 or min(slot_sizes) < 0 or side <= 0:
+        raise ValueError(f"scatter_tiles: expected three non-negative slot sizes and a positive side, "
                          f"got {slot_sizes}, {side}")
     channels = grad_tiles.shape[1]
     out_dtype = grad_tiles.dtype

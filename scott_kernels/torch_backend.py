@@ -112,6 +112,6 @@ def torch_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: torch
         side = conv_side // 2
         src = out.view(num_tiles, 1, 1, out.shape[1], side, side)
         slot = compact_slot
-    tokens = out.reshape(num_tiles, -1)
+    tokens = out.reshape(num_tiles, out.shape[1])
     dense = tokens.new_zeros((positions, tokens.shape[1])).index_copy(0, tile_pos, tokens)
     return dense.view(B, GH * GW, tokens.shape[1])

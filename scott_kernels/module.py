@@ -1,0 +1,199 @@
+"""``SparseConvTokenizer``: the SCOTT tokenizer as a drop-in patch-embedding module."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .functional import num_stages_for, select_backend, sparse_conv_tokenize
+
+__all__ = ["SparseConvTokenizer", "masked"]
+
+_log = logging.getLogger("scott_kernels")
+_OFFICIAL_KEY = re.compile(r"^tokenizer\.(\d+)\.weight$")
+_OUTPUT_FORMATS = ("NLC", "NHWC", "NCHW")
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _per_stage(value, stages: int, name: str) -> list[int]:
+    if isinstance(value, int):
+        return [value] * stages
+    values = [int(v) for v in value]
+    if len(values) != stages:
+        raise ValueError(f"{name}: expected an int or {stages} values, got {len(values)}")
+    return values
+
+
+class SparseConvTokenizer(nn.Module):
+    """Shallow sparse CNN tokenizer (SCOTT): one token per patch, no masked patch leaks.
+
+    Each stage is conv(k x k, stride 2, pad k//2, no bias) -> ReLU -> MaxBlurPool, masked to the
+    visible patches after every conv and pool; ``patch_size = 4 ** num_stages`` (16 -> two stages:
+    3 -> 64 -> embed_dim channels, the SCOTT default).
+
+    Drop-in for timm: ``VisionTransformer(embed_layer=SparseConvTokenizer, ...)`` works; timm
+    calls it with images only, so hand it a mask with ``with tokenizer.masked(keep): vit(x)`` or
+    ``with scott_kernels.masked(vit, keep): vit(x)``.
+
+    Args:
+        img_size: expected image size (int or (H, W)); any multiple of the patch size is accepted
+            when ``strict_img_size=False``.
+        patch_size: pixels per patch side, a power of 4 (default 16).
+        in_chans: image channels.
+        embed_dim: token width D (the last conv's output channels).
+        hidden_channels: output channels of the stages before the last (int or one per stage).
+        kernel_size: odd conv kernel size (int or one per stage).
+        backend: "auto", "torch" or "reference" (see ``scott_kernels.available_backends``).
+        norm_layer: optional norm over D applied to visible tokens (masked ones stay 0).
+        flatten / output_fmt: "NLC" (B, N, D) by default; "NHWC" or "NCHW" keep the grid.
+        bias, dynamic_img_pad: accepted for timm's ``embed_layer`` call; SCOTT convs have no bias,
+            and padding images to a patch multiple is not supported (it would change the mask grid).
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 384,
+                 hidden_channels: int | Sequence[int] = 64, kernel_size: int | Sequence[int] = 7,
+                 backend: str = "auto", norm_layer=None, flatten: bool = True, output_fmt: str | None = None,
+                 bias: bool = True, strict_img_size: bool = True, dynamic_img_pad: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        ph, pw = _pair(patch_size)
+        if ph != pw:
+            raise ValueError(f"patch_size must be square, got {(ph, pw)}")
+        stages = num_stages_for(ph)
+        self.patch_size = (ph, pw)
+        self.img_size = _pair(img_size)
+        if self.img_size[0] % ph or self.img_size[1] % ph:
+            raise ValueError(f"img_size {self.img_size} must be a multiple of patch_size {ph}")
+        self.grid_size = (self.img_size[0] // ph, self.img_size[1] // ph)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        if dynamic_img_pad:
+            raise ValueError("dynamic_img_pad=True is not supported: image sizes must be multiples of "
+                             "the patch size so that the mask grid matches the token grid")
+        self.dynamic_img_pad = False
+        self.strict_img_size = strict_img_size
+        if output_fmt is not None:
+            if output_fmt not in _OUTPUT_FORMATS:
+                raise ValueError(f"output_fmt must be one of {_OUTPUT_FORMATS}, got {output_fmt!r}")
+            self.flatten, self.output_fmt = False, output_fmt
+        else:
+            self.flatten, self.output_fmt = flatten, ("NLC" if flatten else "NCHW")
+        self.backend = backend
+        if backend != "auto":
+            select_backend(backend, "cpu" if device is None else device)  # rejects unknown names now
+
+        widths = _per_stage(hidden_channels, stages - 1, "hidden_channels") + [embed_dim]
+        kernels = _per_stage(kernel_size, stages, "kernel_size")
+        for k in kernels:
+            if k <= 0 or k % 2 == 0:
+                raise ValueError(f"kernel_size must be odd and positive, got {k}")
+        factory = {"device": device, "dtype": dtype}
+        convs, c_in = [], in_chans
+        for width, k in zip(widths, kernels):
+            convs.append(nn.Conv2d(c_in, width, k, stride=2, padding=k // 2, bias=False, **factory))
+            c_in = width
+        self.convs = nn.ModuleList(convs)
+        self.norm = norm_layer(embed_dim, **factory) if norm_layer else nn.Identity()
+        self._pending_keep: torch.Tensor | None = None
+        self._announced: set[tuple[str, str]] = set()
+        self.reset_parameters()
+        self._register_load_state_dict_pre_hook(self._accept_official_keys)
+
+    def reset_parameters(self) -> None:
+        for conv in self.convs:
+            nn.init.kaiming_normal_(conv.weight)  # as the SCOTT reference code initialises them
+
+    # --- timm PatchEmbed interface -------------------------------------------------------------
+    def feat_ratio(self, as_scalar: bool = True):
+        return self.patch_size[0] if as_scalar else self.patch_size
+
+    def dynamic_feat_size(self, img_size) -> tuple[int, int]:
+        h, w = _pair(img_size)
+        return h // self.patch_size[0], w // self.patch_size[1]
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        if patch_size is not None and _pair(patch_size) != self.patch_size:
+            raise ValueError("patch_size of a SparseConvTokenizer is fixed by its number of stages")
+        if img_size is not None:
+            size = _pair(img_size)
+            if size[0] % self.patch_size[0] or size[1] % self.patch_size[1]:
+                raise ValueError(f"img_size {size} must be a multiple of patch_size {self.patch_size[0]}")
+            self.img_size = size
+            self.grid_size = self.dynamic_feat_size(size)
+            self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    # --- masks ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def masked(self, keep: torch.Tensor | None) -> Iterator["SparseConvTokenizer"]:
+        """Within the block, calls that pass no ``keep`` use this one (for callers such as timm's
+        VisionTransformer that call the embed layer with images only)."""
+        previous, self._pending_keep = self._pending_keep, keep
+        try:
+            yield self
+        finally:
+            self._pending_keep = previous
+
+    # --- compute -------------------------------------------------------------------------------
+    @property
+    def weights(self) -> list[torch.Tensor]:
+        return [conv.weight for conv in self.convs]
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        if keep is None:
+            keep = self._pending_keep
+        if self.strict_img_size and isinstance(x, torch.Tensor) and x.dim() == 4 \
+                and tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(f"images must be {self.img_size[0]}x{self.img_size[1]} (img_size), got "
+                             f"{x.shape[-2]}x{x.shape[-1]}; pass strict_img_size=False for other sizes")
+        backend = select_backend(self.backend, x.device) if isinstance(x, torch.Tensor) else self.backend
+        if (backend, str(getattr(x, "device", ""))) not in self._announced:
+            self._announced.add((backend, str(getattr(x, "device", ""))))
+            _log.info("SparseConvTokenizer: backend %r on %s", backend, getattr(x, "device", "?"))
+        tokens = sparse_conv_tokenize(x, self.weights, keep, patch_size=self.patch_size[0], backend=backend)
+        if not isinstance(self.norm, nn.Identity):
+            tokens = self.norm(tokens)
+            if keep is not None:
+                tokens = tokens * keep.unsqueeze(-1).to(tokens.dtype)
+        if self.output_fmt == "NLC":
+            return tokens
+        B = tokens.shape[0]
+        grid = tokens.view(B, x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1], -1)
+        return grid if self.output_fmt == "NHWC" else grid.permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return (f"img_size={self.img_size}, patch_size={self.patch_size[0]}, stages={len(self.convs)}, "
+                f"embed_dim={self.embed_dim}, backend={self.backend!r}")
+
+    # --- weights -------------------------------------------------------------------------------
+    def _accept_official_keys(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Maps the SCOTT reference code's keys (``tokenizer.{3*i}.weight``: an nn.Sequential of
+        conv, ReLU, MaxBlurPool per stage) onto ``convs.{i}.weight``."""
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            match = _OFFICIAL_KEY.match(key[len(prefix):])
+            if not match:
+                continue
+            index = int(match.group(1))
+            if index % 3:
+                raise KeyError(f"{key}: the SCOTT layout keeps conv weights at tokenizer.0, .3, .6 ...")
+            state_dict[f"{prefix}convs.{index // 3}.weight"] = state_dict.pop(key)
+
+
+@contextlib.contextmanager
+def masked(model: nn.Module, keep: torch.Tensor | None) -> Iterator[nn.Module]:
+    """Hands ``keep`` to every SparseConvTokenizer inside ``model`` for the duration of the block."""
+    tokenizers = [m for m in model.modules() if isinstance(m, SparseConvTokenizer)]
+    if not tokenizers:
+        raise ValueError("masked(): the model contains no SparseConvTokenizer")
+    with contextlib.ExitStack() as stack:
+        for tok in tokenizers:
+            stack.enter_context(tok.masked(keep))
+        yield model
