@@ -155,9 +155,8 @@ class SparseConvTokenizer(nn.Module):
             raise ValueError(f"images must be {self.img_size[0]}x{self.img_size[1]} (img_size), got "
                              f"{x.shape[-2]}x{x.shape[-1]}; pass strict_img_size=False for other sizes")
         backend = select_backend(self.backend, x.device) if isinstance(x, torch.Tensor) else self.backend
-        if (backend, str(getattr(x, "device", ""))) not in self._announced:
-            self._announced.add((backend, str(getattr(x, "device", ""))))
-            _log.info("SparseConvTokenizer: backend %r on %s", backend, getattr(x, "device", "?"))
+        if not torch.compiler.is_compiling():
+            self._announce(backend, getattr(x, "device", None))
         tokens = sparse_conv_tokenize(x, self.weights, keep, patch_size=self.patch_size[0], backend=backend)
         if not isinstance(self.norm, nn.Identity):
             tokens = self.norm(tokens)
@@ -168,6 +167,12 @@ class SparseConvTokenizer(nn.Module):
         B = tokens.shape[0]
         grid = tokens.view(B, x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1], -1)
         return grid if self.output_fmt == "NHWC" else grid.permute(0, 3, 1, 2)
+
+    def _announce(self, backend: str, device) -> None:
+        """Logs, once per device, which backend "auto" (or the caller) chose."""
+        if (backend, str(device)) not in self._announced:
+            self._announced.add((backend, str(device)))
+            _log.info("SparseConvTokenizer: backend %r on %s", backend, device)
 
     def extra_repr(self) -> str:
         return (f"img_size={self.img_size}, patch_size={self.patch_size[0]}, stages={len(self.convs)}, "
