@@ -56,15 +56,41 @@ void gather_copy(const TileGeometry& g, const Bits* src, const int64_t* slot, co
   }
 }
 
+// Same sums as for_each_reader() per element (readers visited in the same order), organised
+// for the CPU: per source patch, add the overlapping rectangle of every tile that reads it.
 template <typename Scalar>
 void scatter_sum(const TileGeometry& g, const Scalar* grad_tiles, const int64_t* slot,
                  const int64_t* slot_pos, const int64_t* tile_of, Scalar* grad_src) {
-  const int64_t total = g.num_slots() * g.channels * g.side * g.side;
+  const int64_t T = g.tile_side(), q = g.side, C = g.channels;
+  const int64_t cells = g.grid_h * g.grid_w;
 #pragma omp parallel for schedule(static)
-  for (int64_t idx = 0; idx < total; ++idx) {
-    Scalar acc = 0;
-    for_each_reader(g, slot, slot_pos, tile_of, idx, [&](int64_t t) { acc += grad_tiles[t]; });
-    grad_src[idx] = acc;
+  for (int64_t s = 0; s < g.num_slots(); ++s) {
+    Scalar* out = grad_src + s * C * q * q;
+    std::fill(out, out + C * q * q, Scalar(0));
+    const int64_t pos = slot_pos[s];
+    if (pos < 0 || pos >= g.num_positions() || slot[pos] != s) continue;
+    const int64_t b = pos / cells, py = (pos % cells) / g.grid_w, px = pos % g.grid_w;
+    const int64_t y0 = py * q, x0 = px * q;
+    // Tiles whose rows [ty*q - lo, ty*q + q + hi) meet [y0, y0 + q).
+    const int64_t ty_lo = std::max<int64_t>(0, floor_div(y0 - q - g.halo_hi, q) + 1);
+    const int64_t ty_hi = std::min<int64_t>(g.grid_h - 1, floor_div(y0 + q - 1 + g.halo_lo, q));
+    const int64_t tx_lo = std::max<int64_t>(0, floor_div(x0 - q - g.halo_hi, q) + 1);
+    const int64_t tx_hi = std::min<int64_t>(g.grid_w - 1, floor_div(x0 + q - 1 + g.halo_lo, q));
+    for (int64_t ty = ty_lo; ty <= ty_hi; ++ty) {
+      for (int64_t tx = tx_lo; tx <= tx_hi; ++tx) {
+        const int64_t m = tile_of[b * cells + ty * g.grid_w + tx];
+        if (m < 0 || m >= g.num_tiles) continue;
+        const int64_t oy = ty * q - g.halo_lo, ox = tx * q - g.halo_lo;  // tile origin
+        const int64_t ya = std::max(y0, oy), yb = std::min(y0 + q, oy + T);
+        const int64_t xa = std::max(x0, ox), xb = std::min(x0 + q, ox + T);
+        for (int64_t c = 0; c < C; ++c) {
+          const Scalar* tile = grad_tiles + (m * C + c) * T * T;
+          Scalar* plane = out + c * q * q;
+          for (int64_t Y = ya; Y < yb; ++Y)
+            for (int64_t X = xa; X < xb; ++X) plane[(Y - y0) * q + (X - x0)] += tile[(Y - oy) * T + (X - ox)];
+        }
+      }
+    }
   }
 }
 

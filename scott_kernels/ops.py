@@ -18,7 +18,14 @@ from __future__ import annotations
 
 import torch
 
-from . import _C
+try:
+    from . import _C
+except ImportError as exc:  # pragma: no cover - depends on how the package was installed
+    raise ImportError(
+        "scott_kernels._C (the native module) is missing: this import found a source tree that was "
+        f"not built ({__file__}). Install with `pip install .` and run from outside the source "
+        "directory, or build in place with `pip install -e .`"
+    ) from exc
 
 __all__ = ["gather_tiles", "scatter_tiles", "native_supports"]
 
