@@ -1,0 +1,233 @@
+"""Typed, validated run configuration: dataclasses <-> YAML, with ``key=value`` overrides.
+
+A config file may set any subset of the fields; unknown keys and values of the wrong type are
+errors that name the key. Overrides use dotted paths: ``optim.lr=1e-3 data.root=/data/pets``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+__all__ = ["ConfigError", "ModelConfig", "MaskConfig", "OptimConfig", "DataConfig", "PretrainConfig",
+           "ProbeConfig", "VisualiseConfig", "load_config", "save_config", "to_dict"]
+
+
+class ConfigError(ValueError):
+    """A config key or value that is not accepted; the message names it."""
+
+
+@dataclass
+class ModelConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 4
+    mlp_ratio: float = 4.0  # used by ffn_layer "mlp" only
+    ffn_layer: Literal["mlp", "swiglu"] = "swiglu"
+    num_register_tokens: int = 0
+    dropout: float = 0.2
+    attention_dropout: float = 0.1
+    drop_path_rate: float = 0.1
+    tokenizer_hidden: int = 64
+    tokenizer_backend: str = "auto"
+    predictor_depth: int = 3
+    context_mode: Literal["mask_tokens", "visible_only"] = "mask_tokens"
+
+
+@dataclass
+class MaskConfig:
+    kind: Literal["blockwise", "uniform"] = "blockwise"
+    ratio: float = 0.6
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 300
+    batch_size: int = 64
+    lr_start: float = 1e-6
+    lr: float = 5e-4  # peak
+    lr_final: float = 1e-5
+    warmup_epochs: float = 40
+    flat_fraction: float = 0.72  # of the steps after warm-up spent at the peak before the cosine
+    weight_decay: float = 0.04
+    final_weight_decay: float = 0.4
+    wd_schedule: Literal["cosine", "linear"] = "cosine"
+    ema_start: float = 0.996
+    ema_end: float = 1.0
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    smooth_l1_beta: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["embedded", "folder", "flowers102", "pets37", "imagenet100"] = "embedded"
+    root: Optional[str] = None
+    num_workers: int = 0
+    embedded_train_size: int = 2000
+    embedded_val_size: int = 500
+    embedded_num_classes: int = 10
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    out_dir: str = "runs/pretrain"
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False
+    deterministic: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 1  # epochs
+    max_steps: Optional[int] = None  # stop early (smoke runs); the schedules still span all epochs
+
+
+@dataclass
+class ProbeConfig:
+    checkpoint: str = "runs/pretrain/checkpoint.safetensors"
+    encoder: Literal["target", "context"] = "context"
+    data: DataConfig = field(default_factory=DataConfig)
+    out_dir: str = "runs/probe"
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 128
+    epochs: int = 20
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    probes: list = field(default_factory=lambda: ["attentive", "linear", "knn"])
+    knn_k: int = 20
+
+
+@dataclass
+class VisualiseConfig:
+    checkpoint: str = "runs/pretrain/checkpoint.safetensors"
+    encoder: Literal["target", "context"] = "target"
+    data: DataConfig = field(default_factory=DataConfig)
+    out_file: str = "runs/pca.png"
+    num_images: int = 8
+    seed: int = 0
+    device: str = "auto"
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if annotation is list or origin is list:
+        if isinstance(value, list):
+            return value
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    return value
+
+
+def _apply(cfg, values: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise ConfigError(f"unknown config key {key!r}; known keys here: {sorted(names)}")
+        current = getattr(cfg, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of its fields, got {value!r}")
+            _apply(current, value, key + ".")
+        else:
+            setattr(cfg, name, _coerce(value, hints[name], key))
+
+
+def _parse_override(text: str) -> dict:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. optim.lr=1e-3)")
+    path, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    nested: dict = {}
+    node = nested
+    parts = path.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def _validate(cfg) -> None:
+    if isinstance(cfg, PretrainConfig):
+        m = cfg.model
+        if m.img_size % m.patch_size:
+            raise ConfigError(f"model.img_size={m.img_size} must be a multiple of model.patch_size={m.patch_size}")
+        if m.embed_dim % m.num_heads or m.embed_dim % 4:
+            raise ConfigError(f"model.embed_dim={m.embed_dim} must be divisible by model.num_heads={m.num_heads} and by 4")
+        if not 0.0 <= cfg.mask.ratio < 1.0:
+            raise ConfigError(f"mask.ratio must be in [0, 1), got {cfg.mask.ratio}")
+        o = cfg.optim
+        if o.epochs <= 0 or o.batch_size <= 0 or not 0 <= o.warmup_epochs <= o.epochs \
+                or not 0.0 <= o.flat_fraction <= 1.0:
+            raise ConfigError("optim: epochs and batch_size must be positive, 0 <= warmup_epochs <= epochs "
+                              "and 0 <= flat_fraction <= 1")
+    data = getattr(cfg, "data", None)
+    if data is not None and data.dataset != "embedded" and not data.root:
+        raise ConfigError(f"data.root is required for data.dataset={data.dataset!r}")
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | tuple = ()):
+    """Defaults of ``cls``, then the YAML file (if any), then the overrides; validated."""
+    cfg = cls()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        _apply(cfg, values)
+    for text in overrides:
+        _apply(cfg, _parse_override(text))
+    _validate(cfg)
+    return cfg
+
+
+def save_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
