@@ -88,9 +88,16 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["scott_kernels"],
+    packages=["scott_kernels", "mimjepa"],
+    package_dir={"mimjepa": "python/mimjepa"},
+    package_data={"mimjepa": ["configs/*.yaml"]},
     install_requires=["torch>=2.4"],
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "timm>=1.0"]},
+    extras_require={
+        # The MIM-JEPA training loop (python/mimjepa) and its command `mimjepa`.
+        "train": ["torchvision", "pyyaml", "safetensors", "tqdm"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "timm>=1.0", "torchvision", "pyyaml", "safetensors", "tqdm"],
+    },
+    entry_points={"console_scripts": ["mimjepa=mimjepa.cli:main"]},
     ext_modules=[CMakeExtension("scott_kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
 )

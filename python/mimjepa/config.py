@@ -98,6 +98,9 @@ class PretrainConfig:
 class ProbeConfig:
     checkpoint: str = "runs/pretrain/checkpoint.safetensors"
     encoder: Literal["target", "context"] = "context"
+    # Architecture for checkpoints of the SCOTT reference code (.pth state dicts carry none);
+    # this package's .safetensors checkpoints carry their own and ignore it.
+    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     out_dir: str = "runs/probe"
     seed: int = 0
@@ -113,7 +116,8 @@ class ProbeConfig:
 @dataclass
 class VisualiseConfig:
     checkpoint: str = "runs/pretrain/checkpoint.safetensors"
-    encoder: Literal["target", "context"] = "target"
+    encoder: Literal["target", "context"] = "context"
+    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     out_file: str = "runs/pca.png"
     num_images: int = 8

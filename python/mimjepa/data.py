@@ -83,10 +83,12 @@ class _Transformed(Dataset):
 
 def _raw_split(cfg: DataConfig, split: str, img_size: int, seed: int):
     """(dataset of (raw image, label), number of classes, whether images are tensors)."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
     if cfg.dataset == "embedded":
         size = cfg.embedded_train_size if split == "train" else cfg.embedded_val_size
-        # Train and validation come from different seeds: disjoint draws of the same classes.
-        images, labels = make_synthetic_images(size, img_size, seed=seed * 2 + (split != "train"),
+        # Each split is its own draw (own seed) of the same classes.
+        images, labels = make_synthetic_images(size, img_size, seed=seed * 3 + ("train", "val", "test").index(split),
                                                num_classes=cfg.embedded_num_classes)
         return TensorDataset(images, labels), cfg.embedded_num_classes, True
     root = Path(cfg.root).expanduser()
@@ -96,15 +98,19 @@ def _raw_split(cfg: DataConfig, split: str, img_size: int, seed: int):
 
     try:
         if cfg.dataset in ("folder", "imagenet100"):
-            folder = root / split if (root / split).is_dir() else root
-            if split != "train" and folder == root:
-                folder = root / "val"
+            # root/train, root/val (root/test if present; else validation doubles as test).
+            names = {"train": ["train"], "val": ["val", "test"], "test": ["test", "val"]}[split]
+            folder = next((root / n for n in names if (root / n).is_dir()), None)
+            if folder is None:
+                if split != "train":
+                    raise DatasetError(f"no {' or '.join(names)} folder under {root}")
+                folder = root
             ds = datasets.ImageFolder(str(folder))
             return ds, len(ds.classes), False
         if cfg.dataset == "flowers102":
-            ds = datasets.Flowers102(str(root), split="train" if split == "train" else "val", download=False)
-            return ds, 102, False
+            return datasets.Flowers102(str(root), split=split, download=False), 102, False
         if cfg.dataset == "pets37":
+            # No validation split: the test split doubles as validation.
             ds = datasets.OxfordIIITPet(str(root), split="trainval" if split == "train" else "test",
                                         target_types="category", download=False)
             return ds, 37, False

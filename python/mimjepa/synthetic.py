@@ -1,8 +1,8 @@
 """The embedded dataset: procedurally drawn, labelled images, made in code from a seed.
 
 Ten classes of shapes (disk, square, triangle, ring, cross, horizontal stripes, vertical stripes,
-checkerboard, twin disks, ellipse), each drawn at a random position, size and colour over a random
-two-colour gradient background with pixel noise. Colour and position carry no label, so a model
+checkerboard, twin disks, ellipse), each drawn large at a random position, size, angle and colour
+over a faint gradient background in a contrasting colour, with pixel noise. Colour and position carry no label, so a model
 must see shape and texture to separate the classes. Nothing is downloaded; the same seed gives the
 same images on every machine.
 """
@@ -63,17 +63,16 @@ def make_synthetic_images(num_images: int, img_size: int, seed: int, num_classes
     noise = torch.randn(num_images, 3, img_size, img_size, generator=g) * 0.04
     for i in range(num_images):
         p = params[i]
-        r = 0.18 + 0.14 * p[0].item()
+        r = 0.26 + 0.14 * p[0].item()
         cy = r + (1 - 2 * r) * p[1].item()
         cx = r + (1 - 2 * r) * p[2].item()
         # Stripes keep their orientation (a quarter turn would swap the two stripe classes).
         angle = (p[3].item() - 0.5) * 0.6 if labels[i] in (5, 6) else p[3].item() * math.pi
         fg = p[4:7]
         bg_a, bg_b = p[7:10], p[7:10].roll(1)
-        # Background: a gradient between two colours along a random direction, kept away from fg.
+        # Background: a faint gradient in a colour kept away from the shape's.
         t = (ys * math.cos(p[10].item() * 6.28) + xs * math.sin(p[10].item() * 6.28)).clamp(0, 1)
-        background = bg_a.view(3, 1, 1) * (1 - t) + bg_b.view(3, 1, 1) * t
-        background = 0.5 * background + 0.5 * (1 - fg).view(3, 1, 1)  # contrast with the shape
+        background = 0.2 * (bg_a.view(3, 1, 1) * (1 - t) + bg_b.view(3, 1, 1) * t) + 0.8 * (1 - fg).view(3, 1, 1)
         mask = _shape_mask(int(labels[i]), ys, xs, cy, cx, r, angle)
         images[i] = torch.where(mask, fg.view(3, 1, 1), background)
     return (images + noise).clamp(0, 1), labels

@@ -1,0 +1,113 @@
+"""``mimjepa``: pretrain, probe, visualise, or all three on the embedded data (demo).
+
+    mimjepa pretrain [--config FILE|NAME] [--resume] [key=value ...]
+    mimjepa probe    [--config FILE|NAME] [key=value ...]
+    mimjepa visualise [--config FILE|NAME] [key=value ...]
+    mimjepa demo     [--out DIR]          # embedded data: pretrain -> probe -> PCA picture
+
+A config NAME is one of the files shipped in mimjepa/configs (e.g. ``embedded``, ``scott_vits16``).
+Multi-GPU / multi-process: ``torchrun --nproc_per_node=N -m mimjepa.cli pretrain ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, PretrainConfig, ProbeConfig, VisualiseConfig, load_config
+from .data import DatasetError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def _config_path(value: str | None, kind: str) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{value}{'' if kind == 'pretrain' else '_' + kind}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"--config {value!r} is neither a file nor a shipped config ({', '.join(names)})")
+
+
+def _print_probe(results: dict) -> None:
+    print(f"chance top-1: {results['chance_top1']:.1f}%")
+    for name, r in results.items():
+        if name in ("chance_top1",) or "test" not in r:
+            continue
+        t = r["test"]
+        label = f"{name} ({r['probe']})" if name == "best_attentive" else name
+        print(f"  {label:<28} top-1 {t['top1']:6.2f}%  top-5 {t['top5']:6.2f}%  mean/class {t['mean_per_class']:6.2f}%")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mimjepa", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("pretrain", "probe", "visualise"):
+        p = sub.add_parser(name)
+        p.add_argument("--config", help="YAML file or shipped config name")
+        p.add_argument("overrides", nargs="*", help="key=value, dotted for nested keys (optim.lr=1e-3)")
+        if name == "pretrain":
+            p.add_argument("--resume", action="store_true", help="continue from out_dir's checkpoint")
+    demo = sub.add_parser("demo", help="embedded data: pretrain, probe and PCA picture in a few CPU minutes")
+    demo.add_argument("--out", default="runs/demo")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "demo":
+            return _demo(Path(args.out))
+        if args.command == "pretrain":
+            from .train import Trainer
+
+            cfg = load_config(PretrainConfig, _config_path(args.config, "pretrain"), args.overrides)
+            if args.resume and not (Path(cfg.out_dir) / "train_state.pt").is_file():
+                raise CheckpointError(f"--resume: no checkpoint in {cfg.out_dir}")
+            Trainer(cfg, resume=args.resume).fit()
+            print(f"checkpoint: {Path(cfg.out_dir) / 'checkpoint.safetensors'}")
+        elif args.command == "probe":
+            from .evaluate import run_probe
+
+            cfg = load_config(ProbeConfig, _config_path(args.config, "probe"), args.overrides)
+            _print_probe(run_probe(cfg))
+            print(f"results: {Path(cfg.out_dir) / 'results.json'}")
+        else:
+            from .evaluate import run_visualise
+
+            cfg = load_config(VisualiseConfig, _config_path(args.config, "visualise"), args.overrides)
+            print(f"PCA picture: {run_visualise(cfg)}")
+    except (ConfigError, DatasetError, CheckpointError, ValueError) as exc:
+        print(f"mimjepa: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mimjepa: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _demo(out: Path) -> int:
+    from .evaluate import run_probe, run_visualise
+    from .train import Trainer
+
+    pre = load_config(PretrainConfig, CONFIG_DIR / "embedded.yaml", [f"out_dir={out / 'pretrain'}"])
+    Trainer(pre).fit()
+    ckpt = str(out / "pretrain" / "checkpoint.safetensors")
+    probe = load_config(ProbeConfig, CONFIG_DIR / "embedded_probe.yaml",
+                        [f"checkpoint={ckpt}", f"out_dir={out / 'probe'}"])
+    results = run_probe(probe)
+    _print_probe(results)
+    vis = load_config(VisualiseConfig, CONFIG_DIR / "embedded_visualise.yaml",
+                      [f"checkpoint={ckpt}", f"out_file={out / 'pca.png'}"])
+    print(f"PCA picture: {run_visualise(vis)}")
+    print(f"probe results: {out / 'probe' / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

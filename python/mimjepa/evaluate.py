@@ -1,0 +1,127 @@
+"""The probe and visualise commands: load a frozen encoder, then probe it or draw PCA maps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+from torch.utils.data import DataLoader
+
+from .checkpoint import CheckpointError, load_state, load_strict, load_weights
+from .config import ModelConfig, ProbeConfig, VisualiseConfig, _apply, save_config
+from .data import IMAGENET_MEAN, IMAGENET_STD, build_dataset
+from .models import Encoder
+from .probe import (AttentivePoolProbe, CrossAttentionProbe, LinearProbe, accuracy_metrics, extract_features,
+                    knn_classify, train_probe)
+from .train import resolve_device
+
+__all__ = ["load_encoder", "load_reference_checkpoint", "run_probe", "run_visualise", "pca_rgb"]
+
+
+def load_reference_checkpoint(path: str | Path, model_cfg: ModelConfig) -> Encoder:
+    """An encoder from a SCOTT reference-code checkpoint (a plain state dict, e.g.
+    ``context-encoder_checkpoint.pth``); strict: any missing or unexpected key is an error."""
+    state = load_state(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a plain state dict of tensors")
+    encoder = Encoder(model_cfg)
+    load_strict(encoder, state, str(path))
+    return encoder
+
+
+def load_encoder(path: str | Path, which: str, model_cfg: ModelConfig | None = None) -> Encoder:
+    """Context or target encoder from this package's .safetensors checkpoint (architecture read
+    from its metadata) or from a reference-code .pth state dict (architecture from model_cfg)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return load_reference_checkpoint(path, model_cfg or ModelConfig())
+    weights = load_weights(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        raise CheckpointError(f"{path} carries no config metadata: not a mimjepa checkpoint")
+    cfg = ModelConfig()
+    _apply(cfg, yaml.safe_load(meta["config"])["model"], "model.")
+    prefix = f"{which}_encoder."
+    encoder = Encoder(cfg)
+    load_strict(encoder, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)},
+                f"{path} [{which} encoder]")
+    return encoder
+
+
+def run_probe(cfg: ProbeConfig, show_progress: bool = True) -> dict:
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    encoder = load_encoder(cfg.checkpoint, cfg.encoder, cfg.model).to(device)
+    img_size = encoder.cfg.img_size
+    splits = {}
+    num_classes = None
+    for split in ("train", "val", "test"):
+        ds, num_classes = build_dataset(cfg.data, split, img_size, seed=cfg.seed)
+        loader = DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers)
+        splits[split] = extract_features(encoder, loader, device, show_progress)
+    dim = splits["train"][0].shape[-1]
+    results = {}
+    makers = {"attentive": lambda: AttentivePoolProbe(dim, num_classes),
+              "cross_attentive": lambda: CrossAttentionProbe(dim, num_classes),
+              "linear": lambda: LinearProbe(dim, num_classes)}
+    for name in cfg.probes:
+        if name == "knn":
+            results["knn"] = {"test": accuracy_metrics(knn_classify(splits["train"], splits["test"][0], num_classes,
+                                                                    cfg.knn_k), splits["test"][1], num_classes)}
+            continue
+        if name not in makers:
+            raise ValueError(f"probes: unknown probe {name!r}; choose from {sorted(makers) + ['knn']}")
+        torch.manual_seed(cfg.seed)
+        r = train_probe(name, makers[name](), splits["train"], splits["val"], splits["test"], num_classes,
+                        epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
+                        device=device, seed=cfg.seed, show_progress=show_progress)
+        results[name] = {"best_epoch": r.best_epoch, "val": r.val, "test": r.test}
+    attentive = [n for n in results if n in ("attentive", "cross_attentive")]
+    if attentive:
+        # The SCOTT protocol keeps the attentive probe that is best on validation.
+        best = max(attentive, key=lambda n: results[n]["val"]["top1"])
+        results["best_attentive"] = {"probe": best, **results[best]}
+    results["chance_top1"] = 100.0 / num_classes
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def pca_rgb(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) tokens -> (B, N, 3) in [0, 1]: the first three principal components over all
+    patches of the batch, each min-max scaled."""
+    flat = tokens.reshape(-1, tokens.shape[-1]).float()
+    flat = flat - flat.mean(dim=0)
+    _, _, v = torch.linalg.svd(flat, full_matrices=False)
+    proj = flat @ v[:3].T
+    proj = (proj - proj.min(0).values) / (proj.max(0).values - proj.min(0).values).clamp_min(1e-8)
+    return proj.view(*tokens.shape[:2], 3)
+
+
+@torch.no_grad()
+def run_visualise(cfg: VisualiseConfig) -> Path:
+    from torchvision.utils import save_image
+
+    device = resolve_device(cfg.device)
+    encoder = load_encoder(cfg.checkpoint, cfg.encoder, cfg.model).to(device).eval()
+    img_size, patch = encoder.cfg.img_size, encoder.cfg.patch_size
+    ds, _ = build_dataset(cfg.data, "val", img_size, seed=cfg.seed)
+    images = torch.stack([ds[i][0] for i in range(min(cfg.num_images, len(ds)))])
+    tokens = encoder(images.to(device)).cpu()
+    grid = img_size // patch
+    colours = pca_rgb(tokens).view(-1, grid, grid, 3).permute(0, 3, 1, 2)
+    colours = torch.nn.functional.interpolate(colours, size=(img_size, img_size), mode="nearest")
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    shown = (images * std + mean).clamp(0, 1)
+    # Row pairs: images above, their token PCA below (as in the SCOTT paper's figures).
+    pairs = torch.cat([shown, colours], dim=0)
+    out = Path(cfg.out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(pairs, str(out), nrow=len(images), padding=2)
+    return out
