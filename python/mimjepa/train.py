@@ -54,6 +54,9 @@ class Student(nn.Module):
         self.context_encoder = Encoder(cfg)
         self.predictor = Predictor(cfg)
         self.visible_only = cfg.context_mode == "visible_only"
+        # The predictor's mask token fills masked positions in visible_only mode only; frozen
+        # otherwise so that every trained parameter gets a gradient (DDP requires it).
+        self.predictor.transformer.msk_embed.requires_grad_(self.visible_only)
 
     def forward(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         if self.visible_only:
@@ -263,7 +266,10 @@ class Trainer:
             self.sampler.set_epoch(epoch, start_batch)
             loader = DataLoader(self.dataset, batch_size=cfg.optim.batch_size, sampler=self.sampler,
                                 num_workers=cfg.data.num_workers, drop_last=True,
-                                pin_memory=self.device.type == "cuda", persistent_workers=False)
+                                pin_memory=self.device.type == "cuda", persistent_workers=False,
+                                # its own generator: creating an iterator must not draw from the
+                                # global RNG, or a resumed run's dropout draws would shift
+                                generator=torch.Generator().manual_seed(cfg.seed + epoch))
             for view_context, view_target, _ in loader:
                 stats = self.train_step(view_context.to(self.device, non_blocking=True),
                                         view_target.to(self.device, non_blocking=True))

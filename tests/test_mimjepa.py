@@ -1,0 +1,243 @@
+"""MIM-JEPA training loop on CPU: masks, loss and one step by hand, resume, DDP (gloo), probes,
+pictures, checkpoints and the command line's errors."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("mimjepa", reason="the training loop is installed with the package (pip install -e '.[test]')")
+
+from mimjepa.checkpoint import CheckpointError, load_strict, strip_prefixes
+from mimjepa.cli import main as cli_main
+from mimjepa.config import ConfigError, PretrainConfig, ProbeConfig, VisualiseConfig, load_config
+from mimjepa.evaluate import load_encoder, load_reference_checkpoint, run_probe, run_visualise
+from mimjepa.masks import blockwise_keep, make_keep, num_visible, uniform_keep
+from mimjepa.models import Encoder, Predictor, sincos_pos_embed_2d
+from mimjepa.train import Trainer, ema_update, mimjepa_loss
+
+TINY = ["model.img_size=32", "model.patch_size=16", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
+        "model.tokenizer_hidden=8", "model.predictor_depth=1", "optim.epochs=2", "optim.batch_size=8",
+        "optim.warmup_epochs=1", "data.embedded_train_size=32", "data.embedded_val_size=16", "log_every=1",
+        "deterministic=true"]
+
+
+def tiny_config(tmp_path, *extra):
+    return load_config(PretrainConfig, None, TINY + [f"out_dir={tmp_path}", *extra])
+
+
+# ---- masks --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["blockwise", "uniform"])
+@pytest.mark.parametrize("ratio", [0.0, 0.6, 0.75, 0.9])
+def test_masks_exact_counts_and_seeds(kind, ratio):
+    g = lambda: torch.Generator().manual_seed(3)
+    keep = make_keep(kind, 64, (14, 14), ratio, g())
+    assert keep.dtype == torch.bool and keep.shape == (64, 196)
+    assert (keep.sum(1) == num_visible(196, ratio)).all()
+    assert torch.equal(keep, make_keep(kind, 64, (14, 14), ratio, g()))
+    assert not torch.equal(keep, make_keep(kind, 64, (14, 14), ratio, torch.Generator().manual_seed(4))) or ratio == 0
+
+
+def test_blockwise_masks_are_blocky():
+    keep = blockwise_keep(32, (14, 14), 0.6, torch.Generator().manual_seed(0)).view(32, 14, 14)
+    masked = (~keep).float()
+    # Fraction of masked patches whose right neighbour is masked too: high for blocks, ~0.6 for uniform.
+    block_adj = (masked[:, :, :-1] * masked[:, :, 1:]).sum() / masked[:, :, :-1].sum()
+    uni = (~uniform_keep(32, (14, 14), 0.6, torch.Generator().manual_seed(0))).view(32, 14, 14).float()
+    uni_adj = (uni[:, :, :-1] * uni[:, :, 1:]).sum() / uni[:, :, :-1].sum()
+    assert block_adj > 0.8 and uni_adj < 0.7
+
+
+def test_mask_ratio_validation():
+    with pytest.raises(ValueError, match="mask_ratio"):
+        num_visible(196, 1.0)
+    with pytest.raises(ValueError, match="blockwise"):
+        make_keep("random", 2, (4, 4), 0.5, torch.Generator())
+
+
+# ---- model pieces -------------------------------------------------------------------------------
+def test_sincos_position_embedding():
+    pos = sincos_pos_embed_2d(8, (2, 3))
+    assert pos.shape == (6, 8)
+    # position (0, 0): sin(0) = 0 and cos(0) = 1 in both halves
+    torch.testing.assert_close(pos[0], torch.tensor([0.0, 0, 1, 1, 0, 0, 1, 1]))
+    # second half depends on the column only
+    torch.testing.assert_close(pos[1, 4:], pos[4, 4:])
+
+
+def test_visible_only_encoder_equals_gathered_mask_free_tokens(tmp_path):
+    cfg = tiny_config(tmp_path).model
+    enc = Encoder(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    keep = torch.tensor([[True, False, True, False], [False, True, True, False]])
+    out = enc(x, keep, visible_only=True)
+    assert out.shape == (2, 2, 32)
+    pred = Predictor(cfg).eval()(out, keep)
+    assert pred.shape == (2, 4, 32)
+    full = enc(x, keep)
+    assert full.shape == (2, 4, 32)
+
+
+# ---- loss, EMA, one step by hand ----------------------------------------------------------------
+def test_loss_by_hand():
+    pred = torch.tensor([[[0.0, 0.0], [1.0, 3.0], [0.5, 0.0]]])
+    target = torch.zeros(1, 3, 2)
+    keep = torch.tensor([[True, False, False]])
+    # masked patches 1 and 2: smooth-L1 (beta 1): patch 1 -> (0.5 + 2.5)/2 = 1.5; patch 2 -> (0.125 + 0)/2
+    expected = (1.5 + 0.0625) / 2
+    assert mimjepa_loss(pred, target, keep).item() == pytest.approx(expected)
+    all_kept = torch.ones(1, 3, dtype=torch.bool)
+    assert mimjepa_loss(pred, target, all_kept).item() == 0.0
+
+
+def test_ema_update_by_hand():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    old = [p.detach().clone() for p in a.parameters()]
+    ema_update(a, b, 0.9)
+    for p, o, q in zip(a.parameters(), old, b.parameters()):
+        torch.testing.assert_close(p, 0.9 * o + 0.1 * q)
+
+
+def test_one_training_step_matches_a_hand_computation(tmp_path):
+    no_dropout = ["model.dropout=0.0", "model.attention_dropout=0.0", "model.drop_path_rate=0.0"]
+    trainer = Trainer(tiny_config(tmp_path, *no_dropout), show_progress=False)
+    v1, v2, _ = next(iter(torch.utils.data.DataLoader(trainer.dataset, batch_size=8, sampler=trainer.sampler)))
+    keep = trainer.keep_for(0, 8)
+    target_before = [p.detach().clone() for p in trainer.target.parameters()]
+    with torch.no_grad():
+        t = trainer.target(v2)
+        t = F.layer_norm(t, (t.shape[-1],))
+        expected = mimjepa_loss(trainer.student(v1, keep), t, keep).item()
+    stats = trainer.train_step(v1, v2)
+    assert stats["loss"].item() == pytest.approx(expected, rel=1e-6)
+    m = stats["ema"]
+    assert m == pytest.approx(0.996 + 0.004 / trainer.total_steps)
+    for p_t, old, p_o in zip(trainer.target.parameters(), target_before, trainer.student.context_encoder.parameters()):
+        torch.testing.assert_close(p_t, m * old + (1 - m) * p_o.detach(), rtol=1e-6, atol=1e-7)
+    assert trainer.step == 1
+
+
+@pytest.mark.parametrize("mode", ["mask_tokens", "visible_only"])
+def test_pretrain_runs_and_logs(tmp_path, mode):
+    trainer = Trainer(tiny_config(tmp_path, f"model.context_mode={mode}"), show_progress=False)
+    rows = trainer.fit()
+    assert len(rows) == trainer.total_steps == 8
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert (tmp_path / "log.csv").read_text().startswith("step,epoch,loss")
+    assert (tmp_path / "checkpoint.safetensors").is_file() and (tmp_path / "config.yaml").is_file()
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert state["step"] == 8
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    straight = Trainer(tiny_config(tmp_path / "a"), show_progress=False)
+    straight.fit()
+    first = Trainer(tiny_config(tmp_path / "b", "max_steps=3"), show_progress=False)
+    first.fit()
+    resumed = Trainer(tiny_config(tmp_path / "b"), resume=True, show_progress=False)
+    assert resumed.step == 3
+    resumed.fit()
+    a, b = straight.weights(), resumed.weights()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_ddp_gloo_two_processes(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "mimjepa.cli", "pretrain", *TINY, f"out_dir={tmp_path}", "device=cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert state["step"] == 4  # 32 images, 2 ranks x batch 8 -> 2 steps per epoch, 2 epochs
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre")
+    Trainer(load_config(PretrainConfig, None, TINY + [f"out_dir={out}"]), show_progress=False).fit()
+    return out / "checkpoint.safetensors"
+
+
+def test_probe_and_visualise(tiny_checkpoint, tmp_path):
+    cfg = load_config(ProbeConfig, None, [f"checkpoint={tiny_checkpoint}", f"out_dir={tmp_path}", "epochs=2",
+                                          "data.embedded_train_size=32", "data.embedded_val_size=16",
+                                          "probes=[attentive, cross_attentive, linear, knn]"])
+    results = run_probe(cfg, show_progress=False)
+    assert set(results) >= {"attentive", "cross_attentive", "linear", "knn", "best_attentive", "chance_top1"}
+    for name in ("attentive", "linear", "knn"):
+        assert 0 <= results[name]["test"]["top1"] <= results[name]["test"]["top5"] <= 100
+    assert (tmp_path / "results.json").is_file()
+    vis = load_config(VisualiseConfig, None, [f"checkpoint={tiny_checkpoint}", f"out_file={tmp_path / 'p.png'}",
+                                              "num_images=4", "data.embedded_val_size=8"])
+    path = run_visualise(vis)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_target_and_context_encoders_load(tiny_checkpoint):
+    assert isinstance(load_encoder(tiny_checkpoint, "target"), Encoder)
+    assert isinstance(load_encoder(tiny_checkpoint, "context"), Encoder)
+
+
+def test_reference_code_checkpoint_loads_strictly(tmp_path):
+    cfg = tiny_config(tmp_path).model
+    enc = Encoder(cfg)
+    state = {k.replace("tokenizer.convs.0.", "tokenizer.tokenizer.0.").replace("tokenizer.convs.1.", "tokenizer.tokenizer.3."): v
+             for k, v in enc.state_dict().items()}
+    assert "transformer.blocks.0.self_attn.qkv.weight" in state and "transformer.msk_embed" in state
+    torch.save({f"module._orig_mod.{k}": v for k, v in state.items()}, tmp_path / "ctx.pth")
+    loaded = load_reference_checkpoint(tmp_path / "ctx.pth", cfg)
+    torch.testing.assert_close(loaded.tokenizer.convs[1].weight, enc.tokenizer.convs[1].weight)
+    del state["transformer.msk_embed"]
+    state["transformer.extra"] = torch.zeros(1)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\).*msk_embed[\s\S]*unexpected keys \(1\).*extra"):
+        load_reference_checkpoint(tmp_path / "bad.pth", cfg)
+    pred = Predictor(cfg)
+    assert {"head.1.weight", "head.2.weight", "transformer.blocks.0.ffn_layer.w12.weight"} <= set(pred.state_dict())
+
+
+def test_strip_prefixes_only_leading():
+    assert strip_prefixes({"module._orig_mod.a.module.b": 1}) == {"a.module.b": 1}
+
+
+# ---- configuration and command-line errors -----------------------------------------------------
+def test_config_overrides_and_errors(tmp_path):
+    cfg = load_config(PretrainConfig, None, ["optim.lr=1e-3", "mask.kind=uniform", "model.depth=2"])
+    assert cfg.optim.lr == 1e-3 and cfg.mask.kind == "uniform" and cfg.model.depth == 2
+    with pytest.raises(ConfigError, match="unknown config key 'optim.learning_rate'"):
+        load_config(PretrainConfig, None, ["optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match="model.depth: expected an integer"):
+        load_config(PretrainConfig, None, ["model.depth=deep"])
+    with pytest.raises(ConfigError, match="mask.kind: expected one of"):
+        load_config(PretrainConfig, None, ["mask.kind=random"])
+    with pytest.raises(ConfigError, match="multiple of model.patch_size"):
+        load_config(PretrainConfig, None, ["model.img_size=200"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(PretrainConfig, None, ["optim.lr"])
+    (tmp_path / "c.yaml").write_text("optim: [1, 2]\n")
+    with pytest.raises(ConfigError, match="optim: expected a mapping"):
+        load_config(PretrainConfig, tmp_path / "c.yaml")
+
+
+def test_cli_bad_input_exits_cleanly(tmp_path, capsys):
+    assert cli_main(["pretrain", "optim.nope=1"]) == 2
+    assert "unknown config key" in capsys.readouterr().err
+    assert cli_main(["pretrain", "data.dataset=folder", f"data.root={tmp_path / 'missing'}", *TINY]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main(["pretrain", "model.img_size=40"]) == 2
+    assert "multiple of model.patch_size" in capsys.readouterr().err
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    assert cli_main(["probe", f"checkpoint={bad}"]) == 2
+    assert "not a readable safetensors file" in capsys.readouterr().err
+    assert cli_main(["pretrain", "--resume", f"out_dir={tmp_path / 'none'}"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert cli_main(["probe", "--config", "nonexistent"]) == 2
+    assert "shipped config" in capsys.readouterr().err
