@@ -168,9 +168,11 @@ def tiny_checkpoint(tmp_path_factory):
 def test_probe_and_visualise(tiny_checkpoint, tmp_path):
     cfg = load_config(ProbeConfig, None, [f"checkpoint={tiny_checkpoint}", f"out_dir={tmp_path}", "epochs=2",
                                           "data.embedded_train_size=32", "data.embedded_val_size=16",
-                                          "probes=[attentive, cross_attentive, linear, knn]"])
+                                          "probes=[attentive, cross_attentive, linear, knn]", "random_init_baseline=true"])
     results = run_probe(cfg, show_progress=False)
-    assert set(results) >= {"attentive", "cross_attentive", "linear", "knn", "best_attentive", "chance_top1"}
+    assert set(results) >= {"attentive", "cross_attentive", "linear", "knn", "best_attentive", "chance_top1",
+                            "random_init"}
+    assert set(results["random_init"]) >= {"attentive", "linear", "knn"}
     for name in ("attentive", "linear", "knn"):
         assert 0 <= results[name]["test"]["top1"] <= results[name]["test"]["top5"] <= 100
     assert (tmp_path / "results.json").is_file()

@@ -36,14 +36,16 @@ def _config_path(value: str | None, kind: str) -> Path | None:
     raise ConfigError(f"--config {value!r} is neither a file nor a shipped config ({', '.join(names)})")
 
 
-def _print_probe(results: dict) -> None:
-    print(f"chance top-1: {results['chance_top1']:.1f}%")
+def _print_probe(results: dict, title: str = "pretrained encoder") -> None:
+    print(f"{title} (test split; chance top-1 {results['chance_top1']:.1f}%):")
     for name, r in results.items():
-        if name in ("chance_top1",) or "test" not in r:
+        if not isinstance(r, dict) or "test" not in r:
             continue
         t = r["test"]
         label = f"{name} ({r['probe']})" if name == "best_attentive" else name
-        print(f"  {label:<28} top-1 {t['top1']:6.2f}%  top-5 {t['top5']:6.2f}%  mean/class {t['mean_per_class']:6.2f}%")
+        print(f"  {label:<30} top-1 {t['top1']:6.2f}%  top-5 {t['top5']:6.2f}%  mean/class {t['mean_per_class']:6.2f}%")
+    if "random_init" in results:
+        _print_probe(results["random_init"], "randomly initialised encoder, same probes (baseline)")
 
 
 def main(argv=None) -> int:

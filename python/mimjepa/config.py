@@ -109,8 +109,9 @@ class ProbeConfig:
     epochs: int = 20
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    probes: list = field(default_factory=lambda: ["attentive", "linear", "knn"])
+    probes: list = field(default_factory=lambda: ["attentive", "cross_attentive", "linear", "knn"])
     knn_k: int = 20
+    random_init_baseline: bool = False  # also probe an untrained encoder of the same architecture
 
 
 @dataclass

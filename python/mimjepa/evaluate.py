@@ -61,10 +61,7 @@ def load_encoder(path: str | Path, which: str, model_cfg: ModelConfig | None = N
     return encoder
 
 
-def run_probe(cfg: ProbeConfig, show_progress: bool = True) -> dict:
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    encoder = load_encoder(cfg.checkpoint, cfg.encoder, cfg.model).to(device)
+def _probe_encoder(encoder: Encoder, cfg: ProbeConfig, device, show_progress: bool) -> dict:
     img_size = encoder.cfg.img_size
     splits = {}
     num_classes = None
@@ -95,6 +92,20 @@ def run_probe(cfg: ProbeConfig, show_progress: bool = True) -> dict:
         best = max(attentive, key=lambda n: results[n]["val"]["top1"])
         results["best_attentive"] = {"probe": best, **results[best]}
     results["chance_top1"] = 100.0 / num_classes
+    return results
+
+
+def run_probe(cfg: ProbeConfig, show_progress: bool = True) -> dict:
+    """Probes the checkpoint's encoder; with ``random_init_baseline`` also a randomly initialised
+    encoder of the same architecture (what the probes get without pretraining)."""
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    encoder = load_encoder(cfg.checkpoint, cfg.encoder, cfg.model).to(device)
+    results = _probe_encoder(encoder, cfg, device, show_progress)
+    if cfg.random_init_baseline:
+        torch.manual_seed(cfg.seed)
+        baseline = Encoder(encoder.cfg).to(device)
+        results["random_init"] = _probe_encoder(baseline, cfg, device, show_progress)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")

@@ -175,7 +175,7 @@ class Encoder(nn.Module):
         return self.tokenizer.num_patches
 
     def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None,
-                visible_only: bool = False) -> torch.Tensor:
+                visible_only: bool = False, num_visible: int | None = None) -> torch.Tensor:
         """keep=None: all N tokens, no masking (target encoder, probes).
         keep given, visible_only=False: (B, N, D), masked positions replaced by the mask token.
         keep given, visible_only=True: (B, K, D) for the K visible patches of each row (every row
@@ -184,17 +184,18 @@ class Encoder(nn.Module):
         if keep is None:
             return self.transformer(tokens)
         if visible_only:
-            positions = visible_positions(keep)
+            positions = visible_positions(keep, num_visible)
             tokens = torch.gather(tokens, 1, positions[..., None].expand(-1, -1, tokens.shape[-1]))
             return self.transformer(tokens, positions)
         tokens = torch.where(keep[..., None], tokens, self.transformer.msk_embed.to(tokens.dtype))
         return self.transformer(tokens)
 
 
-def visible_positions(keep: torch.Tensor) -> torch.Tensor:
-    """(B, K) indices of the visible patches of each row, ascending; rows must share K."""
+def visible_positions(keep: torch.Tensor, num_visible: int | None = None) -> torch.Tensor:
+    """(B, K) indices of the visible patches of each row, ascending; rows must share K. Passing
+    ``num_visible`` (K) avoids reading it back from the device."""
     B, N = keep.shape
-    k = int(keep[0].sum()) if B else 0
+    k = num_visible if num_visible is not None else (int(keep[0].sum()) if B else 0)
     # A stable sort puts the visible (1) entries first, in patch order, with no nonzero().
     order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
     return order[:, :k]
@@ -216,7 +217,7 @@ class Predictor(nn.Module):
         if keep is not None and context.shape[1] != keep.shape[1]:
             B, N = keep.shape
             full = self.transformer.msk_embed.to(context.dtype).expand(B, N, -1).clone()
-            positions = visible_positions(keep)
+            positions = visible_positions(keep, context.shape[1])
             full = full.scatter(1, positions[..., None].expand(-1, -1, context.shape[-1]), context)
             context = full
         return self.head(self.transformer(context))

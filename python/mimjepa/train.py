@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .checkpoint import load_state, load_strict, load_weights, save_state, save_weights
 from .config import PretrainConfig, save_config, to_dict
 from .data import build_dataset
-from .masks import make_keep
+from .masks import make_keep, num_visible
 from .models import Encoder, Predictor
 from .schedules import ema_momentum_at, lr_at, weight_decay_at
 
@@ -58,9 +58,10 @@ class Student(nn.Module):
         # otherwise so that every trained parameter gets a gradient (DDP requires it).
         self.predictor.transformer.msk_embed.requires_grad_(self.visible_only)
 
-    def forward(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, keep: torch.Tensor, num_visible: int | None = None) -> torch.Tensor:
         if self.visible_only:
-            return self.predictor(self.context_encoder(images, keep, visible_only=True), keep)
+            context = self.context_encoder(images, keep, visible_only=True, num_visible=num_visible)
+            return self.predictor(context, keep)
         return self.predictor(self.context_encoder(images, keep))
 
 
@@ -170,6 +171,7 @@ class Trainer:
         self.steps_per_epoch = self.sampler.per_rank // cfg.optim.batch_size
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
         self.grid = (cfg.model.img_size // cfg.model.patch_size,) * 2
+        self.num_visible = num_visible(self.grid[0] * self.grid[1], cfg.mask.ratio)
         self.step = 0
         if resume:
             self.load(self.out_dir)
@@ -233,7 +235,7 @@ class Trainer:
             target = self.target(view_target)
             target = F.layer_norm(target.float(), (target.shape[-1],))
         with self.autocast():
-            pred = self.model(view_context, keep)
+            pred = self.model(view_context, keep, self.num_visible)
         loss = mimjepa_loss(pred, target, keep, o.smooth_l1_beta)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
