@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Callable, Sequence
 
 import torch
@@ -13,7 +12,6 @@ from .torch_backend import torch_tokenize
 
 __all__ = ["sparse_conv_tokenize", "available_backends", "select_backend", "BACKENDS", "check_inputs"]
 
-_log = logging.getLogger("scott_kernels")
 
 # name -> (implementation, which devices it runs on)
 BACKENDS: dict[str, tuple[Callable, Callable[[torch.device], bool]]] = {
