@@ -157,6 +157,18 @@ def test_ddp_gloo_two_processes(tmp_path):
     assert state["step"] == 4  # 32 images, 2 ranks x batch 8 -> 2 steps per epoch, 2 epochs
 
 
+def test_view_appearance_shared_or_per_view(tmp_path):
+    from mimjepa.data import build_dataset
+
+    for mode in ("per_view", "shared"):
+        cfg = tiny_config(tmp_path, f"data.view_appearance={mode}")
+        ds, _ = build_dataset(cfg.data, "train", cfg.model.img_size, two_views=True)
+        torch.manual_seed(0)
+        pairs = [ds[i][:2] for i in range(8)]
+        same = [torch.equal(a, b) for a, b in pairs]
+        assert all(same) if mode == "shared" else not all(same)
+
+
 # ---- evaluation ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):

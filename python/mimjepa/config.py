@@ -75,6 +75,10 @@ class DataConfig:
     embedded_train_size: int = 2000
     embedded_val_size: int = 500
     embedded_num_classes: int = 10
+    # Pretraining views: "per_view" draws colour jitter / greyscale / blur separately for the
+    # context and the target view; "shared" uses one augmented image for both (as in I-JEPA),
+    # so the target latents are predictable from the context.
+    view_appearance: Literal["per_view", "shared"] = "per_view"
 
 
 @dataclass

@@ -2,7 +2,8 @@
 Oxford-IIIT Pets and an ImageNet-100 folder. Downloads are the user's job: nothing here fetches.
 
 Pretraining draws two views of every image: one random resized crop and flip shared by both,
-then colour jitter / greyscale / blur drawn for each view; evaluation uses resize + centre crop.
+then colour jitter / greyscale / blur drawn for each view, or once for both
+(``data.view_appearance: shared``); evaluation uses resize + centre crop.
 """
 
 from __future__ import annotations
@@ -55,10 +56,12 @@ def eval_transform(img_size: int, tensor_input: bool = False) -> v2.Compose:
 
 
 class TwoViews(Dataset):
-    """Wraps a labelled dataset of raw images: item -> (context view, target view, label)."""
+    """Wraps a labelled dataset of raw images: item -> (context view, target view, label).
+    ``shared_appearance``: one appearance draw for both views (the same image twice)."""
 
-    def __init__(self, base: Dataset, transforms: tuple):
+    def __init__(self, base: Dataset, transforms: tuple, shared_appearance: bool = False):
         self.base, (self.geometry, self.appearance) = base, transforms
+        self.shared_appearance = shared_appearance
 
     def __len__(self) -> int:
         return len(self.base)
@@ -66,7 +69,8 @@ class TwoViews(Dataset):
     def __getitem__(self, i):
         image, label = self.base[i]
         image = self.geometry(image)
-        return self.appearance(image), self.appearance(image), label
+        context = self.appearance(image)
+        return context, context if self.shared_appearance else self.appearance(image), label
 
 
 class _Transformed(Dataset):
@@ -123,5 +127,5 @@ def build_dataset(cfg: DataConfig, split: str, img_size: int, seed: int = 0, two
     """(dataset, num_classes). ``two_views`` gives (view1, view2, label) items for pretraining."""
     raw, num_classes, is_tensor = _raw_split(cfg, split, img_size, seed)
     if two_views:
-        return TwoViews(raw, train_transforms(img_size, is_tensor)), num_classes
+        return TwoViews(raw, train_transforms(img_size, is_tensor), cfg.view_appearance == "shared"), num_classes
     return _Transformed(raw, eval_transform(img_size, is_tensor)), num_classes
