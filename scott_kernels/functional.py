@@ -9,6 +9,7 @@ import torch
 from .ops import native_supports
 from .reference import reference_tokenize
 from .torch_backend import torch_tokenize
+from .triton_backend import triton_supports, triton_tokenize
 
 __all__ = ["sparse_conv_tokenize", "available_backends", "select_backend", "BACKENDS", "check_inputs"]
 
@@ -17,16 +18,19 @@ __all__ = ["sparse_conv_tokenize", "available_backends", "select_backend", "BACK
 BACKENDS: dict[str, tuple[Callable, Callable[[torch.device], bool]]] = {
     "reference": (reference_tokenize, lambda device: True),
     "torch": (torch_tokenize, native_supports),
+    "triton": (triton_tokenize, triton_supports),
 }
 # "auto" tries these in order: fastest first.
-_AUTO_ORDER = ("torch", "reference")
+_AUTO_ORDER = ("triton", "torch", "reference")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def available_backends(device: torch.device | str) -> list[str]:
     """Backends that run on ``device``, fastest first."""
     device = torch.device(device)
-    return [name for name in _AUTO_ORDER if BACKENDS[name][1](device)]
+    # Triton on the CPU is its interpreter: correct but far too slow to choose automatically
+    return [name for name in _AUTO_ORDER if BACKENDS[name][1](device)
+            and not (name == "triton" and device.type == "cpu")]
 
 
 def select_backend(backend: str, device: torch.device | str) -> str:
@@ -54,14 +58,14 @@ def num_stages_for(patch_size: int) -> int:
     return stages
 
 
-def check_inputs(x, weights: Sequence[torch.Tensor], keep, patch_size: int) -> None:
+def check_inputs(x, weights: Sequence[torch.Tensor], keep, patch_size: int, num_visible=None) -> None:
     """Raises TypeError/ValueError naming the argument and what was expected."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"images must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"images must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dtype not in _FLOAT_DTYPES + (torch.uint8,):
+        raise TypeError(f"images must be uint8, float16, bfloat16, float32 or float64, got {x.dtype}")
     B, C, H, W = x.shape
     if B == 0:
         raise ValueError("images: empty batch (B = 0)")
@@ -85,7 +89,9 @@ def check_inputs(x, weights: Sequence[torch.Tensor], keep, patch_size: int) -> N
             raise ValueError(f"{name} expects {w.shape[1]} input channels but {what} {in_channels}")
         if w.device != x.device:
             raise ValueError(f"{name} is on {w.device} but images are on {x.device}")
-        if w.dtype != x.dtype and not autocast:
+        if w.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor, got {w.dtype}")
+        if w.dtype != x.dtype and not autocast and x.dtype != torch.uint8:
             raise TypeError(f"{name} has dtype {w.dtype} but images have {x.dtype} "
                             "(cast the module, or run under torch.autocast)")
         in_channels = w.shape[0]
@@ -100,10 +106,69 @@ def check_inputs(x, weights: Sequence[torch.Tensor], keep, patch_size: int) -> N
                              f"patch_size={patch_size}, got {tuple(keep.shape)}")
         if keep.device != x.device:
             raise ValueError(f"keep is on {keep.device} but images are on {x.device}")
+    if num_visible is not None:
+        n = (H // patch_size) * (W // patch_size)
+        if isinstance(num_visible, bool) or not isinstance(num_visible, int):
+            raise TypeError(f"num_visible must be an int (visible patches per row) or None, "
+                            f"got {type(num_visible).__name__}")
+        if not 0 <= num_visible <= n:
+            raise ValueError(f"num_visible must be in [0, N={n}], got {num_visible}")
+        if keep is None and num_visible != n:
+            raise ValueError(f"num_visible={num_visible} but keep is None (every one of the {n} patches visible)")
+
+
+def pixel_norm_table(pixel_mean, pixel_std, channels: int, dtype: torch.dtype,
+                     device: torch.device) -> torch.Tensor | None:
+    """(2, C) table (mean, 1/std) from per-channel sequences or tensors; None when both are None."""
+    if pixel_mean is None and pixel_std is None:
+        return None
+    if pixel_mean is None or pixel_std is None:
+        raise ValueError("pixel_mean and pixel_std go together: give both or neither")
+    table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    rows = []
+    for name, value in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std)):
+        t = torch.as_tensor(value, dtype=table_dtype, device=device).reshape(-1)
+        if t.numel() != channels:
+            raise ValueError(f"{name} must have one value per image channel ({channels}), got {t.numel()}")
+        rows.append(t)
+    if not torch.compiler.is_compiling() and rows[1].device.type == "cpu" and bool((rows[1] <= 0).any()):
+        raise ValueError(f"pixel_std must be positive, got {rows[1].tolist()}")
+    return torch.stack([rows[0], 1.0 / rows[1]])
+
+
+def _normalised(x: torch.Tensor, weights, table: torch.Tensor | None) -> torch.Tensor:
+    """The images the plain-torch backends see: cast to the compute dtype and normalised."""
+    dtype = x.dtype if x.is_floating_point() else weights[0].dtype
+    if table is None:
+        return x.to(dtype)
+    mean, inv_std = (t.view(1, -1, 1, 1) for t in table)
+    return ((x.to(table.dtype) - mean) * inv_std).to(dtype)
+
+
+def _common_row_count(keep: torch.Tensor) -> int:
+    """The number of visible patches every row of ``keep`` holds (reads it back from the device)."""
+    counts = keep.sum(1)
+    count = int(counts[0])
+    if bool((counts != count).any()):
+        raise ValueError("packed=True needs the same number of visible patches in every row of keep, "
+                         f"got counts {counts.tolist()}")
+    return count
+
+
+def _pack_visible(tokens: torch.Tensor, keep: torch.Tensor | None, num_visible: int | None) -> torch.Tensor:
+    """(B, N, D) -> (B, K, D): each row's visible tokens in row-major order."""
+    if keep is None:
+        return tokens
+    if num_visible is None:
+        num_visible = _common_row_count(keep)
+    # a stable sort puts each row's visible positions first, in order, with no host synchronisation
+    positions = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :num_visible]
+    return tokens.gather(1, positions.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
 def sparse_conv_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: torch.Tensor | None = None,
-                         *, patch_size: int = 16, backend: str = "auto") -> torch.Tensor:
+                         *, patch_size: int = 16, backend: str = "auto", num_visible: int | None = None,
+                         packed: bool = False, pixel_mean=None, pixel_std=None) -> torch.Tensor:
     """SCOTT tokenizer: (B, C, H, W) images -> (B, N, D) tokens, computed over visible patches.
 
     Args:
@@ -112,9 +177,26 @@ def sparse_conv_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep:
             conv(stride 2, pad k//2) -> ReLU -> MaxBlurPool, and ``patch_size == 4 ** stages``.
         keep: (B, N) bool, True = visible patch, row-major over the patch grid; None = all
             visible (the plain dense stack, no masking).
-        backend: "auto" (fastest available), "torch" or "reference".
+        backend: "auto" (fastest available), "triton", "torch" or "reference".
+        num_visible: visible patches in every row of ``keep``, when the caller knows it (the usual
+            fixed-ratio masks): the triton backend then runs with no host synchronisation, so
+            under CUDA graphs and ``torch.compile(fullgraph=True)``.
+        packed: return (B, K, D) tokens of the visible patches only (K visible per row, row-major
+            order) for encoders that drop masked tokens, instead of (B, N, D).
+        pixel_mean, pixel_std: per-channel normalisation of the images, in their own units (for
+            uint8 images e.g. 255 * ImageNet's mean and std): the convolution sees
+            (x - mean) / std; the triton backend does it while loading, so uint8 images go in as
+            they are. uint8 images compute in the weights' dtype (or the autocast dtype).
     Masked tokens are exactly 0; no value from a masked patch reaches a visible token.
     """
-    check_inputs(x, weights, keep, patch_size)
+    check_inputs(x, weights, keep, patch_size, num_visible)
     name = select_backend(backend, x.device)
-    return BACKENDS[name][0](x, list(weights), keep, patch_size)
+    table = pixel_norm_table(pixel_mean, pixel_std, x.shape[1], weights[0].dtype, x.device)
+    if name == "triton":
+        if packed and keep is not None and num_visible is None:
+            num_visible = _common_row_count(keep)
+        return triton_tokenize(x, list(weights), keep, patch_size, num_visible, packed, table)
+    if table is not None or not x.is_floating_point():
+        x = _normalised(x, weights, table)
+    tokens = BACKENDS[name][0](x, list(weights), keep, patch_size)
+    return _pack_visible(tokens, keep, num_visible) if packed else tokens

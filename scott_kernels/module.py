@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .functional import num_stages_for, select_backend, sparse_conv_tokenize
+from .functional import BACKENDS, num_stages_for, select_backend, sparse_conv_tokenize
 
 __all__ = ["SparseConvTokenizer", "masked"]
 
@@ -51,9 +51,12 @@ class SparseConvTokenizer(nn.Module):
         embed_dim: token width D (the last conv's output channels).
         hidden_channels: output channels of the stages before the last (int or one per stage).
         kernel_size: odd conv kernel size (int or one per stage).
-        backend: "auto", "torch" or "reference" (see ``scott_kernels.available_backends``).
+        backend: "auto", "triton", "torch" or "reference" (see ``scott_kernels.available_backends``).
         norm_layer: optional norm over D applied to visible tokens (masked ones stay 0).
         flatten / output_fmt: "NLC" (B, N, D) by default; "NHWC" or "NCHW" keep the grid.
+        pixel_mean, pixel_std: optional per-channel normalisation in the images' units, applied
+            inside the first convolution (uint8 images then go in as they are; e.g.
+            255 * ImageNet's mean/std for uint8 RGB).
         bias, dynamic_img_pad: accepted for timm's ``embed_layer`` call; SCOTT convs have no bias,
             and padding images to a patch multiple is not supported (it would change the mask grid).
     """
@@ -62,6 +65,7 @@ class SparseConvTokenizer(nn.Module):
                  hidden_channels: int | Sequence[int] = 64, kernel_size: int | Sequence[int] = 7,
                  backend: str = "auto", norm_layer=None, flatten: bool = True, output_fmt: str | None = None,
                  bias: bool = True, strict_img_size: bool = True, dynamic_img_pad: bool = False,
+                 pixel_mean: Sequence[float] | None = None, pixel_std: Sequence[float] | None = None,
                  device=None, dtype=None):
         super().__init__()
         ph, pw = _pair(patch_size)
@@ -87,9 +91,9 @@ class SparseConvTokenizer(nn.Module):
             self.flatten, self.output_fmt = False, output_fmt
         else:
             self.flatten, self.output_fmt = flatten, ("NLC" if flatten else "NCHW")
+        if backend != "auto" and backend not in BACKENDS:   # device support is checked per call
+            raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
         self.backend = backend
-        if backend != "auto":
-            select_backend(backend, "cpu" if device is None else device)  # rejects unknown names now
 
         widths = _per_stage(hidden_channels, stages - 1, "hidden_channels") + [embed_dim]
         kernels = _per_stage(kernel_size, stages, "kernel_size")
@@ -103,6 +107,14 @@ class SparseConvTokenizer(nn.Module):
             c_in = width
         self.convs = nn.ModuleList(convs)
         self.norm = norm_layer(embed_dim, **factory) if norm_layer else nn.Identity()
+        if (pixel_mean is None) != (pixel_std is None):
+            raise ValueError("pixel_mean and pixel_std go together: give both or neither")
+        for name, value in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std)):
+            if value is not None:
+                value = torch.as_tensor(value, dtype=torch.float32, device=device).reshape(-1)
+                if value.numel() != in_chans:
+                    raise ValueError(f"{name} must have in_chans={in_chans} values, got {value.numel()}")
+            self.register_buffer(name, value, persistent=False)
         self._pending_keep: torch.Tensor | None = None
         self._announced: set[tuple[str, str]] = set()
         self.reset_parameters()
@@ -147,7 +159,15 @@ class SparseConvTokenizer(nn.Module):
     def weights(self) -> list[torch.Tensor]:
         return [conv.weight for conv in self.convs]
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, *, num_visible: int | None = None,
+                packed: bool = False) -> torch.Tensor:
+        """(B, C, H, W) images -> tokens in ``output_fmt`` (masked tokens exactly 0).
+
+        ``keep`` (B, N) bool marks visible patches (default: the one given to ``masked``, else
+        all). ``num_visible``, the visible count of every row when known, spares the fast
+        backends a host synchronisation; ``packed=True`` returns only the visible tokens,
+        (B, K, D) in row-major order, for encoders that drop masked tokens.
+        """
         if keep is None:
             keep = self._pending_keep
         if self.strict_img_size and isinstance(x, torch.Tensor) and x.dim() == 4 \
@@ -157,12 +177,14 @@ class SparseConvTokenizer(nn.Module):
         backend = select_backend(self.backend, x.device) if isinstance(x, torch.Tensor) else self.backend
         if not torch.compiler.is_compiling():
             self._announce(backend, getattr(x, "device", None))
-        tokens = sparse_conv_tokenize(x, self.weights, keep, patch_size=self.patch_size[0], backend=backend)
+        tokens = sparse_conv_tokenize(x, self.weights, keep, patch_size=self.patch_size[0], backend=backend,
+                                      num_visible=num_visible, packed=packed, pixel_mean=self.pixel_mean,
+                                      pixel_std=self.pixel_std)
         if not isinstance(self.norm, nn.Identity):
             tokens = self.norm(tokens)
-            if keep is not None:
+            if keep is not None and not packed:
                 tokens = tokens * keep.unsqueeze(-1).to(tokens.dtype)
-        if self.output_fmt == "NLC":
+        if self.output_fmt == "NLC" or packed:
             return tokens
         B = tokens.shape[0]
         grid = tokens.view(B, x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1], -1)

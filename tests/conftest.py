@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run under its interpreter: set before scott_kernels imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -142,13 +142,26 @@ def tok():
     return SparseConvTokenizer(img_size=32, embed_dim=8, hidden_channels=4, strict_img_size=False)
 
 
+def test_uint8_images_with_normalisation():
+    """uint8 images go in as they are; the module normalises them with its pixel_mean/pixel_std."""
+    mean, std = (123.7, 116.3, 103.5), (58.4, 57.1, 57.4)
+    tok = SparseConvTokenizer(img_size=32, embed_dim=8, hidden_channels=4, pixel_mean=mean, pixel_std=std).double()
+    raw = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    keep = torch.tensor([[True, False, True, True], [False, True, False, False]])
+    normalised = (raw.double() - torch.tensor(mean).double().view(1, 3, 1, 1)) / torch.tensor(std).double().view(1, 3, 1, 1)
+    torch.testing.assert_close(tok(raw, keep), reference_tokenize(normalised, tok.weights, keep, 16))
+    assert "pixel_mean" not in tok.state_dict()   # a setting, not a weight
+    with pytest.raises(ValueError, match="in_chans=3 values"):
+        SparseConvTokenizer(pixel_mean=(0.0,), pixel_std=(1.0,))
+
+
 def test_bad_images(tok):
     with pytest.raises(TypeError, match="images must be a torch.Tensor"):
         tok([[1.0]])
     with pytest.raises(ValueError, match=r"images must be 4-D \(B, C, H, W\)"):
         tok(torch.randn(3, 32, 32))
-    with pytest.raises(TypeError, match="images must be float16, bfloat16, float32 or float64"):
-        tok(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="images must be uint8, float16, bfloat16, float32 or float64"):
+        tok(torch.zeros(1, 3, 32, 32, dtype=torch.int32))
     with pytest.raises(ValueError, match="empty batch"):
         tok(torch.randn(0, 3, 32, 32))
     with pytest.raises(ValueError, match="multiples of patch_size=16, got 30x32"):

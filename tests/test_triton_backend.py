@@ -1,0 +1,315 @@
+"""The triton backend against the dense reference: values, weight and image gradients, masks,
+layouts, the custom ops (opcheck), torch.compile; real shapes and bf16 on a GPU.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py) at small shapes;
+bf16 ``tl.dot`` is wrong in the interpreter, so bf16 runs only on a GPU.
+"""
+
+import pytest
+import torch
+
+from scott_kernels import SparseConvTokenizer, reference_tokenize, sparse_conv_tokenize
+from scott_kernels.triton_backend import (conv_relu, conv_relu_dgrad, conv_relu_wgrad, max_blur_pool,
+                                          max_blur_pool_backward, triton_supports, visible_tables)
+
+from conftest import DEVICES, HAS_CUDA, random_weights
+from test_backends import CONFIGS, _compare, _mask_cases
+
+pytestmark = pytest.mark.skipif(not triton_supports(torch.device("cuda" if HAS_CUDA else "cpu")),
+                                reason="triton is not installed (or TRITON_INTERPRET=1 is unset on a CPU machine)")
+needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none present); bf16 and real shapes")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"B{c[0]}_{c[1]}x{c[2]}_P{c[3]}_k{'-'.join(map(str, c[4]))}")
+@pytest.mark.parametrize("mask_name", ["none", "all_visible", "random_0.4", "random_0.75", "mixed_rows", "all_masked"])
+def test_triton_float64(device, cfg, mask_name):
+    _compare("triton", cfg, mask_name, torch.float64, device, rtol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cfg", CONFIGS[:2], ids=str)
+@pytest.mark.parametrize("mask_name", ["none", "mixed_rows"])
+def test_triton_float32(device, cfg, mask_name):
+    _compare("triton", cfg, mask_name, torch.float32, device, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_triton_random_configs(seed):
+    """Random geometry: kernel sizes, widths, grid, mask ratio (float64, exact)."""
+    g = torch.Generator().manual_seed(100 + seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
+    stages = 1 if seed % 3 == 0 else 2
+    P = 4 ** stages
+    kernels = tuple(2 * r(0, 4) + 1 for _ in range(stages))
+    widths = tuple(r(1, 20) for _ in range(stages))
+    cfg = (r(1, 3), P * r(1, 4), P * r(1, 4), P, kernels, widths)
+    _compare("triton", cfg, ["random_0.4", "random_0.75", "mixed_rows", "none"][seed % 4], torch.float64,
+             "cuda" if HAS_CUDA else "cpu", 1e-10)
+
+
+def _low_precision_errors(dtype, device, B, size, widths, keep, autocast=False):
+    """Max errors (values, each weight gradient) of triton and of the reference run in ``dtype``,
+    both against the float64 reference."""
+    N = (size // 16) ** 2
+    weights = random_weights(3, widths, (7, 7), dtype=torch.float64, device=device)
+    x = torch.randn(B, 3, size, size, dtype=torch.float64, device=device)
+    exact = reference_tokenize(x, weights, keep, 16)
+    probe = torch.randn_like(exact)
+    exact_grads = torch.autograd.grad((exact * probe).sum(), weights)
+    errors = {}
+    for backend in ("reference", "triton"):
+        if autocast:
+            w = [t.detach().float().requires_grad_(True) for t in weights]
+            with torch.autocast(device_type=device, dtype=dtype):
+                out = sparse_conv_tokenize(x.float(), w, keep, backend=backend)
+        else:
+            w = [t.detach().to(dtype).requires_grad_(True) for t in weights]
+            out = sparse_conv_tokenize(x.to(dtype), w, keep, backend=backend)
+        assert out.dtype == dtype and out.shape == (B, N, widths[-1])
+        grads = torch.autograd.grad((out.double() * probe).sum(), w)
+        errors[backend] = [(out.double() - exact).abs().max().item()] + \
+                          [(g.double() - e).abs().max().item() for g, e in zip(grads, exact_grads)]
+    scales = [exact.abs().max().item()] + [e.abs().max().item() for e in exact_grads]
+    return errors["triton"], errors["reference"], scales
+
+
+def _assert_flash_rule(ours, theirs, scales, atol=1e-3):
+    """Our error at most 2x the error of the dense reference in the same precision, plus a small atol."""
+    for o, t, s in zip(ours, theirs, scales):
+        assert o <= 2 * t + atol * s, f"error {o:.3e} vs reference-in-low-precision {t:.3e} (scale {s:.3e})"
+
+
+@pytest.mark.parametrize("mask_name", ["none", "random_0.4"])
+def test_triton_float16_small(mask_name):
+    device = "cuda" if HAS_CUDA else "cpu"
+    keep = _mask_cases(2, 9)[mask_name]
+    keep = None if keep is None else keep.to(device)
+    _assert_flash_rule(*_low_precision_errors(torch.float16, device, 2, 48, (8, 16), keep))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("ratio", [None, 0.6, 0.9])
+def test_triton_real_shapes_gpu(dtype, ratio):
+    """B=64, 224x224, SCOTT widths (64, 384): the flash-attention rule in every dtype."""
+    keep = None if ratio is None else torch.rand(64, 196, device="cuda") >= ratio
+    _assert_flash_rule(*_low_precision_errors(dtype, "cuda", 64, 224, (64, 384), keep))
+
+
+@needs_gpu
+def test_triton_autocast_bf16_gpu():
+    keep = torch.rand(8, 196, device="cuda") >= 0.6
+    _assert_flash_rule(*_low_precision_errors(torch.bfloat16, "cuda", 8, 224, (64, 384), keep, autocast=True))
+
+
+def _fixed_count_keep(B, N, k, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    order = torch.rand(B, N, generator=g).argsort(1)
+    keep = torch.zeros(B, N, dtype=torch.bool)
+    keep.scatter_(1, order[:, :k], True)
+    return keep.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_num_visible_and_packed_layout(device):
+    """num_visible (no host read-back) gives the same tokens; packed = visible rows in order."""
+    weights = random_weights(3, (6, 10), (7, 7), device=device)
+    x = torch.randn(3, 3, 48, 64, dtype=torch.float64, device=device)
+    keep = _fixed_count_keep(3, 12, 5, device)
+    ref = reference_tokenize(x, weights, keep, 16)
+    out = sparse_conv_tokenize(x, weights, keep, backend="triton", num_visible=5)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    packed = sparse_conv_tokenize(x, weights, keep, backend="triton", num_visible=5, packed=True)
+    assert packed.shape == (3, 5, 10) and packed.is_contiguous()
+    torch.testing.assert_close(packed, ref[keep].view(3, 5, 10), rtol=1e-10, atol=1e-12)
+    # the same layout from the other backends, and without num_visible
+    for backend in ("reference", "torch", "triton"):
+        other = sparse_conv_tokenize(x, weights, keep, backend=backend, packed=True)
+        torch.testing.assert_close(other, packed, rtol=1e-10, atol=1e-12)
+    # gradients through the packed layout
+    probe = torch.randn_like(packed)
+    got = torch.autograd.grad((packed * probe).sum(), weights)
+    expected = torch.autograd.grad((ref[keep].view(3, 5, 10) * probe).sum(), weights)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_bad_num_visible():
+    weights = random_weights(3, (4, 4), (7, 7))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    keep = _fixed_count_keep(2, 4, 2)
+    with pytest.raises(ValueError, match="num_visible must be in"):
+        sparse_conv_tokenize(x, weights, keep, backend="triton", num_visible=5)
+    with pytest.raises(TypeError, match="num_visible must be an int"):
+        sparse_conv_tokenize(x, weights, keep, backend="triton", num_visible=2.0)
+    with pytest.raises(ValueError, match="keep is None"):
+        sparse_conv_tokenize(x, weights, None, backend="triton", num_visible=2)
+    uneven = keep.clone()
+    uneven[0] = True
+    with pytest.raises(ValueError, match="same number of visible patches"):
+        sparse_conv_tokenize(x, weights, uneven, backend="triton", packed=True)
+    # a keep that contradicts num_visible trips the device-side assertion, never reads out of bounds
+    with pytest.raises(RuntimeError, match="num_visible"):
+        sparse_conv_tokenize(x, weights, uneven, backend="triton", num_visible=2)
+
+
+def test_visible_tables_without_read_back():
+    keep = torch.tensor([[True, False, True, False], [False, True, True, False]])
+    slot, tile_pos = visible_tables(keep, 2, 2, 2, keep.device, num_visible=2)
+    assert slot.dtype == torch.int32 and tile_pos.dtype == torch.int64
+    assert slot.view(-1).tolist() == [0, -1, 1, -1, -1, 2, 3, -1]
+    assert tile_pos.tolist() == [0, 2, 5, 6]
+
+
+def test_no_leak_from_masked_patches():
+    weights = random_weights(3, (6, 8), (7, 7))
+    keep = torch.rand(2, 12) >= 0.5
+    keep[:, 0] = True
+    x = torch.randn(2, 3, 48, 64, dtype=torch.float64)
+    pixel_mask = keep.view(2, 1, 3, 4).repeat_interleave(16, 2).repeat_interleave(16, 3)
+    x2 = torch.where(pixel_mask, x, torch.randn_like(x) * 100)
+    a = sparse_conv_tokenize(x, weights, keep, backend="triton")
+    b = sparse_conv_tokenize(x2, weights, keep, backend="triton")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("keep_kind", ["none", "random"])
+def test_image_gradient(keep_kind):
+    weights = random_weights(3, (4, 5), (7, 7), requires_grad=False)
+    keep = None if keep_kind == "none" else torch.rand(2, 6) >= 0.4
+    x = torch.randn(2, 3, 32, 48, dtype=torch.float64, requires_grad=True)
+    (expected,) = torch.autograd.grad(reference_tokenize(x, weights, keep, 16).sum(), x)
+    (got,) = torch.autograd.grad(sparse_conv_tokenize(x, weights, keep, backend="triton").sum(), x)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_module_with_triton_backend():
+    tok = SparseConvTokenizer(img_size=32, embed_dim=8, hidden_channels=4, backend="triton").double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    keep = _fixed_count_keep(2, 4, 3)
+    out = tok(x, keep, num_visible=3)
+    torch.testing.assert_close(out, reference_tokenize(x, tok.weights, keep, 16), rtol=1e-10, atol=1e-12)
+    assert tok(x, keep, num_visible=3, packed=True).shape == (2, 3, 8)
+
+
+# --- the custom ops themselves ------------------------------------------------------------------
+def _op_samples(device="cpu"):
+    keep = torch.tensor([[True, False, True, True, False, True], [False, False, True, False, True, True]],
+                        device=device)
+    slot, tile_pos = visible_tables(keep, 2, 2, 3, keep.device)
+    x = torch.randn(2, 3, 32, 48, dtype=torch.float64, device=device, requires_grad=True)
+    w1 = torch.randn(5, 3, 7, 7, dtype=torch.float64, device=device, requires_grad=True)
+    w2 = torch.randn(6, 5, 5, 5, dtype=torch.float64, device=device, requires_grad=True)
+    a1 = conv_relu(x, w1, slot, tile_pos, 16, True)
+    p1 = max_blur_pool(a1, slot, tile_pos).detach().requires_grad_(True)
+    a2 = conv_relu(p1, w2, slot, tile_pos, 4, False)
+    return dict(x=x, w1=w1, w2=w2, a1=a1.detach().requires_grad_(True), p1=p1, a2=a2.detach(),
+                slot=slot, tile_pos=tile_pos)
+
+
+def test_opcheck_triton_ops():
+    s = _op_samples()
+    g1 = torch.randn_like(s["a1"])
+    g2 = torch.randn_like(s["a2"])
+    cases = [
+        (conv_relu, (s["x"], s["w1"], s["slot"], s["tile_pos"], 16, True)),
+        (conv_relu, (s["p1"], s["w2"], s["slot"], s["tile_pos"], 4, False)),
+        (max_blur_pool, (s["a1"], s["slot"], s["tile_pos"])),
+        (max_blur_pool_backward, (torch.randn_like(s["p1"]), s["a1"].detach(), s["slot"], s["tile_pos"])),
+        (conv_relu_wgrad, (g2, s["a2"], s["p1"].detach(), s["w2"].detach(), s["slot"], s["tile_pos"], 4, False)),
+        (conv_relu_wgrad, (g1, s["a1"].detach(), s["x"].detach(), s["w1"].detach(), s["slot"], s["tile_pos"], 16,
+                           True)),
+        (conv_relu_dgrad, (g2, s["a2"], s["w2"].detach(), s["slot"], s["tile_pos"], 4)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_gradcheck_ops():
+    """Each op's backward is the exact adjoint of its forward (finite differences, float64)."""
+    keep = torch.tensor([[True, False, True, True], [False, True, False, False]])   # 2x2 grids of 4x4 patches
+    slot, tile_pos = visible_tables(keep, 2, 2, 2, keep.device)
+    src = torch.randn(4, 4, 4, 2, dtype=torch.float64, requires_grad=True)        # compact (M, 4, 4, C)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda a, b: conv_relu(a, b, slot, tile_pos, 4, False), (src, w))
+    image = torch.randn(2, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda a, b: conv_relu(a, b, slot, tile_pos, 4, True), (image, w))
+    act = torch.rand(4, 2, 2, 3, dtype=torch.float64, requires_grad=True)        # post-ReLU: non-negative
+    torch.autograd.gradcheck(lambda a: max_blur_pool(a, slot, tile_pos), (act,))
+
+
+def test_ops_reject_bad_tables():
+    s = _op_samples()
+    with pytest.raises(TypeError, match="slot must be a 3-D int32"):
+        max_blur_pool(s["a1"], s["slot"].long(), s["tile_pos"])
+    with pytest.raises(ValueError, match="expected a compact"):
+        max_blur_pool(s["a1"][:, :3], s["slot"], s["tile_pos"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_with_num_visible(device):
+    """With num_visible the whole forward and backward trace into one graph (no read-back)."""
+    torch._dynamo.reset()
+    tok = SparseConvTokenizer(img_size=32, embed_dim=8, hidden_channels=4, backend="triton").double().to(device)
+    x = torch.randn(2, 3, 32, 48, dtype=torch.float64, device=device)
+    keep = _fixed_count_keep(2, 6, 4, device)
+    tok.strict_img_size = False
+    compiled = torch.compile(lambda a, k: tok(a, k, num_visible=4, packed=True), fullgraph=True,
+                             backend="aot_eager" if device == "cpu" else "inductor")
+    out = compiled(x, keep)
+    ref = reference_tokenize(x, tok.weights, keep, 16)[keep].view(2, 4, 8)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    (got,) = torch.autograd.grad(out.square().sum(), tok.convs[0].weight)
+    (expected,) = torch.autograd.grad(ref.square().sum(), tok.convs[0].weight)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    torch._dynamo.reset()
+
+
+@needs_gpu
+def test_cuda_graph_capture():
+    tok = SparseConvTokenizer(embed_dim=384, backend="triton").cuda()
+    x = torch.randn(8, 3, 224, 224, device="cuda")
+    keep = _fixed_count_keep(8, 196, 78, "cuda")
+    out = tok(x, keep, num_visible=78)          # warm-up: compiles the kernels
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = tok(x, keep, num_visible=78)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("image_dtype", [torch.uint8, torch.float64])
+def test_fused_pixel_normalisation(backend, image_dtype):
+    """uint8 (or float) images with per-channel mean/std: equal to normalising first, then the
+    float64 reference; masked patches contribute nothing."""
+    weights = random_weights(3, (6, 8), (7, 7))
+    raw = torch.randint(0, 256, (2, 3, 32, 48), dtype=torch.uint8)
+    mean, std = [123.7, 116.3, 103.5], [58.4, 57.1, 57.4]
+    keep = torch.rand(2, 6) >= 0.4
+    normalised = (raw.double() - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) \
+        / torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+    expected = reference_tokenize(normalised, weights, keep, 16)
+    out = sparse_conv_tokenize(raw.to(image_dtype), weights, keep, backend=backend, pixel_mean=mean, pixel_std=std)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    got = torch.autograd.grad(out.sum(), weights)
+    want = torch.autograd.grad(expected.sum(), weights)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_pixel_normalisation_errors():
+    weights = random_weights(3, (4, 4), (7, 7))
+    raw = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="pixel_mean and pixel_std go together"):
+        sparse_conv_tokenize(raw, weights, pixel_mean=[0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="one value per image channel"):
+        sparse_conv_tokenize(raw, weights, pixel_mean=[0.0], pixel_std=[1.0])
+    with pytest.raises(ValueError, match="pixel_std must be positive"):
+        sparse_conv_tokenize(raw, weights, pixel_mean=[0.0] * 3, pixel_std=[1.0, 0.0, 1.0])
+    with pytest.raises(TypeError, match="images must be uint8, float16"):
+        sparse_conv_tokenize(raw.to(torch.int32), weights)
