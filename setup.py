@@ -95,6 +95,8 @@ setup(
     extras_require={
         # The MIM-JEPA training loop (python/mimjepa) and its command `mimjepa`.
         "train": ["torchvision", "pyyaml", "safetensors", "tqdm"],
+        # benchmarks/plot.py
+        "bench": ["pytest-benchmark>=4", "matplotlib"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "timm>=1.0", "torchvision", "pyyaml", "safetensors", "tqdm"],
     },
     entry_points={"console_scripts": ["mimjepa=mimjepa.cli:main"]},

@@ -1,7 +1,9 @@
 """Shapes and helpers for the tokenizer benchmarks (pytest-benchmark).
 
-On a GPU: B=64, 224x224, D=384, bf16 autocast (the SCOTT ViT-S/16 setting). On a CPU: B=4,
-224x224, D=192, float32, so that the suite runs in about a minute on two cores.
+On a GPU: 224x224, bf16 autocast, B in (64, 256) x D in (192, 384, 768) (B=64, D=384 is the SCOTT
+ViT-S/16 setting). On a CPU: B=4, 224x224, D=192, float32, so that the suite runs in a few minutes
+on two cores. Masks are blockwise (as in pretraining) with an exact visible count per image when
+the training loop is installed, uniform otherwise.
 """
 
 from dataclasses import dataclass
@@ -24,15 +26,35 @@ class BenchSetting:
     warmup: int
 
 
+CUDA = torch.cuda.is_available()
+# (batch, embed_dim) points of the tokenizer benchmark
+SHAPES = [(b, d) for b in (64, 256) for d in (192, 384, 768)] if CUDA else [(4, 192)]
+
+
+def gpu_setting(batch: int = 64, embed_dim: int = 384) -> BenchSetting:
+    return BenchSetting(torch.device("cuda"), batch, 224, embed_dim, 64, torch.bfloat16, rounds=50, warmup=5)
+
+
 @pytest.fixture(scope="session")
 def setting() -> BenchSetting:
-    if torch.cuda.is_available():
-        return BenchSetting(torch.device("cuda"), 64, 224, 384, 64, torch.bfloat16, rounds=50, warmup=5)
+    if CUDA:
+        return gpu_setting()
     return BenchSetting(torch.device("cpu"), 4, 224, 192, 64, torch.float32, rounds=5, warmup=1)
 
 
+def _keep(batch: int, n: int, mask_ratio: float, device, gen) -> tuple[torch.Tensor, str]:
+    try:
+        from mimjepa.masks import blockwise_keep
+    except ImportError:
+        return exact_count_keep(batch, n, mask_ratio, device, gen), "uniform"
+    if mask_ratio == 0.0:
+        return torch.ones(batch, n, dtype=torch.bool, device=device), "none masked"
+    side = int(round(n ** 0.5))
+    return blockwise_keep(batch, (side, side), mask_ratio, gen).to(device), "blockwise"
+
+
 def make_inputs(s: BenchSetting, mask_ratio: float | None, seed: int = 0):
-    """Float32 images and weights (autocast casts on GPU) and an exact-count random mask."""
+    """Float32 images and weights (autocast casts on GPU) and an exact-count mask (None: dense)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(s.batch, 3, s.img_size, s.img_size, generator=gen).to(s.device)
     weights = [
@@ -41,8 +63,14 @@ def make_inputs(s: BenchSetting, mask_ratio: float | None, seed: int = 0):
         .to(s.device).requires_grad_(True),
     ]
     n = (s.img_size // 16) ** 2
-    keep = None if mask_ratio is None else exact_count_keep(s.batch, n, mask_ratio, s.device, gen)
+    keep = None if mask_ratio is None else _keep(s.batch, n, mask_ratio, s.device, gen)[0]
     return x, weights, keep
+
+
+def mask_kind(mask_ratio: float | None) -> str:
+    if mask_ratio is None:
+        return "keep=None"
+    return _keep(2, 196, mask_ratio, "cpu", torch.Generator().manual_seed(0))[1]
 
 
 def timed(s: BenchSetting, fn):

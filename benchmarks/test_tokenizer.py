@@ -1,34 +1,56 @@
-"""Tokenizer forward and forward+backward per backend and mask ratio.
+"""Tokenizer forward and forward+backward per backend, mask ratio and shape.
 
-    pytest benchmarks/ --benchmark-only [--benchmark-json=out.json]
+    pytest benchmarks/test_tokenizer.py --benchmark-only --benchmark-json=tokenizer.json
+    python benchmarks/plot.py tokenizer.json tokenizer.png
 
-Medians after warm-up; GPU calls synchronise inside the timed region. Peak GPU memory of one
-call goes into each result's extra_info.
+Backends: every one that runs on the device ("triton" only on a GPU: on the CPU it is the
+interpreter), plus ``reference_compiled``, the dense emulation under torch.compile. The sparse
+backends are given ``num_visible`` (fixed-ratio masks, no host synchronisation). Medians after
+warm-up; GPU calls synchronise inside the timed region. Peak GPU memory of one call and the first
+call's time (compilation and autotuning included) go into each result's extra_info.
 """
+
+import time
 
 import pytest
 import torch
 
-from scott_kernels import available_backends, sparse_conv_tokenize
+from scott_kernels import available_backends, reference_tokenize, sparse_conv_tokenize
 
-from conftest import make_inputs, timed
+from conftest import CUDA, SHAPES, gpu_setting, make_inputs, mask_kind, timed
 
-MASK_RATIOS = [None, 0.0, 0.6, 0.75]  # None: keep=None, the dense path of the EMA target encoder
-BACKENDS = ["reference", "torch"]
+MASK_RATIOS = [None, 0.0, 0.6, 0.75, 0.9]  # None: keep=None, the dense path of the EMA target encoder
+BACKENDS = ["reference", "reference_compiled", "torch", "triton"]
+
+torch._dynamo.config.cache_size_limit = 64   # one compiled graph per shape and mask layout
+_compiled_reference = torch.compile(reference_tokenize, dynamic=False)
 
 
+def _runs(backend: str, device: torch.device) -> bool:
+    if backend == "reference_compiled":
+        return True
+    return backend in available_backends(device)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}_D{s[1]}")
 @pytest.mark.parametrize("mask_ratio", MASK_RATIOS, ids=lambda r: "dense" if r is None else f"mask{r}")
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
-def test_tokenizer(benchmark, setting, backend, direction, mask_ratio):
-    if backend not in available_backends(setting.device):
+def test_tokenizer(benchmark, setting, backend, direction, mask_ratio, shape):
+    if CUDA:
+        setting = gpu_setting(*shape)
+    if not _runs(backend, setting.device):
         pytest.skip(f"backend {backend!r} does not run on {setting.device} in this build")
     x, weights, keep = make_inputs(setting, mask_ratio)
+    visible = None if keep is None else int(keep[0].sum())
     autocast = setting.device.type == "cuda" and setting.dtype != torch.float32
 
     def forward():
         with torch.autocast(setting.device.type, dtype=setting.dtype, enabled=autocast):
-            return sparse_conv_tokenize(x, weights, keep, backend=backend)
+            if backend == "reference_compiled":
+                return _compiled_reference(x, weights, keep, 16)
+            return sparse_conv_tokenize(x, weights, keep, backend=backend,
+                                        num_visible=None if backend == "reference" else visible)
 
     if direction == "fwd":
         def step():
@@ -38,12 +60,16 @@ def test_tokenizer(benchmark, setting, backend, direction, mask_ratio):
         def step():
             torch.autograd.grad(forward().float().square().mean(), weights)
 
-    benchmark.group = f"{direction} {'dense' if mask_ratio is None else f'mask {mask_ratio}'}"
-    benchmark.extra_info.update(device=str(torch.cuda.get_device_name() if setting.device.type == "cuda" else "cpu"),
+    benchmark.group = f"{direction} {'dense' if mask_ratio is None else f'mask {mask_ratio}'} " \
+                      f"B{setting.batch} D{setting.embed_dim}"
+    benchmark.extra_info.update(device=str(torch.cuda.get_device_name() if CUDA else "cpu"), backend=backend,
+                                direction=direction, mask_ratio=mask_ratio, mask=mask_kind(mask_ratio),
                                 batch=setting.batch, img_size=setting.img_size, embed_dim=setting.embed_dim,
                                 dtype=str(setting.dtype))
-    if setting.device.type == "cuda":
-        step()
+    start = time.perf_counter()
+    timed(setting, step)()
+    benchmark.extra_info["first_call_s"] = time.perf_counter() - start
+    if CUDA:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
