@@ -180,13 +180,13 @@ class Encoder(nn.Module):
         keep given, visible_only=False: (B, N, D), masked positions replaced by the mask token.
         keep given, visible_only=True: (B, K, D) for the K visible patches of each row (every row
         must keep the same number), in patch order."""
-        tokens = self.tokenizer(images, keep)
         if keep is None:
-            return self.transformer(tokens)
+            return self.transformer(self.tokenizer(images))
         if visible_only:
-            positions = visible_positions(keep, num_visible)
-            tokens = torch.gather(tokens, 1, positions[..., None].expand(-1, -1, tokens.shape[-1]))
-            return self.transformer(tokens, positions)
+            # the tokenizer hands over the visible tokens only (packed), computed only there
+            tokens = self.tokenizer(images, keep, num_visible=num_visible, packed=True)
+            return self.transformer(tokens, visible_positions(keep, tokens.shape[1]))
+        tokens = self.tokenizer(images, keep, num_visible=num_visible)
         tokens = torch.where(keep[..., None], tokens, self.transformer.msk_embed.to(tokens.dtype))
         return self.transformer(tokens)
 

@@ -62,7 +62,7 @@ class Student(nn.Module):
         if self.visible_only:
             context = self.context_encoder(images, keep, visible_only=True, num_visible=num_visible)
             return self.predictor(context, keep)
-        return self.predictor(self.context_encoder(images, keep))
+        return self.predictor(self.context_encoder(images, keep, num_visible=num_visible))
 
 
 @torch.no_grad()
