@@ -6,6 +6,7 @@
 #include <string>
 
 #include "patch_tiles.h"
+#include "tokenizer.h"
 
 #ifdef SCOTT_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -77,6 +78,129 @@ void scatter_tiles(const TileGeometry& g, int dtype, std::uintptr_t grad_tiles, 
                            ptr<const int64_t>(slot_pos), ptr<const int64_t>(tile_of), ptr<void>(grad_src));
 }
 
+// ---- tokenizer stage kernels ----------------------------------------------------------------------
+using scott::PoolGeometry;
+using scott::StageGeometry;
+
+void validate_stage(const StageGeometry& g, const char* name) {
+  auto require = [name](bool ok, const char* what) {
+    if (!ok) throw std::invalid_argument(std::string(name) + ": " + what);
+  };
+  require(g.num_tiles >= 0 && g.batch > 0 && g.grid_h > 0 && g.grid_w > 0, "positive batch and grid expected");
+  require(g.in_side >= 2 && g.in_side % 2 == 0, "in_side must be even and at least 2");
+  require(g.ksize > 0 && g.ksize % 2 == 1, "ksize must be odd and positive");
+  require(g.c_in > 0 && g.c_out > 0, "channel counts must be positive");
+  require(!g.normalize || g.src_image, "normalize applies to image sources only");
+}
+
+void validate_pool(const PoolGeometry& g, const char* name) {
+  if (g.num_tiles < 0 || g.batch <= 0 || g.grid_h <= 0 || g.grid_w <= 0 || g.channels <= 0 || g.side < 2 ||
+      g.side % 2)
+    throw std::invalid_argument(std::string(name) + ": bad geometry (positive sizes and an even side expected)");
+}
+
+DType compute_dtype(int code, const char* name) {
+  if (code < 0 || code > 3) throw std::invalid_argument(std::string(name) + ": unknown dtype code");
+  return static_cast<DType>(code);
+}
+
+void conv_relu(const StageGeometry& g, int dtype, int src_dtype, std::uintptr_t src, std::uintptr_t weight_t,
+               std::uintptr_t norm, std::uintptr_t slot, std::uintptr_t tile_pos, std::uintptr_t out, bool on_cuda,
+               std::uintptr_t stream) {
+  validate_stage(g, "conv_relu");
+  const DType dt = compute_dtype(dtype, "conv_relu");
+  if (on_cuda) {
+#ifdef SCOTT_WITH_CUDA
+    scott::conv_relu_cuda(g, dt, src_dtype, ptr<const void>(src), ptr<const void>(weight_t), ptr<const void>(norm),
+                          ptr<const int32_t>(slot), ptr<const int64_t>(tile_pos), ptr<void>(out), ptr<void>(stream));
+    return;
+#else
+    throw std::runtime_error("conv_relu: scott_kernels was built without CUDA");
+#endif
+  }
+  py::gil_scoped_release nogil;
+  scott::conv_relu_cpu(g, dt, src_dtype, ptr<const void>(src), ptr<const void>(weight_t), ptr<const void>(norm),
+                       ptr<const int32_t>(slot), ptr<const int64_t>(tile_pos), ptr<void>(out));
+}
+
+void conv_relu_wgrad(const StageGeometry& g, int dtype, int src_dtype, std::uintptr_t src, std::uintptr_t grad,
+                     std::uintptr_t out, std::uintptr_t norm, std::uintptr_t slot, std::uintptr_t tile_pos,
+                     std::uintptr_t result, int64_t splits, bool on_cuda, std::uintptr_t stream) {
+  validate_stage(g, "conv_relu_wgrad");
+  const DType dt = compute_dtype(dtype, "conv_relu_wgrad");
+  if (on_cuda) {
+#ifdef SCOTT_WITH_CUDA
+    scott::conv_relu_wgrad_cuda(g, dt, src_dtype, ptr<const void>(src), ptr<const void>(grad), ptr<const void>(out),
+                                ptr<const void>(norm), ptr<const int32_t>(slot), ptr<const int64_t>(tile_pos),
+                                ptr<void>(result), splits, ptr<void>(stream));
+    return;
+#else
+    throw std::runtime_error("conv_relu_wgrad: scott_kernels was built without CUDA");
+#endif
+  }
+  py::gil_scoped_release nogil;
+  scott::conv_relu_wgrad_cpu(g, dt, src_dtype, ptr<const void>(src), ptr<const void>(grad), ptr<const void>(out),
+                             ptr<const void>(norm), ptr<const int32_t>(slot), ptr<const int64_t>(tile_pos),
+                             ptr<void>(result));
+}
+
+void conv_relu_dgrad(const StageGeometry& g, int dtype, std::uintptr_t grad, std::uintptr_t out,
+                     std::uintptr_t weight_t, std::uintptr_t slot, std::uintptr_t tile_pos, std::uintptr_t grad_src,
+                     bool on_cuda, std::uintptr_t stream) {
+  validate_stage(g, "conv_relu_dgrad");
+  const DType dt = compute_dtype(dtype, "conv_relu_dgrad");
+  if (on_cuda) {
+#ifdef SCOTT_WITH_CUDA
+    scott::conv_relu_dgrad_cuda(g, dt, ptr<const void>(grad), ptr<const void>(out), ptr<const void>(weight_t),
+                                ptr<const int32_t>(slot), ptr<const int64_t>(tile_pos), ptr<void>(grad_src),
+                                ptr<void>(stream));
+    return;
+#else
+    throw std::runtime_error("conv_relu_dgrad: scott_kernels was built without CUDA");
+#endif
+  }
+  py::gil_scoped_release nogil;
+  scott::conv_relu_dgrad_cpu(g, dt, ptr<const void>(grad), ptr<const void>(out), ptr<const void>(weight_t),
+                             ptr<const int32_t>(slot), ptr<const int64_t>(tile_pos), ptr<void>(grad_src));
+}
+
+void max_blur_pool(const PoolGeometry& g, int dtype, std::uintptr_t act, std::uintptr_t slot, std::uintptr_t tile_pos,
+                   std::uintptr_t out, bool on_cuda, std::uintptr_t stream) {
+  validate_pool(g, "max_blur_pool");
+  const DType dt = compute_dtype(dtype, "max_blur_pool");
+  if (on_cuda) {
+#ifdef SCOTT_WITH_CUDA
+    scott::max_blur_pool_cuda(g, dt, ptr<const void>(act), ptr<const int32_t>(slot), ptr<const int64_t>(tile_pos),
+                              ptr<void>(out), ptr<void>(stream));
+    return;
+#else
+    throw std::runtime_error("max_blur_pool: scott_kernels was built without CUDA");
+#endif
+  }
+  py::gil_scoped_release nogil;
+  scott::max_blur_pool_cpu(g, dt, ptr<const void>(act), ptr<const int32_t>(slot), ptr<const int64_t>(tile_pos),
+                           ptr<void>(out));
+}
+
+void max_blur_pool_backward(const PoolGeometry& g, int dtype, std::uintptr_t grad, std::uintptr_t act,
+                            std::uintptr_t slot, std::uintptr_t tile_pos, std::uintptr_t grad_act, bool on_cuda,
+                            std::uintptr_t stream) {
+  validate_pool(g, "max_blur_pool_backward");
+  const DType dt = compute_dtype(dtype, "max_blur_pool_backward");
+  if (on_cuda) {
+#ifdef SCOTT_WITH_CUDA
+    scott::max_blur_pool_backward_cuda(g, dt, ptr<const void>(grad), ptr<const void>(act), ptr<const int32_t>(slot),
+                                       ptr<const int64_t>(tile_pos), ptr<void>(grad_act), ptr<void>(stream));
+    return;
+#else
+    throw std::runtime_error("max_blur_pool_backward: scott_kernels was built without CUDA");
+#endif
+  }
+  py::gil_scoped_release nogil;
+  scott::max_blur_pool_backward_cpu(g, dt, ptr<const void>(grad), ptr<const void>(act), ptr<const int32_t>(slot),
+                                    ptr<const int64_t>(tile_pos), ptr<void>(grad_act));
+}
+
 py::dict build_info() {
   py::dict info;
 #ifdef SCOTT_WITH_CUDA
@@ -136,5 +260,35 @@ PYBIND11_MODULE(_C, m) {
   m.def("scatter_tiles", &scatter_tiles, py::arg("geometry"), py::arg("dtype"), py::arg("grad_tiles"),
         py::arg("slot"), py::arg("slot_pos"), py::arg("tile_of"), py::arg("grad_src"), py::arg("on_cuda"),
         py::arg("stream"), "grad_src (S, C, side, side) <- adjoint of gather_tiles");
+  py::class_<StageGeometry>(m, "StageGeometry")
+      .def(py::init<>())
+      .def_readwrite("num_tiles", &StageGeometry::num_tiles)
+      .def_readwrite("batch", &StageGeometry::batch)
+      .def_readwrite("grid_h", &StageGeometry::grid_h)
+      .def_readwrite("grid_w", &StageGeometry::grid_w)
+      .def_readwrite("in_side", &StageGeometry::in_side)
+      .def_readwrite("ksize", &StageGeometry::ksize)
+      .def_readwrite("c_in", &StageGeometry::c_in)
+      .def_readwrite("c_out", &StageGeometry::c_out)
+      .def_readwrite("s_b", &StageGeometry::s_b)
+      .def_readwrite("s_c", &StageGeometry::s_c)
+      .def_readwrite("s_h", &StageGeometry::s_h)
+      .def_readwrite("s_w", &StageGeometry::s_w)
+      .def_readwrite("src_image", &StageGeometry::src_image)
+      .def_readwrite("normalize", &StageGeometry::normalize);
+  py::class_<PoolGeometry>(m, "PoolGeometry")
+      .def(py::init<>())
+      .def_readwrite("num_tiles", &PoolGeometry::num_tiles)
+      .def_readwrite("batch", &PoolGeometry::batch)
+      .def_readwrite("grid_h", &PoolGeometry::grid_h)
+      .def_readwrite("grid_w", &PoolGeometry::grid_w)
+      .def_readwrite("side", &PoolGeometry::side)
+      .def_readwrite("channels", &PoolGeometry::channels);
+  m.def("conv_relu", &conv_relu, "relu(conv) over visible patches: out (M, s, s, C_out)");
+  m.def("conv_relu_wgrad", &conv_relu_wgrad,
+        "weight gradient (k*k*C_in, C_out); on CUDA into a (splits, k*k*C_in, C_out) accumulator");
+  m.def("conv_relu_dgrad", &conv_relu_dgrad, "input gradient of a compact source (M, q, q, C_in)");
+  m.def("max_blur_pool", &max_blur_pool, "MaxBlurPool of compact activations (M, s/2, s/2, C)");
+  m.def("max_blur_pool_backward", &max_blur_pool_backward, "gradient of max_blur_pool (M, s, s, C)");
   m.def("build_info", &build_info, "what this build compiled");
 }

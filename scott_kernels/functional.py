@@ -9,6 +9,7 @@ import torch
 from .ops import native_supports
 from .reference import reference_tokenize
 from .torch_backend import torch_tokenize
+from .cuda_backend import cuda_supports, cuda_tokenize
 from .triton_backend import triton_supports, triton_tokenize
 
 __all__ = ["sparse_conv_tokenize", "available_backends", "select_backend", "BACKENDS", "check_inputs"]
@@ -19,9 +20,13 @@ BACKENDS: dict[str, tuple[Callable, Callable[[torch.device], bool]]] = {
     "reference": (reference_tokenize, lambda device: True),
     "torch": (torch_tokenize, native_supports),
     "triton": (triton_tokenize, triton_supports),
+    "cuda": (cuda_tokenize, cuda_supports),
 }
-# "auto" tries these in order: fastest first.
-_AUTO_ORDER = ("triton", "torch", "reference")
+# "auto" tries these in order: fastest first. The cuda backend's kernels are a portable SIMT
+# version until its tensor-core path is measured against triton, so triton comes first.
+_AUTO_ORDER = ("triton", "cuda", "torch", "reference")
+# backends built on the compact visible-patch kernels: they take num_visible/packed/pixel_norm
+_COMPACT = {"triton": triton_tokenize, "cuda": cuda_tokenize}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -177,7 +182,7 @@ def sparse_conv_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep:
             conv(stride 2, pad k//2) -> ReLU -> MaxBlurPool, and ``patch_size == 4 ** stages``.
         keep: (B, N) bool, True = visible patch, row-major over the patch grid; None = all
             visible (the plain dense stack, no masking).
-        backend: "auto" (fastest available), "triton", "torch" or "reference".
+        backend: "auto" (fastest available), "triton", "cuda", "torch" or "reference".
         num_visible: visible patches in every row of ``keep``, when the caller knows it (the usual
             fixed-ratio masks): the triton backend then runs with no host synchronisation, so
             under CUDA graphs and ``torch.compile(fullgraph=True)``.
@@ -192,10 +197,10 @@ def sparse_conv_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep:
     check_inputs(x, weights, keep, patch_size, num_visible)
     name = select_backend(backend, x.device)
     table = pixel_norm_table(pixel_mean, pixel_std, x.shape[1], weights[0].dtype, x.device)
-    if name == "triton":
+    if name in _COMPACT:
         if packed and keep is not None and num_visible is None:
             num_visible = _common_row_count(keep)
-        return triton_tokenize(x, list(weights), keep, patch_size, num_visible, packed, table)
+        return _COMPACT[name](x, list(weights), keep, patch_size, num_visible, packed, table)
     if table is not None or not x.is_floating_point():
         x = _normalised(x, weights, table)
     tokens = BACKENDS[name][0](x, list(weights), keep, patch_size)

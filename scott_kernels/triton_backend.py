@@ -38,6 +38,8 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
+from .compact import compact_to_image, tokenize_compact, visible_tables
+
 __all__ = ["triton_tokenize", "triton_supports", "visible_tables"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -54,38 +56,6 @@ def triton_supports(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available()
     return device.type == "cpu" and _interpreting()
-
-
-# --------------------------------------------------------------------------------------------
-# Visible-patch tables
-# --------------------------------------------------------------------------------------------
-def visible_tables(keep: torch.Tensor | None, batch: int, grid_h: int, grid_w: int, device: torch.device,
-                   num_visible: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(slot, tile_pos) for ``keep``; see the module docstring.
-
-    Without ``num_visible`` the tile count is read back from the device (one synchronisation);
-    with it the tables come from a cumulative sum and a scatter. A ``keep`` whose rows do not
-    each hold ``num_visible`` patches fails an asynchronous device assertion; tile indices past
-    the end are marked masked in ``slot``, so the kernels never address outside their tensors.
-    """
-    positions = batch * grid_h * grid_w
-    if keep is None:
-        slot = torch.arange(positions, dtype=torch.int32, device=device).view(batch, grid_h, grid_w)
-        return slot, torch.arange(positions, dtype=torch.int64, device=device)
-    flat = keep.reshape(-1)
-    index = torch.cumsum(flat, 0, dtype=torch.int64) - 1
-    if num_visible is None:
-        num_tiles = int(flat.sum())
-    else:
-        num_tiles = batch * num_visible
-        torch._assert_async((keep.sum(1) == num_visible).all(),
-                            "keep: every row must hold exactly num_visible visible patches")
-    index = torch.where(flat & (index < num_tiles), index, -1)
-    tile_pos = torch.zeros(num_tiles + 1, dtype=torch.int64, device=device)
-    # masked positions land in the spare last element, dropped below
-    tile_pos.scatter_(0, torch.where(index >= 0, index, num_tiles),
-                      torch.arange(positions, dtype=torch.int64, device=device))
-    return index.to(torch.int32).view(batch, grid_h, grid_w), tile_pos[:num_tiles]
 
 
 # --------------------------------------------------------------------------------------------
@@ -562,15 +532,6 @@ def _(grad, out, weight, slot, tile_pos, in_side):
     return grad.new_empty((tile_pos.shape[0], in_side, in_side, weight.shape[1]))
 
 
-def _image_grad(dsrc: torch.Tensor, tile_pos: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Compact (M, P, P, C) gradient -> (B, C, H, W), zero at masked patches."""
-    B, C, H, W = shape
-    P = dsrc.shape[1]
-    GH, GW = H // P, W // P
-    dense = dsrc.new_zeros((B * GH * GW, P, P, C)).index_copy(0, tile_pos, dsrc)
-    return dense.view(B, GH, GW, P, P, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
-
-
 def _conv_relu_setup(ctx, inputs, output):
     src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm = inputs
     ctx.save_for_backward(src, weight, slot, tile_pos, output, pixel_norm)
@@ -586,7 +547,7 @@ def _conv_relu_backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         grad_src = conv_relu_dgrad(grad, out, weight, slot, tile_pos, ctx.in_side)
         if ctx.src_is_image:
-            grad_src = _image_grad(grad_src, tile_pos, ctx.src_shape)
+            grad_src = compact_to_image(grad_src, tile_pos, ctx.src_shape)
             if pixel_norm is not None:
                 grad_src = grad_src * pixel_norm[1].view(1, -1, 1, 1).to(grad_src.dtype)
             grad_src = grad_src.to(src.dtype)
@@ -677,26 +638,4 @@ def triton_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: torc
 
     Inputs are assumed validated (see ``scott_kernels.functional``).
     """
-    B, _, H, W = x.shape
-    GH, GW = H // patch_size, W // patch_size
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-    else:
-        dtype = x.dtype if x.is_floating_point() else weights[0].dtype
-    weights = [w.to(dtype) for w in weights]
-    if x.is_floating_point():
-        x = x.to(dtype)
-    slot, tile_pos = visible_tables(keep, B, GH, GW, x.device, num_visible)
-    act, side = x, patch_size
-    for i, weight in enumerate(weights):
-        act = conv_relu(act, weight, slot, tile_pos, side, i == 0, pixel_norm if i == 0 else None)
-        act = max_blur_pool(act, slot, tile_pos)
-        side //= 4
-    num_tiles, dim = tile_pos.shape[0], act.shape[-1]
-    tokens = act.reshape(num_tiles, dim)
-    if packed:
-        return tokens.view(B, num_tiles // B, dim)
-    if keep is None:
-        return tokens.view(B, GH * GW, dim)
-    dense = tokens.new_zeros((B * GH * GW, tokens.shape[1])).index_copy(0, tile_pos, tokens)
-    return dense.view(B, GH * GW, tokens.shape[1])
+    return tokenize_compact(conv_relu, max_blur_pool, x, weights, keep, patch_size, num_visible, packed, pixel_norm)

@@ -48,9 +48,9 @@ def test_triton_random_configs(seed):
              "cuda" if HAS_CUDA else "cpu", 1e-10)
 
 
-def _low_precision_errors(dtype, device, B, size, widths, keep, autocast=False):
-    """Max errors (values, each weight gradient) of triton and of the reference run in ``dtype``,
-    both against the float64 reference."""
+def _low_precision_errors(dtype, device, B, size, widths, keep, autocast=False, backend_under_test="triton"):
+    """Max errors (values, each weight gradient) of a backend and of the reference run in
+    ``dtype``, both against the float64 reference."""
     N = (size // 16) ** 2
     weights = random_weights(3, widths, (7, 7), dtype=torch.float64, device=device)
     x = torch.randn(B, 3, size, size, dtype=torch.float64, device=device)
@@ -58,7 +58,7 @@ def _low_precision_errors(dtype, device, B, size, widths, keep, autocast=False):
     probe = torch.randn_like(exact)
     exact_grads = torch.autograd.grad((exact * probe).sum(), weights)
     errors = {}
-    for backend in ("reference", "triton"):
+    for backend in ("reference", backend_under_test):
         if autocast:
             w = [t.detach().float().requires_grad_(True) for t in weights]
             with torch.autocast(device_type=device, dtype=dtype):
@@ -71,7 +71,7 @@ def _low_precision_errors(dtype, device, B, size, widths, keep, autocast=False):
         errors[backend] = [(out.double() - exact).abs().max().item()] + \
                           [(g.double() - e).abs().max().item() for g, e in zip(grads, exact_grads)]
     scales = [exact.abs().max().item()] + [e.abs().max().item() for e in exact_grads]
-    return errors["triton"], errors["reference"], scales
+    return errors[backend_under_test], errors["reference"], scales
 
 
 def _assert_flash_rule(ours, theirs, scales, atol=1e-3):

@@ -1,0 +1,144 @@
+// C++ CPU implementation of the tokenizer stage kernels (float32 and float64). It runs the same
+// operand and pooling functions as the CUDA kernels (tokenizer.h) with plain loops, so the tests
+// that compare it with the dense reference check the CUDA kernels' index logic too.
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "tokenizer.h"
+
+namespace scott {
+namespace {
+
+// C[m, n] = sum_k a(m, k) * b(k, n), handed to store(m, n, acc). Rows in parallel; each row's
+// operand values are read once.
+template <typename A, class LoadA, class LoadB, class Store>
+void gemm(int64_t M, int64_t N, int64_t K, const LoadA& a, const LoadB& b, const Store& store) {
+#pragma omp parallel
+  {
+    std::vector<A> row(static_cast<size_t>(K));
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t k = 0; k < K; ++k) row[k] = a(m, k);
+      for (int64_t n = 0; n < N; ++n) {
+        A acc = A(0);
+        for (int64_t k = 0; k < K; ++k) acc += row[k] * b(k, n);
+        store(m, n, acc);
+      }
+    }
+  }
+}
+
+template <typename T, typename S>
+void conv_relu_typed(const StageGeometry& g, const void* src, const void* weight_t, const void* norm,
+                     const int32_t* slot, const int64_t* tile_pos, void* out) {
+  using A = T;
+  ConvWindow<S, A> window{g, static_cast<const S*>(src), slot, tile_pos, static_cast<const A*>(norm)};
+  DenseMatrix<T, A> w{static_cast<const T*>(weight_t), g.c_out};
+  T* o = static_cast<T*>(out);
+  const int64_t n_out = g.c_out;
+  gemm<A>(g.out_rows(), g.c_out, g.ksize * g.ksize * g.c_in, window, w,
+          [&](int64_t m, int64_t n, A acc) { o[m * n_out + n] = acc > A(0) ? T(acc) : T(0); });
+}
+
+template <typename T, typename S>
+void wgrad_typed(const StageGeometry& g, const void* src, const void* grad, const void* out, const void* norm,
+                 const int32_t* slot, const int64_t* tile_pos, void* grad_weight_t) {
+  using A = T;
+  ConvWindow<S, A> window{g, static_cast<const S*>(src), slot, tile_pos, static_cast<const A*>(norm)};
+  auto window_t = [&](int64_t kk, int64_t r) { return window(r, kk); };
+  ReluGrad<T, A> g_relu{static_cast<const T*>(grad), static_cast<const T*>(out), g.c_out};
+  T* dw = static_cast<T*>(grad_weight_t);
+  const int64_t n_out = g.c_out;
+  gemm<A>(g.ksize * g.ksize * g.c_in, g.c_out, g.out_rows(), window_t, g_relu,
+          [&](int64_t m, int64_t n, A acc) { dw[m * n_out + n] = T(acc); });
+}
+
+template <typename T>
+void dgrad_typed(const StageGeometry& g, const void* grad, const void* out, const void* weight_t,
+                 const int32_t* slot, const int64_t* tile_pos, void* grad_src) {
+  using A = T;
+  ReluGradWindow<T, A> g_window{g, static_cast<const T*>(grad), static_cast<const T*>(out), slot, tile_pos};
+  DenseMatrix<T, A> w{static_cast<const T*>(weight_t), g.c_in};
+  T* d = static_cast<T*>(grad_src);
+  const int64_t n_in = g.c_in;
+  gemm<A>(g.in_rows(), g.c_in, g.ksize * g.ksize * g.c_out, g_window, w,
+          [&](int64_t m, int64_t n, A acc) { d[m * n_in + n] = T(acc); });
+}
+
+template <typename F>
+void for_each_element(int64_t rows, int64_t channels, const F& f) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < channels; ++c) f(r, c);
+}
+
+}  // namespace
+
+#define SCOTT_CPU_DISPATCH(dtype, name, ...)                                   \
+  do {                                                                         \
+    if ((dtype) == DType::kFloat32) {                                          \
+      using T = float;                                                         \
+      __VA_ARGS__;                                                             \
+    } else if ((dtype) == DType::kFloat64) {                                   \
+      using T = double;                                                        \
+      __VA_ARGS__;                                                             \
+    } else {                                                                   \
+      throw std::invalid_argument(std::string(name) +                          \
+                                  ": the CPU kernels compute in float32 or float64"); \
+    }                                                                          \
+  } while (0)
+
+void conv_relu_cpu(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* weight_t,
+                   const void* norm, const int32_t* slot, const int64_t* tile_pos, void* out) {
+  SCOTT_CPU_DISPATCH(dtype, "conv_relu", {
+    if (src_dtype == kUInt8)
+      conv_relu_typed<T, uint8_t>(g, src, weight_t, norm, slot, tile_pos, out);
+    else
+      conv_relu_typed<T, T>(g, src, weight_t, norm, slot, tile_pos, out);
+  });
+}
+
+void conv_relu_wgrad_cpu(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* grad,
+                         const void* out, const void* norm, const int32_t* slot, const int64_t* tile_pos,
+                         void* grad_weight_t) {
+  SCOTT_CPU_DISPATCH(dtype, "conv_relu_wgrad", {
+    if (src_dtype == kUInt8)
+      wgrad_typed<T, uint8_t>(g, src, grad, out, norm, slot, tile_pos, grad_weight_t);
+    else
+      wgrad_typed<T, T>(g, src, grad, out, norm, slot, tile_pos, grad_weight_t);
+  });
+}
+
+void conv_relu_dgrad_cpu(const StageGeometry& g, DType dtype, const void* grad, const void* out,
+                         const void* weight_t, const int32_t* slot, const int64_t* tile_pos, void* grad_src) {
+  SCOTT_CPU_DISPATCH(dtype, "conv_relu_dgrad", dgrad_typed<T>(g, grad, out, weight_t, slot, tile_pos, grad_src));
+}
+
+void max_blur_pool_cpu(const PoolGeometry& g, DType dtype, const void* act, const int32_t* slot,
+                       const int64_t* tile_pos, void* out) {
+  const int64_t rows = g.num_tiles * (g.side / 2) * (g.side / 2);
+  SCOTT_CPU_DISPATCH(dtype, "max_blur_pool", {
+    const T* a = static_cast<const T*>(act);
+    T* o = static_cast<T*>(out);
+    for_each_element(rows, g.channels, [&](int64_t r, int64_t c) {
+      o[r * g.channels + c] = max_blur_pool_at<T, T>(g, a, slot, tile_pos, r, c);
+    });
+  });
+}
+
+void max_blur_pool_backward_cpu(const PoolGeometry& g, DType dtype, const void* grad, const void* act,
+                                const int32_t* slot, const int64_t* tile_pos, void* grad_act) {
+  const int64_t rows = g.num_tiles * g.side * g.side;
+  SCOTT_CPU_DISPATCH(dtype, "max_blur_pool_backward", {
+    const T* gr = static_cast<const T*>(grad);
+    const T* a = static_cast<const T*>(act);
+    T* d = static_cast<T*>(grad_act);
+    for_each_element(rows, g.channels, [&](int64_t r, int64_t c) {
+      d[r * g.channels + c] = max_blur_pool_grad_at<T, T>(g, gr, a, slot, tile_pos, r, c);
+    });
+  });
+}
+
+}  // namespace scott

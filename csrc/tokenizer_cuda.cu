@@ -1,0 +1,257 @@
+// CUDA implementation of the tokenizer stage kernels: the three conv GEMMs as one tiled
+// shared-memory GEMM template over gathered operands (tokenizer.h), and MaxBlurPool forward and
+// backward as one thread per output element. float32/float16/bfloat16 accumulate in float32,
+// float64 in float64. 64-bit indices throughout; every launch is checked.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "tokenizer.h"
+
+namespace scott {
+namespace {
+
+void check_launch(const char* kernel) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string(kernel) + ": CUDA launch failed: " + cudaGetErrorString(err));
+}
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+// Block tile BM x BN, K step BK; each of the (BM / TM) * (BN / TN) threads owns a TM x TN patch of
+// C. blockIdx.z splits K into chunks of k_chunk (wgrad's reduction over output pixels); each
+// split stores its own result through `store(split, m, n, acc)`.
+constexpr int BM = 64, BN = 64, BK = 16, TM = 4, TN = 4;
+constexpr int kThreads = (BM / TM) * (BN / TN);
+
+template <typename A, class LoadA, class LoadB, class Store>
+__global__ void __launch_bounds__(kThreads)
+gather_gemm_kernel(int64_t M, int64_t N, int64_t K, int64_t k_chunk, LoadA load_a, LoadB load_b, Store store) {
+  __shared__ A a_tile[BK][BM + 1];
+  __shared__ A b_tile[BK][BN];
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * k_chunk;
+  const int64_t k_end = k_begin + k_chunk < K ? k_begin + k_chunk : K;
+  const int tid = threadIdx.x;
+  const int tr = tid / (BN / TN), tc = tid % (BN / TN);
+  A acc[TM][TN];
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) acc[i][j] = A(0);
+
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
+    for (int i = tid; i < BK * BM; i += kThreads) {
+      const int kk = i % BK, mm = i / BK;  // consecutive threads walk K: contiguous channels
+      const int64_t m = m0 + mm, k = k0 + kk;
+      a_tile[kk][mm] = (m < M && k < k_end) ? load_a(m, k) : A(0);
+    }
+    for (int i = tid; i < BK * BN; i += kThreads) {
+      const int kk = i / BN, nn = i % BN;  // consecutive threads walk N: contiguous columns
+      const int64_t n = n0 + nn, k = k0 + kk;
+      b_tile[kk][nn] = (n < N && k < k_end) ? load_b(k, n) : A(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+      A a[TM], b[TN];
+#pragma unroll
+      for (int i = 0; i < TM; ++i) a[i] = a_tile[kk][tr * TM + i];
+#pragma unroll
+      for (int j = 0; j < TN; ++j) b[j] = b_tile[kk][tc * TN + j];
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+      const int64_t m = m0 + tr * TM + i, n = n0 + tc * TN + j;
+      if (m < M && n < N) store(static_cast<int64_t>(blockIdx.z), m, n, acc[i][j]);
+    }
+  }
+}
+
+template <typename A, class LoadA, class LoadB, class Store>
+void launch_gemm(const char* name, int64_t M, int64_t N, int64_t K, int64_t splits, LoadA a, LoadB b, Store s,
+                 cudaStream_t stream) {
+  if (M == 0 || N == 0) return;
+  if (splits < 1) splits = 1;
+  const int64_t k_chunk = ((K + splits - 1) / splits + BK - 1) / BK * BK;
+  const dim3 grid(static_cast<unsigned>((M + BM - 1) / BM), static_cast<unsigned>((N + BN - 1) / BN),
+                  static_cast<unsigned>(splits));
+  if ((M + BM - 1) / BM > 0x7fffffffLL || (N + BN - 1) / BN > 65535 || splits > 65535)
+    throw std::invalid_argument(std::string(name) + ": problem too large for one launch");
+  gather_gemm_kernel<A><<<grid, kThreads, 0, stream>>>(M, N, K, k_chunk, a, b, s);
+  check_launch(name);
+}
+
+template <typename T, typename A>
+struct StoreRelu {
+  T* out;
+  int64_t cols;
+  __device__ void operator()(int64_t, int64_t m, int64_t n, A acc) const {
+    out[m * cols + n] = from_acc<T>(acc > A(0) ? acc : A(0));
+  }
+};
+
+template <typename T, typename A>
+struct StorePlain {
+  T* out;
+  int64_t cols;
+  __device__ void operator()(int64_t, int64_t m, int64_t n, A acc) const { out[m * cols + n] = from_acc<T>(acc); }
+};
+
+template <typename A>
+struct StorePartial {
+  A* partial;
+  int64_t rows, cols;
+  __device__ void operator()(int64_t split, int64_t m, int64_t n, A acc) const {
+    partial[(split * rows + m) * cols + n] = acc;
+  }
+};
+
+// wgrad's A operand: the window transposed, (kk, r) -> window(r, kk).
+template <class Window>
+struct Transposed {
+  Window w;
+  __device__ auto operator()(int64_t kk, int64_t r) const { return w(r, kk); }
+};
+
+template <typename T, typename A, class F>
+__global__ void elementwise_kernel(int64_t rows, int64_t channels, T* out, F f) {
+  const int64_t total = rows * channels;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = from_acc<T>(f(i / channels, i % channels));
+  }
+}
+
+template <typename T, typename A, class F>
+void launch_elementwise(const char* name, int64_t rows, int64_t channels, T* out, F f, cudaStream_t stream) {
+  const int64_t total = rows * channels;
+  if (total == 0) return;
+  const int threads = 256;
+  const int64_t blocks = (total + threads - 1) / threads;
+  elementwise_kernel<T, A><<<static_cast<unsigned>(blocks < 65535 * 64 ? blocks : 65535 * 64), threads, 0, stream>>>(
+      rows, channels, out, f);
+  check_launch(name);
+}
+
+template <typename T, typename A>
+struct PoolForward {
+  PoolGeometry g;
+  const T* act;
+  const int32_t* slot;
+  const int64_t* tile_pos;
+  __device__ A operator()(int64_t r, int64_t c) const { return max_blur_pool_at<T, A>(g, act, slot, tile_pos, r, c); }
+};
+
+template <typename T, typename A>
+struct PoolBackward {
+  PoolGeometry g;
+  const T* grad;
+  const T* act;
+  const int32_t* slot;
+  const int64_t* tile_pos;
+  __device__ A operator()(int64_t r, int64_t c) const {
+    return max_blur_pool_grad_at<T, A>(g, grad, act, slot, tile_pos, r, c);
+  }
+};
+
+}  // namespace
+
+#define SCOTT_CUDA_DISPATCH(dtype, ...)                        \
+  do {                                                         \
+    switch (dtype) {                                           \
+      case DType::kFloat32: { using T = float; __VA_ARGS__; break; }            \
+      case DType::kFloat64: { using T = double; __VA_ARGS__; break; }           \
+      case DType::kFloat16: { using T = __half; __VA_ARGS__; break; }           \
+      case DType::kBFloat16: { using T = __nv_bfloat16; __VA_ARGS__; break; }   \
+    }                                                          \
+  } while (0)
+
+void conv_relu_cuda(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* weight_t,
+                    const void* norm, const int32_t* slot, const int64_t* tile_pos, void* out, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  SCOTT_CUDA_DISPATCH(dtype, {
+    using A = typename Acc<T>::type;
+    DenseMatrix<T, A> w{static_cast<const T*>(weight_t), g.c_out};
+    StoreRelu<T, A> st{static_cast<T*>(out), g.c_out};
+    const int64_t K = g.ksize * g.ksize * g.c_in;
+    if (src_dtype == kUInt8) {
+      ConvWindow<uint8_t, A> win{g, static_cast<const uint8_t*>(src), slot, tile_pos, static_cast<const A*>(norm)};
+      launch_gemm<A>("conv_relu_cuda", g.out_rows(), g.c_out, K, 1, win, w, st, s);
+    } else {
+      ConvWindow<T, A> win{g, static_cast<const T*>(src), slot, tile_pos, static_cast<const A*>(norm)};
+      launch_gemm<A>("conv_relu_cuda", g.out_rows(), g.c_out, K, 1, win, w, st, s);
+    }
+  });
+}
+
+void conv_relu_wgrad_cuda(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* grad,
+                          const void* out, const void* norm, const int32_t* slot, const int64_t* tile_pos,
+                          void* partial, int64_t splits, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  SCOTT_CUDA_DISPATCH(dtype, {
+    using A = typename Acc<T>::type;
+    ReluGrad<T, A> g_relu{static_cast<const T*>(grad), static_cast<const T*>(out), g.c_out};
+    const int64_t K_total = g.ksize * g.ksize * g.c_in;
+    StorePartial<A> st{static_cast<A*>(partial), K_total, g.c_out};
+    if (src_dtype == kUInt8) {
+      ConvWindow<uint8_t, A> win{g, static_cast<const uint8_t*>(src), slot, tile_pos, static_cast<const A*>(norm)};
+      launch_gemm<A>("conv_relu_wgrad_cuda", K_total, g.c_out, g.out_rows(), splits, Transposed<decltype(win)>{win},
+                     g_relu, st, s);
+    } else {
+      ConvWindow<T, A> win{g, static_cast<const T*>(src), slot, tile_pos, static_cast<const A*>(norm)};
+      launch_gemm<A>("conv_relu_wgrad_cuda", K_total, g.c_out, g.out_rows(), splits, Transposed<decltype(win)>{win},
+                     g_relu, st, s);
+    }
+  });
+}
+
+void conv_relu_dgrad_cuda(const StageGeometry& g, DType dtype, const void* grad, const void* out,
+                          const void* weight_t, const int32_t* slot, const int64_t* tile_pos, void* grad_src,
+                          void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  SCOTT_CUDA_DISPATCH(dtype, {
+    using A = typename Acc<T>::type;
+    ReluGradWindow<T, A> win{g, static_cast<const T*>(grad), static_cast<const T*>(out), slot, tile_pos};
+    DenseMatrix<T, A> w{static_cast<const T*>(weight_t), g.c_in};
+    StorePlain<T, A> st{static_cast<T*>(grad_src), g.c_in};
+    launch_gemm<A>("conv_relu_dgrad_cuda", g.in_rows(), g.c_in, g.ksize * g.ksize * g.c_out, 1, win, w, st, s);
+  });
+}
+
+void max_blur_pool_cuda(const PoolGeometry& g, DType dtype, const void* act, const int32_t* slot,
+                        const int64_t* tile_pos, void* out, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  const int64_t rows = g.num_tiles * (g.side / 2) * (g.side / 2);
+  SCOTT_CUDA_DISPATCH(dtype, {
+    using A = typename Acc<T>::type;
+    PoolForward<T, A> f{g, static_cast<const T*>(act), slot, tile_pos};
+    launch_elementwise<T, A>("max_blur_pool_cuda", rows, g.channels, static_cast<T*>(out), f, s);
+  });
+}
+
+void max_blur_pool_backward_cuda(const PoolGeometry& g, DType dtype, const void* grad, const void* act,
+                                 const int32_t* slot, const int64_t* tile_pos, void* grad_act, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  const int64_t rows = g.num_tiles * g.side * g.side;
+  SCOTT_CUDA_DISPATCH(dtype, {
+    using A = typename Acc<T>::type;
+    PoolBackward<T, A> f{g, static_cast<const T*>(grad), static_cast<const T*>(act), slot, tile_pos};
+    launch_elementwise<T, A>("max_blur_pool_backward_cuda", rows, g.channels, static_cast<T*>(grad_act), f, s);
+  });
+}
+
+}  // namespace scott

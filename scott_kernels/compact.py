@@ -1,0 +1,92 @@
+"""The compact visible-patch layout shared by the triton and cuda backends: its tables, the
+stage driver over a backend's two ops, and the image gradient.
+
+Activations are channel-last blocks of the visible patches only, (M, side, side, C).
+
+  slot      (B, GH, GW) int32   grid position -> tile index, or -1 where the patch is masked
+  tile_pos  (M,)        int64   tile index -> flat grid position (b * GH * GW + gy * GW + gx)
+
+Tiles are numbered row-major over batch and patch grid, so with the same number of visible
+patches per row, tile t belongs to image t // num_visible.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = ["visible_tables", "tokenize_compact", "compact_to_image"]
+
+
+def visible_tables(keep: torch.Tensor | None, batch: int, grid_h: int, grid_w: int, device: torch.device,
+                   num_visible: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot, tile_pos) for ``keep``; see the module docstring.
+
+    Without ``num_visible`` the tile count is read back from the device (one synchronisation);
+    with it the tables come from a cumulative sum and a scatter. A ``keep`` whose rows do not
+    each hold ``num_visible`` patches fails an asynchronous device assertion; tile indices past
+    the end are marked masked in ``slot``, so the kernels never address outside their tensors.
+    """
+    positions = batch * grid_h * grid_w
+    if keep is None:
+        slot = torch.arange(positions, dtype=torch.int32, device=device).view(batch, grid_h, grid_w)
+        return slot, torch.arange(positions, dtype=torch.int64, device=device)
+    flat = keep.reshape(-1)
+    index = torch.cumsum(flat, 0, dtype=torch.int64) - 1
+    if num_visible is None:
+        num_tiles = int(flat.sum())
+    else:
+        num_tiles = batch * num_visible
+        torch._assert_async((keep.sum(1) == num_visible).all(),
+                            "keep: every row must hold exactly num_visible visible patches")
+    index = torch.where(flat & (index < num_tiles), index, -1)
+    tile_pos = torch.zeros(num_tiles + 1, dtype=torch.int64, device=device)
+    # masked positions land in the spare last element, dropped below
+    tile_pos.scatter_(0, torch.where(index >= 0, index, num_tiles),
+                      torch.arange(positions, dtype=torch.int64, device=device))
+    return index.to(torch.int32).view(batch, grid_h, grid_w), tile_pos[:num_tiles]
+
+
+def compact_to_image(dsrc: torch.Tensor, tile_pos: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Compact (M, P, P, C) image gradient -> (B, C, H, W), zero at masked patches."""
+    B, C, H, W = shape
+    P = dsrc.shape[1]
+    GH, GW = H // P, W // P
+    dense = dsrc.new_zeros((B * GH * GW, P, P, C)).index_copy(0, tile_pos, dsrc)
+    return dense.view(B, GH, GW, P, P, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
+
+
+def tokenize_compact(conv_relu: Callable, max_blur_pool: Callable, x: torch.Tensor, weights: Sequence[torch.Tensor],
+                     keep: torch.Tensor | None, patch_size: int, num_visible: int | None = None,
+                     packed: bool = False, pixel_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """The tokenizer from a backend's ``conv_relu(src, weight, slot, tile_pos, in_side, src_is_image,
+    pixel_norm)`` and ``max_blur_pool(act, slot, tile_pos)`` ops: (B, N, D) tokens, masked ones
+    exactly 0, or with ``packed`` (B, num_visible, D) visible tokens in row-major order.
+
+    Computes in the autocast dtype when autocast is on, else in the images' dtype (the weights'
+    for uint8 images). Inputs are assumed validated (see ``scott_kernels.functional``).
+    """
+    B, _, H, W = x.shape
+    GH, GW = H // patch_size, W // patch_size
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    else:
+        dtype = x.dtype if x.is_floating_point() else weights[0].dtype
+    weights = [w.to(dtype) for w in weights]
+    if x.is_floating_point():
+        x = x.to(dtype)
+    slot, tile_pos = visible_tables(keep, B, GH, GW, x.device, num_visible)
+    act, side = x, patch_size
+    for i, weight in enumerate(weights):
+        act = conv_relu(act, weight, slot, tile_pos, side, i == 0, pixel_norm if i == 0 else None)
+        act = max_blur_pool(act, slot, tile_pos)
+        side //= 4
+    num_tiles, dim = tile_pos.shape[0], act.shape[-1]
+    tokens = act.reshape(num_tiles, dim)
+    if packed:
+        return tokens.view(B, num_tiles // B, dim)
+    if keep is None:
+        return tokens.view(B, GH * GW, dim)
+    dense = tokens.new_zeros((B * GH * GW, dim)).index_copy(0, tile_pos, tokens)
+    return dense.view(B, GH * GW, dim)

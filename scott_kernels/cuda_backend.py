@@ -1,0 +1,303 @@
+"""CUDA backend: the tokenizer's stage kernels from ``csrc/`` (scott_kernels._C), as torch ops.
+
+The same compact visible-patch layout and tables as the triton backend (``compact.py``). Each
+op runs the CUDA kernels on a GPU tensor and their C++ twin on a CPU tensor (float32/float64):
+both call the same operand and pooling functions (``csrc/tokenizer.h``), so the CPU tests against
+the dense reference check the index logic the GPU runs. ``backend="cuda"`` itself is offered on
+CUDA devices only.
+
+Kernels: the three convolution GEMMs (forward + ReLU, weight gradient split over output pixels
+into accumulator-typed partials, input gradient) through one tiled shared-memory GEMM that
+gathers its operands through the ``slot`` table; MaxBlurPool forward and backward one thread per
+element. float16/bfloat16/float32 accumulate in float32, float64 in float64.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .compact import compact_to_image, tokenize_compact
+from .ops import _C
+
+__all__ = ["cuda_tokenize", "cuda_supports"]
+
+_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+_UINT8 = 4
+
+
+def cuda_supports(device: torch.device) -> bool:
+    """The CUDA kernels run on CUDA devices when the native module was built with nvcc."""
+    return device.type == "cuda" and bool(_C.build_info()["cuda"]) and torch.cuda.is_available()
+
+
+def _runs_on(name: str, t: torch.Tensor) -> None:
+    if t.is_cuda:
+        if not _C.build_info()["cuda"]:
+            raise RuntimeError(f"{name}: scott_kernels was built without CUDA (see scott_kernels.build_info())")
+    elif t.device.type != "cpu":
+        raise RuntimeError(f"{name}: runs on CUDA tensors (or CPU tensors, through its C++ twin), got {t.device}")
+    elif t.dtype not in (torch.float32, torch.float64, torch.uint8):
+        raise TypeError(f"{name}: on the CPU the kernels compute in float32 or float64, got {t.dtype}")
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+def _check_tables(name: str, like: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor) -> None:
+    if slot.dtype != torch.int32 or slot.dim() != 3:
+        raise TypeError(f"{name}: slot must be a 3-D int32 tensor, got {slot.dim()}-D {slot.dtype}")
+    if tile_pos.dtype != torch.int64 or tile_pos.dim() != 1:
+        raise TypeError(f"{name}: tile_pos must be a 1-D int64 tensor, got {tile_pos.dim()}-D {tile_pos.dtype}")
+    for arg, t in (("slot", slot), ("tile_pos", tile_pos)):
+        if t.device != like.device:
+            raise ValueError(f"{name}: {arg} is on {t.device}, expected {like.device}")
+
+
+def _stage(name: str, src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
+           in_side: int, src_is_image: bool, pixel_norm: torch.Tensor | None) -> "_C.StageGeometry":
+    """Validated geometry of a conv stage."""
+    _check_tables(name, weight, slot, tile_pos)
+    _runs_on(name, weight)
+    if weight.dtype not in _CODES or weight.dim() != 4 or weight.shape[2] != weight.shape[3] \
+            or weight.shape[2] % 2 == 0:
+        raise ValueError(f"{name}: weight must be a floating (C_out, C_in, k, k) tensor with k odd, "
+                         f"got {tuple(weight.shape)} {weight.dtype}")
+    if src.device != weight.device:
+        raise ValueError(f"{name}: src is on {src.device} but weight is on {weight.device}")
+    B, GH, GW = slot.shape
+    c_out, c_in, k, _ = weight.shape
+    g = _C.StageGeometry()
+    g.num_tiles, g.batch, g.grid_h, g.grid_w = tile_pos.shape[0], B, GH, GW
+    g.in_side, g.ksize, g.c_in, g.c_out = in_side, k, c_in, c_out
+    if in_side < 2 or in_side % 2:
+        raise ValueError(f"{name}: in_side must be even and at least 2, got {in_side}")
+    if src_is_image:
+        if tuple(src.shape) != (B, c_in, GH * in_side, GW * in_side):
+            raise ValueError(f"{name}: expected images ({B}, {c_in}, {GH * in_side}, {GW * in_side}), "
+                             f"got {tuple(src.shape)}")
+        if src.dtype != weight.dtype and src.dtype != torch.uint8:
+            raise TypeError(f"{name}: images are {src.dtype} but weight is {weight.dtype}")
+        g.s_b, g.s_c, g.s_h, g.s_w = src.stride()
+        g.src_image = True
+    else:
+        if src.dim() != 4 or tuple(src.shape) != (tile_pos.shape[0], in_side, in_side, c_in) \
+                or src.dtype != weight.dtype:
+            raise ValueError(f"{name}: expected a compact ({tile_pos.shape[0]}, {in_side}, {in_side}, {c_in}) "
+                             f"{weight.dtype} source, got {tuple(src.shape)} {src.dtype}")
+    if pixel_norm is not None:
+        if not src_is_image or tuple(pixel_norm.shape) != (2, c_in) or pixel_norm.device != weight.device:
+            raise ValueError(f"{name}: pixel_norm must be a (2, {c_in}) (mean, 1/std) table for image sources")
+        g.normalize = True
+    elif src.dtype == torch.uint8:
+        raise TypeError(f"{name}: uint8 images need pixel_norm (mean, 1/std)")
+    return g
+
+
+def _norm_table(pixel_norm: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if pixel_norm is None:
+        return None
+    return pixel_norm.to(torch.float64 if dtype == torch.float64 else torch.float32).contiguous()
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+# --------------------------------------------------------------------------------------------
+# conv + ReLU
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("scott_kernels::cuda_conv_relu", mutates_args=())
+def conv_relu(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
+              in_side: int, src_is_image: bool, pixel_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """relu(conv(src, weight, stride 2, pad k//2)) at the visible patches -> (M, q/2, q/2, C_out)."""
+    if not src_is_image:
+        src = src.contiguous()
+    g = _stage("cuda_conv_relu", src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm)
+    k = g.ksize
+    weight_t = weight.permute(2, 3, 1, 0).reshape(k * k * g.c_in, g.c_out).contiguous()
+    norm = _norm_table(pixel_norm, weight.dtype)
+    out = torch.empty((g.num_tiles, in_side // 2, in_side // 2, g.c_out), dtype=weight.dtype, device=weight.device)
+    if out.numel():
+        _C.conv_relu(g, _CODES[weight.dtype], _UINT8 if src.dtype == torch.uint8 else _CODES[weight.dtype],
+                     src.data_ptr(), weight_t.data_ptr(), _ptr(norm), slot.contiguous().data_ptr(),
+                     tile_pos.contiguous().data_ptr(), out.data_ptr(), out.is_cuda, _stream(out))
+    return out
+
+
+@conv_relu.register_fake
+def _(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=None):
+    return weight.new_empty((tile_pos.shape[0], in_side // 2, in_side // 2, weight.shape[0]))
+
+
+@torch.library.custom_op("scott_kernels::cuda_conv_relu_wgrad", mutates_args=())
+def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor, src: torch.Tensor, weight: torch.Tensor,
+                    slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int, src_is_image: bool,
+                    pixel_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient of conv_relu with respect to its (C_out, C_in, k, k) weight."""
+    if not src_is_image:
+        src = src.contiguous()
+    g = _stage("cuda_conv_relu_wgrad", src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm)
+    k = g.ksize
+    k_total = k * k * g.c_in
+    shape = (g.num_tiles, in_side // 2, in_side // 2, g.c_out)
+    if tuple(grad.shape) != shape or tuple(out.shape) != shape:
+        raise ValueError(f"cuda_conv_relu_wgrad: grad and out must be {shape}, got {tuple(grad.shape)}, "
+                         f"{tuple(out.shape)}")
+    grad = grad.to(weight.dtype).contiguous()
+    out = out.to(weight.dtype).contiguous()
+    norm = _norm_table(pixel_norm, weight.dtype)
+    rows = g.num_tiles * (in_side // 2) ** 2
+    if rows == 0:
+        return torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    if weight.is_cuda:
+        # split the reduction over output pixels so that the grid fills the GPU; each split writes
+        # its own accumulator-typed partial, summed afterwards (deterministic, no atomics)
+        sms = torch.cuda.get_device_properties(weight.device).multi_processor_count
+        tiles = -(-k_total // 64) * -(-g.c_out // 64)
+        splits = max(1, min(-(-rows // 1024), -(-4 * sms // tiles), 65535))
+        result = torch.empty((splits, k_total, g.c_out), dtype=acc, device=weight.device)
+    else:
+        splits = 1
+        result = torch.empty((1, k_total, g.c_out), dtype=weight.dtype, device=weight.device)
+    _C.conv_relu_wgrad(g, _CODES[weight.dtype], _UINT8 if src.dtype == torch.uint8 else _CODES[weight.dtype],
+                       src.data_ptr(), grad.data_ptr(), out.data_ptr(), _ptr(norm), slot.contiguous().data_ptr(),
+                       tile_pos.contiguous().data_ptr(), result.data_ptr(), splits, weight.is_cuda, _stream(weight))
+    grad_w = result.sum(0).view(k, k, g.c_in, g.c_out).permute(3, 2, 0, 1)
+    return grad_w.to(weight.dtype).contiguous()
+
+
+@conv_relu_wgrad.register_fake
+def _(grad, out, src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=None):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("scott_kernels::cuda_conv_relu_dgrad", mutates_args=())
+def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor,
+                    tile_pos: torch.Tensor, in_side: int) -> torch.Tensor:
+    """Gradient of conv_relu with respect to a compact source -> (M, q, q, C_in)."""
+    c_out, c_in, k, _ = weight.shape
+    fake_src = weight.new_empty((tile_pos.shape[0], in_side, in_side, c_in))
+    g = _stage("cuda_conv_relu_dgrad", fake_src, weight, slot, tile_pos, in_side, False, None)
+    shape = (g.num_tiles, in_side // 2, in_side // 2, c_out)
+    if tuple(grad.shape) != shape or tuple(out.shape) != shape:
+        raise ValueError(f"cuda_conv_relu_dgrad: grad and out must be {shape}, got {tuple(grad.shape)}, "
+                         f"{tuple(out.shape)}")
+    weight_t = weight.permute(2, 3, 0, 1).reshape(k * k * c_out, c_in).contiguous()
+    grad = grad.to(weight.dtype).contiguous()
+    out = out.to(weight.dtype).contiguous()
+    dsrc = torch.empty_like(fake_src)
+    if dsrc.numel():
+        _C.conv_relu_dgrad(g, _CODES[weight.dtype], grad.data_ptr(), out.data_ptr(), weight_t.data_ptr(),
+                           slot.contiguous().data_ptr(), tile_pos.contiguous().data_ptr(), dsrc.data_ptr(),
+                           dsrc.is_cuda, _stream(dsrc))
+    return dsrc
+
+
+@conv_relu_dgrad.register_fake
+def _(grad, out, weight, slot, tile_pos, in_side):
+    return weight.new_empty((tile_pos.shape[0], in_side, in_side, weight.shape[1]))
+
+
+def _conv_relu_setup(ctx, inputs, output):
+    src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm = inputs
+    ctx.save_for_backward(src, weight, slot, tile_pos, output, pixel_norm)
+    ctx.in_side, ctx.src_is_image = in_side, src_is_image
+    ctx.src_shape = tuple(src.shape)
+
+
+def _conv_relu_backward(ctx, grad):
+    src, weight, slot, tile_pos, out, pixel_norm = ctx.saved_tensors
+    grad_src = grad_w = None
+    if ctx.needs_input_grad[1]:
+        grad_w = conv_relu_wgrad(grad, out, src, weight, slot, tile_pos, ctx.in_side, ctx.src_is_image, pixel_norm)
+    if ctx.needs_input_grad[0]:
+        grad_src = conv_relu_dgrad(grad, out, weight, slot, tile_pos, ctx.in_side)
+        if ctx.src_is_image:
+            grad_src = compact_to_image(grad_src, tile_pos, ctx.src_shape)
+            if pixel_norm is not None:
+                grad_src = grad_src * pixel_norm[1].view(1, -1, 1, 1).to(grad_src.dtype)
+            grad_src = grad_src.to(src.dtype)
+    return grad_src, grad_w, None, None, None, None, None
+
+
+conv_relu.register_autograd(_conv_relu_backward, setup_context=_conv_relu_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# MaxBlurPool
+# --------------------------------------------------------------------------------------------
+def _pool(name: str, act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor) -> "_C.PoolGeometry":
+    _check_tables(name, act, slot, tile_pos)
+    _runs_on(name, act)
+    if act.dtype not in _CODES or act.dim() != 4 or act.shape[1] != act.shape[2] or act.shape[1] % 2 \
+            or act.shape[0] != tile_pos.shape[0]:
+        raise ValueError(f"{name}: expected a floating compact ({tile_pos.shape[0]}, s, s, C) tensor with s even, "
+                         f"got {tuple(act.shape)} {act.dtype}")
+    g = _C.PoolGeometry()
+    g.num_tiles, g.batch, g.grid_h, g.grid_w = tile_pos.shape[0], *slot.shape
+    g.side, g.channels = act.shape[1], act.shape[3]
+    return g
+
+
+@torch.library.custom_op("scott_kernels::cuda_max_blur_pool", mutates_args=())
+def max_blur_pool(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor) -> torch.Tensor:
+    """MaxBlurPool of compact (M, s, s, C) activations -> (M, s/2, s/2, C)."""
+    act = act.contiguous()
+    g = _pool("cuda_max_blur_pool", act, slot, tile_pos)
+    out = act.new_empty((g.num_tiles, g.side // 2, g.side // 2, g.channels))
+    if out.numel():
+        _C.max_blur_pool(g, _CODES[act.dtype], act.data_ptr(), slot.contiguous().data_ptr(),
+                         tile_pos.contiguous().data_ptr(), out.data_ptr(), out.is_cuda, _stream(out))
+    return out
+
+
+@max_blur_pool.register_fake
+def _(act, slot, tile_pos):
+    return act.new_empty((act.shape[0], act.shape[1] // 2, act.shape[2] // 2, act.shape[3]))
+
+
+@torch.library.custom_op("scott_kernels::cuda_max_blur_pool_backward", mutates_args=())
+def max_blur_pool_backward(grad: torch.Tensor, act: torch.Tensor, slot: torch.Tensor,
+                           tile_pos: torch.Tensor) -> torch.Tensor:
+    """Gradient of max_blur_pool with respect to its (M, s, s, C) input."""
+    act = act.contiguous()
+    g = _pool("cuda_max_blur_pool_backward", act, slot, tile_pos)
+    expected = (g.num_tiles, g.side // 2, g.side // 2, g.channels)
+    if tuple(grad.shape) != expected:
+        raise ValueError(f"cuda_max_blur_pool_backward: grad must be {expected}, got {tuple(grad.shape)}")
+    grad = grad.to(act.dtype).contiguous()
+    dact = torch.empty_like(act)
+    if dact.numel():
+        _C.max_blur_pool_backward(g, _CODES[act.dtype], grad.data_ptr(), act.data_ptr(), slot.contiguous().data_ptr(),
+                                  tile_pos.contiguous().data_ptr(), dact.data_ptr(), dact.is_cuda, _stream(dact))
+    return dact
+
+
+@max_blur_pool_backward.register_fake
+def _(grad, act, slot, tile_pos):
+    return torch.empty_like(act, memory_format=torch.contiguous_format)
+
+
+def _pool_setup(ctx, inputs, output):
+    act, slot, tile_pos = inputs
+    ctx.save_for_backward(act, slot, tile_pos)
+
+
+def _pool_backward(ctx, grad):
+    act, slot, tile_pos = ctx.saved_tensors
+    return max_blur_pool_backward(grad, act, slot, tile_pos), None, None
+
+
+max_blur_pool.register_autograd(_pool_backward, setup_context=_pool_setup)
+
+
+def cuda_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: torch.Tensor | None, patch_size: int,
+                  num_visible: int | None = None, packed: bool = False,
+                  pixel_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """The tokenizer through the native kernels (see ``compact.tokenize_compact``); on a CPU
+    tensor it runs their C++ twin (float32/float64)."""
+    return tokenize_compact(conv_relu, max_blur_pool, x, weights, keep, patch_size, num_visible, packed, pixel_norm)
