@@ -3,8 +3,8 @@
     pytest benchmarks/test_tokenizer.py --benchmark-only --benchmark-json=tokenizer.json
     python benchmarks/plot.py tokenizer.json tokenizer.png
 
-Backends: every one that runs on the device ("triton" only on a GPU: on the CPU it is the
-interpreter), plus ``reference_compiled``, the dense emulation under torch.compile. The sparse
+Backends: every one that runs on the device ("triton" and "cuda" only on a GPU: on the CPU
+they are the interpreter and the kernels' C++ twin), plus ``reference_compiled``, the dense emulation under torch.compile. The sparse
 backends are given ``num_visible`` (fixed-ratio masks, no host synchronisation). Medians after
 warm-up; GPU calls synchronise inside the timed region. Peak GPU memory of one call and the first
 call's time (compilation and autotuning included) go into each result's extra_info.
@@ -20,7 +20,7 @@ from scott_kernels import available_backends, reference_tokenize, sparse_conv_to
 from conftest import CUDA, SHAPES, gpu_setting, make_inputs, mask_kind, timed
 
 MASK_RATIOS = [None, 0.0, 0.6, 0.75, 0.9]  # None: keep=None, the dense path of the EMA target encoder
-BACKENDS = ["reference", "reference_compiled", "torch", "triton"]
+BACKENDS = ["reference", "reference_compiled", "torch", "triton", "cuda"]
 
 torch._dynamo.config.cache_size_limit = 64   # one compiled graph per shape and mask layout
 _compiled_reference = torch.compile(reference_tokenize, dynamic=False)

@@ -29,7 +29,7 @@ def _overrides(cuda: bool, backend: str, mode: str, out_dir) -> list[str]:
 
 
 @pytest.mark.parametrize("mode", ["mask_tokens", "visible_only"])
-@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton", "cuda"])
 def test_train_step(benchmark, setting, backend, mode, tmp_path):
     cuda = setting.device.type == "cuda"
     if backend not in available_backends(setting.device):

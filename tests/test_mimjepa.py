@@ -133,6 +133,22 @@ def test_pretrain_runs_and_logs(tmp_path, mode):
     assert state["step"] == 8
 
 
+@pytest.mark.parametrize("precision,compile", [("fp16", False), ("bf16", False), ("fp32", True)])
+def test_low_precision_and_compiled_steps(tmp_path, precision, compile):
+    """fp16 autocast + GradScaler, bf16 autocast, and torch.compile each run a finite step that
+    moves the weights (on the CPU here; the same code paths run on a GPU)."""
+    cfg = tiny_config(tmp_path, f"precision={precision}", f"compile={str(compile).lower()}")
+    trainer = Trainer(cfg, show_progress=False)
+    assert trainer.precision == precision
+    model = trainer.model._orig_mod if compile else trainer.model
+    before = [p.detach().clone() for p in model.context_encoder.parameters()]
+    views = torch.randn(cfg.optim.batch_size, 3, cfg.model.img_size, cfg.model.img_size)
+    for _ in range(2):
+        stats = trainer.train_step(views, views)
+        assert torch.isfinite(torch.as_tensor(stats["loss"]))
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.context_encoder.parameters()))
+
+
 def test_resume_equals_uninterrupted_run(tmp_path):
     straight = Trainer(tiny_config(tmp_path / "a"), show_progress=False)
     straight.fit()
