@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .ops import native_supports
 from .reference import reference_tokenize
@@ -12,7 +13,7 @@ from .torch_backend import torch_tokenize
 from .cuda_backend import cuda_supports, cuda_tokenize
 from .triton_backend import triton_supports, triton_tokenize
 
-__all__ = ["sparse_conv_tokenize", "available_backends", "select_backend", "BACKENDS", "check_inputs"]
+__all__ = ["sparse_conv_tokenize", "token_epilogue", "available_backends", "select_backend", "BACKENDS", "check_inputs"]
 
 
 # name -> (implementation, which devices it runs on)
@@ -173,7 +174,8 @@ def _pack_visible(tokens: torch.Tensor, keep: torch.Tensor | None, num_visible: 
 
 def sparse_conv_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: torch.Tensor | None = None,
                          *, patch_size: int = 16, backend: str = "auto", num_visible: int | None = None,
-                         packed: bool = False, pixel_mean=None, pixel_std=None) -> torch.Tensor:
+                         packed: bool = False, pixel_mean=None, pixel_std=None, norm=None,
+                         pos_embed: torch.Tensor | None = None, mask_token: torch.Tensor | None = None) -> torch.Tensor:
     """SCOTT tokenizer: (B, C, H, W) images -> (B, N, D) tokens, computed over visible patches.
 
     Args:
@@ -192,16 +194,62 @@ def sparse_conv_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep:
             uint8 images e.g. 255 * ImageNet's mean and std): the convolution sees
             (x - mean) / std; the triton backend does it while loading, so uint8 images go in as
             they are. uint8 images compute in the weights' dtype (or the autocast dtype).
-    Masked tokens are exactly 0; no value from a masked patch reaches a visible token.
+        norm, pos_embed, mask_token: the token epilogue of a ViT's embedding, applied to the
+            tokenizer's output: ``norm = (weight, bias, eps)`` a LayerNorm over D of the visible
+            tokens (weight/bias may be None), then ``pos_embed`` (N, D) added at each token's
+            position; masked positions hold ``mask_token`` (D,) + its position embedding, or 0
+            when no mask token is given. (torch ops after the kernels: Inductor fuses them
+            under torch.compile.)
+    Without a mask token, masked tokens are exactly 0; no value from a masked patch reaches a
+    visible token.
     """
     check_inputs(x, weights, keep, patch_size, num_visible)
     name = select_backend(backend, x.device)
     table = pixel_norm_table(pixel_mean, pixel_std, x.shape[1], weights[0].dtype, x.device)
+    if packed and keep is not None and num_visible is None:
+        num_visible = _common_row_count(keep)
     if name in _COMPACT:
-        if packed and keep is not None and num_visible is None:
-            num_visible = _common_row_count(keep)
-        return _COMPACT[name](x, list(weights), keep, patch_size, num_visible, packed, table)
-    if table is not None or not x.is_floating_point():
-        x = _normalised(x, weights, table)
-    tokens = BACKENDS[name][0](x, list(weights), keep, patch_size)
-    return _pack_visible(tokens, keep, num_visible) if packed else tokens
+        tokens = _COMPACT[name](x, list(weights), keep, patch_size, num_visible, packed, table)
+    else:
+        if table is not None or not x.is_floating_point():
+            x = _normalised(x, weights, table)
+        tokens = BACKENDS[name][0](x, list(weights), keep, patch_size)
+        if packed:
+            tokens = _pack_visible(tokens, keep, num_visible)
+    if norm is None and pos_embed is None and mask_token is None:
+        return tokens
+    return token_epilogue(tokens, keep, packed, norm, pos_embed, mask_token)
+
+
+def token_epilogue(tokens: torch.Tensor, keep: torch.Tensor | None, packed: bool, norm=None,
+                   pos_embed: torch.Tensor | None = None, mask_token: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerNorm of the visible tokens, position embedding, mask-token fill (see sparse_conv_tokenize)."""
+    B, L, D = tokens.shape
+    N = keep.shape[1] if keep is not None else L
+    if pos_embed is not None:
+        pos_embed = pos_embed.reshape(-1, pos_embed.shape[-1])
+        if tuple(pos_embed.shape) != (N, D) or pos_embed.device != tokens.device:
+            raise ValueError(f"pos_embed must be (N, D) = ({N}, {D}) on {tokens.device}, got "
+                             f"{tuple(pos_embed.shape)} on {pos_embed.device}")
+    if mask_token is not None:
+        mask_token = mask_token.reshape(-1)
+        if mask_token.numel() != D or mask_token.device != tokens.device:
+            raise ValueError(f"mask_token must hold D={D} values on {tokens.device}, got {mask_token.numel()} "
+                             f"on {mask_token.device}")
+    t = tokens
+    if norm is not None:
+        if len(norm) != 3:
+            raise ValueError("norm must be (weight, bias, eps) of a LayerNorm over D")
+        weight, bias, eps = norm
+        t = F.layer_norm(t, (D,), weight, bias, float(eps))
+    if pos_embed is not None:
+        if packed and keep is not None:
+            positions = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :L]
+            t = t + pos_embed.to(t.dtype)[positions]
+        else:
+            t = t + pos_embed.to(t.dtype)
+    if keep is not None and not packed:
+        fill = t.new_zeros(()) if mask_token is None else mask_token.to(t.dtype) + (
+            0 if pos_embed is None else pos_embed.to(t.dtype))
+        t = torch.where(keep.unsqueeze(-1), t, fill)
+    return t

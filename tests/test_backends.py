@@ -160,3 +160,47 @@ def test_autocast_bf16(device):
     err_ref = (ref.double() - exact).abs().max()
     err_out = (out.double() - exact).abs().max()
     assert err_out <= 2 * err_ref + 1e-2 * exact.abs().max()
+
+
+def _triton_param():
+    from scott_kernels.triton_backend import triton_supports
+
+    here = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return pytest.param("triton", marks=pytest.mark.skipif(not triton_supports(here), reason="triton cannot run here"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", _triton_param()])
+@pytest.mark.parametrize("packed", [False, True])
+def test_token_epilogue(backend, packed):
+    """LayerNorm of visible tokens + position embedding, mask token (+ its position) elsewhere;
+    values and gradients of every parameter against the composition by hand."""
+    weights = random_weights(3, (5, 8), (7, 7))
+    x = torch.randn(2, 3, 32, 48, dtype=torch.float64)
+    keep = torch.zeros(2, 6, dtype=torch.bool)
+    keep[0, [0, 2, 5]] = True
+    keep[1, [1, 3, 4]] = True
+    ln_w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    ln_b = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    mask_token = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    params = [ln_w, ln_b, pos, mask_token, *weights]
+    out = sparse_conv_tokenize(x, weights, keep, backend=backend, packed=packed, num_visible=3 if packed else None,
+                               norm=(ln_w, ln_b, 1e-6), pos_embed=pos, mask_token=mask_token)
+    tokens = reference_tokenize(x, weights, keep, 16)
+    normed = F.layer_norm(tokens, (8,), ln_w, ln_b, 1e-6) + pos
+    expected = torch.where(keep[..., None], normed, mask_token + pos)
+    if packed:
+        expected = expected[keep].view(2, 3, 8)
+    else:
+        assert torch.allclose(out[~keep], (mask_token + pos).expand(2, 6, 8)[~keep])
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    probe = torch.randn_like(out)
+    used = [p for p in params if not (packed and p is mask_token)]
+    for got, want in zip(torch.autograd.grad((out * probe).sum(), used),
+                         torch.autograd.grad((expected * probe).sum(), used)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # without a mask token masked positions stay exactly zero
+    plain = sparse_conv_tokenize(x, weights, keep, backend=backend, norm=(None, None, 1e-6), pos_embed=pos)
+    assert (plain[~keep] == 0).all()
+    with pytest.raises(ValueError, match=r"pos_embed must be \(N, D\)"):
+        sparse_conv_tokenize(x, weights, keep, backend=backend, pos_embed=pos[:5])
