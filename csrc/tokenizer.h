@@ -14,6 +14,7 @@
 //   forward  out[r, co] = relu(sum_kk window(r, kk) * w[kk, co])          r over M*s*s outputs
 //   wgrad    dw[kk, co] = sum_r window(r, kk) * g'(r, co)                 g' = grad * (out > 0)
 //   dgrad    din[p, ci] = sum_(ky,kx,co) g'(out pixel reading p via (ky,kx), co) * w[ky,kx,co,ci]
+//            (per parity class of p: only a quarter of the taps can read a given pixel)
 // with `window` gathering the input through `slot` (zero outside the image or in masked patches).
 #pragma once
 
@@ -135,26 +136,67 @@ struct ReluGrad {
   }
 };
 
-// dgrad's A: for input pixel row p (compact input layout) and kk = (ky, kx, co), the ReLU'd
-// gradient of the output pixel that reads p through tap (ky, kx), or 0 if there is none.
+// dgrad runs per parity class of input pixel: a stride-2 conv reads input row iy only through
+// taps ky with (iy + pad - ky) even, so the pixels with local (y % 2, x % 2) = (cy, cx) reduce
+// over taps ky = ky0 + 2j, kx = kx0 + 2i only: a quarter of the k*k*C_out reduction.
+struct ParityClass {
+  int64_t cy = 0, cx = 0, ky0 = 0, kx0 = 0, n_ky = 0, n_kx = 0;
+};
+
+SCOTT_HD ParityClass parity_class(const StageGeometry& g, int cls) {
+  ParityClass pc;
+  pc.cy = cls / 2;
+  pc.cx = cls % 2;
+  pc.ky0 = (pc.cy + g.pad()) % 2;
+  pc.kx0 = (pc.cx + g.pad()) % 2;
+  pc.n_ky = (g.ksize - pc.ky0 + 1) / 2;
+  pc.n_kx = (g.ksize - pc.kx0 + 1) / 2;
+  return pc;
+}
+
+// Class row m (tile, ry, rx) -> row of the compact (M, q, q, C_in) input.
+SCOTT_HD int64_t class_row(const StageGeometry& g, const ParityClass& pc, int64_t m) {
+  const int64_t half = g.in_side / 2;
+  const int64_t tile = m / (half * half), rem = m % (half * half);
+  const int64_t ly = 2 * (rem / half) + pc.cy, lx = 2 * (rem % half) + pc.cx;
+  return (tile * g.in_side + ly) * g.in_side + lx;
+}
+
+// dgrad's A for one class: (m, kk) with kk = (j, i, co) -> the ReLU'd gradient of the output pixel
+// that reads input pixel class_row(m) through tap (ky0 + 2j, kx0 + 2i), or 0 if there is none.
 template <typename T, typename A>
 struct ReluGradWindow {
   StageGeometry g;
+  ParityClass pc;
   const T* grad;
   const T* out;
   const int32_t* slot;
   const int64_t* tile_pos;
 
-  SCOTT_HD A operator()(int64_t p, int64_t kk) const {
+  SCOTT_HD A operator()(int64_t m, int64_t kk) const {
     int64_t b, iy, ix;
-    tile_coords(tile_pos, p, g.in_side, g.batch, g.grid_h, g.grid_w, b, iy, ix);
-    const int64_t ky = kk / (g.ksize * g.c_out), kx = kk / g.c_out % g.ksize, co = kk % g.c_out;
-    const int64_t ny = iy + g.pad() - ky, nx = ix + g.pad() - kx;
-    if (ny < 0 || nx < 0 || (ny & 1) || (nx & 1)) return A(0);
+    tile_coords(tile_pos, class_row(g, pc, m), g.in_side, g.batch, g.grid_h, g.grid_w, b, iy, ix);
+    const int64_t ky = pc.ky0 + 2 * (kk / (pc.n_kx * g.c_out)), kx = pc.kx0 + 2 * (kk / g.c_out % pc.n_kx);
+    const int64_t co = kk % g.c_out;
+    const int64_t ny = iy + g.pad() - ky, nx = ix + g.pad() - kx;  // even by the class
+    if (ny < 0 || nx < 0) return A(0);
     const int64_t off = compact_offset(slot, b, ny / 2, nx / 2, co, g.grid_h, g.grid_w, g.out_side(), g.c_out,
                                        g.num_tiles);
     if (off < 0) return A(0);
     return to_acc<A>(out[off]) > A(0) ? to_acc<A>(grad[off]) : A(0);
+  }
+};
+
+// dgrad's B for one class: (kk, ci) -> w[ky, kx, co, ci] of a (k, k, C_out, C_in) weight.
+template <typename T, typename A>
+struct ClassWeights {
+  StageGeometry g;
+  ParityClass pc;
+  const T* w;
+  SCOTT_HD A operator()(int64_t kk, int64_t ci) const {
+    const int64_t ky = pc.ky0 + 2 * (kk / (pc.n_kx * g.c_out)), kx = pc.kx0 + 2 * (kk / g.c_out % pc.n_kx);
+    const int64_t co = kk % g.c_out;
+    return to_acc<A>(w[((ky * g.ksize + kx) * g.c_out + co) * g.c_in + ci]);
   }
 };
 

@@ -59,12 +59,15 @@ template <typename T>
 void dgrad_typed(const StageGeometry& g, const void* grad, const void* out, const void* weight_t,
                  const int32_t* slot, const int64_t* tile_pos, void* grad_src) {
   using A = T;
-  ReluGradWindow<T, A> g_window{g, static_cast<const T*>(grad), static_cast<const T*>(out), slot, tile_pos};
-  DenseMatrix<T, A> w{static_cast<const T*>(weight_t), g.c_in};
   T* d = static_cast<T*>(grad_src);
   const int64_t n_in = g.c_in;
-  gemm<A>(g.in_rows(), g.c_in, g.ksize * g.ksize * g.c_out, g_window, w,
-          [&](int64_t m, int64_t n, A acc) { d[m * n_in + n] = T(acc); });
+  for (int cls = 0; cls < 4; ++cls) {
+    const ParityClass pc = parity_class(g, cls);
+    ReluGradWindow<T, A> g_window{g, pc, static_cast<const T*>(grad), static_cast<const T*>(out), slot, tile_pos};
+    ClassWeights<T, A> w{g, pc, static_cast<const T*>(weight_t)};
+    gemm<A>(g.in_rows() / 4, g.c_in, pc.n_ky * pc.n_kx * g.c_out, g_window, w,
+            [&](int64_t m, int64_t n, A acc) { d[class_row(g, pc, m) * n_in + n] = T(acc); });
+  }
 }
 
 template <typename F>

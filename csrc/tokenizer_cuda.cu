@@ -105,10 +105,13 @@ struct StoreRelu {
 };
 
 template <typename T, typename A>
-struct StorePlain {
+struct StoreClassRows {
   T* out;
-  int64_t cols;
-  __device__ void operator()(int64_t, int64_t m, int64_t n, A acc) const { out[m * cols + n] = from_acc<T>(acc); }
+  StageGeometry g;
+  ParityClass pc;
+  __device__ void operator()(int64_t, int64_t m, int64_t n, A acc) const {
+    out[class_row(g, pc, m) * g.c_in + n] = from_acc<T>(acc);
+  }
 };
 
 template <typename A>
@@ -225,10 +228,13 @@ void conv_relu_dgrad_cuda(const StageGeometry& g, DType dtype, const void* grad,
   auto s = static_cast<cudaStream_t>(stream);
   SCOTT_CUDA_DISPATCH(dtype, {
     using A = typename Acc<T>::type;
-    ReluGradWindow<T, A> win{g, static_cast<const T*>(grad), static_cast<const T*>(out), slot, tile_pos};
-    DenseMatrix<T, A> w{static_cast<const T*>(weight_t), g.c_in};
-    StorePlain<T, A> st{static_cast<T*>(grad_src), g.c_in};
-    launch_gemm<A>("conv_relu_dgrad_cuda", g.in_rows(), g.c_in, g.ksize * g.ksize * g.c_out, 1, win, w, st, s);
+    for (int cls = 0; cls < 4; ++cls) {  // parity classes of input pixels (tokenizer.h)
+      const ParityClass pc = parity_class(g, cls);
+      ReluGradWindow<T, A> win{g, pc, static_cast<const T*>(grad), static_cast<const T*>(out), slot, tile_pos};
+      ClassWeights<T, A> w{g, pc, static_cast<const T*>(weight_t)};
+      StoreClassRows<T, A> st{static_cast<T*>(grad_src), g, pc};
+      launch_gemm<A>("conv_relu_dgrad_cuda", g.in_rows() / 4, g.c_in, pc.n_ky * pc.n_kx * g.c_out, 1, win, w, st, s);
+    }
   });
 }
 

@@ -18,7 +18,9 @@ Per stage (input patch side q, conv output side s = q / 2, pooled side s / 2):
 Backward: max_blur_pool_backward pulls, for every conv pixel, the gradient of each max window
 that selected it (first maximum in row-major order, as torch's max_pool2d); conv wgrad is a
 split-K GEMM over output pixels into float32 partials; conv dgrad is an implicit GEMM over input
-pixels that gathers the output gradient through ``slot``; both apply the ReLU mask on load.
+pixels that gathers the output gradient through ``slot``, run per parity class of input pixel (a
+stride-2 conv reads a pixel only through taps of one parity, so each class reduces over a quarter
+of the taps); both apply the ReLU mask on load.
 
 Every kernel sits behind a ``torch.library.custom_op`` with a fake implementation and autograd,
 so the backend traces under torch.compile. With ``num_visible`` (visible patches per row) given,
@@ -250,35 +252,58 @@ if triton is not None:
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """dsrc (M, q, q, C_in) = sum over the outputs each input pixel feeds of W^T (grad * relu').
 
-        K is ordered (ky, kx, co); w_ptr holds W as (k, k, C_out, C_in).
+        A stride-2 conv reads input row iy only through taps ky of parity (iy + pad) % 2, so the
+        input pixels are split into four parity classes (grid axis 2) and each class reduces over
+        its own taps only: K = ceil-or-floor(k/2)^2 * C_out instead of k^2 * C_out, a quarter of
+        the work of the plain transposed convolution. w_ptr holds W as (k, k, C_out, C_in).
         """
         OUT_SIDE: tl.constexpr = IN_SIDE // 2
+        HALF: tl.constexpr = IN_SIDE // 2
         PAD: tl.constexpr = KSIZE // 2
+        cls = tl.program_id(2)
+        cy = cls // 2
+        cx = cls % 2
+        ky0 = (cy + PAD) % 2
+        kx0 = (cx + PAD) % 2
+        n_ky = (KSIZE - ky0 + 1) // 2
+        n_kx = (KSIZE - kx0 + 1) // 2
+        k_class = n_ky * n_kx * C_OUT
+        # rows of this class: (tile, ry, rx) -> local pixel (2 ry + cy, 2 rx + cx)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < num_tiles * (IN_SIDE * IN_SIDE)
-        b, iy, ix = _tile_coords(rows, row_ok, tile_pos_ptr, GH, GW, IN_SIDE)
+        row_ok = rows < num_tiles * (HALF * HALF)
+        tile = tl.where(row_ok, rows // (HALF * HALF), 0)
+        rem = rows % (HALF * HALF)
+        ly = 2 * (rem // HALF) + cy
+        lx = 2 * (rem % HALF) + cx
+        pos = tl.load(tile_pos_ptr + tile, mask=row_ok, other=0)
+        cells = GH * GW
+        b = pos // cells
+        iy = (pos % cells) // GW * IN_SIDE + ly
+        ix = pos % GW * IN_SIDE + lx
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < C_IN
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         for k0 in range(0, K_TOTAL, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = kk < K_TOTAL
-            ky = kk // (KSIZE * C_OUT)
-            kx = (kk // C_OUT) % KSIZE
+            k_ok = kk < k_class
+            ky = ky0 + 2 * (kk // (n_kx * C_OUT))
+            kx = kx0 + 2 * ((kk // C_OUT) % n_kx)
             co = kk % C_OUT
+            # the output pixel (ny/2, nx/2) reads this input pixel through tap (ky, kx); ny, nx even
             ny = iy[:, None] + PAD - ky[None, :]
             nx = ix[:, None] + PAD - kx[None, :]
-            # the output pixel (ny/2, nx/2) reads this input pixel through tap (ky, kx)
-            ok = row_ok[:, None] & k_ok[None, :] & (ny >= 0) & (nx >= 0) & (ny % 2 == 0) & (nx % 2 == 0)
+            ok = row_ok[:, None] & k_ok[None, :] & (ny >= 0) & (nx >= 0)
             offs, valid = _compact_offsets(slot_ptr, b[:, None], ny // 2, nx // 2, co[None, :], ok,
                                            GH, GW, num_tiles, C_OUT, OUT_SIDE)
             g = tl.load(grad_ptr + offs, mask=valid, other=0.0)
             r = tl.load(out_ptr + offs, mask=valid, other=0.0)
             g = tl.where(r > 0, g, tl.zeros_like(g))
-            w = tl.load(w_ptr + kk[:, None] * C_IN + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
+            w_row = (ky * KSIZE + kx) * C_OUT + co
+            w = tl.load(w_ptr + w_row[:, None] * C_IN + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
                         other=0.0)
             acc = tl.dot(g, w, acc, input_precision=PRECISION, out_dtype=ACC)
-        tl.store(dsrc_ptr + rows[:, None] * C_IN + cols[None, :], acc.to(dsrc_ptr.dtype.element_ty),
+        out_rows = tile * (IN_SIDE * IN_SIDE) + ly * IN_SIDE + lx
+        tl.store(dsrc_ptr + out_rows[:, None] * C_IN + cols[None, :], acc.to(dsrc_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
@@ -519,10 +544,13 @@ def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor, weight: torch.Tensor,
     rows = num_tiles * in_side * in_side
     if rows == 0:
         return dsrc
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]))
+    # four parity classes of input pixels, each reducing over at most ceil(k/2)^2 taps
+    k_class_max = ((k + 1) // 2) ** 2 * c_out
+    class_rows = rows // 4
+    grid = lambda meta: (triton.cdiv(class_rows, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]), 4)
     _conv_relu_dgrad_kernel[grid](
         grad.contiguous(), out.contiguous(), weight_t, dsrc, slot.contiguous(), tile_pos.contiguous(), num_tiles,
-        slot.shape[1], slot.shape[2], c_in, c_out, k * k * c_out, _bucket(rows), IN_SIDE=in_side, KSIZE=k,
+        slot.shape[1], slot.shape[2], c_in, c_out, k_class_max, _bucket(rows), IN_SIDE=in_side, KSIZE=k,
         ACC=_acc_dtype(grad.dtype), PRECISION=_precision(grad.dtype))
     return dsrc
 
