@@ -290,5 +290,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("conv_relu_dgrad", &conv_relu_dgrad, "input gradient of a compact source (M, q, q, C_in)");
   m.def("max_blur_pool", &max_blur_pool, "MaxBlurPool of compact activations (M, s/2, s/2, C)");
   m.def("max_blur_pool_backward", &max_blur_pool_backward, "gradient of max_blur_pool (M, s, s, C)");
+  m.def(
+      "set_tensor_cores",
+      [](bool enabled) {
+#ifdef SCOTT_WITH_CUDA
+        scott::set_tensor_cores(enabled);
+#else
+        (void)enabled;
+#endif
+      },
+      "float16/bfloat16 conv GEMMs on tensor cores (True, default) or CUDA cores (False)");
   m.def("build_info", &build_info, "what this build compiled");
 }

@@ -310,6 +310,8 @@ void max_blur_pool_cuda(const PoolGeometry& g, DType dtype, const void* act, con
                         const int64_t* tile_pos, void* out, void* stream);
 void max_blur_pool_backward_cuda(const PoolGeometry& g, DType dtype, const void* grad, const void* act,
                                  const int32_t* slot, const int64_t* tile_pos, void* grad_act, void* stream);
+// float16/bfloat16 GEMMs on tensor cores (default) or on the SIMT kernel (for comparison)
+void set_tensor_cores(bool enabled);
 #endif
 
 }  // namespace scott

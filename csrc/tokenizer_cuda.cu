@@ -1,8 +1,10 @@
 // CUDA implementation of the tokenizer stage kernels: the three conv GEMMs as one tiled
-// shared-memory GEMM template over gathered operands (tokenizer.h), and MaxBlurPool forward and
-// backward as one thread per output element. float32/float16/bfloat16 accumulate in float32,
+// shared-memory GEMM template over gathered operands (tokenizer.h) — on tensor cores (WMMA) for
+// float16/bfloat16 on sm_80+, on CUDA cores otherwise — and MaxBlurPool forward and backward as
+// one thread per output element. float32/float16/bfloat16 accumulate in float32,
 // float64 in float64. 64-bit indices throughout; every launch is checked.
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <cstdint>
 #include <stdexcept>
@@ -93,6 +95,118 @@ void launch_gemm(const char* name, int64_t M, int64_t N, int64_t K, int64_t spli
     throw std::invalid_argument(std::string(name) + ": problem too large for one launch");
   gather_gemm_kernel<A><<<grid, kThreads, 0, stream>>>(M, N, K, k_chunk, a, b, s);
   check_launch(name);
+}
+
+// ---- tensor cores (WMMA, sm_80+): float16 / bfloat16 operands, float32 accumulation ----------------
+// Block tile 128 x 64, K step 32, 8 warps as 4 (M) x 2 (N), each warp 32 x 32 = 2 x 2 fragments of
+// 16 x 16 x 16. Operands are gathered by the same loaders as the SIMT kernel, rounded to T in
+// shared memory; the accumulators go back through shared memory to the store functor.
+namespace wmma = nvcuda::wmma;
+constexpr int TC_BM = 128, TC_BN = 64, TC_BK = 32, TC_THREADS = 256;
+constexpr int TC_LDA = TC_BK + 8, TC_LDB = TC_BN + 8, TC_LDC = TC_BN + 4;
+constexpr int TC_AB_BYTES = (TC_BM * TC_LDA + TC_BK * TC_LDB) * 2;
+constexpr int TC_C_BYTES = TC_BM * TC_LDC * 4;
+constexpr int TC_SMEM = TC_AB_BYTES > TC_C_BYTES ? TC_AB_BYTES : TC_C_BYTES;
+
+bool g_tensor_cores = true;
+
+template <typename T, class LoadA, class LoadB, class Store>
+__global__ void __launch_bounds__(TC_THREADS)
+wmma_gemm_kernel(int64_t M, int64_t N, int64_t K, int64_t k_chunk, LoadA load_a, LoadB load_b, Store store) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  __shared__ __align__(128) unsigned char smem[TC_SMEM];
+  T* a_tile = reinterpret_cast<T*>(smem);                 // [TC_BM][TC_LDA], row-major (m, k)
+  T* b_tile = a_tile + TC_BM * TC_LDA;                     // [TC_BK][TC_LDB], row-major (k, n)
+  float* c_tile = reinterpret_cast<float*>(smem);          // [TC_BM][TC_LDC], after the main loop
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * TC_BM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * TC_BN;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * k_chunk;
+  const int64_t k_end = k_begin + k_chunk < K ? k_begin + k_chunk : K;
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int warp_m = warp / 2, warp_n = warp % 2;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += TC_BK) {
+    for (int i = tid; i < TC_BM * TC_BK; i += TC_THREADS) {
+      const int kk = i % TC_BK, mm = i / TC_BK;
+      const int64_t m = m0 + mm, k = k0 + kk;
+      a_tile[mm * TC_LDA + kk] = from_acc<T>((m < M && k < k_end) ? load_a(m, k) : 0.0f);
+    }
+    for (int i = tid; i < TC_BK * TC_BN; i += TC_THREADS) {
+      const int kk = i / TC_BN, nn = i % TC_BN;
+      const int64_t n = n0 + nn, k = k0 + kk;
+      b_tile[kk * TC_LDB + nn] = from_acc<T>((n < N && k < k_end) ? load_b(k, n) : 0.0f);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < TC_BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        wmma::load_matrix_sync(a[i], a_tile + (warp_m * 32 + i * 16) * TC_LDA + kk, TC_LDA);
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        wmma::load_matrix_sync(b[j], b_tile + kk * TC_LDB + warp_n * 32 + j * 16, TC_LDB);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(c_tile + (warp_m * 32 + i * 16) * TC_LDC + warp_n * 32 + j * 16, acc[i][j], TC_LDC,
+                              wmma::mem_row_major);
+  __syncthreads();
+  for (int i = tid; i < TC_BM * TC_BN; i += TC_THREADS) {
+    const int mm = i / TC_BN, nn = i % TC_BN;
+    const int64_t m = m0 + mm, n = n0 + nn;
+    if (m < M && n < N) store(static_cast<int64_t>(blockIdx.z), m, n, c_tile[mm * TC_LDC + nn]);
+  }
+#else
+  __trap();  // launched only on sm_80+ (checked on the host)
+#endif
+}
+
+bool device_has_tensor_cores() {
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+  return major >= 8;
+}
+
+template <typename T> struct IsTensorCoreType { static constexpr bool value = false; };
+template <> struct IsTensorCoreType<__half> { static constexpr bool value = true; };
+template <> struct IsTensorCoreType<__nv_bfloat16> { static constexpr bool value = true; };
+
+// The GEMM for compute type T: tensor cores for float16/bfloat16 on sm_80+, else the SIMT kernel.
+template <typename T, typename A, class LoadA, class LoadB, class Store>
+void launch_gemm_for(const char* name, int64_t M, int64_t N, int64_t K, int64_t splits, LoadA a, LoadB b, Store s,
+                     cudaStream_t stream) {
+  if constexpr (IsTensorCoreType<T>::value) {
+    if (g_tensor_cores && device_has_tensor_cores()) {
+      if (M == 0 || N == 0) return;
+      if (splits < 1) splits = 1;
+      const int64_t k_chunk = ((K + splits - 1) / splits + TC_BK - 1) / TC_BK * TC_BK;
+      if ((M + TC_BM - 1) / TC_BM > 0x7fffffffLL || (N + TC_BN - 1) / TC_BN > 65535 || splits > 65535)
+        throw std::invalid_argument(std::string(name) + ": problem too large for one launch");
+      const dim3 grid(static_cast<unsigned>((M + TC_BM - 1) / TC_BM), static_cast<unsigned>((N + TC_BN - 1) / TC_BN),
+                      static_cast<unsigned>(splits));
+      wmma_gemm_kernel<T><<<grid, TC_THREADS, 0, stream>>>(M, N, K, k_chunk, a, b, s);
+      check_launch(name);
+      return;
+    }
+  }
+  launch_gemm<A>(name, M, N, K, splits, a, b, s, stream);
 }
 
 template <typename T, typename A>
@@ -193,10 +307,10 @@ void conv_relu_cuda(const StageGeometry& g, DType dtype, int src_dtype, const vo
     const int64_t K = g.ksize * g.ksize * g.c_in;
     if (src_dtype == kUInt8) {
       ConvWindow<uint8_t, A> win{g, static_cast<const uint8_t*>(src), slot, tile_pos, static_cast<const A*>(norm)};
-      launch_gemm<A>("conv_relu_cuda", g.out_rows(), g.c_out, K, 1, win, w, st, s);
+      launch_gemm_for<T, A>("conv_relu_cuda", g.out_rows(), g.c_out, K, 1, win, w, st, s);
     } else {
       ConvWindow<T, A> win{g, static_cast<const T*>(src), slot, tile_pos, static_cast<const A*>(norm)};
-      launch_gemm<A>("conv_relu_cuda", g.out_rows(), g.c_out, K, 1, win, w, st, s);
+      launch_gemm_for<T, A>("conv_relu_cuda", g.out_rows(), g.c_out, K, 1, win, w, st, s);
     }
   });
 }
@@ -212,11 +326,11 @@ void conv_relu_wgrad_cuda(const StageGeometry& g, DType dtype, int src_dtype, co
     StorePartial<A> st{static_cast<A*>(partial), K_total, g.c_out};
     if (src_dtype == kUInt8) {
       ConvWindow<uint8_t, A> win{g, static_cast<const uint8_t*>(src), slot, tile_pos, static_cast<const A*>(norm)};
-      launch_gemm<A>("conv_relu_wgrad_cuda", K_total, g.c_out, g.out_rows(), splits, Transposed<decltype(win)>{win},
+      launch_gemm_for<T, A>("conv_relu_wgrad_cuda", K_total, g.c_out, g.out_rows(), splits, Transposed<decltype(win)>{win},
                      g_relu, st, s);
     } else {
       ConvWindow<T, A> win{g, static_cast<const T*>(src), slot, tile_pos, static_cast<const A*>(norm)};
-      launch_gemm<A>("conv_relu_wgrad_cuda", K_total, g.c_out, g.out_rows(), splits, Transposed<decltype(win)>{win},
+      launch_gemm_for<T, A>("conv_relu_wgrad_cuda", K_total, g.c_out, g.out_rows(), splits, Transposed<decltype(win)>{win},
                      g_relu, st, s);
     }
   });
@@ -233,10 +347,12 @@ void conv_relu_dgrad_cuda(const StageGeometry& g, DType dtype, const void* grad,
       ReluGradWindow<T, A> win{g, pc, static_cast<const T*>(grad), static_cast<const T*>(out), slot, tile_pos};
       ClassWeights<T, A> w{g, pc, static_cast<const T*>(weight_t)};
       StoreClassRows<T, A> st{static_cast<T*>(grad_src), g, pc};
-      launch_gemm<A>("conv_relu_dgrad_cuda", g.in_rows() / 4, g.c_in, pc.n_ky * pc.n_kx * g.c_out, 1, win, w, st, s);
+      launch_gemm_for<T, A>("conv_relu_dgrad_cuda", g.in_rows() / 4, g.c_in, pc.n_ky * pc.n_kx * g.c_out, 1, win, w, st, s);
     }
   });
 }
+
+void set_tensor_cores(bool enabled) { g_tensor_cores = enabled; }
 
 void max_blur_pool_cuda(const PoolGeometry& g, DType dtype, const void* act, const int32_t* slot,
                         const int64_t* tile_pos, void* out, void* stream) {

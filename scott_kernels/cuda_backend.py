@@ -7,9 +7,11 @@ the dense reference check the index logic the GPU runs. ``backend="cuda"`` itsel
 CUDA devices only.
 
 Kernels: the three convolution GEMMs (forward + ReLU, weight gradient split over output pixels
-into accumulator-typed partials, input gradient) through one tiled shared-memory GEMM that
-gathers its operands through the ``slot`` table; MaxBlurPool forward and backward one thread per
-element. float16/bfloat16/float32 accumulate in float32, float64 in float64.
+into accumulator-typed partials, input gradient per parity class of input pixel) through one
+tiled shared-memory GEMM that gathers its operands through the ``slot`` table — on tensor cores
+(WMMA, 16x16x16) for float16/bfloat16 on sm_80 and newer, on CUDA cores otherwise; MaxBlurPool
+forward and backward one thread per element. float16/bfloat16/float32 accumulate in float32,
+float64 in float64.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from .compact import compact_to_image, tokenize_compact
 from .ops import _C
 
-__all__ = ["cuda_tokenize", "cuda_supports"]
+__all__ = ["cuda_tokenize", "cuda_supports", "use_tensor_cores"]
 
 _CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _UINT8 = 4
@@ -30,6 +32,11 @@ _UINT8 = 4
 def cuda_supports(device: torch.device) -> bool:
     """The CUDA kernels run on CUDA devices when the native module was built with nvcc."""
     return device.type == "cuda" and bool(_C.build_info()["cuda"]) and torch.cuda.is_available()
+
+
+def use_tensor_cores(enabled: bool = True) -> None:
+    """float16/bfloat16 convolution GEMMs on tensor cores (default) or on the CUDA-core kernel."""
+    _C.set_tensor_cores(bool(enabled))
 
 
 def _runs_on(name: str, t: torch.Tensor) -> None:

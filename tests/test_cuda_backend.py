@@ -190,6 +190,20 @@ def test_real_shapes_gpu(dtype, ratio):
 
 
 @needs_gpu
+@pytest.mark.parametrize("tensor_cores", [True, False])
+def test_tensor_core_and_simt_paths_gpu(tensor_cores):
+    from scott_kernels.cuda_backend import use_tensor_cores
+
+    use_tensor_cores(tensor_cores)
+    try:
+        keep = torch.rand(16, 196, device="cuda") >= 0.6
+        _assert_flash_rule(*_low_precision_errors(torch.bfloat16, "cuda", 16, 224, (64, 384), keep,
+                                                  backend_under_test="cuda"))
+    finally:
+        use_tensor_cores(True)
+
+
+@needs_gpu
 def test_cuda_graph_and_compile_gpu():
     tok = SparseConvTokenizer(embed_dim=384, backend="cuda").cuda()
     x = torch.randn(8, 3, 224, 224, device="cuda")
