@@ -6,8 +6,9 @@
 Backends: every one that runs on the device ("triton" and "cuda" only on a GPU: on the CPU
 they are the interpreter and the kernels' C++ twin), plus ``reference_compiled``, the dense emulation under torch.compile. The sparse
 backends are given ``num_visible`` (fixed-ratio masks, no host synchronisation). Medians after
-warm-up; GPU calls synchronise inside the timed region. Peak GPU memory of one call and the first
-call's time (compilation and autotuning included) go into each result's extra_info.
+warm-up; GPU calls synchronise inside the timed region. Peak GPU memory of one call, the first
+call's time (compilation and autotuning included) and the visible patches' convolution FLOPs
+(``useful_gflop``: divide by the median for achieved TFLOP/s) go into each result's extra_info.
 """
 
 import time
@@ -24,6 +25,20 @@ BACKENDS = ["reference", "reference_compiled", "torch", "triton", "cuda"]
 
 torch._dynamo.config.cache_size_limit = 64   # one compiled graph per shape and mask layout
 _compiled_reference = torch.compile(reference_tokenize, dynamic=False)
+
+
+def useful_gflop(batch: int, visible: int, widths=(64,), embed_dim: int = 384, k: int = 7, direction: str = "fwd"):
+    """Convolution FLOPs over the visible patches only (what a sparse kernel must do; 2 per MAC):
+    forward, plus weight gradients of both convs and the input gradient of conv2 for fwd_bwd."""
+    tiles = batch * visible
+    c_in, side, fwd, bwd = 3, 16, 0.0, 0.0
+    for i, c_out in enumerate([*widths, embed_dim]):
+        out_side = side // 2
+        macs = tiles * out_side ** 2 * k * k * c_in * c_out
+        fwd += 2 * macs
+        bwd += 2 * macs * (2 if i > 0 else 1)   # wgrad; dgrad except for the image
+        c_in, side = c_out, side // 4
+    return (fwd if direction == "fwd" else fwd + bwd) / 1e9
 
 
 def _runs(backend: str, device: torch.device) -> bool:
@@ -66,6 +81,9 @@ def test_tokenizer(benchmark, setting, backend, direction, mask_ratio, shape):
                                 direction=direction, mask_ratio=mask_ratio, mask=mask_kind(mask_ratio),
                                 batch=setting.batch, img_size=setting.img_size, embed_dim=setting.embed_dim,
                                 dtype=str(setting.dtype))
+    n = (setting.img_size // 16) ** 2
+    benchmark.extra_info["useful_gflop"] = useful_gflop(setting.batch, n if keep is None else int(keep[0].sum()),
+                                                        (setting.hidden,), setting.embed_dim, 7, direction)
     start = time.perf_counter()
     timed(setting, step)()
     benchmark.extra_info["first_call_s"] = time.perf_counter() - start
