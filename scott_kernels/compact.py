@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["visible_tables", "tokenize_compact", "compact_to_image"]
+__all__ = ["visible_tables", "tokenize_compact", "compact_to_image", "register_stage_autograd"]
 
 
 def visible_tables(keep: torch.Tensor | None, batch: int, grid_h: int, grid_w: int, device: torch.device,
@@ -90,3 +90,42 @@ def tokenize_compact(conv_relu: Callable, max_blur_pool: Callable, x: torch.Tens
         return tokens.view(B, GH * GW, dim)
     dense = tokens.new_zeros((B * GH * GW, dim)).index_copy(0, tile_pos, tokens)
     return dense.view(B, GH * GW, dim)
+
+
+def register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blur_pool,
+                            max_blur_pool_backward) -> None:
+    """Autograd for a backend's stage ops, from its gradient ops (the same wiring for every
+    compact backend): conv_relu -> wgrad / dgrad (image sources get their gradient scattered
+    back and scaled by the fused normalisation), max_blur_pool -> max_blur_pool_backward."""
+
+    def conv_setup(ctx, inputs, output):
+        src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm = inputs
+        ctx.save_for_backward(src, weight, slot, tile_pos, output, pixel_norm)
+        ctx.in_side, ctx.src_is_image = in_side, src_is_image
+        ctx.src_shape = tuple(src.shape)
+
+    def conv_backward(ctx, grad):
+        src, weight, slot, tile_pos, out, pixel_norm = ctx.saved_tensors
+        grad_src = grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = conv_relu_wgrad(grad, out, src, weight, slot, tile_pos, ctx.in_side, ctx.src_is_image,
+                                     pixel_norm)
+        if ctx.needs_input_grad[0]:
+            grad_src = conv_relu_dgrad(grad, out, weight, slot, tile_pos, ctx.in_side)
+            if ctx.src_is_image:
+                grad_src = compact_to_image(grad_src, tile_pos, ctx.src_shape)
+                if pixel_norm is not None:
+                    grad_src = grad_src * pixel_norm[1].view(1, -1, 1, 1).to(grad_src.dtype)
+                grad_src = grad_src.to(src.dtype)
+        return grad_src, grad_w, None, None, None, None, None
+
+    def pool_setup(ctx, inputs, output):
+        act, slot, tile_pos = inputs
+        ctx.save_for_backward(act, slot, tile_pos)
+
+    def pool_backward(ctx, grad):
+        act, slot, tile_pos = ctx.saved_tensors
+        return max_blur_pool_backward(grad, act, slot, tile_pos), None, None
+
+    conv_relu.register_autograd(conv_backward, setup_context=conv_setup)
+    max_blur_pool.register_autograd(pool_backward, setup_context=pool_setup)

@@ -40,7 +40,7 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
-from .compact import compact_to_image, tokenize_compact, visible_tables
+from .compact import register_stage_autograd, tokenize_compact, visible_tables
 
 __all__ = ["triton_tokenize", "triton_supports", "visible_tables"]
 
@@ -560,29 +560,6 @@ def _(grad, out, weight, slot, tile_pos, in_side):
     return grad.new_empty((tile_pos.shape[0], in_side, in_side, weight.shape[1]))
 
 
-def _conv_relu_setup(ctx, inputs, output):
-    src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm = inputs
-    ctx.save_for_backward(src, weight, slot, tile_pos, output, pixel_norm)
-    ctx.in_side, ctx.src_is_image = in_side, src_is_image
-    ctx.src_shape = tuple(src.shape)
-
-
-def _conv_relu_backward(ctx, grad):
-    src, weight, slot, tile_pos, out, pixel_norm = ctx.saved_tensors
-    grad_src = grad_w = None
-    if ctx.needs_input_grad[1]:
-        grad_w = conv_relu_wgrad(grad, out, src, weight, slot, tile_pos, ctx.in_side, ctx.src_is_image, pixel_norm)
-    if ctx.needs_input_grad[0]:
-        grad_src = conv_relu_dgrad(grad, out, weight, slot, tile_pos, ctx.in_side)
-        if ctx.src_is_image:
-            grad_src = compact_to_image(grad_src, tile_pos, ctx.src_shape)
-            if pixel_norm is not None:
-                grad_src = grad_src * pixel_norm[1].view(1, -1, 1, 1).to(grad_src.dtype)
-            grad_src = grad_src.to(src.dtype)
-    return grad_src, grad_w, None, None, None, None, None
-
-
-conv_relu.register_autograd(_conv_relu_backward, setup_context=_conv_relu_setup)
 
 
 # --------------------------------------------------------------------------------------------
@@ -640,17 +617,7 @@ def _(grad, act, slot, tile_pos):
     return torch.empty_like(act, memory_format=torch.contiguous_format)
 
 
-def _pool_setup(ctx, inputs, output):
-    act, slot, tile_pos = inputs
-    ctx.save_for_backward(act, slot, tile_pos)
-
-
-def _pool_backward(ctx, grad):
-    act, slot, tile_pos = ctx.saved_tensors
-    return max_blur_pool_backward(grad, act, slot, tile_pos), None, None
-
-
-max_blur_pool.register_autograd(_pool_backward, setup_context=_pool_setup)
+register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blur_pool, max_blur_pool_backward)
 
 
 # --------------------------------------------------------------------------------------------
