@@ -118,11 +118,15 @@ _POOL_KEY = ["C", "SIDE", "ROWS_BUCKET"]
 if triton is not None:
 
     @triton.jit
-    def _tile_coords(rows, row_ok, tile_pos_ptr, GH, GW, SIDE: tl.constexpr):
-        """Row r of a (M, SIDE, SIDE, C) compact tensor -> (batch, global y, global x)."""
+    def _tile_coords(rows, row_ok, tile_pos_ptr, num_pos, GH, GW, SIDE: tl.constexpr):
+        """Row r of a (M, SIDE, SIDE, C) compact tensor -> (batch, global y, global x).
+
+        A tile position outside the grid (a corrupt table) is clamped into it, so no table can
+        make a kernel address memory outside its tensors."""
         tile = tl.where(row_ok, rows // (SIDE * SIDE), 0)
         rem = rows % (SIDE * SIDE)
         pos = tl.load(tile_pos_ptr + tile, mask=row_ok, other=0)
+        pos = tl.minimum(tl.maximum(pos, 0), num_pos - 1)
         cells = GH * GW
         b = pos // cells
         gy = (pos % cells) // GW
@@ -185,14 +189,14 @@ if triton is not None:
     @_autotune(_gemm_configs(), _GEMM_KEY, _prune_by_c_out)
     @triton.jit
     def _conv_relu_fwd_kernel(src_ptr, w_ptr, out_ptr, slot_ptr, tile_pos_ptr,
-                              num_tiles, GH, GW, C_IN, C_OUT, K_TOTAL, ROWS_BUCKET, s_b, s_c, s_h, s_w, norm_ptr,
+                              num_tiles, num_pos, GH, GW, C_IN, C_OUT, K_TOTAL, ROWS_BUCKET, s_b, s_c, s_h, s_w, norm_ptr,
                               IN_SIDE: tl.constexpr, KSIZE: tl.constexpr, SRC_IMAGE: tl.constexpr,
                               NORMALIZE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         OUT_SIDE: tl.constexpr = IN_SIDE // 2
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < num_tiles * (OUT_SIDE * OUT_SIDE)
-        b, oy, ox = _tile_coords(rows, row_ok, tile_pos_ptr, GH, GW, OUT_SIDE)
+        b, oy, ox = _tile_coords(rows, row_ok, tile_pos_ptr, num_pos, GH, GW, OUT_SIDE)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < C_OUT
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
@@ -212,7 +216,7 @@ if triton is not None:
     @_autotune(_gemm_configs(), _GEMM_KEY + ["SPLITS"], _prune_by_c_out)
     @triton.jit
     def _conv_relu_wgrad_kernel(src_ptr, grad_ptr, out_ptr, partial_ptr, slot_ptr, tile_pos_ptr,
-                                num_tiles, GH, GW, C_IN, C_OUT, K_TOTAL, ROWS_BUCKET, SPLITS, s_b, s_c, s_h, s_w,
+                                num_tiles, num_pos, GH, GW, C_IN, C_OUT, K_TOTAL, ROWS_BUCKET, SPLITS, s_b, s_c, s_h, s_w,
                                 norm_ptr, IN_SIDE: tl.constexpr, KSIZE: tl.constexpr, SRC_IMAGE: tl.constexpr,
                                 NORMALIZE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -230,7 +234,7 @@ if triton is not None:
         for r0 in range(0, ROWS_PER_SPLIT, BLOCK_M):
             rows = start + r0 + tl.arange(0, BLOCK_M)
             row_ok = rows < total_rows
-            b, oy, ox = _tile_coords(rows, row_ok, tile_pos_ptr, GH, GW, OUT_SIDE)
+            b, oy, ox = _tile_coords(rows, row_ok, tile_pos_ptr, num_pos, GH, GW, OUT_SIDE)
             a = _source_window(src_ptr, slot_ptr, b, oy, ox, kk, row_ok, k_ok, GH, GW, num_tiles, C_IN,
                                s_b, s_c, s_h, s_w, norm_ptr, IN_SIDE, KSIZE, SRC_IMAGE, NORMALIZE, ACC,
                                grad_ptr.dtype.element_ty)
@@ -246,7 +250,7 @@ if triton is not None:
     @_autotune(_gemm_configs(), _GEMM_KEY, _prune_by_c_in)
     @triton.jit
     def _conv_relu_dgrad_kernel(grad_ptr, out_ptr, w_ptr, dsrc_ptr, slot_ptr, tile_pos_ptr,
-                                num_tiles, GH, GW, C_IN, C_OUT, K_TOTAL, ROWS_BUCKET,
+                                num_tiles, num_pos, GH, GW, C_IN, C_OUT, K_TOTAL, ROWS_BUCKET,
                                 IN_SIDE: tl.constexpr, KSIZE: tl.constexpr,
                                 ACC: tl.constexpr, PRECISION: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -276,6 +280,7 @@ if triton is not None:
         ly = 2 * (rem // HALF) + cy
         lx = 2 * (rem % HALF) + cx
         pos = tl.load(tile_pos_ptr + tile, mask=row_ok, other=0)
+        pos = tl.minimum(tl.maximum(pos, 0), num_pos - 1)
         cells = GH * GW
         b = pos // cells
         iy = (pos % cells) // GW * IN_SIDE + ly
@@ -322,13 +327,14 @@ if triton is not None:
 
     @_autotune(_pool_configs(), _POOL_KEY, _prune_by_channels)
     @triton.jit
-    def _max_blur_pool_fwd_kernel(act_ptr, out_ptr, slot_ptr, tile_pos_ptr, num_tiles, GH, GW, C, ROWS_BUCKET,
+    def _max_blur_pool_fwd_kernel(act_ptr, out_ptr, slot_ptr, tile_pos_ptr, num_tiles, num_pos, GH, GW, C,
+                                  ROWS_BUCKET,
                                   SIDE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         """(M, s, s, C) -> (M, s/2, s/2, C): 2x2 max (stride 1), binomial 3x3 blur (stride 2, pad 1)."""
         POOLED: tl.constexpr = SIDE // 2
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < num_tiles * (POOLED * POOLED)
-        b, py, px = _tile_coords(rows, row_ok, tile_pos_ptr, GH, GW, POOLED)
+        b, py, px = _tile_coords(rows, row_ok, tile_pos_ptr, num_pos, GH, GW, POOLED)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (c[None, :] < C)
         bb = b[:, None]
@@ -347,13 +353,14 @@ if triton is not None:
 
     @_autotune(_pool_configs(), _POOL_KEY, _prune_by_channels)
     @triton.jit
-    def _max_blur_pool_bwd_kernel(grad_ptr, act_ptr, dact_ptr, slot_ptr, tile_pos_ptr, num_tiles, GH, GW, C, ROWS_BUCKET,
+    def _max_blur_pool_bwd_kernel(grad_ptr, act_ptr, dact_ptr, slot_ptr, tile_pos_ptr, num_tiles, num_pos, GH, GW,
+                                  C, ROWS_BUCKET,
                                   SIDE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         """dact (M, s, s, C): for each pixel, the blurred gradient of every max window it won."""
         POOLED: tl.constexpr = SIDE // 2
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < num_tiles * (SIDE * SIDE)
-        b, cy, cx = _tile_coords(rows, row_ok, tile_pos_ptr, GH, GW, SIDE)
+        b, cy, cx = _tile_coords(rows, row_ok, tile_pos_ptr, num_pos, GH, GW, SIDE)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (c[None, :] < C)
         bb = b[:, None]
@@ -416,6 +423,8 @@ def _check_tables(name: str, src: torch.Tensor, slot: torch.Tensor, tile_pos: to
         raise TypeError(f"{name}: slot must be a 3-D int32 tensor, got {slot.dim()}-D {slot.dtype}")
     if tile_pos.dtype != torch.int64 or tile_pos.dim() != 1:
         raise TypeError(f"{name}: tile_pos must be a 1-D int64 tensor, got {tile_pos.dim()}-D {tile_pos.dtype}")
+    if slot.numel() == 0:
+        raise ValueError(f"{name}: slot must cover a non-empty (B, GH, GW) grid, got {tuple(slot.shape)}")
     for arg, t in (("slot", slot), ("tile_pos", tile_pos)):
         if t.device != src.device:
             raise ValueError(f"{name}: {arg} is on {t.device}, expected {src.device}")
@@ -478,7 +487,7 @@ def conv_relu(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_
         return out
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))
     _conv_relu_fwd_kernel[grid](
-        src, weight_t, out, slot.contiguous(), tile_pos.contiguous(), num_tiles, slot.shape[1], slot.shape[2],
+        src, weight_t, out, slot.contiguous(), tile_pos.contiguous(), num_tiles, slot.numel(), slot.shape[1], slot.shape[2],
         c_in, c_out, k * k * c_in, _bucket(rows), *strides, norm, IN_SIDE=in_side, KSIZE=k,
         SRC_IMAGE=src_is_image, NORMALIZE=normalize, ACC=_acc_dtype(weight.dtype),
         PRECISION=_precision(weight.dtype))
@@ -520,7 +529,7 @@ def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor, src: torch.Tensor, we
     grid = lambda meta: (triton.cdiv(k_total, meta["BLOCK_K"]), triton.cdiv(c_out, meta["BLOCK_N"]), splits)
     _conv_relu_wgrad_kernel[grid](
         src, grad.to(weight.dtype).contiguous(), out.contiguous(), partial, slot.contiguous(), tile_pos.contiguous(),
-        num_tiles, slot.shape[1], slot.shape[2], c_in, c_out, k_total, _bucket(rows), splits, *strides, norm,
+        num_tiles, slot.numel(), slot.shape[1], slot.shape[2], c_in, c_out, k_total, _bucket(rows), splits, *strides, norm,
         IN_SIDE=in_side, KSIZE=k, SRC_IMAGE=src_is_image, NORMALIZE=normalize, ACC=_acc_dtype(weight.dtype),
         PRECISION=_precision(weight.dtype))
     grad_w = partial.sum(0).view(k, k, c_in, c_out).permute(3, 2, 0, 1)
@@ -549,7 +558,7 @@ def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor, weight: torch.Tensor,
     class_rows = rows // 4
     grid = lambda meta: (triton.cdiv(class_rows, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]), 4)
     _conv_relu_dgrad_kernel[grid](
-        grad.contiguous(), out.contiguous(), weight_t, dsrc, slot.contiguous(), tile_pos.contiguous(), num_tiles,
+        grad.contiguous(), out.contiguous(), weight_t, dsrc, slot.contiguous(), tile_pos.contiguous(), num_tiles, slot.numel(),
         slot.shape[1], slot.shape[2], c_in, c_out, k_class_max, _bucket(rows), IN_SIDE=in_side, KSIZE=k,
         ACC=_acc_dtype(grad.dtype), PRECISION=_precision(grad.dtype))
     return dsrc
@@ -582,7 +591,7 @@ def max_blur_pool(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor)
     if rows == 0:
         return out
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(channels, meta["BLOCK_C"]))
-    _max_blur_pool_fwd_kernel[grid](act, out, slot.contiguous(), tile_pos.contiguous(), num_tiles,
+    _max_blur_pool_fwd_kernel[grid](act, out, slot.contiguous(), tile_pos.contiguous(), num_tiles, slot.numel(),
                                     slot.shape[1], slot.shape[2], channels, _bucket(rows), SIDE=side,
                                     ACC=_acc_dtype(act.dtype))
     return out
@@ -607,7 +616,7 @@ def max_blur_pool_backward(grad: torch.Tensor, act: torch.Tensor, slot: torch.Te
         return dact
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(channels, meta["BLOCK_C"]))
     _max_blur_pool_bwd_kernel[grid](grad.contiguous(), act, dact, slot.contiguous(), tile_pos.contiguous(),
-                                    num_tiles, slot.shape[1], slot.shape[2], channels, _bucket(rows), SIDE=side,
+                                    num_tiles, slot.numel(), slot.shape[1], slot.shape[2], channels, _bucket(rows), SIDE=side,
                                     ACC=_acc_dtype(act.dtype))
     return dact
 

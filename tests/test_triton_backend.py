@@ -239,6 +239,18 @@ def test_gradcheck_ops():
     torch.autograd.gradcheck(lambda a: max_blur_pool(a, slot, tile_pos), (act,))
 
 
+def test_corrupt_tables_stay_in_bounds():
+    """A tile position outside the grid or a slot naming no tile never reads past a tensor."""
+    s = _op_samples()
+    bad_pos = s["tile_pos"].clone()
+    bad_pos[0] = 10 ** 12
+    bad_slot = s["slot"].clone()
+    bad_slot.view(-1)[1] = 10 ** 6
+    out = conv_relu(s["x"].detach(), s["w1"].detach(), bad_slot, bad_pos, 16, True)
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(max_blur_pool(s["a1"].detach(), bad_slot, bad_pos)).all()
+
+
 def test_ops_reject_bad_tables():
     s = _op_samples()
     with pytest.raises(TypeError, match="slot must be a 3-D int32"):
