@@ -270,8 +270,9 @@ if triton is not None:
         ky0 = (cy + PAD) % 2
         kx0 = (cx + PAD) % 2
         n_ky = (KSIZE - ky0 + 1) // 2
-        n_kx = (KSIZE - kx0 + 1) // 2
+        n_kx = (KSIZE - kx0 + 1) // 2   # 0 for a 1x1 kernel's odd class: nothing reads those pixels
         k_class = n_ky * n_kx * C_OUT
+        n_kx = tl.maximum(n_kx, 1)      # (only a divisor below; k_class already says 0 taps)
         # rows of this class: (tile, ry, rx) -> local pixel (2 ry + cy, 2 rx + cx)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < num_tiles * (HALF * HALF)
