@@ -98,7 +98,15 @@ def _demo(out: Path) -> int:
     from .train import Trainer
 
     pre = load_config(PretrainConfig, CONFIG_DIR / "embedded.yaml", [f"out_dir={out / 'pretrain'}"])
-    Trainer(pre).fit()
+    rows = Trainer(pre).fit()
+    if rows:
+        by_epoch: dict[int, list[float]] = {}
+        for row in rows:
+            by_epoch.setdefault(row["epoch"], []).append(row["loss"])
+        first, last = min(by_epoch), max(by_epoch)
+        mean = lambda xs: sum(xs) / len(xs)
+        print(f"pretraining loss (mean of logged steps): epoch {first + 1} {mean(by_epoch[first]):.4f} -> "
+              f"epoch {last + 1} {mean(by_epoch[last]):.4f}")
     ckpt = str(out / "pretrain" / "checkpoint.safetensors")
     probe = load_config(ProbeConfig, CONFIG_DIR / "embedded_probe.yaml",
                         [f"checkpoint={ckpt}", f"out_dir={out / 'probe'}"])
