@@ -218,3 +218,20 @@ def test_cuda_graph_and_compile_gpu():
     torch.testing.assert_close(static, out, rtol=0, atol=0)
     compiled = torch.compile(lambda a, k: tok(a, k, num_visible=78, packed=True), fullgraph=True)
     torch.testing.assert_close(compiled(x, keep), out[keep].view(8, 78, 384), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_fullgraph_through_the_native_ops():
+    """With num_visible the native ops trace into one graph through their fake kernels (CPU twin)."""
+    torch._dynamo.reset()
+    weights = random_weights(3, (4, 8), (7, 7))
+    x = torch.randn(2, 3, 32, 48, dtype=torch.float64)
+    keep = _fixed_count_keep(2, 6, 4)
+    compiled = torch.compile(lambda a, k: cuda_tokenize(a, weights, k, 16, num_visible=4, packed=True),
+                             fullgraph=True, backend="aot_eager")
+    out = compiled(x, keep)
+    ref = reference_tokenize(x, weights, keep, 16)[keep].view(2, 4, 8)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    (got,) = torch.autograd.grad(out.square().sum(), weights[1])
+    (want,) = torch.autograd.grad(ref.square().sum(), weights[1])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch._dynamo.reset()
