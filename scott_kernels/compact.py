@@ -16,7 +16,8 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["visible_tables", "tokenize_compact", "compact_to_image", "register_stage_autograd"]
+__all__ = ["visible_tables", "visible_positions", "tokenize_compact", "compact_to_image",
+           "register_stage_autograd"]
 
 
 def visible_tables(keep: torch.Tensor | None, batch: int, grid_h: int, grid_w: int, device: torch.device,
@@ -46,6 +47,16 @@ def visible_tables(keep: torch.Tensor | None, batch: int, grid_h: int, grid_w: i
     tile_pos.scatter_(0, torch.where(index >= 0, index, num_tiles),
                       torch.arange(positions, dtype=torch.int64, device=device))
     return index.to(torch.int32).view(batch, grid_h, grid_w), tile_pos[:num_tiles]
+
+
+def visible_positions(keep: torch.Tensor, num_visible: int | None = None) -> torch.Tensor:
+    """(B, K) indices of the visible patches of each row, ascending; rows must share K. Passing
+    ``num_visible`` (K) avoids reading it back from the device."""
+    B = keep.shape[0]
+    k = num_visible if num_visible is not None else (int(keep[0].sum()) if B else 0)
+    # A stable sort puts the visible (1) entries first, in patch order, with no nonzero().
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
+    return order[:, :k]
 
 
 def compact_to_image(dsrc: torch.Tensor, tile_pos: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

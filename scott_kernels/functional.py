@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .compact import visible_positions
 from .ops import native_supports
 from .reference import reference_tokenize
 from .torch_backend import torch_tokenize
@@ -167,8 +168,7 @@ def _pack_visible(tokens: torch.Tensor, keep: torch.Tensor | None, num_visible: 
         return tokens
     if num_visible is None:
         num_visible = _common_row_count(keep)
-    # a stable sort puts each row's visible positions first, in order, with no host synchronisation
-    positions = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :num_visible]
+    positions = visible_positions(keep, num_visible)
     return tokens.gather(1, positions.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
@@ -244,8 +244,7 @@ def token_epilogue(tokens: torch.Tensor, keep: torch.Tensor | None, packed: bool
         t = F.layer_norm(t, (D,), weight, bias, float(eps))
     if pos_embed is not None:
         if packed and keep is not None:
-            positions = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :L]
-            t = t + pos_embed.to(t.dtype)[positions]
+            t = t + pos_embed.to(t.dtype)[visible_positions(keep, L)]
         else:
             t = t + pos_embed.to(t.dtype)
     if keep is not None and not packed:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scott_kernels import SparseConvTokenizer
+from scott_kernels.compact import visible_positions
 
 from .config import ModelConfig
 
@@ -189,16 +190,6 @@ class Encoder(nn.Module):
         tokens = self.tokenizer(images, keep, num_visible=num_visible)
         tokens = torch.where(keep[..., None], tokens, self.transformer.msk_embed.to(tokens.dtype))
         return self.transformer(tokens)
-
-
-def visible_positions(keep: torch.Tensor, num_visible: int | None = None) -> torch.Tensor:
-    """(B, K) indices of the visible patches of each row, ascending; rows must share K. Passing
-    ``num_visible`` (K) avoids reading it back from the device."""
-    B, N = keep.shape
-    k = num_visible if num_visible is not None else (int(keep[0].sum()) if B else 0)
-    # A stable sort puts the visible (1) entries first, in patch order, with no nonzero().
-    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
-    return order[:, :k]
 
 
 class Predictor(nn.Module):
