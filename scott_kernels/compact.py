@@ -12,12 +12,14 @@ patches per row, tile t belongs to image t // num_visible.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import torch
 
 __all__ = ["visible_tables", "visible_positions", "tokenize_compact", "compact_to_image",
-           "register_stage_autograd"]
+           "register_stage_autograd", "accumulator_dtype", "gemm_weight", "gemm_weight_transposed",
+           "weight_from_partials", "reduction_splits"]
 
 
 def visible_tables(keep: torch.Tensor | None, batch: int, grid_h: int, grid_w: int, device: torch.device,
@@ -57,6 +59,48 @@ def visible_positions(keep: torch.Tensor, num_visible: int | None = None) -> tor
     # A stable sort puts the visible (1) entries first, in patch order, with no nonzero().
     order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
     return order[:, :k]
+
+
+# ---- the conv GEMMs' operand layouts and the weight-gradient reduction, shared by the kernels ----
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 accumulates in float64, every other compute dtype in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gemm_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, k, k) -> the forward GEMM's (k*k*C_in, C_out) operand, K ordered (ky, kx, ci)."""
+    c_out, c_in, k, _ = weight.shape
+    return weight.permute(2, 3, 1, 0).reshape(k * k * c_in, c_out).contiguous()
+
+
+def gemm_weight_transposed(weight: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, k, k) -> the input-gradient GEMM's (k*k*C_out, C_in) operand, (ky, kx, co) rows."""
+    c_out, c_in, k, _ = weight.shape
+    return weight.permute(2, 3, 0, 1).reshape(k * k * c_out, c_in).contiguous()
+
+
+def weight_from_partials(partials: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Sum of the (splits, k*k*C_in, C_out) weight-gradient partials, as a contiguous
+    (C_out, C_in, k, k) tensor in the weight's dtype."""
+    c_out, c_in, k, _ = weight.shape
+    return partials.sum(0).view(k, k, c_in, c_out).permute(3, 2, 0, 1).to(weight.dtype).contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def reduction_splits(rows: int, k_total: int, c_out: int, device: torch.device, min_rows: int) -> int:
+    """How many parts the weight gradient's reduction over ``rows`` output pixels is split into,
+    so that the grid fills a GPU (about four 64 x 64 blocks per SM; at most 65535, the grid's z
+    limit) with at least ``min_rows`` rows each. Each part writes its own partial, summed
+    afterwards: deterministic, no atomics. One part off the GPU."""
+    if device.type != "cuda":
+        return 1
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    tiles = -(-k_total // 64) * -(-c_out // 64)
+    return max(1, min(-(-rows // min_rows), -(-4 * sms // tiles), 65535))
 
 
 def compact_to_image(dsrc: torch.Tensor, tile_pos: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

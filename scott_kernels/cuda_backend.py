@@ -20,7 +20,8 @@ from typing import Sequence
 
 import torch
 
-from .compact import register_stage_autograd, tokenize_compact
+from .compact import (accumulator_dtype, gemm_weight, gemm_weight_transposed, reduction_splits,
+                      register_stage_autograd, tokenize_compact, weight_from_partials)
 from .ops import _C
 
 __all__ = ["cuda_tokenize", "cuda_supports", "use_tensor_cores"]
@@ -106,7 +107,7 @@ def _stage(name: str, src: torch.Tensor, weight: torch.Tensor, slot: torch.Tenso
 def _norm_table(pixel_norm: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     if pixel_norm is None:
         return None
-    return pixel_norm.to(torch.float64 if dtype == torch.float64 else torch.float32).contiguous()
+    return pixel_norm.to(accumulator_dtype(dtype)).contiguous()
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -123,8 +124,7 @@ def conv_relu(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_
     if not src_is_image:
         src = src.contiguous()
     g = _stage("cuda_conv_relu", src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm)
-    k = g.ksize
-    weight_t = weight.permute(2, 3, 1, 0).reshape(k * k * g.c_in, g.c_out).contiguous()
+    weight_t = gemm_weight(weight)
     norm = _norm_table(pixel_norm, weight.dtype)
     out = torch.empty((g.num_tiles, in_side // 2, in_side // 2, g.c_out), dtype=weight.dtype, device=weight.device)
     if out.numel():
@@ -159,22 +159,13 @@ def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor, src: torch.Tensor, we
     rows = g.num_tiles * (in_side // 2) ** 2
     if rows == 0:
         return torch.zeros_like(weight, memory_format=torch.contiguous_format)
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    if weight.is_cuda:
-        # split the reduction over output pixels so that the grid fills the GPU; each split writes
-        # its own accumulator-typed partial, summed afterwards (deterministic, no atomics)
-        sms = torch.cuda.get_device_properties(weight.device).multi_processor_count
-        tiles = -(-k_total // 64) * -(-g.c_out // 64)
-        splits = max(1, min(-(-rows // 1024), -(-4 * sms // tiles), 65535))
-        result = torch.empty((splits, k_total, g.c_out), dtype=acc, device=weight.device)
-    else:
-        splits = 1
-        result = torch.empty((1, k_total, g.c_out), dtype=weight.dtype, device=weight.device)
+    # (the CPU twin computes in float32/float64 only, where the accumulator is the compute dtype)
+    splits = reduction_splits(rows, k_total, g.c_out, weight.device, min_rows=1024)
+    result = torch.empty((splits, k_total, g.c_out), dtype=accumulator_dtype(weight.dtype), device=weight.device)
     _C.conv_relu_wgrad(g, _CODES[weight.dtype], _UINT8 if src.dtype == torch.uint8 else _CODES[weight.dtype],
                        src.data_ptr(), grad.data_ptr(), out.data_ptr(), _ptr(norm), slot.contiguous().data_ptr(),
                        tile_pos.contiguous().data_ptr(), result.data_ptr(), splits, weight.is_cuda, _stream(weight))
-    grad_w = result.sum(0).view(k, k, g.c_in, g.c_out).permute(3, 2, 0, 1)
-    return grad_w.to(weight.dtype).contiguous()
+    return weight_from_partials(result, weight)
 
 
 @conv_relu_wgrad.register_fake
@@ -193,7 +184,7 @@ def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor, weight: torch.Tensor,
     if tuple(grad.shape) != shape or tuple(out.shape) != shape:
         raise ValueError(f"cuda_conv_relu_dgrad: grad and out must be {shape}, got {tuple(grad.shape)}, "
                          f"{tuple(out.shape)}")
-    weight_t = weight.permute(2, 3, 0, 1).reshape(k * k * c_out, c_in).contiguous()
+    weight_t = gemm_weight_transposed(weight)
     grad = grad.to(weight.dtype).contiguous()
     out = out.to(weight.dtype).contiguous()
     dsrc = torch.empty_like(fake_src)

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .compact import visible_positions
+from .compact import accumulator_dtype, visible_positions
 from .ops import native_supports
 from .reference import reference_tokenize
 from .torch_backend import torch_tokenize
@@ -131,7 +131,7 @@ def pixel_norm_table(pixel_mean, pixel_std, channels: int, dtype: torch.dtype,
         return None
     if pixel_mean is None or pixel_std is None:
         raise ValueError("pixel_mean and pixel_std go together: give both or neither")
-    table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    table_dtype = accumulator_dtype(dtype)
     rows = []
     for name, value in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std)):
         t = torch.as_tensor(value, dtype=table_dtype, device=device).reshape(-1)

@@ -40,7 +40,8 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
-from .compact import register_stage_autograd, tokenize_compact, visible_tables
+from .compact import (accumulator_dtype, gemm_weight, gemm_weight_transposed, reduction_splits,
+                      register_stage_autograd, tokenize_compact, visible_tables, weight_from_partials)
 
 __all__ = ["triton_tokenize", "triton_supports", "visible_tables"]
 
@@ -478,7 +479,7 @@ def conv_relu(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_
     c_out, _, k, _ = weight.shape
     if src.dtype != weight.dtype and src.dtype != torch.uint8:
         raise TypeError(f"triton_conv_relu: src is {src.dtype} but weight is {weight.dtype}")
-    weight_t = weight.permute(2, 3, 1, 0).reshape(k * k * c_in, c_out).contiguous()
+    weight_t = gemm_weight(weight)
     norm, normalize = _norm_args(pixel_norm, src, c_in, weight_t)
     num_tiles = tile_pos.shape[0]
     side = in_side // 2
@@ -516,25 +517,17 @@ def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor, src: torch.Tensor, we
     side = in_side // 2
     rows = num_tiles * side * side
     k_total = k * k * c_in
-    acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     if rows == 0:
         return torch.zeros_like(weight, memory_format=torch.contiguous_format)
-    # split the row reduction so that the grid fills the GPU (about 4 blocks of 64 x 64 per SM);
-    # each split writes its own float32 partial, summed afterwards: deterministic, no atomics
-    if _interpreting():
-        splits = 1
-    else:
-        sms = torch.cuda.get_device_properties(src.device).multi_processor_count
-        splits = max(1, min(triton.cdiv(rows, 512), triton.cdiv(4 * sms, triton.cdiv(k_total, 64) * triton.cdiv(c_out, 64))))
-    partial = torch.empty((splits, k_total, c_out), dtype=acc_dtype, device=src.device)
+    splits = reduction_splits(rows, k_total, c_out, src.device, min_rows=512)
+    partial = torch.empty((splits, k_total, c_out), dtype=accumulator_dtype(weight.dtype), device=src.device)
     grid = lambda meta: (triton.cdiv(k_total, meta["BLOCK_K"]), triton.cdiv(c_out, meta["BLOCK_N"]), splits)
     _conv_relu_wgrad_kernel[grid](
         src, grad.to(weight.dtype).contiguous(), out.contiguous(), partial, slot.contiguous(), tile_pos.contiguous(),
         num_tiles, slot.numel(), slot.shape[1], slot.shape[2], c_in, c_out, k_total, _bucket(rows), splits, *strides, norm,
         IN_SIDE=in_side, KSIZE=k, SRC_IMAGE=src_is_image, NORMALIZE=normalize, ACC=_acc_dtype(weight.dtype),
         PRECISION=_precision(weight.dtype))
-    grad_w = partial.sum(0).view(k, k, c_in, c_out).permute(3, 2, 0, 1)
-    return grad_w.to(weight.dtype).contiguous()
+    return weight_from_partials(partial, weight)
 
 
 @conv_relu_wgrad.register_fake
@@ -548,7 +541,7 @@ def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor, weight: torch.Tensor,
     """Gradient of conv_relu with respect to a compact source -> (M, q, q, C_in)."""
     _check_tables("triton_conv_relu_dgrad", grad, slot, tile_pos)
     c_out, c_in, k, _ = weight.shape
-    weight_t = weight.to(grad.dtype).permute(2, 3, 0, 1).reshape(k * k * c_out, c_in).contiguous()
+    weight_t = gemm_weight_transposed(weight.to(grad.dtype))
     num_tiles = tile_pos.shape[0]
     dsrc = torch.empty((num_tiles, in_side, in_side, c_in), dtype=grad.dtype, device=grad.device)
     rows = num_tiles * in_side * in_side
