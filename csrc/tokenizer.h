@@ -162,6 +162,14 @@ SCOTT_HD int64_t class_row(const StageGeometry& g, const ParityClass& pc, int64_
   return (tile * g.in_side + ly) * g.in_side + lx;
 }
 
+// Reduction index kk = (j, i, co) of a class -> tap (ky0 + 2j, kx0 + 2i) and output channel co.
+SCOTT_HD void class_tap(const StageGeometry& g, const ParityClass& pc, int64_t kk, int64_t& ky, int64_t& kx,
+                        int64_t& co) {
+  ky = pc.ky0 + 2 * (kk / (pc.n_kx * g.c_out));
+  kx = pc.kx0 + 2 * (kk / g.c_out % pc.n_kx);
+  co = kk % g.c_out;
+}
+
 // dgrad's A for one class: (m, kk) with kk = (j, i, co) -> the ReLU'd gradient of the output pixel
 // that reads input pixel class_row(m) through tap (ky0 + 2j, kx0 + 2i), or 0 if there is none.
 template <typename T, typename A>
@@ -174,10 +182,9 @@ struct ReluGradWindow {
   const int64_t* tile_pos;
 
   SCOTT_HD A operator()(int64_t m, int64_t kk) const {
-    int64_t b, iy, ix;
+    int64_t b, iy, ix, ky, kx, co;
     tile_coords(tile_pos, class_row(g, pc, m), g.in_side, g.batch, g.grid_h, g.grid_w, b, iy, ix);
-    const int64_t ky = pc.ky0 + 2 * (kk / (pc.n_kx * g.c_out)), kx = pc.kx0 + 2 * (kk / g.c_out % pc.n_kx);
-    const int64_t co = kk % g.c_out;
+    class_tap(g, pc, kk, ky, kx, co);
     const int64_t ny = iy + g.pad() - ky, nx = ix + g.pad() - kx;  // even by the class
     if (ny < 0 || nx < 0) return A(0);
     const int64_t off = compact_offset(slot, b, ny / 2, nx / 2, co, g.grid_h, g.grid_w, g.out_side(), g.c_out,
@@ -194,8 +201,8 @@ struct ClassWeights {
   ParityClass pc;
   const T* w;
   SCOTT_HD A operator()(int64_t kk, int64_t ci) const {
-    const int64_t ky = pc.ky0 + 2 * (kk / (pc.n_kx * g.c_out)), kx = pc.kx0 + 2 * (kk / g.c_out % pc.n_kx);
-    const int64_t co = kk % g.c_out;
+    int64_t ky, kx, co;
+    class_tap(g, pc, kk, ky, kx, co);
     return to_acc<A>(w[((ky * g.ksize + kx) * g.c_out + co) * g.c_in + ci]);
   }
 };

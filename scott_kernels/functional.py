@@ -24,8 +24,8 @@ BACKENDS: dict[str, tuple[Callable, Callable[[torch.device], bool]]] = {
     "triton": (triton_tokenize, triton_supports),
     "cuda": (cuda_tokenize, cuda_supports),
 }
-# "auto" tries these in order: fastest first. The cuda backend's kernels are a portable SIMT
-# version until its tensor-core path is measured against triton, so triton comes first.
+# "auto" tries these in order: fastest first. The cuda backend has not been timed against triton
+# on a GPU yet, so triton comes first.
 _AUTO_ORDER = ("triton", "cuda", "torch", "reference")
 # backends built on the compact visible-patch kernels: they take num_visible/packed/pixel_norm
 _COMPACT = {"triton": triton_tokenize, "cuda": cuda_tokenize}
@@ -186,14 +186,14 @@ def sparse_conv_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep:
             visible (the plain dense stack, no masking).
         backend: "auto" (fastest available), "triton", "cuda", "torch" or "reference".
         num_visible: visible patches in every row of ``keep``, when the caller knows it (the usual
-            fixed-ratio masks): the triton backend then runs with no host synchronisation, so
-            under CUDA graphs and ``torch.compile(fullgraph=True)``.
+            fixed-ratio masks): the triton and cuda backends then run with no host
+            synchronisation, so under CUDA graphs and ``torch.compile(fullgraph=True)``.
         packed: return (B, K, D) tokens of the visible patches only (K visible per row, row-major
             order) for encoders that drop masked tokens, instead of (B, N, D).
         pixel_mean, pixel_std: per-channel normalisation of the images, in their own units (for
             uint8 images e.g. 255 * ImageNet's mean and std): the convolution sees
-            (x - mean) / std; the triton backend does it while loading, so uint8 images go in as
-            they are. uint8 images compute in the weights' dtype (or the autocast dtype).
+            (x - mean) / std; the triton and cuda backends do it while loading, so uint8 images
+            go in as they are. uint8 images compute in the weights' dtype (or the autocast dtype).
         norm, pos_embed, mask_token: the token epilogue of a ViT's embedding, applied to the
             tokenizer's output: ``norm = (weight, bias, eps)`` a LayerNorm over D of the visible
             tokens (weight/bias may be None), then ``pos_embed`` (N, D) added at each token's
