@@ -54,7 +54,8 @@ def _keep(batch: int, n: int, mask_ratio: float, device, gen) -> tuple[torch.Ten
 
 
 def make_inputs(s: BenchSetting, mask_ratio: float | None, seed: int = 0):
-    """Float32 images and weights (autocast casts on GPU) and an exact-count mask (None: dense)."""
+    """Float32 images and weights (autocast casts on GPU), an exact-count mask (None: dense) and
+    the mask's kind for the results."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(s.batch, 3, s.img_size, s.img_size, generator=gen).to(s.device)
     weights = [
@@ -63,14 +64,9 @@ def make_inputs(s: BenchSetting, mask_ratio: float | None, seed: int = 0):
         .to(s.device).requires_grad_(True),
     ]
     n = (s.img_size // 16) ** 2
-    keep = None if mask_ratio is None else _keep(s.batch, n, mask_ratio, s.device, gen)[0]
-    return x, weights, keep
-
-
-def mask_kind(mask_ratio: float | None) -> str:
     if mask_ratio is None:
-        return "keep=None"
-    return _keep(2, 196, mask_ratio, "cpu", torch.Generator().manual_seed(0))[1]
+        return x, weights, None, "keep=None"
+    return (x, weights, *_keep(s.batch, n, mask_ratio, s.device, gen))
 
 
 def timed(s: BenchSetting, fn):

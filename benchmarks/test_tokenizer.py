@@ -4,8 +4,9 @@
     python benchmarks/plot.py tokenizer.json tokenizer.png
 
 Backends: every one that runs on the device ("triton" and "cuda" only on a GPU: on the CPU
-they are the interpreter and the kernels' C++ twin), plus ``reference_compiled``, the dense emulation under torch.compile. The sparse
-backends are given ``num_visible`` (fixed-ratio masks, no host synchronisation). Medians after
+they are the interpreter and the kernels' C++ twin), plus ``reference_compiled``, the dense
+emulation under torch.compile. The sparse backends are given ``num_visible`` (fixed-ratio
+masks, no host synchronisation). Medians after
 warm-up; GPU calls synchronise inside the timed region. Peak GPU memory of one call, the first
 call's time (compilation and autotuning included) and the visible patches' convolution FLOPs
 (``useful_gflop``: divide by the median for achieved TFLOP/s) go into each result's extra_info.
@@ -18,7 +19,7 @@ import torch
 
 from scott_kernels import available_backends, reference_tokenize, sparse_conv_tokenize
 
-from conftest import CUDA, SHAPES, gpu_setting, make_inputs, mask_kind, timed
+from conftest import CUDA, SHAPES, gpu_setting, make_inputs, timed
 
 MASK_RATIOS = [None, 0.0, 0.6, 0.75, 0.9]  # None: keep=None, the dense path of the EMA target encoder
 BACKENDS = ["reference", "reference_compiled", "torch", "triton", "cuda"]
@@ -56,7 +57,7 @@ def test_tokenizer(benchmark, setting, backend, direction, mask_ratio, shape):
         setting = gpu_setting(*shape)
     if not _runs(backend, setting.device):
         pytest.skip(f"backend {backend!r} does not run on {setting.device} in this build")
-    x, weights, keep = make_inputs(setting, mask_ratio)
+    x, weights, keep, mask_kind = make_inputs(setting, mask_ratio)
     visible = None if keep is None else int(keep[0].sum())
     autocast = setting.device.type == "cuda" and setting.dtype != torch.float32
 
@@ -78,11 +79,11 @@ def test_tokenizer(benchmark, setting, backend, direction, mask_ratio, shape):
     benchmark.group = f"{direction} {'dense' if mask_ratio is None else f'mask {mask_ratio}'} " \
                       f"B{setting.batch} D{setting.embed_dim}"
     benchmark.extra_info.update(device=str(torch.cuda.get_device_name() if CUDA else "cpu"), backend=backend,
-                                direction=direction, mask_ratio=mask_ratio, mask=mask_kind(mask_ratio),
+                                direction=direction, mask_ratio=mask_ratio, mask=mask_kind,
                                 batch=setting.batch, img_size=setting.img_size, embed_dim=setting.embed_dim,
                                 dtype=str(setting.dtype))
     n = (setting.img_size // 16) ** 2
-    benchmark.extra_info["useful_gflop"] = useful_gflop(setting.batch, n if keep is None else int(keep[0].sum()),
+    benchmark.extra_info["useful_gflop"] = useful_gflop(setting.batch, n if visible is None else visible,
                                                         (setting.hidden,), setting.embed_dim, 7, direction)
     start = time.perf_counter()
     timed(setting, step)()
