@@ -19,7 +19,7 @@ import torch
 
 __all__ = ["visible_tables", "visible_positions", "tokenize_compact", "compact_to_image",
            "register_stage_autograd", "accumulator_dtype", "gemm_weight", "gemm_weight_transposed",
-           "weight_from_partials", "reduction_splits"]
+           "weight_from_partials", "reduction_splits", "check_tables"]
 
 
 def visible_tables(keep: torch.Tensor | None, batch: int, grid_h: int, grid_w: int, device: torch.device,
@@ -49,6 +49,19 @@ def visible_tables(keep: torch.Tensor | None, batch: int, grid_h: int, grid_w: i
     tile_pos.scatter_(0, torch.where(index >= 0, index, num_tiles),
                       torch.arange(positions, dtype=torch.int64, device=device))
     return index.to(torch.int32).view(batch, grid_h, grid_w), tile_pos[:num_tiles]
+
+
+def check_tables(name: str, like: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor) -> None:
+    """Raises unless ``slot``/``tile_pos`` have the table dtypes and shapes, on ``like``'s device."""
+    if slot.dtype != torch.int32 or slot.dim() != 3:
+        raise TypeError(f"{name}: slot must be a 3-D int32 tensor, got {slot.dim()}-D {slot.dtype}")
+    if tile_pos.dtype != torch.int64 or tile_pos.dim() != 1:
+        raise TypeError(f"{name}: tile_pos must be a 1-D int64 tensor, got {tile_pos.dim()}-D {tile_pos.dtype}")
+    if slot.numel() == 0:
+        raise ValueError(f"{name}: slot must cover a non-empty (B, GH, GW) grid, got {tuple(slot.shape)}")
+    for arg, t in (("slot", slot), ("tile_pos", tile_pos)):
+        if t.device != like.device:
+            raise ValueError(f"{name}: {arg} is on {t.device}, expected {like.device}")
 
 
 def visible_positions(keep: torch.Tensor, num_visible: int | None = None) -> torch.Tensor:

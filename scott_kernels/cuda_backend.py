@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from .compact import (accumulator_dtype, gemm_weight, gemm_weight_transposed, reduction_splits,
+from .compact import (accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed, reduction_splits,
                       register_stage_autograd, tokenize_compact, weight_from_partials)
 from .ops import _C
 
@@ -54,20 +54,10 @@ def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
 
 
-def _check_tables(name: str, like: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor) -> None:
-    if slot.dtype != torch.int32 or slot.dim() != 3:
-        raise TypeError(f"{name}: slot must be a 3-D int32 tensor, got {slot.dim()}-D {slot.dtype}")
-    if tile_pos.dtype != torch.int64 or tile_pos.dim() != 1:
-        raise TypeError(f"{name}: tile_pos must be a 1-D int64 tensor, got {tile_pos.dim()}-D {tile_pos.dtype}")
-    for arg, t in (("slot", slot), ("tile_pos", tile_pos)):
-        if t.device != like.device:
-            raise ValueError(f"{name}: {arg} is on {t.device}, expected {like.device}")
-
-
 def _stage(name: str, src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
            in_side: int, src_is_image: bool, pixel_norm: torch.Tensor | None) -> "_C.StageGeometry":
     """Validated geometry of a conv stage."""
-    _check_tables(name, weight, slot, tile_pos)
+    check_tables(name, weight, slot, tile_pos)
     _runs_on(name, weight)
     if weight.dtype not in _CODES or weight.dim() != 4 or weight.shape[2] != weight.shape[3] \
             or weight.shape[2] % 2 == 0:
@@ -206,7 +196,7 @@ def _(grad, out, weight, slot, tile_pos, in_side):
 # MaxBlurPool
 # --------------------------------------------------------------------------------------------
 def _pool(name: str, act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor) -> "_C.PoolGeometry":
-    _check_tables(name, act, slot, tile_pos)
+    check_tables(name, act, slot, tile_pos)
     _runs_on(name, act)
     if act.dtype not in _CODES or act.dim() != 4 or act.shape[1] != act.shape[2] or act.shape[1] % 2 \
             or act.shape[0] != tile_pos.shape[0]:

@@ -40,7 +40,7 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
-from .compact import (accumulator_dtype, gemm_weight, gemm_weight_transposed, reduction_splits,
+from .compact import (accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed, reduction_splits,
                       register_stage_autograd, tokenize_compact, visible_tables, weight_from_partials)
 
 __all__ = ["triton_tokenize", "triton_supports", "visible_tables"]
@@ -421,15 +421,7 @@ def _check_tables(name: str, src: torch.Tensor, slot: torch.Tensor, tile_pos: to
                   image: bool = False) -> None:
     if src.dtype not in _DTYPES and not (image and src.dtype == torch.uint8):
         raise TypeError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got {src.dtype}")
-    if slot.dtype != torch.int32 or slot.dim() != 3:
-        raise TypeError(f"{name}: slot must be a 3-D int32 tensor, got {slot.dim()}-D {slot.dtype}")
-    if tile_pos.dtype != torch.int64 or tile_pos.dim() != 1:
-        raise TypeError(f"{name}: tile_pos must be a 1-D int64 tensor, got {tile_pos.dim()}-D {tile_pos.dtype}")
-    if slot.numel() == 0:
-        raise ValueError(f"{name}: slot must cover a non-empty (B, GH, GW) grid, got {tuple(slot.shape)}")
-    for arg, t in (("slot", slot), ("tile_pos", tile_pos)):
-        if t.device != src.device:
-            raise ValueError(f"{name}: {arg} is on {t.device}, expected {src.device}")
+    check_tables(name, src, slot, tile_pos)
     if not triton_supports(src.device):
         raise RuntimeError(f"{name}: Triton does not run on {src.device} here "
                            "(a CUDA GPU, or the CPU with TRITON_INTERPRET=1)")
