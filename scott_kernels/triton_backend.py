@@ -65,6 +65,12 @@ def triton_supports(device: torch.device) -> bool:
 # Tile-size autotuning: keyed on channel counts, patch side, kernel size and the row count's
 # power of two; results are kept per process and in Triton's on-disk cache (cache_results).
 # --------------------------------------------------------------------------------------------
+def _single_config() -> bool:
+    """SCOTT_TRITON_SINGLE_CONFIG=1: every autotuned kernel keeps only its first config, so a
+    quick GPU check compiles one variant per kernel instead of benchmarking the whole list."""
+    return os.environ.get("SCOTT_TRITON_SINGLE_CONFIG", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def _gemm_configs() -> list:
     if _interpreting():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32})]
@@ -74,15 +80,16 @@ def _gemm_configs() -> list:
                                       (64, 32, 32, 4, 4), (64, 16, 32, 4, 4), (128, 16, 64, 4, 3)]:
         configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
                                      num_stages=stages))
-    return configs
+    return configs[:1] if _single_config() else configs
 
 
 def _pool_configs() -> list:
     if _interpreting():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_C": 32})]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=warps)
-            for bm, bc, warps in [(16, 64, 2), (32, 64, 4), (64, 64, 4), (16, 128, 4), (32, 128, 4),
-                                  (64, 32, 4), (32, 32, 2)]]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=warps)
+               for bm, bc, warps in [(16, 64, 2), (32, 64, 4), (64, 64, 4), (16, 128, 4), (32, 128, 4),
+                                     (64, 32, 4), (32, 32, 2)]]
+    return configs[:1] if _single_config() else configs
 
 
 def _prune_wide(configs, columns: int, block: str = "BLOCK_N"):
