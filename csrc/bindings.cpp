@@ -106,13 +106,14 @@ DType compute_dtype(int code, const char* name) {
 
 void conv_relu(const StageGeometry& g, int dtype, int src_dtype, std::uintptr_t src, std::uintptr_t weight_t,
                std::uintptr_t norm, std::uintptr_t slot, std::uintptr_t tile_pos, std::uintptr_t out, bool on_cuda,
-               std::uintptr_t stream) {
+               std::uintptr_t stream, std::uintptr_t nbr) {
   validate_stage(g, "conv_relu");
   const DType dt = compute_dtype(dtype, "conv_relu");
   if (on_cuda) {
 #ifdef SCOTT_WITH_CUDA
     scott::conv_relu_cuda(g, dt, src_dtype, ptr<const void>(src), ptr<const void>(weight_t), ptr<const void>(norm),
-                          ptr<const int32_t>(slot), ptr<const int64_t>(tile_pos), ptr<void>(out), ptr<void>(stream));
+                          ptr<const int32_t>(slot), ptr<const int64_t>(tile_pos), ptr<void>(out), ptr<int32_t>(nbr),
+                          ptr<void>(stream));
     return;
 #else
     throw std::runtime_error("conv_relu: scott_kernels was built without CUDA");
@@ -125,14 +126,15 @@ void conv_relu(const StageGeometry& g, int dtype, int src_dtype, std::uintptr_t 
 
 void conv_relu_wgrad(const StageGeometry& g, int dtype, int src_dtype, std::uintptr_t src, std::uintptr_t grad,
                      std::uintptr_t out, std::uintptr_t norm, std::uintptr_t slot, std::uintptr_t tile_pos,
-                     std::uintptr_t result, int64_t splits, bool on_cuda, std::uintptr_t stream) {
+                     std::uintptr_t result, int64_t splits, bool on_cuda, std::uintptr_t stream, std::uintptr_t nbr,
+                     std::uintptr_t gmask) {
   validate_stage(g, "conv_relu_wgrad");
   const DType dt = compute_dtype(dtype, "conv_relu_wgrad");
   if (on_cuda) {
 #ifdef SCOTT_WITH_CUDA
     scott::conv_relu_wgrad_cuda(g, dt, src_dtype, ptr<const void>(src), ptr<const void>(grad), ptr<const void>(out),
                                 ptr<const void>(norm), ptr<const int32_t>(slot), ptr<const int64_t>(tile_pos),
-                                ptr<void>(result), splits, ptr<void>(stream));
+                                ptr<void>(result), splits, ptr<int32_t>(nbr), ptr<void>(gmask), ptr<void>(stream));
     return;
 #else
     throw std::runtime_error("conv_relu_wgrad: scott_kernels was built without CUDA");
@@ -146,14 +148,14 @@ void conv_relu_wgrad(const StageGeometry& g, int dtype, int src_dtype, std::uint
 
 void conv_relu_dgrad(const StageGeometry& g, int dtype, std::uintptr_t grad, std::uintptr_t out,
                      std::uintptr_t weight_t, std::uintptr_t slot, std::uintptr_t tile_pos, std::uintptr_t grad_src,
-                     bool on_cuda, std::uintptr_t stream) {
+                     bool on_cuda, std::uintptr_t stream, std::uintptr_t nbr, std::uintptr_t gmask) {
   validate_stage(g, "conv_relu_dgrad");
   const DType dt = compute_dtype(dtype, "conv_relu_dgrad");
   if (on_cuda) {
 #ifdef SCOTT_WITH_CUDA
     scott::conv_relu_dgrad_cuda(g, dt, ptr<const void>(grad), ptr<const void>(out), ptr<const void>(weight_t),
                                 ptr<const int32_t>(slot), ptr<const int64_t>(tile_pos), ptr<void>(grad_src),
-                                ptr<void>(stream));
+                                ptr<int32_t>(nbr), ptr<void>(gmask), ptr<void>(stream));
     return;
 #else
     throw std::runtime_error("conv_relu_dgrad: scott_kernels was built without CUDA");
@@ -199,6 +201,25 @@ void max_blur_pool_backward(const PoolGeometry& g, int dtype, std::uintptr_t gra
   py::gil_scoped_release nogil;
   scott::max_blur_pool_backward_cpu(g, dt, ptr<const void>(grad), ptr<const void>(act), ptr<const int32_t>(slot),
                                     ptr<const int64_t>(tile_pos), ptr<void>(grad_act));
+}
+
+// Which GEMM a stage's convolutions run on: "implicit" or "gather: <why>". on_cuda adds the GPU's
+// rules (float16/bfloat16 on tensor cores); the C++ twin (float32/float64) follows the shape rules.
+std::string conv_gemm_path(const StageGeometry& g, int dtype, int64_t splits, bool on_cuda) {
+  validate_stage(g, "conv_gemm_path");
+  const DType dt = compute_dtype(dtype, "conv_gemm_path");
+  const char* why = scott::conv_gemm_refusal(g, splits);
+  if (why != nullptr) return std::string("gather: ") + why;
+  if (on_cuda) {
+#ifdef SCOTT_WITH_CUDA
+    if (!scott::cuda_implicit_conv(g, dt, splits))
+      return "gather: the implicit GEMM runs float16/bfloat16 on tensor cores (sm_80+)";
+#else
+    return "gather: built without CUDA";
+#endif
+  }
+  (void)dt;
+  return "implicit";
 }
 
 py::dict build_info() {
@@ -300,5 +321,29 @@ PYBIND11_MODULE(_C, m) {
 #endif
       },
       "float16/bfloat16 conv GEMMs on tensor cores (True, default) or CUDA cores (False)");
+  m.def("conv_gemm_path", &conv_gemm_path, py::arg("geometry"), py::arg("dtype"), py::arg("splits"),
+        py::arg("on_cuda"), "\"implicit\" or \"gather: <why>\" for a conv stage's GEMMs");
+  m.def(
+      "set_implicit_gemm", [](bool enabled) { scott::implicit_gemm_enabled() = enabled; },
+      "conv GEMMs on the implicit path where it applies (True, default) or always on the gather GEMM");
+  m.def(
+      "fast_div",
+      [](uint32_t divisor, uint32_t n) {
+        if (divisor == 0 || n >= (1u << 31)) throw std::invalid_argument("fast_div: divisor >= 1, n < 2^31");
+        return scott::FastDiv(divisor).div(n);
+      },
+      "n // divisor through the kernels' multiply-shift division (for tests)");
+  m.def(
+      "tile_neighbours",
+      [](std::uintptr_t slot, std::uintptr_t tile_pos, int64_t t, int64_t batch, int64_t grid_h, int64_t grid_w,
+         int64_t num_tiles) {
+        int32_t out[scott::kNeighbours];
+        scott::tile_neighbours(ptr<const int32_t>(slot), ptr<const int64_t>(tile_pos), t, batch, grid_h, grid_w,
+                               num_tiles, out);
+        py::list l;
+        for (int32_t v : out) l.append(v);
+        return l;
+      },
+      "the 3x3 neighbour slots of tile t from CPU tables (for tests)");
   m.def("build_info", &build_info, "what this build compiled");
 }

@@ -143,16 +143,18 @@ struct ParityClass {
   int64_t cy = 0, cx = 0, ky0 = 0, kx0 = 0, n_ky = 0, n_kx = 0;
 };
 
-SCOTT_HD ParityClass parity_class(const StageGeometry& g, int cls) {
+SCOTT_HD ParityClass parity_class_k(int64_t ksize, int64_t pad, int cls) {
   ParityClass pc;
   pc.cy = cls / 2;
   pc.cx = cls % 2;
-  pc.ky0 = (pc.cy + g.pad()) % 2;
-  pc.kx0 = (pc.cx + g.pad()) % 2;
-  pc.n_ky = (g.ksize - pc.ky0 + 1) / 2;
-  pc.n_kx = (g.ksize - pc.kx0 + 1) / 2;
+  pc.ky0 = (pc.cy + pad) % 2;
+  pc.kx0 = (pc.cx + pad) % 2;
+  pc.n_ky = (ksize - pc.ky0 + 1) / 2;
+  pc.n_kx = (ksize - pc.kx0 + 1) / 2;
   return pc;
 }
+
+SCOTT_HD ParityClass parity_class(const StageGeometry& g, int cls) { return parity_class_k(g.ksize, g.pad(), cls); }
 
 // Class row m (tile, ry, rx) -> row of the compact (M, q, q, C_in) input.
 SCOTT_HD int64_t class_row(const StageGeometry& g, const ParityClass& pc, int64_t m) {
@@ -206,6 +208,162 @@ struct ClassWeights {
     return to_acc<A>(w[((ky * g.ksize + kx) * g.c_out + co) * g.c_in + ci]);
   }
 };
+
+// ---- implicit GEMM path (float16/bfloat16 on tensor cores; the C++ twin runs it in float32/64) ----
+// The gathered operands of the three conv GEMMs, reorganised so that all per-row work happens once
+// per row and every K step moves a 16-byte vector of channels:
+//   * a per-tile 3x3 neighbour table (M, 9) int32 names the visible tile at each neighbouring grid
+//     position (or -1): built once per op by `tile_neighbours`, one thread per tile;
+//   * a row (output pixel, or input pixel of a parity class for dgrad) knows its tile and its
+//     window origin; the K loop runs over (tap, 8-channel vector), so one neighbour lookup serves
+//     8 channels, and every offset is a 32-bit expression of small integers with no division.
+// Valid when the conv's reach stays within one neighbouring patch (pad <= in_side), channels are
+// multiples of 8 (16-byte vectors) and every tensor offset fits in 31 bits (`implicit_conv_plan`).
+constexpr int kNeighbours = 9;
+
+// Slots of the 3x3 patches around tile t's patch (row-major, centre at 4), -1 for a patch that is
+// outside the image, masked, or names no tile; all -1 for a tile position outside the grid.
+SCOTT_HD void tile_neighbours(const int32_t* slot, const int64_t* tile_pos, int64_t t, int64_t batch, int64_t grid_h,
+                              int64_t grid_w, int64_t num_tiles, int32_t* out) {
+  const int64_t cells = grid_h * grid_w;
+  const int64_t pos = tile_pos[t];
+  const bool ok = pos >= 0 && pos < batch * cells;
+  const int64_t b = ok ? pos / cells : 0, gy = ok ? pos % cells / grid_w : 0, gx = ok ? pos % grid_w : 0;
+  for (int d = 0; d < kNeighbours; ++d) {
+    const int64_t ny = gy + d / 3 - 1, nx = gx + d % 3 - 1;
+    int32_t s = -1;
+    if (ok && ny >= 0 && nx >= 0 && ny < grid_h && nx < grid_w) {
+      const int32_t v = slot[(b * grid_h + ny) * grid_w + nx];
+      s = v >= 0 && v < num_tiles ? v : -1;
+    }
+    out[d] = s;
+  }
+}
+
+// n / d for 0 <= n < 2^31 by a multiply-high and a shift (d >= 1 fixed for a launch), so that row
+// decompositions inside loops cost no division.
+struct FastDiv {
+  uint32_t d = 1, mul = 1, shift = 0;
+  FastDiv() = default;
+  explicit FastDiv(uint32_t divisor) : d(divisor) {
+    shift = 0;
+    while ((uint64_t(1) << shift) < divisor) ++shift;
+    mul = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << shift) - divisor)) / divisor + 1);
+  }
+  SCOTT_HD uint32_t div(uint32_t n) const {
+#if defined(__CUDA_ARCH__)
+    const uint32_t hi = __umulhi(n, mul);
+#else
+    const uint32_t hi = static_cast<uint32_t>((uint64_t(n) * mul) >> 32);
+#endif
+    return (hi + n) >> shift;
+  }
+};
+
+// 32-bit geometry of one conv stage on the implicit path (from StageGeometry, checked on the host).
+struct ImplicitConv {
+  int32_t num_tiles = 0, q = 0, s = 0, pad = 0, k = 0, c_in = 0, c_out = 0;
+  FastDiv area_out, side_out;  // divisions by s*s and s
+};
+
+// Why the implicit path cannot run a stage, or nullptr when it can (then `ic` is filled): the same
+// rule on the GPU and in the C++ twin. A stage it refuses runs the gather GEMM (64-bit indices).
+inline const char* implicit_conv_plan(const StageGeometry& g, int64_t splits, ImplicitConv& ic) {
+  if (g.src_image) return "image sources have their own kernels";
+  if (g.c_in % 8 || g.c_out % 8) return "channels must be multiples of 8 (16-byte vectors)";
+  if (g.pad() > g.in_side) return "the kernel reaches beyond the neighbouring patches (pad > in_side)";
+  // every offset the kernels form is bounded by one of these element counts
+  const int64_t limit = int64_t(1) << 31;
+  const int64_t widest = g.c_in > g.c_out ? g.c_in : g.c_out;
+  const int64_t weights = g.ksize * g.ksize * g.c_in * g.c_out;
+  if (g.num_tiles * g.in_side * g.in_side * widest >= limit || g.num_tiles * kNeighbours >= limit ||
+      (splits < 1 ? 1 : splits) * weights >= limit)
+    return "a tensor passes 2^31 elements (32-bit offsets)";
+  ic.num_tiles = static_cast<int32_t>(g.num_tiles);
+  ic.q = static_cast<int32_t>(g.in_side);
+  ic.s = static_cast<int32_t>(g.out_side());
+  ic.pad = static_cast<int32_t>(g.pad());
+  ic.k = static_cast<int32_t>(g.ksize);
+  ic.c_in = static_cast<int32_t>(g.c_in);
+  ic.c_out = static_cast<int32_t>(g.c_out);
+  ic.area_out = FastDiv(static_cast<uint32_t>(ic.s * ic.s));
+  ic.side_out = FastDiv(static_cast<uint32_t>(ic.s));
+  return nullptr;
+}
+
+// Local coordinate v on an axis of patch side n, -n <= v < 2n -> neighbour index 0..2 along that
+// axis, and v made local to that patch.
+SCOTT_HD int32_t neighbour_axis(int32_t& v, int32_t n) {
+  const int32_t d = (v >= 0) + (v >= n);
+  v -= (d - 1) * n;
+  return d;
+}
+
+// A GEMM row of the forward / wgrad window: output pixel r = (tile, oy, ox); the window's origin
+// (y0, x0) = (2 oy - pad, 2 ox - pad) in the tile's local input coordinates.
+struct ImplicitRow {
+  int32_t tile, y0, x0;
+};
+
+SCOTT_HD ImplicitRow conv_row(const ImplicitConv& g, int32_t r) {
+  const int32_t tile = static_cast<int32_t>(g.area_out.div(static_cast<uint32_t>(r)));
+  const int32_t rem = r - tile * g.s * g.s;
+  const int32_t oy = static_cast<int32_t>(g.side_out.div(static_cast<uint32_t>(rem)));
+  return {tile, 2 * oy - g.pad, 2 * (rem - oy * g.s) - g.pad};
+}
+
+// Offset of channel c of the input pixel that tap (ky, kx) of window (y0, x0) reads, in the
+// compact (M, q, q, C_in) source, or -1 (masked, outside the image). nb: the tile's 9 neighbours.
+SCOTT_HD int32_t conv_src_offset(const ImplicitConv& g, const int32_t* nb, int32_t y0, int32_t x0, int32_t ky,
+                                 int32_t kx, int32_t c) {
+  int32_t y = y0 + ky, x = x0 + kx;
+  const int32_t dy = neighbour_axis(y, g.q), dx = neighbour_axis(x, g.q);
+  const int32_t t = nb[dy * 3 + dx];
+  return t < 0 ? -1 : ((t * g.q + y) * g.q + x) * g.c_in + c;
+}
+
+// Row of the (k*k*C_in, C_out) forward weight (and of the wgrad result) for tap (ky, kx), channel c.
+SCOTT_HD int32_t conv_weight_row(const ImplicitConv& g, int32_t ky, int32_t kx, int32_t c) {
+  return (ky * g.k + kx) * g.c_in + c;
+}
+
+// dgrad row m of parity class pc: input pixel (ly, lx) = (2 ry + cy, 2 rx + cx) of `tile`; the
+// output pixel it reads through tap (ky0 + 2j, kx0 + 2i) is (y0 - j, x0 - i) in the tile's local
+// output coordinates, with (y0, x0) = ((ly + pad - ky0) / 2, (lx + pad - kx0) / 2) (exact by the
+// class). dst: the row of the compact (M, q, q, C_in) input gradient.
+struct DgradRow {
+  int32_t tile, y0, x0, dst;
+};
+
+SCOTT_HD DgradRow dgrad_row(const ImplicitConv& g, const ParityClass& pc, int32_t m) {
+  const int32_t tile = static_cast<int32_t>(g.area_out.div(static_cast<uint32_t>(m)));
+  const int32_t rem = m - tile * g.s * g.s;
+  const int32_t ry = static_cast<int32_t>(g.side_out.div(static_cast<uint32_t>(rem)));
+  const int32_t ly = 2 * ry + static_cast<int32_t>(pc.cy), lx = 2 * (rem - ry * g.s) + static_cast<int32_t>(pc.cx);
+  return {tile, (ly + g.pad - static_cast<int32_t>(pc.ky0)) / 2, (lx + g.pad - static_cast<int32_t>(pc.kx0)) / 2,
+          (tile * g.q + ly) * g.q + lx};
+}
+
+// Offset of channel co of the masked output gradient g' (M, s, s, C_out) that dgrad row (y0, x0)
+// reads through class tap (j, i), or -1.
+SCOTT_HD int32_t dgrad_grad_offset(const ImplicitConv& g, const int32_t* nb, int32_t y0, int32_t x0, int32_t j,
+                                   int32_t i, int32_t co) {
+  int32_t y = y0 - j, x = x0 - i;
+  const int32_t dy = neighbour_axis(y, g.s), dx = neighbour_axis(x, g.s);
+  const int32_t t = nb[dy * 3 + dx];
+  return t < 0 ? -1 : ((t * g.s + y) * g.s + x) * g.c_out + co;
+}
+
+// Row of the (k*k*C_out, C_in) input-gradient weight for class tap (j, i), output channel co.
+SCOTT_HD int32_t dgrad_weight_row(const ImplicitConv& g, const ParityClass& pc, int32_t j, int32_t i, int32_t co) {
+  return ((static_cast<int32_t>(pc.ky0) + 2 * j) * g.k + static_cast<int32_t>(pc.kx0) + 2 * i) * g.c_out + co;
+}
+
+// g' = grad * (out > 0), element i: the masked output gradient both backward GEMMs read.
+template <typename T, typename A>
+SCOTT_HD T relu_grad_value(const T* grad, const T* out, int64_t i) {
+  return to_acc<A>(out[i]) > A(0) ? grad[i] : from_acc<T>(A(0));
+}
 
 // ---- MaxBlurPool ------------------------------------------------------------------------------------
 struct PoolGeometry {
@@ -291,6 +449,12 @@ SCOTT_HD A max_blur_pool_grad_at(const PoolGeometry& g, const T* grad, const T* 
 // uint8 for images, code 4). Every pointer is a device pointer for the CUDA versions.
 constexpr int kUInt8 = 4;
 
+// The implicit conv GEMMs on (default) or off: off, every stage runs the gather GEMM. Shared by the
+// CUDA kernels and the C++ twin, so the twin tests can run either path.
+bool& implicit_gemm_enabled();
+// nullptr when a stage runs on the implicit path, else why not (dtype rules included for CUDA).
+const char* conv_gemm_refusal(const StageGeometry& g, int64_t splits);
+
 void conv_relu_cpu(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* weight_t,
                    const void* norm, const int32_t* slot, const int64_t* tile_pos, void* out);
 void conv_relu_wgrad_cpu(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* grad,
@@ -305,18 +469,22 @@ void max_blur_pool_backward_cpu(const PoolGeometry& g, DType dtype, const void* 
 
 #ifdef SCOTT_WITH_CUDA
 void conv_relu_cuda(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* weight_t,
-                    const void* norm, const int32_t* slot, const int64_t* tile_pos, void* out, void* stream);
+                    const void* norm, const int32_t* slot, const int64_t* tile_pos, void* out, int32_t* nbr,
+                    void* stream);
 // partial: (splits, K, C_out) accumulator-typed (float, or double for float64) buffer
 void conv_relu_wgrad_cuda(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* grad,
                           const void* out, const void* norm, const int32_t* slot, const int64_t* tile_pos,
-                          void* partial, int64_t splits, void* stream);
+                          void* partial, int64_t splits, int32_t* nbr, void* gmask, void* stream);
 void conv_relu_dgrad_cuda(const StageGeometry& g, DType dtype, const void* grad, const void* out,
                           const void* weight_t, const int32_t* slot, const int64_t* tile_pos, void* grad_src,
-                          void* stream);
+                          int32_t* nbr, void* gmask, void* stream);
 void max_blur_pool_cuda(const PoolGeometry& g, DType dtype, const void* act, const int32_t* slot,
                         const int64_t* tile_pos, void* out, void* stream);
 void max_blur_pool_backward_cuda(const PoolGeometry& g, DType dtype, const void* grad, const void* act,
                                  const int32_t* slot, const int64_t* tile_pos, void* grad_act, void* stream);
+// The CUDA conv entry points take scratch: nbr (M, 9) int32 and, for the backward GEMMs, gmask
+// (M, s, s, C_out) in the compute dtype; both used only on the implicit path (cuda_implicit_conv).
+bool cuda_implicit_conv(const StageGeometry& g, DType dtype, int64_t splits);
 // float16/bfloat16 GEMMs on tensor cores (default) or on the SIMT kernel (for comparison)
 void set_tensor_cores(bool enabled);
 #endif

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <algorithm>
 #include <vector>
 
 #include "tokenizer.h"
@@ -70,6 +71,102 @@ void dgrad_typed(const StageGeometry& g, const void* grad, const void* out, cons
   }
 }
 
+// ---- the implicit GEMM path, computed through the same index functions as the CUDA kernels ----
+std::vector<int32_t> neighbour_table(const StageGeometry& g, const int32_t* slot, const int64_t* tile_pos) {
+  std::vector<int32_t> nb(static_cast<size_t>(g.num_tiles) * kNeighbours);
+  for (int64_t t = 0; t < g.num_tiles; ++t)
+    tile_neighbours(slot, tile_pos, t, g.batch, g.grid_h, g.grid_w, g.num_tiles, &nb[t * kNeighbours]);
+  return nb;
+}
+
+template <typename T>
+std::vector<T> masked_grad(const StageGeometry& g, const T* grad, const T* out) {
+  const int64_t n = g.out_rows() * g.c_out;
+  std::vector<T> gm(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) gm[i] = relu_grad_value<T, T>(grad, out, i);
+  return gm;
+}
+
+// Each (row, tap, 8-channel vector) step below is one 16-byte operand load of the CUDA kernel.
+template <typename T>
+void implicit_forward(const StageGeometry& g, const ImplicitConv& ic, const T* src, const T* w, const int32_t* slot,
+                      const int64_t* tile_pos, T* out) {
+  const std::vector<int32_t> nb = neighbour_table(g, slot, tile_pos);
+  const int32_t rows = static_cast<int32_t>(g.out_rows());
+#pragma omp parallel
+  {
+    std::vector<T> acc(static_cast<size_t>(ic.c_out));
+#pragma omp for schedule(static)
+    for (int32_t r = 0; r < rows; ++r) {
+      const ImplicitRow row = conv_row(ic, r);
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int32_t ky = 0; ky < ic.k; ++ky)
+        for (int32_t kx = 0; kx < ic.k; ++kx)
+          for (int32_t c = 0; c < ic.c_in; c += 8) {
+            const int32_t off = conv_src_offset(ic, &nb[row.tile * kNeighbours], row.y0, row.x0, ky, kx, c);
+            if (off < 0) continue;
+            const int32_t wr = conv_weight_row(ic, ky, kx, c);
+            for (int e = 0; e < 8; ++e)
+              for (int32_t n = 0; n < ic.c_out; ++n) acc[n] += src[off + e] * w[(wr + e) * ic.c_out + n];
+          }
+      for (int32_t n = 0; n < ic.c_out; ++n) out[r * ic.c_out + n] = acc[n] > T(0) ? acc[n] : T(0);
+    }
+  }
+}
+
+template <typename T>
+void implicit_wgrad(const StageGeometry& g, const ImplicitConv& ic, const T* src, const T* grad, const T* out,
+                    const int32_t* slot, const int64_t* tile_pos, T* dw) {
+  const std::vector<int32_t> nb = neighbour_table(g, slot, tile_pos);
+  const std::vector<T> gm = masked_grad(g, grad, out);
+  const int32_t rows = static_cast<int32_t>(g.out_rows());
+  std::fill(dw, dw + ic.k * ic.k * ic.c_in * ic.c_out, T(0));
+#pragma omp parallel for schedule(static)
+  for (int32_t tap = 0; tap < ic.k * ic.k; ++tap) {  // taps own disjoint result rows
+    const int32_t ky = tap / ic.k, kx = tap % ic.k;
+    for (int32_t r = 0; r < rows; ++r) {
+      const ImplicitRow row = conv_row(ic, r);
+      for (int32_t c = 0; c < ic.c_in; c += 8) {
+        const int32_t off = conv_src_offset(ic, &nb[row.tile * kNeighbours], row.y0, row.x0, ky, kx, c);
+        if (off < 0) continue;
+        const int32_t wr = conv_weight_row(ic, ky, kx, c);
+        for (int e = 0; e < 8; ++e)
+          for (int32_t n = 0; n < ic.c_out; ++n) dw[(wr + e) * ic.c_out + n] += src[off + e] * gm[r * ic.c_out + n];
+      }
+    }
+  }
+}
+
+template <typename T>
+void implicit_dgrad(const StageGeometry& g, const ImplicitConv& ic, const T* grad, const T* out, const T* wt,
+                    const int32_t* slot, const int64_t* tile_pos, T* dsrc) {
+  const std::vector<int32_t> nb = neighbour_table(g, slot, tile_pos);
+  const std::vector<T> gm = masked_grad(g, grad, out);
+  const int32_t rows = static_cast<int32_t>(g.out_rows());  // rows per parity class: M * (q/2)^2
+  for (int cls = 0; cls < 4; ++cls) {
+    const ParityClass pc = parity_class(g, cls);
+#pragma omp parallel
+    {
+      std::vector<T> acc(static_cast<size_t>(ic.c_in));
+#pragma omp for schedule(static)
+      for (int32_t m = 0; m < rows; ++m) {
+        const DgradRow row = dgrad_row(ic, pc, m);
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (int32_t j = 0; j < pc.n_ky; ++j)
+          for (int32_t i = 0; i < pc.n_kx; ++i)
+            for (int32_t co = 0; co < ic.c_out; co += 8) {
+              const int32_t off = dgrad_grad_offset(ic, &nb[row.tile * kNeighbours], row.y0, row.x0, j, i, co);
+              if (off < 0) continue;
+              const int32_t wr = dgrad_weight_row(ic, pc, j, i, co);
+              for (int e = 0; e < 8; ++e)
+                for (int32_t n = 0; n < ic.c_in; ++n) acc[n] += gm[off + e] * wt[(wr + e) * ic.c_in + n];
+            }
+        for (int32_t n = 0; n < ic.c_in; ++n) dsrc[row.dst * ic.c_in + n] = acc[n];
+      }
+    }
+  }
+}
+
 template <typename F>
 void for_each_element(int64_t rows, int64_t channels, const F& f) {
 #pragma omp parallel for schedule(static)
@@ -93,10 +190,26 @@ void for_each_element(int64_t rows, int64_t channels, const F& f) {
     }                                                                          \
   } while (0)
 
+bool& implicit_gemm_enabled() {
+  static bool enabled = true;
+  return enabled;
+}
+
+const char* conv_gemm_refusal(const StageGeometry& g, int64_t splits) {
+  if (!implicit_gemm_enabled()) return "the implicit GEMM is switched off";
+  ImplicitConv ic;
+  return implicit_conv_plan(g, splits, ic);
+}
+
 void conv_relu_cpu(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* weight_t,
                    const void* norm, const int32_t* slot, const int64_t* tile_pos, void* out) {
+  ImplicitConv ic;
+  const bool implicit = implicit_gemm_enabled() && implicit_conv_plan(g, 1, ic) == nullptr;
   SCOTT_CPU_DISPATCH(dtype, "conv_relu", {
-    if (src_dtype == kUInt8)
+    if (implicit)
+      implicit_forward<T>(g, ic, static_cast<const T*>(src), static_cast<const T*>(weight_t), slot, tile_pos,
+                          static_cast<T*>(out));
+    else if (src_dtype == kUInt8)
       conv_relu_typed<T, uint8_t>(g, src, weight_t, norm, slot, tile_pos, out);
     else
       conv_relu_typed<T, T>(g, src, weight_t, norm, slot, tile_pos, out);
@@ -106,8 +219,13 @@ void conv_relu_cpu(const StageGeometry& g, DType dtype, int src_dtype, const voi
 void conv_relu_wgrad_cpu(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* grad,
                          const void* out, const void* norm, const int32_t* slot, const int64_t* tile_pos,
                          void* grad_weight_t) {
+  ImplicitConv ic;
+  const bool implicit = implicit_gemm_enabled() && implicit_conv_plan(g, 1, ic) == nullptr;
   SCOTT_CPU_DISPATCH(dtype, "conv_relu_wgrad", {
-    if (src_dtype == kUInt8)
+    if (implicit)
+      implicit_wgrad<T>(g, ic, static_cast<const T*>(src), static_cast<const T*>(grad), static_cast<const T*>(out),
+                        slot, tile_pos, static_cast<T*>(grad_weight_t));
+    else if (src_dtype == kUInt8)
       wgrad_typed<T, uint8_t>(g, src, grad, out, norm, slot, tile_pos, grad_weight_t);
     else
       wgrad_typed<T, T>(g, src, grad, out, norm, slot, tile_pos, grad_weight_t);
@@ -116,7 +234,15 @@ void conv_relu_wgrad_cpu(const StageGeometry& g, DType dtype, int src_dtype, con
 
 void conv_relu_dgrad_cpu(const StageGeometry& g, DType dtype, const void* grad, const void* out,
                          const void* weight_t, const int32_t* slot, const int64_t* tile_pos, void* grad_src) {
-  SCOTT_CPU_DISPATCH(dtype, "conv_relu_dgrad", dgrad_typed<T>(g, grad, out, weight_t, slot, tile_pos, grad_src));
+  ImplicitConv ic;
+  const bool implicit = implicit_gemm_enabled() && implicit_conv_plan(g, 1, ic) == nullptr;
+  SCOTT_CPU_DISPATCH(dtype, "conv_relu_dgrad", {
+    if (implicit)
+      implicit_dgrad<T>(g, ic, static_cast<const T*>(grad), static_cast<const T*>(out),
+                        static_cast<const T*>(weight_t), slot, tile_pos, static_cast<T*>(grad_src));
+    else
+      dgrad_typed<T>(g, grad, out, weight_t, slot, tile_pos, grad_src);
+  });
 }
 
 void max_blur_pool_cpu(const PoolGeometry& g, DType dtype, const void* act, const int32_t* slot,

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "tokenizer.h"
 
@@ -285,6 +286,453 @@ struct PoolBackward {
   }
 };
 
+// ---- implicit conv GEMMs on tensor cores (float16 / bfloat16, sm_80+) ------------------------------
+// Hand-written rather than built on CUTLASS/CuTe: the operand gather (neighbour table, parity-class
+// taps) is the whole difficulty and CuTe would need it written as custom gather layouts anyway; the
+// GEMM core below is one ~100-line mainloop (cp.async 16-byte loads into a 4-stage shared-memory
+// ring, ldmatrix fragments, mma.sync m16n8k16 with float32 accumulation), it needs no new build
+// dependency and compiles in seconds on small CI machines. The same kernels serve sm_80 and sm_90a
+// (mma.sync runs on Hopper; wgmma would be the next step there).
+//
+// Every block: BK = 32 K elements per step, 4 stages; warps own 64 x 32 tiles of C (4 x 4 mma tiles).
+// Operand layouts in shared memory: B always [k][n] (n contiguous), A [m][k] (forward, dgrad) or
+// [k][m] (wgrad, whose A is the transposed window); rows padded by 8 elements so that the 8 row
+// addresses of an ldmatrix fall on distinct banks.
+namespace ig {
+
+constexpr int BK = 32, STAGES = 4, PAD = 8;
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; a zero source size fills zeros (masked or out-of-range operands)
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+template <typename T> struct Pack2;
+template <> struct Pack2<__nv_bfloat16> {
+  static __device__ __forceinline__ __nv_bfloat162 make(float a, float b) { return __floats2bfloat162_rn(a, b); }
+};
+template <> struct Pack2<__half> {
+  static __device__ __forceinline__ __half2 make(float a, float b) { return __floats2half2_rn(a, b); }
+};
+
+template <int BM, int BN, bool A_KMAJOR>
+struct Tile {
+  static constexpr int kThreads = (BM / 64) * (BN / 32) * 32;
+  static constexpr int kAStage = A_KMAJOR ? BK * (BM + PAD) : BM * (BK + PAD);  // elements
+  static constexpr int kBStage = BK * (BN + PAD);
+  static constexpr int kABytes = STAGES * (kAStage + kBStage) * 2;
+};
+
+// The pipelined K loop: `load(a_stage, b_stage)` issues the cp.async copies of the next K step
+// (called in K order); acc[mi][ni] is the warp's (16 x 8) mma tile (mi, ni) of its 64 x 32 tile.
+template <typename T, int BM, int BN, bool A_KMAJOR, class Load>
+__device__ __forceinline__ void mainloop(float (&acc)[4][4][4], T* sa, T* sb, int kiters, Load&& load) {
+  using TL = Tile<BM, BN, A_KMAJOR>;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int wm = warp / (BN / 32), wn = warp % (BN / 32);
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < kiters) load(sa + s * TL::kAStage, sb + s * TL::kBStage);
+    cp_async_commit();
+  }
+  // per-lane ldmatrix offsets (elements) within a stage, for k sub-step 0
+  const int mat = lane / 8, mrow = lane % 8;
+  int a_off[4];
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi)
+    a_off[mi] = A_KMAJOR ? (mrow + (mat / 2) * 8) * (BM + PAD) + wm * 64 + mi * 16 + (mat % 2) * 8
+                         : (wm * 64 + mi * 16 + lane % 16) * (BK + PAD) + (lane / 16) * 8;
+  int b_off[2];
+#pragma unroll
+  for (int nj = 0; nj < 2; ++nj) b_off[nj] = (mrow + (mat % 2) * 8) * (BN + PAD) + wn * 32 + nj * 16 + (mat / 2) * 8;
+
+  for (int kit = 0; kit < kiters; ++kit) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // step kit has landed; every warp is done with the stage refilled below
+    const int next = kit + STAGES - 1;
+    if (next < kiters) load(sa + (next % STAGES) * TL::kAStage, sb + (next % STAGES) * TL::kBStage);
+    cp_async_commit();
+    const uint32_t a_base = smem_u32(sa + (kit % STAGES) * TL::kAStage);
+    const uint32_t b_base = smem_u32(sb + (kit % STAGES) * TL::kBStage);
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      uint32_t af[4][4], bf[4][2];
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi) {
+        if constexpr (A_KMAJOR)
+          ldmatrix_x4_trans(af[mi], a_base + 2 * (a_off[mi] + kk * (BM + PAD)));
+        else
+          ldmatrix_x4(af[mi], a_base + 2 * (a_off[mi] + kk));
+      }
+#pragma unroll
+      for (int nj = 0; nj < 2; ++nj) {
+        uint32_t r[4];
+        ldmatrix_x4_trans(r, b_base + 2 * (b_off[nj] + kk * (BN + PAD)));
+        bf[2 * nj][0] = r[0];
+        bf[2 * nj][1] = r[1];
+        bf[2 * nj + 1][0] = r[2];
+        bf[2 * nj + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni]);
+    }
+  }
+  cp_async_wait<0>();
+}
+
+// The accumulators as (row, column, value pair) of the block tile: f(m, n, v[n], v[n + 1]).
+template <int BN, class F>
+__device__ __forceinline__ void for_each_pair(const float (&acc)[4][4][4], F&& f) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int wm = warp / (BN / 32), wn = warp % (BN / 32);
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni)
+        f(wm * 64 + mi * 16 + h * 8 + lane / 4, wn * 32 + ni * 8 + (lane % 4) * 2, acc[mi][ni][2 * h],
+          acc[mi][ni][2 * h + 1]);
+}
+
+// A block's tiles' neighbour slots, copied once into shared memory; returns the first tile.
+__device__ __forceinline__ int32_t stage_neighbours(const ImplicitConv& g, const int32_t* nbr, int32_t m0,
+                                                    int32_t m_last, int32_t* snb) {
+  const int32_t t0 = static_cast<int32_t>(g.area_out.div(static_cast<uint32_t>(m0)));
+  const int32_t t1 = static_cast<int32_t>(g.area_out.div(static_cast<uint32_t>(m_last)));
+  for (int i = threadIdx.x; i < (t1 - t0 + 1) * kNeighbours; i += blockDim.x) snb[i] = nbr[t0 * kNeighbours + i];
+  return t0;
+}
+
+template <typename T>
+struct FwdArgs {
+  ImplicitConv g;
+  const T* src;      // (M, q, q, C_in)
+  const T* weight;   // (k*k*C_in, C_out)
+  const int32_t* nbr;
+  T* out;            // (M, s, s, C_out)
+  int32_t rows;      // M * s * s
+};
+
+constexpr int FWD_BM = 128, FWD_BN = 128;
+using FwdTile = Tile<FWD_BM, FWD_BN, false>;
+constexpr int FWD_SMEM = FwdTile::kABytes + (FWD_BM + 1) * kNeighbours * 4;
+
+// Forward: out[r, co] = relu(sum over (tap, ci) window(r, tap, ci) * w[tap, ci, co]). Block: 128
+// output pixels x 128 output channels; K steps (ky, kx, 32 input channels).
+template <typename T>
+__global__ void __launch_bounds__(FwdTile::kThreads, 2) scott_conv_fwd_igemm(FwdArgs<T> p) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  constexpr int BM = FWD_BM, BN = FWD_BN, NT = FwdTile::kThreads;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sa = reinterpret_cast<T*>(smem);
+  T* sb = sa + STAGES * FwdTile::kAStage;
+  int32_t* snb = reinterpret_cast<int32_t*>(sb + STAGES * FwdTile::kBStage);
+  const ImplicitConv& g = p.g;
+  const int tid = threadIdx.x;
+  const int32_t m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+  const int32_t t0 = stage_neighbours(g, p.nbr, m0, min(m0 + BM, p.rows) - 1, snb);
+
+  // A: thread -> rows (tid / 4 + 64 p), channel vector tid % 4; per-row work once, here.
+  constexpr int A_ROWS = NT / (BK / 8), A_PASSES = BM / A_ROWS;
+  int32_t a_nb[A_PASSES], a_y0[A_PASSES], a_x0[A_PASSES];
+#pragma unroll
+  for (int i = 0; i < A_PASSES; ++i) {
+    const int32_t r = m0 + tid / (BK / 8) + i * A_ROWS;
+    const ImplicitRow row = conv_row(g, r < p.rows ? r : 0);
+    a_nb[i] = r < p.rows ? (row.tile - t0) * kNeighbours : -1;
+    a_y0[i] = row.y0;
+    a_x0[i] = row.x0;
+  }
+  const int a_vec = (tid % (BK / 8)) * 8;
+  // B: thread -> k rows (tid / 16 + 16 p), columns n0 + 8 (tid % 16)
+  constexpr int B_ROWS = NT / (BN / 8), B_PASSES = BK / B_ROWS;
+  const int32_t b_col = n0 + (tid % (BN / 8)) * 8;
+  const bool b_ok = b_col < g.c_out;
+  __syncthreads();
+
+  int32_t ky = 0, kx = 0, c0 = 0;  // the next K step to load
+  const int kiters = g.k * g.k * ((g.c_in + BK - 1) / BK);
+  auto load = [&](T* a, T* b) {
+#pragma unroll
+    for (int i = 0; i < A_PASSES; ++i) {
+      const int32_t c = c0 + a_vec;
+      const int32_t off = (a_nb[i] >= 0 && c < g.c_in)
+                              ? conv_src_offset(g, snb + a_nb[i], a_y0[i], a_x0[i], ky, kx, c) : -1;
+      cp_async16(smem_u32(a + (tid / (BK / 8) + i * A_ROWS) * (BK + PAD) + a_vec), p.src + (off < 0 ? 0 : off),
+                 off >= 0);
+    }
+#pragma unroll
+    for (int i = 0; i < B_PASSES; ++i) {
+      const int kr = tid / (BN / 8) + i * B_ROWS;
+      const bool ok = b_ok && c0 + kr < g.c_in;
+      const int32_t w = ok ? conv_weight_row(g, ky, kx, c0 + kr) * g.c_out + b_col : 0;
+      cp_async16(smem_u32(b + kr * (BN + PAD) + (tid % (BN / 8)) * 8), p.weight + w, ok);
+    }
+    c0 += BK;
+    if (c0 >= g.c_in) {
+      c0 = 0;
+      if (++kx == g.k) { kx = 0; ++ky; }
+    }
+  };
+  float acc[4][4][4] = {};
+  mainloop<T, BM, BN, false>(acc, sa, sb, kiters, load);
+  for_each_pair<BN>(acc, [&](int mm, int nn, float v0, float v1) {
+    const int32_t m = m0 + mm, n = n0 + nn;
+    if (m < p.rows && n < g.c_out)
+      *reinterpret_cast<decltype(Pack2<T>::make(0.f, 0.f))*>(p.out + m * g.c_out + n) =
+          Pack2<T>::make(fmaxf(v0, 0.f), fmaxf(v1, 0.f));
+  });
+#else
+  __trap();
+#endif
+}
+
+template <typename T>
+struct DgradArgs {
+  ImplicitConv g;
+  const T* gmask;    // g' (M, s, s, C_out)
+  const T* weight;   // (k*k*C_out, C_in)
+  const int32_t* nbr;
+  T* dsrc;           // (M, q, q, C_in)
+  int32_t rows;      // rows per parity class: M * s * s
+};
+
+constexpr int DG_BM = 128, DG_BN = 64;
+using DgTile = Tile<DG_BM, DG_BN, false>;
+constexpr int DG_SMEM = DgTile::kABytes + (DG_BM + 1) * kNeighbours * 4;
+
+// Input gradient, one parity class of input pixels per blockIdx.z (the class with most taps first):
+// dsrc[p, ci] = sum over (class tap, co) g'(output pixel reading p, co) * w[tap, co, ci]. Block: 128
+// input pixels x 64 input channels; K steps (j, i, 32 output channels).
+template <typename T>
+__global__ void __launch_bounds__(DgTile::kThreads, 4) scott_conv_dgrad_igemm(DgradArgs<T> p) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  constexpr int BM = DG_BM, BN = DG_BN, NT = DgTile::kThreads;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sa = reinterpret_cast<T*>(smem);
+  T* sb = sa + STAGES * DgTile::kAStage;
+  int32_t* snb = reinterpret_cast<int32_t*>(sb + STAGES * DgTile::kBStage);
+  const ImplicitConv& g = p.g;
+  const ParityClass pc = parity_class_k(g.k, g.pad, 3 - static_cast<int>(blockIdx.z));  // (1,1) first: most taps at odd pad
+  const int tid = threadIdx.x;
+  const int32_t m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+  const int32_t t0 = stage_neighbours(g, p.nbr, m0, min(m0 + BM, p.rows) - 1, snb);
+
+  constexpr int A_ROWS = NT / (BK / 8), A_PASSES = BM / A_ROWS;
+  int32_t a_nb[A_PASSES], a_y0[A_PASSES], a_x0[A_PASSES];
+#pragma unroll
+  for (int i = 0; i < A_PASSES; ++i) {
+    const int32_t r = m0 + tid / (BK / 8) + i * A_ROWS;
+    const DgradRow row = dgrad_row(g, pc, r < p.rows ? r : 0);
+    a_nb[i] = r < p.rows ? (row.tile - t0) * kNeighbours : -1;
+    a_y0[i] = row.y0;
+    a_x0[i] = row.x0;
+  }
+  const int a_vec = (tid % (BK / 8)) * 8;
+  constexpr int B_ROWS = NT / (BN / 8), B_PASSES = BK / B_ROWS;
+  const int32_t b_col = n0 + (tid % (BN / 8)) * 8;
+  const bool b_ok = b_col < g.c_in;
+  __syncthreads();
+
+  const int32_t n_kx = static_cast<int32_t>(pc.n_kx);
+  int32_t j = 0, i_tap = 0, c0 = 0;
+  const int kiters = static_cast<int>(pc.n_ky * pc.n_kx) * ((g.c_out + BK - 1) / BK);
+  auto load = [&](T* a, T* b) {
+#pragma unroll
+    for (int i = 0; i < A_PASSES; ++i) {
+      const int32_t c = c0 + a_vec;
+      const int32_t off = (a_nb[i] >= 0 && c < g.c_out)
+                              ? dgrad_grad_offset(g, snb + a_nb[i], a_y0[i], a_x0[i], j, i_tap, c) : -1;
+      cp_async16(smem_u32(a + (tid / (BK / 8) + i * A_ROWS) * (BK + PAD) + a_vec), p.gmask + (off < 0 ? 0 : off),
+                 off >= 0);
+    }
+#pragma unroll
+    for (int i = 0; i < B_PASSES; ++i) {
+      const int kr = tid / (BN / 8) + i * B_ROWS;
+      const bool ok = b_ok && c0 + kr < g.c_out;
+      const int32_t w = ok ? dgrad_weight_row(g, pc, j, i_tap, c0 + kr) * g.c_in + b_col : 0;
+      cp_async16(smem_u32(b + kr * (BN + PAD) + (tid % (BN / 8)) * 8), p.weight + w, ok);
+    }
+    c0 += BK;
+    if (c0 >= g.c_out) {
+      c0 = 0;
+      if (++i_tap == n_kx) { i_tap = 0; ++j; }
+    }
+  };
+  float acc[4][4][4] = {};
+  mainloop<T, BM, BN, false>(acc, sa, sb, kiters, load);
+  for_each_pair<BN>(acc, [&](int mm, int nn, float v0, float v1) {
+    const int32_t m = m0 + mm, n = n0 + nn;
+    if (m < p.rows && n < g.c_in)
+      *reinterpret_cast<decltype(Pack2<T>::make(0.f, 0.f))*>(p.dsrc + dgrad_row(g, pc, m).dst * g.c_in + n) =
+          Pack2<T>::make(v0, v1);
+  });
+#else
+  __trap();
+#endif
+}
+
+template <typename T>
+struct WgradArgs {
+  ImplicitConv g;
+  const T* src;      // (M, q, q, C_in)
+  const T* gmask;    // g' (M, s, s, C_out)
+  const int32_t* nbr;
+  float* partial;    // (splits, k*k*C_in, C_out)
+  int32_t rows;      // M * s * s
+  int32_t chunk;     // output pixels per split, a multiple of BK
+};
+
+constexpr int WG_BM = 64, WG_BN = 128;
+using WgTile = Tile<WG_BM, WG_BN, true>;
+constexpr int WG_SMEM = WgTile::kABytes;
+
+// Weight gradient: dw[(tap, ci), co] = sum over output pixels r of window(r, tap, ci) * g'(r, co).
+// Block: one tap x 64 input channels (blockIdx.x) x 128 output channels (blockIdx.y), reducing over
+// its split's output pixels (blockIdx.z) in K steps of 32 pixels; A lands [pixel][channel].
+template <typename T>
+__global__ void __launch_bounds__(WgTile::kThreads, 4) scott_conv_wgrad_igemm(WgradArgs<T> p) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  constexpr int BM = WG_BM, BN = WG_BN, NT = WgTile::kThreads;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sa = reinterpret_cast<T*>(smem);
+  T* sb = sa + STAGES * WgTile::kAStage;
+  const ImplicitConv& g = p.g;
+  const int tid = threadIdx.x;
+  const int32_t ci_blocks = (g.c_in + BM - 1) / BM;
+  const int32_t tap = blockIdx.x / ci_blocks, ci0 = (blockIdx.x - tap * ci_blocks) * BM;
+  const int32_t ky = tap / g.k, kx = tap - ky * g.k;
+  const int32_t n0 = blockIdx.y * BN;
+  const int32_t r_begin = blockIdx.z * p.chunk;
+  const int32_t r_end = min(r_begin + p.chunk, p.rows);
+  // (an empty split runs no K step and stores zeros: every partial is written)
+
+  constexpr int A_ROWS = NT / (BM / 8), A_PASSES = BK / A_ROWS;
+  const int32_t a_ci = ci0 + (tid % (BM / 8)) * 8;
+  const bool a_ok = a_ci < g.c_in;
+  constexpr int B_ROWS = NT / (BN / 8), B_PASSES = BK / B_ROWS;
+  const int32_t b_col = n0 + (tid % (BN / 8)) * 8;
+  const bool b_ok = b_col < g.c_out;
+
+  int32_t r0 = r_begin;
+  const int kiters = (r_end - r_begin + BK - 1) / BK;
+  auto load = [&](T* a, T* b) {
+#pragma unroll
+    for (int i = 0; i < A_PASSES; ++i) {
+      const int lr = tid / (BM / 8) + i * A_ROWS;
+      const int32_t r = r0 + lr;
+      int32_t off = -1;
+      if (a_ok && r < r_end) {
+        const ImplicitRow row = conv_row(g, r);
+        off = conv_src_offset(g, p.nbr + row.tile * kNeighbours, row.y0, row.x0, ky, kx, a_ci);
+      }
+      cp_async16(smem_u32(a + lr * (BM + PAD) + (tid % (BM / 8)) * 8), p.src + (off < 0 ? 0 : off), off >= 0);
+    }
+#pragma unroll
+    for (int i = 0; i < B_PASSES; ++i) {
+      const int lr = tid / (BN / 8) + i * B_ROWS;
+      const bool ok = b_ok && r0 + lr < r_end;
+      cp_async16(smem_u32(b + lr * (BN + PAD) + (tid % (BN / 8)) * 8), p.gmask + (ok ? (r0 + lr) * g.c_out + b_col : 0),
+                 ok);
+    }
+    r0 += BK;
+  };
+  float acc[4][4][4] = {};
+  mainloop<T, BM, BN, true>(acc, sa, sb, kiters, load);
+  const int32_t k_total = g.k * g.k * g.c_in;
+  float* part = p.partial + static_cast<int32_t>(blockIdx.z) * k_total * g.c_out;
+  for_each_pair<BN>(acc, [&](int mm, int nn, float v0, float v1) {
+    const int32_t ci = ci0 + mm, n = n0 + nn;
+    if (ci < g.c_in && n < g.c_out)
+      *reinterpret_cast<float2*>(part + conv_weight_row(g, ky, kx, ci) * g.c_out + n) = make_float2(v0, v1);
+  });
+#else
+  __trap();
+#endif
+}
+
+__global__ void scott_neighbour_table(const int32_t* slot, const int64_t* tile_pos, int64_t batch, int64_t grid_h,
+                                      int64_t grid_w, int32_t num_tiles, int32_t* nbr) {
+  const int32_t t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t < num_tiles) tile_neighbours(slot, tile_pos, t, batch, grid_h, grid_w, num_tiles, nbr + t * kNeighbours);
+}
+
+// g' = grad * (out > 0), 8 elements (16 bytes) per thread.
+template <typename T>
+__global__ void scott_relu_grad_mask(const T* grad, const T* out, T* gmask, int32_t vectors) {
+  const int32_t v = blockIdx.x * blockDim.x + threadIdx.x;
+  if (v >= vectors) return;
+  uint4 gv = reinterpret_cast<const uint4*>(grad)[v];
+  const uint4 ov = reinterpret_cast<const uint4*>(out)[v];
+  T* ge = reinterpret_cast<T*>(&gv);
+  const T* oe = reinterpret_cast<const T*>(&ov);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) ge[e] = relu_grad_value<T, float>(ge, oe, e);
+  reinterpret_cast<uint4*>(gmask)[v] = gv;
+}
+
+template <class Kernel>
+void allow_smem(Kernel kernel, int bytes) {
+  // above 48 KiB dynamic shared memory needs an opt-in per kernel
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
+    throw std::runtime_error("implicit conv GEMM: cannot reserve shared memory");
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+void launch_neighbours(const StageGeometry& g, const int32_t* slot, const int64_t* tile_pos, int32_t* nbr,
+                       cudaStream_t stream) {
+  const int threads = 256;
+  scott_neighbour_table<<<static_cast<unsigned>((g.num_tiles + threads - 1) / threads), threads, 0, stream>>>(
+      slot, tile_pos, g.batch, g.grid_h, g.grid_w, static_cast<int32_t>(g.num_tiles), nbr);
+  check_launch("scott_neighbour_table");
+}
+
+template <typename T>
+void launch_relu_grad_mask(const StageGeometry& g, const T* grad, const T* out, T* gmask, cudaStream_t stream) {
+  const int32_t vectors = static_cast<int32_t>(g.out_rows() * g.c_out / 8);
+  const int threads = 256;
+  scott_relu_grad_mask<T><<<static_cast<unsigned>((vectors + threads - 1) / threads), threads, 0, stream>>>(
+      grad, out, gmask, vectors);
+  check_launch("scott_relu_grad_mask");
+}
+
+}  // namespace ig
+
 }  // namespace
 
 #define SCOTT_CUDA_DISPATCH(dtype, ...)                        \
@@ -297,11 +745,97 @@ struct PoolBackward {
     }                                                          \
   } while (0)
 
+bool cuda_implicit_conv(const StageGeometry& g, DType dtype, int64_t splits) {
+  ImplicitConv ic;
+  return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && g_tensor_cores && implicit_gemm_enabled() &&
+         device_has_tensor_cores() && implicit_conv_plan(g, splits, ic) == nullptr;
+}
+
+namespace {
+// The implicit path when it applies (and every pointer is 16-byte aligned), else false.
+template <typename T>
+bool implicit_forward(const StageGeometry& g, DType dtype, const void* src, const void* weight_t, const int32_t* slot,
+                      const int64_t* tile_pos, void* out, int32_t* nbr, cudaStream_t stream) {
+  if constexpr (IsTensorCoreType<T>::value) {
+    ImplicitConv ic;
+    if (!cuda_implicit_conv(g, dtype, 1) || nbr == nullptr || !ig::aligned16(src) || !ig::aligned16(weight_t) ||
+        !ig::aligned16(out) || !ig::aligned16(nbr))
+      return false;
+    implicit_conv_plan(g, 1, ic);
+    ig::launch_neighbours(g, slot, tile_pos, nbr, stream);
+    ig::FwdArgs<T> args{ic, static_cast<const T*>(src), static_cast<const T*>(weight_t), nbr, static_cast<T*>(out),
+                        static_cast<int32_t>(g.out_rows())};
+    const dim3 grid((args.rows + ig::FWD_BM - 1) / ig::FWD_BM, (ic.c_out + ig::FWD_BN - 1) / ig::FWD_BN);
+    ig::allow_smem(ig::scott_conv_fwd_igemm<T>, ig::FWD_SMEM);
+    ig::scott_conv_fwd_igemm<T><<<grid, ig::FwdTile::kThreads, ig::FWD_SMEM, stream>>>(args);
+    check_launch("scott_conv_fwd_igemm");
+    return true;
+  }
+  return false;
+}
+
+template <typename T>
+bool implicit_wgrad(const StageGeometry& g, DType dtype, const void* src, const void* grad, const void* out,
+                    const int32_t* slot, const int64_t* tile_pos, void* partial, int64_t splits, int32_t* nbr,
+                    void* gmask, cudaStream_t stream) {
+  if constexpr (IsTensorCoreType<T>::value) {
+    ImplicitConv ic;
+    if (splits < 1) splits = 1;
+    if (!cuda_implicit_conv(g, dtype, splits) || splits > 65535 || nbr == nullptr || gmask == nullptr ||
+        !ig::aligned16(src) || !ig::aligned16(grad) || !ig::aligned16(out) || !ig::aligned16(gmask) ||
+        !ig::aligned16(partial) || !ig::aligned16(nbr))
+      return false;
+    implicit_conv_plan(g, splits, ic);
+    ig::launch_neighbours(g, slot, tile_pos, nbr, stream);
+    ig::launch_relu_grad_mask<T>(g, static_cast<const T*>(grad), static_cast<const T*>(out), static_cast<T*>(gmask),
+                                 stream);
+    const int32_t rows = static_cast<int32_t>(g.out_rows());
+    const int32_t chunk = static_cast<int32_t>(((rows + splits - 1) / splits + ig::BK - 1) / ig::BK * ig::BK);
+    ig::WgradArgs<T> args{ic, static_cast<const T*>(src), static_cast<const T*>(gmask), nbr,
+                          static_cast<float*>(partial), rows, chunk};
+    const dim3 grid(ic.k * ic.k * ((ic.c_in + ig::WG_BM - 1) / ig::WG_BM), (ic.c_out + ig::WG_BN - 1) / ig::WG_BN,
+                    static_cast<unsigned>(splits));
+    ig::allow_smem(ig::scott_conv_wgrad_igemm<T>, ig::WG_SMEM);
+    ig::scott_conv_wgrad_igemm<T><<<grid, ig::WgTile::kThreads, ig::WG_SMEM, stream>>>(args);
+    check_launch("scott_conv_wgrad_igemm");
+    return true;
+  }
+  return false;
+}
+
+template <typename T>
+bool implicit_dgrad(const StageGeometry& g, DType dtype, const void* grad, const void* out, const void* weight_t,
+                    const int32_t* slot, const int64_t* tile_pos, void* grad_src, int32_t* nbr, void* gmask,
+                    cudaStream_t stream) {
+  if constexpr (IsTensorCoreType<T>::value) {
+    ImplicitConv ic;
+    if (!cuda_implicit_conv(g, dtype, 1) || nbr == nullptr || gmask == nullptr || !ig::aligned16(grad) ||
+        !ig::aligned16(out) || !ig::aligned16(weight_t) || !ig::aligned16(grad_src) || !ig::aligned16(gmask) ||
+        !ig::aligned16(nbr))
+      return false;
+    implicit_conv_plan(g, 1, ic);
+    ig::launch_neighbours(g, slot, tile_pos, nbr, stream);
+    ig::launch_relu_grad_mask<T>(g, static_cast<const T*>(grad), static_cast<const T*>(out), static_cast<T*>(gmask),
+                                 stream);
+    ig::DgradArgs<T> args{ic, static_cast<const T*>(gmask), static_cast<const T*>(weight_t), nbr,
+                          static_cast<T*>(grad_src), static_cast<int32_t>(g.out_rows())};
+    const dim3 grid((args.rows + ig::DG_BM - 1) / ig::DG_BM, (ic.c_in + ig::DG_BN - 1) / ig::DG_BN, 4);
+    ig::allow_smem(ig::scott_conv_dgrad_igemm<T>, ig::DG_SMEM);
+    ig::scott_conv_dgrad_igemm<T><<<grid, ig::DgTile::kThreads, ig::DG_SMEM, stream>>>(args);
+    check_launch("scott_conv_dgrad_igemm");
+    return true;
+  }
+  return false;
+}
+}  // namespace
+
 void conv_relu_cuda(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* weight_t,
-                    const void* norm, const int32_t* slot, const int64_t* tile_pos, void* out, void* stream) {
+                    const void* norm, const int32_t* slot, const int64_t* tile_pos, void* out, int32_t* nbr,
+                    void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   SCOTT_CUDA_DISPATCH(dtype, {
     using A = typename Acc<T>::type;
+    if (src_dtype != kUInt8 && implicit_forward<T>(g, dtype, src, weight_t, slot, tile_pos, out, nbr, s)) break;
     DenseMatrix<T, A> w{static_cast<const T*>(weight_t), g.c_out};
     StoreRelu<T, A> st{static_cast<T*>(out), g.c_out};
     const int64_t K = g.ksize * g.ksize * g.c_in;
@@ -317,10 +851,13 @@ void conv_relu_cuda(const StageGeometry& g, DType dtype, int src_dtype, const vo
 
 void conv_relu_wgrad_cuda(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* grad,
                           const void* out, const void* norm, const int32_t* slot, const int64_t* tile_pos,
-                          void* partial, int64_t splits, void* stream) {
+                          void* partial, int64_t splits, int32_t* nbr, void* gmask, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   SCOTT_CUDA_DISPATCH(dtype, {
     using A = typename Acc<T>::type;
+    if (src_dtype != kUInt8 &&
+        implicit_wgrad<T>(g, dtype, src, grad, out, slot, tile_pos, partial, splits, nbr, gmask, s))
+      break;
     ReluGrad<T, A> g_relu{static_cast<const T*>(grad), static_cast<const T*>(out), g.c_out};
     const int64_t K_total = g.ksize * g.ksize * g.c_in;
     StorePartial<A> st{static_cast<A*>(partial), K_total, g.c_out};
@@ -338,10 +875,11 @@ void conv_relu_wgrad_cuda(const StageGeometry& g, DType dtype, int src_dtype, co
 
 void conv_relu_dgrad_cuda(const StageGeometry& g, DType dtype, const void* grad, const void* out,
                           const void* weight_t, const int32_t* slot, const int64_t* tile_pos, void* grad_src,
-                          void* stream) {
+                          int32_t* nbr, void* gmask, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   SCOTT_CUDA_DISPATCH(dtype, {
     using A = typename Acc<T>::type;
+    if (implicit_dgrad<T>(g, dtype, grad, out, weight_t, slot, tile_pos, grad_src, nbr, gmask, s)) break;
     for (int cls = 0; cls < 4; ++cls) {  // parity classes of input pixels (tokenizer.h)
       const ParityClass pc = parity_class(g, cls);
       ReluGradWindow<T, A> win{g, pc, static_cast<const T*>(grad), static_cast<const T*>(out), slot, tile_pos};

@@ -20,11 +20,11 @@ from typing import Sequence
 
 import torch
 
-from .compact import (accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed, reduction_splits,
-                      register_stage_autograd, tokenize_compact, weight_from_partials)
+from .compact import (_multiprocessors, accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed,
+                      reduction_splits, register_stage_autograd, tokenize_compact, weight_from_partials)
 from .ops import _C
 
-__all__ = ["cuda_tokenize", "cuda_supports", "use_tensor_cores"]
+__all__ = ["cuda_tokenize", "cuda_supports", "use_tensor_cores", "use_implicit_gemm", "conv_gemm_path"]
 
 _CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _UINT8 = 4
@@ -38,6 +38,36 @@ def cuda_supports(device: torch.device) -> bool:
 def use_tensor_cores(enabled: bool = True) -> None:
     """float16/bfloat16 convolution GEMMs on tensor cores (default) or on the CUDA-core kernel."""
     _C.set_tensor_cores(bool(enabled))
+
+
+def use_implicit_gemm(enabled: bool = True) -> None:
+    """Convolution GEMMs on the implicit path where it applies (default), or always on the gather
+    GEMM. Applies to the CUDA kernels and to their C++ twin."""
+    _C.set_implicit_gemm(bool(enabled))
+
+
+def conv_gemm_path(geometry: "_C.StageGeometry", dtype: torch.dtype, on_cuda: bool, splits: int = 1) -> str:
+    """``"implicit"`` or ``"gather: <why>"``: which GEMM a stage's convolutions run on."""
+    return _C.conv_gemm_path(geometry, _CODES[dtype], splits, on_cuda)
+
+
+def _implicit(g: "_C.StageGeometry", t: torch.Tensor, splits: int = 1) -> bool:
+    return conv_gemm_path(g, t.dtype, t.is_cuda, splits) == "implicit"
+
+
+def _neighbour_scratch(g: "_C.StageGeometry", like: torch.Tensor) -> torch.Tensor | None:
+    """(M, 9) int32 neighbour table the implicit CUDA kernels fill and read (the twin keeps its own)."""
+    return torch.empty((g.num_tiles, 9), dtype=torch.int32, device=like.device) if like.is_cuda else None
+
+
+def _implicit_wgrad_splits(g: "_C.StageGeometry", rows: int, device: torch.device) -> int:
+    """Parts of the implicit weight gradient's reduction over output pixels: about one wave of its
+    (tap, 64 input channels) x 128 output channel blocks at four per SM, at least 1024 pixels each."""
+    if device.type != "cuda":
+        return 1
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    blocks = g.ksize * g.ksize * -(-g.c_in // 64) * -(-g.c_out // 128)
+    return max(1, min(-(-rows // 1024), -(-4 * sms // blocks), 65535))
 
 
 def _runs_on(name: str, t: torch.Tensor) -> None:
@@ -118,9 +148,10 @@ def conv_relu(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_
     norm = _norm_table(pixel_norm, weight.dtype)
     out = torch.empty((g.num_tiles, in_side // 2, in_side // 2, g.c_out), dtype=weight.dtype, device=weight.device)
     if out.numel():
+        nbr = _neighbour_scratch(g, out) if _implicit(g, out) else None
         _C.conv_relu(g, _CODES[weight.dtype], _UINT8 if src.dtype == torch.uint8 else _CODES[weight.dtype],
                      src.data_ptr(), weight_t.data_ptr(), _ptr(norm), slot.contiguous().data_ptr(),
-                     tile_pos.contiguous().data_ptr(), out.data_ptr(), out.is_cuda, _stream(out))
+                     tile_pos.contiguous().data_ptr(), out.data_ptr(), out.is_cuda, _stream(out), _ptr(nbr))
     return out
 
 
@@ -150,11 +181,17 @@ def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor, src: torch.Tensor, we
     if rows == 0:
         return torch.zeros_like(weight, memory_format=torch.contiguous_format)
     # (the CPU twin computes in float32/float64 only, where the accumulator is the compute dtype)
-    splits = reduction_splits(rows, k_total, g.c_out, weight.device, min_rows=1024)
+    nbr = gmask = None
+    if _implicit(g, weight):
+        splits = _implicit_wgrad_splits(g, rows, weight.device)
+        nbr, gmask = _neighbour_scratch(g, weight), (torch.empty_like(grad) if weight.is_cuda else None)
+    else:
+        splits = reduction_splits(rows, k_total, g.c_out, weight.device, min_rows=1024)
     result = torch.empty((splits, k_total, g.c_out), dtype=accumulator_dtype(weight.dtype), device=weight.device)
     _C.conv_relu_wgrad(g, _CODES[weight.dtype], _UINT8 if src.dtype == torch.uint8 else _CODES[weight.dtype],
                        src.data_ptr(), grad.data_ptr(), out.data_ptr(), _ptr(norm), slot.contiguous().data_ptr(),
-                       tile_pos.contiguous().data_ptr(), result.data_ptr(), splits, weight.is_cuda, _stream(weight))
+                       tile_pos.contiguous().data_ptr(), result.data_ptr(), splits, weight.is_cuda, _stream(weight),
+                       _ptr(nbr), _ptr(gmask))
     return weight_from_partials(result, weight)
 
 
@@ -179,9 +216,12 @@ def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor, weight: torch.Tensor,
     out = out.to(weight.dtype).contiguous()
     dsrc = torch.empty_like(fake_src)
     if dsrc.numel():
+        nbr = gmask = None
+        if _implicit(g, dsrc) and dsrc.is_cuda:
+            nbr, gmask = _neighbour_scratch(g, dsrc), torch.empty_like(grad)
         _C.conv_relu_dgrad(g, _CODES[weight.dtype], grad.data_ptr(), out.data_ptr(), weight_t.data_ptr(),
                            slot.contiguous().data_ptr(), tile_pos.contiguous().data_ptr(), dsrc.data_ptr(),
-                           dsrc.is_cuda, _stream(dsrc))
+                           dsrc.is_cuda, _stream(dsrc), _ptr(nbr), _ptr(gmask))
     return dsrc
 
 
