@@ -312,14 +312,29 @@ SCOTT_HD ImplicitRow conv_row(const ImplicitConv& g, int32_t r) {
   return {tile, 2 * oy - g.pad, 2 * (rem - oy * g.s) - g.pad};
 }
 
+// Which of the 9 neighbouring patches tap (ky, kx) of window (y0, x0) reads (index into a tile's
+// neighbour slots), with (y, x) made local to that patch.
+SCOTT_HD int32_t conv_tap_neighbour(const ImplicitConv& g, int32_t y0, int32_t x0, int32_t ky, int32_t kx,
+                                    int32_t& y, int32_t& x) {
+  y = y0 + ky;
+  x = x0 + kx;
+  const int32_t dy = neighbour_axis(y, g.q), dx = neighbour_axis(x, g.q);
+  return dy * 3 + dx;
+}
+
+// Offset of channel c of local pixel (y, x) of tile t in the compact (M, q, q, C_in) source, or -1
+// when t is -1 (a masked patch or outside the image).
+SCOTT_HD int32_t compact_src_offset(const ImplicitConv& g, int32_t t, int32_t y, int32_t x, int32_t c) {
+  return t < 0 ? -1 : ((t * g.q + y) * g.q + x) * g.c_in + c;
+}
+
 // Offset of channel c of the input pixel that tap (ky, kx) of window (y0, x0) reads, in the
 // compact (M, q, q, C_in) source, or -1 (masked, outside the image). nb: the tile's 9 neighbours.
 SCOTT_HD int32_t conv_src_offset(const ImplicitConv& g, const int32_t* nb, int32_t y0, int32_t x0, int32_t ky,
                                  int32_t kx, int32_t c) {
-  int32_t y = y0 + ky, x = x0 + kx;
-  const int32_t dy = neighbour_axis(y, g.q), dx = neighbour_axis(x, g.q);
-  const int32_t t = nb[dy * 3 + dx];
-  return t < 0 ? -1 : ((t * g.q + y) * g.q + x) * g.c_in + c;
+  int32_t y, x;
+  const int32_t d = conv_tap_neighbour(g, y0, x0, ky, kx, y, x);
+  return compact_src_offset(g, nb[d], y, x, c);
 }
 
 // Row of the (k*k*C_in, C_out) forward weight (and of the wgrad result) for tap (ky, kx), channel c.

@@ -286,6 +286,8 @@ struct PoolBackward {
   }
 };
 
+}  // namespace
+
 // ---- implicit conv GEMMs on tensor cores (float16 / bfloat16, sm_80+) ------------------------------
 // Hand-written rather than built on CUTLASS/CuTe: the operand gather (neighbour table, parity-class
 // taps) is the whole difficulty and CuTe would need it written as custom gather layouts anyway; the
@@ -298,9 +300,12 @@ struct PoolBackward {
 // Operand layouts in shared memory: B always [k][n] (n contiguous), A [m][k] (forward, dgrad) or
 // [k][m] (wgrad, whose A is the transposed window); rows padded by 8 elements so that the 8 row
 // addresses of an ldmatrix fall on distinct banks.
+// (outside the anonymous namespace: the kernels' symbols, scott::ig::scott_conv_*_igemm<T>, stay
+// the same from build to build for tools that read the module's machine code)
 namespace ig {
 
 constexpr int BK = 32, STAGES = 4, PAD = 8;
+constexpr int A_VPT = 2, A_TPR = BK / 8 / A_VPT;  // gathered A: 16-byte vectors per thread and row; threads per row
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -467,17 +472,19 @@ __global__ void __launch_bounds__(FwdTile::kThreads, 2) scott_conv_fwd_igemm(Fwd
   const int32_t t0 = stage_neighbours(g, p.nbr, m0, min(m0 + BM, p.rows) - 1, snb);
 
   // A: thread -> rows (tid / 4 + 64 p), channel vector tid % 4; per-row work once, here.
-  constexpr int A_ROWS = NT / (BK / 8), A_PASSES = BM / A_ROWS;
+  // A: thread -> rows tid / 2 (+ NT / 2 per pass), two 16-byte channel vectors (tid % 2) * 16 + {0, 8}:
+  // one neighbour lookup per row and K step serves both; the row's coordinates are set up here, once.
+  constexpr int A_ROWS = NT / A_TPR, A_PASSES = BM / A_ROWS;
   int32_t a_nb[A_PASSES], a_y0[A_PASSES], a_x0[A_PASSES];
 #pragma unroll
   for (int i = 0; i < A_PASSES; ++i) {
-    const int32_t r = m0 + tid / (BK / 8) + i * A_ROWS;
+    const int32_t r = m0 + tid / A_TPR + i * A_ROWS;
     const ImplicitRow row = conv_row(g, r < p.rows ? r : 0);
     a_nb[i] = r < p.rows ? (row.tile - t0) * kNeighbours : -1;
     a_y0[i] = row.y0;
     a_x0[i] = row.x0;
   }
-  const int a_vec = (tid % (BK / 8)) * 8;
+  const int a_vec = (tid % A_TPR) * 8 * A_VPT;
   // B: thread -> k rows (tid / 16 + 16 p), columns n0 + 8 (tid % 16)
   constexpr int B_ROWS = NT / (BN / 8), B_PASSES = BK / B_ROWS;
   const int32_t b_col = n0 + (tid % (BN / 8)) * 8;
@@ -492,8 +499,9 @@ __global__ void __launch_bounds__(FwdTile::kThreads, 2) scott_conv_fwd_igemm(Fwd
       const int32_t c = c0 + a_vec;
       const int32_t off = (a_nb[i] >= 0 && c < g.c_in)
                               ? conv_src_offset(g, snb + a_nb[i], a_y0[i], a_x0[i], ky, kx, c) : -1;
-      cp_async16(smem_u32(a + (tid / (BK / 8) + i * A_ROWS) * (BK + PAD) + a_vec), p.src + (off < 0 ? 0 : off),
-                 off >= 0);
+      const uint32_t dst = smem_u32(a + (tid / A_TPR + i * A_ROWS) * (BK + PAD) + a_vec);
+      cp_async16(dst, p.src + (off < 0 ? 0 : off), off >= 0);
+      cp_async16(dst + 16, p.src + (off < 0 ? 0 : off + 8), off >= 0 && c + 8 < g.c_in);
     }
 #pragma unroll
     for (int i = 0; i < B_PASSES; ++i) {
@@ -552,17 +560,19 @@ __global__ void __launch_bounds__(DgTile::kThreads, 4) scott_conv_dgrad_igemm(Dg
   const int32_t m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
   const int32_t t0 = stage_neighbours(g, p.nbr, m0, min(m0 + BM, p.rows) - 1, snb);
 
-  constexpr int A_ROWS = NT / (BK / 8), A_PASSES = BM / A_ROWS;
+  // A: thread -> rows tid / 2 (+ NT / 2 per pass), two 16-byte channel vectors (tid % 2) * 16 + {0, 8}:
+  // one neighbour lookup per row and K step serves both; the row's coordinates are set up here, once.
+  constexpr int A_ROWS = NT / A_TPR, A_PASSES = BM / A_ROWS;
   int32_t a_nb[A_PASSES], a_y0[A_PASSES], a_x0[A_PASSES];
 #pragma unroll
   for (int i = 0; i < A_PASSES; ++i) {
-    const int32_t r = m0 + tid / (BK / 8) + i * A_ROWS;
+    const int32_t r = m0 + tid / A_TPR + i * A_ROWS;
     const DgradRow row = dgrad_row(g, pc, r < p.rows ? r : 0);
     a_nb[i] = r < p.rows ? (row.tile - t0) * kNeighbours : -1;
     a_y0[i] = row.y0;
     a_x0[i] = row.x0;
   }
-  const int a_vec = (tid % (BK / 8)) * 8;
+  const int a_vec = (tid % A_TPR) * 8 * A_VPT;
   constexpr int B_ROWS = NT / (BN / 8), B_PASSES = BK / B_ROWS;
   const int32_t b_col = n0 + (tid % (BN / 8)) * 8;
   const bool b_ok = b_col < g.c_in;
@@ -577,8 +587,9 @@ __global__ void __launch_bounds__(DgTile::kThreads, 4) scott_conv_dgrad_igemm(Dg
       const int32_t c = c0 + a_vec;
       const int32_t off = (a_nb[i] >= 0 && c < g.c_out)
                               ? dgrad_grad_offset(g, snb + a_nb[i], a_y0[i], a_x0[i], j, i_tap, c) : -1;
-      cp_async16(smem_u32(a + (tid / (BK / 8) + i * A_ROWS) * (BK + PAD) + a_vec), p.gmask + (off < 0 ? 0 : off),
-                 off >= 0);
+      const uint32_t dst = smem_u32(a + (tid / A_TPR + i * A_ROWS) * (BK + PAD) + a_vec);
+      cp_async16(dst, p.gmask + (off < 0 ? 0 : off), off >= 0);
+      cp_async16(dst + 16, p.gmask + (off < 0 ? 0 : off + 8), off >= 0 && c + 8 < g.c_out);
     }
 #pragma unroll
     for (int i = 0; i < B_PASSES; ++i) {
@@ -641,26 +652,36 @@ __global__ void __launch_bounds__(WgTile::kThreads, 4) scott_conv_wgrad_igemm(Wg
   const int32_t r_end = min(r_begin + p.chunk, p.rows);
   // (an empty split runs no K step and stores zeros: every partial is written)
 
-  constexpr int A_ROWS = NT / (BM / 8), A_PASSES = BK / A_ROWS;
-  const int32_t a_ci = ci0 + (tid % (BM / 8)) * 8;
+  // A: thread -> pixel row tid / 4 of the K step, two 16-byte channel vectors (tid % 4) * 16 + {0, 8}.
+  // The pixel's neighbour slot is fetched one K step ahead (a global load whose latency the
+  // pipeline hides); the (ky, kx) tap is fixed for the block.
+  constexpr int A_TPR_W = BM / 8 / A_VPT;
+  static_assert(NT / A_TPR_W == BK, "one A row per thread group and K step");
+  const int a_row = tid / A_TPR_W;
+  const int32_t a_ci = ci0 + (tid % A_TPR_W) * 8 * A_VPT;
   const bool a_ok = a_ci < g.c_in;
   constexpr int B_ROWS = NT / (BN / 8), B_PASSES = BK / B_ROWS;
   const int32_t b_col = n0 + (tid % (BN / 8)) * 8;
   const bool b_ok = b_col < g.c_out;
 
   int32_t r0 = r_begin;
+  int32_t a_t = -1, a_y = 0, a_x = 0;  // the next step's neighbour slot and local pixel
+  auto prepare = [&](int32_t r) {
+    a_t = -1;
+    if (a_ok && r < r_end) {
+      const ImplicitRow row = conv_row(g, r);
+      const int32_t d = conv_tap_neighbour(g, row.y0, row.x0, ky, kx, a_y, a_x);
+      a_t = __ldg(p.nbr + row.tile * kNeighbours + d);
+    }
+  };
+  prepare(r0 + a_row);
   const int kiters = (r_end - r_begin + BK - 1) / BK;
   auto load = [&](T* a, T* b) {
-#pragma unroll
-    for (int i = 0; i < A_PASSES; ++i) {
-      const int lr = tid / (BM / 8) + i * A_ROWS;
-      const int32_t r = r0 + lr;
-      int32_t off = -1;
-      if (a_ok && r < r_end) {
-        const ImplicitRow row = conv_row(g, r);
-        off = conv_src_offset(g, p.nbr + row.tile * kNeighbours, row.y0, row.x0, ky, kx, a_ci);
-      }
-      cp_async16(smem_u32(a + lr * (BM + PAD) + (tid % (BM / 8)) * 8), p.src + (off < 0 ? 0 : off), off >= 0);
+    {
+      const int32_t off = compact_src_offset(g, a_t, a_y, a_x, a_ci);
+      const uint32_t dst = smem_u32(a + a_row * (BM + PAD) + (tid % A_TPR_W) * 8 * A_VPT);
+      cp_async16(dst, p.src + (off < 0 ? 0 : off), off >= 0);
+      cp_async16(dst + 16, p.src + (off < 0 ? 0 : off + 8), off >= 0 && a_ci + 8 < g.c_in);
     }
 #pragma unroll
     for (int i = 0; i < B_PASSES; ++i) {
@@ -670,6 +691,7 @@ __global__ void __launch_bounds__(WgTile::kThreads, 4) scott_conv_wgrad_igemm(Wg
                  ok);
     }
     r0 += BK;
+    prepare(r0 + a_row);
   };
   float acc[4][4][4] = {};
   mainloop<T, BM, BN, true>(acc, sa, sb, kiters, load);
@@ -732,6 +754,8 @@ void launch_relu_grad_mask(const StageGeometry& g, const T* grad, const T* out, 
 }
 
 }  // namespace ig
+
+namespace {
 
 }  // namespace
 

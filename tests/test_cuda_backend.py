@@ -235,3 +235,179 @@ def test_compile_fullgraph_through_the_native_ops():
     (want,) = torch.autograd.grad(ref.square().sum(), weights[1])
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     torch._dynamo.reset()
+
+
+# ---- the implicit GEMM path (compact stages) ----------------------------------------------------------
+from scott_kernels import _C  # noqa: E402
+from scott_kernels.cuda_backend import conv_gemm_path, use_implicit_gemm  # noqa: E402
+
+
+def _geometry(num_tiles=6, batch=2, grid=(2, 3), in_side=4, k=7, c_in=8, c_out=16, image=False):
+    g = _C.StageGeometry()
+    g.num_tiles, g.batch, (g.grid_h, g.grid_w) = num_tiles, batch, grid
+    g.in_side, g.ksize, g.c_in, g.c_out, g.src_image = in_side, k, c_in, c_out, image
+    return g
+
+
+def test_implicit_path_rules():
+    """The rule the CUDA kernels and the twin share: compact sources, channels in 16-byte vectors,
+    a reach of at most one neighbouring patch, every offset within 31 bits."""
+    assert conv_gemm_path(_geometry(), torch.float64, on_cuda=False) == "implicit"
+    assert conv_gemm_path(_geometry(k=9), torch.float64, on_cuda=False) == "implicit"  # pad 4 == in_side
+    assert "pad > in_side" in conv_gemm_path(_geometry(k=11), torch.float64, on_cuda=False)
+    assert "multiples of 8" in conv_gemm_path(_geometry(c_in=12), torch.float64, on_cuda=False)
+    assert "multiples of 8" in conv_gemm_path(_geometry(c_out=4), torch.float64, on_cuda=False)
+    assert "image" in conv_gemm_path(_geometry(c_in=8, image=True), torch.float64, on_cuda=False)
+    if not CUDA_BUILT:
+        assert conv_gemm_path(_geometry(), torch.bfloat16, on_cuda=True).startswith("gather")
+
+
+def test_implicit_path_32bit_guard():
+    """A stage with a tensor of 2^31 elements or more (activations, or the split weight-gradient
+    partials) takes the gather GEMM's 64-bit path."""
+    per_tile = 4 * 4 * 64
+    fits = _geometry(num_tiles=(2 ** 31 - 1) // per_tile, batch=64, grid=(2 ** 15, 2 ** 10), c_in=64, c_out=64)
+    assert conv_gemm_path(fits, torch.float64, on_cuda=False) == "implicit"
+    over = _geometry(num_tiles=fits.num_tiles + 1, batch=64, grid=(2 ** 15, 2 ** 10), c_in=64, c_out=64)
+    assert "2^31" in conv_gemm_path(over, torch.float64, on_cuda=False)
+    wide = _geometry(c_in=512, c_out=512)  # 7*7*512*512 = 12.8M weights: 168 splits pass 2^31
+    assert conv_gemm_path(wide, torch.float64, on_cuda=False, splits=167) == "implicit"
+    assert "2^31" in conv_gemm_path(wide, torch.float64, on_cuda=False, splits=168)
+
+
+def test_fast_division():
+    """The kernels' multiply-shift division by row counts, against //, near every power of two."""
+    numerators = sorted({n for p in range(31) for n in (2 ** p - 1, 2 ** p, 2 ** p + 1) if n < 2 ** 31}
+                        | {2 ** 31 - 1, 12345, 19967, 19968, 65535})
+    for d in list(range(1, 70)) + [255, 256, 257, 4096, 99991, 2 ** 30, 2 ** 31 - 1]:
+        for n in numerators:
+            assert _C.fast_div(d, n) == n // d, (n, d)
+
+
+def test_tile_neighbours_table():
+    """3x3 neighbour slots of each tile against the grid, with masked, border and corrupt entries."""
+    keep = torch.rand(2, 12) >= 0.4
+    keep[0, 5] = True
+    slot, tile_pos = visible_tables(keep, 2, 3, 4, torch.device("cpu"))
+    bad_slot = slot.clone()
+    bad_slot[0, 0, 0] = 10 ** 6  # names no tile
+    bad_pos = tile_pos.clone()
+    bad_pos[-1] = 10 ** 12
+    M = tile_pos.shape[0]
+    for t in range(M):
+        got = _C.tile_neighbours(bad_slot.data_ptr(), bad_pos.data_ptr(), t, 2, 3, 4, M)
+        pos = int(bad_pos[t])
+        if pos >= 2 * 12:
+            assert got == [-1] * 9
+            continue
+        b, gy, gx = pos // 12, pos % 12 // 4, pos % 4
+        want = []
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                y, x = gy + dy, gx + dx
+                v = int(bad_slot[b, y, x]) if 0 <= y < 3 and 0 <= x < 4 else -1
+                want.append(v if 0 <= v < M else -1)
+        assert got == want, t
+
+
+IMPLICIT_CONFIGS = [
+    (2, 64, 48, 16, (7, 7), (8, 16)),      # SCOTT stack shape, stage 1 on the implicit path
+    (3, 32, 32, 16, (3, 9), (16, 24)),     # pad 4 == in_side: the widest reach the path takes
+    (2, 48, 16, 16, (5, 7), (24, 8)),      # one patch wide; C_in > C_out
+    (1, 128, 64, 64, (5, 3, 7), (8, 16, 8)),  # three stages: stages 1 and 2 implicit (side 16, 4)
+    (1, 16, 16, 16, (7, 7), (8, 8)),       # a single patch
+]
+
+
+@pytest.mark.parametrize("cfg", IMPLICIT_CONFIGS, ids=lambda c: f"B{c[0]}_{c[1]}x{c[2]}_k{c[4]}_w{c[5]}")
+@pytest.mark.parametrize("mask_name", ["none", "random_0.4", "mixed_rows", "all_masked"])
+def test_implicit_twin_float64(cfg, mask_name):
+    """The implicit GEMMs' index path (twin, float64) against the reference, values and gradients;
+    the same stages through the gather GEMM agree with it."""
+    B, H, W, P, kernels, widths = cfg
+    g = _geometry(num_tiles=B, batch=B, grid=(H // P, W // P), in_side=P // 4, k=kernels[1], c_in=widths[0],
+                  c_out=widths[1])
+    assert conv_gemm_path(g, torch.float64, on_cuda=False) == "implicit"
+    keep = _mask_cases(B, (H // P) * (W // P))[mask_name]
+    _compare("cpu", cfg, keep)
+    use_implicit_gemm(False)
+    try:
+        assert conv_gemm_path(g, torch.float64, on_cuda=False).startswith("gather")
+        _compare("cpu", cfg, keep)
+    finally:
+        use_implicit_gemm(True)
+
+
+def test_implicit_twin_ops_match_gather_ops():
+    """Op by op (forward, weight and input gradients), both GEMM paths of the twin agree exactly
+    enough in float64, with corrupt table entries that must read as masked patches."""
+    torch.manual_seed(3)
+    keep = torch.rand(2, 6) >= 0.3
+    keep[1, 2] = True
+    slot, tile_pos = visible_tables(keep, 2, 2, 3, torch.device("cpu"))
+    M = tile_pos.shape[0]
+    bad_slot = slot.clone()
+    bad_slot.view(-1)[-1] = 10 ** 6
+    src = torch.randn(M, 8, 8, 16, dtype=torch.float64)
+    w = torch.randn(24, 16, 7, 7, dtype=torch.float64)
+    results = []
+    for implicit in (True, False):
+        use_implicit_gemm(implicit)
+        try:
+            out = conv_relu(src, w, bad_slot, tile_pos, 8, False)
+            grad = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
+            results.append((out, conv_relu_wgrad(grad, out, src, w, bad_slot, tile_pos, 8, False),
+                            conv_relu_dgrad(grad, out, w, bad_slot, tile_pos, 8)))
+        finally:
+            use_implicit_gemm(True)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _implicit_gpu_case(dtype, B=8, c_in=64, c_out=384, in_side=4, ratio=0.6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(B, 196, generator=g) >= ratio
+    keep[0] = True
+    slot, tile_pos = visible_tables(keep.cuda(), B, 14, 14, torch.device("cuda"))
+    M = tile_pos.shape[0]
+    src = torch.randn(M, in_side, in_side, c_in, generator=g).relu()
+    w = torch.randn(c_out, c_in, 7, 7, generator=g) * (2 / (c_in * 49)) ** 0.5
+    grad = torch.randn(M, in_side // 2, in_side // 2, c_out, generator=g)
+    low = [t.to("cuda", dtype) for t in (src, w, grad)]
+    exact = [t.double() for t in low]  # the same rounded inputs, in float64 on the twin
+    return slot, tile_pos, low, [t.cpu() for t in exact]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(64, 384, 4), (16, 24, 4), (8, 64, 16)], ids=str)
+def test_implicit_gemm_kernels_gpu(dtype, shape):
+    """The tensor-core implicit GEMMs (forward, weight and input gradients) against the float64
+    twin on the same rounded inputs: float32 accumulation keeps them within low-precision rounding."""
+    c_in, c_out, in_side = shape
+    slot, tile_pos, (src, w, grad), (src64, w64, grad64) = _implicit_gpu_case(dtype, c_in=c_in, c_out=c_out,
+                                                                             in_side=in_side)
+    g = _geometry(num_tiles=tile_pos.shape[0], batch=slot.shape[0], grid=(14, 14), in_side=in_side, c_in=c_in,
+                  c_out=c_out)
+    assert conv_gemm_path(g, dtype, on_cuda=True) == "implicit"
+    cpu_slot, cpu_pos = slot.cpu(), tile_pos.cpu()
+    out = conv_relu(src, w, slot, tile_pos, in_side, False)
+    out64 = conv_relu(src64, w64, cpu_slot, cpu_pos, in_side, False)
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    scale = out64.abs().max().item()
+    torch.testing.assert_close(out.double().cpu(), out64, rtol=tol, atol=tol * scale)
+    # backward through the same (rounded) forward output, so both sides mask the same pixels
+    out_used = out.double().cpu()
+    dw = conv_relu_wgrad(grad, out, src, w, slot, tile_pos, in_side, False)
+    dw64 = conv_relu_wgrad(grad64, out_used, src64, w64, cpu_slot, cpu_pos, in_side, False)
+    torch.testing.assert_close(dw.double().cpu(), dw64, rtol=tol, atol=tol * dw64.abs().max().item())
+    ds = conv_relu_dgrad(grad, out, w, slot, tile_pos, in_side)
+    ds64 = conv_relu_dgrad(grad64, out_used, w64, cpu_slot, cpu_pos, in_side)
+    torch.testing.assert_close(ds.double().cpu(), ds64, rtol=tol, atol=tol * ds64.abs().max().item())
+    # and the gather GEMM on the GPU computes the same
+    use_implicit_gemm(False)
+    try:
+        ref_out = conv_relu(src, w, slot, tile_pos, in_side, False)
+    finally:
+        use_implicit_gemm(True)
+    torch.testing.assert_close(out.float(), ref_out.float(), rtol=tol, atol=tol * scale)
