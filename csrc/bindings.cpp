@@ -205,14 +205,16 @@ void max_blur_pool_backward(const PoolGeometry& g, int dtype, std::uintptr_t gra
 
 // Which GEMM a stage's convolutions run on: "implicit" or "gather: <why>". on_cuda adds the GPU's
 // rules (float16/bfloat16 on tensor cores); the C++ twin (float32/float64) follows the shape rules.
-std::string conv_gemm_path(const StageGeometry& g, int dtype, int64_t splits, bool on_cuda) {
+std::string conv_gemm_path(const StageGeometry& g, int dtype, int64_t splits, bool on_cuda, int op) {
   validate_stage(g, "conv_gemm_path");
   const DType dt = compute_dtype(dtype, "conv_gemm_path");
-  const char* why = scott::conv_gemm_refusal(g, splits);
+  if (op < 0 || op > 2) throw std::invalid_argument("conv_gemm_path: op must be 0 (forward), 1 (wgrad), 2 (dgrad)");
+  const auto cop = static_cast<scott::ConvOp>(op);
+  const char* why = scott::conv_gemm_refusal(g, splits, cop);
   if (why != nullptr) return std::string("gather: ") + why;
   if (on_cuda) {
 #ifdef SCOTT_WITH_CUDA
-    if (!scott::cuda_implicit_conv(g, dt, splits))
+    if (!scott::cuda_implicit_conv(g, dt, splits, cop))
       return "gather: the implicit GEMM runs float16/bfloat16 on tensor cores (sm_80+)";
 #else
     return "gather: built without CUDA";
@@ -322,7 +324,8 @@ PYBIND11_MODULE(_C, m) {
       },
       "float16/bfloat16 conv GEMMs on tensor cores (True, default) or CUDA cores (False)");
   m.def("conv_gemm_path", &conv_gemm_path, py::arg("geometry"), py::arg("dtype"), py::arg("splits"),
-        py::arg("on_cuda"), "\"implicit\" or \"gather: <why>\" for a conv stage's GEMMs");
+        py::arg("on_cuda"), py::arg("op"),
+        "\"implicit\" or \"gather: <why>\" for a conv stage's GEMM op (0 forward, 1 wgrad, 2 dgrad)");
   m.def(
       "set_implicit_gemm", [](bool enabled) { scott::implicit_gemm_enabled() = enabled; },
       "conv GEMMs on the implicit path where it applies (True, default) or always on the gather GEMM");

@@ -269,7 +269,7 @@ struct ImplicitConv {
 // Why the implicit path cannot run a stage, or nullptr when it can (then `ic` is filled): the same
 // rule on the GPU and in the C++ twin. A stage it refuses runs the gather GEMM (64-bit indices).
 inline const char* implicit_conv_plan(const StageGeometry& g, int64_t splits, ImplicitConv& ic) {
-  if (g.src_image) return "image sources have their own kernels";
+  if (g.src_image) return "image sources have their own kernel";
   if (g.c_in % 8 || g.c_out % 8) return "channels must be multiples of 8 (16-byte vectors)";
   if (g.pad() > g.in_side) return "the kernel reaches beyond the neighbouring patches (pad > in_side)";
   // every offset the kernels form is bounded by one of these element counts
@@ -374,6 +374,132 @@ SCOTT_HD int32_t dgrad_weight_row(const ImplicitConv& g, const ParityClass& pc, 
   return ((static_cast<int32_t>(pc.ky0) + 2 * j) * g.k + static_cast<int32_t>(pc.kx0) + 2 * i) * g.c_out + co;
 }
 
+// ---- implicit path of the image stage (few input channels, any image strides) ----
+// Each tile's input window (R = q - 2 + k rows x SW columns of pixels, patch plus halo) is staged
+// once with masking and normalisation fused, 4 channels per pixel (3 real + zero), so that two
+// horizontally adjacent pixels are one 16-byte row: taps (ky, 2p) and (ky, 2p + 1) of an output
+// pixel read one such row. The K dimension is (ky, tap pair p, kx parity, channel): k * KP * 8
+// with KP = ceil(k / 2) pairs per kernel row (an odd k's last pair has zero weights), and the
+// weight is padded to match (`image_weight_row`).
+constexpr int kImageChannels = 4;
+
+struct ImageConv {
+  int32_t num_tiles = 0, q = 0, s = 0, pad = 0, k = 0, c_in = 0, c_out = 0;
+  int32_t pairs = 0;              // KP
+  int32_t rows = 0, width = 0;    // staged window R x SW
+  int32_t batch = 0, grid_h = 0, grid_w = 0;
+  int32_t s_b = 0, s_c = 0, s_h = 0, s_w = 0;
+  bool normalize = false;
+  FastDiv area_out, side_out, cells, grid_w_div, width_div, window_div;  // s*s, s, GH*GW, GW, SW, R*SW
+
+  SCOTT_HD int32_t k_rows() const { return k * pairs * 2 * kImageChannels; }  // padded GEMM K
+};
+
+inline const char* implicit_image_plan(const StageGeometry& g, ImageConv& ic) {
+  if (!g.src_image) return "not an image source";
+  if (g.c_in > kImageChannels) return "more than 4 image channels";
+  if (g.c_out % 8) return "channels must be multiples of 8 (16-byte vectors)";
+  if (g.pad() > g.in_side) return "the kernel reaches beyond the neighbouring patches (pad > in_side)";
+  const int64_t s = g.out_side();
+  if (128 % (s * s)) return "the image kernel takes patches whose output side is 1, 2, 4 or 8";
+  const int64_t pairs = (g.ksize + 1) / 2;
+  if ((g.ksize * pairs) % 2) return "the image kernel needs an even number of tap pairs (k = 3, 7, 11, ...)";
+  const int64_t rows = g.in_side - 2 + g.ksize, width = g.in_side - 2 + 2 * pairs;
+  // shared memory: the padded weight slice (64 columns + 8 of padding) and the staged windows
+  if (g.ksize * pairs * 2 * kImageChannels * 72 * 2 + (128 / (s * s)) * rows * width * kImageChannels * 2 > 96 * 1024)
+    return "kernel or staged image window too large for shared memory";
+  const int64_t limit = int64_t(1) << 31;
+  const int64_t H = g.grid_h * g.in_side, W = g.grid_w * g.in_side;
+  const auto span = [](int64_t n, int64_t stride) { return (n - 1) * (stride < 0 ? -stride : stride); };
+  if (g.s_b < 0 || g.s_c < 0 || g.s_h < 0 || g.s_w < 0 ||
+      span(g.batch, g.s_b) + span(g.c_in, g.s_c) + span(H, g.s_h) + span(W, g.s_w) >= limit ||
+      g.num_tiles * s * s * g.c_out >= limit || g.num_tiles * kNeighbours >= limit ||
+      g.batch * g.grid_h * g.grid_w >= limit)
+    return "a tensor passes 2^31 elements (32-bit offsets)";
+  ic.num_tiles = static_cast<int32_t>(g.num_tiles);
+  ic.q = static_cast<int32_t>(g.in_side);
+  ic.s = static_cast<int32_t>(s);
+  ic.pad = static_cast<int32_t>(g.pad());
+  ic.k = static_cast<int32_t>(g.ksize);
+  ic.c_in = static_cast<int32_t>(g.c_in);
+  ic.c_out = static_cast<int32_t>(g.c_out);
+  ic.pairs = static_cast<int32_t>(pairs);
+  ic.rows = static_cast<int32_t>(rows);
+  ic.width = static_cast<int32_t>(width);
+  ic.batch = static_cast<int32_t>(g.batch);
+  ic.grid_h = static_cast<int32_t>(g.grid_h);
+  ic.grid_w = static_cast<int32_t>(g.grid_w);
+  ic.s_b = static_cast<int32_t>(g.s_b);
+  ic.s_c = static_cast<int32_t>(g.s_c);
+  ic.s_h = static_cast<int32_t>(g.s_h);
+  ic.s_w = static_cast<int32_t>(g.s_w);
+  ic.normalize = g.normalize;
+  ic.area_out = FastDiv(static_cast<uint32_t>(s * s));
+  ic.side_out = FastDiv(static_cast<uint32_t>(s));
+  ic.cells = FastDiv(static_cast<uint32_t>(g.grid_h * g.grid_w));
+  ic.grid_w_div = FastDiv(static_cast<uint32_t>(g.grid_w));
+  ic.width_div = FastDiv(static_cast<uint32_t>(width));
+  ic.window_div = FastDiv(static_cast<uint32_t>(rows * width));
+  return nullptr;
+}
+
+// Image offset (channel 0) of staged pixel (0, 0) of the window of the tile at grid position pos
+// (may be negative: the window's halo starts above and left of the patch); 0 for a position
+// outside the grid, whose neighbour slots are all -1 so that nothing is read.
+SCOTT_HD int32_t staged_tile_base(const ImageConv& g, int64_t pos) {
+  if (pos < 0 || pos >= int64_t(g.batch) * g.grid_h * g.grid_w) return 0;
+  const uint32_t p = static_cast<uint32_t>(pos);
+  const int32_t b = static_cast<int32_t>(g.cells.div(p));
+  const int32_t cell = static_cast<int32_t>(p) - b * g.grid_h * g.grid_w;
+  const int32_t gy = static_cast<int32_t>(g.grid_w_div.div(static_cast<uint32_t>(cell))), gx = cell - gy * g.grid_w;
+  return b * g.s_b + (gy * g.q - g.pad) * g.s_h + (gx * g.q - g.pad) * g.s_w;
+}
+
+// Image offset (channel 0) of staged pixel (cy, cx) of a tile's window, or -1 when it reads zero
+// (outside the image or in a masked patch). nb: the tile's 9 neighbour slots; base: staged_tile_base.
+SCOTT_HD int32_t staged_pixel_offset(const ImageConv& g, const int32_t* nb, int32_t base, int32_t cy, int32_t cx) {
+  int32_t ly = cy - g.pad, lx = cx - g.pad;
+  const int32_t dy = neighbour_axis(ly, g.q), dx = neighbour_axis(lx, g.q);
+  return nb[dy * 3 + dx] < 0 ? -1 : base + cy * g.s_h + cx * g.s_w;
+}
+
+// (mean, 1/std) of the 4 staged channels: the normalisation table, or (0, 1) without one.
+template <typename A>
+struct PixelNorm {
+  A mean[kImageChannels], inv_std[kImageChannels];
+};
+
+template <typename A>
+SCOTT_HD PixelNorm<A> pixel_norm(const ImageConv& g, const A* norm) {
+  PixelNorm<A> n;
+  for (int c = 0; c < kImageChannels; ++c) {
+    const bool real = g.normalize && c < g.c_in;
+    n.mean[c] = real ? norm[c] : A(0);
+    n.inv_std[c] = real ? norm[g.c_in + c] : A(1);
+  }
+  return n;
+}
+
+// Staged value of channel c (< 4) of a pixel at image offset `off` (channel 0), normalised.
+template <typename S, typename A>
+SCOTT_HD A staged_value(const ImageConv& g, const S* img, const PixelNorm<A>& n, int32_t off, int c) {
+  if (off < 0 || c >= g.c_in) return A(0);
+  const A v = to_acc<A>(img[off + c * g.s_c]);
+  return g.normalize ? (v - n.mean[c]) * n.inv_std[c] : v;
+}
+
+// Staged pixel index that tap pair p (row ky = p / KP, columns 2 (p % KP) + {0, 1}) of output pixel
+// (oy, ox) starts at: its 8 values are K rows 8p .. 8p + 7 (kx parity, channel).
+SCOTT_HD int32_t staged_pair_pixel(const ImageConv& g, int32_t oy, int32_t ox, int32_t p) {
+  const int32_t ky = p / g.pairs;
+  return (2 * oy + ky) * g.width + 2 * ox + 2 * (p - ky * g.pairs);
+}
+
+// Row of the padded (k * KP * 8, C_out) image-stage weight for tap (ky, kx) and channel c.
+SCOTT_HD int32_t image_weight_row(const ImageConv& g, int32_t ky, int32_t kx, int32_t c) {
+  return ((ky * g.pairs + kx / 2) * 2 + kx % 2) * kImageChannels + c;
+}
+
 // g' = grad * (out > 0), element i: the masked output gradient both backward GEMMs read.
 template <typename T, typename A>
 SCOTT_HD T relu_grad_value(const T* grad, const T* out, int64_t i) {
@@ -467,8 +593,10 @@ constexpr int kUInt8 = 4;
 // The implicit conv GEMMs on (default) or off: off, every stage runs the gather GEMM. Shared by the
 // CUDA kernels and the C++ twin, so the twin tests can run either path.
 bool& implicit_gemm_enabled();
-// nullptr when a stage runs on the implicit path, else why not (dtype rules included for CUDA).
-const char* conv_gemm_refusal(const StageGeometry& g, int64_t splits);
+// nullptr when a stage's GEMM `op` runs on the implicit path, else why not (shape rules; CUDA adds
+// its dtype rules in cuda_implicit_conv).
+enum class ConvOp : int { kForward = 0, kWeightGrad = 1, kInputGrad = 2 };
+const char* conv_gemm_refusal(const StageGeometry& g, int64_t splits, ConvOp op);
 
 void conv_relu_cpu(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* weight_t,
                    const void* norm, const int32_t* slot, const int64_t* tile_pos, void* out);
@@ -499,7 +627,7 @@ void max_blur_pool_backward_cuda(const PoolGeometry& g, DType dtype, const void*
                                  const int32_t* slot, const int64_t* tile_pos, void* grad_act, void* stream);
 // The CUDA conv entry points take scratch: nbr (M, 9) int32 and, for the backward GEMMs, gmask
 // (M, s, s, C_out) in the compute dtype; both used only on the implicit path (cuda_implicit_conv).
-bool cuda_implicit_conv(const StageGeometry& g, DType dtype, int64_t splits);
+bool cuda_implicit_conv(const StageGeometry& g, DType dtype, int64_t splits, ConvOp op);
 // float16/bfloat16 GEMMs on tensor cores (default) or on the SIMT kernel (for comparison)
 void set_tensor_cores(bool enabled);
 #endif

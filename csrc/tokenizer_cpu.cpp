@@ -114,6 +114,41 @@ void implicit_forward(const StageGeometry& g, const ImplicitConv& ic, const T* s
   }
 }
 
+// The image stage: each tile's window staged once (masking, normalisation, 4 channels per pixel),
+// then every output pixel reads 16-byte tap pairs from it, as the CUDA kernel's ldmatrix rows do.
+template <typename T, typename S>
+void implicit_image_forward(const StageGeometry& g, const ImageConv& ic, const S* img, const T* norm,
+                            const T* w_pad, const int32_t* slot, const int64_t* tile_pos, T* out) {
+  const std::vector<int32_t> nb = neighbour_table(g, slot, tile_pos);
+  const int32_t n_pairs = ic.k * ic.pairs;
+  const PixelNorm<T> pn = pixel_norm(ic, norm);
+#pragma omp parallel
+  {
+    std::vector<T> staged(static_cast<size_t>(ic.rows * ic.width * kImageChannels));
+    std::vector<T> acc(static_cast<size_t>(ic.c_out));
+#pragma omp for schedule(static)
+    for (int32_t t = 0; t < ic.num_tiles; ++t) {
+      const int32_t base = staged_tile_base(ic, tile_pos[t]);
+      for (int32_t e = 0; e < ic.rows * ic.width; ++e) {
+        const int32_t cy = static_cast<int32_t>(ic.width_div.div(static_cast<uint32_t>(e))), cx = e - cy * ic.width;
+        const int32_t off = staged_pixel_offset(ic, &nb[t * kNeighbours], base, cy, cx);
+        for (int c = 0; c < kImageChannels; ++c) staged[e * kImageChannels + c] = staged_value<S, T>(ic, img, pn, off, c);
+      }
+      for (int32_t oy = 0; oy < ic.s; ++oy)
+        for (int32_t ox = 0; ox < ic.s; ++ox) {
+          std::fill(acc.begin(), acc.end(), T(0));
+          for (int32_t p = 0; p < n_pairs; ++p) {
+            const T* a = &staged[staged_pair_pixel(ic, oy, ox, p) * kImageChannels];
+            for (int e = 0; e < 2 * kImageChannels; ++e)
+              for (int32_t n = 0; n < ic.c_out; ++n) acc[n] += a[e] * w_pad[(p * 2 * kImageChannels + e) * ic.c_out + n];
+          }
+          const int32_t r = (t * ic.s + oy) * ic.s + ox;
+          for (int32_t n = 0; n < ic.c_out; ++n) out[r * ic.c_out + n] = acc[n] > T(0) ? acc[n] : T(0);
+        }
+    }
+  }
+}
+
 template <typename T>
 void implicit_wgrad(const StageGeometry& g, const ImplicitConv& ic, const T* src, const T* grad, const T* out,
                     const int32_t* slot, const int64_t* tile_pos, T* dw) {
@@ -195,8 +230,13 @@ bool& implicit_gemm_enabled() {
   return enabled;
 }
 
-const char* conv_gemm_refusal(const StageGeometry& g, int64_t splits) {
+const char* conv_gemm_refusal(const StageGeometry& g, int64_t splits, ConvOp op) {
   if (!implicit_gemm_enabled()) return "the implicit GEMM is switched off";
+  if (g.src_image) {
+    if (op != ConvOp::kForward) return "the image stage's gradients run on the gather GEMM";
+    ImageConv ic;
+    return implicit_image_plan(g, ic);
+  }
   ImplicitConv ic;
   return implicit_conv_plan(g, splits, ic);
 }
@@ -204,9 +244,18 @@ const char* conv_gemm_refusal(const StageGeometry& g, int64_t splits) {
 void conv_relu_cpu(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* weight_t,
                    const void* norm, const int32_t* slot, const int64_t* tile_pos, void* out) {
   ImplicitConv ic;
-  const bool implicit = implicit_gemm_enabled() && implicit_conv_plan(g, 1, ic) == nullptr;
+  const bool implicit = conv_gemm_refusal(g, 1, ConvOp::kForward) == nullptr;
+  ImageConv image;
   SCOTT_CPU_DISPATCH(dtype, "conv_relu", {
-    if (implicit)
+    if (implicit && g.src_image) {
+      implicit_image_plan(g, image);
+      if (src_dtype == kUInt8)
+        implicit_image_forward<T, uint8_t>(g, image, static_cast<const uint8_t*>(src), static_cast<const T*>(norm),
+                                           static_cast<const T*>(weight_t), slot, tile_pos, static_cast<T*>(out));
+      else
+        implicit_image_forward<T, T>(g, image, static_cast<const T*>(src), static_cast<const T*>(norm),
+                                     static_cast<const T*>(weight_t), slot, tile_pos, static_cast<T*>(out));
+    } else if (implicit && implicit_conv_plan(g, 1, ic) == nullptr)
       implicit_forward<T>(g, ic, static_cast<const T*>(src), static_cast<const T*>(weight_t), slot, tile_pos,
                           static_cast<T*>(out));
     else if (src_dtype == kUInt8)
@@ -220,7 +269,7 @@ void conv_relu_wgrad_cpu(const StageGeometry& g, DType dtype, int src_dtype, con
                          const void* out, const void* norm, const int32_t* slot, const int64_t* tile_pos,
                          void* grad_weight_t) {
   ImplicitConv ic;
-  const bool implicit = implicit_gemm_enabled() && implicit_conv_plan(g, 1, ic) == nullptr;
+  const bool implicit = conv_gemm_refusal(g, 1, ConvOp::kWeightGrad) == nullptr && implicit_conv_plan(g, 1, ic) == nullptr;
   SCOTT_CPU_DISPATCH(dtype, "conv_relu_wgrad", {
     if (implicit)
       implicit_wgrad<T>(g, ic, static_cast<const T*>(src), static_cast<const T*>(grad), static_cast<const T*>(out),
@@ -235,7 +284,7 @@ void conv_relu_wgrad_cpu(const StageGeometry& g, DType dtype, int src_dtype, con
 void conv_relu_dgrad_cpu(const StageGeometry& g, DType dtype, const void* grad, const void* out,
                          const void* weight_t, const int32_t* slot, const int64_t* tile_pos, void* grad_src) {
   ImplicitConv ic;
-  const bool implicit = implicit_gemm_enabled() && implicit_conv_plan(g, 1, ic) == nullptr;
+  const bool implicit = conv_gemm_refusal(g, 1, ConvOp::kInputGrad) == nullptr && implicit_conv_plan(g, 1, ic) == nullptr;
   SCOTT_CPU_DISPATCH(dtype, "conv_relu_dgrad", {
     if (implicit)
       implicit_dgrad<T>(g, ic, static_cast<const T*>(grad), static_cast<const T*>(out),

@@ -727,6 +727,141 @@ __global__ void scott_relu_grad_mask(const T* grad, const T* out, T* gmask, int3
   reinterpret_cast<uint4*>(gmask)[v] = gv;
 }
 
+// ---- the image stage (few input channels) -------------------------------------------------------
+// Blocks are persistent over groups of 128 / (s*s) tiles (128 output pixels) and one 64-wide slice
+// of output channels: the padded weight slice is loaded into shared memory once per block; per group
+// the tiles' input windows are staged once (masking and uint8 normalisation fused, 4 channels per
+// pixel), then A fragments come straight from the staged window by ldmatrix: each lane points at
+// the 16-byte tap pair its output pixel reads, so no im2col copy is made.
+template <typename T, typename S>
+struct ImageArgs {
+  ImageConv g;
+  const S* img;
+  const float* norm;     // (2, C_in) mean, 1/std, when g.normalize
+  const T* weight;       // padded (k * KP * 8, C_out), image_weight_row
+  const int32_t* nbr;
+  const int64_t* tile_pos;
+  T* out;                // (M, s, s, C_out)
+  int32_t groups;        // ceil(M / tiles per group)
+};
+
+constexpr int IM_BM = 128, IM_BN = 64;
+using ImTile = Tile<IM_BM, IM_BN, false>;
+
+inline int image_smem_bytes(const ImageConv& g) {
+  const int tiles = IM_BM / (g.s * g.s);
+  return g.k_rows() * (IM_BN + PAD) * 2 + tiles * g.rows * g.width * kImageChannels * 2 +
+         tiles * (kNeighbours + 1) * 4 + g.k * g.pairs * 4;
+}
+
+template <typename T, typename S>
+__global__ void __launch_bounds__(ImTile::kThreads, 4) scott_conv_image_igemm(ImageArgs<T, S> p) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  constexpr int BN = IM_BN, NT = ImTile::kThreads;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const ImageConv& g = p.g;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int wm = warp / (BN / 32), wn = warp % (BN / 32);
+  const int32_t area = g.s * g.s, tiles = IM_BM / area, window = g.rows * g.width;
+  const int32_t k_rows = g.k_rows();
+  T* sb = reinterpret_cast<T*>(smem);                        // [k_rows][BN + PAD]
+  T* sx = sb + k_rows * (BN + PAD);                          // [tiles][rows][width][4]
+  int32_t* s_base = reinterpret_cast<int32_t*>(sx + tiles * window * kImageChannels);  // [tiles]
+  int32_t* s_nb = s_base + tiles;                            // [tiles][9]
+  int32_t* s_pair = s_nb + tiles * kNeighbours;              // [k * KP]: staged pixel of each tap pair
+  const int32_t n0 = blockIdx.y * BN;
+
+  for (int v = tid; v < k_rows * (BN / 8); v += NT) {
+    const int32_t row = v / (BN / 8), col = n0 + (v % (BN / 8)) * 8;
+    cp_async16(smem_u32(sb + row * (BN + PAD) + (v % (BN / 8)) * 8), p.weight + (col < g.c_out ? row * g.c_out + col : 0),
+               col < g.c_out);
+  }
+  cp_async_commit();
+  for (int i = tid; i < g.k * g.pairs; i += NT) s_pair[i] = staged_pair_pixel(g, 0, 0, i);
+
+  // per lane: the staged pixel its A rows start at (for tap pair 0), for its 4 row fragments
+  int32_t a_pix[4];
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi) {
+    const int32_t row = wm * 64 + mi * 16 + lane % 16;
+    const int32_t tl = static_cast<int32_t>(g.area_out.div(static_cast<uint32_t>(row)));
+    const int32_t rem = row - tl * area;
+    const int32_t oy = static_cast<int32_t>(g.side_out.div(static_cast<uint32_t>(rem)));
+    a_pix[mi] = tl * window + staged_pair_pixel(g, oy, rem - oy * g.s, 0);
+  }
+  int b_off[2];
+#pragma unroll
+  for (int nj = 0; nj < 2; ++nj)
+    b_off[nj] = (lane % 8 + ((lane / 8) % 2) * 8) * (BN + PAD) + wn * 32 + nj * 16 + (lane / 16) * 8;
+  const uint32_t sx_u32 = smem_u32(sx), sb_u32 = smem_u32(sb);
+  const PixelNorm<float> pn = pixel_norm(g, p.norm);  // in registers for the whole block
+  const int32_t rows_total = g.num_tiles * area;
+
+  for (int32_t grp = blockIdx.x; grp < p.groups; grp += gridDim.x) {
+    const int32_t t_first = grp * tiles;
+    __syncthreads();  // the previous group's fragments are read
+    for (int i = tid; i < tiles * (kNeighbours + 1); i += NT) {
+      const int32_t tl = i / (kNeighbours + 1), d = i - tl * (kNeighbours + 1), t = t_first + tl;
+      if (d == kNeighbours) {
+        s_base[tl] = staged_tile_base(g, t < g.num_tiles ? p.tile_pos[t] : -1);
+      } else {
+        s_nb[tl * kNeighbours + d] = t < g.num_tiles ? p.nbr[t * kNeighbours + d] : -1;
+      }
+    }
+    __syncthreads();
+    for (int32_t e = tid; e < tiles * window; e += NT) {
+      const int32_t tl = static_cast<int32_t>(g.window_div.div(static_cast<uint32_t>(e))), pe = e - tl * window;
+      const int32_t cy = static_cast<int32_t>(g.width_div.div(static_cast<uint32_t>(pe))), cx = pe - cy * g.width;
+      const int32_t off = staged_pixel_offset(g, s_nb + tl * kNeighbours, s_base[tl], cy, cx);
+      T v[kImageChannels];
+#pragma unroll
+      for (int c = 0; c < kImageChannels; ++c) v[c] = from_acc<T>(staged_value<S, float>(g, p.img, pn, off, c));
+      *reinterpret_cast<uint2*>(sx + e * kImageChannels) = *reinterpret_cast<const uint2*>(v);
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    float acc[4][4][4] = {};
+    for (int32_t ks = 0; ks < k_rows / 16; ++ks) {
+      const int32_t pair = s_pair[2 * ks + lane / 16];  // = staged_pair_pixel(g, 0, 0, 2 ks + lane / 16)
+      uint32_t af[4][4], bf[4][2];
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi) ldmatrix_x4(af[mi], sx_u32 + (a_pix[mi] + pair) * kImageChannels * 2);
+#pragma unroll
+      for (int nj = 0; nj < 2; ++nj) {
+        uint32_t r[4];
+        ldmatrix_x4_trans(r, sb_u32 + 2 * (b_off[nj] + ks * 16 * (BN + PAD)));
+        bf[2 * nj][0] = r[0];
+        bf[2 * nj][1] = r[1];
+        bf[2 * nj + 1][0] = r[2];
+        bf[2 * nj + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni]);
+    }
+    const int32_t m0 = t_first * area;
+    for_each_pair<BN>(acc, [&](int mm, int nn, float v0, float v1) {
+      const int32_t m = m0 + mm, n = n0 + nn;
+      if (m < rows_total && n < g.c_out)
+        *reinterpret_cast<decltype(Pack2<T>::make(0.f, 0.f))*>(p.out + m * g.c_out + n) =
+            Pack2<T>::make(fmaxf(v0, 0.f), fmaxf(v1, 0.f));
+    });
+  }
+#else
+  __trap();
+#endif
+}
+
+int multiprocessors() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms < 1)
+    return 1;
+  return sms;
+}
+
 template <class Kernel>
 void allow_smem(Kernel kernel, int bytes) {
   // above 48 KiB dynamic shared memory needs an opt-in per kernel
@@ -769,10 +904,9 @@ namespace {
     }                                                          \
   } while (0)
 
-bool cuda_implicit_conv(const StageGeometry& g, DType dtype, int64_t splits) {
-  ImplicitConv ic;
-  return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && g_tensor_cores && implicit_gemm_enabled() &&
-         device_has_tensor_cores() && implicit_conv_plan(g, splits, ic) == nullptr;
+bool cuda_implicit_conv(const StageGeometry& g, DType dtype, int64_t splits, ConvOp op) {
+  return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && g_tensor_cores && device_has_tensor_cores() &&
+         conv_gemm_refusal(g, splits, op) == nullptr;
 }
 
 namespace {
@@ -782,7 +916,7 @@ bool implicit_forward(const StageGeometry& g, DType dtype, const void* src, cons
                       const int64_t* tile_pos, void* out, int32_t* nbr, cudaStream_t stream) {
   if constexpr (IsTensorCoreType<T>::value) {
     ImplicitConv ic;
-    if (!cuda_implicit_conv(g, dtype, 1) || nbr == nullptr || !ig::aligned16(src) || !ig::aligned16(weight_t) ||
+    if (g.src_image || !cuda_implicit_conv(g, dtype, 1, ConvOp::kForward) || nbr == nullptr || !ig::aligned16(src) || !ig::aligned16(weight_t) ||
         !ig::aligned16(out) || !ig::aligned16(nbr))
       return false;
     implicit_conv_plan(g, 1, ic);
@@ -798,6 +932,35 @@ bool implicit_forward(const StageGeometry& g, DType dtype, const void* src, cons
   return false;
 }
 
+template <typename T, typename S>
+bool implicit_image(const StageGeometry& g, DType dtype, const void* src, const void* weight_pad, const void* norm,
+                    const int32_t* slot, const int64_t* tile_pos, void* out, int32_t* nbr, cudaStream_t stream) {
+  if constexpr (IsTensorCoreType<T>::value) {
+    ImageConv ic;
+    if (!g.src_image || !cuda_implicit_conv(g, dtype, 1, ConvOp::kForward)) return false;
+    // the caller passes the padded weight exactly when this path applies (conv_gemm_path), so there
+    // is no falling back from here
+    if (nbr == nullptr || !ig::aligned16(weight_pad) || !ig::aligned16(out) || (g.normalize && norm == nullptr))
+      throw std::invalid_argument("conv_relu: the image stage's implicit GEMM needs a neighbour scratch table and "
+                                  "16-byte aligned padded weight and output");
+    implicit_image_plan(g, ic);
+    ig::launch_neighbours(g, slot, tile_pos, nbr, stream);
+    const int tiles = ig::IM_BM / (ic.s * ic.s);
+    const int32_t groups = (ic.num_tiles + tiles - 1) / tiles;
+    ig::ImageArgs<T, S> args{ic, static_cast<const S*>(src), static_cast<const float*>(norm),
+                             static_cast<const T*>(weight_pad), nbr, tile_pos, static_cast<T*>(out), groups};
+    const int persistent = 4 * ig::multiprocessors();  // about the blocks that fit at once: the weight slice loads once per block
+    const dim3 grid(static_cast<unsigned>(groups < persistent ? groups : persistent),
+                    static_cast<unsigned>((ic.c_out + ig::IM_BN - 1) / ig::IM_BN));
+    const int bytes = ig::image_smem_bytes(ic);
+    ig::allow_smem(ig::scott_conv_image_igemm<T, S>, bytes);
+    ig::scott_conv_image_igemm<T, S><<<grid, ig::ImTile::kThreads, bytes, stream>>>(args);
+    check_launch("scott_conv_image_igemm");
+    return true;
+  }
+  return false;
+}
+
 template <typename T>
 bool implicit_wgrad(const StageGeometry& g, DType dtype, const void* src, const void* grad, const void* out,
                     const int32_t* slot, const int64_t* tile_pos, void* partial, int64_t splits, int32_t* nbr,
@@ -805,7 +968,7 @@ bool implicit_wgrad(const StageGeometry& g, DType dtype, const void* src, const 
   if constexpr (IsTensorCoreType<T>::value) {
     ImplicitConv ic;
     if (splits < 1) splits = 1;
-    if (!cuda_implicit_conv(g, dtype, splits) || splits > 65535 || nbr == nullptr || gmask == nullptr ||
+    if (g.src_image || !cuda_implicit_conv(g, dtype, splits, ConvOp::kWeightGrad) || splits > 65535 || nbr == nullptr || gmask == nullptr ||
         !ig::aligned16(src) || !ig::aligned16(grad) || !ig::aligned16(out) || !ig::aligned16(gmask) ||
         !ig::aligned16(partial) || !ig::aligned16(nbr))
       return false;
@@ -833,7 +996,7 @@ bool implicit_dgrad(const StageGeometry& g, DType dtype, const void* grad, const
                     cudaStream_t stream) {
   if constexpr (IsTensorCoreType<T>::value) {
     ImplicitConv ic;
-    if (!cuda_implicit_conv(g, dtype, 1) || nbr == nullptr || gmask == nullptr || !ig::aligned16(grad) ||
+    if (g.src_image || !cuda_implicit_conv(g, dtype, 1, ConvOp::kInputGrad) || nbr == nullptr || gmask == nullptr || !ig::aligned16(grad) ||
         !ig::aligned16(out) || !ig::aligned16(weight_t) || !ig::aligned16(grad_src) || !ig::aligned16(gmask) ||
         !ig::aligned16(nbr))
       return false;
@@ -859,7 +1022,10 @@ void conv_relu_cuda(const StageGeometry& g, DType dtype, int src_dtype, const vo
   auto s = static_cast<cudaStream_t>(stream);
   SCOTT_CUDA_DISPATCH(dtype, {
     using A = typename Acc<T>::type;
-    if (src_dtype != kUInt8 && implicit_forward<T>(g, dtype, src, weight_t, slot, tile_pos, out, nbr, s)) break;
+    if (src_dtype == kUInt8 ? implicit_image<T, uint8_t>(g, dtype, src, weight_t, norm, slot, tile_pos, out, nbr, s)
+                            : (implicit_image<T, T>(g, dtype, src, weight_t, norm, slot, tile_pos, out, nbr, s) ||
+                               implicit_forward<T>(g, dtype, src, weight_t, slot, tile_pos, out, nbr, s)))
+      break;
     DenseMatrix<T, A> w{static_cast<const T*>(weight_t), g.c_out};
     StoreRelu<T, A> st{static_cast<T*>(out), g.c_out};
     const int64_t K = g.ksize * g.ksize * g.c_in;

@@ -49,13 +49,27 @@ def use_implicit_gemm(enabled: bool = True) -> None:
     _C.set_implicit_gemm(bool(enabled))
 
 
-def conv_gemm_path(geometry: "_C.StageGeometry", dtype: torch.dtype, on_cuda: bool, splits: int = 1) -> str:
-    """``"implicit"`` or ``"gather: <why>"``: which GEMM a stage's convolutions run on."""
-    return _C.conv_gemm_path(geometry, _CODES[dtype], splits, on_cuda)
+_OPS = {"forward": 0, "wgrad": 1, "dgrad": 2}
 
 
-def _implicit(g: "_C.StageGeometry", t: torch.Tensor, splits: int = 1) -> bool:
-    return conv_gemm_path(g, t.dtype, t.is_cuda, splits) == "implicit"
+def conv_gemm_path(geometry: "_C.StageGeometry", dtype: torch.dtype, on_cuda: bool, splits: int = 1,
+                   op: str = "forward") -> str:
+    """``"implicit"`` or ``"gather: <why>"``: which GEMM a stage's convolution ``op`` (forward,
+    wgrad, dgrad) runs on."""
+    return _C.conv_gemm_path(geometry, _CODES[dtype], splits, on_cuda, _OPS[op])
+
+
+def _implicit(g: "_C.StageGeometry", t: torch.Tensor, splits: int = 1, op: str = "forward") -> bool:
+    return conv_gemm_path(g, t.dtype, t.is_cuda, splits, op) == "implicit"
+
+
+def _image_gemm_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, k, k) -> the image kernel's padded (k * 2 * ceil(k/2) * 4, C_out) operand, rows
+    (ky, kx, channel) with kx padded to an even count and channels to 4 (zeros)."""
+    c_out, c_in, k, _ = weight.shape
+    kx_pad = 2 * ((k + 1) // 2)
+    padded = torch.nn.functional.pad(weight, (0, kx_pad - k, 0, 0, 0, 4 - c_in))
+    return padded.permute(2, 3, 1, 0).reshape(k * kx_pad * 4, c_out).contiguous()
 
 
 def _neighbour_scratch(g: "_C.StageGeometry", like: torch.Tensor) -> torch.Tensor | None:
@@ -147,11 +161,12 @@ def conv_relu(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_
     if not src_is_image:
         src = src.contiguous()
     g = _stage("cuda_conv_relu", src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm)
-    weight_t = gemm_weight(weight)
+    implicit = _implicit(g, weight)
+    weight_t = _image_gemm_weight(weight) if implicit and src_is_image else gemm_weight(weight)
     norm = _norm_table(pixel_norm, weight.dtype)
     out = torch.empty((g.num_tiles, in_side // 2, in_side // 2, g.c_out), dtype=weight.dtype, device=weight.device)
     if out.numel():
-        nbr = _neighbour_scratch(g, out) if _implicit(g, out) else None
+        nbr = _neighbour_scratch(g, out) if implicit else None
         _C.conv_relu(g, _CODES[weight.dtype], _UINT8 if src.dtype == torch.uint8 else _CODES[weight.dtype],
                      src.data_ptr(), weight_t.data_ptr(), _ptr(norm), slot.contiguous().data_ptr(),
                      tile_pos.contiguous().data_ptr(), out.data_ptr(), out.is_cuda, _stream(out), _ptr(nbr))
@@ -185,7 +200,7 @@ def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor, src: torch.Tensor, we
         return torch.zeros_like(weight, memory_format=torch.contiguous_format)
     # (the CPU twin computes in float32/float64 only, where the accumulator is the compute dtype)
     nbr = gmask = None
-    if _implicit(g, weight):
+    if _implicit(g, weight, op="wgrad"):
         splits = _implicit_wgrad_splits(g, rows, weight.device)
         nbr, gmask = _neighbour_scratch(g, weight), (torch.empty_like(grad) if weight.is_cuda else None)
     else:
@@ -220,7 +235,7 @@ def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor, weight: torch.Tensor,
     dsrc = torch.empty_like(fake_src)
     if dsrc.numel():
         nbr = gmask = None
-        if _implicit(g, dsrc) and dsrc.is_cuda:
+        if _implicit(g, dsrc, op="dgrad") and dsrc.is_cuda:
             nbr, gmask = _neighbour_scratch(g, dsrc), torch.empty_like(grad)
         _C.conv_relu_dgrad(g, _CODES[weight.dtype], grad.data_ptr(), out.data_ptr(), weight_t.data_ptr(),
                            slot.contiguous().data_ptr(), tile_pos.contiguous().data_ptr(), dsrc.data_ptr(),
