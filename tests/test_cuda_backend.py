@@ -257,7 +257,13 @@ def test_implicit_path_rules():
     assert "pad > in_side" in conv_gemm_path(_geometry(k=11), torch.float64, on_cuda=False)
     assert "multiples of 8" in conv_gemm_path(_geometry(c_in=12), torch.float64, on_cuda=False)
     assert "multiples of 8" in conv_gemm_path(_geometry(c_out=4), torch.float64, on_cuda=False)
-    assert "image" in conv_gemm_path(_geometry(c_in=8, image=True), torch.float64, on_cuda=False)
+    assert "4 image channels" in conv_gemm_path(_geometry(c_in=8, image=True), torch.float64, on_cuda=False)
+    image = _geometry(num_tiles=6, in_side=16, c_in=3, c_out=64, image=True)
+    image.s_b, image.s_c, image.s_h, image.s_w = 3 * 32 * 48, 32 * 48, 48, 1
+    assert conv_gemm_path(image, torch.float64, on_cuda=False) == "implicit"
+    assert "gather" in conv_gemm_path(image, torch.float64, on_cuda=False, op="wgrad")
+    image.ksize = 5  # 3 tap pairs per kernel row: an odd count of 16-byte K halves
+    assert "even number of tap pairs" in conv_gemm_path(image, torch.float64, on_cuda=False)
     if not CUDA_BUILT:
         assert conv_gemm_path(_geometry(), torch.bfloat16, on_cuda=True).startswith("gather")
 
@@ -338,6 +344,24 @@ def test_implicit_twin_float64(cfg, mask_name):
         use_implicit_gemm(True)
 
 
+@pytest.mark.parametrize("kernels", [(7, 7), (3, 3)])
+def test_implicit_image_stage_uint8_and_strided(kernels):
+    """The image kernel's staging (uint8 normalisation, channels-last strides, masked neighbours)
+    through the twin, against the reference on the normalised images."""
+    weights = random_weights(3, (8, 16), kernels)
+    raw = torch.randint(0, 256, (2, 3, 48, 32), dtype=torch.uint8)
+    mean, std = [123.7, 116.3, 103.5], [58.4, 57.1, 57.4]
+    table = torch.tensor([mean, [1 / s for s in std]], dtype=torch.float64)
+    keep = torch.tensor([[True, False, True, True, False, True], [False, True, True, False, True, False]])
+    normalised = (raw.double() - table[0].view(1, 3, 1, 1)) * table[1].view(1, 3, 1, 1)
+    expected = reference_tokenize(normalised, weights, keep, 16)
+    out = cuda_tokenize(raw, weights, keep, 16, pixel_norm=table)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    x = torch.randn(2, 48, 32, 3, dtype=torch.float64).permute(0, 3, 1, 2)  # channels-last strides
+    torch.testing.assert_close(cuda_tokenize(x, weights, keep, 16), reference_tokenize(x, weights, keep, 16),
+                               rtol=1e-10, atol=1e-12)
+
+
 def test_implicit_twin_ops_match_gather_ops():
     """Op by op (forward, weight and input gradients), both GEMM paths of the twin agree exactly
     enough in float64, with corrupt table entries that must read as masked patches."""
@@ -411,3 +435,31 @@ def test_implicit_gemm_kernels_gpu(dtype, shape):
     finally:
         use_implicit_gemm(True)
     torch.testing.assert_close(out.float(), ref_out.float(), rtol=tol, atol=tol * scale)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("uint8", [False, True])
+def test_implicit_image_kernel_gpu(dtype, uint8):
+    """The image kernel (3 -> 64 channels, 7x7, stride 2) on a GPU against the float64 twin on the
+    same rounded inputs, float and uint8 (normalised) images, a third of the patches masked."""
+    g = torch.Generator().manual_seed(5)
+    B = 8
+    keep = torch.rand(B, 196, generator=g) >= 0.33
+    slot, tile_pos = visible_tables(keep.cuda(), B, 14, 14, torch.device("cuda"))
+    w = (torch.randn(64, 3, 7, 7, generator=g) * 0.1).to("cuda", dtype)
+    table = torch.tensor([[123.7, 116.3, 103.5], [1 / 58.4, 1 / 57.1, 1 / 57.4]])
+    if uint8:
+        x = torch.randint(0, 256, (B, 3, 224, 224), generator=g, dtype=torch.uint8).cuda()
+        norm, x64 = table.cuda(), x.cpu()
+    else:
+        x = torch.randn(B, 3, 224, 224, generator=g).to("cuda", dtype)
+        norm, x64 = None, x.double().cpu()
+    geo = _geometry(num_tiles=tile_pos.shape[0], batch=B, grid=(14, 14), in_side=16, c_in=3, c_out=64, image=True)
+    geo.s_b, geo.s_c, geo.s_h, geo.s_w = x.stride()
+    assert conv_gemm_path(geo, dtype, on_cuda=True) == "implicit"
+    out = conv_relu(x, w, slot, tile_pos, 16, True, norm)
+    out64 = conv_relu(x64, w.double().cpu(), slot.cpu(), tile_pos.cpu(), 16, True,
+                      None if norm is None else table.double())
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    torch.testing.assert_close(out.double().cpu(), out64, rtol=tol, atol=tol * out64.abs().max().item())
