@@ -495,6 +495,22 @@ SCOTT_HD int32_t staged_pair_pixel(const ImageConv& g, int32_t oy, int32_t ox, i
   return (2 * oy + ky) * g.width + 2 * ox + 2 * (p - ky * g.pairs);
 }
 
+// Padded K row m of the image stage -> row (ky, kx, c) of the (k*k*C_in, C_out) weight gradient,
+// or -1 for a padding row (kx = k of an odd k, or channel >= C_in).
+SCOTT_HD int32_t image_k_to_weight_row(const ImageConv& g, int32_t m) {
+  const int32_t c = m % kImageChannels, kx = (m / kImageChannels) % (2 * g.pairs);
+  const int32_t ky = m / (2 * g.pairs * kImageChannels);
+  return kx < g.k && c < g.c_in ? (ky * g.k + kx) * g.c_in + c : -1;
+}
+
+// The image stage's weight gradient on the implicit path: one warp per 32 padded K rows.
+inline const char* implicit_image_wgrad_plan(const StageGeometry& g, ImageConv& ic) {
+  if (const char* why = implicit_image_plan(g, ic)) return why;
+  if (ic.k_rows() % 32 || ic.k_rows() > 512)
+    return "the image weight gradient takes kernels whose padded tap rows are a multiple of 32, at most 512 (k = 7)";
+  return nullptr;
+}
+
 // Row of the padded (k * KP * 8, C_out) image-stage weight for tap (ky, kx) and channel c.
 SCOTT_HD int32_t image_weight_row(const ImageConv& g, int32_t ky, int32_t kx, int32_t c) {
   return ((ky * g.pairs + kx / 2) * 2 + kx % 2) * kImageChannels + c;

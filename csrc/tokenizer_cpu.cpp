@@ -149,6 +149,43 @@ void implicit_image_forward(const StageGeometry& g, const ImageConv& ic, const S
   }
 }
 
+// Weight gradient of the image stage: the staged windows as the GEMM's A^T, reduced over output
+// pixels into the padded K rows, then mapped back to (ky, kx, c) rows.
+template <typename T, typename S>
+void implicit_image_wgrad(const StageGeometry& g, const ImageConv& ic, const S* img, const T* norm, const T* grad,
+                          const T* out, const int32_t* slot, const int64_t* tile_pos, T* dw) {
+  const std::vector<int32_t> nb = neighbour_table(g, slot, tile_pos);
+  const std::vector<T> gm = masked_grad(g, grad, out);
+  const PixelNorm<T> pn = pixel_norm(ic, norm);
+  const int32_t n_pairs = ic.k * ic.pairs, k_rows = ic.k_rows();
+  std::vector<T> acc(static_cast<size_t>(k_rows) * ic.c_out, T(0));
+  std::vector<T> staged(static_cast<size_t>(ic.rows * ic.width * kImageChannels));
+  for (int32_t t = 0; t < ic.num_tiles; ++t) {
+    const int32_t base = staged_tile_base(ic, tile_pos[t]);
+    for (int32_t e = 0; e < ic.rows * ic.width; ++e) {
+      const int32_t cy = static_cast<int32_t>(ic.width_div.div(static_cast<uint32_t>(e))), cx = e - cy * ic.width;
+      const int32_t off = staged_pixel_offset(ic, &nb[t * kNeighbours], base, cy, cx);
+      for (int c = 0; c < kImageChannels; ++c) staged[e * kImageChannels + c] = staged_value<S, T>(ic, img, pn, off, c);
+    }
+#pragma omp parallel for schedule(static)
+    for (int32_t m = 0; m < k_rows; ++m) {  // rows of the padded result: disjoint per thread
+      const int32_t p = m / (2 * kImageChannels), e = m % (2 * kImageChannels);
+      if (p >= n_pairs) continue;
+      for (int32_t oy = 0; oy < ic.s; ++oy)
+        for (int32_t ox = 0; ox < ic.s; ++ox) {
+          const T a = staged[staged_pair_pixel(ic, oy, ox, p) * kImageChannels + e];
+          const T* gr = &gm[static_cast<size_t>((t * ic.s + oy) * ic.s + ox) * ic.c_out];
+          for (int32_t n = 0; n < ic.c_out; ++n) acc[static_cast<size_t>(m) * ic.c_out + n] += a * gr[n];
+        }
+    }
+  }
+  for (int32_t m = 0; m < k_rows; ++m) {
+    const int32_t row = image_k_to_weight_row(ic, m);
+    if (row >= 0)
+      for (int32_t n = 0; n < ic.c_out; ++n) dw[row * ic.c_out + n] = acc[static_cast<size_t>(m) * ic.c_out + n];
+  }
+}
+
 template <typename T>
 void implicit_wgrad(const StageGeometry& g, const ImplicitConv& ic, const T* src, const T* grad, const T* out,
                     const int32_t* slot, const int64_t* tile_pos, T* dw) {
@@ -233,9 +270,9 @@ bool& implicit_gemm_enabled() {
 const char* conv_gemm_refusal(const StageGeometry& g, int64_t splits, ConvOp op) {
   if (!implicit_gemm_enabled()) return "the implicit GEMM is switched off";
   if (g.src_image) {
-    if (op != ConvOp::kForward) return "the image stage's gradients run on the gather GEMM";
     ImageConv ic;
-    return implicit_image_plan(g, ic);
+    if (op == ConvOp::kInputGrad) return "images get their gradient from the gather GEMM";
+    return op == ConvOp::kWeightGrad ? implicit_image_wgrad_plan(g, ic) : implicit_image_plan(g, ic);
   }
   ImplicitConv ic;
   return implicit_conv_plan(g, splits, ic);
@@ -269,9 +306,20 @@ void conv_relu_wgrad_cpu(const StageGeometry& g, DType dtype, int src_dtype, con
                          const void* out, const void* norm, const int32_t* slot, const int64_t* tile_pos,
                          void* grad_weight_t) {
   ImplicitConv ic;
-  const bool implicit = conv_gemm_refusal(g, 1, ConvOp::kWeightGrad) == nullptr && implicit_conv_plan(g, 1, ic) == nullptr;
+  ImageConv image;
+  const bool implicit = conv_gemm_refusal(g, 1, ConvOp::kWeightGrad) == nullptr;
   SCOTT_CPU_DISPATCH(dtype, "conv_relu_wgrad", {
-    if (implicit)
+    if (implicit && g.src_image) {
+      implicit_image_wgrad_plan(g, image);
+      if (src_dtype == kUInt8)
+        implicit_image_wgrad<T, uint8_t>(g, image, static_cast<const uint8_t*>(src), static_cast<const T*>(norm),
+                                         static_cast<const T*>(grad), static_cast<const T*>(out), slot, tile_pos,
+                                         static_cast<T*>(grad_weight_t));
+      else
+        implicit_image_wgrad<T, T>(g, image, static_cast<const T*>(src), static_cast<const T*>(norm),
+                                   static_cast<const T*>(grad), static_cast<const T*>(out), slot, tile_pos,
+                                   static_cast<T*>(grad_weight_t));
+    } else if (implicit && implicit_conv_plan(g, 1, ic) == nullptr)
       implicit_wgrad<T>(g, ic, static_cast<const T*>(src), static_cast<const T*>(grad), static_cast<const T*>(out),
                         slot, tile_pos, static_cast<T*>(grad_weight_t));
     else if (src_dtype == kUInt8)

@@ -854,6 +854,133 @@ __global__ void __launch_bounds__(ImTile::kThreads, 4) scott_conv_image_igemm(Im
 #endif
 }
 
+// Weight gradient of the image stage: C[padded K row m, co] = sum over output pixels r of
+// window(r, m) * g'(r, co). Blocks are persistent over tile groups (128 output pixels) like the
+// forward and keep C (k_rows x 64 output channels) in registers across groups, one warp per 32
+// K rows; per group the windows are staged as in the forward and g' arrives by cp.async. A
+// fragments are read transposed (ldmatrix.trans) from the staged windows: the rows it gathers are
+// the 16-byte tap pairs of 8 output pixels. Each block writes one partial (its blockIdx.x).
+template <typename T, typename S>
+struct ImageWgradArgs {
+  ImageConv g;
+  const S* img;
+  const float* norm;
+  const T* gmask;        // g' (M, s, s, C_out)
+  const int32_t* nbr;
+  const int64_t* tile_pos;
+  float* partial;        // (gridDim.x, k*k*C_in, C_out)
+  int32_t groups;
+};
+
+constexpr int IW_BN = 64, IW_MAX_WARPS = 16;
+
+inline int image_wgrad_smem_bytes(const ImageConv& g) {
+  const int tiles = IM_BM / (g.s * g.s);
+  return IM_BM * (IW_BN + PAD) * 2 + tiles * g.rows * g.width * kImageChannels * 2 +
+         tiles * (kNeighbours + 1) * 4 + IM_BM * 4;
+}
+
+template <typename T, typename S>
+__global__ void __launch_bounds__(IW_MAX_WARPS * 32) scott_conv_image_wgrad_igemm(ImageWgradArgs<T, S> p) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  constexpr int BN = IW_BN;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const ImageConv& g = p.g;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, nt = blockDim.x;
+  const int32_t area = g.s * g.s, tiles = IM_BM / area, window = g.rows * g.width;
+  T* sg = reinterpret_cast<T*>(smem);                           // g' [128 pixels][BN + PAD]
+  T* sx = sg + IM_BM * (BN + PAD);                              // staged windows
+  int32_t* s_base = reinterpret_cast<int32_t*>(sx + tiles * window * kImageChannels);
+  int32_t* s_nb = s_base + tiles;
+  int32_t* s_pix = s_nb + tiles * kNeighbours;                  // [128]: staged pixel of output pixel r
+  const int32_t n0 = blockIdx.y * BN;
+  for (int r = tid; r < IM_BM; r += nt) {
+    const int32_t tl = static_cast<int32_t>(g.area_out.div(static_cast<uint32_t>(r))), rem = r - tl * area;
+    const int32_t oy = static_cast<int32_t>(g.side_out.div(static_cast<uint32_t>(rem)));
+    s_pix[r] = tl * window + staged_pair_pixel(g, oy, rem - oy * g.s, 0);
+  }
+  // per lane: the staged offset (pixels) of the tap pair its A rows read, per 16-row fragment
+  const int mat = lane / 8;
+  int32_t a_pair[2];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) a_pair[mi] = staged_pair_pixel(g, 0, 0, (warp * 32 + mi * 16) / 8 + mat % 2);
+  const int a_pix_row = lane % 8 + (mat / 2) * 8;  // pixel within a 16-pixel K step
+  int b_off[4];
+#pragma unroll
+  for (int nj = 0; nj < 4; ++nj) b_off[nj] = (lane % 8 + (mat % 2) * 8) * (BN + PAD) + nj * 16 + (mat / 2) * 8;
+  const uint32_t sx_u32 = smem_u32(sx), sg_u32 = smem_u32(sg);
+  const PixelNorm<float> pn = pixel_norm(g, p.norm);
+  const int32_t rows_total = g.num_tiles * area;
+
+  float acc[2][8][4] = {};
+  for (int32_t grp = blockIdx.x; grp < p.groups; grp += gridDim.x) {
+    const int32_t t_first = grp * tiles, m0 = t_first * area;
+    __syncthreads();  // the previous group's fragments are read
+    for (int v = tid; v < IM_BM * (BN / 8); v += nt) {
+      const int32_t r = v / (BN / 8), col = n0 + (v % (BN / 8)) * 8;
+      const bool ok = m0 + r < rows_total && col < g.c_out;
+      cp_async16(sg_u32 + 2 * (r * (BN + PAD) + (v % (BN / 8)) * 8), p.gmask + (ok ? (m0 + r) * g.c_out + col : 0), ok);
+    }
+    cp_async_commit();
+    for (int i = tid; i < tiles * (kNeighbours + 1); i += nt) {
+      const int32_t tl = i / (kNeighbours + 1), d = i - tl * (kNeighbours + 1), t = t_first + tl;
+      if (d == kNeighbours)
+        s_base[tl] = staged_tile_base(g, t < g.num_tiles ? p.tile_pos[t] : -1);
+      else
+        s_nb[tl * kNeighbours + d] = t < g.num_tiles ? p.nbr[t * kNeighbours + d] : -1;
+    }
+    __syncthreads();
+    for (int32_t e = tid; e < tiles * window; e += nt) {
+      const int32_t tl = static_cast<int32_t>(g.window_div.div(static_cast<uint32_t>(e))), pe = e - tl * window;
+      const int32_t cy = static_cast<int32_t>(g.width_div.div(static_cast<uint32_t>(pe))), cx = pe - cy * g.width;
+      const int32_t off = staged_pixel_offset(g, s_nb + tl * kNeighbours, s_base[tl], cy, cx);
+      T v[kImageChannels];
+#pragma unroll
+      for (int c = 0; c < kImageChannels; ++c) v[c] = from_acc<T>(staged_value<S, float>(g, p.img, pn, off, c));
+      *reinterpret_cast<uint2*>(sx + e * kImageChannels) = *reinterpret_cast<const uint2*>(v);
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+#pragma unroll 2
+    for (int ks = 0; ks < IM_BM / 16; ++ks) {
+      const int32_t pix = s_pix[ks * 16 + a_pix_row];
+      uint32_t af[2][4], bf[8][2];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) ldmatrix_x4_trans(af[mi], sx_u32 + (pix + a_pair[mi]) * kImageChannels * 2);
+#pragma unroll
+      for (int nj = 0; nj < 4; ++nj) {
+        uint32_t r[4];
+        ldmatrix_x4_trans(r, sg_u32 + 2 * (b_off[nj] + ks * 16 * (BN + PAD)));
+        bf[2 * nj][0] = r[0];
+        bf[2 * nj][1] = r[1];
+        bf[2 * nj + 1][0] = r[2];
+        bf[2 * nj + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 8; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni]);
+    }
+  }
+  const int32_t k_total = g.k * g.k * g.c_in;
+  float* part = p.partial + static_cast<int32_t>(blockIdx.x) * k_total * g.c_out;
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int32_t row = image_k_to_weight_row(g, warp * 32 + mi * 16 + h * 8 + lane / 4);
+#pragma unroll
+      for (int ni = 0; ni < 8; ++ni) {
+        const int32_t n = n0 + ni * 8 + (lane % 4) * 2;
+        if (row >= 0 && n < g.c_out)
+          *reinterpret_cast<float2*>(part + row * g.c_out + n) = make_float2(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+      }
+    }
+#else
+  __trap();
+#endif
+}
+
 int multiprocessors() {
   int device = 0, sms = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
@@ -961,6 +1088,36 @@ bool implicit_image(const StageGeometry& g, DType dtype, const void* src, const 
   return false;
 }
 
+template <typename T, typename S>
+bool implicit_image_wgrad(const StageGeometry& g, DType dtype, const void* src, const void* grad, const void* out,
+                          const void* norm, const int32_t* slot, const int64_t* tile_pos, void* partial,
+                          int64_t splits, int32_t* nbr, void* gmask, cudaStream_t stream) {
+  if constexpr (IsTensorCoreType<T>::value) {
+    ImageConv ic;
+    if (!g.src_image || !cuda_implicit_conv(g, dtype, splits, ConvOp::kWeightGrad)) return false;
+    implicit_image_wgrad_plan(g, ic);
+    const int tiles = ig::IM_BM / (ic.s * ic.s);
+    const int32_t groups = (ic.num_tiles + tiles - 1) / tiles;
+    // one partial per block: the caller sizes `splits` (conv_gemm_path says this path applies)
+    if (nbr == nullptr || gmask == nullptr || splits < 1 || splits > 65535 || (g.normalize && norm == nullptr) ||
+        !ig::aligned16(grad) || !ig::aligned16(out) || !ig::aligned16(gmask) || !ig::aligned16(partial))
+      throw std::invalid_argument("conv_relu_wgrad: the image stage's implicit GEMM needs scratch tables, at least "
+                                  "one split and 16-byte aligned buffers");
+    ig::launch_neighbours(g, slot, tile_pos, nbr, stream);
+    ig::launch_relu_grad_mask<T>(g, static_cast<const T*>(grad), static_cast<const T*>(out), static_cast<T*>(gmask),
+                                 stream);
+    ig::ImageWgradArgs<T, S> args{ic, static_cast<const S*>(src), static_cast<const float*>(norm),
+                                  static_cast<const T*>(gmask), nbr, tile_pos, static_cast<float*>(partial), groups};
+    const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>((ic.c_out + ig::IW_BN - 1) / ig::IW_BN));
+    const int bytes = ig::image_wgrad_smem_bytes(ic);
+    ig::allow_smem(ig::scott_conv_image_wgrad_igemm<T, S>, bytes);
+    ig::scott_conv_image_wgrad_igemm<T, S><<<grid, ic.k_rows() / 32 * 32, bytes, stream>>>(args);
+    check_launch("scott_conv_image_wgrad_igemm");
+    return true;
+  }
+  return false;
+}
+
 template <typename T>
 bool implicit_wgrad(const StageGeometry& g, DType dtype, const void* src, const void* grad, const void* out,
                     const int32_t* slot, const int64_t* tile_pos, void* partial, int64_t splits, int32_t* nbr,
@@ -1045,8 +1202,12 @@ void conv_relu_wgrad_cuda(const StageGeometry& g, DType dtype, int src_dtype, co
   auto s = static_cast<cudaStream_t>(stream);
   SCOTT_CUDA_DISPATCH(dtype, {
     using A = typename Acc<T>::type;
-    if (src_dtype != kUInt8 &&
-        implicit_wgrad<T>(g, dtype, src, grad, out, slot, tile_pos, partial, splits, nbr, gmask, s))
+    if (src_dtype == kUInt8
+            ? implicit_image_wgrad<T, uint8_t>(g, dtype, src, grad, out, norm, slot, tile_pos, partial, splits, nbr,
+                                               gmask, s)
+            : (implicit_image_wgrad<T, T>(g, dtype, src, grad, out, norm, slot, tile_pos, partial, splits, nbr, gmask,
+                                          s) ||
+               implicit_wgrad<T>(g, dtype, src, grad, out, slot, tile_pos, partial, splits, nbr, gmask, s)))
       break;
     ReluGrad<T, A> g_relu{static_cast<const T*>(grad), static_cast<const T*>(out), g.c_out};
     const int64_t K_total = g.ksize * g.ksize * g.c_in;

@@ -72,17 +72,27 @@ def _image_gemm_weight(weight: torch.Tensor) -> torch.Tensor:
     return padded.permute(2, 3, 1, 0).reshape(k * kx_pad * 4, c_out).contiguous()
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy of it when its data does not start on a 16-byte boundary (the implicit kernels
+    read 16-byte vectors)."""
+    return t if not t.is_cuda or t.data_ptr() % 16 == 0 else t.clone()
+
+
 def _neighbour_scratch(g: "_C.StageGeometry", like: torch.Tensor) -> torch.Tensor | None:
     """(M, 9) int32 neighbour table the implicit CUDA kernels fill and read (the twin keeps its own)."""
     return torch.empty((g.num_tiles, 9), dtype=torch.int32, device=like.device) if like.is_cuda else None
 
 
 def _implicit_wgrad_splits(g: "_C.StageGeometry", rows: int, device: torch.device) -> int:
-    """Parts of the implicit weight gradient's reduction over output pixels: about one wave of its
-    (tap, 64 input channels) x 128 output channel blocks at four per SM, at least 1024 pixels each."""
+    """Parts of the implicit weight gradient's reduction over output pixels. Compact stages: about
+    one wave of (tap, 64 input channels) x 128 output channel blocks at four per SM, at least 1024
+    pixels each. The image stage: its persistent blocks (two per SM, at most one per 128 pixels),
+    each of which writes one partial."""
     if device.type != "cuda":
         return 1
     sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    if g.src_image:
+        return max(1, min(-(-rows // 128), 2 * sms, 65535))
     blocks = g.ksize * g.ksize * -(-g.c_in // 64) * -(-g.c_out // 128)
     return max(1, min(-(-rows // 1024), -(-4 * sms // blocks), 65535))
 
@@ -167,6 +177,8 @@ def conv_relu(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_
     out = torch.empty((g.num_tiles, in_side // 2, in_side // 2, g.c_out), dtype=weight.dtype, device=weight.device)
     if out.numel():
         nbr = _neighbour_scratch(g, out) if implicit else None
+        if implicit and not src_is_image:
+            src = _aligned(src)
         _C.conv_relu(g, _CODES[weight.dtype], _UINT8 if src.dtype == torch.uint8 else _CODES[weight.dtype],
                      src.data_ptr(), weight_t.data_ptr(), _ptr(norm), slot.contiguous().data_ptr(),
                      tile_pos.contiguous().data_ptr(), out.data_ptr(), out.is_cuda, _stream(out), _ptr(nbr))
@@ -203,6 +215,9 @@ def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor, src: torch.Tensor, we
     if _implicit(g, weight, op="wgrad"):
         splits = _implicit_wgrad_splits(g, rows, weight.device)
         nbr, gmask = _neighbour_scratch(g, weight), (torch.empty_like(grad) if weight.is_cuda else None)
+        grad, out = _aligned(grad), _aligned(out)
+        if not src_is_image:
+            src = _aligned(src)
     else:
         splits = reduction_splits(rows, k_total, g.c_out, weight.device, min_rows=1024)
     result = torch.empty((splits, k_total, g.c_out), dtype=accumulator_dtype(weight.dtype), device=weight.device)
@@ -237,6 +252,7 @@ def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor, weight: torch.Tensor,
         nbr = gmask = None
         if _implicit(g, dsrc, op="dgrad") and dsrc.is_cuda:
             nbr, gmask = _neighbour_scratch(g, dsrc), torch.empty_like(grad)
+            grad, out = _aligned(grad), _aligned(out)
         _C.conv_relu_dgrad(g, _CODES[weight.dtype], grad.data_ptr(), out.data_ptr(), weight_t.data_ptr(),
                            slot.contiguous().data_ptr(), tile_pos.contiguous().data_ptr(), dsrc.data_ptr(),
                            dsrc.is_cuda, _stream(dsrc), _ptr(nbr), _ptr(gmask))

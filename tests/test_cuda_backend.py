@@ -261,7 +261,11 @@ def test_implicit_path_rules():
     image = _geometry(num_tiles=6, in_side=16, c_in=3, c_out=64, image=True)
     image.s_b, image.s_c, image.s_h, image.s_w = 3 * 32 * 48, 32 * 48, 48, 1
     assert conv_gemm_path(image, torch.float64, on_cuda=False) == "implicit"
-    assert "gather" in conv_gemm_path(image, torch.float64, on_cuda=False, op="wgrad")
+    assert conv_gemm_path(image, torch.float64, on_cuda=False, op="wgrad") == "implicit"
+    assert "gather" in conv_gemm_path(image, torch.float64, on_cuda=False, op="dgrad")
+    image.ksize = 3  # padded tap rows 3 * 2 * 8 = 48: the forward takes it, the weight gradient not
+    assert conv_gemm_path(image, torch.float64, on_cuda=False) == "implicit"
+    assert "multiple of 32" in conv_gemm_path(image, torch.float64, on_cuda=False, op="wgrad")
     image.ksize = 5  # 3 tap pairs per kernel row: an odd count of 16-byte K halves
     assert "even number of tap pairs" in conv_gemm_path(image, torch.float64, on_cuda=False)
     if not CUDA_BUILT:
@@ -346,8 +350,9 @@ def test_implicit_twin_float64(cfg, mask_name):
 
 @pytest.mark.parametrize("kernels", [(7, 7), (3, 3)])
 def test_implicit_image_stage_uint8_and_strided(kernels):
-    """The image kernel's staging (uint8 normalisation, channels-last strides, masked neighbours)
-    through the twin, against the reference on the normalised images."""
+    """The image kernels' staging (uint8 normalisation, channels-last strides, masked neighbours)
+    through the twin, against the reference on the normalised images: values and weight gradients
+    (k = 7: the image weight-gradient kernel; k = 3: its forward only)."""
     weights = random_weights(3, (8, 16), kernels)
     raw = torch.randint(0, 256, (2, 3, 48, 32), dtype=torch.uint8)
     mean, std = [123.7, 116.3, 103.5], [58.4, 57.1, 57.4]
@@ -357,6 +362,10 @@ def test_implicit_image_stage_uint8_and_strided(kernels):
     expected = reference_tokenize(normalised, weights, keep, 16)
     out = cuda_tokenize(raw, weights, keep, 16, pixel_norm=table)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    probe = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad((out * probe).sum(), weights),
+                         torch.autograd.grad((expected * probe).sum(), weights)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     x = torch.randn(2, 48, 32, 3, dtype=torch.float64).permute(0, 3, 1, 2)  # channels-last strides
     torch.testing.assert_close(cuda_tokenize(x, weights, keep, 16), reference_tokenize(x, weights, keep, 16),
                                rtol=1e-10, atol=1e-12)
@@ -463,3 +472,9 @@ def test_implicit_image_kernel_gpu(dtype, uint8):
                       None if norm is None else table.double())
     tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
     torch.testing.assert_close(out.double().cpu(), out64, rtol=tol, atol=tol * out64.abs().max().item())
+    grad = torch.randn(out.shape, generator=g).to("cuda", dtype)
+    assert conv_gemm_path(geo, dtype, on_cuda=True, op="wgrad") == "implicit"
+    dw = conv_relu_wgrad(grad, out, x, w, slot, tile_pos, 16, True, norm)
+    dw64 = conv_relu_wgrad(grad.double().cpu(), out.double().cpu(), x64, w.double().cpu(), slot.cpu(), tile_pos.cpu(),
+                           16, True, None if norm is None else table.double())
+    torch.testing.assert_close(dw.double().cpu(), dw64, rtol=tol, atol=tol * dw64.abs().max().item())
