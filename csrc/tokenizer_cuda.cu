@@ -1,8 +1,14 @@
-// CUDA implementation of the tokenizer stage kernels: the three conv GEMMs as one tiled
-// shared-memory GEMM template over gathered operands (tokenizer.h) — on tensor cores (WMMA) for
-// float16/bfloat16 on sm_80+, on CUDA cores otherwise — and MaxBlurPool forward and backward as
-// one thread per output element. float32/float16/bfloat16 accumulate in float32,
-// float64 in float64. 64-bit indices throughout; every launch is checked.
+// CUDA implementation of the tokenizer stage kernels.
+//   * Implicit conv GEMMs on tensor cores (namespace ig; float16/bfloat16, sm_80+): forward,
+//     weight gradient and input gradient of compact stages, forward and weight gradient of the
+//     image stage. Operands arrive as 16-byte vectors (cp.async) addressed through a per-tile 3x3
+//     neighbour table with per-row set-up once per block; fragments by ldmatrix, math on mma.sync
+//     m16n8k16 with float32 accumulation; 32-bit offsets (the host checks that they fit).
+//   * The gather GEMM for everything else (float32/float64, shapes the implicit kernels refuse):
+//     one tiled shared-memory GEMM template over operands gathered per element (tokenizer.h), on
+//     WMMA for float16/bfloat16 on sm_80+, on CUDA cores otherwise; 64-bit indices.
+//   * MaxBlurPool forward and backward as one thread per output element.
+// float32/float16/bfloat16 accumulate in float32, float64 in float64; every launch is checked.
 #include <cuda_runtime.h>
 #include <mma.h>
 

@@ -7,14 +7,16 @@ the dense reference check the index logic the GPU runs. ``backend="cuda"`` itsel
 CUDA devices only.
 
 Kernels: the three convolution GEMMs (forward + ReLU, weight gradient split over output pixels
-into accumulator-typed partials, input gradient per parity class of input pixel). Compact stages
-in float16/bfloat16 run them as implicit GEMMs on tensor cores (cp.async, ldmatrix, mma.sync;
-operands addressed through a per-tile 3x3 neighbour table, one lookup per row, tap and 16-byte
-channel vector, 32-bit offsets); the image stage, float32/float64 and shapes those kernels refuse
-(``conv_gemm_path`` says why) run one tiled shared-memory GEMM that gathers each operand element
-through the ``slot`` table (WMMA for float16/bfloat16 on sm_80+, CUDA cores otherwise). The C++
-twin follows the same path rule, so CPU tests exercise both index paths. MaxBlurPool forward and
-backward one thread per element. float16/bfloat16/float32 accumulate in float32, float64 in float64.
+into accumulator-typed partials, input gradient per parity class of input pixel). In
+float16/bfloat16 they run as implicit GEMMs on tensor cores (cp.async, ldmatrix, mma.sync;
+operands addressed through a per-tile 3x3 neighbour table with 32-bit offsets): compact stages
+with one neighbour lookup per row, tap and 16-byte channel vector; the image stage (forward and
+weight gradient) from each patch's window staged once in shared memory. float32/float64, image
+gradients and shapes those kernels refuse (``conv_gemm_path`` says why) run one tiled
+shared-memory GEMM that gathers each operand element through the ``slot`` table (WMMA for
+float16/bfloat16 on sm_80+, CUDA cores otherwise). The C++ twin follows the same path rule and
+index functions, so CPU tests exercise both paths. MaxBlurPool forward and backward one thread
+per element. float16/bfloat16/float32 accumulate in float32, float64 in float64.
 """
 
 from __future__ import annotations
