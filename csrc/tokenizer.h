@@ -380,7 +380,7 @@ SCOTT_HD int32_t dgrad_weight_row(const ImplicitConv& g, const ParityClass& pc, 
 // horizontally adjacent pixels are one 16-byte row: taps (ky, 2p) and (ky, 2p + 1) of an output
 // pixel read one such row. The K dimension is (ky, tap pair p, kx parity, channel): k * KP * 8
 // with KP = ceil(k / 2) pairs per kernel row (an odd k's last pair has zero weights), and the
-// weight is padded to match (`image_weight_row`).
+// weight is padded to match (cuda_backend._image_gemm_weight; `image_k_to_weight_row` maps back).
 constexpr int kImageChannels = 4;
 
 struct ImageConv {
@@ -511,10 +511,6 @@ inline const char* implicit_image_wgrad_plan(const StageGeometry& g, ImageConv& 
   return nullptr;
 }
 
-// Row of the padded (k * KP * 8, C_out) image-stage weight for tap (ky, kx) and channel c.
-SCOTT_HD int32_t image_weight_row(const ImageConv& g, int32_t ky, int32_t kx, int32_t c) {
-  return ((ky * g.pairs + kx / 2) * 2 + kx % 2) * kImageChannels + c;
-}
 
 // g' = grad * (out > 0), element i: the masked output gradient both backward GEMMs read.
 template <typename T, typename A>

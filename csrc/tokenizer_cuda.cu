@@ -744,7 +744,7 @@ struct ImageArgs {
   ImageConv g;
   const S* img;
   const float* norm;     // (2, C_in) mean, 1/std, when g.normalize
-  const T* weight;       // padded (k * KP * 8, C_out), image_weight_row
+  const T* weight;       // padded (k * KP * 8, C_out) (rows: image_k_to_weight_row)
   const int32_t* nbr;
   const int64_t* tile_pos;
   T* out;                // (M, s, s, C_out)
