@@ -8,6 +8,8 @@ the training loop is installed, uniform otherwise.
 SCOTT_BENCH_CHECK=1 (set by the one-command device check, tests/gpu/check.sh): on a GPU only the
 headline shape (B=64, D=384) with 20 rounds after 3 warm-up, so the tokenizer and training-step
 benchmarks fit its time window; on a CPU (its --dry walk) tiny shapes and 2 rounds.
+SCOTT_BENCH_CHECK=warm: the same shapes, one round and no warm-up: the check's compile pass, which
+fills the torch.compile and Triton caches (and records cold first-call times) before the timed run.
 """
 
 import os
@@ -33,7 +35,9 @@ class BenchSetting:
 
 
 CUDA = torch.cuda.is_available()
-CHECK = os.environ.get("SCOTT_BENCH_CHECK", "").strip().lower() in {"1", "true", "yes", "on"}
+_CHECK_MODE = os.environ.get("SCOTT_BENCH_CHECK", "").strip().lower()
+WARM = _CHECK_MODE == "warm"
+CHECK = WARM or _CHECK_MODE in {"1", "true", "yes", "on"}
 # (batch, embed_dim) points of the tokenizer benchmark
 if CHECK:
     SHAPES = [(64, 384)] if CUDA else [(2, 32)]
@@ -42,13 +46,14 @@ else:
 
 
 def gpu_setting(batch: int = 64, embed_dim: int = 384) -> BenchSetting:
-    rounds, warmup = (20, 3) if CHECK else (50, 5)
+    rounds, warmup = (1, 0) if WARM else (20, 3) if CHECK else (50, 5)
     return BenchSetting(torch.device("cuda"), batch, 224, embed_dim, 64, torch.bfloat16, rounds=rounds, warmup=warmup)
 
 
 def cpu_setting(batch: int = 4, embed_dim: int = 192) -> BenchSetting:
     if CHECK:   # tiny: 64x64 images (16 patches), 16 hidden channels
-        return BenchSetting(torch.device("cpu"), batch, 64, embed_dim, 16, torch.float32, rounds=2, warmup=1)
+        rounds, warmup = (1, 0) if WARM else (2, 1)
+        return BenchSetting(torch.device("cpu"), batch, 64, embed_dim, 16, torch.float32, rounds=rounds, warmup=warmup)
     return BenchSetting(torch.device("cpu"), batch, 224, embed_dim, 64, torch.float32, rounds=5, warmup=1)
 
 

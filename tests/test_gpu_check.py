@@ -85,12 +85,14 @@ def test_tokenizer_tables_flag_backends_slower_than_the_compiled_reference(tmp_p
     parsed = check.parse_benchmarks(tmp_path / "t.json")
     assert parsed[0]["median_ms"] == 7.0 and parsed[0]["timer"] == "CUDA events"
     assert parsed[-1]["median_ms"] == pytest.approx(4.0) and parsed[-1]["timer"] == "wall clock"
-    lines, slower = check.tokenizer_tables(parsed)
+    cold = [dict(parsed[0], extra=dict(parsed[0]["extra"], first_call_s=42.0))]
+    lines, slower = check.tokenizer_tables(parsed, cold)
     text = "\n".join(lines)
     assert "| reference | reference_compiled | torch | triton | cuda |" in text   # reference first
     assert "2.00 (1.75×)" in text and "5.00 (0.70×)" in text
     assert len(slower) == 1 and slower[0].startswith("cuda forward + backward at mask 0.60")
-    assert "1.50 / 100" in text
+    assert "| reference | fwd_bwd | – | 42.00 / 1.50 · 100 |" in text     # cold / warm first call · peak MiB
+    assert "| cuda | fwd_bwd | – | – / 1.50 · 100 |" in text
 
 
 def test_train_step_table_speedups(tmp_path):
