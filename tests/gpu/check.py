@@ -477,8 +477,8 @@ class Check:
             copy_tree(ROOT, src)
             wheels = self.work / "wheels"
             pip = [self.python, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-w", str(wheels)]
-            candidates = [("pip wheel, no build isolation", pip + ["--no-build-isolation", str(src)]),
-                          ("pip wheel, isolated build environment", pip + [str(src)])]
+            candidates = [("pip wheel, no build isolation", [pip + ["--no-build-isolation", str(src)]]),
+                          ("pip wheel, isolated build environment", [pip + [str(src)]])]
             cwd = src
             what = "C++-only wheel (dry)"
         else:
@@ -492,21 +492,36 @@ class Check:
             env["SCOTT_REQUIRE_CUDA"] = "1"
             env.pop("SCOTT_NO_CUDA", None)
             res.details["arch"] = arch
-            candidates = [("pip editable install", [self.python, "-m", "pip", "install", "--no-index", "--no-build-isolation",
-                                                    "--no-deps", "--disable-pip-version-check", "-e", "."])]
+            # The package's own build first; if it fails, or leaves no importable CUDA module (e.g. a
+            # build backend missing here, where nothing can be downloaded), setuptools in place; last,
+            # CMake driven directly with only cmake, pybind11 and nvcc.
+            candidates = [("pip editable install", [[self.python, "-m", "pip", "install", "--no-index", "--no-build-isolation",
+                                                     "--no-deps", "--disable-pip-version-check", "-e", "."]])]
             if (ROOT / "setup.py").is_file():
-                candidates.append(("setup.py build_ext --inplace", [self.python, "setup.py", "build_ext", "--inplace"]))
+                candidates.append(("setup.py build_ext --inplace", [[self.python, "setup.py", "build_ext", "--inplace"]]))
+            candidates.append(("CMake directly", lambda: cmake_commands(self.python, ROOT, self.work / "cmake-build",
+                                                                         arch, self.ncpu)))
             cwd = ROOT
             what = f"in place for SCOTT_CUDA_ARCHS={arch}"
         attempts, status = [], None
-        for label, cmd in candidates:
+        for label, cmds in candidates:
             left = deadline - time.monotonic()
             if left <= 1:
                 attempts.append(f"{label}: no time left")
                 status = status or "timeout"
                 break
-            res.commands.append(shlex.join(cmd))
-            rc, secs = run_command(cmd, log_path, env, left, cwd=cwd)
+            try:
+                cmds = cmds() if callable(cmds) else cmds
+            except RuntimeError as e:
+                attempts.append(f"{label}: {e}")
+                continue
+            rc, secs = 0, 0.0
+            for cmd in cmds:
+                res.commands.append(shlex.join(cmd))
+                rc, took = run_command(cmd, log_path, env, deadline - time.monotonic(), cwd=cwd)
+                secs += took
+                if rc != 0:
+                    break
             if rc is None:        # the stage's time is spent: no fallback can run either
                 attempts.append(f"{label}: stopped at the limit ({secs:.0f} s)")
                 status = "timeout"
@@ -821,6 +836,41 @@ def source_fingerprint(root: Path) -> str:
     for p in sorted(files):
         h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:12]
+
+
+def cmake_commands(python: str, root: Path, build_dir: Path, arch: str, jobs: int) -> list[list[str]]:
+    """Configure and build the native module with CMake alone (what setup.py drives), its output
+    in place in root/scott_kernels. Raises RuntimeError naming what is missing."""
+    cmake = shutil.which("cmake") or _module_bin(python, "cmake", "CMAKE_BIN_DIR", "cmake")
+    if not cmake:
+        raise RuntimeError("cmake not found (PATH or the cmake package)")
+    try:
+        pybind11_dir = subprocess.run([python, "-c", "import pybind11; print(pybind11.get_cmake_dir())"],
+                                      capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    except (subprocess.SubprocessError, OSError):
+        raise RuntimeError("pybind11 is not importable") from None
+    nvcc = _which_nvcc()
+    if not Path(nvcc).is_file():
+        raise RuntimeError("nvcc not found (CUDA_HOME, PATH, /usr/local/cuda)")
+    configure = [cmake, "-S", str(root), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+                 f"-DPython_EXECUTABLE={python}", f"-Dpybind11_DIR={pybind11_dir}",
+                 f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={root / 'scott_kernels'}",
+                 "-DSCOTT_WITH_CUDA=ON", f"-DSCOTT_CUDA_ARCHS={arch}", f"-DCMAKE_CUDA_COMPILER={nvcc}"]
+    ninja = shutil.which("ninja") or _module_bin(python, "ninja", "BIN_DIR", "ninja")
+    if ninja:
+        configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+    return [configure, [cmake, "--build", str(build_dir), "--target", "_C", "--parallel", str(jobs)]]
+
+
+def _module_bin(python: str, module: str, attr: str, exe: str) -> str | None:
+    """The executable a pip-installed tool package (cmake, ninja) ships, when not on PATH."""
+    try:
+        r = subprocess.run([python, "-c", f"import {module}; print({module}.{attr})"], capture_output=True,
+                           text=True, timeout=60)
+    except (subprocess.SubprocessError, OSError):
+        return None
+    path = Path(r.stdout.strip()) / exe
+    return str(path) if r.returncode == 0 and path.is_file() else None
 
 
 def copy_tree(src: Path, dst: Path) -> None:
