@@ -71,6 +71,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
@@ -118,7 +119,7 @@ def log(msg: str) -> None:
 class StageResult:
     name: str
     title: str
-    status: str = "not run"        # pass | fail | timeout | unavailable | not selected | not run
+    status: str = "not run"   # pass | fail | timeout | interrupted | unavailable | not selected | not run
     seconds: float = 0.0
     limit_s: float | None = None
     note: str = ""
@@ -328,21 +329,46 @@ def train_step_table(rows: list[dict]) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 # running commands
 # ------------------------------------------------------------------------------------------------
+_ACTIVE: set[subprocess.Popen] = set()     # running stage commands, stopped if the check is interrupted
+_STOPPING = threading.Event()              # set by SIGTERM/SIGINT: no new command starts
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT reached the check: it stops its commands and writes what it has."""
+
+
 def run_command(cmd: list[str], log_path: Path, env: dict, timeout: float, cwd: Path = ROOT) -> tuple[int | None, float]:
     """Runs cmd with its output appended to log_path; returns (exit status or None on timeout,
     seconds). On timeout the whole process group gets SIGTERM, then SIGKILL after 10 s."""
     start = time.monotonic()
+    if _STOPPING.is_set():
+        return None, 0.0
     with open(log_path, "ab") as f:
         f.write(f"\n$ {shlex.join(cmd)}   (cwd {cwd}, limit {timeout:.0f} s)\n".encode())
         f.flush()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        _ACTIVE.add(proc)
         try:
             rc = proc.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
             _stop_group(proc)
             f.write(f"\n[check] stopped after {timeout:.0f} s (time limit)\n".encode())
             return None, time.monotonic() - start
+        finally:
+            _ACTIVE.discard(proc)
     return rc, time.monotonic() - start
+
+
+def _on_signal(signum, frame):
+    # Each command runs in its own session (so a time limit can stop its whole group): stop them
+    # here too, or they would outlive the check.
+    _STOPPING.set()
+    for proc in list(_ACTIVE):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
@@ -417,6 +443,7 @@ class Check:
         self.started = _dt.datetime.now(_dt.timezone.utc)
         self.t0 = time.monotonic()
         self.ncpu = os.cpu_count() or 2
+        self.interrupted: str | None = None
 
     # environment ------------------------------------------------------------------------------
     def base_env(self) -> dict:
@@ -523,7 +550,8 @@ class Check:
                 if rc != 0:
                     break
             if rc is None:        # the stage's time is spent: no fallback can run either
-                attempts.append(f"{label}: stopped at the limit ({secs:.0f} s)")
+                why = "stopped: the check was interrupted" if _STOPPING.is_set() else "stopped at the limit"
+                attempts.append(f"{label}: {why} ({secs:.0f} s)")
                 status = "timeout"
                 break
             ok, why = self._verify_build(env, log_path, wheels, arch) if rc == 0 else (False, f"exit {rc}")
@@ -549,6 +577,8 @@ class Check:
                      if n.startswith("scott_kernels/_C")]
             if not found:
                 return False, "the wheel holds no scott_kernels/_C module"
+        if _STOPPING.is_set():
+            return False, "the check was stopped"
         try:
             r = subprocess.run([self.python, "-c", BUILD_INFO], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         except subprocess.TimeoutExpired:
@@ -678,6 +708,18 @@ class Check:
 
     # driver -----------------------------------------------------------------------------------
     def run(self) -> int:
+        try:
+            self._run_phases()
+        except Interrupted as e:
+            for res in self.results.values():
+                if res.status == "running":
+                    res.status = "interrupted"
+                    res.note = f"the check was stopped ({e}) while this stage ran"
+            log(f"interrupted ({e}): writing the report")
+            self.interrupted = str(e)
+        return self.report()
+
+    def _run_phases(self) -> None:
         self.probe()
         deadline = self.t0 + self.budget - REPORT_RESERVE_S
         phase_caps = [max(self.caps.get(s, 0) for s in phase) for phase in PHASES]
@@ -690,11 +732,14 @@ class Check:
                 continue
             limit = phase_limit(i, phase_caps, time.monotonic(), deadline)
             log(f"phase {i + 1}/{len(PHASES)}: {', '.join(todo)} (limit {limit:.0f} s)")
+            for name in todo:
+                self.results[name].status = "running"
             with concurrent.futures.ThreadPoolExecutor(len(todo)) as pool:
                 futures = {pool.submit(self._run_stage, name, limit): name for name in todo}
                 for fut in concurrent.futures.as_completed(futures):
                     fut.result()
-        return self.report()
+            # a report after every phase: if the window closes on the check, the last one is there
+            self.report(final=False)
 
     def _run_stage(self, name: str, limit: float) -> None:
         res = self.results[name]
@@ -706,10 +751,12 @@ class Check:
         except Exception as e:      # a bug in a stage's driver is that stage's failure, not the run's
             res.status, res.note = "fail", f"the check's driver raised {type(e).__name__}: {e}"
             log(f"{name}: {res.note}")
+        if _STOPPING.is_set():
+            res.status, res.note = "interrupted", "the check was stopped while this stage ran; " + res.note
         res.seconds = round(time.monotonic() - start, 1)
 
     # report -----------------------------------------------------------------------------------
-    def report(self) -> int:
+    def report(self, final: bool = True) -> int:
         self.out.mkdir(parents=True, exist_ok=True)
         # logs: one file per kind (the sanitizer's two tools and the two benchmarks share one)
         for key, parts in (("build", ["build.log"]), ("tests", ["tests.log"]),
@@ -734,12 +781,17 @@ class Check:
             "total_s": round(total, 1),
             "budget_s": self.budget,
             "triton_autotune": self.autotune,
+            "interrupted": self.interrupted,
             "env": self.env_info,
             "build_info": self.build_info,
             "stages": [asdict(self.results[s]) for s in STAGES],
         }
+        if not final:
+            doc["partial"] = True
         (self.out / FILES["json"]).write_text(json.dumps(doc, indent=1, default=str))
         (self.out / FILES["summary"]).write_text(render_markdown(doc, self.work))
+        if not final:
+            return 0 if ok else 1
         log(f"{'PASS' if ok else 'FAIL'} in {total:.0f} s; summary: {self.out / FILES['summary']}")
         for r in self.results.values():
             log(f"  {r.name:17s} {r.status:12s} {r.seconds:7.1f} s  {r.note[:150]}")
@@ -753,9 +805,16 @@ def render_markdown(doc: dict, work: Path | None = None) -> str:
     stages = {s["name"]: s for s in doc["stages"]}
     device = env.get("device") or "no GPU"
     cap = env.get("capability")
-    lines = [f"# Device check: {device}{' (dry walk on the CPU)' if dry else ''}", "",
-             f"**{'PASS' if doc['ok'] else 'FAIL'}** · {doc['started_utc']} · `{doc['command']}` · "
-             f"{doc['total_s']:.0f} s of a {doc['budget_s']:.0f} s budget", ""]
+    lines = [f"# Device check: {device}{' (dry walk on the CPU)' if dry else ''}", ""]
+    if doc.get("partial"):
+        lines += ["**Partial report**: written after a phase; the check was still running (stages "
+                  "marked \"not run\" had not started).", ""]
+    verdict = "INCOMPLETE" if doc.get("partial") else "PASS" if doc["ok"] else "FAIL"
+    lines += [f"**{verdict}** · {doc['started_utc']} · `{doc['command']}` · "
+              f"{doc['total_s']:.0f} s of a {doc['budget_s']:.0f} s budget", ""]
+    if doc.get("interrupted"):
+        lines += [f"**Interrupted** by {doc['interrupted']}: the stage running then is marked \"interrupted\", "
+                  "later ones \"not run\".", ""]
     if dry:
         lines += ["A dry walk: tiny shapes on the CPU, CUDA hidden. It proves the stages run; "
                   "none of its figures is a GPU measurement.", ""]
@@ -813,7 +872,7 @@ def render_markdown(doc: dict, work: Path | None = None) -> str:
                   f"{train[0]['rounds']} rounds after warm-up.", ""]
     lines += train_step_table(train)
 
-    failed = [s for s in doc["stages"] if s["status"] in ("fail", "timeout")]
+    failed = [s for s in doc["stages"] if s["status"] in ("fail", "timeout", "interrupted")]
     if failed and work is not None:
         lines += ["## Failed stages: end of their logs", ""]
         for s in failed:
@@ -937,7 +996,7 @@ def verify(out: Path) -> list[str]:
         return problems + missing
     doc = json.loads(js.read_text())
     md = summary.read_text()
-    known = OK_STATUSES | {"fail", "timeout", "not run"}
+    known = OK_STATUSES | {"fail", "timeout", "interrupted", "running", "not run"}
     by_name = {s["name"]: s for s in doc.get("stages", [])}
     for name in STAGES:
         s = by_name.get(name)
@@ -946,7 +1005,7 @@ def verify(out: Path) -> list[str]:
             continue
         if s["status"] not in known:
             problems.append(f"stage {name} has an unknown status {s['status']!r}")
-        if s["status"] in ("not run", "not selected"):
+        if s["status"] in ("not run", "not selected", "running"):
             problems.append(f"stage {name} did not run ({s['status']})")
         if f"| {name} | {s['status']} |" not in md:
             problems.append(f"stage {name} missing from {summary.name}")
@@ -987,6 +1046,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"OUT_DIR {args.out_dir} exists and is not a directory")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     check = Check(args.out_dir.resolve(), args.dry, args.budget, stages, args.autotune, sys.executable, argv)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     return check.run()
 
 
