@@ -407,7 +407,8 @@ try:
                     device_count=torch.cuda.device_count())
 except Exception as e:
     info["torch_error"] = repr(e)
-for mod in ("triton", "pytest", "xdist", "pytest_benchmark", "timm", "torchvision", "pybind11", "cmake", "ninja"):
+for mod in ("triton", "pytest", "xdist", "pytest_benchmark", "timm", "torchvision", "pybind11", "cmake", "ninja",
+            "setuptools", "scikit_build_core"):
     try:
         m = __import__(mod)
         info[mod] = getattr(m, "__version__", "present")
