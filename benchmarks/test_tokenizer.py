@@ -3,13 +3,14 @@
     pytest benchmarks/test_tokenizer.py --benchmark-only --benchmark-json=tokenizer.json
     python benchmarks/plot.py tokenizer.json tokenizer.png
 
-Backends: every one that runs on the device ("triton" and "cuda" only on a GPU: on the CPU
-they are the interpreter and the kernels' C++ twin), plus ``reference_compiled``, the dense
-emulation under torch.compile. The sparse backends are given ``num_visible`` (fixed-ratio
+Backends: every registered one that runs on the device ("triton" and "cuda" only on a GPU: on
+the CPU they are the interpreter and the kernels' C++ twin), plus ``reference_compiled``, the
+dense emulation under torch.compile. The sparse backends are given ``num_visible`` (fixed-ratio
 masks, no host synchronisation). Medians after
 warm-up; GPU calls synchronise inside the timed region. Peak GPU memory of one call, the first
 call's time (compilation and autotuning included) and the visible patches' convolution FLOPs
-(``useful_gflop``: divide by the median for achieved TFLOP/s) go into each result's extra_info.
+(``useful_gflop``: divide by the median for achieved TFLOP/s) go into each result's extra_info,
+and on a GPU the median of CUDA-event times of the timed rounds (``event_median_ms``).
 """
 
 import time
@@ -18,14 +19,19 @@ import pytest
 import torch
 
 from scott_kernels import available_backends, reference_tokenize, sparse_conv_tokenize
+from scott_kernels.functional import BACKENDS as REGISTERED
 
-from conftest import CUDA, SHAPES, gpu_setting, make_inputs, timed
+from conftest import CHECK, CUDA, SHAPES, gpu_setting, make_inputs, timed
 
 MASK_RATIOS = [None, 0.0, 0.6, 0.75, 0.9]  # None: keep=None, the dense path of the EMA target encoder
-BACKENDS = ["reference", "reference_compiled", "torch", "triton", "cuda"]
+# every registered backend (those that cannot run here skip with the reason), reference first
+BACKENDS = ["reference", "reference_compiled", *(name for name in REGISTERED if name != "reference")]
 
 torch._dynamo.config.cache_size_limit = 64   # one compiled graph per shape and mask layout
-_compiled_reference = torch.compile(reference_tokenize, dynamic=False)
+# The device check's CPU walk traces through dynamo and AOTAutograd without Inductor's C++ codegen
+# (minutes on two cores); everywhere else the reference is compiled with Inductor.
+COMPILE_BACKEND = "aot_eager" if CHECK and not CUDA else "inductor"
+_compiled_reference = torch.compile(reference_tokenize, dynamic=False, backend=COMPILE_BACKEND)
 
 
 def useful_gflop(batch: int, visible: int, widths=(64,), embed_dim: int = 384, k: int = 7, direction: str = "fwd"):
@@ -82,6 +88,8 @@ def test_tokenizer(benchmark, setting, backend, direction, mask_ratio, shape):
                                 direction=direction, mask_ratio=mask_ratio, mask=mask_kind,
                                 batch=setting.batch, img_size=setting.img_size, embed_dim=setting.embed_dim,
                                 dtype=str(setting.dtype))
+    if backend == "reference_compiled":
+        benchmark.extra_info["compile_backend"] = COMPILE_BACKEND
     n = (setting.img_size // 16) ** 2
     benchmark.extra_info["useful_gflop"] = useful_gflop(setting.batch, n if visible is None else visible,
                                                         (setting.hidden,), setting.embed_dim, 7, direction)
@@ -95,4 +103,7 @@ def test_tokenizer(benchmark, setting, backend, direction, mask_ratio, shape):
         step()
         torch.cuda.synchronize()
         benchmark.extra_info["peak_mem_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    benchmark.pedantic(timed(setting, step), rounds=setting.rounds, warmup_rounds=setting.warmup, iterations=1)
+    runner = timed(setting, step)
+    benchmark.pedantic(runner, rounds=setting.rounds, warmup_rounds=setting.warmup, iterations=1)
+    if CUDA:
+        benchmark.extra_info["event_median_ms"] = runner.event_median_ms(skip=setting.warmup)
