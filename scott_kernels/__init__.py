@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .functional import available_backends, select_backend, sparse_conv_tokenize
+from .functional import available_backends, keep_from_indices, select_backend, sparse_conv_tokenize
 from .module import SparseConvTokenizer, masked
 from .reference import reference_tokenize
 
@@ -11,6 +11,7 @@ __all__ = [
     "SparseConvTokenizer",
     "masked",
     "sparse_conv_tokenize",
+    "keep_from_indices",
     "reference_tokenize",
     "available_backends",
     "select_backend",
