@@ -7,6 +7,13 @@ from .module import SparseConvTokenizer, masked
 from .reference import reference_tokenize
 
 __version__ = "0.1.0"
+
+import sys as _sys
+
+# The SCOTT ViTs join timm's registry with `import scott_kernels.timm_models`; when timm is already
+# loaded, now (importing timm here otherwise would add its import time to every user).
+if "timm" in _sys.modules:
+    from . import timm_models  # noqa: F401
 __all__ = [
     "SparseConvTokenizer",
     "masked",
