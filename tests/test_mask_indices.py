@@ -165,3 +165,20 @@ def test_keep_from_indices_checks():
     bad = torch.tensor([[1, 1]])
     with pytest.raises(RuntimeError, match="repeats a patch index"):
         torch.compile(lambda t: keep_from_indices(t, 4), backend="eager", fullgraph=True)(bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none present)")
+def test_indices_need_no_host_synchronisation():
+    """Index masks on the GPU: conversion, check and the sync-free triton path never wait for the GPU."""
+    tok = SparseConvTokenizer(img_size=64, embed_dim=32, hidden_channels=16, backend="triton").cuda()
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    ids = torch.argsort(torch.rand(4, tok.num_patches, device="cuda"), dim=1)[:, :6]
+    expected = tok(x, ids, packed=True)          # also tunes the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = tok(x, ids, packed=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(out, expected)
