@@ -10,8 +10,8 @@ from scott_kernels import SparseConvTokenizer, keep_from_indices, sparse_conv_to
 
 from conftest import HAS_CUDA, random_weights
 
-BACKENDS = ["reference", "torch", pytest.param("cuda", marks=pytest.mark.skipif(
-    not (HAS_CUDA and scott_kernels.build_info()["cuda"]), reason="needs a CUDA GPU and a CUDA build (none present)"))]
+_NEEDS_CUDA = pytest.mark.skipif(not (HAS_CUDA and scott_kernels.build_info()["cuda"]),
+                                 reason="needs a CUDA GPU and a CUDA build (none present)")
 # B, H, W, patch, kernels, widths: a 2x3 grid, so a kept patch has masked and visible neighbours
 # (small: the triton backend runs under its interpreter on a CPU)
 CFG = (2, 32, 48, 16, (7, 7), (4, 5))
@@ -35,11 +35,13 @@ def _device(backend):
 
 # every backend x (K kept of N = 6) x packed; the interpreted triton backend on fewer cases (its
 # interpreter is slow): some kept in both layouts, and none kept
-CASES = [(b, K, packed) for b in BACKENDS for K in (4, 0, 6) for packed in (True, False)]
-CASES += [("triton", 4, True), ("triton", 4, False), ("triton", 0, True)]
+CASES = [pytest.param(b, K, packed, marks=[_NEEDS_CUDA] if b == "cuda" else [], id=f"{b}-K{K}-packed{packed}")
+         for b in ("reference", "torch", "cuda") for K in (4, 0, 6) for packed in (True, False)]
+CASES += [pytest.param("triton", K, packed, id=f"triton-K{K}-packed{packed}")
+          for K, packed in ((4, True), (4, False), (0, True))]
 
 
-@pytest.mark.parametrize("backend, K, packed", CASES, ids=lambda v: v if isinstance(v, str) else str(v))
+@pytest.mark.parametrize("backend, K, packed", CASES)
 def test_indices_match_bool_mask(backend, K, packed):
     B, H, W, P, kernels, widths = CFG
     N = (H // P) * (W // P)
