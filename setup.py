@@ -1,12 +1,22 @@
 """Builds scott_kernels and its native module scott_kernels._C with CMake + ninja + pybind11.
 
+setuptools does the packaging (pure-Python packages, metadata, sdist, wheels, editable installs);
+the CMakeBuild command below only configures and builds the one CMake target. This is kept
+rather than moving to scikit-build-core because the build must also work offline with exactly
+what GPU build hosts already have (setuptools, cmake, ninja, pybind11):
+`pip install --no-build-isolation -e .` and `python setup.py build_ext --inplace` there.
+
 Environment variables:
   SCOTT_CUDA_ARCHS   CUDA architectures, CMake syntax (default "80;90a": sm_80 SASS+PTX, sm_90a SASS)
   SCOTT_REQUIRE_CUDA=1  fail the build when nvcc is not found (default: build the C++ part only)
   SCOTT_NO_CUDA=1    never compile the CUDA sources
+  CUDA_HOME          where to find nvcc (else CUDA_PATH, PATH, /usr/local/cuda)
   CMAKE_BUILD_PARALLEL_LEVEL  parallel compile jobs
+
+Optional extras are declared once, in EXTRAS below.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -37,15 +47,42 @@ def find_nvcc():
     return str(default) if default.is_file() else None
 
 
+# Every optional extra, in one place.
+_TRAIN = ["torchvision", "pyyaml", "safetensors", "tqdm"]
+EXTRAS = {
+    # The MIM-JEPA training loop (python/mimjepa) and its command `mimjepa`.
+    "train": _TRAIN,
+    # The SCOTT ViTs registered with timm (scott_kernels.timm_models); timm brings safetensors.
+    "timm": ["timm>=1.0"],
+    # benchmarks/plot.py
+    "bench": ["pytest-benchmark>=4", "matplotlib"],
+    "test": ["pytest>=8", "pytest-benchmark>=4", "timm>=1.0", *_TRAIN],
+}
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         super().__init__(name, sources=[])
 
 
+def _toolchain(nvcc, archs: str) -> dict:
+    """What a configured CMake build directory depends on. pip builds each install in a fresh,
+    temporary environment whose cmake/ninja/pybind11 it deletes afterwards, while the build
+    directory (build/ in the checkout) stays: a cache that names those tools must be dropped."""
+    import pybind11
+
+    return {
+        "cmake": shutil.which("cmake"),
+        "ninja": shutil.which("ninja"),
+        "python": sys.executable,
+        "pybind11": pybind11.get_cmake_dir(),
+        "nvcc": nvcc,
+        "archs": archs if nvcc else None,
+    }
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
-        import pybind11
-
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent  # .../scott_kernels
         build_temp = Path(self.build_temp).resolve() / ext.name
         build_temp.mkdir(parents=True, exist_ok=True)
@@ -57,12 +94,21 @@ class CMakeBuild(build_ext):
                 "(set CUDA_HOME or put nvcc on PATH)"
             )
         archs = os.environ.get("SCOTT_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+        tools = _toolchain(nvcc, archs)
+        if tools["cmake"] is None or tools["ninja"] is None:
+            raise RuntimeError("scott_kernels: building needs cmake and ninja on PATH "
+                               "(pip install cmake ninja, or let pip's build isolation provide them)")
+        stamp = build_temp / "scott-toolchain.json"
+        cached = json.loads(stamp.read_text()) if stamp.is_file() else None
+        # --fresh (CMake >= 3.24) discards the cache: the tools it names may no longer exist.
+        fresh = ["--fresh"] if (build_temp / "CMakeCache.txt").is_file() and cached != tools else []
         args = [
             str(ROOT),
             "-G", "Ninja",
+            f"-DCMAKE_MAKE_PROGRAM={tools['ninja']}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-Dpybind11_DIR={tools['pybind11']}",
             "-DCMAKE_BUILD_TYPE=Release",
         ]
         if nvcc:
@@ -72,12 +118,14 @@ class CMakeBuild(build_ext):
             args += ["-DSCOTT_WITH_CUDA=OFF"]
             print("scott_kernels: nvcc not found, building the C++ (CPU) kernels only; "
                   "set CUDA_HOME to build the CUDA kernels")
-        subprocess.run(["cmake", *args], cwd=build_temp, check=True)
-        subprocess.run(["cmake", "--build", ".", "--target", "_C"], cwd=build_temp, check=True)
-        built = list(out_dir.glob("_C*"))
-        if not built:
-            raise RuntimeError(f"scott_kernels: CMake finished but no _C module appeared in {out_dir}")
-        print(f"scott_kernels: built {built[0].name} ({'CUDA ' + archs if nvcc else 'CPU only'})")
+        stamp.unlink(missing_ok=True)  # a failed configure must not leave a stamp that looks valid
+        subprocess.run([tools["cmake"], *fresh, *args], cwd=build_temp, check=True)
+        stamp.write_text(json.dumps(tools))
+        subprocess.run([tools["cmake"], "--build", ".", "--target", "_C"], cwd=build_temp, check=True)
+        built = Path(self.get_ext_fullpath(ext.name))  # pybind11 names it with this Python's EXT_SUFFIX
+        if not built.is_file():
+            raise RuntimeError(f"scott_kernels: CMake finished but {built} was not written")
+        print(f"scott_kernels: built {built.name} ({'CUDA ' + archs if nvcc else 'CPU only'})")
 
 
 setup(
@@ -92,13 +140,7 @@ setup(
     package_dir={"mimjepa": "python/mimjepa"},
     package_data={"mimjepa": ["configs/*.yaml"]},
     install_requires=["torch>=2.4"],
-    extras_require={
-        # The MIM-JEPA training loop (python/mimjepa) and its command `mimjepa`.
-        "train": ["torchvision", "pyyaml", "safetensors", "tqdm"],
-        # benchmarks/plot.py
-        "bench": ["pytest-benchmark>=4", "matplotlib"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "timm>=1.0", "torchvision", "pyyaml", "safetensors", "tqdm"],
-    },
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["mimjepa=mimjepa.cli:main"]},
     ext_modules=[CMakeExtension("scott_kernels._C")],
     cmdclass={"build_ext": CMakeBuild},

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from .functional import available_backends, select_backend, sparse_conv_tokenize
+from .functional import available_backends, keep_from_indices, select_backend, sparse_conv_tokenize
 from .module import SparseConvTokenizer, masked
 from .reference import reference_tokenize
 
 __version__ = "0.1.0"
+
+import sys as _sys
+
+# The SCOTT ViTs join timm's registry with `import scott_kernels.timm_models`; when timm is already
+# loaded, now (importing timm here otherwise would add its import time to every user).
+if "timm" in _sys.modules:
+    from . import timm_models  # noqa: F401
 __all__ = [
     "SparseConvTokenizer",
     "masked",
     "sparse_conv_tokenize",
+    "keep_from_indices",
     "reference_tokenize",
     "available_backends",
     "select_backend",

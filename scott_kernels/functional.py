@@ -14,7 +14,8 @@ from .torch_backend import torch_tokenize
 from .cuda_backend import cuda_supports, cuda_tokenize
 from .triton_backend import triton_supports, triton_tokenize
 
-__all__ = ["sparse_conv_tokenize", "token_epilogue", "available_backends", "select_backend", "BACKENDS", "check_inputs"]
+__all__ = ["sparse_conv_tokenize", "token_epilogue", "available_backends", "select_backend", "BACKENDS", "check_inputs",
+           "keep_from_indices", "resolve_keep", "order_like_indices"]
 
 
 # name -> (implementation, which devices it runs on)
@@ -103,16 +104,8 @@ def check_inputs(x, weights: Sequence[torch.Tensor], keep, patch_size: int, num_
                             "(cast the module, or run under torch.autocast)")
         in_channels = w.shape[0]
     if keep is not None:
-        if not isinstance(keep, torch.Tensor):
-            raise TypeError(f"keep must be a torch.Tensor or None, got {type(keep).__name__}")
-        if keep.dtype != torch.bool:
-            raise TypeError(f"keep must be a bool tensor (True = visible), got {keep.dtype}")
         n = (H // patch_size) * (W // patch_size)
-        if tuple(keep.shape) != (B, n):
-            raise ValueError(f"keep must have shape (B, N) = ({B}, {n}) for {H}x{W} images and "
-                             f"patch_size={patch_size}, got {tuple(keep.shape)}")
-        if keep.device != x.device:
-            raise ValueError(f"keep is on {keep.device} but images are on {x.device}")
+        check_keep(keep, B, n, x.device, num_visible, f"{H}x{W} images and patch_size={patch_size}")
     if num_visible is not None:
         n = (H // patch_size) * (W // patch_size)
         if isinstance(num_visible, bool) or not isinstance(num_visible, int):
@@ -122,6 +115,87 @@ def check_inputs(x, weights: Sequence[torch.Tensor], keep, patch_size: int, num_
             raise ValueError(f"num_visible must be in [0, N={n}], got {num_visible}")
         if keep is None and num_visible != n:
             raise ValueError(f"num_visible={num_visible} but keep is None (every one of the {n} patches visible)")
+
+
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def is_index_keep(keep) -> bool:
+    """True for the index form of a mask: (B, K) integer indices of the kept patches."""
+    return isinstance(keep, torch.Tensor) and keep.dtype in _INDEX_DTYPES
+
+
+def check_keep(keep, batch: int, num_patches: int, device: torch.device, num_visible=None, grid: str = "") -> None:
+    """Shape, dtype and device of a mask in either form (the index values are checked by
+    ``keep_from_indices``)."""
+    where = f" for {grid}" if grid else ""
+    if not isinstance(keep, torch.Tensor):
+        raise TypeError(f"keep must be a torch.Tensor or None, got {type(keep).__name__}")
+    if is_index_keep(keep):
+        if keep.dim() != 2 or keep.shape[0] != batch or keep.shape[1] > num_patches:
+            raise ValueError(f"keep as indices must have shape (B, K) = ({batch}, K <= {num_patches}){where}, "
+                             f"got {tuple(keep.shape)}")
+        if num_visible is not None and num_visible != keep.shape[1]:
+            raise ValueError(f"num_visible={num_visible} but keep holds K={keep.shape[1]} indices per row "
+                             "(with indices, num_visible is implied by K and may be left out)")
+    elif keep.dtype != torch.bool:
+        raise TypeError("keep must be a (B, N) bool mask (True = visible) or (B, K) int64 indices of the kept "
+                        f"patches, got {keep.dtype}" + (" (for a 0/1 mask pass keep.bool())"
+                                                         if not keep.is_floating_point() else ""))
+    elif tuple(keep.shape) != (batch, num_patches):
+        raise ValueError(f"keep must have shape (B, N) = ({batch}, {num_patches}){where}, got {tuple(keep.shape)}")
+    if keep.device != device:
+        raise ValueError(f"keep is on {keep.device} but images are on {device}")
+
+
+def keep_from_indices(ids_keep: torch.Tensor, num_patches: int, *, sync_check: bool = False) -> torch.Tensor:
+    """(B, K) indices of the kept patches (MAE's ``ids_keep``, I-JEPA's mask indices) -> the
+    (B, N) bool mask, built on the indices' device by a scatter.
+
+    Out-of-range and repeated indices are errors. On CPU tensors they raise ValueError at once.
+    On a GPU the check is a device-side assertion (``torch._assert_async``), so the conversion
+    never waits for the GPU: a bad index fails the next synchronising call with a CUDA
+    "device-side assert" error, which leaves the CUDA context unusable, as any out-of-bounds
+    index in torch does. ``sync_check=True`` checks on the host on every device instead (reads
+    the verdict back, i.e. synchronises) and raises ValueError naming the row and index.
+    """
+    B, K = ids_keep.shape
+    ids = ids_keep.long()
+    in_range = (ids >= 0) & (ids < num_patches)
+    # clamped so that a bad index cannot write outside the mask before the check fires
+    keep = torch.zeros(B, num_patches, dtype=torch.bool, device=ids.device)
+    keep.scatter_(1, ids.clamp(0, max(num_patches - 1, 0)), True)
+    unique = keep.sum(1) == K   # in range and K distinct indices <=> K patches set
+    if sync_check or (ids.device.type == "cpu" and not torch.compiler.is_compiling()):
+        if not bool(in_range.all()):
+            row, col = (~in_range).nonzero()[0].tolist()
+            raise ValueError(f"keep: index {int(ids[row, col])} at row {row} is out of range for "
+                             f"N={num_patches} patches")
+        if not bool(unique.all()):
+            row = int((~unique).nonzero()[0])
+            values, counts = ids[row].unique(return_counts=True)
+            raise ValueError(f"keep: row {row} repeats patch indices {values[counts > 1].tolist()}; "
+                             "kept indices must be distinct")
+    else:
+        torch._assert_async(in_range.all(), f"scott_kernels: keep holds a patch index outside [0, {num_patches})")
+        torch._assert_async(unique.all(), "scott_kernels: keep repeats a patch index within a row")
+    return keep
+
+
+def resolve_keep(keep: torch.Tensor | None, num_patches: int, num_visible: int | None = None):
+    """Either form of a mask -> (bool mask or None, num_visible, indices or None); the indices
+    come back only for the index form, to order packed tokens like them."""
+    if keep is None or not is_index_keep(keep):
+        return keep, num_visible, None
+    return keep_from_indices(keep, num_patches), keep.shape[1], keep
+
+
+def order_like_indices(packed: torch.Tensor, keep: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    """(B, K, D) tokens in row-major patch order -> the order of ``ids_keep``: out[:, j] is the
+    token of patch ids_keep[:, j], as ``tokens.gather(1, ids_keep)`` would give."""
+    rank = keep.long().cumsum(1) - 1           # position of each kept patch in row-major order
+    slot = rank.gather(1, ids_keep.long())
+    return packed.gather(1, slot.unsqueeze(-1).expand(-1, -1, packed.shape[-1]))
 
 
 def pixel_norm_table(pixel_mean, pixel_std, channels: int, dtype: torch.dtype,
@@ -182,14 +256,19 @@ def sparse_conv_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep:
         x: images, H and W multiples of ``patch_size``.
         weights: one (C_out, C_in, k, k) conv weight per stage (k odd, no bias); a stage is
             conv(stride 2, pad k//2) -> ReLU -> MaxBlurPool, and ``patch_size == 4 ** stages``.
-        keep: (B, N) bool, True = visible patch, row-major over the patch grid; None = all
-            visible (the plain dense stack, no masking).
+        keep: (B, N) bool, True = visible patch, row-major over the patch grid; or (B, K) int64
+            indices of the kept patches (MAE's ``ids_keep``, I-JEPA's context-mask indices),
+            distinct within a row, turned into the bool mask on the device (K is the visible
+            count: no host synchronisation; see ``keep_from_indices`` for how bad indices are
+            caught); None = all visible (the plain dense stack, no masking).
         backend: "auto" (fastest available), "triton", "cuda", "torch" or "reference".
         num_visible: visible patches in every row of ``keep``, when the caller knows it (the usual
             fixed-ratio masks): the triton and cuda backends then run with no host
             synchronisation, so under CUDA graphs and ``torch.compile(fullgraph=True)``.
-        packed: return (B, K, D) tokens of the visible patches only (K visible per row, row-major
-            order) for encoders that drop masked tokens, instead of (B, N, D).
+        packed: return (B, K, D) tokens of the visible patches only, for encoders that drop
+            masked tokens, instead of (B, N, D): in row-major patch order for a bool ``keep``, in
+            the order of the indices for index ``keep`` (``out[:, j]`` is patch ``keep[:, j]``,
+            as MAE's ``gather(x, 1, ids_keep)`` orders them).
         pixel_mean, pixel_std: per-channel normalisation of the images, in their own units (for
             uint8 images e.g. 255 * ImageNet's mean and std): the convolution sees
             (x - mean) / std; the triton and cuda backends do it while loading, so uint8 images
@@ -204,6 +283,8 @@ def sparse_conv_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep:
     visible token.
     """
     check_inputs(x, weights, keep, patch_size, num_visible)
+    keep, num_visible, ids_keep = resolve_keep(keep, (x.shape[2] // patch_size) * (x.shape[3] // patch_size),
+                                               num_visible)
     name = select_backend(backend, x.device)
     table = pixel_norm_table(pixel_mean, pixel_std, x.shape[1], weights[0].dtype, x.device)
     if packed and keep is not None and num_visible is None:
@@ -216,9 +297,11 @@ def sparse_conv_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep:
         tokens = BACKENDS[name][0](x, list(weights), keep, patch_size)
         if packed:
             tokens = _pack_visible(tokens, keep, num_visible)
-    if norm is None and pos_embed is None and mask_token is None:
-        return tokens
-    return token_epilogue(tokens, keep, packed, norm, pos_embed, mask_token)
+    if norm is not None or pos_embed is not None or mask_token is not None:
+        tokens = token_epilogue(tokens, keep, packed, norm, pos_embed, mask_token)
+    if packed and ids_keep is not None:
+        tokens = order_like_indices(tokens, keep, ids_keep)
+    return tokens
 
 
 def token_epilogue(tokens: torch.Tensor, keep: torch.Tensor | None, packed: bool, norm=None,

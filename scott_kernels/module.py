@@ -10,7 +10,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .functional import BACKENDS, num_stages_for, select_backend, sparse_conv_tokenize
+from .functional import (BACKENDS, check_inputs, num_stages_for, order_like_indices, resolve_keep, select_backend,
+                         sparse_conv_tokenize)
 
 __all__ = ["SparseConvTokenizer", "masked"]
 
@@ -163,10 +164,13 @@ class SparseConvTokenizer(nn.Module):
                 packed: bool = False) -> torch.Tensor:
         """(B, C, H, W) images -> tokens in ``output_fmt`` (masked tokens exactly 0).
 
-        ``keep`` (B, N) bool marks visible patches (default: the one given to ``masked``, else
-        all). ``num_visible``, the visible count of every row when known, spares the fast
-        backends a host synchronisation; ``packed=True`` returns only the visible tokens,
-        (B, K, D) in row-major order, for encoders that drop masked tokens.
+        ``keep`` marks the visible patches (default: the one given to ``masked``, else all):
+        (B, N) bool, or (B, K) int64 indices of the kept patches (MAE's ``ids_keep``, I-JEPA's
+        context indices; K is then the visible count, no host synchronisation). ``num_visible``,
+        the visible count of every row of a bool mask when known, spares the fast backends a host
+        synchronisation. ``packed=True`` returns only the visible tokens, (B, K, D), for encoders
+        that drop masked tokens: in row-major patch order for a bool mask, in the indices' order
+        for indices.
         """
         if keep is None:
             keep = self._pending_keep
@@ -177,6 +181,11 @@ class SparseConvTokenizer(nn.Module):
         backend = select_backend(self.backend, x.device) if isinstance(x, torch.Tensor) else self.backend
         if not torch.compiler.is_compiling():
             self._announce(backend, getattr(x, "device", None))
+        ids_keep = None
+        if keep is not None:   # one conversion of index masks, shared by the kernels and the norm
+            check_inputs(x, self.weights, keep, self.patch_size[0], num_visible)
+            grid_h, grid_w = self.dynamic_feat_size(x.shape[-2:])
+            keep, num_visible, ids_keep = resolve_keep(keep, grid_h * grid_w, num_visible)
         tokens = sparse_conv_tokenize(x, self.weights, keep, patch_size=self.patch_size[0], backend=backend,
                                       num_visible=num_visible, packed=packed, pixel_mean=self.pixel_mean,
                                       pixel_std=self.pixel_std)
@@ -184,6 +193,8 @@ class SparseConvTokenizer(nn.Module):
             tokens = self.norm(tokens)
             if keep is not None and not packed:
                 tokens = tokens * keep.unsqueeze(-1).to(tokens.dtype)
+        if packed and ids_keep is not None:
+            tokens = order_like_indices(tokens, keep, ids_keep)
         if self.output_fmt == "NLC" or packed:
             return tokens
         B = tokens.shape[0]

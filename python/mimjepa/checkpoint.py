@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 __all__ = ["CheckpointError", "atomic_write", "save_weights", "load_weights", "save_state", "load_state",
-           "strip_prefixes", "load_strict"]
+           "strip_prefixes", "load_strict", "rename_reference_tokenizer"]
 
 
 class CheckpointError(RuntimeError):
@@ -97,3 +97,18 @@ def load_strict(module: torch.nn.Module, state_dict: dict, what: str) -> None:
             lines.append(f"  shape mismatches: {shapes[:10]}")
         raise CheckpointError("\n".join(lines))
     module.load_state_dict(state_dict, strict=True)
+
+
+def rename_reference_tokenizer(state_dict: dict, what: str) -> dict:
+    """An encoder state dict with the SCOTT reference code's tokenizer keys
+    (``tokenizer.tokenizer.{3*i}.weight``: an nn.Sequential of conv, ReLU, pool per stage)
+    renamed to ``tokenizer.convs.{i}.weight``; DDP/compile prefixes stripped, other keys as given."""
+    renamed = {}
+    for key, value in strip_prefixes(state_dict).items():
+        parts = key.split(".")
+        if len(parts) == 4 and parts[:2] == ["tokenizer", "tokenizer"] and parts[2].isdigit() and parts[3] == "weight":
+            if int(parts[2]) % 3:
+                raise CheckpointError(f"{what}: unexpected tokenizer key {key}")
+            key = f"tokenizer.convs.{int(parts[2]) // 3}.weight"
+        renamed[key] = value
+    return renamed

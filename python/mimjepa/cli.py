@@ -16,14 +16,15 @@ import json
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError
-from .config import ConfigError, PretrainConfig, ProbeConfig, VisualiseConfig, load_config
-from .data import DatasetError
-
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# What the `train` extra installs (module name -> distribution); `pip install scott-kernels`
+# alone gives the command, so it must say which extra is missing rather than fail on import.
+TRAIN_MODULES = {"yaml": "pyyaml", "safetensors": "safetensors", "tqdm": "tqdm", "torchvision": "torchvision"}
 
 
 def _config_path(value: str | None, kind: str) -> Path | None:
+    from .config import ConfigError
+
     if value is None:
         return None
     path = Path(value)
@@ -61,6 +62,19 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="embedded data: pretrain, probe and PCA picture in a few CPU minutes")
     demo.add_argument("--out", default="runs/demo")
     args = parser.parse_args(argv)
+    try:
+        # imported after parsing, so that --help works without the training dependencies
+        from .checkpoint import CheckpointError
+        from .config import ConfigError, PretrainConfig, ProbeConfig, VisualiseConfig, load_config
+        from .data import DatasetError
+        from .evaluate import run_probe  # noqa: F401  (the rest of the commands' imports)
+        from .train import Trainer  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name not in TRAIN_MODULES:
+            raise
+        print(f"mimjepa: error: {TRAIN_MODULES[exc.name]} is not installed; the mimjepa command needs the "
+              "training extra: pip install 'scott-kernels[train]'", file=sys.stderr)
+        return 2
 
     try:
         if args.command == "demo":
@@ -94,6 +108,7 @@ def main(argv=None) -> int:
 
 
 def _demo(out: Path) -> int:
+    from .config import ProbeConfig, PretrainConfig, VisualiseConfig, load_config
     from .evaluate import run_probe, run_visualise
     from .train import Trainer
 

@@ -10,7 +10,7 @@ import yaml
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
-from .checkpoint import CheckpointError, load_state, load_strict, load_weights, strip_prefixes
+from .checkpoint import CheckpointError, load_state, load_strict, load_weights, rename_reference_tokenizer
 from .config import ModelConfig, ProbeConfig, VisualiseConfig, _apply, save_config
 from .data import IMAGENET_MEAN, IMAGENET_STD, build_dataset
 from .models import Encoder
@@ -28,14 +28,7 @@ def load_reference_checkpoint(path: str | Path, model_cfg: ModelConfig) -> Encod
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} is not a plain state dict of tensors")
     # The reference code keeps the tokenizer's convs in an nn.Sequential (conv, ReLU, pool per stage).
-    renamed = {}
-    for key, value in strip_prefixes(state).items():
-        parts = key.split(".")
-        if len(parts) == 4 and parts[:2] == ["tokenizer", "tokenizer"] and parts[2].isdigit() and parts[3] == "weight":
-            if int(parts[2]) % 3:
-                raise CheckpointError(f"{path}: unexpected tokenizer key {key}")
-            key = f"tokenizer.convs.{int(parts[2]) // 3}.weight"
-        renamed[key] = value
+    renamed = rename_reference_tokenizer(state, str(path))
     encoder = Encoder(model_cfg)
     load_strict(encoder, renamed, str(path))
     return encoder
