@@ -77,6 +77,7 @@ def _load() -> SimpleNamespace | BaseException:
                 # spconv 2.3 decorates its autograd functions with torch.cuda.amp.custom_fwd, which
                 # recent torch deprecates: a warning about spconv, not about this package
                 warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)   # its build tools, at import
                 import spconv.pytorch.functional as spconv_functional
                 from spconv.pytorch import ConvAlgo, ops
                 from spconv.tools import CUDAKernelTimer
