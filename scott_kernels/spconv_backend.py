@@ -148,18 +148,21 @@ def _lookup(table: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     return table[c[:, 0], c[:, 1], c[:, 2]]
 
 
-def _narrow_rulebook(pairs: torch.Tensor, counts: torch.Tensor, out_ids: torch.Tensor, out_rows: torch.Tensor):
-    """Keeps the native rulebook's pairs whose output pixel is visible, renumbered to ``out_rows``.
+def _narrow_rulebook(pairs: torch.Tensor, counts: torch.Tensor, out_ids: torch.Tensor,
+                     out_rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per tap, the native rulebook's (input rows, output rows) whose output pixel is visible,
+    the outputs renumbered to ``out_rows`` (the visible pixels in row-major order).
 
-    ``pairs`` is (2, taps, n): per tap, the first ``counts[tap]`` entries are (input row, spconv
-    output row). Returns (kept mask, input rows, new output rows), each (taps, n).
+    ``pairs`` is (2, taps, n): tap t's pairs are its first ``counts[t]`` entries (input row,
+    spconv output row ``out_ids``). Only those prefixes are read.
     """
-    taps, n = pairs.shape[1], pairs.shape[2]
-    valid = torch.arange(n, device=pairs.device)[None, :] < counts.to(pairs.device).long()[:, None]
-    new_of_old = _lookup(out_rows, out_ids)                      # spconv output row -> visible row or -1
-    dst = new_of_old[pairs[1].long().clamp_min(0)]
-    kept = valid & (dst >= 0)
-    return kept, pairs[0].long(), dst
+    new_of_old = _lookup(out_rows, out_ids)          # spconv output row -> visible row, or -1
+    taps = []
+    for tap, n in enumerate(counts.tolist()):
+        dst = new_of_old[pairs[1, tap, :n].long()]
+        kept = dst >= 0
+        taps.append((pairs[0, tap, :n][kept], dst[kept]))
+    return taps
 
 
 def spconv_plan(keep: torch.Tensor | None, batch: int, height: int, width: int, patch_size: int,
@@ -198,13 +201,14 @@ def spconv_plan(keep: torch.Tensor | None, batch: int, height: int, width: int, 
         conv_args = ([k, k], [2, 2], [k // 2, k // 2], [1, 1], [0, 0])
         if algo == "native":
             out_ids, pairs, counts = sp.ops.get_indice_pairs(in_coords, batch, [h, w], native, *conv_args, False, False)
-            kept, src, dst = _narrow_rulebook(pairs, counts, out_ids, out_rows)
-            # repack each tap's kept pairs to the front, the layout spconv's native kernels read
-            order = torch.argsort((~kept).to(torch.uint8), dim=1, stable=True)
-            kept_sorted = kept.gather(1, order)
-            packed = torch.stack([torch.where(kept_sorted, src.gather(1, order), -1),
-                                  torch.where(kept_sorted, dst.gather(1, order), -1)]).to(pairs.dtype).contiguous()
-            stage["conv"] = (packed, kept.sum(1).to(counts.dtype).to(counts.device), n_out)
+            taps = _narrow_rulebook(pairs, counts, out_ids, out_rows)
+            # the layout spconv's native kernels read: per tap, its pairs first, -1 after
+            lengths = [src.shape[0] for src, _ in taps]
+            packed = torch.full((2, len(taps), max(lengths)), -1, dtype=pairs.dtype, device=device)
+            for tap, (src, dst) in enumerate(taps):
+                packed[0, tap, :lengths[tap]] = src
+                packed[1, tap, :lengths[tap]] = dst
+            stage["conv"] = (packed, torch.tensor(lengths, dtype=counts.dtype, device=counts.device), n_out)
         else:
             res = sp.ops.get_indice_pairs_implicit_gemm(
                 in_coords, batch, [h, w], sp.ConvAlgo.MaskImplicitGemm, ksize=[k, k], stride=[2, 2],
@@ -222,10 +226,12 @@ def spconv_plan(keep: torch.Tensor | None, batch: int, height: int, width: int, 
         blur_pixels = _visible_pixels(grid, side // 4)
         blur_ids, blur_pairs, blur_counts = sp.ops.get_indice_pairs(
             pool_ids.contiguous(), batch, [h - 1, w - 1], native, [3, 3], [2, 2], [1, 1], [1, 1], [0, 0], False, False)
-        kept, src, dst = _narrow_rulebook(blur_pairs, blur_counts, blur_ids, _row_table(blur_pixels))
-        taps = torch.tensor(_BLUR_TAPS, dtype=torch.float64)
-        tap_weight = (taps[:, None] * taps[None, :] / 16.0).reshape(-1, 1).to(device).expand_as(kept)
-        stage["blur"] = (src[kept], dst[kept], tap_weight[kept], int(blur_pixels.sum()))
+        taps = _narrow_rulebook(blur_pairs, blur_counts, blur_ids, _row_table(blur_pixels))
+        binomial = torch.tensor(_BLUR_TAPS, dtype=torch.float64)
+        tap_weight = (binomial[:, None] * binomial[None, :] / 16.0).reshape(-1)     # tap = ky * 3 + kx
+        lengths = torch.tensor([src.shape[0] for src, _ in taps])
+        stage["blur"] = (torch.cat([src.long() for src, _ in taps]), torch.cat([dst for _, dst in taps]),
+                         tap_weight.repeat_interleave(lengths).to(device), int(blur_pixels.sum()))
         plan.stages.append(stage)
         side, h, w = side // 4, h // 2, w // 2
         in_coords = _coords(blur_pixels)
