@@ -118,7 +118,7 @@ class SpconvPlan:
     train: bool                     # implicit GEMM: tables for the backward pass were built
     pixels: torch.Tensor | None     # (B, H, W) bool visible pixels of the image; None: all
     stages: list[dict]
-    token_rows: torch.Tensor | None  # (K,) flat b * N + n of each visible token; None: all
+    token_rows: torch.Tensor | None  # (K,) flat b * N + n of each visible token's row
     empty: bool                     # no visible patch at all
 
 
@@ -148,21 +148,37 @@ def _lookup(table: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     return table[c[:, 0], c[:, 1], c[:, 2]]
 
 
-def _narrow_rulebook(pairs: torch.Tensor, counts: torch.Tensor, out_ids: torch.Tensor,
-                     out_rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per tap, the native rulebook's (input rows, output rows) whose output pixel is visible,
-    the outputs renumbered to ``out_rows`` (the visible pixels in row-major order).
+def _rulebook_taps(pairs: torch.Tensor, counts: torch.Tensor,
+                   new_of_old: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per tap, the native rulebook's (input rows, output rows).
 
-    ``pairs`` is (2, taps, n): tap t's pairs are its first ``counts[t]`` entries (input row,
-    spconv output row ``out_ids``). Only those prefixes are read.
+    ``pairs`` is (2, taps, n): tap t's pairs are its first ``counts[t]`` entries; only those
+    prefixes are read. With ``new_of_old`` (spconv output row -> kept row, or -1) the pairs whose
+    output is not kept are dropped and the outputs renumbered.
     """
-    new_of_old = _lookup(out_rows, out_ids)          # spconv output row -> visible row, or -1
     taps = []
     for tap, n in enumerate(counts.tolist()):
-        dst = new_of_old[pairs[1, tap, :n].long()]
-        kept = dst >= 0
-        taps.append((pairs[0, tap, :n][kept], dst[kept]))
+        src, dst = pairs[0, tap, :n].long(), pairs[1, tap, :n].long()
+        if new_of_old is not None:
+            dst = new_of_old[dst]
+            kept = dst >= 0
+            src, dst = src[kept], dst[kept]
+        taps.append((src, dst))
     return taps
+
+
+def _narrowed(ids: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """spconv's output set ``ids`` against the visible ``pixels`` at that resolution.
+
+    Returns (spconv row -> visible row or -1, the visible coordinates) when spconv's set is
+    larger, or (None, ``ids``) when it is the visible set already (nothing masked within reach,
+    e.g. keep=None): then spconv's own rows and order are kept and nothing is narrowed. A visible
+    output always reads a visible input (its own patch), so spconv's set contains the visible one.
+    """
+    n_visible = int(pixels.sum())
+    if ids.shape[0] == n_visible:
+        return None, ids
+    return _lookup(_row_table(pixels), ids), _coords(pixels)
 
 
 def spconv_plan(keep: torch.Tensor | None, batch: int, height: int, width: int, patch_size: int,
@@ -186,55 +202,58 @@ def spconv_plan(keep: torch.Tensor | None, batch: int, height: int, width: int, 
             else keep.view(batch, GH, GW).to(device))
     empty = keep is not None and not bool(grid.any())
     plan = SpconvPlan(batch, height, width, patch_size, tuple(kernel_sizes), device, algo, train,
-                      None if keep is None else _visible_pixels(grid, patch_size),
-                      [], None if keep is None else grid.reshape(-1).nonzero().squeeze(1), empty)
+                      None if keep is None else _visible_pixels(grid, patch_size), [], None, empty)
     if empty:   # spconv refuses empty index sets; apply() returns zeros
         return plan
     native = sp.ConvAlgo.Native
+    binomial = torch.tensor(_BLUR_TAPS, dtype=torch.float64)
+    blur_taps = (binomial[:, None] * binomial[None, :] / 16.0).reshape(-1)     # tap = ky * 3 + kx
     side, h, w = patch_size, height, width
-    in_coords = _coords(_visible_pixels(grid, side))
+    coords = _coords(_visible_pixels(grid, side))      # the image's feature rows: row-major
     for k in kernel_sizes:
         stage = {}
-        out_pixels = _visible_pixels(grid, side // 2)
-        out_coords, out_rows = _coords(out_pixels), _row_table(out_pixels)
-        n_out = out_coords.shape[0]
+        conv_pixels = _visible_pixels(grid, side // 2)
         conv_args = ([k, k], [2, 2], [k // 2, k // 2], [1, 1], [0, 0])
         if algo == "native":
-            out_ids, pairs, counts = sp.ops.get_indice_pairs(in_coords, batch, [h, w], native, *conv_args, False, False)
-            taps = _narrow_rulebook(pairs, counts, out_ids, out_rows)
-            # the layout spconv's native kernels read: per tap, its pairs first, -1 after
-            lengths = [src.shape[0] for src, _ in taps]
-            packed = torch.full((2, len(taps), max(lengths)), -1, dtype=pairs.dtype, device=device)
-            for tap, (src, dst) in enumerate(taps):
-                packed[0, tap, :lengths[tap]] = src
-                packed[1, tap, :lengths[tap]] = dst
-            stage["conv"] = (packed, torch.tensor(lengths, dtype=counts.dtype, device=counts.device), n_out)
+            ids, pairs, counts = sp.ops.get_indice_pairs(coords, batch, [h, w], native, *conv_args, False, False)
+            new_of_old, coords = _narrowed(ids, conv_pixels)
+            if new_of_old is not None:
+                taps = _rulebook_taps(pairs, counts, new_of_old)
+                # the layout spconv's native kernels read: per tap, its pairs first, -1 after
+                lengths = [src.shape[0] for src, _ in taps]
+                pairs = torch.full((2, len(taps), max(lengths)), -1, dtype=pairs.dtype, device=device)
+                for tap, (src, dst) in enumerate(taps):
+                    pairs[0, tap, :lengths[tap]] = src
+                    pairs[1, tap, :lengths[tap]] = dst
+                counts = torch.tensor(lengths, dtype=counts.dtype, device=counts.device)
+            stage["conv"] = (pairs, counts, coords.shape[0])
         else:
             res = sp.ops.get_indice_pairs_implicit_gemm(
-                in_coords, batch, [h, w], sp.ConvAlgo.MaskImplicitGemm, ksize=[k, k], stride=[2, 2],
+                coords, batch, [h, w], sp.ConvAlgo.MaskImplicitGemm, ksize=[k, k], stride=[2, 2],
                 padding=[k // 2, k // 2], dilation=[1, 1], out_padding=[0, 0], subm=False, transpose=False,
                 is_train=train)
-            spconv_rows = torch.full(out_pixels.shape, -1, dtype=torch.int64, device=device)
-            ids = res[0].long()
-            spconv_rows[ids[:, 0], ids[:, 1], ids[:, 2]] = torch.arange(ids.shape[0], device=device)
-            # a visible output reads its own patch's pixels, so spconv's output set contains it
-            stage["conv"] = (res, res[0].shape[0], _lookup(spconv_rows, out_coords))
+            new_of_old, coords = _narrowed(res[0], conv_pixels)
+            rows = None
+            if new_of_old is not None:   # which spconv rows are the visible pixels, in their order
+                rows = torch.empty(coords.shape[0], dtype=torch.int64, device=device)
+                kept = new_of_old >= 0
+                rows[new_of_old[kept]] = kept.nonzero().squeeze(1)
+            stage["conv"] = (res, res[0].shape[0], rows)
         h, w = h // 2, w // 2
         pool_ids, pool_pairs, pool_counts = sp.ops.get_indice_pairs(
-            out_coords, batch, [h, w], native, [2, 2], [1, 1], [0, 0], [1, 1], [0, 0], False, False)
+            coords, batch, [h, w], native, [2, 2], [1, 1], [0, 0], [1, 1], [0, 0], False, False)
         stage["pool"] = (pool_pairs, pool_counts, pool_ids.shape[0])
-        blur_pixels = _visible_pixels(grid, side // 4)
         blur_ids, blur_pairs, blur_counts = sp.ops.get_indice_pairs(
             pool_ids.contiguous(), batch, [h - 1, w - 1], native, [3, 3], [2, 2], [1, 1], [1, 1], [0, 0], False, False)
-        taps = _narrow_rulebook(blur_pairs, blur_counts, blur_ids, _row_table(blur_pixels))
-        binomial = torch.tensor(_BLUR_TAPS, dtype=torch.float64)
-        tap_weight = (binomial[:, None] * binomial[None, :] / 16.0).reshape(-1)     # tap = ky * 3 + kx
+        new_of_old, coords = _narrowed(blur_ids, _visible_pixels(grid, side // 4))
+        taps = _rulebook_taps(blur_pairs, blur_counts, new_of_old)
         lengths = torch.tensor([src.shape[0] for src, _ in taps])
-        stage["blur"] = (torch.cat([src.long() for src, _ in taps]), torch.cat([dst for _, dst in taps]),
-                         tap_weight.repeat_interleave(lengths).to(device), int(blur_pixels.sum()))
+        stage["blur"] = (torch.cat([src for src, _ in taps]), torch.cat([dst for _, dst in taps]),
+                         blur_taps.repeat_interleave(lengths).to(device), coords.shape[0])
         plan.stages.append(stage)
         side, h, w = side // 4, h // 2, w // 2
-        in_coords = _coords(blur_pixels)
+    c = coords.long()     # the tokens' rows: (batch, gy, gx) -> b * N + gy * GW + gx
+    plan.token_rows = (c[:, 0] * GH + c[:, 1]) * GW + c[:, 2]
     return plan
 
 
@@ -286,16 +305,14 @@ def spconv_apply(x: torch.Tensor, weights: Sequence[torch.Tensor], plan: SpconvP
             else:
                 res, n_spconv, rows = stage["conv"]
                 y = sp.F.implicit_gemm(feats.contiguous(), krsc, res[2], res[3], res[4], res[5], res[6], res[7],
-                                       n_spconv, res[8], plan.train, False, sp.timer)[rows]
+                                       n_spconv, res[8], plan.train, False, sp.timer)
+                y = y if rows is None else y[rows]
             y = torch.relu(y)
             pool_pairs, pool_counts, n_pool = stage["pool"]
             y = sp.F.indice_maxpool(y.contiguous(), pool_pairs, pool_counts, n_pool)
             src, dst, tap, n_blur = stage["blur"]
             feats = y.new_zeros(n_blur, y.shape[1]).index_add(0, dst, y[src] * tap.to(dtype)[:, None])
-        if plan.token_rows is None:
-            tokens = feats.view(B, N, D)
-        else:
-            tokens = feats.new_zeros(B * N, D).index_copy(0, plan.token_rows, feats).view(B, N, D)
+        tokens = feats.new_zeros(B * N, D).index_copy(0, plan.token_rows, feats).view(B, N, D)
     return tokens.to(out_dtype)
 
 
