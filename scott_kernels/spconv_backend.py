@@ -148,23 +148,36 @@ def _lookup(table: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     return table[c[:, 0], c[:, 1], c[:, 2]]
 
 
-def _rulebook_taps(pairs: torch.Tensor, counts: torch.Tensor,
-                   new_of_old: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per tap, the native rulebook's (input rows, output rows).
+def _rulebook_pairs(pairs: torch.Tensor, counts: torch.Tensor, new_of_old: torch.Tensor | None):
+    """The native rulebook as flat (tap, input row, output row) vectors.
 
     ``pairs`` is (2, taps, n): tap t's pairs are its first ``counts[t]`` entries; only those
     prefixes are read. With ``new_of_old`` (spconv output row -> kept row, or -1) the pairs whose
-    output is not kept are dropped and the outputs renumbered.
+    output is not kept are dropped and the outputs renumbered. A few whole-tensor operations
+    rather than a loop over taps: on the CPU per-operation overhead dominates such small work.
     """
-    taps = []
-    for tap, n in enumerate(counts.tolist()):
-        src, dst = pairs[0, tap, :n].long(), pairs[1, tap, :n].long()
-        if new_of_old is not None:
-            dst = new_of_old[dst]
-            kept = dst >= 0
-            src, dst = src[kept], dst[kept]
-        taps.append((src, dst))
-    return taps
+    lengths = counts.tolist()
+    flat = torch.cat([pairs[:, tap, :n] for tap, n in enumerate(lengths)], dim=1).long()
+    tap = torch.repeat_interleave(torch.arange(len(lengths), device=pairs.device),
+                                  torch.tensor(lengths, device=pairs.device))
+    src, dst = flat[0], flat[1]
+    if new_of_old is not None:
+        dst = new_of_old[dst]
+        kept = (dst >= 0).nonzero().squeeze(1)
+        tap, src, dst = tap[kept], src[kept], dst[kept]
+    return tap, src, dst
+
+
+def _packed_rulebook(tap: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, taps: int, like: torch.Tensor):
+    """Flat pairs (grouped by tap, in order) -> spconv's native layout: (2, taps, n) with each
+    tap's pairs first and -1 after, and the per-tap counts."""
+    counts = torch.bincount(tap, minlength=taps)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(tap.shape[0], device=tap.device) - starts[tap]
+    packed = torch.full((2, taps, max(int(counts.max()), 1)), -1, dtype=like.dtype, device=like.device)
+    packed[0, tap, slot] = src.to(like.dtype)
+    packed[1, tap, slot] = dst.to(like.dtype)
+    return packed, counts
 
 
 def _narrowed(ids: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -218,14 +231,9 @@ def spconv_plan(keep: torch.Tensor | None, batch: int, height: int, width: int, 
             ids, pairs, counts = sp.ops.get_indice_pairs(coords, batch, [h, w], native, *conv_args, False, False)
             new_of_old, coords = _narrowed(ids, conv_pixels)
             if new_of_old is not None:
-                taps = _rulebook_taps(pairs, counts, new_of_old)
-                # the layout spconv's native kernels read: per tap, its pairs first, -1 after
-                lengths = [src.shape[0] for src, _ in taps]
-                pairs = torch.full((2, len(taps), max(lengths)), -1, dtype=pairs.dtype, device=device)
-                for tap, (src, dst) in enumerate(taps):
-                    pairs[0, tap, :lengths[tap]] = src
-                    pairs[1, tap, :lengths[tap]] = dst
-                counts = torch.tensor(lengths, dtype=counts.dtype, device=counts.device)
+                kept_pairs = _rulebook_pairs(pairs, counts, new_of_old)
+                pairs, new_counts = _packed_rulebook(*kept_pairs, pairs.shape[1], pairs)
+                counts = new_counts.to(counts.dtype).to(counts.device)
             stage["conv"] = (pairs, counts, coords.shape[0])
         else:
             res = sp.ops.get_indice_pairs_implicit_gemm(
@@ -246,10 +254,8 @@ def spconv_plan(keep: torch.Tensor | None, batch: int, height: int, width: int, 
         blur_ids, blur_pairs, blur_counts = sp.ops.get_indice_pairs(
             pool_ids.contiguous(), batch, [h - 1, w - 1], native, [3, 3], [2, 2], [1, 1], [1, 1], [0, 0], False, False)
         new_of_old, coords = _narrowed(blur_ids, _visible_pixels(grid, side // 4))
-        taps = _rulebook_taps(blur_pairs, blur_counts, new_of_old)
-        lengths = torch.tensor([src.shape[0] for src, _ in taps])
-        stage["blur"] = (torch.cat([src for src, _ in taps]), torch.cat([dst for _, dst in taps]),
-                         blur_taps.repeat_interleave(lengths).to(device), coords.shape[0])
+        tap, src, dst = _rulebook_pairs(blur_pairs, blur_counts, new_of_old)
+        stage["blur"] = (src, dst, blur_taps.to(device)[tap], coords.shape[0])
         plan.stages.append(stage)
         side, h, w = side // 4, h // 2, w // 2
     c = coords.long()     # the tokens' rows: (batch, gy, gx) -> b * N + gy * GW + gx
