@@ -156,10 +156,12 @@ def _rulebook_pairs(pairs: torch.Tensor, counts: torch.Tensor, new_of_old: torch
     output is not kept are dropped and the outputs renumbered. A few whole-tensor operations
     rather than a loop over taps: on the CPU per-operation overhead dominates such small work.
     """
-    lengths = counts.tolist()
-    flat = torch.cat([pairs[:, tap, :n] for tap, n in enumerate(lengths)], dim=1).long()
-    tap = torch.repeat_interleave(torch.arange(len(lengths), device=pairs.device),
-                                  torch.tensor(lengths, device=pairs.device))
+    taps, n = pairs.shape[1], pairs.shape[2]
+    counts = counts.to(device=pairs.device, dtype=torch.int64)
+    tap = torch.repeat_interleave(torch.arange(taps, device=pairs.device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    where = torch.arange(tap.shape[0], device=pairs.device) - starts[tap] + tap * n   # into (taps * n)
+    flat = pairs.reshape(2, taps * n)[:, where].long()
     src, dst = flat[0], flat[1]
     if new_of_old is not None:
         dst = new_of_old[dst]
