@@ -18,7 +18,8 @@ conv   spconv's strided sparse convolution (stride 2, padding k//2). spconv's ow
        a strided convolution is every pixel that any active input reaches: a 1-2 pixel ring into
        masked neighbours (for the second stage of the 16-pixel stack, whole masked patches next
        to a visible one). The contract masks those outputs, so the output set is narrowed to the
-       visible pixels at r/2:
+       visible pixels at r/2 (where it is larger: with keep=None it is the same set, and spconv's
+       own rulebook is used as it is):
        - native algorithm (CPU): its rulebook is plain pair lists, so the pairs that land on a
          masked output are dropped before the convolution and only visible outputs are computed;
        - implicit GEMM (CUDA): its pair tables also carry per-output tap bitmasks and sort orders
@@ -41,8 +42,9 @@ blur   the depthwise 3x3 binomial blur, stride 2, padding 1. spconv has no depth
        and the fixed taps are applied with one gather and one ``index_add``: 9 multiply-adds per
        output value, as many as a dense depthwise blur over the same pixels.
 
-The max-pool and the blur use the native rulebook on every device: the implicit-GEMM pool
-needs the same tables as the convolution, and the blur is not a GEMM.
+The max-pool and the blur use the native rulebook on every device: the blur's gather needs
+plain (input, output) pairs, and a 4-tap max gains nothing from implicit-GEMM tables; the
+implicit GEMM is used where the arithmetic is, in the convolutions.
 
 Data types: spconv has float16, float32 and float64 kernels (float64 on the CPU, which is what
 the tests use) but no bfloat16. Under autocast the tokenizer computes in float16, as spconv's
