@@ -3,11 +3,14 @@
     pytest benchmarks/test_tokenizer.py --benchmark-only --benchmark-json=tokenizer.json
     python benchmarks/plot.py tokenizer.json tokenizer.png
 
-Backends: every registered one that runs on the device ("triton" and "cuda" only on a GPU: on
-the CPU they are the interpreter and the kernels' C++ twin), plus ``reference_compiled``, the
-dense emulation under torch.compile. The sparse backends are given ``num_visible`` (fixed-ratio
-masks, no host synchronisation). Medians after
-warm-up; GPU calls synchronise inside the timed region. Peak GPU memory of one call, the first
+Backends: every one registered in ``scott_kernels.functional.BACKENDS`` that runs on the device
+("triton" and "cuda" only on a GPU: on the CPU they are the interpreter and the kernels' C++
+twin; "spconv" where the [spconv] extra is installed), plus ``reference_compiled``, the dense
+emulation under torch.compile, and ``spconv_indices``: spconv's index generation alone (the
+rulebooks of every stage, built for each new mask), which the "spconv" rows include; the
+difference is its convolutions. On the CPU the spconv rows run at three mask ratios only. The
+sparse backends are given ``num_visible`` (fixed-ratio masks, no host synchronisation). Medians
+after warm-up; GPU calls synchronise inside the timed region. Peak GPU memory of one call, the first
 call's time (compilation and autotuning included) and the visible patches' convolution FLOPs
 (``useful_gflop``: divide by the median for achieved TFLOP/s) go into each result's extra_info,
 and on a GPU the median of CUDA-event times of the timed rounds (``event_median_ms``).
@@ -20,12 +23,13 @@ import torch
 
 from scott_kernels import available_backends, reference_tokenize, sparse_conv_tokenize
 from scott_kernels.functional import BACKENDS as REGISTERED
+from scott_kernels.spconv_backend import spconv_plan
 
 from conftest import CHECK, CUDA, SHAPES, gpu_setting, make_inputs, timed
 
 MASK_RATIOS = [None, 0.0, 0.6, 0.75, 0.9]  # None: keep=None, the dense path of the EMA target encoder
-# every registered backend (those that cannot run here skip with the reason), reference first
-BACKENDS = ["reference", "reference_compiled", *(name for name in REGISTERED if name != "reference")]
+BACKENDS = ["reference", "reference_compiled", *[b for b in REGISTERED if b != "reference"], "spconv_indices"]
+SPCONV_CPU_RATIOS = (None, 0.6, 0.9)   # spconv's native CPU path is slow: fewer rows there
 
 torch._dynamo.config.cache_size_limit = 64   # one compiled graph per shape and mask layout
 # The device check's CPU walk traces through dynamo and AOTAutograd without Inductor's C++ codegen
@@ -51,7 +55,7 @@ def useful_gflop(batch: int, visible: int, widths=(64,), embed_dim: int = 384, k
 def _runs(backend: str, device: torch.device) -> bool:
     if backend == "reference_compiled":
         return True
-    return backend in available_backends(device)
+    return backend.removesuffix("_indices") in available_backends(device)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}_D{s[1]}")
@@ -63,6 +67,8 @@ def test_tokenizer(benchmark, setting, backend, direction, mask_ratio, shape):
         setting = gpu_setting(*shape)
     if not _runs(backend, setting.device):
         pytest.skip(f"backend {backend!r} does not run on {setting.device} in this build")
+    if backend.startswith("spconv") and not CUDA and mask_ratio not in SPCONV_CPU_RATIOS:
+        pytest.skip(f"spconv runs at mask ratios {SPCONV_CPU_RATIOS} on the CPU")
     x, weights, keep, mask_kind = make_inputs(setting, mask_ratio)
     visible = None if keep is None else int(keep[0].sum())
     autocast = setting.device.type == "cuda" and setting.dtype != torch.float32
@@ -74,7 +80,12 @@ def test_tokenizer(benchmark, setting, backend, direction, mask_ratio, shape):
             return sparse_conv_tokenize(x, weights, keep, backend=backend,
                                         num_visible=None if backend == "reference" else visible)
 
-    if direction == "fwd":
+    if backend == "spconv_indices":
+        # what a new mask costs before any convolution; the backward's tables only when training
+        def step():
+            spconv_plan(keep, setting.batch, setting.img_size, setting.img_size, 16, [7, 7], setting.device,
+                        train=direction == "fwd_bwd")
+    elif direction == "fwd":
         def step():
             with torch.no_grad():
                 forward()

@@ -13,6 +13,7 @@ from .reference import reference_tokenize
 from .torch_backend import torch_tokenize
 from .cuda_backend import cuda_supports, cuda_tokenize
 from .triton_backend import triton_supports, triton_tokenize
+from .spconv_backend import require_spconv, spconv_supports, spconv_tokenize
 
 __all__ = ["sparse_conv_tokenize", "token_epilogue", "available_backends", "select_backend", "BACKENDS", "check_inputs",
            "keep_from_indices", "resolve_keep", "order_like_indices"]
@@ -24,18 +25,25 @@ BACKENDS: dict[str, tuple[Callable, Callable[[torch.device], bool]]] = {
     "torch": (torch_tokenize, native_supports),
     "triton": (triton_tokenize, triton_supports),
     "cuda": (cuda_tokenize, cuda_supports),
+    "spconv": (spconv_tokenize, spconv_supports),   # optional extra [spconv]
 }
 # "auto" tries these in order: fastest first. The cuda backend has not been timed against triton
 # on a GPU yet, so triton comes first.
 _AUTO_ORDER = ("triton", "cuda", "torch", "reference")
+# peers for comparison: listed where they run, never chosen by "auto"
+_PEERS = ("spconv",)
 # backends built on the compact visible-patch kernels: they take num_visible/packed/pixel_norm
 _COMPACT = {"triton": triton_tokenize, "cuda": cuda_tokenize}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def available_backends(device: torch.device | str) -> list[str]:
-    """Backends that run on ``device``, fastest first."""
-    device = torch.device(device)
+    """Backends that run on ``device``: those "auto" picks from, fastest first, then the peers
+    (spconv, when it imports)."""
+    return _auto_candidates(torch.device(device)) + [name for name in _PEERS if BACKENDS[name][1](device)]
+
+
+def _auto_candidates(device: torch.device) -> list[str]:
     # Triton on the CPU is its interpreter: correct but far too slow to choose automatically
     return [name for name in _AUTO_ORDER if BACKENDS[name][1](device)
             and not (name == "triton" and device.type == "cpu")]
@@ -45,9 +53,11 @@ def select_backend(backend: str, device: torch.device | str) -> str:
     """Resolves ``backend`` ("auto" or a name) for ``device``; raises if it cannot run there."""
     device = torch.device(device)
     if backend == "auto":
-        return available_backends(device)[0]
+        return _auto_candidates(device)[0]
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+    if backend == "spconv":
+        require_spconv()   # an optional extra: the error names it
     if not BACKENDS[backend][1](device):
         raise RuntimeError(f"backend {backend!r} does not run on {device} in this build; "
                            f"available there: {available_backends(device)} (see scott_kernels.build_info())")
@@ -261,7 +271,8 @@ def sparse_conv_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep:
             distinct within a row, turned into the bool mask on the device (K is the visible
             count: no host synchronisation; see ``keep_from_indices`` for how bad indices are
             caught); None = all visible (the plain dense stack, no masking).
-        backend: "auto" (fastest available), "triton", "cuda", "torch" or "reference".
+        backend: "auto" (fastest available), "triton", "cuda", "torch" or "reference"; or
+            "spconv" (the general sparse-convolution library, for comparison; extra [spconv]).
         num_visible: visible patches in every row of ``keep``, when the caller knows it (the usual
             fixed-ratio masks): the triton and cuda backends then run with no host
             synchronisation, so under CUDA graphs and ``torch.compile(fullgraph=True)``.

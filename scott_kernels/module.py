@@ -52,7 +52,7 @@ class SparseConvTokenizer(nn.Module):
         embed_dim: token width D (the last conv's output channels).
         hidden_channels: output channels of the stages before the last (int or one per stage).
         kernel_size: odd conv kernel size (int or one per stage).
-        backend: "auto", "triton", "cuda", "torch" or "reference" (see ``scott_kernels.available_backends``).
+        backend: "auto", "triton", "cuda", "torch", "reference" or "spconv" (see ``scott_kernels.available_backends``).
         norm_layer: optional norm over D applied to visible tokens (masked ones stay 0).
         flatten / output_fmt: "NLC" (B, N, D) by default; "NHWC" or "NCHW" keep the grid.
         pixel_mean, pixel_std: optional per-channel normalisation in the images' units, applied

@@ -207,7 +207,8 @@ def test_functional_geometry_errors():
 
 
 def test_backend_selection_and_build_info():
-    assert sk.available_backends("cpu") == ["torch", "reference"]
+    # spconv (an optional extra) is listed after these when installed
+    assert sk.available_backends("cpu")[:2] == ["torch", "reference"]
     assert sk.select_backend("auto", "cpu") == "torch"
     info = sk.build_info()
     assert {"cuda", "cuda_archs", "cpp_only", "torch", "triton_usable"} <= set(info)
