@@ -56,7 +56,8 @@ def _single_config() -> bool:
 # --------------------------------------------------------------------------------------------
 def _configs(table) -> list:
     if _interpreting():
-        return [triton.Config({"ROWS": 16, "BLOCK_C": 32})]
+        # the interpreter's cost is per program and per op, not per element: few, large programs
+        return [triton.Config({"ROWS": 64, "BLOCK_C": 32})]
     configs = [triton.Config({"ROWS": rows, "BLOCK_C": bc}, num_warps=warps) for rows, bc, warps in table]
     return configs[:1] if _single_config() else configs
 
@@ -421,8 +422,8 @@ if triton is not None:
         tl.store(ptrs + SIDE * C, acc10.to(dtype), mask=ok)
         tl.store(ptrs + (SIDE + 1) * C, acc11.to(dtype), mask=ok)
 
-    @triton.autotune(configs=[triton.Config({"TOKENS": t}, num_warps=w) for t, w in _EPI_TABLE][
-                         :1 if _single_config() or _interpreting() else None],
+    @triton.autotune(configs=[triton.Config({"TOKENS": 32})] if _interpreting() else
+                     [triton.Config({"TOKENS": t}, num_warps=w) for t, w in _EPI_TABLE][:1 if _single_config() else None],
                      key=["C", "DENSE", "ROWS_BUCKET"], cache_results=True)
     @triton.jit
     def _pool_tokens_fwd_kernel(act_ptr, out_ptr, x_ptr, stats_ptr, slot_ptr, tile_pos_ptr, w_ptr, b_ptr, pos_ptr,
@@ -743,7 +744,7 @@ def pool_tokens_backward(grad: torch.Tensor, act: torch.Tensor, x: torch.Tensor,
             act if ln_weight is None else ln_weight.contiguous(), num_tiles, B, N, -(-B // splits),
             C=dim, BLOCK_D=triton.next_power_of_2(dim), DENSE=dense, NORM=norm,
             HAS_W=norm and ln_weight is not None, HAS_POS=has_pos, HAS_MASK_TOKEN=dense and has_mask_token,
-            ACC=_acc_dtype(act.dtype), ROWS=8, num_warps=8 if dim > 256 else 4)
+            ACC=_acc_dtype(act.dtype), ROWS=32 if _interpreting() else 8, num_warps=8 if dim > 256 else 4)
     dact = max_blur_pool_backward(dx, act, slot, tile_pos, relu_mask)
     return dact, part[0].sum((0, 1)), part[1].sum((0, 1)), part[2].sum(0), part[3].sum((0, 1))
 
