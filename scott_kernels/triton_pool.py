@@ -422,66 +422,80 @@ if triton is not None:
         tl.store(ptrs + SIDE * C, acc10.to(dtype), mask=ok)
         tl.store(ptrs + (SIDE + 1) * C, acc11.to(dtype), mask=ok)
 
+    @triton.jit
+    def _epilogue_fill(pos_ptr, mtok_ptr, n, row_ok, c, c_ok, ACC: tl.constexpr, TOKENS: tl.constexpr,
+                       BLOCK_D: tl.constexpr, C: tl.constexpr, HAS_POS: tl.constexpr,
+                       HAS_MASK_TOKEN: tl.constexpr):
+        """[TOKENS, BLOCK_D] (position embedding at n, mask token + position embedding at n)."""
+        pe = tl.zeros([TOKENS, BLOCK_D], dtype=ACC)
+        if HAS_POS:
+            pe += tl.load(pos_ptr + n[:, None] * C + c[None, :], mask=row_ok[:, None] & c_ok[None, :],
+                          other=0.0).to(ACC)
+        fill = pe
+        if HAS_MASK_TOKEN:
+            fill += tl.load(mtok_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
+        return pe, fill
+
     @triton.autotune(configs=[triton.Config({"TOKENS": 32})] if _interpreting() else
                      [triton.Config({"TOKENS": t}, num_warps=w) for t, w in _EPI_TABLE][:1 if _single_config() else None],
                      key=["C", "DENSE", "ROWS_BUCKET"], cache_results=True)
     @triton.jit
     def _pool_tokens_fwd_kernel(act_ptr, out_ptr, x_ptr, stats_ptr, slot_ptr, tile_pos_ptr, w_ptr, b_ptr, pos_ptr,
-                                mtok_ptr, num_tiles, num_pos, GH, GW, num_rows, eps, ROWS_BUCKET,
+                                mtok_ptr, num_tiles, num_pos, GH, GW, eps, ROWS_BUCKET,
                                 C: tl.constexpr, BLOCK_D: tl.constexpr, DENSE: tl.constexpr, NORM: tl.constexpr,
                                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_POS: tl.constexpr,
                                 HAS_MASK_TOKEN: tl.constexpr, ACC: tl.constexpr, TOKENS: tl.constexpr):
         """The last MaxBlurPool (side 2 -> 1: one token per tile) and the token epilogue in one
-        pass: LayerNorm over D, + pos_embed[n], masked rows = mask_token + pos_embed[n] (or 0).
-        Rows are output positions b * N + n (DENSE, (B, N, D) out) or tiles (packed (B, K, D)).
-        Saves each visible token's pooled value (x, in the compute dtype) and (mean, rstd)."""
-        row = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
-        row_ok = row < num_rows
-        if DENSE:
-            pos = row
-            tile = tl.load(slot_ptr + row, mask=row_ok, other=-1)
-            vis = row_ok & (tile >= 0) & (tile < num_tiles)
-        else:
-            tile = row
-            vis = row_ok
-            pos = tl.load(tile_pos_ptr + row, mask=row_ok, other=0)
-        own, gy, gx, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr = _geometry(
-            pos, tl.where(vis, tile, -1), vis, slot_ptr, num_tiles, num_pos, GH, GW)
-        py, px, up, down, left, right = _pixels(0, 1, 1)
+        pass: LayerNorm over D, + pos_embed[n]. The first cdiv(M, TOKENS) programs pool TOKENS
+        tiles each and store their tokens at row b * N + n (DENSE, (B, N, D) out) or at the
+        tile's row (packed (B, K, D)); with DENSE the remaining programs write the masked rows
+        (mask_token + pos_embed[n], or 0), so no program pools a masked patch. Saves each token's
+        pooled value (x, in the compute dtype) and (mean, rstd) for the backward."""
+        pid = tl.program_id(0)
         c = tl.arange(0, BLOCK_D)
         c_ok = c < C
-        acc = _blurred_max(act_ptr, own, gy, gx, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr,
-                           py, px, up, down, left, right, c, c_ok, GH, GW, 2, C, ACC)
-        # rounded as the pool's own output would be: the epilogue sees what the unfused path sees
-        x = tl.reshape(acc, [TOKENS, BLOCK_D]).to(x_ptr.dtype.element_ty)
-        vis_d = vis[:, None] & c_ok[None, :]
-        tile64 = tl.where(vis, own, 0).to(tl.int64)
-        tl.store(x_ptr + tile64[:, None] * C + c[None, :], x, mask=vis_d)
-        y = x.to(ACC)
-        if NORM:
-            mean = tl.sum(y, axis=1) / C
-            yc = tl.where(c_ok[None, :], y - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(yc * yc, axis=1) / C + eps)
-            tl.store(stats_ptr + tile64 * 2, mean, mask=vis)
-            tl.store(stats_ptr + tile64 * 2 + 1, rstd, mask=vis)
-            y = yc * rstd[:, None]
-            if HAS_W:
-                y = y * tl.load(w_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
-            if HAS_B:
-                y = y + tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
-        n = pos % (GH * GW)
-        fill = tl.zeros([TOKENS, BLOCK_D], dtype=ACC)
-        if HAS_MASK_TOKEN:
-            fill += tl.load(mtok_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
-        if HAS_POS:
-            pe = tl.load(pos_ptr + n[:, None] * C + c[None, :], mask=row_ok[:, None] & c_ok[None, :],
-                         other=0.0).to(ACC)
+        pool_programs = tl.cdiv(num_tiles, TOKENS)
+        if pid < pool_programs:
+            t = pid * TOKENS + tl.arange(0, TOKENS)
+            t_ok = t < num_tiles
+            pos = tl.load(tile_pos_ptr + t, mask=t_ok, other=0)
+            pos = tl.minimum(tl.maximum(pos, 0), num_pos - 1)
+            own, gy, gx, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr = _geometry(
+                pos, tl.where(t_ok, t, -1), t_ok, slot_ptr, num_tiles, num_pos, GH, GW)
+            py, px, up, down, left, right = _pixels(0, 1, 1)
+            acc = _blurred_max(act_ptr, own, gy, gx, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr,
+                               py, px, up, down, left, right, c, c_ok, GH, GW, 2, C, ACC)
+            # rounded as the pool's own output would be: the epilogue sees what the unfused path sees
+            x = tl.reshape(acc, [TOKENS, BLOCK_D]).to(x_ptr.dtype.element_ty)
+            ok = t_ok[:, None] & c_ok[None, :]
+            t64 = t.to(tl.int64)
+            tl.store(x_ptr + t64[:, None] * C + c[None, :], x, mask=ok)
+            y = x.to(ACC)
+            if NORM:
+                mean = tl.sum(y, axis=1) / C
+                yc = tl.where(c_ok[None, :], y - mean[:, None], 0.0)
+                rstd = 1.0 / tl.sqrt(tl.sum(yc * yc, axis=1) / C + eps)
+                tl.store(stats_ptr + t64 * 2, mean, mask=t_ok)
+                tl.store(stats_ptr + t64 * 2 + 1, rstd, mask=t_ok)
+                y = yc * rstd[:, None]
+                if HAS_W:
+                    y = y * tl.load(w_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
+                if HAS_B:
+                    y = y + tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
+            pe, fill = _epilogue_fill(pos_ptr, mtok_ptr, pos % (GH * GW), t_ok, c, c_ok, ACC, TOKENS, BLOCK_D, C,
+                                      HAS_POS, False)
             y = y + pe
-            if HAS_MASK_TOKEN:
-                fill += pe
-        y = tl.where(vis[:, None], y, fill)
-        tl.store(out_ptr + row.to(tl.int64)[:, None] * C + c[None, :], y.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & c_ok[None, :])
+            out_row = pos if DENSE else t64
+            tl.store(out_ptr + out_row[:, None] * C + c[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+        else:
+            row = (pid - pool_programs) * TOKENS + tl.arange(0, TOKENS)
+            row_ok = row < num_pos
+            tile = tl.load(slot_ptr + row, mask=row_ok, other=0)
+            masked = row_ok & ((tile < 0) | (tile >= num_tiles))
+            pe, fill = _epilogue_fill(pos_ptr, mtok_ptr, row % (GH * GW), masked, c, c_ok, ACC, TOKENS, BLOCK_D,
+                                      C, HAS_POS and HAS_MASK_TOKEN, HAS_MASK_TOKEN)
+            tl.store(out_ptr + row.to(tl.int64)[:, None] * C + c[None, :], fill.to(out_ptr.dtype.element_ty),
+                     mask=masked[:, None] & c_ok[None, :])
 
     @triton.jit
     def _pool_tokens_bwd_kernel(grad_ptr, x_ptr, stats_ptr, dx_ptr, part_ptr, slot_ptr, w_ptr, num_tiles,
@@ -688,13 +702,16 @@ def pool_tokens(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, l
     stats = torch.empty((num_tiles, 2), dtype=accumulator_dtype(act.dtype), device=act.device)
     if rows == 0 or dim == 0:
         return tokens, x, stats
+    if dense and num_tiles > B * N:
+        raise ValueError(f"triton_pool_tokens: {num_tiles} tiles for {B * N} positions")
     any_ = act   # any tensor stands for an absent optional pointer (never read)
-    grid = lambda meta: (triton.cdiv(rows, meta["TOKENS"]),)
+    # pooling programs over the tiles, then (dense) filling programs over the positions
+    grid = lambda meta: (triton.cdiv(num_tiles, meta["TOKENS"]) + (triton.cdiv(rows, meta["TOKENS"]) if dense else 0),)
     _pool_tokens_fwd_kernel[grid](
         act, tokens, x, stats, slot.contiguous(), tile_pos.contiguous(),
         any_ if ln_weight is None else ln_weight.contiguous(), any_ if ln_bias is None else ln_bias.contiguous(),
         any_ if pos_embed is None else pos_embed.contiguous(), any_ if mask_token is None else mask_token.contiguous(),
-        num_tiles, slot.numel(), GH, GW, rows, float(eps), _bucket(rows),
+        num_tiles, slot.numel(), GH, GW, float(eps), _bucket(rows),
         C=dim, BLOCK_D=triton.next_power_of_2(dim), DENSE=dense, NORM=norm, HAS_W=norm and ln_weight is not None,
         HAS_B=norm and ln_bias is not None, HAS_POS=pos_embed is not None,
         HAS_MASK_TOKEN=dense and mask_token is not None, ACC=_acc_dtype(act.dtype))
