@@ -127,10 +127,13 @@ def compact_to_image(dsrc: torch.Tensor, tile_pos: torch.Tensor, shape: Sequence
 
 def tokenize_compact(conv_relu: Callable, max_blur_pool: Callable, x: torch.Tensor, weights: Sequence[torch.Tensor],
                      keep: torch.Tensor | None, patch_size: int, num_visible: int | None = None,
-                     packed: bool = False, pixel_norm: torch.Tensor | None = None) -> torch.Tensor:
+                     packed: bool = False, pixel_norm: torch.Tensor | None = None,
+                     last_pool: Callable | None = None) -> torch.Tensor:
     """The tokenizer from a backend's ``conv_relu(src, weight, slot, tile_pos, in_side, src_is_image,
     pixel_norm)`` and ``max_blur_pool(act, slot, tile_pos)`` ops: (B, N, D) tokens, masked ones
     exactly 0, or with ``packed`` (B, num_visible, D) visible tokens in row-major order.
+    ``last_pool(act, slot, tile_pos)``, when given, replaces the last stage's pool and returns the
+    final tokens itself (a pool fused with the token epilogue).
 
     Computes in the autocast dtype when autocast is on, else in the images' dtype (the weights'
     for uint8 images). Inputs are assumed validated (see ``scott_kernels.functional``).
@@ -148,6 +151,8 @@ def tokenize_compact(conv_relu: Callable, max_blur_pool: Callable, x: torch.Tens
     act, side = x, patch_size
     for i, weight in enumerate(weights):
         act = conv_relu(act, weight, slot, tile_pos, side, i == 0, pixel_norm if i == 0 else None)
+        if last_pool is not None and i == len(weights) - 1:
+            return last_pool(act, slot, tile_pos)
         act = max_blur_pool(act, slot, tile_pos)
         side //= 4
     num_tiles, dim = tile_pos.shape[0], act.shape[-1]

@@ -34,6 +34,8 @@ _AUTO_ORDER = ("triton", "cuda", "torch", "reference")
 _PEERS = ("spconv",)
 # backends built on the compact visible-patch kernels: they take num_visible/packed/pixel_norm
 _COMPACT = {"triton": triton_tokenize, "cuda": cuda_tokenize}
+# backends whose last kernel applies the token epilogue itself (the others get token_epilogue after)
+_FUSED_EPILOGUE = {"triton": triton_tokenize}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -288,8 +290,9 @@ def sparse_conv_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep:
             tokenizer's output: ``norm = (weight, bias, eps)`` a LayerNorm over D of the visible
             tokens (weight/bias may be None), then ``pos_embed`` (N, D) added at each token's
             position; masked positions hold ``mask_token`` (D,) + its position embedding, or 0
-            when no mask token is given. (torch ops after the kernels: Inductor fuses them
-            under torch.compile.)
+            when no mask token is given. The triton backend computes it in its last pool
+            kernel as it stores the tokens (forward and backward); the other backends apply
+            torch ops after their kernels (Inductor fuses them under torch.compile).
     Without a mask token, masked tokens are exactly 0; no value from a masked patch reaches a
     visible token.
     """
@@ -300,7 +303,15 @@ def sparse_conv_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep:
     table = pixel_norm_table(pixel_mean, pixel_std, x.shape[1], weights[0].dtype, x.device)
     if packed and keep is not None and num_visible is None:
         num_visible = _common_row_count(keep)
-    if name in _COMPACT:
+    epilogue = norm is not None or pos_embed is not None or mask_token is not None
+    if epilogue:
+        norm, pos_embed, mask_token = _epilogue_args(x, weights, keep, patch_size, norm, pos_embed, mask_token)
+    if name in _FUSED_EPILOGUE and epilogue:
+        # the last pool kernel applies the epilogue as it stores the tokens
+        tokens = _FUSED_EPILOGUE[name](x, list(weights), keep, patch_size, num_visible, packed, table,
+                                       norm, pos_embed, mask_token)
+        epilogue = False
+    elif name in _COMPACT:
         tokens = _COMPACT[name](x, list(weights), keep, patch_size, num_visible, packed, table)
     else:
         if table is not None or not x.is_floating_point():
@@ -308,11 +319,37 @@ def sparse_conv_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep:
         tokens = BACKENDS[name][0](x, list(weights), keep, patch_size)
         if packed:
             tokens = _pack_visible(tokens, keep, num_visible)
-    if norm is not None or pos_embed is not None or mask_token is not None:
+    if epilogue:
         tokens = token_epilogue(tokens, keep, packed, norm, pos_embed, mask_token)
     if packed and ids_keep is not None:
         tokens = order_like_indices(tokens, keep, ids_keep)
     return tokens
+
+
+def _check_epilogue(N: int, D: int, device: torch.device, norm, pos_embed, mask_token):
+    """Validated (norm, pos_embed as (N, D), mask_token as (D,))."""
+    if pos_embed is not None:
+        pos_embed = pos_embed.reshape(-1, pos_embed.shape[-1])
+        if tuple(pos_embed.shape) != (N, D) or pos_embed.device != device:
+            raise ValueError(f"pos_embed must be (N, D) = ({N}, {D}) on {device}, got "
+                             f"{tuple(pos_embed.shape)} on {pos_embed.device}")
+    if mask_token is not None:
+        mask_token = mask_token.reshape(-1)
+        if mask_token.numel() != D or mask_token.device != device:
+            raise ValueError(f"mask_token must hold D={D} values on {device}, got {mask_token.numel()} "
+                             f"on {mask_token.device}")
+    if norm is not None:
+        if len(norm) != 3:
+            raise ValueError("norm must be (weight, bias, eps) of a LayerNorm over D")
+        for name, t in zip(("weight", "bias"), norm[:2]):
+            if t is not None and (tuple(t.shape) != (D,) or t.device != device):
+                raise ValueError(f"norm {name} must be a ({D},) tensor on {device}, got {tuple(t.shape)} on {t.device}")
+    return norm, pos_embed, mask_token
+
+
+def _epilogue_args(x, weights, keep, patch_size: int, norm, pos_embed, mask_token):
+    N = (x.shape[2] // patch_size) * (x.shape[3] // patch_size)
+    return _check_epilogue(N, weights[-1].shape[0], x.device, norm, pos_embed, mask_token)
 
 
 def token_epilogue(tokens: torch.Tensor, keep: torch.Tensor | None, packed: bool, norm=None,
@@ -320,20 +357,9 @@ def token_epilogue(tokens: torch.Tensor, keep: torch.Tensor | None, packed: bool
     """LayerNorm of the visible tokens, position embedding, mask-token fill (see sparse_conv_tokenize)."""
     B, L, D = tokens.shape
     N = keep.shape[1] if keep is not None else L
-    if pos_embed is not None:
-        pos_embed = pos_embed.reshape(-1, pos_embed.shape[-1])
-        if tuple(pos_embed.shape) != (N, D) or pos_embed.device != tokens.device:
-            raise ValueError(f"pos_embed must be (N, D) = ({N}, {D}) on {tokens.device}, got "
-                             f"{tuple(pos_embed.shape)} on {pos_embed.device}")
-    if mask_token is not None:
-        mask_token = mask_token.reshape(-1)
-        if mask_token.numel() != D or mask_token.device != tokens.device:
-            raise ValueError(f"mask_token must hold D={D} values on {tokens.device}, got {mask_token.numel()} "
-                             f"on {mask_token.device}")
+    norm, pos_embed, mask_token = _check_epilogue(N, D, tokens.device, norm, pos_embed, mask_token)
     t = tokens
     if norm is not None:
-        if len(norm) != 3:
-            raise ValueError("norm must be (weight, bias, eps) of a LayerNorm over D")
         weight, bias, eps = norm
         t = F.layer_norm(t, (D,), weight, bias, float(eps))
     if pos_embed is not None:

@@ -13,10 +13,11 @@ Per stage (input patch side q, conv output side s = q / 2, pooled side s / 2):
                   gathers its input window through ``slot``; ReLU in the epilogue. Stage 0 reads
                   the (B, C, H, W) images directly, so input masking is fused into the load.
   max_blur_pool   2x2 max (stride 1) + 3x3 binomial blur (stride 2), reading the 1-pixel halo
-                  from neighbouring patches; the max-pool map's absence at the image border is
-                  the blur's zero padding.
-Backward: max_blur_pool_backward pulls, for every conv pixel, the gradient of each max window
-that selected it (first maximum in row-major order, as torch's max_pool2d); conv wgrad is a
+                  from neighbouring patches (scott_kernels.triton_pool); the last stage's pool
+                  also applies the token epilogue (LayerNorm, position embedding, mask-token
+                  fill, packed or (B, N, D) layout) in the same pass when one is asked for.
+Backward: max_blur_pool_backward gives each conv pixel the gradient of every max window it won
+(argmax recomputed, first maximum in row-major order as torch's max_pool2d); conv wgrad is a
 split-K GEMM over output pixels into float32 partials; conv dgrad is an implicit GEMM over input
 pixels that gathers the output gradient through ``slot``, run per parity class of input pixel (a
 stride-2 conv reads a pixel only through taps of one parity, so each class reduces over a quarter
@@ -42,6 +43,7 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 
 from .compact import (accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed, reduction_splits,
                       register_stage_autograd, tokenize_compact, visible_tables, weight_from_partials)
+from .triton_pool import max_blur_pool, max_blur_pool_backward, pool_tokens_apply
 
 __all__ = ["triton_tokenize", "triton_supports", "visible_tables"]
 
@@ -83,15 +85,6 @@ def _gemm_configs() -> list:
     return configs[:1] if _single_config() else configs
 
 
-def _pool_configs() -> list:
-    if _interpreting():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_C": 32})]
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=warps)
-               for bm, bc, warps in [(16, 64, 2), (32, 64, 4), (64, 64, 4), (16, 128, 4), (32, 128, 4),
-                                     (64, 32, 4), (32, 32, 2)]]
-    return configs[:1] if _single_config() else configs
-
-
 def _prune_wide(configs, columns: int, block: str = "BLOCK_N"):
     """Drops tiles more than twice as wide as the channel count (pure waste); keeps at least one."""
     limit = max(16, 2 * (1 << max(int(columns) - 1, 0).bit_length()))
@@ -107,17 +100,12 @@ def _prune_by_c_in(configs, named_args, **kwargs):
     return _prune_wide(configs, named_args["C_IN"])
 
 
-def _prune_by_channels(configs, named_args, **kwargs):
-    return _prune_wide(configs, named_args["C"], "BLOCK_C")
-
-
 def _autotune(configs, key, prune):
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
                            cache_results=True)
 
 
 _GEMM_KEY = ["C_IN", "C_OUT", "IN_SIDE", "KSIZE", "ROWS_BUCKET"]
-_POOL_KEY = ["C", "SIDE", "ROWS_BUCKET"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,91 +308,6 @@ if triton is not None:
         tl.store(dsrc_ptr + out_rows[:, None] * C_IN + cols[None, :], acc.to(dsrc_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
-    @triton.jit
-    def _relu_value(act_ptr, slot_ptr, b, y, x, c, ok, GH, GW, num_tiles, C, SIDE: tl.constexpr, ACC: tl.constexpr):
-        offs, valid = _compact_offsets(slot_ptr, b, y, x, c, ok, GH, GW, num_tiles, C, SIDE)
-        return tl.load(act_ptr + offs, mask=valid, other=0.0).to(ACC)
-
-    @triton.jit
-    def _max_window(act_ptr, slot_ptr, b, my, mx, c, ok, GH, GW, num_tiles, C, SIDE: tl.constexpr, ACC: tl.constexpr):
-        """The 2x2 window with top-left (my, mx): its four values, row-major."""
-        v00 = _relu_value(act_ptr, slot_ptr, b, my, mx, c, ok, GH, GW, num_tiles, C, SIDE, ACC)
-        v01 = _relu_value(act_ptr, slot_ptr, b, my, mx + 1, c, ok, GH, GW, num_tiles, C, SIDE, ACC)
-        v10 = _relu_value(act_ptr, slot_ptr, b, my + 1, mx, c, ok, GH, GW, num_tiles, C, SIDE, ACC)
-        v11 = _relu_value(act_ptr, slot_ptr, b, my + 1, mx + 1, c, ok, GH, GW, num_tiles, C, SIDE, ACC)
-        return v00, v01, v10, v11
-
-    @_autotune(_pool_configs(), _POOL_KEY, _prune_by_channels)
-    @triton.jit
-    def _max_blur_pool_fwd_kernel(act_ptr, out_ptr, slot_ptr, tile_pos_ptr, num_tiles, num_pos, GH, GW, C,
-                                  ROWS_BUCKET,
-                                  SIDE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-        """(M, s, s, C) -> (M, s/2, s/2, C): 2x2 max (stride 1), binomial 3x3 blur (stride 2, pad 1)."""
-        POOLED: tl.constexpr = SIDE // 2
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < num_tiles * (POOLED * POOLED)
-        b, py, px = _tile_coords(rows, row_ok, tile_pos_ptr, num_pos, GH, GW, POOLED)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        ok = row_ok[:, None] & (c[None, :] < C)
-        bb = b[:, None]
-        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
-        for dy in tl.static_range(3):
-            for dx in tl.static_range(3):
-                my = 2 * py[:, None] - 1 + dy
-                mx = 2 * px[:, None] - 1 + dx
-                # the max-pool map is (H_s - 1) x (W_s - 1); beyond it the blur reads its padding
-                exists = ok & (my >= 0) & (my < GH * SIDE - 1) & (mx >= 0) & (mx < GW * SIDE - 1)
-                v00, v01, v10, v11 = _max_window(act_ptr, slot_ptr, bb, my, mx, c[None, :], exists,
-                                                 GH, GW, num_tiles, C, SIDE, ACC)
-                tap = (1 + (dy == 1)) * (1 + (dx == 1)) / 16.0
-                acc += tl.maximum(tl.maximum(v00, v01), tl.maximum(v10, v11)) * tap
-        tl.store(out_ptr + rows[:, None] * C + c[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
-
-    @_autotune(_pool_configs(), _POOL_KEY, _prune_by_channels)
-    @triton.jit
-    def _max_blur_pool_bwd_kernel(grad_ptr, act_ptr, dact_ptr, slot_ptr, tile_pos_ptr, num_tiles, num_pos, GH, GW,
-                                  C, ROWS_BUCKET,
-                                  SIDE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-        """dact (M, s, s, C): for each pixel, the blurred gradient of every max window it won."""
-        POOLED: tl.constexpr = SIDE // 2
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < num_tiles * (SIDE * SIDE)
-        b, cy, cx = _tile_coords(rows, row_ok, tile_pos_ptr, num_pos, GH, GW, SIDE)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        ok = row_ok[:, None] & (c[None, :] < C)
-        bb = b[:, None]
-        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
-        for wy in tl.static_range(2):
-            for wx in tl.static_range(2):
-                # window with top-left (my, mx) holds this pixel at (1 - wy, 1 - wx)
-                my = cy[:, None] - 1 + wy
-                mx = cx[:, None] - 1 + wx
-                exists = ok & (my >= 0) & (my < GH * SIDE - 1) & (mx >= 0) & (mx < GW * SIDE - 1)
-                v00, v01, v10, v11 = _max_window(act_ptr, slot_ptr, bb, my, mx, c[None, :], exists,
-                                                 GH, GW, num_tiles, C, SIDE, ACC)
-                # torch's max_pool2d keeps the first maximum in row-major order
-                best = v00
-                arg = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.int32)
-                arg = tl.where(v01 > best, 1, arg)
-                best = tl.maximum(best, v01)
-                arg = tl.where(v10 > best, 2, arg)
-                best = tl.maximum(best, v10)
-                arg = tl.where(v11 > best, 3, arg)
-                won = exists & (arg == (1 - wy) * 2 + (1 - wx))
-                window_grad = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
-                for dy in tl.static_range(3):
-                    for dx in tl.static_range(3):
-                        # pooled output (qy, qx) reads this window through blur tap (dy, dx)
-                        ny = my + 1 - dy
-                        nx = mx + 1 - dx
-                        read = won & (ny >= 0) & (nx >= 0) & (ny % 2 == 0) & (nx % 2 == 0)
-                        offs, valid = _compact_offsets(slot_ptr, bb, ny // 2, nx // 2, c[None, :], read,
-                                                       GH, GW, num_tiles, C, POOLED)
-                        tap = (1 + (dy == 1)) * (1 + (dx == 1)) / 16.0
-                        window_grad += tl.load(grad_ptr + offs, mask=valid, other=0.0).to(ACC) * tap
-                acc += window_grad
-        tl.store(dact_ptr + rows[:, None] * C + c[None, :], acc.to(dact_ptr.dtype.element_ty), mask=ok)
-
 
 # --------------------------------------------------------------------------------------------
 # Launch configuration
@@ -562,63 +465,6 @@ def _(grad, out, weight, slot, tile_pos, in_side):
     return grad.new_empty((tile_pos.shape[0], in_side, in_side, weight.shape[1]))
 
 
-
-
-# --------------------------------------------------------------------------------------------
-# MaxBlurPool
-# --------------------------------------------------------------------------------------------
-def _check_compact(name: str, t: torch.Tensor) -> None:
-    if t.dim() != 4 or t.shape[1] != t.shape[2] or t.shape[1] % 2:
-        raise ValueError(f"{name}: expected a compact (M, s, s, C) tensor with s even, got {tuple(t.shape)}")
-
-
-@torch.library.custom_op("scott_kernels::triton_max_blur_pool", mutates_args=())
-def max_blur_pool(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor) -> torch.Tensor:
-    """MaxBlurPool of compact (M, s, s, C) activations -> (M, s/2, s/2, C)."""
-    _check_tables("triton_max_blur_pool", act, slot, tile_pos)
-    _check_compact("triton_max_blur_pool", act)
-    act = act.contiguous()
-    num_tiles, side, _, channels = act.shape
-    out = torch.empty((num_tiles, side // 2, side // 2, channels), dtype=act.dtype, device=act.device)
-    rows = num_tiles * (side // 2) ** 2
-    if rows == 0:
-        return out
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(channels, meta["BLOCK_C"]))
-    _max_blur_pool_fwd_kernel[grid](act, out, slot.contiguous(), tile_pos.contiguous(), num_tiles, slot.numel(),
-                                    slot.shape[1], slot.shape[2], channels, _bucket(rows), SIDE=side,
-                                    ACC=_acc_dtype(act.dtype))
-    return out
-
-
-@max_blur_pool.register_fake
-def _(act, slot, tile_pos):
-    return act.new_empty((act.shape[0], act.shape[1] // 2, act.shape[2] // 2, act.shape[3]))
-
-
-@torch.library.custom_op("scott_kernels::triton_max_blur_pool_backward", mutates_args=())
-def max_blur_pool_backward(grad: torch.Tensor, act: torch.Tensor, slot: torch.Tensor,
-                           tile_pos: torch.Tensor) -> torch.Tensor:
-    """Gradient of max_blur_pool with respect to its (M, s, s, C) input."""
-    _check_tables("triton_max_blur_pool_backward", act, slot, tile_pos)
-    _check_compact("triton_max_blur_pool_backward", act)
-    act = act.contiguous()
-    num_tiles, side, _, channels = act.shape
-    dact = torch.empty_like(act)
-    rows = num_tiles * side * side
-    if rows == 0:
-        return dact
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(channels, meta["BLOCK_C"]))
-    _max_blur_pool_bwd_kernel[grid](grad.contiguous(), act, dact, slot.contiguous(), tile_pos.contiguous(),
-                                    num_tiles, slot.numel(), slot.shape[1], slot.shape[2], channels, _bucket(rows), SIDE=side,
-                                    ACC=_acc_dtype(act.dtype))
-    return dact
-
-
-@max_blur_pool_backward.register_fake
-def _(grad, act, slot, tile_pos):
-    return torch.empty_like(act, memory_format=torch.contiguous_format)
-
-
 register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blur_pool, max_blur_pool_backward)
 
 
@@ -627,12 +473,27 @@ register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blur_po
 # --------------------------------------------------------------------------------------------
 def triton_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: torch.Tensor | None,
                     patch_size: int, num_visible: int | None = None, packed: bool = False,
-                    pixel_norm: torch.Tensor | None = None) -> torch.Tensor:
+                    pixel_norm: torch.Tensor | None = None, norm=None, pos_embed: torch.Tensor | None = None,
+                    mask_token: torch.Tensor | None = None) -> torch.Tensor:
     """(B, C, H, W) images -> (B, N, D) tokens (masked ones exactly 0), or with ``packed`` the
     (B, num_visible, D) tokens of the visible patches in row-major order. ``pixel_norm``
     ((mean, 1/std) per channel, in the images' units) normalises the images inside the first
-    convolution's load, so uint8 images go straight in.
+    convolution's load, so uint8 images go straight in. ``norm`` ((weight, bias, eps) of a
+    LayerNorm over D), ``pos_embed`` (N, D) and ``mask_token`` (D,): the token epilogue (see
+    ``functional.token_epilogue``), computed by the last pool kernel as it stores the tokens.
 
     Inputs are assumed validated (see ``scott_kernels.functional``).
     """
-    return tokenize_compact(conv_relu, max_blur_pool, x, weights, keep, patch_size, num_visible, packed, pixel_norm)
+    if norm is None and pos_embed is None and mask_token is None:
+        return tokenize_compact(conv_relu, max_blur_pool, x, weights, keep, patch_size, num_visible, packed,
+                                pixel_norm)
+    dense = keep is None or not packed
+    # under autocast the unfused LayerNorm runs (and returns) float32: so do the fused tokens
+    out_dtype = torch.float32 if norm is not None and torch.is_autocast_enabled(x.device.type) else None
+    fill = mask_token if keep is not None and not packed else None
+
+    def last_pool(act, slot, tile_pos):
+        return pool_tokens_apply(act, slot, tile_pos, norm, pos_embed, fill, dense, out_dtype)
+
+    return tokenize_compact(conv_relu, max_blur_pool, x, weights, keep, patch_size, num_visible, packed, pixel_norm,
+                            last_pool=last_pool)

@@ -325,3 +325,126 @@ def test_pixel_normalisation_errors():
         sparse_conv_tokenize(raw, weights, pixel_mean=[0.0] * 3, pixel_std=[1.0, 0.0, 1.0])
     with pytest.raises(TypeError, match="images must be uint8, float16"):
         sparse_conv_tokenize(raw.to(torch.int32), weights)
+
+
+# --- the last pool fused with the token epilogue ---------------------------------------------
+from scott_kernels.functional import token_epilogue                       # noqa: E402
+from scott_kernels.reference import max_blur_pool as dense_max_blur_pool  # noqa: E402
+from scott_kernels.triton_pool import pool_tokens, pool_tokens_apply, pool_tokens_backward  # noqa: E402
+
+_EPILOGUE_PARTS = {
+    "all": dict(norm="wb", pos=True, mask_token=True),
+    "norm": dict(norm="wb", pos=False, mask_token=False),
+    "norm_no_affine": dict(norm="", pos=True, mask_token=False),
+    "norm_weight_only": dict(norm="w", pos=False, mask_token=True),
+    "pos": dict(norm=None, pos=True, mask_token=False),
+    "mask_token": dict(norm=None, pos=False, mask_token=True),
+}
+
+
+def _epilogue_keep(kind, B, N, packed, g):
+    if kind == "none":
+        return None
+    if packed:   # the same count in every row
+        k = {"all_visible": N, "all_masked": 0, "random": N // 2, "single": 1}[kind]
+        order = torch.rand(B, N, generator=g).argsort(1)
+        return torch.zeros(B, N, dtype=torch.bool).scatter_(1, order[:, :k], True)
+    keep = _mask_cases(B, N)[{"all_visible": "all_visible", "all_masked": "all_masked", "random": "random_0.4",
+                              "single": "mixed_rows"}[kind]]
+    return keep
+
+
+# every mask kind, packed or not, with the whole epilogue; each part alone or partial on a mask
+# with fully masked rows and a single visible patch (dense), and on a random one (packed)
+_EPILOGUE_CASES = ([("all", kind, packed) for kind in ("none", "all_visible", "random", "single", "all_masked")
+                    for packed in (False, True)]
+                   + [(parts, "single", False) for parts in _EPILOGUE_PARTS if parts != "all"]
+                   + [(parts, "random", True) for parts in _EPILOGUE_PARTS if parts != "all"])
+
+
+@pytest.mark.parametrize("parts,mask_kind,packed", _EPILOGUE_CASES, ids=lambda v: str(v))
+def test_pool_tokens_matches_composition(parts, mask_kind, packed):
+    """pool_tokens (last MaxBlurPool + LayerNorm + pos_embed + mask token, one kernel) against
+    MaxBlurPool -> token_epilogue in float64: values and the gradients of the activations and
+    of every epilogue parameter, for every mask kind, packed or not, each part on or off."""
+    g = torch.Generator().manual_seed(7)
+    B, GH, GW, D = 2, 3, 4, 6
+    N = GH * GW
+    keep = _epilogue_keep(mask_kind, B, N, packed, g)
+    slot, tile_pos = visible_tables(keep, B, GH, GW, torch.device("cpu"))
+    M = tile_pos.shape[0]
+    act = torch.rand(M, 2, 2, D, dtype=torch.float64, generator=g)
+    act = torch.where(act < 0.25, torch.zeros_like(act), act).requires_grad_(True)   # ReLU outputs, ties at 0
+    spec = _EPILOGUE_PARTS[parts]
+    p = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=g).requires_grad_(True)
+    ln_w, ln_b = p(D), p(D)
+    norm = None if spec["norm"] is None else (ln_w if "w" in spec["norm"] else None,
+                                               ln_b if "b" in spec["norm"] else None, 1e-5)
+    pos = p(N, D) if spec["pos"] else None
+    mask_token = p(D) if spec["mask_token"] else None
+    dense = keep is None or not packed
+    fill = mask_token if keep is not None and not packed else None
+
+    out = pool_tokens_apply(act, slot, tile_pos, norm, pos, fill, dense)
+    # the composition: dense MaxBlurPool of the scattered activations, masked, then the epilogue
+    grid = act.new_zeros((B * N, 2, 2, D)).index_copy(0, tile_pos, act)
+    image = grid.view(B, GH, GW, 2, 2, D).permute(0, 5, 1, 3, 2, 4).reshape(B, D, 2 * GH, 2 * GW)
+    tokens = dense_max_blur_pool(image).flatten(2).transpose(1, 2)
+    if keep is not None:
+        tokens = tokens * keep.unsqueeze(-1)
+        if packed:
+            tokens = tokens[keep].view(B, -1, D)
+    expected = token_epilogue(tokens, keep, packed, norm, pos, mask_token)
+    assert out.shape == expected.shape and out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    params = [t for t in (act, ln_w, ln_b, pos, mask_token) if t is not None and t.requires_grad]
+    probe = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    got = torch.autograd.grad((out * probe).sum(), params, allow_unused=True)
+    want = torch.autograd.grad((expected * probe).sum(), params, allow_unused=True)
+    for a, b in zip(got, want):
+        if b is None:
+            assert a is None or (a == 0).all()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_pool_tokens_opcheck():
+    """The fused op and its backward as custom ops: schema, fake tensors, autograd registration.
+    (Gradient exactness is checked against float64 autograd of the composition above.)"""
+    keep = torch.tensor([[True, False, True, True], [False, True, False, False]])
+    slot, tile_pos = visible_tables(keep, 2, 2, 2, keep.device)
+    act = torch.rand(4, 2, 2, 3, dtype=torch.float64)
+    w, b, pos, mtok = (torch.randn(*s, dtype=torch.float64) for s in ((3,), (3,), (4, 3), (3,)))
+    args = (act, slot, tile_pos, w, b, pos, mtok, 1e-5, True, True, torch.float64)
+    torch.library.opcheck(pool_tokens, args)
+    tokens, x, stats = pool_tokens(*args)
+    torch.library.opcheck(pool_tokens_backward, (torch.randn_like(tokens), act, x, stats, slot, tile_pos, w, True,
+                                                 True, True, True, False))
+
+
+def test_pool_backward_relu_mask():
+    """relu_mask=True: the pool's input gradient times (act > 0), the gradient before the ReLU."""
+    s = _op_samples()
+    act = s["a1"].detach()
+    grad = torch.randn_like(s["p1"])
+    plain = max_blur_pool_backward(grad, act, s["slot"], s["tile_pos"])
+    masked = max_blur_pool_backward(grad, act, s["slot"], s["tile_pos"], True)
+    assert (act == 0).any() and (plain[act == 0] != 0).any()     # the case the mask is for
+    torch.testing.assert_close(masked, plain * (act > 0), rtol=0, atol=0)
+    torch.library.opcheck(max_blur_pool_backward, (grad, act, s["slot"], s["tile_pos"], True))
+
+
+def test_token_epilogue_end_to_end_fp32_autocast_dtype():
+    """Through sparse_conv_tokenize: the fused epilogue returns what the unfused one does, in
+    float32 (and the LayerNorm's float32 under autocast)."""
+    weights = random_weights(3, (5, 8), (7, 7), dtype=torch.float32)
+    x = torch.randn(2, 3, 32, 48)
+    keep = _fixed_count_keep(2, 6, 3)
+    ln = (torch.randn(8), torch.randn(8), 1e-6)
+    pos, mtok = torch.randn(6, 8), torch.randn(8)
+    for packed in (False, True):
+        out = sparse_conv_tokenize(x, weights, keep, backend="triton", packed=packed, num_visible=3, norm=ln,
+                                   pos_embed=pos, mask_token=mtok)
+        tokens = sparse_conv_tokenize(x, weights, keep, backend="torch", packed=packed, num_visible=3)
+        expected = token_epilogue(tokens, keep, packed, ln, pos, mtok)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
