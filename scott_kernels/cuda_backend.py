@@ -51,6 +51,17 @@ def use_implicit_gemm(enabled: bool = True) -> None:
     _C.set_implicit_gemm(bool(enabled))
 
 
+def use_tiled_pool(enabled: bool = True) -> None:
+    """MaxBlurPool on the tiled kernels where they apply (default), or always on the per-element
+    kernels. Applies to the CUDA kernels and to their C++ twin."""
+    _C.set_tiled_pool(bool(enabled))
+
+
+def pool_path(geometry: "_C.PoolGeometry", dtype: torch.dtype, on_cuda: bool) -> str:
+    """``"tiled"`` or ``"elementwise: <why>"``: which kernels a MaxBlurPool runs on."""
+    return _C.pool_path(geometry, _CODES[dtype], on_cuda)
+
+
 _OPS = {"forward": 0, "wgrad": 1, "dgrad": 2}
 
 
