@@ -583,15 +583,17 @@ SCOTT_HD A max_blur_pool_grad_at(const PoolGeometry& g, const T* grad, const T* 
         if (v > best) { best = v; arg = i; }
       }
       if (arg != (1 - wy) * 2 + (1 - wx)) continue;
+      A blurred = A(0);  // the blurred pooled gradient at this window, summed before it is routed
       for (int dy = 0; dy < 3; ++dy) {
         for (int dx = 0; dx < 3; ++dx) {
           const int64_t ny = my + 1 - dy, nx = mx + 1 - dx;
           if (ny < 0 || nx < 0 || (ny & 1) || (nx & 1)) continue;
           const int64_t off = compact_offset(slot, b, ny / 2, nx / 2, c, g.grid_h, g.grid_w, pooled, g.channels,
                                              g.num_tiles);
-          if (off >= 0) acc += to_acc<A>(grad[off]) * A(blur_tap(dy) * blur_tap(dx)) / A(16);
+          if (off >= 0) blurred += to_acc<A>(grad[off]) * A(blur_tap(dy) * blur_tap(dx)) / A(16);
         }
       }
+      acc += blurred;
     }
   }
   return acc;
@@ -611,7 +613,8 @@ struct TiledPool {
   int32_t batch = 0, grid_h = 0, grid_w = 0;
   FastDiv chunk_div, halo_div, qhalo_div, side_div, pooled_div;
 
-  SCOTT_HD int32_t staged_vectors() const { return (halo * halo + qhalo * qhalo) * chunk; }
+  SCOTT_HD int32_t staged_pixels() const { return halo * halo + qhalo * qhalo; }
+  SCOTT_HD int32_t staged_vectors() const { return staged_pixels() * chunk; }
 };
 
 // Full unrolling of the per-pixel loops on the GPU, so that every window index is a constant and
@@ -632,6 +635,7 @@ inline const char* tiled_pool_plan(const PoolGeometry& g, TiledPool& tp) {
   const int64_t halo = g.side + 2, qhalo = g.side / 2 + 2;
   const int64_t per_vector = (halo * halo + qhalo * qhalo) * 16;
   if (per_vector > kPoolStageBytes) return "patch too large to stage in shared memory";
+  // (the pixel row table, 4 bytes a pixel, comes on top: at most 6 KiB within this bound)
   const int64_t limit = int64_t(1) << 31;
   if (g.num_tiles * g.side * g.side * g.channels >= limit || g.batch * g.grid_h * g.grid_w >= limit ||
       g.num_tiles >= limit / kNeighbours)
@@ -683,22 +687,25 @@ SCOTT_HD int32_t pool_pixel_row(const PoolTile& t, int32_t n, int32_t y, int32_t
   return s < 0 ? -1 : (s * n + y) * n + x;
 }
 
-// Staged vector i of a block (activations first, then the pooled gradient when `with_grad`):
-// the element offset (channel 0 of its vector) it loads, or -1 for a zero, and its shared-memory
-// index. Activations: (halo, halo, chunk) vectors; gradient: (qhalo, qhalo, chunk) after them.
-SCOTT_HD int32_t pool_stage_source(const TiledPool& g, const PoolTile& t, int32_t chunk0, int32_t i) {
-  const int32_t pix = static_cast<int32_t>(g.chunk_div.div(static_cast<uint32_t>(i)));
-  const int32_t v = chunk0 + i - pix * g.chunk;
+// Staged pixel p of a block (activations (halo, halo) first, then the pooled gradient (qhalo,
+// qhalo)): its compact pixel row, or -1 for a zero. Computed once per pixel into a table that
+// every staged vector of the pixel reads.
+SCOTT_HD int32_t pool_stage_row(const TiledPool& g, const PoolTile& t, int32_t p) {
   const int32_t act_pixels = g.halo * g.halo;
-  int32_t row;
-  if (pix < act_pixels) {
-    const int32_t y = static_cast<int32_t>(g.halo_div.div(static_cast<uint32_t>(pix)));
-    row = pool_pixel_row(t, g.side, y - 1, pix - y * g.halo - 1);
-  } else {
-    const int32_t q = pix - act_pixels;
-    const int32_t y = static_cast<int32_t>(g.qhalo_div.div(static_cast<uint32_t>(q)));
-    row = pool_pixel_row(t, g.pooled, y - 1, q - y * g.qhalo - 1);
+  if (p < act_pixels) {
+    const int32_t y = static_cast<int32_t>(g.halo_div.div(static_cast<uint32_t>(p)));
+    return pool_pixel_row(t, g.side, y - 1, p - y * g.halo - 1);
   }
+  const int32_t q = p - act_pixels;
+  const int32_t y = static_cast<int32_t>(g.qhalo_div.div(static_cast<uint32_t>(q)));
+  return pool_pixel_row(t, g.pooled, y - 1, q - y * g.qhalo - 1);
+}
+
+// Staged vector i of a block (pixel i / chunk, vector i % chunk of the chunk): the element offset
+// (channel 0 of its vector) it loads from its tensor, or -1 for a zero. rows: pool_stage_row.
+SCOTT_HD int32_t pool_stage_source(const TiledPool& g, const int32_t* rows, int32_t chunk0, int32_t i) {
+  const int32_t pix = static_cast<int32_t>(g.chunk_div.div(static_cast<uint32_t>(i)));
+  const int32_t v = chunk0 + i - pix * g.chunk, row = rows[pix];
   return row < 0 || v >= g.vectors ? -1 : row * g.channels + v * 8;
 }
 
@@ -717,64 +724,78 @@ SCOTT_HD bool pool_map_has(int32_t m, int32_t gc, int32_t n, int32_t side) {
   return !(m < 0 && gc == 0) && !(m >= side - 1 && gc == n - 1);
 }
 
-// Pooled output (py, px) of a tile, one channel; act(y, x): the staged activation at local pixel
-// (y, x). Same operations in the same order as max_blur_pool_at.
-template <typename A, class Act>
-SCOTT_HD A tiled_pool_value(const TiledPool& g, const PoolTile& t, int32_t py, int32_t px, const Act& act) {
-  A acc = A(0);
+// Maximum of a 2x2 window as max_blur_pool_at takes it: the first of the largest, row-major.
+template <typename A>
+SCOTT_HD A pool_window_max(A p00, A p01, A p10, A p11) {
+  A m = p00;
+  m = p01 > m ? p01 : m;
+  m = p10 > m ? p10 : m;
+  return p11 > m ? p11 : m;
+}
+
+// Pooled output (py, px) of a tile, N channels; wmax(my, mx, e): channel e of the maximum of the
+// 2x2 window at local max-map position (my, mx) (pool_window_max of the staged activations; any
+// exact maximum gives the same value). Per channel the same sums in the same order as
+// max_blur_pool_at; the border test runs once per window for all N channels.
+template <int N, typename A, class WindowMax>
+SCOTT_HD void tiled_pool_values(const TiledPool& g, const PoolTile& t, int32_t py, int32_t px, const WindowMax& wmax,
+                                A (&acc)[N]) {
+  SCOTT_UNROLL
+  for (int e = 0; e < N; ++e) acc[e] = A(0);
   SCOTT_UNROLL
   for (int dy = 0; dy < 3; ++dy) {
     SCOTT_UNROLL
     for (int dx = 0; dx < 3; ++dx) {
       const int32_t my = 2 * py - 1 + dy, mx = 2 * px - 1 + dx;
       if (!pool_map_has(my, t.gy, g.grid_h, g.side) || !pool_map_has(mx, t.gx, g.grid_w, g.side)) continue;
-      A m = act(my, mx);
-      A v = act(my, mx + 1);
-      m = v > m ? v : m;
-      v = act(my + 1, mx);
-      m = v > m ? v : m;
-      v = act(my + 1, mx + 1);
-      m = v > m ? v : m;
-      acc += m * A(blur_tap(dy) * blur_tap(dx)) / A(16);
+      SCOTT_UNROLL
+      for (int e = 0; e < N; ++e) acc[e] += wmax(my, mx, e) * A(blur_tap(dy) * blur_tap(dx)) / A(16);
     }
   }
-  return acc;
 }
 
-// Gradient at local pixel (cy, cx) of a tile, one channel: the argmax (first maximum, row-major)
-// of each 2x2 window recomputed from the staged activations, the blurred pooled gradient grad(qy,
-// qx) pulled where it is this pixel. Same operations in the same order as max_blur_pool_grad_at
-// (a pooled pixel that reads zero adds an exact 0).
-template <typename A, class Act, class Grad>
-SCOTT_HD A tiled_pool_grad(const TiledPool& g, const PoolTile& t, int32_t cy, int32_t cx, const Act& act,
-                           const Grad& grad) {
-  A acc = A(0);
+// Gradient at local pixel (cy, cx) of a tile, N channels: for each 2x2 window holding the pixel,
+// whether the pixel is the window's first maximum (row-major, as torch routes: it equals the
+// maximum wmax(my, mx, e) and no earlier element does), and the blurred pooled gradient at the
+// window, from grad(qy, qx, e). Per channel the same sums in the same order as
+// max_blur_pool_grad_at (a skipped term adds an exact 0, as does a pooled pixel that reads zero).
+// A caller that passes cy, cx as 2 h + P with a constant parity P lets the compiler drop the
+// parity tests.
+template <int N, typename A, class Act, class WindowMax, class Grad>
+SCOTT_HD void tiled_pool_grads(const TiledPool& g, const PoolTile& t, int32_t cy, int32_t cx, const Act& act,
+                               const WindowMax& wmax, const Grad& grad, A (&acc)[N]) {
+  SCOTT_UNROLL
+  for (int e = 0; e < N; ++e) acc[e] = A(0);
   SCOTT_UNROLL
   for (int wy = 0; wy < 2; ++wy) {
     SCOTT_UNROLL
     for (int wx = 0; wx < 2; ++wx) {
       const int32_t my = cy - 1 + wy, mx = cx - 1 + wx;
       if (!pool_map_has(my, t.gy, g.grid_h, g.side) || !pool_map_has(mx, t.gx, g.grid_w, g.side)) continue;
-      A best = act(my, mx);
-      int arg = 0;
+      const int own = (1 - wy) * 2 + (1 - wx);  // this pixel's place in the window
+      A blurred[N];
       SCOTT_UNROLL
-      for (int i = 1; i < 4; ++i) {
-        const A v = act(my + i / 2, mx + i % 2);
-        if (v > best) { best = v; arg = i; }
-      }
-      if (arg != (1 - wy) * 2 + (1 - wx)) continue;
+      for (int e = 0; e < N; ++e) blurred[e] = A(0);
       SCOTT_UNROLL
       for (int dy = 0; dy < 3; ++dy) {
         SCOTT_UNROLL
         for (int dx = 0; dx < 3; ++dx) {
           const int32_t ny = my + 1 - dy, nx = mx + 1 - dx;  // same parity as the global pixel (even side)
           if ((ny & 1) || (nx & 1)) continue;
-          acc += grad(ny >> 1, nx >> 1) * A(blur_tap(dy) * blur_tap(dx)) / A(16);
+          SCOTT_UNROLL
+          for (int e = 0; e < N; ++e) blurred[e] += grad(ny >> 1, nx >> 1, e) * A(blur_tap(dy) * blur_tap(dx)) / A(16);
         }
+      }
+      SCOTT_UNROLL
+      for (int e = 0; e < N; ++e) {
+        const A m = wmax(my, mx, e);
+        bool first = act(my + own / 2, mx + own % 2, e) == m;
+        SCOTT_UNROLL
+        for (int i = 0; i < own; ++i) first = first && act(my + i / 2, mx + i % 2, e) != m;
+        acc[e] += first ? blurred[e] : A(0);
       }
     }
   }
-  return acc;
 }
 
 // ---- entry points ---------------------------------------------------------------------------------

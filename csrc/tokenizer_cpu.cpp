@@ -362,9 +362,11 @@ template <typename T>
 void stage_pool_block(const TiledPool& tp, const PoolTile& pt, int32_t chunk0, const T* act, const T* grad,
                       std::vector<T>& staged) {
   const int32_t n = grad ? tp.staged_vectors() : tp.halo * tp.halo * tp.chunk;
+  std::vector<int32_t> rows(static_cast<size_t>(tp.staged_pixels()));
+  for (int32_t p = 0; p < tp.staged_pixels(); ++p) rows[p] = pool_stage_row(tp, pt, p);
   staged.assign(static_cast<size_t>(tp.staged_vectors()) * 8, T(0));
   for (int32_t i = 0; i < n; ++i) {
-    const int32_t off = pool_stage_source(tp, pt, chunk0, i);
+    const int32_t off = pool_stage_source(tp, rows.data(), chunk0, i);
     const T* src = i < tp.halo * tp.halo * tp.chunk ? act : grad;
     if (off >= 0)
       for (int e = 0; e < 8; ++e) staged[static_cast<size_t>(i) * 8 + e] = src[off + e];
@@ -381,14 +383,18 @@ void tiled_pool_forward(const TiledPool& tp, const T* act, const int32_t* slot, 
       const int32_t t = static_cast<int32_t>(blk / tp.chunks), chunk0 = static_cast<int32_t>(blk % tp.chunks) * tp.chunk;
       const PoolTile pt = pool_tile(tp, slot, tile_pos, t);
       stage_pool_block<T>(tp, pt, chunk0, act, nullptr, staged);
-      for (int32_t v = 0; v < tp.chunk && chunk0 + v < tp.vectors; ++v)
-        for (int e = 0; e < 8; ++e) {
-          const auto at = [&](int32_t y, int32_t x) { return staged[pool_act_index(tp, y, x, v) * 8 + e]; };
-          for (int32_t py = 0; py < tp.pooled; ++py)
-            for (int32_t px = 0; px < tp.pooled; ++px)
-              out[((t * tp.pooled + py) * tp.pooled + px) * tp.channels + (chunk0 + v) * 8 + e] =
-                  tiled_pool_value<T>(tp, pt, py, px, at);
-        }
+      for (int32_t v = 0; v < tp.chunk && chunk0 + v < tp.vectors; ++v) {
+        const auto at = [&](int32_t y, int32_t x, int e) { return staged[pool_act_index(tp, y, x, v) * 8 + e]; };
+        const auto wmax = [&](int32_t y, int32_t x, int e) {
+          return pool_window_max(at(y, x, e), at(y, x + 1, e), at(y + 1, x, e), at(y + 1, x + 1, e));
+        };
+        for (int32_t py = 0; py < tp.pooled; ++py)
+          for (int32_t px = 0; px < tp.pooled; ++px) {
+            T r[8];
+            tiled_pool_values<8, T>(tp, pt, py, px, wmax, r);
+            std::copy(r, r + 8, out + ((t * tp.pooled + py) * tp.pooled + px) * tp.channels + (chunk0 + v) * 8);
+          }
+      }
     }
   }
 }
@@ -404,15 +410,19 @@ void tiled_pool_backward(const TiledPool& tp, const T* grad, const T* act, const
       const int32_t t = static_cast<int32_t>(blk / tp.chunks), chunk0 = static_cast<int32_t>(blk % tp.chunks) * tp.chunk;
       const PoolTile pt = pool_tile(tp, slot, tile_pos, t);
       stage_pool_block<T>(tp, pt, chunk0, act, grad, staged);
-      for (int32_t v = 0; v < tp.chunk && chunk0 + v < tp.vectors; ++v)
-        for (int e = 0; e < 8; ++e) {
-          const auto at = [&](int32_t y, int32_t x) { return staged[pool_act_index(tp, y, x, v) * 8 + e]; };
-          const auto gr = [&](int32_t y, int32_t x) { return staged[pool_grad_index(tp, y, x, v) * 8 + e]; };
-          for (int32_t cy = 0; cy < tp.side; ++cy)
-            for (int32_t cx = 0; cx < tp.side; ++cx)
-              grad_act[((t * tp.side + cy) * tp.side + cx) * tp.channels + (chunk0 + v) * 8 + e] =
-                  tiled_pool_grad<T>(tp, pt, cy, cx, at, gr);
-        }
+      for (int32_t v = 0; v < tp.chunk && chunk0 + v < tp.vectors; ++v) {
+        const auto at = [&](int32_t y, int32_t x, int e) { return staged[pool_act_index(tp, y, x, v) * 8 + e]; };
+        const auto gr = [&](int32_t y, int32_t x, int e) { return staged[pool_grad_index(tp, y, x, v) * 8 + e]; };
+        const auto wmax = [&](int32_t y, int32_t x, int e) {
+          return pool_window_max(at(y, x, e), at(y, x + 1, e), at(y + 1, x, e), at(y + 1, x + 1, e));
+        };
+        for (int32_t cy = 0; cy < tp.side; ++cy)
+          for (int32_t cx = 0; cx < tp.side; ++cx) {
+            T r[8];
+            tiled_pool_grads<8, T>(tp, pt, cy, cx, at, wmax, gr, r);
+            std::copy(r, r + 8, grad_act + ((t * tp.side + cy) * tp.side + cx) * tp.channels + (chunk0 + v) * 8);
+          }
+      }
     }
   }
 }

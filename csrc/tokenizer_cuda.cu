@@ -1055,13 +1055,30 @@ __device__ __forceinline__ uint4 pack(const float (&r)[8]) {
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+template <typename T>
+__device__ __forceinline__ uint32_t max2(uint32_t a, uint32_t b) {
+  using T2 = typename std::conditional<std::is_same<T, __nv_bfloat16>::value, __nv_bfloat162, __half2>::type;
+  const T2 m = __hmax2_nan(*reinterpret_cast<const T2*>(&a), *reinterpret_cast<const T2*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&m);
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 max4(const uint4& a, const uint4& b, const uint4& c, const uint4& d) {
+  return make_uint4(max2<T>(max2<T>(a.x, b.x), max2<T>(c.x, d.x)), max2<T>(max2<T>(a.y, b.y), max2<T>(c.y, d.y)),
+                    max2<T>(max2<T>(a.z, b.z), max2<T>(c.z, d.z)), max2<T>(max2<T>(a.w, b.w), max2<T>(c.w, d.w)));
+}
+
 // Stages vectors [0, n) of the block (pool_stage_source): the first `act_vectors` from act, the
 // rest from grad; blocks until they have landed.
 template <typename T>
 __device__ __forceinline__ void stage(const TiledPool& g, const PoolTile& pt, int32_t chunk0, int32_t n,
                                       int32_t act_vectors, const T* act, const T* grad, uint4* staged) {
+  int32_t* rows = reinterpret_cast<int32_t*>(staged + g.staged_vectors());  // pixel rows, after the vectors
+  const int32_t pixels = (n + g.chunk - 1) / g.chunk;
+  for (int32_t p = threadIdx.x; p < pixels; p += blockDim.x) rows[p] = pool_stage_row(g, pt, p);
+  __syncthreads();
   for (int32_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const int32_t off = pool_stage_source(g, pt, chunk0, i);
+    const int32_t off = pool_stage_source(g, rows, chunk0, i);
     const T* src = i < act_vectors ? act : grad;
     ig::cp_async16(ig::smem_u32(staged + i), off < 0 ? src : src + off, off >= 0);
   }
@@ -1090,12 +1107,18 @@ __global__ void __launch_bounds__(128) scott_pool_forward(TiledPool g, const T* 
     for (int i = 0; i < 4; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j) win[i][j] = staged[pool_act_index(g, 2 * py - 1 + i, 2 * px - 1 + j, v)];
-    float r[8];
+    // the 3x3 window maxima, two channels per instruction: a maximum is exact in any precision,
+    // so this is pool_window_max's value (a NaN anywhere in a window gives NaN, as torch)
+    uint4 wm[3][3];
 #pragma unroll
-    for (int e = 0; e < 8; ++e)
-      r[e] = tiled_pool_value<float>(g, pt, py, px, [&](int32_t y, int32_t x) {
-        return lane<T>(win[y - (2 * py - 1)][x - (2 * px - 1)], e);
-      });
+    for (int i = 0; i < 3; ++i)
+#pragma unroll
+      for (int j = 0; j < 3; ++j)
+        wm[i][j] = max4<T>(win[i][j], win[i][j + 1], win[i + 1][j], win[i + 1][j + 1]);
+    float r[8];
+    tiled_pool_values<8, float>(
+        g, pt, py, px, [&](int32_t y, int32_t x, int e) { return lane<T>(wm[y - (2 * py - 1)][x - (2 * px - 1)], e); },
+        r);
     *reinterpret_cast<uint4*>(out + ((t * g.pooled + py) * g.pooled + px) * g.channels + (chunk0 + v) * 8) =
         pack<T>(r);
   }
@@ -1115,7 +1138,6 @@ __global__ void __launch_bounds__(256) scott_pool_backward(TiledPool g, const T*
   if (threadIdx.x == 0) pt = pool_tile(g, slot, tile_pos, t);
   __syncthreads();
   stage<T>(g, pt, chunk0, g.staged_vectors(), g.halo * g.halo * g.chunk, act, grad, staged);
-  const T* staged_elems = reinterpret_cast<const T*>(staged);
   for (int32_t task = threadIdx.x; task < g.side * g.side * g.chunk; task += blockDim.x) {
     const int32_t pix = static_cast<int32_t>(g.chunk_div.div(task)), v = task - pix * g.chunk;
     if (chunk0 + v >= g.vectors) continue;
@@ -1125,13 +1147,30 @@ __global__ void __launch_bounds__(256) scott_pool_backward(TiledPool g, const T*
     for (int i = 0; i < 3; ++i)
 #pragma unroll
       for (int j = 0; j < 3; ++j) win[i][j] = staged[pool_act_index(g, cy - 1 + i, cx - 1 + j, v)];
-    float r[8];
+    uint4 wm[2][2];  // the maxima of the four 2x2 windows holding the pixel (see the forward)
 #pragma unroll
-    for (int e = 0; e < 8; ++e)
-      r[e] = tiled_pool_grad<float>(
-          g, pt, cy, cx, [&](int32_t y, int32_t x) { return lane<T>(win[y - cy + 1][x - cx + 1], e); },
-          // the pooled gradient is read only where this pixel is a window's argmax: from shared memory
-          [&](int32_t qy, int32_t qx) { return to_acc<float>(staged_elems[pool_grad_index(g, qy, qx, v) * 8 + e]); });
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wm[i][j] = max4<T>(win[i][j], win[i][j + 1], win[i + 1][j], win[i + 1][j + 1]);
+    float r[8];
+    // one specialisation per pixel parity, so that which pooled pixels a window blurs into is
+    // known at compile time (cy = 2 hy + PY)
+    const auto grads = [&](auto py_c, auto px_c) {
+      constexpr int PY = decltype(py_c)::value, PX = decltype(px_c)::value;
+      const int32_t y = 2 * (cy >> 1) + PY, x = 2 * (cx >> 1) + PX;
+      tiled_pool_grads<8, float>(
+          g, pt, y, x, [&](int32_t yy, int32_t xx, int e) { return lane<T>(win[yy - y + 1][xx - x + 1], e); },
+          [&](int32_t yy, int32_t xx, int e) { return lane<T>(wm[yy - y + 1][xx - x + 1], e); },
+          [&](int32_t qy, int32_t qx, int e) { return lane<T>(staged[pool_grad_index(g, qy, qx, v)], e); }, r);
+    };
+    using P0 = std::integral_constant<int, 0>;
+    using P1 = std::integral_constant<int, 1>;
+    switch ((cy & 1) * 2 + (cx & 1)) {
+      case 0: grads(P0{}, P0{}); break;
+      case 1: grads(P0{}, P1{}); break;
+      case 2: grads(P1{}, P0{}); break;
+      default: grads(P1{}, P1{}); break;
+    }
     *reinterpret_cast<uint4*>(grad_act + ((t * g.side + cy) * g.side + cx) * g.channels + (chunk0 + v) * 8) =
         pack<T>(r);
   }
@@ -1148,7 +1187,7 @@ bool launch_forward(const PoolGeometry& geo, DType dtype, const void* act, const
       !ig::aligned16(out))
     return false;
   if (g.num_tiles == 0) return true;
-  const size_t bytes = size_t(g.halo) * g.halo * g.chunk * sizeof(uint4);
+  const size_t bytes = size_t(g.staged_vectors()) * sizeof(uint4) + size_t(g.staged_pixels()) * sizeof(int32_t);
   scott_pool_forward<T><<<dim3(g.num_tiles, g.chunks), 128, bytes, stream>>>(
       g, static_cast<const T*>(act), slot, tile_pos, static_cast<T*>(out));
   check_launch("scott_pool_forward");
@@ -1163,7 +1202,7 @@ bool launch_backward(const PoolGeometry& geo, DType dtype, const void* grad, con
       !ig::aligned16(act) || !ig::aligned16(grad_act))
     return false;
   if (g.num_tiles == 0) return true;
-  const size_t bytes = size_t(g.staged_vectors()) * sizeof(uint4);
+  const size_t bytes = size_t(g.staged_vectors()) * sizeof(uint4) + size_t(g.staged_pixels()) * sizeof(int32_t);
   scott_pool_backward<T><<<dim3(g.num_tiles, g.chunks), 256, bytes, stream>>>(
       g, static_cast<const T*>(grad), static_cast<const T*>(act), slot, tile_pos, static_cast<T*>(grad_act));
   check_launch("scott_pool_backward");
