@@ -203,6 +203,23 @@ void max_blur_pool_backward(const PoolGeometry& g, int dtype, std::uintptr_t gra
                                     ptr<const int64_t>(tile_pos), ptr<void>(grad_act));
 }
 
+// Which MaxBlurPool kernels a pool runs on: "tiled" or "elementwise: <why>" (on_cuda adds the
+// GPU's dtype rule: the tiled kernels move float16/bfloat16 vectors; the twin runs them in any dtype).
+std::string pool_path(const PoolGeometry& g, int dtype, bool on_cuda) {
+  validate_pool(g, "pool_path");
+  const DType dt = compute_dtype(dtype, "pool_path");
+  if (const char* why = scott::pool_refusal(g)) return std::string("elementwise: ") + why;
+  if (on_cuda) {
+#ifdef SCOTT_WITH_CUDA
+    if (!scott::cuda_tiled_pool(g, dt)) return "elementwise: the tiled pool kernels run float16/bfloat16";
+#else
+    return "elementwise: built without CUDA";
+#endif
+  }
+  (void)dt;
+  return "tiled";
+}
+
 // Which GEMM a stage's convolutions run on: "implicit" or "gather: <why>". on_cuda adds the GPU's
 // rules (float16/bfloat16 on tensor cores); the C++ twin (float32/float64) follows the shape rules.
 std::string conv_gemm_path(const StageGeometry& g, int dtype, int64_t splits, bool on_cuda, int op) {
@@ -329,6 +346,11 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "set_implicit_gemm", [](bool enabled) { scott::implicit_gemm_enabled() = enabled; },
       "conv GEMMs on the implicit path where it applies (True, default) or always on the gather GEMM");
+  m.def("pool_path", &pool_path, py::arg("geometry"), py::arg("dtype"), py::arg("on_cuda"),
+        "\"tiled\" or \"elementwise: <why>\" for a MaxBlurPool's kernels");
+  m.def(
+      "set_tiled_pool", [](bool enabled) { scott::tiled_pool_enabled() = enabled; },
+      "MaxBlurPool on the tiled kernels where they apply (True, default) or always per element");
   m.def(
       "fast_div",
       [](uint32_t divisor, uint32_t n) {

@@ -583,18 +583,219 @@ SCOTT_HD A max_blur_pool_grad_at(const PoolGeometry& g, const T* grad, const T* 
         if (v > best) { best = v; arg = i; }
       }
       if (arg != (1 - wy) * 2 + (1 - wx)) continue;
+      A blurred = A(0);  // the blurred pooled gradient at this window, summed before it is routed
       for (int dy = 0; dy < 3; ++dy) {
         for (int dx = 0; dx < 3; ++dx) {
           const int64_t ny = my + 1 - dy, nx = mx + 1 - dx;
           if (ny < 0 || nx < 0 || (ny & 1) || (nx & 1)) continue;
           const int64_t off = compact_offset(slot, b, ny / 2, nx / 2, c, g.grid_h, g.grid_w, pooled, g.channels,
                                              g.num_tiles);
-          if (off >= 0) acc += to_acc<A>(grad[off]) * A(blur_tap(dy) * blur_tap(dx)) / A(16);
+          if (off >= 0) blurred += to_acc<A>(grad[off]) * A(blur_tap(dy) * blur_tap(dx)) / A(16);
         }
       }
+      acc += blurred;
     }
   }
   return acc;
+}
+
+// ---- tiled MaxBlurPool (16-byte channel vectors, 32-bit offsets) --------------------------------
+// One block per (visible tile, chunk of 8-channel vectors): the tile's 9 neighbour slots and its
+// grid position are looked up once, the patch plus a 1-pixel halo (and, for the backward, the
+// pooled gradient plus its halo) is staged once in shared memory with 16-byte loads, and each
+// thread computes 8 channels of one pixel from there, through the functions below that the C++
+// twin runs too. A staged pixel of a masked patch or outside the image holds 0, which is exactly
+// what the per-element definition (max_blur_pool_at / max_blur_pool_grad_at) reads there.
+struct TiledPool {
+  int32_t num_tiles = 0, side = 0, pooled = 0, channels = 0;
+  int32_t vectors = 0, chunk = 0, chunks = 0;  // C / 8; vectors per block; blocks per tile
+  int32_t halo = 0, qhalo = 0;                 // staged sides: side + 2 (activations), pooled + 2 (gradient)
+  int32_t batch = 0, grid_h = 0, grid_w = 0;
+  FastDiv chunk_div, halo_div, qhalo_div, side_div, pooled_div;
+
+  SCOTT_HD int32_t staged_pixels() const { return halo * halo + qhalo * qhalo; }
+  SCOTT_HD int32_t staged_vectors() const { return staged_pixels() * chunk; }
+};
+
+// Full unrolling of the per-pixel loops on the GPU, so that every window index is a constant and
+// the window stays in registers.
+#if defined(__CUDA_ARCH__)
+#define SCOTT_UNROLL _Pragma("unroll")
+#else
+#define SCOTT_UNROLL
+#endif
+
+constexpr int32_t kPoolStageBytes = 24 * 1024;  // staging budget of one block (several blocks per SM)
+
+// Why the tiled kernels cannot run a pool, or nullptr when they can (then `tp` is filled): the same
+// rule on the GPU and in the C++ twin. A pool it refuses runs the per-element kernels.
+inline const char* tiled_pool_plan(const PoolGeometry& g, TiledPool& tp) {
+  if (g.channels % 8) return "channels must be multiples of 8 (16-byte vectors)";
+  if (g.side % 2) return "the side must be even";
+  const int64_t halo = g.side + 2, qhalo = g.side / 2 + 2;
+  const int64_t per_vector = (halo * halo + qhalo * qhalo) * 16;
+  if (per_vector > kPoolStageBytes) return "patch too large to stage in shared memory";
+  // (the pixel row table, 4 bytes a pixel, comes on top: at most 6 KiB within this bound)
+  const int64_t limit = int64_t(1) << 31;
+  if (g.num_tiles * g.side * g.side * g.channels >= limit || g.batch * g.grid_h * g.grid_w >= limit ||
+      g.num_tiles >= limit / kNeighbours)
+    return "a tensor passes 2^31 elements (32-bit offsets)";
+  tp.num_tiles = static_cast<int32_t>(g.num_tiles);
+  tp.side = static_cast<int32_t>(g.side);
+  tp.pooled = tp.side / 2;
+  tp.channels = static_cast<int32_t>(g.channels);
+  tp.vectors = tp.channels / 8;
+  const int32_t most = static_cast<int32_t>(kPoolStageBytes / per_vector);
+  tp.chunks = (tp.vectors + most - 1) / most;
+  tp.chunk = (tp.vectors + tp.chunks - 1) / tp.chunks;  // balanced: chunks differ by at most one vector
+  tp.chunks = (tp.vectors + tp.chunk - 1) / tp.chunk;
+  tp.halo = static_cast<int32_t>(halo);
+  tp.qhalo = static_cast<int32_t>(qhalo);
+  tp.batch = static_cast<int32_t>(g.batch);
+  tp.grid_h = static_cast<int32_t>(g.grid_h);
+  tp.grid_w = static_cast<int32_t>(g.grid_w);
+  tp.chunk_div = FastDiv(static_cast<uint32_t>(tp.chunk));
+  tp.halo_div = FastDiv(static_cast<uint32_t>(tp.halo));
+  tp.qhalo_div = FastDiv(static_cast<uint32_t>(tp.qhalo));
+  tp.side_div = FastDiv(static_cast<uint32_t>(tp.side));
+  tp.pooled_div = FastDiv(static_cast<uint32_t>(tp.pooled));
+  return nullptr;
+}
+
+// A tile's 9 neighbour slots and grid position; a tile position outside the grid has no
+// neighbours (everything staged is 0) and counts as touching every border.
+struct PoolTile {
+  int32_t nb[kNeighbours];
+  int32_t gy, gx;
+};
+
+SCOTT_HD PoolTile pool_tile(const TiledPool& g, const int32_t* slot, const int64_t* tile_pos, int32_t t) {
+  PoolTile pt;
+  tile_neighbours(slot, tile_pos, t, g.batch, g.grid_h, g.grid_w, g.num_tiles, pt.nb);
+  const int64_t pos = tile_pos[t], cells = int64_t(g.grid_h) * g.grid_w;
+  const bool ok = pos >= 0 && pos < g.batch * cells;
+  pt.gy = ok ? static_cast<int32_t>(pos % cells / g.grid_w) : 0;
+  pt.gx = ok ? static_cast<int32_t>(pos % g.grid_w) : 0;
+  return pt;
+}
+
+// Compact pixel row of local pixel (y, x), -1 <= y, x <= n, of a tile in an (M, n, n, C) tensor,
+// or -1 when it reads zero (masked patch, outside the image).
+SCOTT_HD int32_t pool_pixel_row(const PoolTile& t, int32_t n, int32_t y, int32_t x) {
+  const int32_t dy = neighbour_axis(y, n), dx = neighbour_axis(x, n);
+  const int32_t s = t.nb[dy * 3 + dx];
+  return s < 0 ? -1 : (s * n + y) * n + x;
+}
+
+// Staged pixel p of a block (activations (halo, halo) first, then the pooled gradient (qhalo,
+// qhalo)): its compact pixel row, or -1 for a zero. Computed once per pixel into a table that
+// every staged vector of the pixel reads.
+SCOTT_HD int32_t pool_stage_row(const TiledPool& g, const PoolTile& t, int32_t p) {
+  const int32_t act_pixels = g.halo * g.halo;
+  if (p < act_pixels) {
+    const int32_t y = static_cast<int32_t>(g.halo_div.div(static_cast<uint32_t>(p)));
+    return pool_pixel_row(t, g.side, y - 1, p - y * g.halo - 1);
+  }
+  const int32_t q = p - act_pixels;
+  const int32_t y = static_cast<int32_t>(g.qhalo_div.div(static_cast<uint32_t>(q)));
+  return pool_pixel_row(t, g.pooled, y - 1, q - y * g.qhalo - 1);
+}
+
+// Staged vector i of a block (pixel i / chunk, vector i % chunk of the chunk): the element offset
+// (channel 0 of its vector) it loads from its tensor, or -1 for a zero. rows: pool_stage_row.
+SCOTT_HD int32_t pool_stage_source(const TiledPool& g, const int32_t* rows, int32_t chunk0, int32_t i) {
+  const int32_t pix = static_cast<int32_t>(g.chunk_div.div(static_cast<uint32_t>(i)));
+  const int32_t v = chunk0 + i - pix * g.chunk, row = rows[pix];
+  return row < 0 || v >= g.vectors ? -1 : row * g.channels + v * 8;
+}
+
+// Shared-memory vector index of activation pixel (y, x) / pooled-gradient pixel (qy, qx), local
+// coordinates from -1, vector v of the block's chunk.
+SCOTT_HD int32_t pool_act_index(const TiledPool& g, int32_t y, int32_t x, int32_t v) {
+  return ((y + 1) * g.halo + x + 1) * g.chunk + v;
+}
+SCOTT_HD int32_t pool_grad_index(const TiledPool& g, int32_t qy, int32_t qx, int32_t v) {
+  return (g.halo * g.halo + (qy + 1) * g.qhalo + qx + 1) * g.chunk + v;
+}
+
+// Does local max-map coordinate m (-1 <= m <= side - 1) of a tile at grid coordinate gc (of n)
+// lie on the image's 2x2 max map (max_map_has)?
+SCOTT_HD bool pool_map_has(int32_t m, int32_t gc, int32_t n, int32_t side) {
+  return !(m < 0 && gc == 0) && !(m >= side - 1 && gc == n - 1);
+}
+
+// Maximum of a 2x2 window as max_blur_pool_at takes it: the first of the largest, row-major.
+template <typename A>
+SCOTT_HD A pool_window_max(A p00, A p01, A p10, A p11) {
+  A m = p00;
+  m = p01 > m ? p01 : m;
+  m = p10 > m ? p10 : m;
+  return p11 > m ? p11 : m;
+}
+
+// Pooled output (py, px) of a tile, N channels; wmax(my, mx, e): channel e of the maximum of the
+// 2x2 window at local max-map position (my, mx) (pool_window_max of the staged activations; any
+// exact maximum gives the same value). Per channel the same sums in the same order as
+// max_blur_pool_at; the border test runs once per window for all N channels.
+template <int N, typename A, class WindowMax>
+SCOTT_HD void tiled_pool_values(const TiledPool& g, const PoolTile& t, int32_t py, int32_t px, const WindowMax& wmax,
+                                A (&acc)[N]) {
+  SCOTT_UNROLL
+  for (int e = 0; e < N; ++e) acc[e] = A(0);
+  SCOTT_UNROLL
+  for (int dy = 0; dy < 3; ++dy) {
+    SCOTT_UNROLL
+    for (int dx = 0; dx < 3; ++dx) {
+      const int32_t my = 2 * py - 1 + dy, mx = 2 * px - 1 + dx;
+      if (!pool_map_has(my, t.gy, g.grid_h, g.side) || !pool_map_has(mx, t.gx, g.grid_w, g.side)) continue;
+      SCOTT_UNROLL
+      for (int e = 0; e < N; ++e) acc[e] += wmax(my, mx, e) * A(blur_tap(dy) * blur_tap(dx)) / A(16);
+    }
+  }
+}
+
+// Gradient at local pixel (cy, cx) of a tile, N channels: for each 2x2 window holding the pixel,
+// whether the pixel is the window's first maximum (row-major, as torch routes: it equals the
+// maximum wmax(my, mx, e) and no earlier element does), and the blurred pooled gradient at the
+// window, from grad(qy, qx, e). Per channel the same sums in the same order as
+// max_blur_pool_grad_at (a skipped term adds an exact 0, as does a pooled pixel that reads zero).
+// A caller that passes cy, cx as 2 h + P with a constant parity P lets the compiler drop the
+// parity tests.
+template <int N, typename A, class Act, class WindowMax, class Grad>
+SCOTT_HD void tiled_pool_grads(const TiledPool& g, const PoolTile& t, int32_t cy, int32_t cx, const Act& act,
+                               const WindowMax& wmax, const Grad& grad, A (&acc)[N]) {
+  SCOTT_UNROLL
+  for (int e = 0; e < N; ++e) acc[e] = A(0);
+  SCOTT_UNROLL
+  for (int wy = 0; wy < 2; ++wy) {
+    SCOTT_UNROLL
+    for (int wx = 0; wx < 2; ++wx) {
+      const int32_t my = cy - 1 + wy, mx = cx - 1 + wx;
+      if (!pool_map_has(my, t.gy, g.grid_h, g.side) || !pool_map_has(mx, t.gx, g.grid_w, g.side)) continue;
+      const int own = (1 - wy) * 2 + (1 - wx);  // this pixel's place in the window
+      A blurred[N];
+      SCOTT_UNROLL
+      for (int e = 0; e < N; ++e) blurred[e] = A(0);
+      SCOTT_UNROLL
+      for (int dy = 0; dy < 3; ++dy) {
+        SCOTT_UNROLL
+        for (int dx = 0; dx < 3; ++dx) {
+          const int32_t ny = my + 1 - dy, nx = mx + 1 - dx;  // same parity as the global pixel (even side)
+          if ((ny & 1) || (nx & 1)) continue;
+          SCOTT_UNROLL
+          for (int e = 0; e < N; ++e) blurred[e] += grad(ny >> 1, nx >> 1, e) * A(blur_tap(dy) * blur_tap(dx)) / A(16);
+        }
+      }
+      SCOTT_UNROLL
+      for (int e = 0; e < N; ++e) {
+        const A m = wmax(my, mx, e);
+        bool first = act(my + own / 2, mx + own % 2, e) == m;
+        SCOTT_UNROLL
+        for (int i = 0; i < own; ++i) first = first && act(my + i / 2, mx + i % 2, e) != m;
+        acc[e] += first ? blurred[e] : A(0);
+      }
+    }
+  }
 }
 
 // ---- entry points ---------------------------------------------------------------------------------
@@ -605,6 +806,10 @@ constexpr int kUInt8 = 4;
 // The implicit conv GEMMs on (default) or off: off, every stage runs the gather GEMM. Shared by the
 // CUDA kernels and the C++ twin, so the twin tests can run either path.
 bool& implicit_gemm_enabled();
+// The tiled MaxBlurPool kernels on (default) or off (always the per-element ones); nullptr when a
+// pool runs tiled, else why not (shape rules; CUDA adds its dtype rules in cuda_tiled_pool).
+bool& tiled_pool_enabled();
+const char* pool_refusal(const PoolGeometry& g);
 // nullptr when a stage's GEMM `op` runs on the implicit path, else why not (shape rules; CUDA adds
 // its dtype rules in cuda_implicit_conv).
 enum class ConvOp : int { kForward = 0, kWeightGrad = 1, kInputGrad = 2 };
@@ -642,6 +847,7 @@ void max_blur_pool_backward_cuda(const PoolGeometry& g, DType dtype, const void*
 bool cuda_implicit_conv(const StageGeometry& g, DType dtype, int64_t splits, ConvOp op);
 // float16/bfloat16 GEMMs on tensor cores (default) or on the SIMT kernel (for comparison)
 void set_tensor_cores(bool enabled);
+bool cuda_tiled_pool(const PoolGeometry& g, DType dtype);
 #endif
 
 }  // namespace scott

@@ -342,12 +342,105 @@ void conv_relu_dgrad_cpu(const StageGeometry& g, DType dtype, const void* grad, 
   });
 }
 
+bool& tiled_pool_enabled() {
+  static bool enabled = true;
+  return enabled;
+}
+
+const char* pool_refusal(const PoolGeometry& g) {
+  if (!tiled_pool_enabled()) return "the tiled pool kernels are switched off";
+  TiledPool tp;
+  return tiled_pool_plan(g, tp);
+}
+
+namespace {
+
+// The tiled pool kernels' staging, per (tile, chunk) block: every staged vector's source through
+// pool_stage_source, 8 channels each, zeros where it reads nothing; then the same per-pixel
+// functions read the staged buffer.
+template <typename T>
+void stage_pool_block(const TiledPool& tp, const PoolTile& pt, int32_t chunk0, const T* act, const T* grad,
+                      std::vector<T>& staged) {
+  const int32_t n = grad ? tp.staged_vectors() : tp.halo * tp.halo * tp.chunk;
+  std::vector<int32_t> rows(static_cast<size_t>(tp.staged_pixels()));
+  for (int32_t p = 0; p < tp.staged_pixels(); ++p) rows[p] = pool_stage_row(tp, pt, p);
+  staged.assign(static_cast<size_t>(tp.staged_vectors()) * 8, T(0));
+  for (int32_t i = 0; i < n; ++i) {
+    const int32_t off = pool_stage_source(tp, rows.data(), chunk0, i);
+    const T* src = i < tp.halo * tp.halo * tp.chunk ? act : grad;
+    if (off >= 0)
+      for (int e = 0; e < 8; ++e) staged[static_cast<size_t>(i) * 8 + e] = src[off + e];
+  }
+}
+
+template <typename T>
+void tiled_pool_forward(const TiledPool& tp, const T* act, const int32_t* slot, const int64_t* tile_pos, T* out) {
+#pragma omp parallel
+  {
+    std::vector<T> staged;
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < int64_t(tp.num_tiles) * tp.chunks; ++blk) {
+      const int32_t t = static_cast<int32_t>(blk / tp.chunks), chunk0 = static_cast<int32_t>(blk % tp.chunks) * tp.chunk;
+      const PoolTile pt = pool_tile(tp, slot, tile_pos, t);
+      stage_pool_block<T>(tp, pt, chunk0, act, nullptr, staged);
+      for (int32_t v = 0; v < tp.chunk && chunk0 + v < tp.vectors; ++v) {
+        const auto at = [&](int32_t y, int32_t x, int e) { return staged[pool_act_index(tp, y, x, v) * 8 + e]; };
+        const auto wmax = [&](int32_t y, int32_t x, int e) {
+          return pool_window_max(at(y, x, e), at(y, x + 1, e), at(y + 1, x, e), at(y + 1, x + 1, e));
+        };
+        for (int32_t py = 0; py < tp.pooled; ++py)
+          for (int32_t px = 0; px < tp.pooled; ++px) {
+            T r[8];
+            tiled_pool_values<8, T>(tp, pt, py, px, wmax, r);
+            std::copy(r, r + 8, out + ((t * tp.pooled + py) * tp.pooled + px) * tp.channels + (chunk0 + v) * 8);
+          }
+      }
+    }
+  }
+}
+
+template <typename T>
+void tiled_pool_backward(const TiledPool& tp, const T* grad, const T* act, const int32_t* slot,
+                         const int64_t* tile_pos, T* grad_act) {
+#pragma omp parallel
+  {
+    std::vector<T> staged;
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < int64_t(tp.num_tiles) * tp.chunks; ++blk) {
+      const int32_t t = static_cast<int32_t>(blk / tp.chunks), chunk0 = static_cast<int32_t>(blk % tp.chunks) * tp.chunk;
+      const PoolTile pt = pool_tile(tp, slot, tile_pos, t);
+      stage_pool_block<T>(tp, pt, chunk0, act, grad, staged);
+      for (int32_t v = 0; v < tp.chunk && chunk0 + v < tp.vectors; ++v) {
+        const auto at = [&](int32_t y, int32_t x, int e) { return staged[pool_act_index(tp, y, x, v) * 8 + e]; };
+        const auto gr = [&](int32_t y, int32_t x, int e) { return staged[pool_grad_index(tp, y, x, v) * 8 + e]; };
+        const auto wmax = [&](int32_t y, int32_t x, int e) {
+          return pool_window_max(at(y, x, e), at(y, x + 1, e), at(y + 1, x, e), at(y + 1, x + 1, e));
+        };
+        for (int32_t cy = 0; cy < tp.side; ++cy)
+          for (int32_t cx = 0; cx < tp.side; ++cx) {
+            T r[8];
+            tiled_pool_grads<8, T>(tp, pt, cy, cx, at, wmax, gr, r);
+            std::copy(r, r + 8, grad_act + ((t * tp.side + cy) * tp.side + cx) * tp.channels + (chunk0 + v) * 8);
+          }
+      }
+    }
+  }
+}
+
+}  // namespace
+
 void max_blur_pool_cpu(const PoolGeometry& g, DType dtype, const void* act, const int32_t* slot,
                        const int64_t* tile_pos, void* out) {
   const int64_t rows = g.num_tiles * (g.side / 2) * (g.side / 2);
+  TiledPool tp;
+  const bool tiled = tiled_pool_enabled() && tiled_pool_plan(g, tp) == nullptr;
   SCOTT_CPU_DISPATCH(dtype, "max_blur_pool", {
     const T* a = static_cast<const T*>(act);
     T* o = static_cast<T*>(out);
+    if (tiled) {
+      tiled_pool_forward<T>(tp, a, slot, tile_pos, o);
+      break;
+    }
     for_each_element(rows, g.channels, [&](int64_t r, int64_t c) {
       o[r * g.channels + c] = max_blur_pool_at<T, T>(g, a, slot, tile_pos, r, c);
     });
@@ -357,10 +450,16 @@ void max_blur_pool_cpu(const PoolGeometry& g, DType dtype, const void* act, cons
 void max_blur_pool_backward_cpu(const PoolGeometry& g, DType dtype, const void* grad, const void* act,
                                 const int32_t* slot, const int64_t* tile_pos, void* grad_act) {
   const int64_t rows = g.num_tiles * g.side * g.side;
+  TiledPool tp;
+  const bool tiled = tiled_pool_enabled() && tiled_pool_plan(g, tp) == nullptr;
   SCOTT_CPU_DISPATCH(dtype, "max_blur_pool_backward", {
     const T* gr = static_cast<const T*>(grad);
     const T* a = static_cast<const T*>(act);
     T* d = static_cast<T*>(grad_act);
+    if (tiled) {
+      tiled_pool_backward<T>(tp, gr, a, slot, tile_pos, d);
+      break;
+    }
     for_each_element(rows, g.channels, [&](int64_t r, int64_t c) {
       d[r * g.channels + c] = max_blur_pool_grad_at<T, T>(g, gr, a, slot, tile_pos, r, c);
     });

@@ -7,7 +7,9 @@
 //   * The gather GEMM for everything else (float32/float64, shapes the implicit kernels refuse):
 //     one tiled shared-memory GEMM template over operands gathered per element (tokenizer.h), on
 //     WMMA for float16/bfloat16 on sm_80+, on CUDA cores otherwise; 64-bit indices.
-//   * MaxBlurPool forward and backward as one thread per output element.
+//   * MaxBlurPool forward and backward (namespace pool; float16/bfloat16, sm_80+): one block per
+//     visible tile and channel chunk stages the patch plus halo once with 16-byte copies; the
+//     per-element kernels (one thread per output element, 64-bit indices) for everything else.
 // float32/float16/bfloat16 accumulate in float32, float64 in float64; every launch is checked.
 #include <cuda_runtime.h>
 #include <mma.h>
@@ -1023,6 +1025,192 @@ void launch_relu_grad_mask(const StageGeometry& g, const T* grad, const T* out, 
 
 }  // namespace ig
 
+// ---- tiled MaxBlurPool (float16 / bfloat16, sm_80+) ---------------------------------------------------
+// Memory-bound: one block per (visible tile, chunk of 8-channel vectors) stages the patch plus a
+// 1-pixel halo (the backward also the pooled gradient plus halo) once with 16-byte cp.async copies
+// (a zero-fill copy where a pixel is masked or outside the image), the tile's neighbour slots and
+// grid position looked up once; each thread then computes 8 channels of one pixel from a 4x4 (or
+// 3x3) window held in registers, 32-bit offsets throughout. Symbols scott::pool::scott_pool_*<T>.
+namespace pool {
+
+// Channel e (0..7) of a 16-byte vector of float16/bfloat16, as float; e is a constant after
+// unrolling, so this is a register select, never an indexed (local-memory) access.
+template <typename T>
+__device__ __forceinline__ float lane(const uint4& v, int e) {
+  const uint32_t w = e < 2 ? v.x : e < 4 ? v.y : e < 6 ? v.z : v.w;
+  const unsigned short h = static_cast<unsigned short>(e & 1 ? w >> 16 : w & 0xffffu);
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) return __uint_as_float(static_cast<uint32_t>(h) << 16);
+  else return __half2float(__ushort_as_half(h));
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 pack(const float (&r)[8]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const T lo = from_acc<T>(r[2 * i]), hi = from_acc<T>(r[2 * i + 1]);
+    w[i] = static_cast<uint32_t>(*reinterpret_cast<const unsigned short*>(&lo)) |
+           static_cast<uint32_t>(*reinterpret_cast<const unsigned short*>(&hi)) << 16;
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t max2(uint32_t a, uint32_t b) {
+  using T2 = typename std::conditional<std::is_same<T, __nv_bfloat16>::value, __nv_bfloat162, __half2>::type;
+  const T2 m = __hmax2_nan(*reinterpret_cast<const T2*>(&a), *reinterpret_cast<const T2*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&m);
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 max4(const uint4& a, const uint4& b, const uint4& c, const uint4& d) {
+  return make_uint4(max2<T>(max2<T>(a.x, b.x), max2<T>(c.x, d.x)), max2<T>(max2<T>(a.y, b.y), max2<T>(c.y, d.y)),
+                    max2<T>(max2<T>(a.z, b.z), max2<T>(c.z, d.z)), max2<T>(max2<T>(a.w, b.w), max2<T>(c.w, d.w)));
+}
+
+// Stages vectors [0, n) of the block (pool_stage_source): the first `act_vectors` from act, the
+// rest from grad; blocks until they have landed.
+template <typename T>
+__device__ __forceinline__ void stage(const TiledPool& g, const PoolTile& pt, int32_t chunk0, int32_t n,
+                                      int32_t act_vectors, const T* act, const T* grad, uint4* staged) {
+  int32_t* rows = reinterpret_cast<int32_t*>(staged + g.staged_vectors());  // pixel rows, after the vectors
+  const int32_t pixels = (n + g.chunk - 1) / g.chunk;
+  for (int32_t p = threadIdx.x; p < pixels; p += blockDim.x) rows[p] = pool_stage_row(g, pt, p);
+  __syncthreads();
+  for (int32_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const int32_t off = pool_stage_source(g, rows, chunk0, i);
+    const T* src = i < act_vectors ? act : grad;
+    ig::cp_async16(ig::smem_u32(staged + i), off < 0 ? src : src + off, off >= 0);
+  }
+  ig::cp_async_commit();
+  ig::cp_async_wait<0>();
+  __syncthreads();
+}
+
+template <typename T>
+__global__ void __launch_bounds__(128) scott_pool_forward(TiledPool g, const T* act, const int32_t* slot,
+                                                           const int64_t* tile_pos, T* out) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  extern __shared__ uint4 staged[];
+  __shared__ PoolTile pt;  // read from shared memory: its neighbour slots are indexed at run time
+  const int32_t t = blockIdx.x, chunk0 = blockIdx.y * g.chunk;
+  if (threadIdx.x == 0) pt = pool_tile(g, slot, tile_pos, t);
+  __syncthreads();
+  const int32_t act_vectors = g.halo * g.halo * g.chunk;
+  stage<T>(g, pt, chunk0, act_vectors, act_vectors, act, nullptr, staged);
+  for (int32_t task = threadIdx.x; task < g.pooled * g.pooled * g.chunk; task += blockDim.x) {
+    const int32_t pix = static_cast<int32_t>(g.chunk_div.div(task)), v = task - pix * g.chunk;
+    if (chunk0 + v >= g.vectors) continue;
+    const int32_t py = static_cast<int32_t>(g.pooled_div.div(pix)), px = pix - py * g.pooled;
+    uint4 win[4][4];  // local pixels 2py-1 .. 2py+2 x 2px-1 .. 2px+2
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) win[i][j] = staged[pool_act_index(g, 2 * py - 1 + i, 2 * px - 1 + j, v)];
+    // the 3x3 window maxima, two channels per instruction: a maximum is exact in any precision,
+    // so this is pool_window_max's value (a NaN anywhere in a window gives NaN, as torch)
+    uint4 wm[3][3];
+#pragma unroll
+    for (int i = 0; i < 3; ++i)
+#pragma unroll
+      for (int j = 0; j < 3; ++j)
+        wm[i][j] = max4<T>(win[i][j], win[i][j + 1], win[i + 1][j], win[i + 1][j + 1]);
+    float r[8];
+    tiled_pool_values<8, float>(
+        g, pt, py, px, [&](int32_t y, int32_t x, int e) { return lane<T>(wm[y - (2 * py - 1)][x - (2 * px - 1)], e); },
+        r);
+    *reinterpret_cast<uint4*>(out + ((t * g.pooled + py) * g.pooled + px) * g.channels + (chunk0 + v) * 8) =
+        pack<T>(r);
+  }
+#else
+  __trap();
+#endif
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256) scott_pool_backward(TiledPool g, const T* grad, const T* act,
+                                                            const int32_t* slot, const int64_t* tile_pos,
+                                                            T* grad_act) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  extern __shared__ uint4 staged[];
+  __shared__ PoolTile pt;
+  const int32_t t = blockIdx.x, chunk0 = blockIdx.y * g.chunk;
+  if (threadIdx.x == 0) pt = pool_tile(g, slot, tile_pos, t);
+  __syncthreads();
+  stage<T>(g, pt, chunk0, g.staged_vectors(), g.halo * g.halo * g.chunk, act, grad, staged);
+  for (int32_t task = threadIdx.x; task < g.side * g.side * g.chunk; task += blockDim.x) {
+    const int32_t pix = static_cast<int32_t>(g.chunk_div.div(task)), v = task - pix * g.chunk;
+    if (chunk0 + v >= g.vectors) continue;
+    const int32_t cy = static_cast<int32_t>(g.side_div.div(pix)), cx = pix - cy * g.side;
+    uint4 win[3][3];  // local pixels cy-1 .. cy+1 x cx-1 .. cx+1
+#pragma unroll
+    for (int i = 0; i < 3; ++i)
+#pragma unroll
+      for (int j = 0; j < 3; ++j) win[i][j] = staged[pool_act_index(g, cy - 1 + i, cx - 1 + j, v)];
+    uint4 wm[2][2];  // the maxima of the four 2x2 windows holding the pixel (see the forward)
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wm[i][j] = max4<T>(win[i][j], win[i][j + 1], win[i + 1][j], win[i + 1][j + 1]);
+    float r[8];
+    // one specialisation per pixel parity, so that which pooled pixels a window blurs into is
+    // known at compile time (cy = 2 hy + PY)
+    const auto grads = [&](auto py_c, auto px_c) {
+      constexpr int PY = decltype(py_c)::value, PX = decltype(px_c)::value;
+      const int32_t y = 2 * (cy >> 1) + PY, x = 2 * (cx >> 1) + PX;
+      tiled_pool_grads<8, float>(
+          g, pt, y, x, [&](int32_t yy, int32_t xx, int e) { return lane<T>(win[yy - y + 1][xx - x + 1], e); },
+          [&](int32_t yy, int32_t xx, int e) { return lane<T>(wm[yy - y + 1][xx - x + 1], e); },
+          [&](int32_t qy, int32_t qx, int e) { return lane<T>(staged[pool_grad_index(g, qy, qx, v)], e); }, r);
+    };
+    using P0 = std::integral_constant<int, 0>;
+    using P1 = std::integral_constant<int, 1>;
+    switch ((cy & 1) * 2 + (cx & 1)) {
+      case 0: grads(P0{}, P0{}); break;
+      case 1: grads(P0{}, P1{}); break;
+      case 2: grads(P1{}, P0{}); break;
+      default: grads(P1{}, P1{}); break;
+    }
+    *reinterpret_cast<uint4*>(grad_act + ((t * g.side + cy) * g.side + cx) * g.channels + (chunk0 + v) * 8) =
+        pack<T>(r);
+  }
+#else
+  __trap();
+#endif
+}
+
+template <typename T>
+bool launch_forward(const PoolGeometry& geo, DType dtype, const void* act, const int32_t* slot,
+                    const int64_t* tile_pos, void* out, cudaStream_t stream) {
+  TiledPool g;
+  if (!cuda_tiled_pool(geo, dtype) || tiled_pool_plan(geo, g) != nullptr || !ig::aligned16(act) ||
+      !ig::aligned16(out))
+    return false;
+  if (g.num_tiles == 0) return true;
+  const size_t bytes = size_t(g.staged_vectors()) * sizeof(uint4) + size_t(g.staged_pixels()) * sizeof(int32_t);
+  scott_pool_forward<T><<<dim3(g.num_tiles, g.chunks), 128, bytes, stream>>>(
+      g, static_cast<const T*>(act), slot, tile_pos, static_cast<T*>(out));
+  check_launch("scott_pool_forward");
+  return true;
+}
+
+template <typename T>
+bool launch_backward(const PoolGeometry& geo, DType dtype, const void* grad, const void* act, const int32_t* slot,
+                     const int64_t* tile_pos, void* grad_act, cudaStream_t stream) {
+  TiledPool g;
+  if (!cuda_tiled_pool(geo, dtype) || tiled_pool_plan(geo, g) != nullptr || !ig::aligned16(grad) ||
+      !ig::aligned16(act) || !ig::aligned16(grad_act))
+    return false;
+  if (g.num_tiles == 0) return true;
+  const size_t bytes = size_t(g.staged_vectors()) * sizeof(uint4) + size_t(g.staged_pixels()) * sizeof(int32_t);
+  scott_pool_backward<T><<<dim3(g.num_tiles, g.chunks), 256, bytes, stream>>>(
+      g, static_cast<const T*>(grad), static_cast<const T*>(act), slot, tile_pos, static_cast<T*>(grad_act));
+  check_launch("scott_pool_backward");
+  return true;
+}
+
+}  // namespace pool
+
 namespace {
 
 }  // namespace
@@ -1249,12 +1437,20 @@ void conv_relu_dgrad_cuda(const StageGeometry& g, DType dtype, const void* grad,
 
 void set_tensor_cores(bool enabled) { g_tensor_cores = enabled; }
 
+bool cuda_tiled_pool(const PoolGeometry& g, DType dtype) {
+  return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && device_has_tensor_cores() &&
+         pool_refusal(g) == nullptr;
+}
+
 void max_blur_pool_cuda(const PoolGeometry& g, DType dtype, const void* act, const int32_t* slot,
                         const int64_t* tile_pos, void* out, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   const int64_t rows = g.num_tiles * (g.side / 2) * (g.side / 2);
   SCOTT_CUDA_DISPATCH(dtype, {
     using A = typename Acc<T>::type;
+    if constexpr (!std::is_same<T, A>::value) {
+      if (pool::launch_forward<T>(g, dtype, act, slot, tile_pos, out, s)) break;
+    }
     PoolForward<T, A> f{g, static_cast<const T*>(act), slot, tile_pos};
     launch_elementwise<T, A>("max_blur_pool_cuda", rows, g.channels, static_cast<T*>(out), f, s);
   });
@@ -1266,6 +1462,9 @@ void max_blur_pool_backward_cuda(const PoolGeometry& g, DType dtype, const void*
   const int64_t rows = g.num_tiles * g.side * g.side;
   SCOTT_CUDA_DISPATCH(dtype, {
     using A = typename Acc<T>::type;
+    if constexpr (!std::is_same<T, A>::value) {
+      if (pool::launch_backward<T>(g, dtype, grad, act, slot, tile_pos, grad_act, s)) break;
+    }
     PoolBackward<T, A> f{g, static_cast<const T*>(grad), static_cast<const T*>(act), slot, tile_pos};
     launch_elementwise<T, A>("max_blur_pool_backward_cuda", rows, g.channels, static_cast<T*>(grad_act), f, s);
   });

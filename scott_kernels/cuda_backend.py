@@ -15,8 +15,10 @@ weight gradient) from each patch's window staged once in shared memory. float32/
 gradients and shapes those kernels refuse (``conv_gemm_path`` says why) run one tiled
 shared-memory GEMM that gathers each operand element through the ``slot`` table (WMMA for
 float16/bfloat16 on sm_80+, CUDA cores otherwise). The C++ twin follows the same path rule and
-index functions, so CPU tests exercise both paths. MaxBlurPool forward and backward one thread
-per element. float16/bfloat16/float32 accumulate in float32, float64 in float64.
+index functions, so CPU tests exercise both paths. MaxBlurPool (float16/bfloat16, channels a
+multiple of 8): one block per visible tile and channel chunk stages the patch plus halo once with
+16-byte copies (``pool_path`` says which kernels run and why); everything else one thread per
+element; the twin runs the tiled staging and per-pixel functions too. float16/bfloat16/float32 accumulate in float32, float64 in float64.
 """
 
 from __future__ import annotations
@@ -49,6 +51,17 @@ def use_implicit_gemm(enabled: bool = True) -> None:
     """Convolution GEMMs on the implicit path where it applies (default), or always on the gather
     GEMM. Applies to the CUDA kernels and to their C++ twin."""
     _C.set_implicit_gemm(bool(enabled))
+
+
+def use_tiled_pool(enabled: bool = True) -> None:
+    """MaxBlurPool on the tiled kernels where they apply (default), or always on the per-element
+    kernels. Applies to the CUDA kernels and to their C++ twin."""
+    _C.set_tiled_pool(bool(enabled))
+
+
+def pool_path(geometry: "_C.PoolGeometry", dtype: torch.dtype, on_cuda: bool) -> str:
+    """``"tiled"`` or ``"elementwise: <why>"``: which kernels a MaxBlurPool runs on."""
+    return _C.pool_path(geometry, _CODES[dtype], on_cuda)
 
 
 _OPS = {"forward": 0, "wgrad": 1, "dgrad": 2}

@@ -478,3 +478,116 @@ def test_implicit_image_kernel_gpu(dtype, uint8):
     dw64 = conv_relu_wgrad(grad.double().cpu(), out.double().cpu(), x64, w.double().cpu(), slot.cpu(), tile_pos.cpu(),
                            16, True, None if norm is None else table.double())
     torch.testing.assert_close(dw.double().cpu(), dw64, rtol=tol, atol=tol * dw64.abs().max().item())
+
+
+# ---- the tiled MaxBlurPool kernels ---------------------------------------------------------------------
+from scott_kernels.cuda_backend import pool_path, use_tiled_pool  # noqa: E402
+
+
+def _pool_geometry(num_tiles=6, batch=2, grid=(2, 3), side=8, channels=64):
+    g = _C.PoolGeometry()
+    g.num_tiles, g.batch, (g.grid_h, g.grid_w), g.side, g.channels = num_tiles, batch, grid, side, channels
+    return g
+
+
+def test_tiled_pool_path_rules():
+    """Channels in 16-byte vectors, a staged patch that fits the block's shared memory, 31-bit
+    offsets; on a GPU float16/bfloat16 only (float32/float64 keep the per-element kernels)."""
+    assert pool_path(_pool_geometry(), torch.float64, on_cuda=False) == "tiled"
+    assert pool_path(_pool_geometry(side=2, channels=384), torch.float64, on_cuda=False) == "tiled"
+    assert pool_path(_pool_geometry(side=32, channels=8), torch.float64, on_cuda=False) == "tiled"
+    assert "multiples of 8" in pool_path(_pool_geometry(channels=12), torch.float64, on_cuda=False)
+    assert "shared memory" in pool_path(_pool_geometry(side=36, channels=8), torch.float64, on_cuda=False)
+    assert "2^31" in pool_path(_pool_geometry(num_tiles=2 ** 17, side=16, channels=64), torch.float64, on_cuda=False)
+    assert pool_path(_pool_geometry(num_tiles=2 ** 17 - 1, side=16, channels=64), torch.float64,
+                     on_cuda=False) == "tiled"
+    if CUDA_BUILT and HAS_CUDA:
+        assert pool_path(_pool_geometry(), torch.bfloat16, on_cuda=True) == "tiled"
+        assert pool_path(_pool_geometry(), torch.float32, on_cuda=True).startswith("elementwise")
+    use_tiled_pool(False)
+    try:
+        assert "switched off" in pool_path(_pool_geometry(), torch.float64, on_cuda=False)
+    finally:
+        use_tiled_pool(True)
+
+
+def _pool_case(B, grid, side, channels, mask, seed, device="cpu", dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    gh, gw = grid
+    keep = {"random": torch.rand(B, gh * gw, generator=g) < 0.5, "all": torch.ones(B, gh * gw, dtype=torch.bool),
+            "single": torch.zeros(B, gh * gw, dtype=torch.bool)}[mask]
+    if mask == "single":
+        keep[0, (gh * gw) // 2] = True
+    if mask == "random":
+        keep[-1] = False  # a fully masked row
+        keep[0, 0] = True
+    slot, tile_pos = visible_tables(keep.to(device), B, gh, gw, torch.device(device))
+    M = tile_pos.shape[0]
+    act = torch.randn(M, side, side, channels, generator=g, dtype=torch.float64)  # negative values too
+    act[act.abs() < 0.3] = 0.0  # ties between window elements (first maximum wins)
+    grad = torch.randn(M, side // 2, side // 2, channels, generator=g, dtype=torch.float64)
+    return slot, tile_pos, act.to(device, dtype), grad.to(device, dtype)
+
+
+def _both_pool_paths(act, grad, slot, tile_pos):
+    results = []
+    for tiled in (True, False):
+        use_tiled_pool(tiled)
+        try:
+            results.append((max_blur_pool(act, slot, tile_pos), max_blur_pool_backward(grad, act, slot, tile_pos)))
+        finally:
+            use_tiled_pool(True)
+    return results
+
+
+@pytest.mark.parametrize("case", [
+    (2, (3, 4), 8, 64, "random"), (2, (3, 4), 8, 64, "all"), (3, (2, 2), 8, 64, "single"),
+    (2, (3, 3), 2, 384, "random"),   # stage 1 shape: one pixel out, 48 vectors in one block
+    (2, (2, 3), 8, 104, "random"),   # 13 vectors: chunks of 7 and 6
+    (1, (1, 1), 4, 8, "all"),        # one patch, every border
+    (2, (2, 5), 16, 24, "random"),   # three chunks of one vector
+    (1, (4, 1), 32, 8, "all"),       # the largest staged patch
+], ids=str)
+def test_tiled_pool_twin_matches_per_element(case):
+    """The tiled kernels' staging and per-pixel functions (twin, float64) give exactly the values of
+    the per-element definition, forward and backward, including ties, negative values next to
+    masked patches and the image borders."""
+    B, grid, side, channels, mask = case
+    slot, tile_pos, act, grad = _pool_case(B, grid, side, channels, mask, seed=side + channels)
+    g = _pool_geometry(tile_pos.shape[0], B, grid, side, channels)
+    assert pool_path(g, torch.float64, on_cuda=False) == "tiled"
+    (out_t, din_t), (out_e, din_e) = _both_pool_paths(act, grad, slot, tile_pos)
+    assert torch.equal(out_t, out_e) and torch.equal(din_t, din_e)
+
+
+def test_tiled_pool_corrupt_tables():
+    """A tile position outside the grid or a slot naming no tile reads zeros on the tiled path too,
+    the same values as the per-element kernels."""
+    slot, tile_pos, act, grad = _pool_case(2, (3, 3), 4, 16, "random", seed=3)
+    bad_pos = tile_pos.clone()
+    bad_pos[0] = 10 ** 12
+    bad_slot = slot.clone()
+    bad_slot.view(-1)[1] = 10 ** 6
+    (out_t, din_t), (out_e, din_e) = _both_pool_paths(act, grad, bad_slot, bad_pos)
+    assert torch.equal(out_t, out_e) and torch.equal(din_t, din_e)
+    assert (out_t[0] == 0).all() and (din_t[0] == 0).all()
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [(64, (14, 14), 8, 64), (64, (14, 14), 2, 384), (4, (5, 3), 8, 104),
+                                  (2, (2, 5), 16, 24)], ids=str)
+def test_tiled_pool_kernels_gpu(dtype, case):
+    """The tiled CUDA pool kernels against the per-element CUDA kernels (same float32 arithmetic in
+    the same order: equal bits) and against the float64 twin on the same rounded inputs."""
+    B, grid, side, channels = case
+    slot, tile_pos, act, grad = _pool_case(B, grid, side, channels, "random", seed=1, device="cuda", dtype=dtype)
+    g = _pool_geometry(tile_pos.shape[0], B, grid, side, channels)
+    assert pool_path(g, dtype, on_cuda=True) == "tiled"
+    (out_t, din_t), (out_e, din_e) = _both_pool_paths(act, grad, slot, tile_pos)
+    assert torch.equal(out_t, out_e) and torch.equal(din_t, din_e)
+    out64 = max_blur_pool(act.double().cpu(), slot.cpu(), tile_pos.cpu())
+    din64 = max_blur_pool_backward(grad.double().cpu(), act.double().cpu(), slot.cpu(), tile_pos.cpu())
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(out_t.double().cpu(), out64, **tol)
+    torch.testing.assert_close(din_t.double().cpu(), din64, **tol)
