@@ -87,16 +87,14 @@ def _fwd_configs() -> list:
     """Compact-source forward: output tile BLOCK_M x BLOCK_N; the K step is one tap's channels."""
     if _interpreting():
         return [_cfg({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 1)]
-    return _keep([_cfg({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 3), _cfg({"BLOCK_M": 128, "BLOCK_N": 64}, 4, 4),
-                  _cfg({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 4)])
+    return _keep([_cfg({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 3), _cfg({"BLOCK_M": 128, "BLOCK_N": 64}, 4, 4)])
 
 
 def _image_fwd_configs() -> list:
     """Image forward: output tile BLOCK_M x BLOCK_N; the K step is one kernel row of the packed image."""
     if _interpreting():
         return [_cfg({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 1)]
-    return _keep([_cfg({"BLOCK_M": 128, "BLOCK_N": 64}, 4, 3), _cfg({"BLOCK_M": 256, "BLOCK_N": 64}, 8, 3),
-                  _cfg({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 3)])
+    return _keep([_cfg({"BLOCK_M": 256, "BLOCK_N": 64}, 8, 3), _cfg({"BLOCK_M": 128, "BLOCK_N": 64}, 4, 3)])
 
 
 def _wgrad_configs() -> list:
@@ -104,17 +102,15 @@ def _wgrad_configs() -> list:
     output pixels per step."""
     if _interpreting():
         return [_cfg({"BLOCK_N": 32, "BLOCK_R": 64}, 4, 1)]
-    return _keep([_cfg({"BLOCK_N": 128, "BLOCK_R": 64}, 4, 3), _cfg({"BLOCK_N": 128, "BLOCK_R": 128}, 8, 3),
-                  _cfg({"BLOCK_N": 64, "BLOCK_R": 64}, 4, 4)])
+    return _keep([_cfg({"BLOCK_N": 128, "BLOCK_R": 64}, 4, 3), _cfg({"BLOCK_N": 128, "BLOCK_R": 128}, 8, 3)])
 
 
 def _image_wgrad_configs() -> list:
     """Image weight gradient: output tile (BLOCK_KY kernel rows of the packed image) x BLOCK_N."""
     if _interpreting():
         return [_cfg({"BLOCK_KY": 2, "BLOCK_N": 32, "BLOCK_R": 64}, 4, 1)]
-    return _keep([_cfg({"BLOCK_KY": 8, "BLOCK_N": 64, "BLOCK_R": 64}, 8, 3),
-                  _cfg({"BLOCK_KY": 4, "BLOCK_N": 64, "BLOCK_R": 64}, 4, 3),
-                  _cfg({"BLOCK_KY": 2, "BLOCK_N": 64, "BLOCK_R": 128}, 4, 3)])
+    return _keep([_cfg({"BLOCK_KY": 2, "BLOCK_N": 64, "BLOCK_R": 128}, 4, 3),
+                  _cfg({"BLOCK_KY": 8, "BLOCK_N": 64, "BLOCK_R": 64}, 8, 3)])
 
 
 def _dgrad_configs() -> list:
@@ -124,7 +120,7 @@ def _dgrad_configs() -> list:
         return [_cfg({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, 4, 1)]
     return _keep([_cfg({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 3),
                   _cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 3),
-                  _cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 4)])
+                  _cfg({"BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 64}, 4, 3)])   # image gradients (C_in 3)
 
 
 def _pool_configs() -> list:
@@ -148,7 +144,10 @@ def _prune_by_c_out(configs, named_args, **kwargs):
 
 
 def _prune_by_c_in(configs, named_args, **kwargs):
-    return _prune_wide(configs, {**named_args, **kwargs}["C_IN"])
+    """Input-gradient tiles: no wider than twice C_in, and no narrower than it up to 64."""
+    c_in = {**named_args, **kwargs}["C_IN"]
+    kept = [c for c in _prune_wide(configs, c_in) if c.kwargs["BLOCK_N"] >= min(64, _pow2(c_in))]
+    return kept or _prune_wide(configs, c_in)
 
 
 def _prune_image_wgrad(configs, named_args, **kwargs):
@@ -386,44 +385,60 @@ if triton is not None:
         s = tl.where((s >= 0) & (s < num_tiles), s, -1)
         tl.store(nbr_ptr + e, s.to(tl.int32), mask=ok)
 
-    @_autotune(_wgrad_configs(), _CONV_KEY + ["ROWS_PER_CTA"], _prune_by_c_out)
+    @_autotune(_wgrad_configs(), _CONV_KEY + ["ROWS_PER_CTA", "TAPS"], _prune_by_c_out)
     @triton.jit
     def _conv_relu_wgrad_kernel(src_ptr, grad_ptr, out_ptr, partial_ptr, nbr_ptr, rows_total, ROWS_BUCKET,
                                 C_IN: tl.constexpr, C_OUT: tl.constexpr, IN_SIDE: tl.constexpr,
-                                KSIZE: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr,
+                                KSIZE: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr, TAPS: tl.constexpr,
                                 ROWS_PER_CTA: tl.constexpr, GRAD_MASKED: tl.constexpr, WIDE: tl.constexpr,
                                 ACC: tl.constexpr, PRECISION: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
         """partial[split] (k*k*C_in, C_out) = im2col(rows of this split)^T @ (grad * relu').
 
-        One output tile is one tap's block of BLOCK_K channels, so each step does one neighbour
-        lookup per row and gathers contiguous channels."""
+        A CTA owns TAPS (1 or 2) taps' block of BLOCK_K channels: each step does one neighbour
+        lookup per row and tap, gathers contiguous channels, and loads the gradient once for
+        both taps."""
         OUT_SIDE: tl.constexpr = IN_SIDE // 2
         PAD: tl.constexpr = KSIZE // 2
         NB: tl.constexpr = 2 * R + 1
         CB: tl.constexpr = (C_IN + BLOCK_K - 1) // BLOCK_K
         CH_MASK: tl.constexpr = C_IN % BLOCK_K != 0
-        tap = tl.program_id(0) // CB
+        tap = (tl.program_id(0) // CB) * TAPS
         ch = (tl.program_id(0) % CB) * BLOCK_K + tl.arange(0, BLOCK_K)
         dy = tap // KSIZE - PAD + R * IN_SIDE
         dx = tap % KSIZE - PAD + R * IN_SIDE
+        # the second tap (when there is one: k*k is odd, so the last CTA has only the first)
+        tap2 = tap + 1
+        has2 = tap2 < KSIZE * KSIZE
+        dy2 = tap2 // KSIZE - PAD + R * IN_SIDE
+        dx2 = tap2 % KSIZE - PAD + R * IN_SIDE
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < C_OUT
         split = tl.program_id(2)
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=ACC)
+        acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=ACC)
         for r0 in range(0, ROWS_PER_CTA, BLOCK_R):
             rows, row_ok = _row_block(split * (ROWS_PER_CTA // BLOCK_R) + r0 // BLOCK_R, rows_total, BLOCK_R, WIDE)
             tile = rows // (OUT_SIDE * OUT_SIDE)
             rem = rows % (OUT_SIDE * OUT_SIDE)
-            offs, mask = _neighbour_offsets(nbr_ptr + tile * (NB * NB), 2 * (rem // OUT_SIDE) + dy,
-                                            2 * (rem % OUT_SIDE) + dx, ch, IN_SIDE, C_IN, NB, CH_MASK, WIDE)
-            a = tl.load(src_ptr + offs, mask=mask, other=0.0)
+            oy2 = 2 * (rem // OUT_SIDE)
+            ox2 = 2 * (rem % OUT_SIDE)
+            nbr_row = nbr_ptr + tile * (NB * NB)
             g_offs = rows[:, None] * C_OUT + cols[None, :]
             g = _relu_grad(grad_ptr, out_ptr, g_offs, row_ok[:, None] & col_ok[None, :], GRAD_MASKED)
+            offs, mask = _neighbour_offsets(nbr_row, oy2 + dy, ox2 + dx, ch, IN_SIDE, C_IN, NB, CH_MASK, WIDE)
+            a = tl.load(src_ptr + offs, mask=mask, other=0.0)
             acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION, out_dtype=ACC)
+            if TAPS == 2:
+                offs, mask = _neighbour_offsets(nbr_row, oy2 + dy2, ox2 + dx2, ch, IN_SIDE, C_IN, NB, CH_MASK, WIDE)
+                a2 = tl.load(src_ptr + offs, mask=mask & has2, other=0.0)
+                acc2 = tl.dot(tl.trans(a2), g, acc2, input_precision=PRECISION, out_dtype=ACC)
         k_rows = tap * C_IN + ch
-        tl.store(partial_ptr + (split * (KSIZE * KSIZE * C_IN) + k_rows[:, None]) * C_OUT + cols[None, :],
-                 acc.to(partial_ptr.dtype.element_ty), mask=(ch < C_IN)[:, None] & col_ok[None, :])
+        dst = partial_ptr + (split * (KSIZE * KSIZE * C_IN) + k_rows[:, None]) * C_OUT + cols[None, :]
+        ok = (ch < C_IN)[:, None] & col_ok[None, :]
+        tl.store(dst, acc.to(partial_ptr.dtype.element_ty), mask=ok)
+        if TAPS == 2:
+            tl.store(dst + C_IN * C_OUT, acc2.to(partial_ptr.dtype.element_ty), mask=ok & has2)
 
     @_autotune(_image_wgrad_configs(), _IMAGE_KEY + ["ROWS_PER_CTA"], _prune_image_wgrad)
     @triton.jit
@@ -457,7 +472,7 @@ if triton is not None:
 
     @triton.jit
     def _dgrad_step(grad_ptr, out_ptr, w_ptr, nbr_row, ly, lx, it, ky0, kx0, n_kx, n_iter, kc, cols, col_ok,
-                    C_IN: tl.constexpr, C_OUT: tl.constexpr, OUT_SIDE: tl.constexpr, KSIZE: tl.constexpr,
+                    C_IN: tl.constexpr, CW: tl.constexpr, C_OUT: tl.constexpr, OUT_SIDE: tl.constexpr, KSIZE: tl.constexpr,
                     R: tl.constexpr, BLOCK_K: tl.constexpr, GRAD_MASKED: tl.constexpr, WIDE: tl.constexpr,
                     BOUNDED: tl.constexpr):
         """One K step of the input gradient: tap (ky, kx) of the class, output channels block."""
@@ -483,13 +498,13 @@ if triton is not None:
             mask = mask & (it < n_iter)
             w_mask = w_mask & (it < n_iter)
         g = _relu_grad(grad_ptr, out_ptr, offs, mask, GRAD_MASKED)
-        w = tl.load(w_ptr + ((ky * KSIZE + kx) * C_OUT + co)[:, None] * C_IN + cols[None, :], mask=w_mask, other=0.0)
+        w = tl.load(w_ptr + ((ky * KSIZE + kx) * C_OUT + co)[:, None] * CW + cols[None, :], mask=w_mask, other=0.0)
         return g, w
 
     @_autotune(_dgrad_configs(), _CONV_KEY, _prune_by_c_in)
     @triton.jit
     def _conv_relu_dgrad_kernel(grad_ptr, out_ptr, w_ptr, dsrc_ptr, nbr_ptr, rows_class, ROWS_BUCKET,
-                                C_IN: tl.constexpr, C_OUT: tl.constexpr, IN_SIDE: tl.constexpr,
+                                C_IN: tl.constexpr, CW: tl.constexpr, C_OUT: tl.constexpr, IN_SIDE: tl.constexpr,
                                 KSIZE: tl.constexpr, R: tl.constexpr, GRAD_MASKED: tl.constexpr,
                                 WIDE: tl.constexpr, INTERPRET: tl.constexpr, ACC: tl.constexpr,
                                 PRECISION: tl.constexpr,
@@ -499,7 +514,7 @@ if triton is not None:
         A stride-2 conv reads input row iy only through taps ky of parity (iy + pad) % 2, so the
         input pixels are split into four parity classes (grid axis 2) and each class loops over
         its own taps only (9, 12, 12 and 16 of a 7x7 kernel), each tap once per block of output
-        channels. w_ptr holds W as (k, k, C_out, C_in)."""
+        channels. w_ptr holds W as (k, k, C_out, CW), CW >= C_in (rows padded for 16-byte loads)."""
         OUT_SIDE: tl.constexpr = IN_SIDE // 2
         HALF: tl.constexpr = IN_SIDE // 2
         PAD: tl.constexpr = KSIZE // 2
@@ -530,12 +545,12 @@ if triton is not None:
             # (a loop bound computed from program_id fails in older Triton interpreters)
             for it in range(KH * KH * CB):
                 g, w = _dgrad_step(grad_ptr, out_ptr, w_ptr, nbr_row, ly, lx, it, ky0, kx0, n_kx, n_iter, kc, cols,
-                                   col_ok, C_IN, C_OUT, OUT_SIDE, KSIZE, R, BLOCK_K, GRAD_MASKED, WIDE, True)
+                                   col_ok, C_IN, CW, C_OUT, OUT_SIDE, KSIZE, R, BLOCK_K, GRAD_MASKED, WIDE, True)
                 acc = tl.dot(g, w, acc, input_precision=PRECISION, out_dtype=ACC)
         else:
             for it in range(n_iter):
                 g, w = _dgrad_step(grad_ptr, out_ptr, w_ptr, nbr_row, ly, lx, it, ky0, kx0, n_kx, n_iter, kc, cols,
-                                   col_ok, C_IN, C_OUT, OUT_SIDE, KSIZE, R, BLOCK_K, GRAD_MASKED, WIDE, False)
+                                   col_ok, C_IN, CW, C_OUT, OUT_SIDE, KSIZE, R, BLOCK_K, GRAD_MASKED, WIDE, False)
                 acc = tl.dot(g, w, acc, input_precision=PRECISION, out_dtype=ACC)
         out_rows = tile * (IN_SIDE * IN_SIDE) + ly * IN_SIDE + lx
         tl.store(dsrc_ptr + out_rows[:, None] * C_IN + cols[None, :], acc.to(dsrc_ptr.dtype.element_ty),
@@ -860,14 +875,16 @@ def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor | None, src: torch.Ten
     radius = _radius(in_side, k)
     nbr = _neighbour_table(slot, tile_pos, radius)
     block_k = _k_block(c_in)
-    k_tiles = k * k * triton.cdiv(c_in, block_k)
+    # two taps per CTA where a tap's channels fit one block (the gradient tile then serves both)
+    taps = 2 if c_in <= block_k and k > 1 else 1
+    k_tiles = triton.cdiv(k * k, taps) * triton.cdiv(c_in, block_k)
     per_cta = _rows_per_cta(rows, k_tiles * triton.cdiv(c_out, 128), src.device)
     splits = triton.cdiv(rows, per_cta)
     partial = torch.empty((splits, k * k * c_in, c_out), dtype=part_dtype, device=src.device)
     grid = lambda meta: (k_tiles, triton.cdiv(c_out, meta["BLOCK_N"]), splits)
     _conv_relu_wgrad_kernel[grid](
         src, grad, out, partial, nbr, rows, _bucket(rows), C_IN=c_in, C_OUT=c_out, IN_SIDE=in_side, KSIZE=k,
-        R=radius, BLOCK_K=block_k, ROWS_PER_CTA=per_cta, GRAD_MASKED=masked, WIDE=_wide(src, grad), ACC=acc,
+        R=radius, BLOCK_K=block_k, TAPS=taps, ROWS_PER_CTA=per_cta, GRAD_MASKED=masked, WIDE=_wide(src, grad), ACC=acc,
         PRECISION=precision)
     return weight_from_partials(partial, weight)
 
@@ -885,6 +902,9 @@ def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor | None, weight: torch.
     _check_tables("triton_conv_relu_dgrad", grad, slot, tile_pos)
     c_out, c_in, k, _ = weight.shape
     weight_t = gemm_weight_transposed(weight.to(grad.dtype))
+    c_w = -(-c_in // 8) * 8   # weight rows of whole 16-byte vectors
+    if c_w != c_in:
+        weight_t = torch.nn.functional.pad(weight_t, (0, c_w - c_in))
     num_tiles = tile_pos.shape[0]
     dsrc = torch.empty((num_tiles, in_side, in_side, c_in), dtype=grad.dtype, device=grad.device)
     rows = num_tiles * in_side * in_side
@@ -898,8 +918,8 @@ def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor | None, weight: torch.
     class_rows = rows // 4
     grid = lambda meta: (triton.cdiv(class_rows, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]), 4)
     _conv_relu_dgrad_kernel[grid](
-        grad, out, weight_t, dsrc, nbr, class_rows, _bucket(rows), C_IN=c_in, C_OUT=c_out, IN_SIDE=in_side, KSIZE=k,
-        R=radius, GRAD_MASKED=masked, WIDE=_wide(grad, dsrc), INTERPRET=_interpreting(),
+        grad, out, weight_t, dsrc, nbr, class_rows, _bucket(rows), C_IN=c_in, CW=c_w, C_OUT=c_out, IN_SIDE=in_side,
+        KSIZE=k, R=radius, GRAD_MASKED=masked, WIDE=_wide(grad, dsrc), INTERPRET=_interpreting(),
         ACC=_acc_dtype(grad.dtype), PRECISION=_precision(grad.dtype))
     return dsrc
 
@@ -965,7 +985,8 @@ def _(grad, act, slot, tile_pos):
     return torch.empty_like(act, memory_format=torch.contiguous_format)
 
 
-register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blur_pool, max_blur_pool_backward)
+register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blur_pool, max_blur_pool_backward,
+                        premask_compact=True)
 
 
 # --------------------------------------------------------------------------------------------
