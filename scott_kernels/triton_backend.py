@@ -9,18 +9,27 @@ A kernel reading a neighbour's pixel looks its patch up in ``slot``; -1 (or a po
 the image) reads as zero, which is exactly the mask the dense emulation applies after each op.
 
 Per stage (input patch side q, conv output side s = q / 2, pooled side s / 2):
-  conv_relu       implicit GEMM (rows = M*s*s output pixels, cols = C_out, K = k*k*C_in) that
-                  gathers its input window through ``slot``; ReLU in the epilogue. Stage 0 reads
-                  the (B, C, H, W) images directly, so input masking is fused into the load.
+  conv_relu       implicit GEMM (rows = M*s*s output pixels, cols = C_out, K = k*k*C_in) on
+                  tensor cores, ReLU in the epilogue. A compact source is gathered through a
+                  per-tile neighbour table (M, 2r+1, 2r+1) built from ``slot``/``tile_pos``: K runs
+                  over (tap, channel block), so a row's neighbour lookup is one small load per
+                  step and each step loads contiguous channels. The image stage first packs the
+                  images once (masked patches zeroed, uint8 normalised, channels padded to a power
+                  of two, zero border) into (B, H + 2p, W', CP), so a kernel row of a window is
+                  one contiguous run of elements.
   max_blur_pool   2x2 max (stride 1) + 3x3 binomial blur (stride 2), reading the 1-pixel halo
                   from neighbouring patches; the max-pool map's absence at the image border is
                   the blur's zero padding.
 Backward: max_blur_pool_backward pulls, for every conv pixel, the gradient of each max window
 that selected it (first maximum in row-major order, as torch's max_pool2d); conv wgrad is a
-split-K GEMM over output pixels into float32 partials; conv dgrad is an implicit GEMM over input
-pixels that gathers the output gradient through ``slot``, run per parity class of input pixel (a
-stride-2 conv reads a pixel only through taps of one parity, so each class reduces over a quarter
-of the taps); both apply the ReLU mask on load.
+split-K GEMM over output pixels into float32 partials, with output tiles of one or two taps'
+channels (or kernel rows of the packed image); conv dgrad is an implicit GEMM over input pixels
+that gathers the output gradient through the neighbour table, run per parity class of input
+pixel (a stride-2 conv reads a pixel only through taps of one parity, so each class loops over
+its own taps only). The gradient ops take the forward's output for the ReLU mask, or None for a
+gradient already masked (the autograd masks a compact stage's gradient once for both).
+Geometry (channels, sides, kernel size) is compile-time; offsets are 32-bit unless a tensor
+reaches 2^30 elements.
 
 Every kernel sits behind a ``torch.library.custom_op`` with a fake implementation and autograd,
 so the backend traces under torch.compile. With ``num_visible`` (visible patches per row) given,
