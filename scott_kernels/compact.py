@@ -166,10 +166,15 @@ def tokenize_compact(conv_relu: Callable, max_blur_pool: Callable, x: torch.Tens
 
 
 def register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blur_pool,
-                            max_blur_pool_backward) -> None:
+                            max_blur_pool_backward, premask_compact: bool = False) -> None:
     """Autograd for a backend's stage ops, from its gradient ops (the same wiring for every
     compact backend): conv_relu -> wgrad / dgrad (image sources get their gradient scattered
-    back and scaled by the fused normalisation), max_blur_pool -> max_blur_pool_backward."""
+    back and scaled by the fused normalisation), max_blur_pool -> max_blur_pool_backward.
+
+    The gradient ops take the forward's output to apply the ReLU mask themselves. With
+    ``premask_compact`` (for backends whose gradient ops also accept ``out=None`` and an
+    already-masked gradient) a compact stage's gradient is masked once here and both ops get
+    ``out=None``: cheaper than each op masking it again on every reread."""
 
     def conv_setup(ctx, inputs, output):
         src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm = inputs
@@ -180,6 +185,8 @@ def register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blu
     def conv_backward(ctx, grad):
         src, weight, slot, tile_pos, out, pixel_norm = ctx.saved_tensors
         grad_src = grad_w = None
+        if premask_compact and not ctx.src_is_image:
+            grad, out = torch.where(out > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)), None
         if ctx.needs_input_grad[1]:
             grad_w = conv_relu_wgrad(grad, out, src, weight, slot, tile_pos, ctx.in_side, ctx.src_is_image,
                                      pixel_norm)

@@ -9,19 +9,28 @@ A kernel reading a neighbour's pixel looks its patch up in ``slot``; -1 (or a po
 the image) reads as zero, which is exactly the mask the dense emulation applies after each op.
 
 Per stage (input patch side q, conv output side s = q / 2, pooled side s / 2):
-  conv_relu       implicit GEMM (rows = M*s*s output pixels, cols = C_out, K = k*k*C_in) that
-                  gathers its input window through ``slot``; ReLU in the epilogue. Stage 0 reads
-                  the (B, C, H, W) images directly, so input masking is fused into the load.
+  conv_relu       implicit GEMM (rows = M*s*s output pixels, cols = C_out, K = k*k*C_in) on
+                  tensor cores, ReLU in the epilogue. A compact source is gathered through a
+                  per-tile neighbour table (M, 2r+1, 2r+1) built from ``slot``/``tile_pos``: K runs
+                  over (tap, channel block), so a row's neighbour lookup is one small load per
+                  step and each step loads contiguous channels. The image stage first packs the
+                  images once (masked patches zeroed, uint8 normalised, channels padded to a power
+                  of two, zero border) into (B, H + 2p, W', CP), so a kernel row of a window is
+                  one contiguous run of elements.
   max_blur_pool   2x2 max (stride 1) + 3x3 binomial blur (stride 2), reading the 1-pixel halo
                   from neighbouring patches (scott_kernels.triton_pool); the last stage's pool
                   also applies the token epilogue (LayerNorm, position embedding, mask-token
                   fill, packed or (B, N, D) layout) in the same pass when one is asked for.
 Backward: max_blur_pool_backward gives each conv pixel the gradient of every max window it won
 (argmax recomputed, first maximum in row-major order as torch's max_pool2d); conv wgrad is a
-split-K GEMM over output pixels into float32 partials; conv dgrad is an implicit GEMM over input
-pixels that gathers the output gradient through ``slot``, run per parity class of input pixel (a
-stride-2 conv reads a pixel only through taps of one parity, so each class reduces over a quarter
-of the taps); both apply the ReLU mask on load.
+split-K GEMM over output pixels into float32 partials, with output tiles of one or two taps'
+channels (or kernel rows of the packed image); conv dgrad is an implicit GEMM over input pixels
+that gathers the output gradient through the neighbour table, run per parity class of input
+pixel (a stride-2 conv reads a pixel only through taps of one parity, so each class loops over
+its own taps only). The gradient ops take the forward's output for the ReLU mask, or None for a
+gradient already masked (the autograd masks a compact stage's gradient once for both).
+Geometry (channels, sides, kernel size) is compile-time; offsets are 32-bit unless a tensor
+reaches 2^30 elements.
 
 Every kernel sits behind a ``torch.library.custom_op`` with a fake implementation and autograd,
 so the backend traces under torch.compile. With ``num_visible`` (visible patches per row) given,
@@ -41,7 +50,8 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
-from .compact import (accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed, reduction_splits,
+from . import compact
+from .compact import (accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed,
                       register_stage_autograd, tokenize_compact, visible_tables, weight_from_partials)
 from .triton_pool import max_blur_pool, max_blur_pool_backward, pool_tokens_apply
 
@@ -73,16 +83,55 @@ def _single_config() -> bool:
     return os.environ.get("SCOTT_TRITON_SINGLE_CONFIG", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def _gemm_configs() -> list:
-    if _interpreting():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32})]
-    configs = []
-    for bm, bn, bk, warps, stages in [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
-                                      (128, 128, 64, 8, 2), (64, 64, 64, 4, 3), (128, 32, 32, 4, 4),
-                                      (64, 32, 32, 4, 4), (64, 16, 32, 4, 4), (128, 16, 64, 4, 3)]:
-        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
-                                     num_stages=stages))
+def _cfg(kwargs: dict, warps: int, stages: int):
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
+
+
+def _keep(configs: list) -> list:
     return configs[:1] if _single_config() else configs
+
+
+# The conv GEMM tile lists hold only configs that the sm_90 machine code shows can win at the
+# SCOTT shapes (wgmma tiles of at least 64 rows, 16-byte gathers, no spills), so a first call
+# compiles a handful of variants. The interpreter gets one small tile.
+def _fwd_configs() -> list:
+    """Compact-source forward: output tile BLOCK_M x BLOCK_N; the K step is one tap's channels."""
+    if _interpreting():
+        return [_cfg({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 1)]
+    return _keep([_cfg({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 3), _cfg({"BLOCK_M": 128, "BLOCK_N": 64}, 4, 4)])
+
+
+def _image_fwd_configs() -> list:
+    """Image forward: output tile BLOCK_M x BLOCK_N; the K step is one kernel row of the packed image."""
+    if _interpreting():
+        return [_cfg({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 1)]
+    return _keep([_cfg({"BLOCK_M": 256, "BLOCK_N": 64}, 8, 3), _cfg({"BLOCK_M": 128, "BLOCK_N": 64}, 4, 3)])
+
+
+def _wgrad_configs() -> list:
+    """Compact-source weight gradient: output tile (one tap's channel block) x BLOCK_N, BLOCK_R
+    output pixels per step."""
+    if _interpreting():
+        return [_cfg({"BLOCK_N": 32, "BLOCK_R": 64}, 4, 1)]
+    return _keep([_cfg({"BLOCK_N": 128, "BLOCK_R": 64}, 4, 3), _cfg({"BLOCK_N": 128, "BLOCK_R": 128}, 8, 3)])
+
+
+def _image_wgrad_configs() -> list:
+    """Image weight gradient: output tile (BLOCK_KY kernel rows of the packed image) x BLOCK_N."""
+    if _interpreting():
+        return [_cfg({"BLOCK_KY": 2, "BLOCK_N": 32, "BLOCK_R": 64}, 4, 1)]
+    return _keep([_cfg({"BLOCK_KY": 2, "BLOCK_N": 64, "BLOCK_R": 128}, 4, 3),
+                  _cfg({"BLOCK_KY": 8, "BLOCK_N": 64, "BLOCK_R": 64}, 8, 3)])
+
+
+def _dgrad_configs() -> list:
+    """Input gradient: output tile BLOCK_M input pixels x BLOCK_N input channels; the K step is
+    one tap's block of BLOCK_K output channels."""
+    if _interpreting():
+        return [_cfg({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, 4, 1)]
+    return _keep([_cfg({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 3),
+                  _cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 3),
+                  _cfg({"BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 64}, 4, 3)])   # image gradients (C_in 3)
 
 
 def _prune_wide(configs, columns: int, block: str = "BLOCK_N"):
@@ -93,11 +142,22 @@ def _prune_wide(configs, columns: int, block: str = "BLOCK_N"):
 
 
 def _prune_by_c_out(configs, named_args, **kwargs):
-    return _prune_wide(configs, named_args["C_OUT"])
+    return _prune_wide(configs, {**named_args, **kwargs}["C_OUT"])
 
 
 def _prune_by_c_in(configs, named_args, **kwargs):
-    return _prune_wide(configs, named_args["C_IN"])
+    """Input-gradient tiles: no wider than twice C_in, and no narrower than it up to 64."""
+    c_in = {**named_args, **kwargs}["C_IN"]
+    kept = [c for c in _prune_wide(configs, c_in) if c.kwargs["BLOCK_N"] >= min(64, _pow2(c_in))]
+    return kept or _prune_wide(configs, c_in)
+
+
+def _prune_image_wgrad(configs, named_args, **kwargs):
+    """Weight-gradient tiles no taller than the padded kernel (KYP kernel rows), no wider than
+    twice C_out."""
+    args = {**named_args, **kwargs}
+    kept = [c for c in _prune_wide(configs, args["C_OUT"]) if c.kwargs["BLOCK_KY"] <= args["KYP"]]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_KY"])]
 
 
 def _autotune(configs, key, prune):
@@ -105,7 +165,8 @@ def _autotune(configs, key, prune):
                            cache_results=True)
 
 
-_GEMM_KEY = ["C_IN", "C_OUT", "IN_SIDE", "KSIZE", "ROWS_BUCKET"]
+_CONV_KEY = ["C_IN", "C_OUT", "IN_SIDE", "KSIZE", "ROWS_BUCKET"]
+_IMAGE_KEY = ["C_OUT", "OUT_SIDE", "KSIZE", "KYP", "CP", "KROW", "ROWS_BUCKET"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,120 +207,317 @@ if triton is not None:
         offs = ((slot * SIDE + (yc - py * SIDE)) * SIDE + (xc - px * SIDE)) * C + c
         return offs, valid
 
+    # ---- conv GEMMs --------------------------------------------------------------------------
+    # Offsets are 32-bit (the host checks every tensor's size) unless WIDE, where the tile index is
+    # widened before the final multiply. Geometry (sides, channels, kernel size) is compile-time,
+    # so every divide below is a multiply-shift, and the K loops have compile-time trip counts.
     @triton.jit
-    def _source_window(src_ptr, slot_ptr, b, oy, ox, kk, row_ok, k_ok, GH, GW, num_tiles, C_IN,
-                       s_b, s_c, s_h, s_w, norm_ptr, IN_SIDE: tl.constexpr, KSIZE: tl.constexpr,
-                       SRC_IMAGE: tl.constexpr, NORMALIZE: tl.constexpr, ACC: tl.constexpr,
-                       COMPUTE: tl.constexpr):
-        """[rows, K] block of the conv's input windows (im2col, K ordered (ky, kx, ci)).
-
-        With NORMALIZE the image (any dtype, uint8 included) becomes (x - mean[c]) * inv_std[c]
-        on load, norm_ptr holding (mean, inv_std) as a (2, C_in) table; masked pixels stay 0.
-        """
-        PAD: tl.constexpr = KSIZE // 2
-        ky = kk // (KSIZE * C_IN)
-        kx = (kk // C_IN) % KSIZE
-        ci = kk % C_IN
-        iy = 2 * oy[:, None] - PAD + ky[None, :]
-        ix = 2 * ox[:, None] - PAD + kx[None, :]
-        ok = row_ok[:, None] & k_ok[None, :]
-        bb = b[:, None]
-        if SRC_IMAGE:
-            # the image is read in place; slot says only whether the patch is visible
-            inside = ok & (iy >= 0) & (iy < GH * IN_SIDE) & (ix >= 0) & (ix < GW * IN_SIDE)
-            iyc = tl.where(inside, iy, 0)
-            ixc = tl.where(inside, ix, 0)
-            slot = tl.load(slot_ptr + (bb * GH + iyc // IN_SIDE) * GW + ixc // IN_SIDE, mask=inside, other=-1)
-            valid = inside & (slot >= 0) & (slot < num_tiles)
-            offs = bb * s_b + ci[None, :].to(tl.int64) * s_c + iyc.to(tl.int64) * s_h + ixc.to(tl.int64) * s_w
-            v = tl.load(src_ptr + offs, mask=valid, other=0)
-            if NORMALIZE:
-                mean = tl.load(norm_ptr + ci, mask=k_ok, other=0.0).to(ACC)
-                inv_std = tl.load(norm_ptr + C_IN + ci, mask=k_ok, other=0.0).to(ACC)
-                v = tl.where(valid, (v.to(ACC) - mean[None, :]) * inv_std[None, :], 0.0)
-            return v.to(COMPUTE)
+    def _row_block(pid, rows_total, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+        """Rows pid * BLOCK + [0, BLOCK): clamped into range (so loads need no row mask) and a
+        mask of the real ones; 64-bit when WIDE (a tensor of 2^31 elements or more)."""
+        if WIDE:
+            rows = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         else:
-            offs, valid = _compact_offsets(slot_ptr, bb, iy, ix, ci[None, :], ok, GH, GW, num_tiles, C_IN, IN_SIDE)
-            return tl.load(src_ptr + offs, mask=valid, other=0.0)
+            rows = pid * BLOCK + tl.arange(0, BLOCK)
+        return tl.minimum(rows, rows_total - 1), rows < rows_total
 
-    @_autotune(_gemm_configs(), _GEMM_KEY, _prune_by_c_out)
     @triton.jit
-    def _conv_relu_fwd_kernel(src_ptr, w_ptr, out_ptr, slot_ptr, tile_pos_ptr,
-                              num_tiles, num_pos, GH, GW, C_IN, C_OUT, K_TOTAL, ROWS_BUCKET, s_b, s_c, s_h, s_w, norm_ptr,
-                              IN_SIDE: tl.constexpr, KSIZE: tl.constexpr, SRC_IMAGE: tl.constexpr,
-                              NORMALIZE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _neighbour_offsets(nbr_row, y, x, ch, SIDE: tl.constexpr, C: tl.constexpr, NB: tl.constexpr,
+                           CH_MASK: tl.constexpr, WIDE: tl.constexpr):
+        """Offsets and mask of a [rows, channels] block of a compact (M, SIDE, SIDE, C) tensor at
+        pixel (y, x) of each row's (NB x NB)-tile neighbourhood (y, x >= 0, relative to its
+        top-left tile). nbr_row points at each row's (NB, NB) neighbour table; -1 reads as 0."""
+        ty = y // SIDE
+        tx = x // SIDE
+        nb = tl.load(nbr_row + ty * NB + tx)
+        if WIDE:
+            nb = nb.to(tl.int64)
+        offs = nb * (SIDE * SIDE * C) + ((y - ty * SIDE) * SIDE + (x - tx * SIDE)) * C
+        mask = (nb >= 0)[:, None]
+        if CH_MASK:
+            mask = mask & (ch < C)[None, :]
+        return offs[:, None] + ch[None, :], mask
+
+    @triton.jit
+    def _relu_grad(grad_ptr, out_ptr, offs, mask, GRAD_MASKED: tl.constexpr):
+        """grad * relu'(out); with GRAD_MASKED the gradient comes already multiplied."""
+        g = tl.load(grad_ptr + offs, mask=mask, other=0.0)
+        if not GRAD_MASKED:
+            r = tl.load(out_ptr + offs, mask=mask, other=0.0)
+            g = tl.where(r > 0, g, tl.zeros_like(g))
+        return g
+
+    @_autotune(_fwd_configs(), _CONV_KEY, _prune_by_c_out)
+    @triton.jit
+    def _conv_relu_fwd_kernel(src_ptr, w_ptr, out_ptr, nbr_ptr, rows_total, ROWS_BUCKET,
+                              C_IN: tl.constexpr, C_OUT: tl.constexpr, IN_SIDE: tl.constexpr,
+                              KSIZE: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr,
+                              ACC: tl.constexpr, PRECISION: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """out (M, s, s, C_out) = relu(im2col(src) @ W) for a compact (M, q, q, C_in) source.
+
+        K runs over (tap, channel block): a row's neighbour lookup is one load from its tile's
+        (2R+1)^2 neighbour table per step, and each step gathers BLOCK_K contiguous channels."""
         OUT_SIDE: tl.constexpr = IN_SIDE // 2
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < num_tiles * (OUT_SIDE * OUT_SIDE)
-        b, oy, ox = _tile_coords(rows, row_ok, tile_pos_ptr, num_pos, GH, GW, OUT_SIDE)
+        PAD: tl.constexpr = KSIZE // 2
+        NB: tl.constexpr = 2 * R + 1
+        CB: tl.constexpr = (C_IN + BLOCK_K - 1) // BLOCK_K
+        CH_MASK: tl.constexpr = C_IN % BLOCK_K != 0
+        rows, row_ok = _row_block(tl.program_id(0), rows_total, BLOCK_M, WIDE)
+        tile = rows // (OUT_SIDE * OUT_SIDE)
+        rem = rows % (OUT_SIDE * OUT_SIDE)
+        # input pixel of tap (0, 0), shifted by R tiles so that it is never negative
+        y0 = 2 * (rem // OUT_SIDE) - PAD + R * IN_SIDE
+        x0 = 2 * (rem % OUT_SIDE) - PAD + R * IN_SIDE
+        nbr_row = nbr_ptr + tile * (NB * NB)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < C_OUT
+        kc = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-        for k0 in range(0, K_TOTAL, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = kk < K_TOTAL
-            a = _source_window(src_ptr, slot_ptr, b, oy, ox, kk, row_ok, k_ok, GH, GW, num_tiles, C_IN,
-                               s_b, s_c, s_h, s_w, norm_ptr, IN_SIDE, KSIZE, SRC_IMAGE, NORMALIZE, ACC,
-                               w_ptr.dtype.element_ty)
-            w = tl.load(w_ptr + kk[:, None] * C_OUT + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
-                        other=0.0)
+        for it in range(KSIZE * KSIZE * CB):
+            tap = it // CB
+            ch = (it % CB) * BLOCK_K + kc
+            offs, mask = _neighbour_offsets(nbr_row, y0 + tap // KSIZE, x0 + tap % KSIZE, ch, IN_SIDE, C_IN, NB,
+                                            CH_MASK, WIDE)
+            a = tl.load(src_ptr + offs, mask=mask, other=0.0)
+            w_mask = col_ok[None, :]
+            if CH_MASK:
+                w_mask = w_mask & (ch < C_IN)[:, None]
+            w = tl.load(w_ptr + (tap * C_IN + ch)[:, None] * C_OUT + cols[None, :], mask=w_mask, other=0.0)
             acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=ACC)
         acc = tl.maximum(acc, 0.0)
         tl.store(out_ptr + rows[:, None] * C_OUT + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
-    @_autotune(_gemm_configs(), _GEMM_KEY + ["SPLITS"], _prune_by_c_out)
     @triton.jit
-    def _conv_relu_wgrad_kernel(src_ptr, grad_ptr, out_ptr, partial_ptr, slot_ptr, tile_pos_ptr,
-                                num_tiles, num_pos, GH, GW, C_IN, C_OUT, K_TOTAL, ROWS_BUCKET, SPLITS, s_b, s_c, s_h, s_w,
-                                norm_ptr, IN_SIDE: tl.constexpr, KSIZE: tl.constexpr, SRC_IMAGE: tl.constexpr,
-                                NORMALIZE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """partial[split] (K, C_out) = im2col(rows of this split)^T @ (grad * relu')."""
+    def _image_row_offsets(rows, tile_pos_ptr, num_pos, cells, GW, ROW_STRIDE, IMG_STRIDE,
+                           OUT_SIDE: tl.constexpr, CP: tl.constexpr, WIDE: tl.constexpr):
+        """Offset in the packed image of each output row's window corner (tap (0, 0)).
+
+        A tile position outside the grid (a corrupt table) is clamped into it."""
+        tile = rows // (OUT_SIDE * OUT_SIDE)
+        rem = rows % (OUT_SIDE * OUT_SIDE)
+        pos = tl.load(tile_pos_ptr + tile)
+        pos = tl.minimum(tl.maximum(pos, 0), num_pos - 1).to(tl.int32)
+        b = pos // cells
+        cell = pos % cells
+        y = (cell // GW) * OUT_SIDE + rem // OUT_SIDE
+        x = (cell % GW) * OUT_SIDE + rem % OUT_SIDE
+        if WIDE:
+            b = b.to(tl.int64)
+        return b * IMG_STRIDE + (2 * y) * ROW_STRIDE + (2 * x) * CP
+
+    @_autotune(_image_fwd_configs(), _IMAGE_KEY, _prune_by_c_out)
+    @triton.jit
+    def _conv_relu_image_fwd_kernel(packed_ptr, w_ptr, out_ptr, tile_pos_ptr, rows_total, num_pos, cells, GW,
+                                    ROW_STRIDE, IMG_STRIDE, ROWS_BUCKET,
+                                    C_OUT: tl.constexpr, OUT_SIDE: tl.constexpr, KSIZE: tl.constexpr,
+                                    CP: tl.constexpr, KROW: tl.constexpr, WIDE: tl.constexpr,
+                                    ACC: tl.constexpr, PRECISION: tl.constexpr,
+                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The image stage's forward from the packed image (see _pack_image_kernel): kernel row ky
+        of an output pixel's window is KROW contiguous elements (KROW / CP pixels x CP channels,
+        the taps past KSIZE and the channels past C_in have zero weights), so each K step is one
+        unmasked, 16-byte-vector load per row."""
+        rows, row_ok = _row_block(tl.program_id(0), rows_total, BLOCK_M, WIDE)
+        base = _image_row_offsets(rows, tile_pos_ptr, num_pos, cells, GW, ROW_STRIDE, IMG_STRIDE, OUT_SIDE, CP, WIDE)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < C_OUT
+        kc = tl.arange(0, KROW)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        for ky in range(KSIZE):
+            a = tl.load(packed_ptr + (base + ky * ROW_STRIDE)[:, None] + kc[None, :])
+            w = tl.load(w_ptr + (ky * KROW + kc)[:, None] * C_OUT + cols[None, :], mask=col_ok[None, :], other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=ACC)
+        acc = tl.maximum(acc, 0.0)
+        tl.store(out_ptr + rows[:, None] * C_OUT + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _pack_image_kernel(x_ptr, packed_ptr, slot_ptr, norm_ptr, num_tiles, GH, GW, H, W, HP, WP,
+                           s_b, s_c, s_h, s_w, C: tl.constexpr, CP: tl.constexpr, P: tl.constexpr,
+                           PAD: tl.constexpr, NORMALIZE: tl.constexpr, ACC: tl.constexpr, BLOCK_W: tl.constexpr):
+        """packed (B, HP, WP, CP)[b, y + PAD, x + PAD, c] = image[b, c, y, x] (normalised with
+        NORMALIZE) where (y, x) is in the image and its patch visible, else 0: the image stage's
+        masking, padding and normalisation, done once."""
+        prow = tl.program_id(0)
+        b = prow // HP
+        y = prow % HP - PAD
+        xp = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        x = xp - PAD
+        inside = (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        yc = tl.where(inside, y, 0)
+        xc = tl.where(inside, x, 0)
+        s = tl.load(slot_ptr + (b * GH + yc // P) * GW + xc // P, mask=inside, other=-1)
+        valid = inside & (s >= 0) & (s < num_tiles)
+        c = tl.arange(0, CP)
+        ok = valid[:, None] & (c < C)[None, :]
+        src = x_ptr + b.to(tl.int64) * s_b + c[None, :].to(tl.int64) * s_c + yc.to(tl.int64)[:, None] * s_h \
+            + xc.to(tl.int64)[:, None] * s_w
+        v = tl.load(src, mask=ok, other=0)
+        if NORMALIZE:
+            mean = tl.load(norm_ptr + c, mask=c < C, other=0.0).to(ACC)
+            inv_std = tl.load(norm_ptr + C + c, mask=c < C, other=0.0).to(ACC)
+            v = tl.where(ok, (v.to(ACC) - mean[None, :]) * inv_std[None, :], 0.0)
+        dst = packed_ptr + (prow.to(tl.int64) * WP + xp)[:, None] * CP + c[None, :]
+        tl.store(dst, v.to(packed_ptr.dtype.element_ty), mask=(xp < WP)[:, None])
+
+    @triton.jit
+    def _neighbour_table_kernel(slot_ptr, tile_pos_ptr, nbr_ptr, total, num_tiles, num_pos, GH, GW,
+                                R: tl.constexpr, BLOCK: tl.constexpr):
+        """nbr (M, 2R+1, 2R+1) int32: the tile at grid offset (dy - R, dx - R) from each tile, or
+        -1 (masked, outside the image, or a slot naming no tile)."""
+        NB: tl.constexpr = 2 * R + 1
+        e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = e < total
+        tile = e // (NB * NB)
+        d = e % (NB * NB)
+        pos = tl.load(tile_pos_ptr + tile, mask=ok, other=0)
+        pos = tl.minimum(tl.maximum(pos, 0), num_pos - 1)
+        b = pos // (GH * GW)
+        gy = (pos % (GH * GW)) // GW + d // NB - R
+        gx = pos % GW + d % NB - R
+        inside = ok & (gy >= 0) & (gy < GH) & (gx >= 0) & (gx < GW)
+        s = tl.load(slot_ptr + (b * GH + gy) * GW + gx, mask=inside, other=-1)
+        s = tl.where((s >= 0) & (s < num_tiles), s, -1)
+        tl.store(nbr_ptr + e, s.to(tl.int32), mask=ok)
+
+    @_autotune(_wgrad_configs(), _CONV_KEY + ["ROWS_PER_CTA", "TAPS"], _prune_by_c_out)
+    @triton.jit
+    def _conv_relu_wgrad_kernel(src_ptr, grad_ptr, out_ptr, partial_ptr, nbr_ptr, rows_total, ROWS_BUCKET,
+                                C_IN: tl.constexpr, C_OUT: tl.constexpr, IN_SIDE: tl.constexpr,
+                                KSIZE: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr, TAPS: tl.constexpr,
+                                ROWS_PER_CTA: tl.constexpr, GRAD_MASKED: tl.constexpr, WIDE: tl.constexpr,
+                                ACC: tl.constexpr, PRECISION: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """partial[split] (k*k*C_in, C_out) = im2col(rows of this split)^T @ (grad * relu').
+
+        A CTA owns TAPS (1 or 2) taps' block of BLOCK_K channels: each step does one neighbour
+        lookup per row and tap, gathers contiguous channels, and loads the gradient once for
+        both taps."""
         OUT_SIDE: tl.constexpr = IN_SIDE // 2
-        kk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok = kk < K_TOTAL
+        PAD: tl.constexpr = KSIZE // 2
+        NB: tl.constexpr = 2 * R + 1
+        CB: tl.constexpr = (C_IN + BLOCK_K - 1) // BLOCK_K
+        CH_MASK: tl.constexpr = C_IN % BLOCK_K != 0
+        tap = (tl.program_id(0) // CB) * TAPS
+        ch = (tl.program_id(0) % CB) * BLOCK_K + tl.arange(0, BLOCK_K)
+        dy = tap // KSIZE - PAD + R * IN_SIDE
+        dx = tap % KSIZE - PAD + R * IN_SIDE
+        # the second tap (when there is one: k*k is odd, so the last CTA has only the first)
+        tap2 = tap + 1
+        has2 = tap2 < KSIZE * KSIZE
+        dy2 = tap2 // KSIZE - PAD + R * IN_SIDE
+        dx2 = tap2 % KSIZE - PAD + R * IN_SIDE
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < C_OUT
         split = tl.program_id(2)
-        total_rows = num_tiles * (OUT_SIDE * OUT_SIDE)
-        ROWS_PER_SPLIT = tl.cdiv(tl.cdiv(total_rows, SPLITS), BLOCK_M) * BLOCK_M
-        start = split.to(tl.int64) * ROWS_PER_SPLIT
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=ACC)
-        for r0 in range(0, ROWS_PER_SPLIT, BLOCK_M):
-            rows = start + r0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < total_rows
-            b, oy, ox = _tile_coords(rows, row_ok, tile_pos_ptr, num_pos, GH, GW, OUT_SIDE)
-            a = _source_window(src_ptr, slot_ptr, b, oy, ox, kk, row_ok, k_ok, GH, GW, num_tiles, C_IN,
-                               s_b, s_c, s_h, s_w, norm_ptr, IN_SIDE, KSIZE, SRC_IMAGE, NORMALIZE, ACC,
-                               grad_ptr.dtype.element_ty)
+        acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=ACC)
+        for r0 in range(0, ROWS_PER_CTA, BLOCK_R):
+            rows, row_ok = _row_block(split * (ROWS_PER_CTA // BLOCK_R) + r0 // BLOCK_R, rows_total, BLOCK_R, WIDE)
+            tile = rows // (OUT_SIDE * OUT_SIDE)
+            rem = rows % (OUT_SIDE * OUT_SIDE)
+            oy2 = 2 * (rem // OUT_SIDE)
+            ox2 = 2 * (rem % OUT_SIDE)
+            nbr_row = nbr_ptr + tile * (NB * NB)
             g_offs = rows[:, None] * C_OUT + cols[None, :]
-            g_ok = row_ok[:, None] & col_ok[None, :]
-            g = tl.load(grad_ptr + g_offs, mask=g_ok, other=0.0)
-            r = tl.load(out_ptr + g_offs, mask=g_ok, other=0.0)
-            g = tl.where(r > 0, g, tl.zeros_like(g))
+            g = _relu_grad(grad_ptr, out_ptr, g_offs, row_ok[:, None] & col_ok[None, :], GRAD_MASKED)
+            offs, mask = _neighbour_offsets(nbr_row, oy2 + dy, ox2 + dx, ch, IN_SIDE, C_IN, NB, CH_MASK, WIDE)
+            a = tl.load(src_ptr + offs, mask=mask, other=0.0)
             acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION, out_dtype=ACC)
-        tl.store(partial_ptr + (split.to(tl.int64) * K_TOTAL + kk[:, None]) * C_OUT + cols[None, :],
-                 acc.to(partial_ptr.dtype.element_ty), mask=k_ok[:, None] & col_ok[None, :])
+            if TAPS == 2:
+                offs, mask = _neighbour_offsets(nbr_row, oy2 + dy2, ox2 + dx2, ch, IN_SIDE, C_IN, NB, CH_MASK, WIDE)
+                a2 = tl.load(src_ptr + offs, mask=mask & has2, other=0.0)
+                acc2 = tl.dot(tl.trans(a2), g, acc2, input_precision=PRECISION, out_dtype=ACC)
+        k_rows = tap * C_IN + ch
+        dst = partial_ptr + (split * (KSIZE * KSIZE * C_IN) + k_rows[:, None]) * C_OUT + cols[None, :]
+        ok = (ch < C_IN)[:, None] & col_ok[None, :]
+        tl.store(dst, acc.to(partial_ptr.dtype.element_ty), mask=ok)
+        if TAPS == 2:
+            tl.store(dst + C_IN * C_OUT, acc2.to(partial_ptr.dtype.element_ty), mask=ok & has2)
 
-    @_autotune(_gemm_configs(), _GEMM_KEY, _prune_by_c_in)
+    @_autotune(_image_wgrad_configs(), _IMAGE_KEY + ["ROWS_PER_CTA"], _prune_image_wgrad)
     @triton.jit
-    def _conv_relu_dgrad_kernel(grad_ptr, out_ptr, w_ptr, dsrc_ptr, slot_ptr, tile_pos_ptr,
-                                num_tiles, num_pos, GH, GW, C_IN, C_OUT, K_TOTAL, ROWS_BUCKET,
-                                IN_SIDE: tl.constexpr, KSIZE: tl.constexpr,
-                                ACC: tl.constexpr, PRECISION: tl.constexpr,
+    def _conv_relu_image_wgrad_kernel(packed_ptr, grad_ptr, out_ptr, partial_ptr, tile_pos_ptr, rows_total, num_pos,
+                                      cells, GW, ROW_STRIDE, IMG_STRIDE, ROWS_BUCKET,
+                                      C_OUT: tl.constexpr, OUT_SIDE: tl.constexpr, KYP: tl.constexpr,
+                                      CP: tl.constexpr, KROW: tl.constexpr, ROWS_PER_CTA: tl.constexpr,
+                                      GRAD_MASKED: tl.constexpr, WIDE: tl.constexpr, ACC: tl.constexpr,
+                                      PRECISION: tl.constexpr,
+                                      BLOCK_KY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """partial[split] (KYP * KROW, C_out): the image stage's weight gradient over the packed
+        image's kernel rows (the host keeps the rows of real taps and channels)."""
+        BK: tl.constexpr = BLOCK_KY * KROW
+        j = tl.arange(0, BK)
+        k_offs = (tl.program_id(0) * BLOCK_KY + j // KROW) * ROW_STRIDE + j % KROW
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < C_OUT
+        split = tl.program_id(2)
+        acc = tl.zeros((BK, BLOCK_N), dtype=ACC)
+        for r0 in range(0, ROWS_PER_CTA, BLOCK_R):
+            rows, row_ok = _row_block(split * (ROWS_PER_CTA // BLOCK_R) + r0 // BLOCK_R, rows_total, BLOCK_R, WIDE)
+            base = _image_row_offsets(rows, tile_pos_ptr, num_pos, cells, GW, ROW_STRIDE, IMG_STRIDE, OUT_SIDE, CP,
+                                      WIDE)
+            a = tl.load(packed_ptr + base[:, None] + k_offs[None, :])
+            g = _relu_grad(grad_ptr, out_ptr, rows[:, None] * C_OUT + cols[None, :], row_ok[:, None] & col_ok[None, :],
+                           GRAD_MASKED)
+            acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION, out_dtype=ACC)
+        k_rows = tl.program_id(0) * BK + j
+        tl.store(partial_ptr + (split * (KYP * KROW) + k_rows[:, None]) * C_OUT + cols[None, :],
+                 acc.to(partial_ptr.dtype.element_ty), mask=col_ok[None, :])
+
+    @triton.jit
+    def _dgrad_step(grad_ptr, out_ptr, w_ptr, nbr_row, ly, lx, it, ky0, kx0, n_kx, n_iter, kc, cols, col_ok,
+                    C_IN: tl.constexpr, CW: tl.constexpr, C_OUT: tl.constexpr, OUT_SIDE: tl.constexpr, KSIZE: tl.constexpr,
+                    R: tl.constexpr, BLOCK_K: tl.constexpr, GRAD_MASKED: tl.constexpr, WIDE: tl.constexpr,
+                    BOUNDED: tl.constexpr):
+        """One K step of the input gradient: tap (ky, kx) of the class, output channels block."""
+        PAD: tl.constexpr = KSIZE // 2
+        NB: tl.constexpr = 2 * R + 1
+        CB: tl.constexpr = (C_OUT + BLOCK_K - 1) // BLOCK_K
+        CH_MASK: tl.constexpr = C_OUT % BLOCK_K != 0
+        tap = it // CB
+        co = (it % CB) * BLOCK_K + kc
+        ty = tap // n_kx
+        ky = ky0 + 2 * ty
+        kx = kx0 + 2 * (tap - ty * n_kx)
+        # the output pixel ((ly + PAD - ky) / 2, ...) reads this input pixel through tap (ky, kx);
+        # shifted by R output tiles (R * 2 * OUT_SIDE input pixels) to stay non-negative
+        oy = (ly + PAD - ky + R * 2 * OUT_SIDE) // 2
+        ox = (lx + PAD - kx + R * 2 * OUT_SIDE) // 2
+        offs, mask = _neighbour_offsets(nbr_row, oy, ox, co, OUT_SIDE, C_OUT, NB, CH_MASK, WIDE)
+        w_mask = col_ok[None, :]
+        if CH_MASK:
+            w_mask = w_mask & (co < C_OUT)[:, None]
+        if BOUNDED:
+            # the interpreter's loop runs the largest class's count: extra steps read nothing
+            mask = mask & (it < n_iter)
+            w_mask = w_mask & (it < n_iter)
+        g = _relu_grad(grad_ptr, out_ptr, offs, mask, GRAD_MASKED)
+        w = tl.load(w_ptr + ((ky * KSIZE + kx) * C_OUT + co)[:, None] * CW + cols[None, :], mask=w_mask, other=0.0)
+        return g, w
+
+    @_autotune(_dgrad_configs(), _CONV_KEY, _prune_by_c_in)
+    @triton.jit
+    def _conv_relu_dgrad_kernel(grad_ptr, out_ptr, w_ptr, dsrc_ptr, nbr_ptr, rows_class, ROWS_BUCKET,
+                                C_IN: tl.constexpr, CW: tl.constexpr, C_OUT: tl.constexpr, IN_SIDE: tl.constexpr,
+                                KSIZE: tl.constexpr, R: tl.constexpr, GRAD_MASKED: tl.constexpr,
+                                WIDE: tl.constexpr, INTERPRET: tl.constexpr, ACC: tl.constexpr,
+                                PRECISION: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """dsrc (M, q, q, C_in) = sum over the outputs each input pixel feeds of W^T (grad * relu').
+        """dsrc (M, q, q, C_in) = sum over the outputs each input pixel feeds of (grad * relu') W^T.
 
         A stride-2 conv reads input row iy only through taps ky of parity (iy + pad) % 2, so the
-        input pixels are split into four parity classes (grid axis 2) and each class reduces over
-        its own taps only: K = ceil-or-floor(k/2)^2 * C_out instead of k^2 * C_out, a quarter of
-        the work of the plain transposed convolution. w_ptr holds W as (k, k, C_out, C_in).
-        """
+        input pixels are split into four parity classes (grid axis 2) and each class loops over
+        its own taps only (9, 12, 12 and 16 of a 7x7 kernel), each tap once per block of output
+        channels. w_ptr holds W as (k, k, C_out, CW), CW >= C_in (rows padded for 16-byte loads)."""
         OUT_SIDE: tl.constexpr = IN_SIDE // 2
         HALF: tl.constexpr = IN_SIDE // 2
         PAD: tl.constexpr = KSIZE // 2
+        NB: tl.constexpr = 2 * R + 1
+        CB: tl.constexpr = (C_OUT + BLOCK_K - 1) // BLOCK_K
+        KH: tl.constexpr = (KSIZE + 1) // 2
         cls = tl.program_id(2)
         cy = cls // 2
         cx = cls % 2
@@ -267,43 +525,30 @@ if triton is not None:
         kx0 = (cx + PAD) % 2
         n_ky = (KSIZE - ky0 + 1) // 2
         n_kx = (KSIZE - kx0 + 1) // 2   # 0 for a 1x1 kernel's odd class: nothing reads those pixels
-        k_class = n_ky * n_kx * C_OUT
-        n_kx = tl.maximum(n_kx, 1)      # (only a divisor below; k_class already says 0 taps)
+        n_iter = n_ky * n_kx * CB
+        n_kx = tl.maximum(n_kx, 1)      # (only a divisor below; n_iter already says 0 taps)
         # rows of this class: (tile, ry, rx) -> local pixel (2 ry + cy, 2 rx + cx)
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < num_tiles * (HALF * HALF)
-        tile = tl.where(row_ok, rows // (HALF * HALF), 0)
+        rows, row_ok = _row_block(tl.program_id(0), rows_class, BLOCK_M, WIDE)
+        tile = rows // (HALF * HALF)
         rem = rows % (HALF * HALF)
         ly = 2 * (rem // HALF) + cy
         lx = 2 * (rem % HALF) + cx
-        pos = tl.load(tile_pos_ptr + tile, mask=row_ok, other=0)
-        pos = tl.minimum(tl.maximum(pos, 0), num_pos - 1)
-        cells = GH * GW
-        b = pos // cells
-        iy = (pos % cells) // GW * IN_SIDE + ly
-        ix = pos % GW * IN_SIDE + lx
+        nbr_row = nbr_ptr + tile * (NB * NB)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < C_IN
+        kc = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-        for k0 in range(0, K_TOTAL, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = kk < k_class
-            ky = ky0 + 2 * (kk // (n_kx * C_OUT))
-            kx = kx0 + 2 * ((kk // C_OUT) % n_kx)
-            co = kk % C_OUT
-            # the output pixel (ny/2, nx/2) reads this input pixel through tap (ky, kx); ny, nx even
-            ny = iy[:, None] + PAD - ky[None, :]
-            nx = ix[:, None] + PAD - kx[None, :]
-            ok = row_ok[:, None] & k_ok[None, :] & (ny >= 0) & (nx >= 0)
-            offs, valid = _compact_offsets(slot_ptr, b[:, None], ny // 2, nx // 2, co[None, :], ok,
-                                           GH, GW, num_tiles, C_OUT, OUT_SIDE)
-            g = tl.load(grad_ptr + offs, mask=valid, other=0.0)
-            r = tl.load(out_ptr + offs, mask=valid, other=0.0)
-            g = tl.where(r > 0, g, tl.zeros_like(g))
-            w_row = (ky * KSIZE + kx) * C_OUT + co
-            w = tl.load(w_ptr + w_row[:, None] * C_IN + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
-                        other=0.0)
-            acc = tl.dot(g, w, acc, input_precision=PRECISION, out_dtype=ACC)
+        if INTERPRET:
+            # (a loop bound computed from program_id fails in older Triton interpreters)
+            for it in range(KH * KH * CB):
+                g, w = _dgrad_step(grad_ptr, out_ptr, w_ptr, nbr_row, ly, lx, it, ky0, kx0, n_kx, n_iter, kc, cols,
+                                   col_ok, C_IN, CW, C_OUT, OUT_SIDE, KSIZE, R, BLOCK_K, GRAD_MASKED, WIDE, True)
+                acc = tl.dot(g, w, acc, input_precision=PRECISION, out_dtype=ACC)
+        else:
+            for it in range(n_iter):
+                g, w = _dgrad_step(grad_ptr, out_ptr, w_ptr, nbr_row, ly, lx, it, ky0, kx0, n_kx, n_iter, kc, cols,
+                                   col_ok, C_IN, CW, C_OUT, OUT_SIDE, KSIZE, R, BLOCK_K, GRAD_MASKED, WIDE, False)
+                acc = tl.dot(g, w, acc, input_precision=PRECISION, out_dtype=ACC)
         out_rows = tile * (IN_SIDE * IN_SIDE) + ly * IN_SIDE + lx
         tl.store(dsrc_ptr + out_rows[:, None] * C_IN + cols[None, :], acc.to(dsrc_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
@@ -337,17 +582,107 @@ def _check_tables(name: str, src: torch.Tensor, slot: torch.Tensor, tile_pos: to
                            "(a CUDA GPU, or the CPU with TRITON_INTERPRET=1)")
 
 
-def _source_geometry(src: torch.Tensor, slot: torch.Tensor, in_side: int, src_is_image: bool):
-    """(C_in, strides) of a conv source: an image (B, C, H, W) or compact (M, q, q, C)."""
+def _source_geometry(src: torch.Tensor, slot: torch.Tensor, in_side: int, src_is_image: bool) -> int:
+    """C_in of a conv source: an image (B, C, H, W) or compact (M, q, q, C)."""
     B, GH, GW = slot.shape
     if src_is_image:
         if src.dim() != 4 or tuple(src.shape[2:]) != (GH * in_side, GW * in_side) or src.shape[0] != B:
             raise ValueError(f"conv source: expected images ({B}, C, {GH * in_side}, {GW * in_side}), "
                              f"got {tuple(src.shape)}")
-        return src.shape[1], src.stride()
+        return src.shape[1]
     if src.dim() != 4 or tuple(src.shape[1:3]) != (in_side, in_side):
         raise ValueError(f"conv source: expected compact (M, {in_side}, {in_side}, C), got {tuple(src.shape)}")
-    return src.shape[3], (0, 0, 0, 0)
+    return src.shape[3]
+
+
+_INT32_MAX = 2 ** 31 - 1
+
+
+def _wide(*tensors: torch.Tensor) -> bool:
+    """True when 32-bit offsets cannot address every element of these tensors."""
+    return max(t.numel() for t in tensors) > _INT32_MAX // 2
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _k_block(channels: int) -> int:
+    """A conv GEMM's K step over one tap's channels: 16 to 64, a power of two."""
+    return min(64, max(16, _pow2(channels)))
+
+
+def _radius(in_side: int, k: int) -> int:
+    """How many patches away a stride-2 k x k window (or its transpose) reaches."""
+    return -(-(k // 2) // in_side)
+
+
+def _neighbour_table(slot: torch.Tensor, tile_pos: torch.Tensor, radius: int) -> torch.Tensor:
+    """(M, 2r+1, 2r+1) int32: each tile's neighbour within ``radius`` patches, or -1."""
+    num_tiles = tile_pos.shape[0]
+    nb = 2 * radius + 1
+    nbr = torch.empty((num_tiles, nb, nb), dtype=torch.int32, device=slot.device)
+    total = nbr.numel()
+    if total:
+        block = 1024
+        _neighbour_table_kernel[(triton.cdiv(total, block),)](
+            slot, tile_pos, nbr, total, num_tiles, slot.numel(), slot.shape[1], slot.shape[2], R=radius, BLOCK=block)
+    return nbr
+
+
+def _sm_count(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return compact._multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _rows_per_cta(rows: int, tiles: int, device: torch.device) -> int:
+    """Output pixels each weight-gradient CTA reduces over: a power of two (one compiled variant
+    per size class), enough parts to give every SM about two CTAs. Each part writes its own
+    float32 partial, summed afterwards: deterministic, no atomics. One part off the GPU."""
+    sms = _sm_count(device)
+    parts = 1 if sms is None else max(1, -(-2 * sms // tiles))
+    return max(128, _pow2(-(-rows // parts)))
+
+
+# ---- the image stage: a packed, padded, masked copy of the images ----------------------------
+def _packed_geometry(height: int, width: int, k: int, c_in: int) -> dict:
+    """Layout of the packed images (B, HP, WP, CP): channels padded to CP (a power of two), a
+    kernel row read as KROW = KXE * CP contiguous elements (KXE >= k pixels), KYP >= k kernel rows
+    covered by the weight-gradient tiles, rows padded so that every such read stays inside."""
+    pad = k // 2
+    cp = _pow2(c_in)
+    kxe = max(_pow2(k), -(-16 // cp))
+    kyp = _pow2(k)
+    hp = max(height + 2 * pad, height - 2 + kyp)
+    wp = -(-max(width + 2 * pad, width - 2 + kxe) // 16) * 16
+    return dict(pad=pad, cp=cp, kxe=kxe, krow=kxe * cp, kyp=kyp, hp=hp, wp=wp)
+
+
+def _pack_image(x: torch.Tensor, slot: torch.Tensor, num_tiles: int, in_side: int, k: int,
+                norm: torch.Tensor, normalize: bool, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
+    B, C, H, W = x.shape
+    geo = _packed_geometry(H, W, k, C)
+    packed = torch.empty((B, geo["hp"], geo["wp"], geo["cp"]), dtype=dtype, device=x.device)
+    block = 64
+    _pack_image_kernel[(B * geo["hp"], triton.cdiv(geo["wp"], block))](
+        x, packed, slot, norm, num_tiles, slot.shape[1], slot.shape[2], H, W, geo["hp"], geo["wp"], *x.stride(),
+        C=C, CP=geo["cp"], P=in_side, PAD=geo["pad"], NORMALIZE=normalize, ACC=_acc_dtype(dtype), BLOCK_W=block)
+    return packed, geo
+
+
+def _image_weight(weight: torch.Tensor, geo: dict) -> torch.Tensor:
+    """(C_out, C_in, k, k) -> (k * KROW, C_out), zero at the padded taps and channels."""
+    c_out, c_in, k, _ = weight.shape
+    w = weight.new_zeros((k, geo["kxe"], geo["cp"], c_out))
+    w[:, :k, :c_in] = weight.permute(2, 3, 1, 0)
+    return w.reshape(k * geo["krow"], c_out)
+
+
+def _image_args(packed: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, rows: int, geo: dict) -> tuple:
+    _, GH, GW = slot.shape
+    hp, wp, cp = geo["hp"], geo["wp"], geo["cp"]
+    return (tile_pos, rows, slot.numel(), GH * GW, GW, wp * cp, hp * wp * cp, _bucket(rows))
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,24 +712,33 @@ def conv_relu(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_
     _check_tables("triton_conv_relu", src, slot, tile_pos, image=src_is_image)
     if not src_is_image:
         src = src.contiguous()
-    c_in, strides = _source_geometry(src, slot, in_side, src_is_image)
+    c_in = _source_geometry(src, slot, in_side, src_is_image)
     c_out, _, k, _ = weight.shape
     if src.dtype != weight.dtype and src.dtype != torch.uint8:
         raise TypeError(f"triton_conv_relu: src is {src.dtype} but weight is {weight.dtype}")
-    weight_t = gemm_weight(weight)
-    norm, normalize = _norm_args(pixel_norm, src, c_in, weight_t)
     num_tiles = tile_pos.shape[0]
     side = in_side // 2
     out = torch.empty((num_tiles, side, side, c_out), dtype=weight.dtype, device=src.device)
     rows = num_tiles * side * side
     if rows == 0:
         return out
+    slot, tile_pos = slot.contiguous(), tile_pos.contiguous()
+    acc, precision = _acc_dtype(weight.dtype), _precision(weight.dtype)
+    if src_is_image:
+        norm, normalize = _norm_args(pixel_norm, src, c_in, weight)
+        packed, geo = _pack_image(src, slot, num_tiles, in_side, k, norm, normalize, weight.dtype)
+        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))
+        _conv_relu_image_fwd_kernel[grid](
+            packed, _image_weight(weight, geo), out, *_image_args(packed, slot, tile_pos, rows, geo),
+            C_OUT=c_out, OUT_SIDE=side, KSIZE=k, CP=geo["cp"], KROW=geo["krow"], WIDE=_wide(packed, out),
+            ACC=acc, PRECISION=precision)
+        return out
+    radius = _radius(in_side, k)
+    nbr = _neighbour_table(slot, tile_pos, radius)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))
     _conv_relu_fwd_kernel[grid](
-        src, weight_t, out, slot.contiguous(), tile_pos.contiguous(), num_tiles, slot.numel(), slot.shape[1], slot.shape[2],
-        c_in, c_out, k * k * c_in, _bucket(rows), *strides, norm, IN_SIDE=in_side, KSIZE=k,
-        SRC_IMAGE=src_is_image, NORMALIZE=normalize, ACC=_acc_dtype(weight.dtype),
-        PRECISION=_precision(weight.dtype))
+        src, gemm_weight(weight), out, nbr, rows, _bucket(rows), C_IN=c_in, C_OUT=c_out, IN_SIDE=in_side, KSIZE=k,
+        R=radius, BLOCK_K=_k_block(c_in), WIDE=_wide(src, out), ACC=acc, PRECISION=precision)
     return out
 
 
@@ -405,30 +749,55 @@ def _(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=None):
 
 
 @torch.library.custom_op("scott_kernels::triton_conv_relu_wgrad", mutates_args=())
-def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor, src: torch.Tensor, weight: torch.Tensor,
+def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor | None, src: torch.Tensor, weight: torch.Tensor,
                     slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int, src_is_image: bool,
                     pixel_norm: torch.Tensor | None = None) -> torch.Tensor:
-    """Gradient of conv_relu with respect to its (C_out, C_in, k, k) weight."""
+    """Gradient of conv_relu with respect to its (C_out, C_in, k, k) weight. ``out`` is the
+    forward's output (for the ReLU mask), or None when ``grad`` is already masked by it."""
     _check_tables("triton_conv_relu_wgrad", src, slot, tile_pos, image=src_is_image)
     if not src_is_image:
         src = src.contiguous()
-    c_in, strides = _source_geometry(src, slot, in_side, src_is_image)
+    c_in = _source_geometry(src, slot, in_side, src_is_image)
     c_out, _, k, _ = weight.shape
-    norm, normalize = _norm_args(pixel_norm, src, c_in, grad)
     num_tiles = tile_pos.shape[0]
     side = in_side // 2
     rows = num_tiles * side * side
-    k_total = k * k * c_in
     if rows == 0:
         return torch.zeros_like(weight, memory_format=torch.contiguous_format)
-    splits = reduction_splits(rows, k_total, c_out, src.device, min_rows=512)
-    partial = torch.empty((splits, k_total, c_out), dtype=accumulator_dtype(weight.dtype), device=src.device)
-    grid = lambda meta: (triton.cdiv(k_total, meta["BLOCK_K"]), triton.cdiv(c_out, meta["BLOCK_N"]), splits)
+    slot, tile_pos = slot.contiguous(), tile_pos.contiguous()
+    grad = grad.to(weight.dtype).contiguous()
+    masked = out is None
+    out = grad if masked else out.contiguous()
+    acc, precision = _acc_dtype(weight.dtype), _precision(weight.dtype)
+    part_dtype = accumulator_dtype(weight.dtype)
+    if src_is_image:
+        norm, normalize = _norm_args(pixel_norm, src, c_in, grad)
+        packed, geo = _pack_image(src, slot, num_tiles, in_side, k, norm, normalize, weight.dtype)
+        kyp, krow = geo["kyp"], geo["krow"]
+        per_cta = _rows_per_cta(rows, triton.cdiv(c_out, 64), src.device)
+        splits = triton.cdiv(rows, per_cta)
+        partial = torch.empty((splits, kyp * krow, c_out), dtype=part_dtype, device=src.device)
+        grid = lambda meta: (kyp // meta["BLOCK_KY"], triton.cdiv(c_out, meta["BLOCK_N"]), splits)
+        _conv_relu_image_wgrad_kernel[grid](
+            packed, grad, out, partial, *_image_args(packed, slot, tile_pos, rows, geo),
+            C_OUT=c_out, OUT_SIDE=side, KYP=kyp, CP=geo["cp"], KROW=krow, ROWS_PER_CTA=per_cta, GRAD_MASKED=masked,
+            WIDE=_wide(packed, grad), ACC=acc, PRECISION=precision)
+        dw = partial.sum(0).view(kyp, geo["kxe"], geo["cp"], c_out)[:k, :k, :c_in]
+        return dw.permute(3, 2, 0, 1).to(weight.dtype).contiguous()
+    radius = _radius(in_side, k)
+    nbr = _neighbour_table(slot, tile_pos, radius)
+    block_k = _k_block(c_in)
+    # two taps per CTA where a tap's channels fit one block (the gradient tile then serves both)
+    taps = 2 if c_in <= block_k and k > 1 else 1
+    k_tiles = triton.cdiv(k * k, taps) * triton.cdiv(c_in, block_k)
+    per_cta = _rows_per_cta(rows, k_tiles * triton.cdiv(c_out, 128), src.device)
+    splits = triton.cdiv(rows, per_cta)
+    partial = torch.empty((splits, k * k * c_in, c_out), dtype=part_dtype, device=src.device)
+    grid = lambda meta: (k_tiles, triton.cdiv(c_out, meta["BLOCK_N"]), splits)
     _conv_relu_wgrad_kernel[grid](
-        src, grad.to(weight.dtype).contiguous(), out.contiguous(), partial, slot.contiguous(), tile_pos.contiguous(),
-        num_tiles, slot.numel(), slot.shape[1], slot.shape[2], c_in, c_out, k_total, _bucket(rows), splits, *strides, norm,
-        IN_SIDE=in_side, KSIZE=k, SRC_IMAGE=src_is_image, NORMALIZE=normalize, ACC=_acc_dtype(weight.dtype),
-        PRECISION=_precision(weight.dtype))
+        src, grad, out, partial, nbr, rows, _bucket(rows), C_IN=c_in, C_OUT=c_out, IN_SIDE=in_side, KSIZE=k,
+        R=radius, BLOCK_K=block_k, TAPS=taps, ROWS_PER_CTA=per_cta, GRAD_MASKED=masked, WIDE=_wide(src, grad), ACC=acc,
+        PRECISION=precision)
     return weight_from_partials(partial, weight)
 
 
@@ -438,24 +807,31 @@ def _(grad, out, src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=
 
 
 @torch.library.custom_op("scott_kernels::triton_conv_relu_dgrad", mutates_args=())
-def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor,
+def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor | None, weight: torch.Tensor, slot: torch.Tensor,
                     tile_pos: torch.Tensor, in_side: int) -> torch.Tensor:
-    """Gradient of conv_relu with respect to a compact source -> (M, q, q, C_in)."""
+    """Gradient of conv_relu with respect to a compact source -> (M, q, q, C_in). ``out`` is the
+    forward's output (for the ReLU mask), or None when ``grad`` is already masked by it."""
     _check_tables("triton_conv_relu_dgrad", grad, slot, tile_pos)
     c_out, c_in, k, _ = weight.shape
     weight_t = gemm_weight_transposed(weight.to(grad.dtype))
+    c_w = -(-c_in // 8) * 8   # weight rows of whole 16-byte vectors
+    if c_w != c_in:
+        weight_t = torch.nn.functional.pad(weight_t, (0, c_w - c_in))
     num_tiles = tile_pos.shape[0]
     dsrc = torch.empty((num_tiles, in_side, in_side, c_in), dtype=grad.dtype, device=grad.device)
     rows = num_tiles * in_side * in_side
     if rows == 0:
         return dsrc
-    # four parity classes of input pixels, each reducing over at most ceil(k/2)^2 taps
-    k_class_max = ((k + 1) // 2) ** 2 * c_out
+    grad = grad.contiguous()
+    masked = out is None
+    out = grad if masked else out.contiguous()
+    radius = _radius(in_side, k)
+    nbr = _neighbour_table(slot.contiguous(), tile_pos.contiguous(), radius)
     class_rows = rows // 4
     grid = lambda meta: (triton.cdiv(class_rows, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]), 4)
     _conv_relu_dgrad_kernel[grid](
-        grad.contiguous(), out.contiguous(), weight_t, dsrc, slot.contiguous(), tile_pos.contiguous(), num_tiles, slot.numel(),
-        slot.shape[1], slot.shape[2], c_in, c_out, k_class_max, _bucket(rows), IN_SIDE=in_side, KSIZE=k,
+        grad, out, weight_t, dsrc, nbr, class_rows, _bucket(rows), C_IN=c_in, CW=c_w, C_OUT=c_out, IN_SIDE=in_side,
+        KSIZE=k, R=radius, GRAD_MASKED=masked, WIDE=_wide(grad, dsrc), INTERPRET=_interpreting(),
         ACC=_acc_dtype(grad.dtype), PRECISION=_precision(grad.dtype))
     return dsrc
 
@@ -465,7 +841,8 @@ def _(grad, out, weight, slot, tile_pos, in_side):
     return grad.new_empty((tile_pos.shape[0], in_side, in_side, weight.shape[1]))
 
 
-register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blur_pool, max_blur_pool_backward)
+register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blur_pool, max_blur_pool_backward,
+                        premask_compact=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -327,6 +327,32 @@ def test_pixel_normalisation_errors():
         sparse_conv_tokenize(raw.to(torch.int32), weights)
 
 
+def test_gradient_ops_take_a_masked_gradient():
+    """out=None: the gradient comes already multiplied by relu'(out); the same result."""
+    s = _op_samples()
+    g1 = torch.randn_like(s["a1"])
+    g2 = torch.randn_like(s["a2"])
+    masked2 = torch.where(s["a2"] > 0, g2, 0.0)
+    masked1 = torch.where(s["a1"] > 0, g1, 0.0).detach()
+    p1, w2 = s["p1"].detach(), s["w2"].detach()
+    torch.testing.assert_close(conv_relu_wgrad(masked2, None, p1, w2, s["slot"], s["tile_pos"], 4, False),
+                               conv_relu_wgrad(g2, s["a2"], p1, w2, s["slot"], s["tile_pos"], 4, False),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(conv_relu_dgrad(masked2, None, w2, s["slot"], s["tile_pos"], 4),
+                               conv_relu_dgrad(g2, s["a2"], w2, s["slot"], s["tile_pos"], 4), rtol=1e-12, atol=1e-12)
+    x, w1 = s["x"].detach(), s["w1"].detach()
+    torch.testing.assert_close(conv_relu_wgrad(masked1, None, x, w1, s["slot"], s["tile_pos"], 16, True),
+                               conv_relu_wgrad(g1, s["a1"].detach(), x, w1, s["slot"], s["tile_pos"], 16, True),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_wide_offsets(monkeypatch):
+    """The 64-bit offset variant (used for tensors of 2^30 elements or more) computes the same."""
+    import scott_kernels.triton_backend as tb
+    monkeypatch.setattr(tb, "_wide", lambda *tensors: True)
+    _compare("triton", (2, 32, 48, 16, (7, 5), (6, 10)), "random_0.4", torch.float64, "cpu", 1e-10)
+
+
 # --- the last pool fused with the token epilogue ---------------------------------------------
 from scott_kernels.functional import token_epilogue                       # noqa: E402
 from scott_kernels.reference import max_blur_pool as dense_max_blur_pool  # noqa: E402
