@@ -36,7 +36,7 @@ token scatter). It is a lower bound in spirit: no latency, cache misses or bank 
 CUDA backend (the nvcc-built ``scott_kernels/_C*.so``, sm_90a): registers, spills and shared
 memory from ``cuobjdump --dump-resource-usage``; SASS from ``--dump-sass``. A compiled module has
 no record of its launches, so :data:`CUDA_LAUNCHES` maps each launch of the headline workload to
-a kernel (a regular expression on the demangled name) and its geometry: GEMM dimensions
+a kernel (a regular expression on the demangled name), its compulsory bytes and its geometry: GEMM dimensions
 (M, N, K, reduction splits) from which blocks and K-loop iterations follow with the tile sizes in
 :data:`CUDA_TILES`, or the element count of an elementwise kernel. When the CUDA kernels change,
 update those two tables from the launch code in csrc/ (a pattern that matches no kernel is
@@ -81,7 +81,7 @@ def workload_geometry(visible: int | None = None) -> dict:
         "conv0": 2.0 * tiles * s0 * s0 * h["hidden"] * h["in_chans"] * k2,
         "conv1": 2.0 * tiles * s1 * s1 * h["dim"] * h["hidden"] * k2,
         "k0": h["in_chans"] * k2, "k1": h["hidden"] * k2, "hidden": h["hidden"], "dim": h["dim"],
-        "kernel": h["kernel"],
+        "kernel": h["kernel"], "image": 2.0 * h["batch"] * h["in_chans"] * h["image"] ** 2,
     }
 
 
@@ -182,27 +182,9 @@ def _distinct(launches):
 
 def _group_key(record) -> str:
     """The kernel's identity apart from its tunables: the constexprs no autotune config sets."""
-    tunable = _tunables().get(record.name, set())
+    from scott_kernels.codegen import tunables
+    tunable = tunables().get(record.name, set())
     return ",".join(f"{k}={v}" for k, v in sorted(record.constexprs.items()) if k not in tunable)
-
-
-_TUNABLES: dict | None = None
-
-
-def _tunables() -> dict:
-    global _TUNABLES
-    if _TUNABLES is None:
-        from triton.runtime.autotuner import Autotuner
-        from scott_kernels.codegen import _scott_modules
-        _TUNABLES = {}
-        for module in _scott_modules():
-            for value in vars(module).values():
-                if isinstance(value, Autotuner):
-                    keys = set()
-                    for c in value.configs:
-                        keys |= set(c.kwargs)
-                    _TUNABLES[value.base_fn.__name__] = keys
-    return _TUNABLES
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,25 +206,33 @@ CUDA_TILES = {
 # "count": launches of that geometry (the input gradient is four parity-class launches).
 CUDA_LAUNCHES = [
     ("masked_fwd", "conv0 fwd", r"wmma_gemm_kernel<__nv_bfloat16, scott::ConvWindow<__nv_bfloat16",
-     lambda g: {"M": g["rows0"], "N": g["hidden"], "K": g["k0"]}),
+     lambda g: {"M": g["rows0"], "N": g["hidden"], "K": g["k0"],
+                "bytes": g["image"] + 2 * (g["k0"] * g["hidden"] + g["rows0"] * g["hidden"])}),
     ("masked_fwd", "pool0 fwd", r"elementwise_kernel<__nv_bfloat16, float, .*PoolForward",
-     lambda g: {"elements": g["pool0_rows"] * g["hidden"]}),
+     lambda g: {"elements": g["pool0_rows"] * g["hidden"], "bytes": 2 * (g["rows0"] + g["pool0_rows"]) * g["hidden"]}),
     ("masked_fwd", "conv1 fwd", r"wmma_gemm_kernel<__nv_bfloat16, scott::ConvWindow<__nv_bfloat16",
-     lambda g: {"M": g["rows1"], "N": g["dim"], "K": g["k1"]}),
+     lambda g: {"M": g["rows1"], "N": g["dim"], "K": g["k1"],
+                "bytes": 2 * (g["pool0_rows"] * g["hidden"] + g["k1"] * g["dim"] + g["rows1"] * g["dim"])}),
     ("masked_fwd", "pool1 fwd", r"elementwise_kernel<__nv_bfloat16, float, .*PoolForward",
-     lambda g: {"elements": g["pool1_rows"] * g["dim"]}),
+     lambda g: {"elements": g["pool1_rows"] * g["dim"], "bytes": 2 * (g["rows1"] + g["pool1_rows"]) * g["dim"]}),
     ("masked_bwd", "pool1 bwd", r"elementwise_kernel<__nv_bfloat16, float, .*PoolBackward",
-     lambda g: {"elements": g["rows1"] * g["dim"]}),
+     lambda g: {"elements": g["rows1"] * g["dim"], "bytes": 2 * (2 * g["rows1"] + g["pool1_rows"]) * g["dim"]}),
     ("masked_bwd", "conv1 wgrad", r"wmma_gemm_kernel<__nv_bfloat16, .*Transposed<scott::ConvWindow<__nv_bfloat16",
-     lambda g: {"M": g["k1"], "N": g["dim"], "K": g["rows1"], "splits": _splits(g["rows1"], g["k1"], g["dim"])}),
+     lambda g: {"M": g["k1"], "N": g["dim"], "K": g["rows1"], "splits": _splits(g["rows1"], g["k1"], g["dim"]),
+                "bytes": 2 * (g["pool0_rows"] * g["hidden"] + 2 * g["rows1"] * g["dim"])
+                + 4 * _splits(g["rows1"], g["k1"], g["dim"]) * g["k1"] * g["dim"]}),
     ("masked_bwd", "conv1 dgrad", r"wmma_gemm_kernel<__nv_bfloat16, scott::ReluGradWindow",
      lambda g: {"M": g["in_rows1"] // 4, "N": g["hidden"], "K": ((g["kernel"] + 1) // 2) ** 2 * g["dim"],
-                "count": 4}),
+                "count": 4, "bytes": 2 * (2 * g["rows1"] * g["dim"] + g["k1"] * g["dim"] + g["in_rows1"] * g["hidden"]) / 4}),
     ("masked_bwd", "pool0 bwd", r"elementwise_kernel<__nv_bfloat16, float, .*PoolBackward",
-     lambda g: {"elements": g["rows0"] * g["hidden"]}),
+     lambda g: {"elements": g["rows0"] * g["hidden"], "bytes": 2 * (2 * g["rows0"] + g["pool0_rows"]) * g["hidden"]}),
     ("masked_bwd", "conv0 wgrad", r"wmma_gemm_kernel<__nv_bfloat16, .*Transposed<scott::ConvWindow<__nv_bfloat16",
-     lambda g: {"M": g["k0"], "N": g["hidden"], "K": g["rows0"], "splits": _splits(g["rows0"], g["k0"], g["hidden"])}),
+     lambda g: {"M": g["k0"], "N": g["hidden"], "K": g["rows0"], "splits": _splits(g["rows0"], g["k0"], g["hidden"]),
+                "bytes": g["image"] + 2 * 2 * g["rows0"] * g["hidden"]
+                + 4 * _splits(g["rows0"], g["k0"], g["hidden"]) * g["k0"] * g["hidden"]}),
 ]
+# ("bytes": compulsory traffic of one launch, bf16 activations, float32 partials: each tensor the
+# launch touches read or written once; the image stage reads the whole image in place.)
 
 
 def _splits(rows, k_total, c_out, min_rows=1024):
@@ -353,12 +343,13 @@ def _cuda_launch_cost(k: dict, sass, geo: dict, machine: dict, role: str) -> dic
     issue = count * waves * max(per_warp, occupancy * warps * per_warp / machine["schedulers"]) / machine["clock"]
     mma_s = count * mma_per_warp * warps * blocks / machine["tensor_flops"]
     loop_mma = sum(1 for t in own if codegen._is_mma(t))
+    memory_s = count * geo.get("bytes", 0.0) / machine["hbm"]
     return {"role": role, "kernel": k["demangled"][:90], "registers": k["registers"], "local_bytes": k["local_bytes"],
             "shared": k["shared"], "mma": k["mma"], "loop_instructions": len(own), "loop_mma": loop_mma,
             "instructions_per_mma": len(own) / loop_mma if loop_mma else None,
             "loop_loads": codegen.load_widths(own), "programs": blocks * count, "trips": iters,
             "warp_instructions": count * per_warp * warps * blocks, "issue_s": issue, "mma_s": mma_s,
-            "memory_s": 0.0, "estimate_s": max(issue, mma_s), "mma_flops": count * mma_per_warp * warps * blocks}
+            "memory_s": memory_s, "estimate_s": max(issue, mma_s, memory_s), "mma_flops": count * mma_per_warp * warps * blocks}
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,19 +433,19 @@ def render(args, info, configs, best, errors, cuda_kernels, cuda_launches, cuda_
                            f"{k['spill_instructions']} | {k['shared']} | {k['mma']} |")
         out.append("\n(bf16 and layout kernels shown; every kernel is checked in tests/test_codegen.py.)\n")
         out.append("## cuda: launches at the workload (geometry from CUDA_LAUNCHES)\n")
-        out.append("| phase | role | kernel | blocks | K iters | loop loads | instr/MMA | issue µs | MMA µs | "
-                   "tensor floor µs | estimate µs | est/floor |")
-        out.append("|" + "---|" * 12)
+        out.append("| phase | role | kernel | blocks | K iters | loop loads | instr/MMA | issue µs | memory µs | "
+                   "MMA µs | tensor floor µs | estimate µs | est/floor |")
+        out.append("|" + "---|" * 13)
         for r in cuda_launches:
             floor = r["useful_flops"] / tf
             ipm = f"{r['instructions_per_mma']:.0f}" if r["instructions_per_mma"] else "-"
             ratio = f"{r['estimate_s'] / floor:.1f}×" if floor else "-"
             out.append(f"| {r['phase']} | {r['role']} | {r['kernel'][:60]} | {r['programs']} | {r['trips']} | "
-                       f"{_loads(r['loop_loads'])} | {ipm} | {_us(r['issue_s'])} | {_us(r['mma_s'])} | "
+                       f"{_loads(r['loop_loads'])} | {ipm} | {_us(r['issue_s'])} | {_us(r['memory_s'])} | "
+                       f"{_us(r['mma_s'])} | "
                        f"{_us(floor) if floor else '-'} | **{_us(r['estimate_s'])}** | {ratio} |")
         cuda_train, cuda_dense = sums(cuda_launches)
-        out.append(f"\nSum: fwd+bwd mask 0.6 **{cuda_train * 1e3:.3f} ms**, dense fwd **{cuda_dense * 1e3:.3f} ms** "
-                   "(memory not modelled for the cuda launches: issue and tensor time only).\n")
+        out.append(f"\nSum: fwd+bwd mask 0.6 **{cuda_train * 1e3:.3f} ms**, dense fwd **{cuda_dense * 1e3:.3f} ms**.\n")
     for n in cuda_notes:
         out.append(f"- cuda: {n}")
     out.append("")

@@ -89,9 +89,9 @@ class KernelRecord:
 
     @property
     def config(self) -> str:
-        keys = sorted(k for k, v in self.constexprs.items() if k.startswith("BLOCK") or k.isupper() and
-                      isinstance(v, int) and not isinstance(v, bool) and k.startswith(("BLOCK", "GROUP", "SPLIT")))
-        tile = ",".join(f"{k.replace('BLOCK_', '')}={self.constexprs[k]}" for k in keys)
+        """The autotune config: the constexprs a config sets (else the BLOCK_* ones), warps, stages."""
+        keys = sorted(tunables().get(self.name) or (k for k in self.constexprs if k.startswith("BLOCK")))
+        tile = ",".join(f"{k.replace('BLOCK_', '')}={self.constexprs[k]}" for k in keys if k in self.constexprs)
         return f"{tile} w{self.num_warps} s{self.num_stages}"
 
 
@@ -277,7 +277,7 @@ def fake_gpu(arch: int = 90, first_config_only: Callable[[str], bool] = lambda n
         os.environ["TRITON_CACHE_DIR"] = cache_dir
     saved_compile = triton.compiler.compile
     saved_prune = Autotuner.prune_configs
-    saved_disk = Autotuner.check_disk_cache
+    saved_disk = getattr(Autotuner, "check_disk_cache", None)
     saved_bench = Autotuner.__dict__.get("do_bench")
 
     def prune_configs(self, kwargs):
@@ -303,7 +303,8 @@ def fake_gpu(arch: int = 90, first_config_only: Callable[[str], bool] = lambda n
         driver._active = saved_active  # no real driver may exist here, so no reset_active()
         triton.compiler.compile = saved_compile
         Autotuner.prune_configs = saved_prune
-        Autotuner.check_disk_cache = saved_disk
+        if saved_disk is not None:
+            Autotuner.check_disk_cache = saved_disk
         if saved_bench is not None:
             Autotuner.do_bench = saved_bench
         else:
@@ -325,37 +326,33 @@ def _scott_modules():
 
 
 def _replace_everywhere(original, replacement) -> list:
-    """Rebinds every module-level name (and dict value) in scott_kernels that is ``original``."""
+    """Rebinds every module-level name in scott_kernels that is ``original``, and every tuple
+    holding it in a module-level dict (the backend registry); returns (holder, key, old value)."""
     undo = []
     for module in _scott_modules():
         for attr, value in list(vars(module).items()):
             if value is original:
+                undo.append((module, attr, value))
                 setattr(module, attr, replacement)
-                undo.append((module, attr))
             elif isinstance(value, dict):
                 for k, v in list(value.items()):
                     if isinstance(v, tuple) and any(x is original for x in v):
+                        undo.append((value, k, v))
                         value[k] = tuple(replacement if x is original else x for x in v)
-                        undo.append((value, k))
     return undo
 
 
 def _accept_cpu_tensors() -> Callable[[], None]:
     """The triton backend's device checks say yes to CPU tensors, and the weight gradient's
-    reduction split is chosen as for the GPU (it sets the launch's grid)."""
+    reduction split is chosen as for a GPU of TARGETS[90]'s SM count (it sets the grid)."""
     import torch
     import scott_kernels  # noqa: F401  (loads the backends)
     from scott_kernels import compact, triton_backend
 
-    restore = []
-    original = triton_backend.triton_supports
-
     def supports(device):
         return torch.device(device).type in ("cpu", "cuda")
 
-    for holder, key in _replace_everywhere(original, supports):
-        restore.append((holder, key, original))
-
+    restore = _replace_everywhere(triton_backend.triton_supports, supports)
     splits = getattr(compact, "reduction_splits", None)
     if splits is not None:
         sms = TARGETS[90]["sms"]
@@ -368,17 +365,29 @@ def _accept_cpu_tensors() -> Callable[[], None]:
             finally:
                 compact._multiprocessors = saved
 
-        for holder, key in _replace_everywhere(splits, gpu_splits):
-            restore.append((holder, key, splits))
+        restore += _replace_everywhere(splits, gpu_splits)
 
     def undo():
-        for holder, key, value in restore:
+        for holder, key, value in reversed(restore):
             if isinstance(holder, dict):
-                holder[key] = tuple(value if x is not holder[key][0] and callable(x) and x.__name__ in (
-                    "supports", "gpu_splits") else x for x in holder[key])
+                holder[key] = value
             else:
                 setattr(holder, key, value)
     return undo
+
+
+def tunables() -> dict[str, set[str]]:
+    """Per autotuned kernel name, the constexprs its configs set."""
+    from triton.runtime.autotuner import Autotuner
+    out: dict[str, set[str]] = {}
+    for module in _scott_modules():
+        for value in vars(module).values():
+            if isinstance(value, Autotuner):
+                keys: set[str] = set()
+                for c in value.configs:
+                    keys |= set(c.kwargs)
+                out[value.base_fn.__name__] = keys
+    return out
 
 
 def _jit_functions():
