@@ -282,7 +282,7 @@ def cuda_rows(args) -> tuple[list[dict], list[dict], list[str]]:
         s = sass.get(u["name"])
         texts = [t for _, t in s.instructions if not t.startswith("NOP")] if s else []
         kernels.append({"name": u["name"], "demangled": names.get(u["name"], u["name"]), "arch": u.get("arch"),
-                        "registers": u.get("REG", 0), "local_bytes": u.get("LOCAL", 0), "stack": u.get("STACK", 0),
+                        "registers": u.get("REG", 0), "local_bytes": u.get("LOCAL", 0) + u.get("STACK", 0),
                         "shared": u.get("SHARED", 0), "mma": codegen.mma_kind(texts),
                         "spill_instructions": sum(1 for t in texts if codegen.opcode(t).split(".")[0] in ("STL", "LDL"))})
     notes = []

@@ -884,7 +884,8 @@ def analyze(record: KernelRecord, launches: list[Launch], arch: int = 90, machin
     mma_s = mma_flop_total / tf
     memory_s = nbytes / machine["hbm"]
     return KernelCost(
-        name=record.name, config=record.config, registers=res.get("REG", 0), local_bytes=res.get("LOCAL", 0),
+        name=record.name, config=record.config, registers=res.get("REG", 0),
+        local_bytes=res.get("LOCAL", 0) + res.get("STACK", 0),
         spill_instructions=sum(1 for t in texts if opcode(t).split(".")[0] in ("STL", "LDL")),
         shared=record.shared, mma=mma_kind(texts), loop_instructions=len(own) if main else None, loop_mma=loop_mma,
         loop_loads=load_widths(own), instructions_per_mma=(len(own) / loop_mma) if loop_mma else None,

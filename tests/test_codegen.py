@@ -111,7 +111,9 @@ def test_cuda_kernels_fit_and_do_not_spill():
         arch = u.get("arch") or "sm_90a"
         major = int("".join(ch for ch in arch.split("_")[1] if ch.isdigit()))
         limit = codegen.TARGETS.get(major, codegen.TARGETS[90])["max_shared"]
-        assert u.get("LOCAL", 0) == 0, f"{u['name']} ({arch}) spills: {u.get('LOCAL')} bytes of local memory"
+        # ptxas puts spilled registers in the stack frame (STACK) or local memory (LOCAL)
+        local = u.get("LOCAL", 0) + u.get("STACK", 0)
+        assert local == 0, f"{u['name']} ({arch}) spills: {local} bytes of stack/local memory per thread"
         assert u.get("SHARED", 0) <= limit, f"{u['name']} ({arch}) uses {u['SHARED']} B of shared memory > {limit}"
         checked += 1
     assert checked
