@@ -40,6 +40,7 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
+from .triton_configs import prune_hook, shared_fits
 from .compact import (accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed, reduction_splits,
                       register_stage_autograd, tokenize_compact, visible_tables, weight_from_partials)
 
@@ -112,7 +113,9 @@ def _prune_by_channels(configs, named_args, **kwargs):
 
 
 def _autotune(configs, key, prune):
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
+    # configs whose tiles would not fit the device's shared memory are dropped before compiling
+    return triton.autotune(configs=configs, key=key,
+                           prune_configs_by={"early_config_prune": prune_hook(prune, shared_fits())},
                            cache_results=True)
 
 

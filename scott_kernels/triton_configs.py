@@ -39,11 +39,12 @@ def shared_memory_limit(default: int = 99 * 1024) -> int:
 
 
 def element_bytes(named_args: dict[str, Any]) -> int:
-    """Bytes per element of the widest floating tensor among the kernel's arguments (the GEMM
-    operands' type; float32 accumulators are not arguments)."""
-    sizes = [a.element_size() for a in named_args.values()
-             if hasattr(a, "element_size") and getattr(a, "is_floating_point", lambda: False)()]
-    return max(sizes) if sizes else 4
+    """Bytes per element of the kernel's first floating tensor argument: by convention its GEMM
+    operand (a float32 partial or output later in the list is not staged in shared memory)."""
+    for a in named_args.values():
+        if hasattr(a, "element_size") and getattr(a, "is_floating_point", lambda: False)():
+            return a.element_size()
+    return 4
 
 
 def gemm_shared_bytes(config, named_args: dict[str, Any], m: str = "BLOCK_M", n: str = "BLOCK_N",

@@ -195,11 +195,12 @@ def test_shared_memory_pruning():
     triton = pytest.importorskip("triton")
     from scott_kernels.triton_configs import gemm_shared_bytes, keep_fitting, prune_hook, shared_fits
 
-    args = {"a": torch.empty(1, dtype=torch.bfloat16), "b": torch.empty(1, dtype=torch.float32)}
+    args = {"slot": torch.empty(1, dtype=torch.int32), "a": torch.empty(1, dtype=torch.bfloat16),
+            "partial": torch.empty(1, dtype=torch.float32)}
     big = triton.Config({"BLOCK_M": 256, "BLOCK_N": 256, "BLOCK_K": 128}, num_warps=8, num_stages=4)
     small = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3)
-    # float32 is the widest floating argument: 4 bytes per element
-    assert gemm_shared_bytes(small, args) == 3 * (64 * 32 + 32 * 64) * 4
+    # the first floating argument (bf16) is the operand: 2 bytes per element
+    assert gemm_shared_bytes(small, args) == 3 * (64 * 32 + 32 * 64) * 2
     assert keep_fitting([big, small], lambda c: gemm_shared_bytes(c, args), limit=227 * 1024) == [small]
     # nothing fits: the smallest stays, so the autotuner always has a config
     assert keep_fitting([big], lambda c: gemm_shared_bytes(c, args), limit=1) == [big]
