@@ -28,7 +28,10 @@ the launch's scalar arguments. Per kernel:
   estimate = max(issue, memory, mma); the kernel's tensor floor is the useful FLOPs of the
            convolution it computes / 790e12.
 
-Per autotuned kernel the best kept config is taken (what a perfect autotuner would pick). Sums
+A loop body is counted statically: both sides of a branch inside it count, which overcounts
+where a loop branches (predicated Triton loops rarely do; the CUDA loaders' 64-bit division fast
+and slow paths do). Per autotuned kernel the best kept config is taken (what a perfect autotuner
+would pick). Sums
 per backend: one forward+backward at mask 0.6, and the dense forward. Only the kernels are
 counted (not the torch ops between them: table builds, the weight gradient's partial sum, the
 token scatter). It is a lower bound in spirit: no latency, cache misses or bank conflicts.
@@ -129,9 +132,11 @@ def triton_rows(args) -> tuple[list[dict], list[dict], list[str]]:
         try:
             codegen.run_workload(rec, args.dtype, batch=args.batch)
         except Exception as e:  # report what compiled, and why the path stopped
-            errors.append(f"workload stopped: {type(e).__name__}: {str(e).strip()[:1000]}")
-        errors += rec.errors
+            errors.append(f"workload stopped at {rec.loading or '?'}: {type(e).__name__}: {str(e).strip()[:1000]}")
+        # a config the autotuner skipped (it ranks last) is reported, not an error of the path
+        skipped = list(rec.errors)
         records = list(rec.records)
+    errors += [f"config skipped by the autotuner: {e}" for e in skipped]
     machine = dict(codegen.MACHINE, hbm=args.hbm)
     configs = []
     for r in records:

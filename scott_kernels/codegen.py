@@ -183,6 +183,7 @@ class Recorder:
         self.first_config_only = first_config_only
         self._by_metadata: dict[int, KernelRecord] = {}
         self._bench_calls = 0
+        self.loading = ""
 
     # compile wrapper: times every compile and keeps the CompiledKernel
     def wrap_compile(self, compile_fn):
@@ -211,6 +212,8 @@ class Recorder:
 
     def launcher(self, src, metadata):
         rec = self._by_metadata.get(id(metadata))
+        # Triton checks the kernel's resources right after this; its error does not name the kernel
+        self.loading = f"{getattr(metadata, 'name', '?')} ({rec.config if rec else '?'}, shared {metadata.shared} B)"
         signature = getattr(src, "signature", {})
         names = list(signature.keys())
         recorder = self
@@ -236,7 +239,7 @@ class Recorder:
         try:
             kernel_call()
         except Exception as e:  # the autotuner itself only tolerates resource/ptxas errors
-            self.errors.append(f"{type(e).__name__}: {str(e).strip()[:500]}")
+            self.errors.append(f"{self.loading}: {type(e).__name__}: {str(e).strip()[:500]}")
             t = float("inf")
         else:
             t = float(self._bench_calls)
@@ -780,7 +783,7 @@ def mma_flops(text: str, num_warps: int) -> float:
     if m:
         a, b, c = map(int, m.groups())
         return 2.0 * a * b * c / 4
-    m = re.match(r"[HDIQ]MMA\.(\d)(\d)(\d+)", op)
+    m = re.match(r"[HDIQ]MMA\.(16|8)(8)(\d+)", op)  # m16n8k16 is written 16816, m8n8k4 884
     if m:
         a, b, c = map(int, m.groups())
         return 2.0 * a * b * c

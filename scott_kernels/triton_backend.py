@@ -29,6 +29,7 @@ the tables are built without a host synchronisation.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Sequence
 
@@ -40,7 +41,7 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
-from .triton_configs import prune_hook, shared_fits
+from .triton_configs import gemm_shared_bytes, prune_hook, shared_fits
 from .compact import (accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed, reduction_splits,
                       register_stage_autograd, tokenize_compact, visible_tables, weight_from_partials)
 
@@ -112,11 +113,15 @@ def _prune_by_channels(configs, named_args, **kwargs):
     return _prune_wide(configs, named_args["C"], "BLOCK_C")
 
 
-def _autotune(configs, key, prune):
-    # configs whose tiles would not fit the device's shared memory are dropped before compiling
+def _autotune(configs, key, prune, shared=gemm_shared_bytes):
+    # configs whose operand tiles would not fit the device's shared memory are dropped before compiling
     return triton.autotune(configs=configs, key=key,
-                           prune_configs_by={"early_config_prune": prune_hook(prune, shared_fits())},
+                           prune_configs_by={"early_config_prune": prune_hook(prune, shared_fits(shared))},
                            cache_results=True)
+
+
+# wgrad's GEMM is (BLOCK_K x BLOCK_M) @ (BLOCK_M x BLOCK_N): it reduces over the BLOCK_M rows
+_WGRAD_SHARED = functools.partial(gemm_shared_bytes, m="BLOCK_K", k="BLOCK_M")
 
 
 _GEMM_KEY = ["C_IN", "C_OUT", "IN_SIDE", "KSIZE", "ROWS_BUCKET"]
@@ -224,7 +229,7 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * C_OUT + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
-    @_autotune(_gemm_configs(), _GEMM_KEY + ["SPLITS"], _prune_by_c_out)
+    @_autotune(_gemm_configs(), _GEMM_KEY + ["SPLITS"], _prune_by_c_out, shared=_WGRAD_SHARED)
     @triton.jit
     def _conv_relu_wgrad_kernel(src_ptr, grad_ptr, out_ptr, partial_ptr, slot_ptr, tile_pos_ptr,
                                 num_tiles, num_pos, GH, GW, C_IN, C_OUT, K_TOTAL, ROWS_BUCKET, SPLITS, s_b, s_c, s_h, s_w,
