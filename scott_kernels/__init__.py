@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import _triton_compat  # noqa: F401  (Triton 3.6's interpreter under NumPy 2.4+)
 from .functional import available_backends, keep_from_indices, select_backend, sparse_conv_tokenize
 from .module import SparseConvTokenizer, masked
 from .reference import reference_tokenize

@@ -39,6 +39,7 @@ the tables are built without a host synchronisation.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Sequence
 
@@ -51,6 +52,7 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
 from . import compact
+from .triton_configs import gemm_shared_bytes, prune_hook, shared_fits
 from .compact import (accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed,
                       register_stage_autograd, tokenize_compact, visible_tables, weight_from_partials)
 from .triton_pool import max_blur_pool, max_blur_pool_backward, pool_tokens_apply
@@ -160,13 +162,24 @@ def _prune_image_wgrad(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_KY"])]
 
 
-def _autotune(configs, key, prune):
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
+def _autotune(configs, key, prune, shared=gemm_shared_bytes):
+    # configs whose operand tiles would not fit the device's shared memory are dropped before compiling
+    return triton.autotune(configs=configs, key=key,
+                           prune_configs_by={"early_config_prune": prune_hook(prune, shared_fits(shared))},
                            cache_results=True)
 
 
 _CONV_KEY = ["C_IN", "C_OUT", "IN_SIDE", "KSIZE", "ROWS_BUCKET"]
 _IMAGE_KEY = ["C_OUT", "OUT_SIDE", "KSIZE", "KYP", "CP", "KROW", "ROWS_BUCKET"]
+
+# Shared memory of each GEMM's pipelined operand tiles (m x k and k x n per stage), to prune
+# configs that cannot fit before they are compiled. The weight gradients reduce over their
+# BLOCK_R output pixels; their output tile is TAPS taps' channel block (or BLOCK_KY kernel rows
+# of the packed image).
+_FWD_SHARED = functools.partial(gemm_shared_bytes, k="BLOCK_K")
+_IMAGE_FWD_SHARED = functools.partial(gemm_shared_bytes, k="KROW")
+_WGRAD_SHARED = functools.partial(gemm_shared_bytes, m=("TAPS", "BLOCK_K"), k="BLOCK_R")
+_IMAGE_WGRAD_SHARED = functools.partial(gemm_shared_bytes, m=("BLOCK_KY", "KROW"), k="BLOCK_R")
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,7 +260,7 @@ if triton is not None:
             g = tl.where(r > 0, g, tl.zeros_like(g))
         return g
 
-    @_autotune(_fwd_configs(), _CONV_KEY, _prune_by_c_out)
+    @_autotune(_fwd_configs(), _CONV_KEY, _prune_by_c_out, shared=_FWD_SHARED)
     @triton.jit
     def _conv_relu_fwd_kernel(src_ptr, w_ptr, out_ptr, nbr_ptr, rows_total, ROWS_BUCKET,
                               C_IN: tl.constexpr, C_OUT: tl.constexpr, IN_SIDE: tl.constexpr,
@@ -307,7 +320,7 @@ if triton is not None:
             b = b.to(tl.int64)
         return b * IMG_STRIDE + (2 * y) * ROW_STRIDE + (2 * x) * CP
 
-    @_autotune(_image_fwd_configs(), _IMAGE_KEY, _prune_by_c_out)
+    @_autotune(_image_fwd_configs(), _IMAGE_KEY, _prune_by_c_out, shared=_IMAGE_FWD_SHARED)
     @triton.jit
     def _conv_relu_image_fwd_kernel(packed_ptr, w_ptr, out_ptr, tile_pos_ptr, rows_total, num_pos, cells, GW,
                                     ROW_STRIDE, IMG_STRIDE, ROWS_BUCKET,
@@ -382,7 +395,7 @@ if triton is not None:
         s = tl.where((s >= 0) & (s < num_tiles), s, -1)
         tl.store(nbr_ptr + e, s.to(tl.int32), mask=ok)
 
-    @_autotune(_wgrad_configs(), _CONV_KEY + ["ROWS_PER_CTA", "TAPS"], _prune_by_c_out)
+    @_autotune(_wgrad_configs(), _CONV_KEY + ["ROWS_PER_CTA", "TAPS"], _prune_by_c_out, shared=_WGRAD_SHARED)
     @triton.jit
     def _conv_relu_wgrad_kernel(src_ptr, grad_ptr, out_ptr, partial_ptr, nbr_ptr, rows_total, ROWS_BUCKET,
                                 C_IN: tl.constexpr, C_OUT: tl.constexpr, IN_SIDE: tl.constexpr,
@@ -437,7 +450,8 @@ if triton is not None:
         if TAPS == 2:
             tl.store(dst + C_IN * C_OUT, acc2.to(partial_ptr.dtype.element_ty), mask=ok & has2)
 
-    @_autotune(_image_wgrad_configs(), _IMAGE_KEY + ["ROWS_PER_CTA"], _prune_image_wgrad)
+    @_autotune(_image_wgrad_configs(), _IMAGE_KEY + ["ROWS_PER_CTA"], _prune_image_wgrad,
+               shared=_IMAGE_WGRAD_SHARED)
     @triton.jit
     def _conv_relu_image_wgrad_kernel(packed_ptr, grad_ptr, out_ptr, partial_ptr, tile_pos_ptr, rows_total, num_pos,
                                       cells, GW, ROW_STRIDE, IMG_STRIDE, ROWS_BUCKET,

@@ -1,0 +1,100 @@
+"""Helpers for the Triton kernels' autotune config lists: drop configs whose shared memory would
+exceed what the GPU gives one block, before they are compiled or launched.
+
+Triton itself refuses such a kernel only after compiling it (``OutOfResources`` at load time);
+with one config left that is a failed launch, with many a wasted compile. An estimate from the
+tile sizes prunes them first:
+
+    prune = prune_hook(my_prune, shared_fits(gemm_shared_bytes))
+    triton.autotune(configs, key, prune_configs_by={"early_config_prune": prune})
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+__all__ = ["MAX_SHARED", "shared_memory_limit", "gemm_shared_bytes", "keep_fitting", "shared_fits", "prune_hook",
+           "element_bytes"]
+
+# Shared memory one block may opt into, by compute capability (bytes).
+MAX_SHARED = {90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024, 89: 99 * 1024, 86: 99 * 1024, 80: 163 * 1024,
+              75: 64 * 1024, 70: 96 * 1024}
+
+
+def shared_memory_limit(default: int = 99 * 1024) -> int:
+    """The active Triton driver's per-block shared memory limit (what a launch is checked
+    against), or ``default`` when no driver answers."""
+    try:
+        from triton.runtime import driver
+        active = driver.active
+        props = active.utils.get_device_properties(active.get_current_device())
+        return int(props["max_shared_mem"])
+    except Exception:  # no GPU and no stand-in driver: the most common consumer-GPU limit
+        try:
+            from triton.runtime import driver
+            target = driver.active.get_current_target()
+            return MAX_SHARED.get(int(target.arch), default)
+        except Exception:
+            return default
+
+
+def element_bytes(named_args: dict[str, Any]) -> int:
+    """Bytes per element of the kernel's first floating tensor argument: by convention its GEMM
+    operand (a float32 partial or output later in the list is not staged in shared memory)."""
+    for a in named_args.values():
+        if hasattr(a, "element_size") and getattr(a, "is_floating_point", lambda: False)():
+            return a.element_size()
+    return 4
+
+
+def gemm_shared_bytes(config, named_args: dict[str, Any], m="BLOCK_M", n="BLOCK_N", k="BLOCK_K") -> int:
+    """Shared memory of a pipelined GEMM tile: num_stages copies of the (m x k) and (k x n)
+    operand tiles (Triton's software pipeline keeps one per stage). Each of m, n, k names a
+    config key or a kernel argument (a constexpr the launch passes), or is a tuple of names whose
+    product is the tile side; 0 (no estimate) when one is missing."""
+    values = {**named_args, **config.kwargs}
+
+    def side(spec):
+        names = (spec,) if isinstance(spec, str) else tuple(spec)
+        if not all(isinstance(values.get(x), int) for x in names):
+            return None
+        out = 1
+        for x in names:
+            out *= int(values[x])
+        return out
+
+    dims = [side(x) for x in (m, n, k)]
+    if None in dims:
+        return 0
+    tm, tn, tk = dims
+    stages = max(1, int(getattr(config, "num_stages", 1) or 1))
+    return stages * (tm * tk + tk * tn) * element_bytes(named_args)
+
+
+def keep_fitting(configs: Sequence, estimate: Callable[[Any], int], limit: int | None = None) -> list:
+    """Configs whose estimated shared memory fits ``limit`` (default: the device's); if none
+    does, the one that needs least, so the autotuner always has a config."""
+    limit = shared_memory_limit() if limit is None else limit
+    sized = [(estimate(c), c) for c in configs]
+    kept = [c for need, c in sized if need <= limit]
+    return kept or [min(sized, key=lambda x: x[0])[1]]
+
+
+def shared_fits(estimate: Callable[..., int] = gemm_shared_bytes, limit: int | None = None):
+    """An ``early_config_prune`` that keeps the configs whose ``estimate(config, named_args)``
+    fits the device's shared memory."""
+    def prune(configs, named_args, **kwargs):
+        # constexprs the launch passes by keyword (tile sides fixed by the geometry) count too
+        args = {**named_args, **kwargs}
+        return keep_fitting(configs, lambda c: estimate(c, args), limit)
+    return prune
+
+
+def prune_hook(*rules: Callable) -> Callable:
+    """Chains ``early_config_prune`` functions: each gets the previous one's survivors."""
+    def prune(configs, named_args, **kwargs):
+        kept: Iterable = configs
+        for rule in rules:
+            kept = rule(list(kept), named_args, **kwargs)
+        return list(kept)
+    return prune

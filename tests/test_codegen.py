@@ -1,0 +1,214 @@
+"""Kernels compile for real GPUs without one: every Triton kernel the triton backend launches at
+the headline workload (bf16/fp32, stage 0 reading images, stage 1 64 -> 384, forward, backward,
+dense forward) is compiled for sm_90a and sm_80 through the real code path with a stand-in
+driver (scott_kernels.codegen), and the nvcc-built CUDA module's resource usage is read.
+
+Fails on a compile error or shared memory above the target's per-block limit; spills are
+reported (and asserted zero where the kernels are spill-free). CI compiles the first config
+each autotuner keeps (``--quick``) for (sm_90a, bf16) and (sm_80, fp32); set
+SCOTT_CODEGEN_ALL=1 for all four target x dtype pairs and SCOTT_CODEGEN_CONFIGS=all for every
+kept config.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+try:
+    import triton  # noqa: F401
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+from scott_kernels import codegen  # noqa: E402  (imports triton lazily)
+
+HAS_CUOBJDUMP = codegen.triton_bin("cuobjdump") is not None
+needs_tools = pytest.mark.skipif(not (HAS_TRITON and HAS_CUOBJDUMP),
+                                 reason="needs triton with its bundled cuobjdump (triton/backends/nvidia/bin)")
+
+LIMITS = {90: 227 * 1024, 80: 163 * 1024}
+COMBOS = [(90, "bfloat16"), (80, "float32")]
+if os.environ.get("SCOTT_CODEGEN_ALL") == "1":
+    COMBOS = [(90, "bfloat16"), (90, "float32"), (80, "bfloat16"), (80, "float32")]
+
+_RESULTS: dict = {}
+
+
+def _compile(arch: int, dtype: str, tmp_path_factory) -> dict:
+    """Runs benchmarks/static_cost.py once per (arch, dtype) in a fresh process (the Triton
+    interpreter must be off there) and returns its JSON."""
+    key = (arch, dtype)
+    if key not in _RESULTS:
+        out = tmp_path_factory.mktemp(f"codegen_{arch}_{dtype}") / "report.json"
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+        env.setdefault("TRITON_CACHE_DIR", str(out.parent / "triton_cache"))
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "static_cost.py"), "--arch", str(arch), "--dtype", dtype,
+               "--no-cuda", "--json", str(out)]
+        if os.environ.get("SCOTT_CODEGEN_CONFIGS") != "all":
+            cmd.append("--quick")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+        assert proc.returncode == 0, f"static_cost.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        _RESULTS[key] = json.loads(out.read_text())
+    return _RESULTS[key]
+
+
+@needs_tools
+@pytest.mark.parametrize("arch,dtype", COMBOS, ids=lambda v: str(v))
+def test_triton_kernels_compile(arch, dtype, tmp_path_factory):
+    report = _compile(arch, dtype, tmp_path_factory)
+    assert not report["errors"], "\n".join(report["errors"])
+    failed = [c for c in report["configs"] if "error" in c]
+    assert not failed, "compile errors:\n" + "\n".join(f"{c['kernel']} {c['config']}: {c['error']}" for c in failed)
+    phases = {c["phase"] for c in report["configs"]}
+    assert phases == {"masked_fwd", "masked_bwd", "dense_fwd"}, f"launches recorded only for {phases}"
+    gemms = [c for c in report["configs"] if c["mma"] != "none"]
+    assert gemms, "no kernel uses tensor cores"
+    over = [c for c in report["configs"] if c["shared"] > LIMITS[arch]]
+    assert not over, "shared memory over the sm_%d limit (%d B): %s" % (
+        arch, LIMITS[arch], [(c["kernel"], c["config"], c["shared"]) for c in over])
+    slow = [(c["kernel"], c["config"], round(c["compile_s"])) for c in report["configs"] if c["compile_s"] > 30]
+    if slow:  # reported, not failed: compile time depends on the machine's load
+        print(f"configs compiling in over 30 s: {slow}")
+
+
+# Today the MaxBlurPool kernels (255 registers) and, for sm_80 float32, the conv forward's
+# 128x128 tile spill; the kernel rewrites remove the spills, and then this mark goes.
+SPILLS_TODAY = pytest.mark.xfail(reason="MaxBlurPool kernels (and the sm_80 fp32 conv forward's 128x128 tile) "
+                                        "spill today; the kernel rewrites remove the spills", strict=False)
+
+
+@needs_tools
+@SPILLS_TODAY
+@pytest.mark.parametrize("arch,dtype", COMBOS, ids=lambda v: str(v))
+def test_triton_kernels_do_not_spill(arch, dtype, tmp_path_factory):
+    report = _compile(arch, dtype, tmp_path_factory)
+    spills = sorted({(c["kernel"], c["config"], c["local_bytes"], c["spill_instructions"]) for c in report["configs"]
+                     if "error" not in c and (c["local_bytes"] or c["spill_instructions"])})
+    assert not spills, f"register spills (kernel, config, stack+local bytes, STL/LDL count): {spills}"
+
+
+# ---- the nvcc-built CUDA module -------------------------------------------------------------
+def _cuda_usage():
+    so = sorted((ROOT / "scott_kernels").glob("_C*.so"))
+    if not so:
+        pytest.skip("the native module is not built (pip install -e . / setup.py build_ext)")
+    if not HAS_CUOBJDUMP:
+        pytest.skip("no cuobjdump (Triton's wheel ships one)")
+    usage = codegen.resource_usage(str(so[0]))
+    if not usage:
+        pytest.skip("the native module holds no GPU code (built without nvcc)")
+    return usage
+
+
+def test_cuda_kernels_fit_and_do_not_spill():
+    usage = _cuda_usage()
+    checked = 0
+    for u in usage:
+        arch = u.get("arch") or "sm_90a"
+        major = int("".join(ch for ch in arch.split("_")[1] if ch.isdigit()))
+        limit = codegen.TARGETS.get(major, codegen.TARGETS[90])["max_shared"]
+        # ptxas puts spilled registers in the stack frame (STACK) or local memory (LOCAL)
+        local = u.get("LOCAL", 0) + u.get("STACK", 0)
+        assert local == 0, f"{u['name']} ({arch}) spills: {local} bytes of stack/local memory per thread"
+        assert u.get("SHARED", 0) <= limit, f"{u['name']} ({arch}) uses {u['SHARED']} B of shared memory > {limit}"
+        checked += 1
+    assert checked
+
+
+# ---- the tool's parsers, on fixed text ------------------------------------------------------
+SASS = """
+        Function : k
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   IMAD R2, R3, R4, RZ ;
+        /*0020*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0030*/                   LDG.E.U16 R8, desc[UR4][R2.64] ;
+        /*0040*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8].tnspB, R24 ;
+        /*0050*/                   IADD3 R0, R0, 0x1, RZ ;
+        /*0060*/               @P0 BRA 0x30 ;
+        /*0070*/                   IADD3 R5, R5, 0x1, RZ ;
+        /*0080*/               @P1 BRA 0x10 ;
+        /*0090*/                   EXIT ;
+        /*00a0*/                   BRA 0xa0;
+"""
+
+
+def test_sass_loops_and_mix():
+    sass = codegen.parse_sass(SASS)["k"]
+    roots = codegen.find_loops(sass)
+    assert [(l.start, l.end) for l in roots] == [(1, 8)]
+    inner = roots[0].children
+    assert [(l.start, l.end) for l in inner] == [(3, 6)]
+    own = codegen._own_instructions(sass, inner[0])
+    assert sum(codegen._is_mma(t) for t in own) == 1 and len(own) == 4
+    assert codegen.load_widths(own) == {"LDG.16": 1}
+    assert codegen.load_widths(codegen._own_instructions(sass, roots[0])) == {"LDG.128": 1}
+    assert codegen.mma_kind(own) == "wgmma (HGMMA)"
+    assert codegen.mma_flops(own[1], 4) == 2 * 64 * 128 * 16 / 4
+    assert codegen.mma_flops("HMMA.16816.F32.BF16 R4, R8, R12, R4", 8) == 2 * 16 * 8 * 16
+    assert codegen.mma_flops("HMMA.1684.F32.TF32 R4, R8, R12, R4", 8) == 2 * 16 * 8 * 4
+    assert codegen.mma_flops("DMMA.884 R4, R8, R12, R4", 8) == 2 * 8 * 8 * 4
+
+
+def test_resource_usage_parser():
+    text = """
+Fatbin elf code:
+================
+arch = sm_90a
+ Function _Z3foo:
+  REG:64 STACK:8 SHARED:1024 LOCAL:16 CONSTANT[0]:900 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function _Z3bar:
+  REG:32 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:900 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+    usage = codegen.parse_resource_usage(text)
+    assert {k: usage[0][k] for k in ("REG", "STACK", "SHARED", "LOCAL", "name", "arch")} == {
+        "REG": 64, "STACK": 8, "SHARED": 1024, "LOCAL": 16, "name": "_Z3foo", "arch": "sm_90a"}
+    assert usage[1]["name"] == "_Z3bar" and usage[1]["LOCAL"] == 0
+
+
+def test_ttir_trip_counts():
+    ttir = """  tt.func public @k(%K_TOTAL: i32, %C: i32) {
+    %c0_i32 = arith.constant 0 : i32
+    %c32_i32 = arith.constant 32 : i32
+    %c3_i32 = arith.constant 3 : i32
+    %n = arith.muli %C, %c3_i32 : i32
+    %acc = scf.for %k0 = %c0_i32 to %K_TOTAL step %c32_i32 iter_args(%a = %z) -> (tensor<64x64xf32>)  : i32 {
+      %inner = scf.for %j = %c0_i32 to %n step %c3_i32 iter_args(%b = %a) -> (tensor<64x64xf32>)  : i32 {
+        %d = tt.dot %x, %y, %b : tensor<64x32xbf16> * tensor<32x64xbf16> -> tensor<64x64xf32>
+        scf.yield %d : tensor<64x64xf32>
+      }
+      scf.yield %inner : tensor<64x64xf32>
+    }
+    tt.return
+  }
+"""
+    loops = codegen.ir_loops(ttir)
+    assert len(loops) == 1 and len(loops[0].children) == 1 and loops[0].has_dot
+    env = codegen.ir_scalars(ttir, {"K_TOTAL": 3136, "C": 5})
+    assert codegen.trip_count(loops[0], env) == 98
+    assert codegen.trip_count(loops[0].children[0], env) == 5
+
+
+# ---- shared-memory pruning helper ----------------------------------------------------------
+def test_shared_memory_pruning():
+    import torch
+    triton = pytest.importorskip("triton")
+    from scott_kernels.triton_configs import gemm_shared_bytes, keep_fitting, prune_hook, shared_fits
+
+    args = {"slot": torch.empty(1, dtype=torch.int32), "a": torch.empty(1, dtype=torch.bfloat16),
+            "partial": torch.empty(1, dtype=torch.float32)}
+    big = triton.Config({"BLOCK_M": 256, "BLOCK_N": 256, "BLOCK_K": 128}, num_warps=8, num_stages=4)
+    small = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3)
+    # the first floating argument (bf16) is the operand: 2 bytes per element
+    assert gemm_shared_bytes(small, args) == 3 * (64 * 32 + 32 * 64) * 2
+    assert keep_fitting([big, small], lambda c: gemm_shared_bytes(c, args), limit=227 * 1024) == [small]
+    # nothing fits: the smallest stays, so the autotuner always has a config
+    assert keep_fitting([big], lambda c: gemm_shared_bytes(c, args), limit=1) == [big]
+    prune = prune_hook(lambda cs, named, **kw: cs[::-1], shared_fits(limit=227 * 1024))
+    assert prune([small, big], args) == [small]
