@@ -271,3 +271,21 @@ def test_cli_bad_input_exits_cleanly(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     assert cli_main(["probe", "--config", "nonexistent"]) == 2
     assert "shipped config" in capsys.readouterr().err
+
+
+def test_visualise_with_random_init_row_and_demo_summary(tiny_checkpoint, tmp_path):
+    from PIL import Image
+
+    from mimjepa.cli import summarise
+
+    vis = load_config(VisualiseConfig, None, [f"checkpoint={tiny_checkpoint}", f"out_file={tmp_path / 'p.png'}",
+                                              "num_images=3", "data.embedded_val_size=8", "random_init_baseline=true"])
+    with Image.open(run_visualise(vis)) as im:
+        # images, pretrained PCA, random-init PCA: three rows of 128 px (32 px images enlarged 4x)
+        assert im.size == (3 * 128 + 4 * 2, 3 * 128 + 4 * 2)
+    entry = lambda top1: {"test": {"top1": top1}}
+    results = {"knn": entry(40.0), "linear": entry(30.0), "best_attentive": {"probe": "attentive", **entry(50.0)},
+               "random_init": {"knn": entry(15.0), "linear": entry(32.5), "best_attentive": entry(20.0)}}
+    s = summarise(results)
+    assert s["knn"] == {"pretrained": 40.0, "random_init": 15.0, "gain": 25.0}
+    assert s["linear"]["gain"] == -2.5 and s["best_attentive"]["gain"] == 30.0

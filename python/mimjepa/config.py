@@ -72,9 +72,15 @@ class DataConfig:
     dataset: Literal["embedded", "folder", "flowers102", "pets37", "imagenet100"] = "embedded"
     root: Optional[str] = None
     num_workers: int = 0
+    # The embedded dataset (mimjepa/synthetic.py): "arrangements" (classes are how identical
+    # parts are laid out) or "shapes" (single large shapes); num_classes 0 = all of the kind's.
+    embedded_kind: Literal["arrangements", "shapes"] = "arrangements"
     embedded_train_size: int = 2000
     embedded_val_size: int = 500
-    embedded_num_classes: int = 10
+    embedded_test_size: int = 0  # 0 = as many as embedded_val_size
+    embedded_num_classes: int = 0
+    # Random resized crop of the pretraining views: the range of the crop's area fraction.
+    crop_scale: list = field(default_factory=lambda: [0.2, 1.0])
     # Pretraining views: "per_view" draws colour jitter / greyscale / blur separately for the
     # context and the target view; "shared" uses one augmented image for both (as in I-JEPA),
     # so the target latents are predictable from the context.
@@ -128,6 +134,7 @@ class VisualiseConfig:
     num_images: int = 8
     seed: int = 0
     device: str = "auto"
+    random_init_baseline: bool = False  # adds a row for an untrained encoder of the same architecture
 
 
 def to_dict(cfg) -> dict:
@@ -221,6 +228,13 @@ def _validate(cfg) -> None:
     data = getattr(cfg, "data", None)
     if data is not None and data.dataset != "embedded" and not data.root:
         raise ConfigError(f"data.root is required for data.dataset={data.dataset!r}")
+    if data is not None:
+        lo_hi = data.crop_scale
+        if len(lo_hi) != 2 or not all(isinstance(v, (int, float)) for v in lo_hi) or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+            raise ConfigError(f"data.crop_scale must be [min, max] with 0 < min <= max <= 1, got {lo_hi}")
+        if min(data.embedded_train_size, data.embedded_val_size, data.embedded_test_size + 1) < 1:
+            raise ConfigError("data.embedded_train_size and data.embedded_val_size must be positive, "
+                              "data.embedded_test_size >= 0")
 
 
 def load_config(cls, path: str | Path | None = None, overrides: list[str] | tuple = ()):

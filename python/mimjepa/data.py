@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, TensorDataset
 from torchvision.transforms import v2
 
 from .config import DataConfig
-from .synthetic import make_synthetic_images
+from .synthetic import ARRANGEMENT_CLASSES, SHAPE_CLASSES, make_synthetic_images
 
 __all__ = ["DatasetError", "build_dataset", "TwoViews", "train_transforms", "eval_transform", "IMAGENET_MEAN",
            "IMAGENET_STD"]
@@ -28,11 +28,12 @@ class DatasetError(RuntimeError):
     """A dataset that cannot be opened; the message says where it looked."""
 
 
-def train_transforms(img_size: int, tensor_input: bool = False) -> tuple[v2.Compose, v2.Compose]:
+def train_transforms(img_size: int, tensor_input: bool = False,
+                     crop_scale: tuple[float, float] = (0.2, 1.0)) -> tuple[v2.Compose, v2.Compose]:
     """(geometry, appearance): the crop and flip are shared by both views of an image, so the
     views stay pixel-aligned patch for patch; colour jitter, greyscale and blur are drawn per view."""
     geometry = ([] if tensor_input else [v2.ToImage()]) + [
-        v2.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(),
     ]
     appearance = [
@@ -90,11 +91,14 @@ def _raw_split(cfg: DataConfig, split: str, img_size: int, seed: int):
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
     if cfg.dataset == "embedded":
-        size = cfg.embedded_train_size if split == "train" else cfg.embedded_val_size
+        size = {"train": cfg.embedded_train_size, "val": cfg.embedded_val_size,
+                "test": cfg.embedded_test_size or cfg.embedded_val_size}[split]
         # Each split is its own draw (own seed) of the same classes.
         images, labels = make_synthetic_images(size, img_size, seed=seed * 3 + ("train", "val", "test").index(split),
-                                               num_classes=cfg.embedded_num_classes)
-        return TensorDataset(images, labels), cfg.embedded_num_classes, True
+                                               num_classes=cfg.embedded_num_classes or None, kind=cfg.embedded_kind)
+        num_classes = cfg.embedded_num_classes or len(ARRANGEMENT_CLASSES if cfg.embedded_kind == "arrangements"
+                                                      else SHAPE_CLASSES)
+        return TensorDataset(images, labels), num_classes, True
     root = Path(cfg.root).expanduser()
     if not root.exists():
         raise DatasetError(f"data.root {root} does not exist (datasets are not downloaded: put the files there)")
@@ -127,5 +131,5 @@ def build_dataset(cfg: DataConfig, split: str, img_size: int, seed: int = 0, two
     """(dataset, num_classes). ``two_views`` gives (view1, view2, label) items for pretraining."""
     raw, num_classes, is_tensor = _raw_split(cfg, split, img_size, seed)
     if two_views:
-        return TwoViews(raw, train_transforms(img_size, is_tensor), cfg.view_appearance == "shared"), num_classes
+        return TwoViews(raw, train_transforms(img_size, is_tensor, cfg.crop_scale), cfg.view_appearance == "shared"), num_classes
     return _Transformed(raw, eval_transform(img_size, is_tensor)), num_classes

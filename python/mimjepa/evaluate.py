@@ -119,22 +119,30 @@ def pca_rgb(tokens: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def run_visualise(cfg: VisualiseConfig) -> Path:
+    """PNG: a row of images, below it the PCA colours of the encoder's patch tokens (and, with
+    ``random_init_baseline``, a row for a randomly initialised encoder of the same architecture).
+    Small images are enlarged (nearest) to at least 128 px so the patches stay visible."""
     from torchvision.utils import save_image
 
     device = resolve_device(cfg.device)
     encoder = load_encoder(cfg.checkpoint, cfg.encoder, cfg.model).to(device).eval()
+    encoders = [encoder]
+    if cfg.random_init_baseline:
+        torch.manual_seed(cfg.seed)
+        encoders.append(Encoder(encoder.cfg).to(device).eval())
     img_size, patch = encoder.cfg.img_size, encoder.cfg.patch_size
     ds, _ = build_dataset(cfg.data, "val", img_size, seed=cfg.seed)
     images = torch.stack([ds[i][0] for i in range(min(cfg.num_images, len(ds)))])
-    tokens = encoder(images.to(device)).cpu()
+    shown_size = img_size * max(1, -(-128 // img_size))
     grid = img_size // patch
-    colours = pca_rgb(tokens).view(-1, grid, grid, 3).permute(0, 3, 1, 2)
-    colours = torch.nn.functional.interpolate(colours, size=(img_size, img_size), mode="nearest")
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    shown = (images * std + mean).clamp(0, 1)
-    # Row pairs: images above, their token PCA below (as in the SCOTT paper's figures).
-    pairs = torch.cat([shown, colours], dim=0)
+    rows = [torch.nn.functional.interpolate((images * std + mean).clamp(0, 1), size=(shown_size,) * 2, mode="nearest")]
+    for enc in encoders:
+        tokens = enc(images.to(device)).cpu()
+        colours = pca_rgb(tokens).view(-1, grid, grid, 3).permute(0, 3, 1, 2)
+        rows.append(torch.nn.functional.interpolate(colours, size=(shown_size,) * 2, mode="nearest"))
     out = Path(cfg.out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(pairs, str(out), nrow=len(images), padding=2)
+    # Images above, the token PCA of each encoder below (as in the SCOTT paper's figures).
+    save_image(torch.cat(rows, dim=0), str(out), nrow=len(images), padding=2)
     return out
