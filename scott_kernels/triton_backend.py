@@ -667,7 +667,7 @@ def _packed_geometry(height: int, width: int, k: int, c_in: int) -> dict:
     pad = k // 2
     cp = _pow2(c_in)
     kxe = max(_pow2(k), -(-16 // cp))
-    kyp = _pow2(k)
+    kyp = max(2, _pow2(k))   # at least the smallest weight-gradient tile (two kernel rows)
     hp = max(height + 2 * pad, height - 2 + kyp)
     wp = -(-max(width + 2 * pad, width - 2 + kxe) // 16) * 16
     return dict(pad=pad, cp=cp, kxe=kxe, krow=kxe * cp, kyp=kyp, hp=hp, wp=wp)
