@@ -369,6 +369,10 @@ def _accept_cpu_tensors() -> Callable[[], None]:
                 compact._multiprocessors = saved
 
         restore += _replace_everywhere(splits, gpu_splits)
+    # the triton backend sizes its weight-gradient splits from the device's SM count (none off the GPU)
+    sm_count = getattr(triton_backend, "_sm_count", None)
+    if sm_count is not None:
+        restore += _replace_everywhere(sm_count, lambda device: TARGETS[90]["sms"])
 
     def undo():
         for holder, key, value in reversed(restore):

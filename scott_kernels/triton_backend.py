@@ -52,7 +52,7 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
 from . import compact
-from .triton_configs import gemm_shared_bytes, prune_hook, shared_fits
+from .triton_configs import gemm_shared_bytes, interpreting, prune_hook, shared_fits, triton_supports
 from .compact import (accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed,
                       register_stage_autograd, tokenize_compact, visible_tables, weight_from_partials)
 from .triton_pool import max_blur_pool, max_blur_pool_backward, pool_tokens_apply
@@ -62,17 +62,7 @@ __all__ = ["triton_tokenize", "triton_supports", "visible_tables"]
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def triton_supports(device: torch.device) -> bool:
-    """Triton runs on CUDA GPUs, and on the CPU under its interpreter (TRITON_INTERPRET=1)."""
-    if triton is None:
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_available()
-    return device.type == "cpu" and _interpreting()
+_interpreting = interpreting
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Helpers for the Triton kernels' autotune config lists: drop configs whose shared memory would
-exceed what the GPU gives one block, before they are compiled or launched.
+"""Helpers shared by the Triton kernel modules (triton_backend, triton_pool): where Triton runs,
+and pruning of the autotune config lists — drop configs whose shared memory would exceed what the
+GPU gives one block, before they are compiled or launched.
 
 Triton itself refuses such a kernel only after compiling it (``OutOfResources`` at load time);
 with one config left that is a failed launch, with many a wasted compile. An estimate from the
@@ -11,10 +12,31 @@ tile sizes prunes them first:
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Iterable, Sequence
 
-__all__ = ["MAX_SHARED", "shared_memory_limit", "gemm_shared_bytes", "keep_fitting", "shared_fits", "prune_hook",
+__all__ = ["interpreting", "triton_supports", "MAX_SHARED", "shared_memory_limit", "gemm_shared_bytes", "keep_fitting", "shared_fits", "prune_hook",
            "element_bytes"]
+
+def interpreting() -> bool:
+    """Triton's CPU interpreter is on (TRITON_INTERPRET=1, read before triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_supports(device) -> bool:
+    """Triton runs on CUDA GPUs, and on the CPU under its interpreter (TRITON_INTERPRET=1).
+    One function for every Triton op's device check, so a tool that compiles the kernels for a
+    GPU target on a CPU (scott_kernels.codegen) has one place to rebind."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+        return False
+    import torch
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    return device.type == "cpu" and interpreting()
+
 
 # Shared memory one block may opt into, by compute capability (bytes).
 MAX_SHARED = {90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024, 89: 99 * 1024, 86: 99 * 1024, 80: 163 * 1024,

@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
 from .compact import accumulator_dtype, check_tables
+from .triton_configs import interpreting, triton_supports
 
 __all__ = ["max_blur_pool", "max_blur_pool_backward", "pool_tokens", "pool_tokens_backward",
            "pool_tokens_apply"]
@@ -39,8 +40,7 @@ __all__ = ["max_blur_pool", "max_blur_pool_backward", "pool_tokens", "pool_token
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+_interpreting = interpreting
 
 
 def _single_config() -> bool:
@@ -70,7 +70,7 @@ _EPI_TABLE = [(4, 4), (8, 8), (2, 2)]    # (tokens per program, warps): a progra
 def _prune_channels(configs, named_args, **kwargs):
     """Drops channel blocks wider than the channel count's power of two (masked lanes cost
     issue slots in a memory-bound kernel); keeps at least one config."""
-    c = named_args["C"]
+    c = {**named_args, **kwargs}["C"]   # C is a constexpr: the autotuner passes it by keyword
     limit = max(16, triton.next_power_of_2(c))
     kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_C"] <= limit]
     return kept or [min(configs, key=lambda cfg: cfg.kwargs["BLOCK_C"])]
@@ -576,19 +576,11 @@ def _bucket(rows: int) -> int:
     return int(rows).bit_length()
 
 
-def _runs_here(device: torch.device) -> bool:
-    if triton is None:
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_available()
-    return device.type == "cpu" and _interpreting()
-
-
 def _check(name: str, act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, side: int | None = None) -> None:
     if act.dtype not in _DTYPES:
         raise TypeError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got {act.dtype}")
     check_tables(name, act, slot, tile_pos)
-    if not _runs_here(act.device):
+    if not triton_supports(act.device):
         raise RuntimeError(f"{name}: Triton does not run on {act.device} here "
                            "(a CUDA GPU, or the CPU with TRITON_INTERPRET=1)")
     s = act.shape[1] if act.dim() == 4 else 0
