@@ -332,7 +332,8 @@ CUDA_LAUNCHES = [
     # one float32 partial per persistent block (two per SM), summed afterwards by torch
     ("masked_bwd", "conv0 wgrad", r"scott_conv_image_wgrad_igemm<__nv_bfloat16, __nv_bfloat16>",
      lambda g: {**_persistent(g, 2, 128 // 16),
-                "bytes": g["image"] + 2 * g["rows0"] * g["hidden"] + 4 * _persistent(g, 2, 8)["blocks"] * 224 * g["hidden"]}),
+                "bytes": g["image"] + 2 * g["rows0"] * g["hidden"]
+                + 4 * _persistent(g, 2, 8)["blocks"] * 224 * g["hidden"]}),
 ]
 
 

@@ -147,7 +147,8 @@ def test_cuda_launch_table_matches_module():
         assert l["estimate_s"] > 0
         if l["useful_flops"]:
             assert l["mma"] == "mma.sync (HMMA)", l
-            assert 1.0 - 1e-9 <= l["mma_flops"] / l["useful_flops"] <= 1.6, (l["role"], l["mma_flops"], l["useful_flops"])
+            ratio = l["mma_flops"] / l["useful_flops"]
+            assert 1.0 - 1e-9 <= ratio <= 1.6, (l["role"], l["mma_flops"], l["useful_flops"])
 
 
 # ---- the tool's parsers, on fixed text ------------------------------------------------------
