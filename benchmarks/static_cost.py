@@ -1,7 +1,7 @@
 """Static machine-code cost report: a STATIC ESTIMATE from compiled code, not a timing.
 
     python benchmarks/static_cost.py [--arch 90|80] [--quick] [--first-config REGEX]
-                                     [--dtype bfloat16] [--json OUT.json] [--no-cuda]
+                                     [--dtype bfloat16] [--json OUT.json] [--no-cuda | --no-triton]
 
 Triton backend. The real code path, ``sparse_conv_tokenize(..., backend="triton")`` forward and
 backward at the headline workload (bf16, B=64, 224², 78 of 196 patches visible per image, D=384,
@@ -36,14 +36,19 @@ per backend: one forward+backward at mask 0.6, and the dense forward. Only the k
 counted (not the torch ops between them: table builds, the weight gradient's partial sum, the
 token scatter). It is a lower bound in spirit: no latency, cache misses or bank conflicts.
 
-CUDA backend (the nvcc-built ``scott_kernels/_C*.so``, sm_90a): registers, spills and shared
-memory from ``cuobjdump --dump-resource-usage``; SASS from ``--dump-sass``. A compiled module has
-no record of its launches, so :data:`CUDA_LAUNCHES` maps each launch of the headline workload to
-a kernel (a regular expression on the demangled name), its compulsory bytes and its geometry: GEMM dimensions
-(M, N, K, reduction splits) from which blocks and K-loop iterations follow with the tile sizes in
-:data:`CUDA_TILES`, or the element count of an elementwise kernel. When the CUDA kernels change,
-update those two tables from the launch code in csrc/ (a pattern that matches no kernel is
-reported as such, not skipped silently).
+CUDA backend (the nvcc-built ``scott_kernels/_C*.so``, sm_90a): registers, spills and static
+shared memory from ``cuobjdump --dump-resource-usage``; SASS from ``--dump-sass``. A compiled module
+has no record of its launches, so :data:`CUDA_LAUNCHES` maps each kernel launch of the headline
+workload (bf16: the implicit-GEMM conv kernels, their neighbour tables and relu' masks, the tiled
+pools) to a kernel (a regular expression on the demangled name), its compulsory bytes, its blocks
+and the trip counts of its loops; :data:`CUDA_TILES` gives each kernel's threads, dynamic shared
+memory and which loop of its machine code runs which count (the tensor-core K loop's trips follow
+from the K steps and the mma.sync per K step, so executed FLOPs are exact). Issue counts every loop
+body x its trips (a loop that is a switch of n cases counts 1/n of its body), in full waves of the
+blocks an SM holds plus a partial last wave; a persistent grid's busiest block sets the path and
+its mean block the throughput. When the CUDA kernels change, update those two tables from the
+launch code in csrc/ (a pattern that matches no kernel, or a loop count that disagrees with the
+machine code, is reported, not skipped silently; tests/test_codegen.py checks both).
 
 The report ends with one line per backend a script can read:
     static estimate <backend>: fwd+bwd mask 0.6 <X> ms, dense fwd <Y> ms
@@ -195,61 +200,141 @@ def _group_key(record) -> str:
 # --------------------------------------------------------------------------------------------
 # CUDA module
 # --------------------------------------------------------------------------------------------
-# Tile geometry of each kernel family in csrc/ (update with the kernels): rows x cols x K per
-# block and threads per block; for elementwise kernels only the threads per block.
-# "inner_trips": iterations, per K step, of each loop nested in the K loop, in address order
-# (today's loaders: one thread loads BM*BK/threads elements of A, then BK*BN/threads of B).
+# Per kernel of csrc/tokenizer_cuda.cu (update with the kernels; the host launch code is the truth):
+# threads per block, dynamic shared memory per block (the module's resource usage has only the
+# static part; both set occupancy), "mma_step": mma.sync per warp in one K step of the launch
+# geometry's "k", and "loops": the trip count of each loop of the machine code, per run of its
+# enclosing loop, in nesting order (codegen.walk: a loop, then the loops inside it), as a number
+# or a name the launch geometry gives ("k": the tensor-core K loop, computed from "k" and
+# "mma_step"; "groups": a persistent block's work items; "stage_rows", "stage_vectors", "tasks").
+# The K loops are fully unrolled over a K step's fragments; a loop count that does not match the
+# machine code is reported, not guessed.
 CUDA_TILES = {
-    "wmma_gemm_kernel": {"BM": 128, "BN": 64, "BK": 32, "threads": 256, "inner_trips": [16, 8]},
-    "gather_gemm_kernel": {"BM": 64, "BN": 64, "BK": 16, "threads": 256, "inner_trips": [4, 4]},
-    "elementwise_kernel": {"threads": 256},
+    # stage-1 forward: 128 rows x 128 output channels, 8 warps of 64 x 32; K step = 32 channels
+    # (two k16 steps of 4 x 4 mma); loops: neighbour staging (33 tiles x 9 / 256), K
+    "scott_conv_fwd_igemm": {"threads": 256, "smem": 4 * (128 * 40 + 32 * 136) * 2 + 129 * 9 * 4,
+                             "mma_step": 32, "loops": [2, "k"]},
+    # stage-1 input gradient: 128 input pixels of one parity class x 64 input channels
+    "scott_conv_dgrad_igemm": {"threads": 128, "smem": 4 * (128 * 40 + 32 * 72) * 2 + 129 * 9 * 4,
+                               "mma_step": 32, "loops": [3, "k"]},
+    # stage-1 weight gradient: one tap x 64 input channels x 128 output channels; K step = 32 pixels
+    "scott_conv_wgrad_igemm": {"threads": 128, "smem": 4 * (32 * 72 + 32 * 136) * 2, "mma_step": 32, "loops": ["k"]},
+    # stage 0 (image, channels padded to 4; K = 7 rows x 4 tap pairs x 8 = 224): persistent over
+    # groups of two 8 x 8-output tiles (128 pixels) x 64 channels; smem = image_smem_bytes (weight
+    # slice 224 x 72, two staged 21 x 22 x 4 windows, tables). K step = k16 (4 x 4 mma). Loops:
+    # weight slice copy (224 x 8 vectors / 128), three short setup loops, then per group: the
+    # neighbour rows (2 x 10 / 128), the window staging (2 x 21 x 22 / 128), K
+    "scott_conv_image_igemm": {"threads": 128, "smem": 224 * 72 * 2 + 2 * 21 * 22 * 4 * 2 + 2 * 10 * 4 + 7 * 4 * 4,
+                               "mma_step": 16, "loops": [14, 1, 1, 1, "groups", 1, 8, "k"]},
+    # stage-0 weight gradient: k_rows / 32 = 7 warps (each 32 K rows x 64 channels, kept in
+    # registers across groups); image_wgrad_smem_bytes. K step = k16 over 128 pixels (2 x 8 mma).
+    # Loops: two setup loops, then per group: g' rows (128 x 8 / 224), neighbour rows, window, K
+    "scott_conv_image_wgrad_igemm": {"threads": 224,
+                                     "smem": 128 * 72 * 2 + 2 * 21 * 22 * 4 * 2 + 2 * 10 * 4 + 128 * 4,
+                                     "mma_step": 16, "loops": [1, 1, "groups", 5, 1, 5, "k"]},
+    "scott_neighbour_table": {"threads": 256, "smem": 0, "loops": []},
+    "scott_relu_grad_mask": {"threads": 256, "smem": 0, "loops": []},
+    # MaxBlurPool: one block per (tile, channel chunk); loops: pixel row table, 16-byte staging, tasks
+    "scott_pool_forward": {"threads": 128, "loops": ["stage_rows", "stage_vectors", "tasks"]},
+    # the backward's task body is one specialisation per pixel parity (a switch of four cases of
+    # about 540 instructions each, around about 110 shared): a quarter of it runs per task
+    "scott_pool_backward": {"threads": 256, "loops": ["stage_rows", "stage_vectors", "tasks"], "exclusive": {2: 4}},
 }
 
-# One entry per launch of the cuda backend at the headline workload, bf16 (the dtype picks the
-# WMMA path): phase, role, kernel pattern (regex on the demangled name), geometry from
-# workload_geometry(g). A GEMM: M, N, K, splits (grid z; each split runs ceil(K/splits) of K).
-# "count": launches of that geometry (the input gradient is four parity-class launches).
+SMS = 132  # the machine model's GPU (codegen.MACHINE)
+
+
+def _pool_geo(g: dict, stage: int, backward: bool) -> dict:
+    """tiled_pool_plan (csrc/tokenizer.h) and the pool launches: one block per (tile, chunk of
+    8-channel vectors), the patch plus a 1-pixel halo staged (the backward also the pooled
+    gradient plus halo)."""
+    side, c = (8, g["hidden"]) if stage == 0 else (2, g["dim"])
+    halo, qhalo = side + 2, side // 2 + 2
+    vectors = c // 8
+    most = 24 * 1024 // ((halo * halo + qhalo * qhalo) * 16)  # kPoolStageBytes per block
+    chunks = -(-vectors // most)
+    chunk = -(-vectors // chunks)
+    chunks = -(-vectors // chunk)
+    threads = 256 if backward else 128
+    pixels = halo * halo + (qhalo * qhalo if backward else 0)
+    rows, pooled_rows = (g["rows0"], g["pool0_rows"]) if stage == 0 else (g["rows1"], g["pool1_rows"])
+    tasks = (side * side if backward else (side // 2) ** 2) * chunk
+    return {"blocks": g["tiles"] * chunks, "smem": (halo * halo + qhalo * qhalo) * (chunk * 16 + 4),
+            "stage_rows": -(-pixels // threads), "stage_vectors": -(-pixels * chunk // threads),
+            "tasks": -(-tasks // threads),
+            # forward: activation in, pooled out; backward: pooled gradient and activation in, gradient out
+            "bytes": 2 * c * ((2 * rows + pooled_rows) if backward else (rows + pooled_rows))}
+
+
+def _neighbours(g: dict) -> dict:
+    # one thread per tile: tile_pos (int64) and the slot table in, 3 x 3 neighbour slots (int32) out
+    return {"blocks": -(-g["tiles"] // 256), "bytes": g["tiles"] * (8 + 4 + 9 * 4)}
+
+
+def _relu_mask(rows: int, c: int) -> dict:
+    # one thread per 16-byte vector: grad and out in, g' = relu'(out) * grad out
+    return {"blocks": -(-(rows * c // 8) // 256), "bytes": 3 * 2 * rows * c}
+
+
+def _persistent(g: dict, blocks_per_sm: int, k: int) -> dict:
+    """A persistent image-stage grid over groups of two tiles: the busiest block runs
+    ceil(groups / blocks) groups (the issue term's path), the mean one groups / blocks (the
+    throughput term and the executed FLOPs)."""
+    groups = -(-g["tiles"] // 2)
+    blocks = min(groups, blocks_per_sm * SMS)
+    return {"blocks": blocks, "k": k, "groups": -(-groups // blocks), "mean": {"groups": groups / blocks}}
+
+
+def _wgrad_splits(g: dict) -> int:
+    """cuda_backend._implicit_wgrad_splits for the stage-1 weight gradient on a 132-SM GPU: about
+    one wave of (tap, 64 input channels) x 128 output channel blocks at four per SM, >= 1024 pixels each."""
+    blocks = g["kernel"] ** 2 * -(-g["hidden"] // 64) * -(-g["dim"] // 128)
+    return max(1, min(-(-g["rows1"] // 1024), -(-4 * SMS // blocks), 65535))
+
+
+# One entry per kernel launch of the cuda backend at the headline workload, bf16 (the implicit
+# GEMM path; the image arrives in the workload dtype): phase, role, kernel pattern (regex on the
+# demangled name), geometry from workload_geometry(g): "blocks", the loop counts CUDA_TILES names
+# (for the busiest block; "mean" overrides them for the average block), "bytes" (compulsory
+# traffic: each tensor the launch touches read or written once, bf16 activations, float32
+# partials, the image read once in place). Every conv launch first builds its neighbour table;
+# the gradients also write g' = relu'(out) * grad before their GEMM.
 CUDA_LAUNCHES = [
-    ("masked_fwd", "conv0 fwd", r"wmma_gemm_kernel<__nv_bfloat16, scott::ConvWindow<__nv_bfloat16",
-     lambda g: {"M": g["rows0"], "N": g["hidden"], "K": g["k0"],
-                "bytes": g["image"] + 2 * (g["k0"] * g["hidden"] + g["rows0"] * g["hidden"])}),
-    ("masked_fwd", "pool0 fwd", r"elementwise_kernel<__nv_bfloat16, float, .*PoolForward",
-     lambda g: {"elements": g["pool0_rows"] * g["hidden"], "bytes": 2 * (g["rows0"] + g["pool0_rows"]) * g["hidden"]}),
-    ("masked_fwd", "conv1 fwd", r"wmma_gemm_kernel<__nv_bfloat16, scott::ConvWindow<__nv_bfloat16",
-     lambda g: {"M": g["rows1"], "N": g["dim"], "K": g["k1"],
+    ("masked_fwd", "conv0 nbr", r"scott::ig::scott_neighbour_table", _neighbours),
+    ("masked_fwd", "conv0 fwd", r"scott_conv_image_igemm<__nv_bfloat16, __nv_bfloat16>",
+     lambda g: {**_persistent(g, 4, 224 // 16),
+                "bytes": g["image"] + 2 * (224 * g["hidden"] + g["rows0"] * g["hidden"])}),
+    ("masked_fwd", "pool0 fwd", r"scott_pool_forward<__nv_bfloat16>", lambda g: _pool_geo(g, 0, False)),
+    ("masked_fwd", "conv1 nbr", r"scott::ig::scott_neighbour_table", _neighbours),
+    ("masked_fwd", "conv1 fwd", r"scott_conv_fwd_igemm<__nv_bfloat16>",
+     lambda g: {"blocks": -(-g["rows1"] // 128) * -(-g["dim"] // 128), "k": g["kernel"] ** 2 * -(-g["hidden"] // 32),
                 "bytes": 2 * (g["pool0_rows"] * g["hidden"] + g["k1"] * g["dim"] + g["rows1"] * g["dim"])}),
-    ("masked_fwd", "pool1 fwd", r"elementwise_kernel<__nv_bfloat16, float, .*PoolForward",
-     lambda g: {"elements": g["pool1_rows"] * g["dim"], "bytes": 2 * (g["rows1"] + g["pool1_rows"]) * g["dim"]}),
-    ("masked_bwd", "pool1 bwd", r"elementwise_kernel<__nv_bfloat16, float, .*PoolBackward",
-     lambda g: {"elements": g["rows1"] * g["dim"], "bytes": 2 * (2 * g["rows1"] + g["pool1_rows"]) * g["dim"]}),
-    ("masked_bwd", "conv1 wgrad", r"wmma_gemm_kernel<__nv_bfloat16, .*Transposed<scott::ConvWindow<__nv_bfloat16",
-     lambda g: {"M": g["k1"], "N": g["dim"], "K": g["rows1"], "splits": _splits(g["rows1"], g["k1"], g["dim"]),
-                "bytes": 2 * (g["pool0_rows"] * g["hidden"] + 2 * g["rows1"] * g["dim"])
-                + 4 * _splits(g["rows1"], g["k1"], g["dim"]) * g["k1"] * g["dim"]}),
-    ("masked_bwd", "conv1 dgrad", r"wmma_gemm_kernel<__nv_bfloat16, scott::ReluGradWindow",
-     lambda g: {"M": g["in_rows1"] // 4, "N": g["hidden"], "K": ((g["kernel"] + 1) // 2) ** 2 * g["dim"],
-                "count": 4, "bytes": 2 * (2 * g["rows1"] * g["dim"] + g["k1"] * g["dim"] + g["in_rows1"] * g["hidden"]) / 4}),
-    ("masked_bwd", "pool0 bwd", r"elementwise_kernel<__nv_bfloat16, float, .*PoolBackward",
-     lambda g: {"elements": g["rows0"] * g["hidden"], "bytes": 2 * (2 * g["rows0"] + g["pool0_rows"]) * g["hidden"]}),
-    ("masked_bwd", "conv0 wgrad", r"wmma_gemm_kernel<__nv_bfloat16, .*Transposed<scott::ConvWindow<__nv_bfloat16",
-     lambda g: {"M": g["k0"], "N": g["hidden"], "K": g["rows0"], "splits": _splits(g["rows0"], g["k0"], g["hidden"]),
-                "bytes": g["image"] + 2 * 2 * g["rows0"] * g["hidden"]
-                + 4 * _splits(g["rows0"], g["k0"], g["hidden"]) * g["k0"] * g["hidden"]}),
+    ("masked_fwd", "pool1 fwd", r"scott_pool_forward<__nv_bfloat16>", lambda g: _pool_geo(g, 1, False)),
+    ("masked_bwd", "pool1 bwd", r"scott_pool_backward<__nv_bfloat16>", lambda g: _pool_geo(g, 1, True)),
+    ("masked_bwd", "conv1 nbr", r"scott::ig::scott_neighbour_table", _neighbours),
+    ("masked_bwd", "conv1 g'", r"scott_relu_grad_mask<__nv_bfloat16>", lambda g: _relu_mask(g["rows1"], g["dim"])),
+    ("masked_bwd", "conv1 wgrad", r"scott_conv_wgrad_igemm<__nv_bfloat16>",
+     lambda g: {"blocks": g["kernel"] ** 2 * -(-g["hidden"] // 64) * -(-g["dim"] // 128) * _wgrad_splits(g),
+                "k": -(-(-(-g["rows1"] // _wgrad_splits(g))) // 32),
+                "bytes": 2 * (g["pool0_rows"] * g["hidden"] + g["rows1"] * g["dim"])
+                + 4 * _wgrad_splits(g) * g["k1"] * g["dim"]}),
+    ("masked_bwd", "conv1 nbr", r"scott::ig::scott_neighbour_table", _neighbours),
+    ("masked_bwd", "conv1 g'", r"scott_relu_grad_mask<__nv_bfloat16>", lambda g: _relu_mask(g["rows1"], g["dim"])),
+    # four parity classes of input pixels (grid z) of a stride-2 7 x 7 kernel: 4x4, 4x3, 3x4, 3x3
+    # taps x (384 / 32) channel steps; the busiest class sets the path, the mean the throughput
+    ("masked_bwd", "conv1 dgrad", r"scott_conv_dgrad_igemm<__nv_bfloat16>",
+     lambda g: {"blocks": 4 * -(-g["in_rows1"] // 4 // 128) * -(-g["hidden"] // 64),
+                "k": 16 * -(-g["dim"] // 32), "mean": {"k": (16 + 12 + 12 + 9) / 4 * -(-g["dim"] // 32)},
+                "bytes": 2 * (g["rows1"] * g["dim"] + g["k1"] * g["dim"] + g["in_rows1"] * g["hidden"])}),
+    ("masked_bwd", "pool0 bwd", r"scott_pool_backward<__nv_bfloat16>", lambda g: _pool_geo(g, 0, True)),
+    ("masked_bwd", "conv0 nbr", r"scott::ig::scott_neighbour_table", _neighbours),
+    ("masked_bwd", "conv0 g'", r"scott_relu_grad_mask<__nv_bfloat16>", lambda g: _relu_mask(g["rows0"], g["hidden"])),
+    # one float32 partial per persistent block (two per SM), summed afterwards by torch
+    ("masked_bwd", "conv0 wgrad", r"scott_conv_image_wgrad_igemm<__nv_bfloat16, __nv_bfloat16>",
+     lambda g: {**_persistent(g, 2, 128 // 16),
+                "bytes": g["image"] + 2 * g["rows0"] * g["hidden"]
+                + 4 * _persistent(g, 2, 8)["blocks"] * 224 * g["hidden"]}),
 ]
-# ("bytes": compulsory traffic of one launch, bf16 activations, float32 partials: each tensor the
-# launch touches read or written once; the image stage reads the whole image in place.)
-
-
-def _splits(rows, k_total, c_out, min_rows=1024):
-    """The cuda backend's weight-gradient split on a 132-SM GPU (scott_kernels.compact)."""
-    from scott_kernels import compact
-    saved = compact._multiprocessors
-    compact._multiprocessors = lambda index: 132
-    try:
-        import torch
-        return compact.reduction_splits(rows, k_total, c_out, torch.device("cuda", 0), min_rows=min_rows)
-    finally:
-        compact._multiprocessors = saved
 
 
 def cuda_module() -> Path | None:
@@ -307,54 +392,89 @@ def cuda_rows(args) -> tuple[list[dict], list[dict], list[str]]:
             k = match[0]
             row = _cuda_launch_cost(k, sass[k["name"]], geometry(g), machine, role)
             row["phase"] = "dense_fwd" if dense else phase
-            useful = {"conv0": g["conv0"], "conv1": g["conv1"]}.get(role.split()[0], 0.0)
+            stage, op = role.split()
+            useful = g[stage] if stage in ("conv0", "conv1") and op in ("fwd", "wgrad", "dgrad") else 0.0
             row["useful_flops"] = useful
             launches.append(row)
     return kernels, launches, notes
 
 
 def _cuda_launch_cost(k: dict, sass, geo: dict, machine: dict, role: str) -> dict:
+    """Issue, memory and tensor-core estimates of one launch: the machine code's loops run the
+    trip counts CUDA_TILES names, with the launch geometry's values."""
     from scott_kernels import codegen
-    family = next((f for f in CUDA_TILES if k["demangled"].startswith(f"void ") and f in k["demangled"]), None)
+    family = next((f for f in CUDA_TILES if f in k["demangled"]), None)
+    if family is None:
+        raise KeyError(f"{role}: no CUDA_TILES entry for {k['demangled'][:80]}")
     tile = CUDA_TILES[family]
     threads = tile["threads"]
     warps = threads // 32
-    roots = codegen.find_loops(sass)
-    loops = list(codegen.walk(roots))
-    mma_loops = [l for l in loops if any(codegen._is_mma(t) for t in codegen._own_instructions(sass, l))]
-    main = max(mma_loops or loops, key=lambda l: len(codegen._own_instructions(sass, l)), default=None)
-    own = codegen._own_instructions(sass, main) if main else []
-    # the K step's loops nested in it run inner_trips times each (CUDA_TILES)
-    trips = tile.get("inner_trips", [])
-    inner = list(codegen.walk(main.children)) if main else []
-    own = own + [t for i, child in enumerate(inner)
-                 for t in codegen._own_instructions(sass, child) * (trips[i] if i < len(trips) else 1)]
-    outside = [t for i, (_, t) in enumerate(sass.instructions)
-               if not (main and main.start <= i <= main.end) and not t.startswith("NOP")]
+    loops = list(codegen.walk(codegen.find_loops(sass)))
+    if len(loops) != len(tile["loops"]):
+        raise ValueError(f"{role}: {family} has {len(loops)} loops in its machine code, CUDA_TILES names "
+                         f"{len(tile['loops'])}: update CUDA_TILES from the kernel")
+    parent = {id(c): l for l in loops for c in l.children}
+    own = {id(l): [t for t in codegen._own_instructions(sass, l) if not t.startswith("NOP")] for l in loops}
+    inside = set()
+    for l in loops:
+        inside.update(range(l.start, l.end + 1))
+    straight = [t for i, (_, t) in enumerate(sass.instructions) if i not in inside and not t.startswith("NOP")]
+    n_mma = lambda ts: sum(1 for t in ts if codegen._is_mma(t))
+    flops = lambda ts: sum(codegen.mma_flops(t, warps) for t in ts)
+
+    def trips(values: dict) -> dict:
+        out = {}
+        for l, spec in zip(loops, tile["loops"]):
+            if spec == "k":  # the K loop: the K steps' mma.sync, less any its enclosing code issues itself
+                around = own[id(parent[id(l)])] if id(l) in parent else straight
+                out[id(l)] = (values["k"] * tile["mma_step"] - n_mma(around)) / n_mma(own[id(l)])
+            else:
+                out[id(l)] = values[spec] if isinstance(spec, str) else spec
+        return out
+
+    position = {id(l): i for i, l in enumerate(loops)}
+    share = tile.get("exclusive", {})  # loop position -> n: its body is n cases of which one runs
+
+    def per_warp(values: dict) -> tuple[float, float]:
+        """(warp-instructions, tensor FLOPs) of one warp of a block with these loop counts."""
+        t = trips(values)
+        instr, fl = len(straight), flops(straight)
+        for l in loops:
+            runs, a = t[id(l)], l
+            while id(a) in parent:
+                a = parent[id(a)]
+                runs *= t[id(a)]
+            instr += len(own[id(l)]) / share.get(position[id(l)], 1) * runs
+            fl += flops(own[id(l)]) * runs
+        return instr, fl
+
+    busiest, _ = per_warp(geo)
+    mean, mma_per_warp = per_warp({**geo, **geo.get("mean", {})})
+    main = next((l for l, spec in zip(loops, tile["loops"]) if spec == "k"), None)
+    main_own = own[id(main)] if main else []
     count = geo.get("count", 1)
-    if "M" in geo:
-        splits = geo.get("splits", 1)
-        blocks = -(-geo["M"] // tile["BM"]) * -(-geo["N"] // tile["BN"]) * splits
-        k_chunk = -(-(-(-geo["K"] // splits)) // tile["BK"]) * tile["BK"]
-        iters = k_chunk // tile["BK"]
-    else:
-        blocks = -(-geo["elements"] // threads)
-        iters = 1  # the grid covers the elements: one pass through the grid-stride loop
-    per_warp = len(outside) + len(own) * iters  # code outside the main loop counted once
-    mma_per_warp = sum(codegen.mma_flops(t, warps) for t in own) * iters + sum(
-        codegen.mma_flops(t, warps) for t in outside)
-    occupancy = codegen._resident_programs(k["registers"], warps, k["shared"], 90)
-    waves = -(-blocks // (machine["sms"] * occupancy))
-    issue = count * waves * max(per_warp, occupancy * warps * per_warp / machine["schedulers"]) / machine["clock"]
+    blocks = geo["blocks"]
+    occupancy = codegen._resident_programs(k["registers"], warps, k["shared"] + tile.get("smem", geo.get("smem", 0)),
+                                           90)
+    # a wave lasts as long as its busiest warp's path or its SM's issue work, whichever is longer; a
+    # last partial wave (or a grid smaller than one) holds ceil(blocks left / SMs) blocks per SM
+    full, tail = divmod(blocks, machine["sms"] * occupancy)
+    wave = lambda resident: max(busiest, resident * warps * mean / machine["schedulers"])
+    cycles = full * wave(occupancy) + (wave(-(-tail // machine["sms"])) if tail else 0.0)
+    issue = count * cycles / machine["clock"]
     mma_s = count * mma_per_warp * warps * blocks / machine["tensor_flops"]
-    loop_mma = sum(1 for t in own if codegen._is_mma(t))
+    loop_mma = n_mma(main_own)
     memory_s = count * geo.get("bytes", 0.0) / machine["hbm"]
+    k_trips = trips(geo)[id(main)] if main else None
     return {"role": role, "kernel": k["demangled"][:90], "registers": k["registers"], "local_bytes": k["local_bytes"],
-            "shared": k["shared"], "mma": k["mma"], "loop_instructions": len(own), "loop_mma": loop_mma,
-            "instructions_per_mma": len(own) / loop_mma if loop_mma else None,
-            "loop_loads": codegen.load_widths(own), "programs": blocks * count, "trips": iters,
-            "warp_instructions": count * per_warp * warps * blocks, "issue_s": issue, "mma_s": mma_s,
-            "memory_s": memory_s, "estimate_s": max(issue, mma_s, memory_s), "mma_flops": count * mma_per_warp * warps * blocks}
+            "shared": k["shared"] + tile.get("smem", geo.get("smem", 0)), "mma": k["mma"],
+            "occupancy": occupancy, "loop_instructions": len(main_own), "loop_mma": loop_mma,
+            "instructions_per_mma": len(main_own) / loop_mma if loop_mma else None,
+            "loop_loads": codegen.load_widths(main_own), "programs": blocks * count,
+            "trips": f"{k_trips:g}" if k_trips is not None else "-",
+            "warp_instructions": count * mean * warps * blocks, "issue_s": issue, "mma_s": mma_s,
+            "memory_s": memory_s, "estimate_s": max(issue, mma_s, memory_s),
+            "mma_flops": count * mma_per_warp * warps * blocks}
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,55 +517,58 @@ def render(args, info, configs, best, errors, cuda_kernels, cuda_launches, cuda_
                                       f" Configs: every kept config; first kept only for kernels matching "
                                       f"'{args.first_config}'." if args.first_config else " Configs: every kept config."))
     out.append("")
-    out.append("## triton: per kernel (best kept config)\n")
-    out.append("| phase | kernel | role | configs | best config | regs | local B | smem KB | MMA | loop loads | "
-               "instr/MMA | trips | issue µs | memory µs | MMA µs | tensor floor µs | estimate µs | est/floor |")
-    out.append("|" + "---|" * 18)
-    for r in best:
-        floor = r["useful_flops"] / tf
-        ratio = f"{r['estimate_s'] / floor:.1f}×" if floor else "-"
-        ipm = f"{r['instructions_per_mma']:.0f}" if r["instructions_per_mma"] else "-"
-        out.append(f"| {r['phase']} | {r['kernel']} | {r['role']} | {r['configs_kept']} | {r['config']} | "
-                   f"{r['registers']} | {r['local_bytes']} | {r['shared'] / 1024:.0f} | {r['mma']} | "
-                   f"{_loads(r['loop_loads'])} | {ipm} | {r['trips']} | {_us(r['issue_s'])} | {_us(r['memory_s'])} | "
-                   f"{_us(r['mma_s'])} | {_us(floor) if floor else '-'} | **{_us(r['estimate_s'])}** | {ratio} |")
-    train, dense = sums(best)
-    out.append(f"\nSum of kernels: fwd+bwd mask 0.6 **{train * 1e3:.3f} ms**, dense fwd **{dense * 1e3:.3f} ms**.\n")
-    out.append("## triton: every compiled config\n")
-    out.append("| phase | kernel | group | config | compile s | regs | local B | spill instr | smem KB | MMA | "
-               "instr/MMA | estimate µs |")
-    out.append("|" + "---|" * 12)
-    for r in configs:
-        if "error" in r:
-            out.append(f"| - | {r['kernel']} | - | {r['config']} | {r['compile_s']:.1f} | compile error: "
-                       f"{r['error'][:200]} |||||||")
-            continue
-        ipm = f"{r['instructions_per_mma']:.0f}" if r["instructions_per_mma"] else "-"
-        out.append(f"| {r['phase']} | {r['kernel']} | {r['role']} | {r['config']} | {r['compile_s']:.1f} | "
-                   f"{r['registers']} | {r['local_bytes']} | {r['spill_instructions']} | {r['shared'] / 1024:.0f} | "
-                   f"{r['mma']} | {ipm} | {_us(r['estimate_s'])} |")
-    if errors:
-        out.append("\nErrors:\n" + "\n".join(f"- {e}" for e in errors))
-    out.append("")
+    train = dense = None
+    if not args.no_triton:
+        out.append("## triton: per kernel (best kept config)\n")
+        out.append("| phase | kernel | role | configs | best config | regs | local B | smem KB | MMA | loop loads | "
+                   "instr/MMA | trips | issue µs | memory µs | MMA µs | tensor floor µs | estimate µs | est/floor |")
+        out.append("|" + "---|" * 18)
+        for r in best:
+            floor = r["useful_flops"] / tf
+            ratio = f"{r['estimate_s'] / floor:.1f}×" if floor else "-"
+            ipm = f"{r['instructions_per_mma']:.0f}" if r["instructions_per_mma"] else "-"
+            out.append(f"| {r['phase']} | {r['kernel']} | {r['role']} | {r['configs_kept']} | {r['config']} | "
+                       f"{r['registers']} | {r['local_bytes']} | {r['shared'] / 1024:.0f} | {r['mma']} | "
+                       f"{_loads(r['loop_loads'])} | {ipm} | {r['trips']} | {_us(r['issue_s'])} | {_us(r['memory_s'])} | "
+                       f"{_us(r['mma_s'])} | {_us(floor) if floor else '-'} | **{_us(r['estimate_s'])}** | {ratio} |")
+        train, dense = sums(best)
+        out.append(f"\nSum of kernels: fwd+bwd mask 0.6 **{train * 1e3:.3f} ms**, dense fwd **{dense * 1e3:.3f} ms**.\n")
+        out.append("## triton: every compiled config\n")
+        out.append("| phase | kernel | group | config | compile s | regs | local B | spill instr | smem KB | MMA | "
+                   "instr/MMA | estimate µs |")
+        out.append("|" + "---|" * 12)
+        for r in configs:
+            if "error" in r:
+                out.append(f"| - | {r['kernel']} | - | {r['config']} | {r['compile_s']:.1f} | compile error: "
+                           f"{r['error'][:200]} |||||||")
+                continue
+            ipm = f"{r['instructions_per_mma']:.0f}" if r["instructions_per_mma"] else "-"
+            out.append(f"| {r['phase']} | {r['kernel']} | {r['role']} | {r['config']} | {r['compile_s']:.1f} | "
+                       f"{r['registers']} | {r['local_bytes']} | {r['spill_instructions']} | {r['shared'] / 1024:.0f} | "
+                       f"{r['mma']} | {ipm} | {_us(r['estimate_s'])} |")
+        if errors:
+            out.append("\nErrors:\n" + "\n".join(f"- {e}" for e in errors))
+        out.append("")
     cuda_train = cuda_dense = None
     if cuda_kernels:
         out.append(f"## cuda: module kernels ({target})\n")
         out.append("| kernel | regs | local B | spill instr | static smem B | MMA |")
         out.append("|---|---|---|---|---|---|")
         for k in cuda_kernels:
-            if "bfloat16" in k["demangled"] or "PoolForward<__nv" in k["demangled"] or "tiles" in k["demangled"]:
+            if "bfloat16" in k["demangled"] or "tiles" in k["demangled"] or "scott_neighbour" in k["demangled"]:
                 out.append(f"| {k['demangled'][:110]} | {k['registers']} | {k['local_bytes']} | "
                            f"{k['spill_instructions']} | {k['shared']} | {k['mma']} |")
         out.append("\n(bf16 and layout kernels shown; every kernel is checked in tests/test_codegen.py.)\n")
         out.append("## cuda: launches at the workload (geometry from CUDA_LAUNCHES)\n")
-        out.append("| phase | role | kernel | blocks | K iters | loop loads | instr/MMA | issue µs | memory µs | "
-                   "MMA µs | tensor floor µs | estimate µs | est/floor |")
-        out.append("|" + "---|" * 13)
+        out.append("| phase | role | kernel | regs | smem KB | blocks/SM | blocks | K iters | loop loads | instr/MMA | "
+                   "issue µs | memory µs | MMA µs | tensor floor µs | estimate µs | est/floor |")
+        out.append("|" + "---|" * 16)
         for r in cuda_launches:
             floor = r["useful_flops"] / tf
             ipm = f"{r['instructions_per_mma']:.0f}" if r["instructions_per_mma"] else "-"
             ratio = f"{r['estimate_s'] / floor:.1f}×" if floor else "-"
-            out.append(f"| {r['phase']} | {r['role']} | {r['kernel'][:60]} | {r['programs']} | {r['trips']} | "
+            out.append(f"| {r['phase']} | {r['role']} | {r['kernel'][:60]} | {r['registers']} | "
+                       f"{r['shared'] / 1024:.1f} | {r['occupancy']} | {r['programs']} | {r['trips']} | "
                        f"{_loads(r['loop_loads'])} | {ipm} | {_us(r['issue_s'])} | {_us(r['memory_s'])} | "
                        f"{_us(r['mma_s'])} | "
                        f"{_us(floor) if floor else '-'} | **{_us(r['estimate_s'])}** | {ratio} |")
@@ -454,7 +577,8 @@ def render(args, info, configs, best, errors, cuda_kernels, cuda_launches, cuda_
     for n in cuda_notes:
         out.append(f"- cuda: {n}")
     out.append("")
-    out.append(f"static estimate triton: fwd+bwd mask 0.6 {train * 1e3:.3f} ms, dense fwd {dense * 1e3:.3f} ms")
+    if train is not None:
+        out.append(f"static estimate triton: fwd+bwd mask 0.6 {train * 1e3:.3f} ms, dense fwd {dense * 1e3:.3f} ms")
     if cuda_train is not None:
         out.append(f"static estimate cuda: fwd+bwd mask 0.6 {cuda_train * 1e3:.3f} ms, dense fwd {cuda_dense * 1e3:.3f} ms")
     return "\n".join(out)
@@ -471,6 +595,7 @@ def main(argv=None) -> int:
     p.add_argument("--hbm", type=float, default=3.3e12, help="HBM bytes/s (3.3e12 H200, 2.98e12 H100)")
     p.add_argument("--json", default=None, help="write every row as JSON here")
     p.add_argument("--no-cuda", action="store_true", help="skip the CUDA module")
+    p.add_argument("--no-triton", action="store_true", help="skip the Triton compiles (the CUDA module only)")
     p.add_argument("--cache-dir", default=os.environ.get("SCOTT_STATIC_CACHE"),
                    help="Triton cache directory for these compiles (default: Triton's own)")
     args = p.parse_args(argv)
@@ -480,7 +605,7 @@ def main(argv=None) -> int:
         return subprocess.call([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])], env=env)
     sys.path.insert(0, str(ROOT))
     info = versions()
-    configs, best, errors = triton_rows(args)
+    configs, best, errors = ([], [], []) if args.no_triton else triton_rows(args)
     cuda_kernels, cuda_launches, cuda_notes = ([], [], ["skipped (--no-cuda)"]) if args.no_cuda else cuda_rows(args)
     print(render(args, info, configs, best, errors, cuda_kernels, cuda_launches, cuda_notes))
     if args.json:

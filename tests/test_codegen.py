@@ -122,6 +122,35 @@ def test_cuda_kernels_fit_and_do_not_spill():
     assert checked
 
 
+def test_cuda_launch_table_matches_module():
+    """benchmarks/static_cost.py's CUDA_LAUNCHES/CUDA_TILES describe the module's kernels: every
+    launch finds its kernel, its loop structure and its dynamic shared memory fit, and the
+    tensor-core launches execute at least the convolution's useful FLOPs (padding at most 1.6x)."""
+    usage = _cuda_usage()
+    if not any(u.get("arch") in ("sm_90a", "sm_90") for u in usage):
+        pytest.skip("the native module has no sm_90a code (SCOTT_CUDA_ARCHS)")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import static_cost
+    finally:
+        sys.path.pop(0)
+    from argparse import Namespace
+    kernels, launches, notes = static_cost.cuda_rows(Namespace(arch=90, hbm=3.3e12))
+    assert not notes, notes
+    expected = {(p, r) for p, r, _, _ in static_cost.CUDA_LAUNCHES}
+    assert {(l["phase"], l["role"]) for l in launches if l["phase"] != "dense_fwd"} == expected
+    assert {l["role"] for l in launches if l["phase"] == "dense_fwd"} == {
+        r for p, r, _, _ in static_cost.CUDA_LAUNCHES if p == "masked_fwd"}
+    for l in launches:
+        assert l["local_bytes"] == 0, f"{l['role']}: {l['kernel']} spills"
+        assert l["shared"] <= LIMITS[90], f"{l['role']}: {l['shared']} B of shared memory"
+        assert l["estimate_s"] > 0
+        if l["useful_flops"]:
+            assert l["mma"] == "mma.sync (HMMA)", l
+            ratio = l["mma_flops"] / l["useful_flops"]
+            assert 1.0 - 1e-9 <= ratio <= 1.6, (l["role"], l["mma_flops"], l["useful_flops"])
+
+
 # ---- the tool's parsers, on fixed text ------------------------------------------------------
 SASS = """
         Function : k
