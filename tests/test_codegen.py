@@ -78,14 +78,7 @@ def test_triton_kernels_compile(arch, dtype, tmp_path_factory):
         print(f"configs compiling in over 30 s: {slow}")
 
 
-# Today the MaxBlurPool kernels (255 registers) and, for sm_80 float32, the conv forward's
-# 128x128 tile spill; the kernel rewrites remove the spills, and then this mark goes.
-SPILLS_TODAY = pytest.mark.xfail(reason="MaxBlurPool kernels (and the sm_80 fp32 conv forward's 128x128 tile) "
-                                        "spill today; the kernel rewrites remove the spills", strict=False)
-
-
 @needs_tools
-@SPILLS_TODAY
 @pytest.mark.parametrize("arch,dtype", COMBOS, ids=lambda v: str(v))
 def test_triton_kernels_do_not_spill(arch, dtype, tmp_path_factory):
     report = _compile(arch, dtype, tmp_path_factory)
