@@ -361,10 +361,13 @@ def cuda_rows(args) -> tuple[list[dict], list[dict], list[str]]:
     if not usage:
         return [], [], [f"{so.name} holds no GPU code (built without nvcc)"]
     tool = codegen.triton_bin("cuobjdump")
-    text = subprocess.run([tool, "--dump-sass", str(so)], capture_output=True, text=True, timeout=600).stdout
+    arch = "sm_90a" if args.arch == 90 else f"sm_{args.arch}"
+    # one architecture's machine code only: a module built for several holds each kernel once per
+    # architecture under the same name
+    text = subprocess.run([tool, "--dump-sass", "-arch", arch, str(so)], capture_output=True, text=True,
+                          timeout=600).stdout
     sass = codegen.parse_sass(text)
     names = _demangle(sorted(set(u["name"] for u in usage) | set(sass)))
-    arch = "sm_90a" if args.arch == 90 else f"sm_{args.arch}"
     kernels = []
     for u in usage:
         if u.get("arch") not in (arch, arch.rstrip("a"), None):
