@@ -40,7 +40,6 @@ the tables are built without a host synchronisation.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Sequence
 
 import torch
@@ -52,7 +51,8 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
 from . import compact
-from .triton_configs import gemm_shared_bytes, interpreting, prune_hook, shared_fits, triton_supports
+from .triton_configs import (accumulator, gemm_shared_bytes, interpreting, prune_hook, rows_bucket, shared_fits,
+                             single_config, triton_supports)
 from .compact import (accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed,
                       register_stage_autograd, tokenize_compact, visible_tables, weight_from_partials)
 from .triton_pool import max_blur_pool, max_blur_pool_backward, pool_tokens_apply
@@ -69,18 +69,12 @@ _interpreting = interpreting
 # Tile-size autotuning: keyed on channel counts, patch side, kernel size and the row count's
 # power of two; results are kept per process and in Triton's on-disk cache (cache_results).
 # --------------------------------------------------------------------------------------------
-def _single_config() -> bool:
-    """SCOTT_TRITON_SINGLE_CONFIG=1: every autotuned kernel keeps only its first config, so a
-    quick GPU check compiles one variant per kernel instead of benchmarking the whole list."""
-    return os.environ.get("SCOTT_TRITON_SINGLE_CONFIG", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
 def _cfg(kwargs: dict, warps: int, stages: int):
     return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
 def _keep(configs: list) -> list:
-    return configs[:1] if _single_config() else configs
+    return configs[:1] if single_config() else configs
 
 
 # The conv GEMM tile lists hold only configs that the sm_90 machine code shows can win at the
@@ -561,19 +555,11 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------
 # Launch configuration
 # --------------------------------------------------------------------------------------------
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _precision(dtype: torch.dtype) -> str:
     # float32 follows torch's convolution setting (TF32 on tensor cores unless disabled)
     if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not _interpreting():
         return "tf32"
     return "ieee"
-
-
-def _bucket(rows: int) -> int:
-    return int(rows).bit_length()
 
 
 def _check_tables(name: str, src: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
@@ -671,7 +657,7 @@ def _pack_image(x: torch.Tensor, slot: torch.Tensor, num_tiles: int, in_side: in
     block = 64
     _pack_image_kernel[(B * geo["hp"], triton.cdiv(geo["wp"], block))](
         x, packed, slot, norm, num_tiles, slot.shape[1], slot.shape[2], H, W, geo["hp"], geo["wp"], *x.stride(),
-        C=C, CP=geo["cp"], P=in_side, PAD=geo["pad"], NORMALIZE=normalize, ACC=_acc_dtype(dtype), BLOCK_W=block)
+        C=C, CP=geo["cp"], P=in_side, PAD=geo["pad"], NORMALIZE=normalize, ACC=accumulator(dtype), BLOCK_W=block)
     return packed, geo
 
 
@@ -686,7 +672,7 @@ def _image_weight(weight: torch.Tensor, geo: dict) -> torch.Tensor:
 def _image_args(packed: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, rows: int, geo: dict) -> tuple:
     _, GH, GW = slot.shape
     hp, wp, cp = geo["hp"], geo["wp"], geo["cp"]
-    return (tile_pos, rows, slot.numel(), GH * GW, GW, wp * cp, hp * wp * cp, _bucket(rows))
+    return (tile_pos, rows, slot.numel(), GH * GW, GW, wp * cp, hp * wp * cp, rows_bucket(rows))
 
 
 # --------------------------------------------------------------------------------------------
@@ -727,7 +713,7 @@ def conv_relu(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_
     if rows == 0:
         return out
     slot, tile_pos = slot.contiguous(), tile_pos.contiguous()
-    acc, precision = _acc_dtype(weight.dtype), _precision(weight.dtype)
+    acc, precision = accumulator(weight.dtype), _precision(weight.dtype)
     if src_is_image:
         norm, normalize = _norm_args(pixel_norm, src, c_in, weight)
         packed, geo = _pack_image(src, slot, num_tiles, in_side, k, norm, normalize, weight.dtype)
@@ -741,7 +727,7 @@ def conv_relu(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_
     nbr = _neighbour_table(slot, tile_pos, radius)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))
     _conv_relu_fwd_kernel[grid](
-        src, gemm_weight(weight), out, nbr, rows, _bucket(rows), C_IN=c_in, C_OUT=c_out, IN_SIDE=in_side, KSIZE=k,
+        src, gemm_weight(weight), out, nbr, rows, rows_bucket(rows), C_IN=c_in, C_OUT=c_out, IN_SIDE=in_side, KSIZE=k,
         R=radius, BLOCK_K=_k_block(c_in), WIDE=_wide(src, out), ACC=acc, PRECISION=precision)
     return out
 
@@ -772,7 +758,7 @@ def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor | None, src: torch.Ten
     grad = grad.to(weight.dtype).contiguous()
     masked = out is None
     out = grad if masked else out.contiguous()
-    acc, precision = _acc_dtype(weight.dtype), _precision(weight.dtype)
+    acc, precision = accumulator(weight.dtype), _precision(weight.dtype)
     part_dtype = accumulator_dtype(weight.dtype)
     if src_is_image:
         norm, normalize = _norm_args(pixel_norm, src, c_in, grad)
@@ -799,7 +785,7 @@ def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor | None, src: torch.Ten
     partial = torch.empty((splits, k * k * c_in, c_out), dtype=part_dtype, device=src.device)
     grid = lambda meta: (k_tiles, triton.cdiv(c_out, meta["BLOCK_N"]), splits)
     _conv_relu_wgrad_kernel[grid](
-        src, grad, out, partial, nbr, rows, _bucket(rows), C_IN=c_in, C_OUT=c_out, IN_SIDE=in_side, KSIZE=k,
+        src, grad, out, partial, nbr, rows, rows_bucket(rows), C_IN=c_in, C_OUT=c_out, IN_SIDE=in_side, KSIZE=k,
         R=radius, BLOCK_K=block_k, TAPS=taps, ROWS_PER_CTA=per_cta, GRAD_MASKED=masked, WIDE=_wide(src, grad), ACC=acc,
         PRECISION=precision)
     return weight_from_partials(partial, weight)
@@ -834,9 +820,9 @@ def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor | None, weight: torch.
     class_rows = rows // 4
     grid = lambda meta: (triton.cdiv(class_rows, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]), 4)
     _conv_relu_dgrad_kernel[grid](
-        grad, out, weight_t, dsrc, nbr, class_rows, _bucket(rows), C_IN=c_in, CW=c_w, C_OUT=c_out, IN_SIDE=in_side,
+        grad, out, weight_t, dsrc, nbr, class_rows, rows_bucket(rows), C_IN=c_in, CW=c_w, C_OUT=c_out, IN_SIDE=in_side,
         KSIZE=k, R=radius, GRAD_MASKED=masked, WIDE=_wide(grad, dsrc), INTERPRET=_interpreting(),
-        ACC=_acc_dtype(grad.dtype), PRECISION=_precision(grad.dtype))
+        ACC=accumulator(grad.dtype), PRECISION=_precision(grad.dtype))
     return dsrc
 
 

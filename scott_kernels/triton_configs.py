@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Iterable, Sequence
 
-__all__ = ["interpreting", "triton_supports", "MAX_SHARED", "shared_memory_limit", "gemm_shared_bytes", "keep_fitting", "shared_fits", "prune_hook",
+__all__ = ["interpreting", "triton_supports", "single_config", "rows_bucket", "accumulator", "MAX_SHARED", "shared_memory_limit", "gemm_shared_bytes", "keep_fitting", "shared_fits", "prune_hook",
            "element_bytes"]
 
 def interpreting() -> bool:
@@ -36,6 +36,24 @@ def triton_supports(device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available()
     return device.type == "cpu" and interpreting()
+
+
+def single_config() -> bool:
+    """SCOTT_TRITON_SINGLE_CONFIG=1: every autotuned kernel keeps only its first config, so a
+    quick GPU check compiles one variant per kernel instead of benchmarking the whole list."""
+    return os.environ.get("SCOTT_TRITON_SINGLE_CONFIG", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def rows_bucket(rows: int) -> int:
+    """The row count's power of two: the autotune key that groups launches of similar size."""
+    return int(rows).bit_length()
+
+
+def accumulator(dtype):
+    """Triton accumulator dtype for a torch dtype: float64 stays float64, the rest accumulate in float32."""
+    import torch
+    import triton.language as tl
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 # Shared memory one block may opt into, by compute capability (bytes).

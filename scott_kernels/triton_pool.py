@@ -21,7 +21,6 @@ loads are masked by tile and channel only, so channel vectors load 16 bytes at a
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -32,7 +31,7 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
 from .compact import accumulator_dtype, check_tables
-from .triton_configs import interpreting, triton_supports
+from .triton_configs import accumulator, interpreting, rows_bucket, single_config, triton_supports
 
 __all__ = ["max_blur_pool", "max_blur_pool_backward", "pool_tokens", "pool_tokens_backward",
            "pool_tokens_apply"]
@@ -41,11 +40,6 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 _interpreting = interpreting
-
-
-def _single_config() -> bool:
-    """SCOTT_TRITON_SINGLE_CONFIG=1 keeps only the first config of each autotuned kernel."""
-    return os.environ.get("SCOTT_TRITON_SINGLE_CONFIG", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,7 +53,7 @@ def _configs(table) -> list:
         # the interpreter's cost is per program and per op, not per element: few, large programs
         return [triton.Config({"ROWS": 64, "BLOCK_C": 32})]
     configs = [triton.Config({"ROWS": rows, "BLOCK_C": bc}, num_warps=warps) for rows, bc, warps in table]
-    return configs[:1] if _single_config() else configs
+    return configs[:1] if single_config() else configs
 
 
 _FWD_TABLE = [(32, 64, 4), (16, 64, 4), (16, 128, 4)]
@@ -437,7 +431,7 @@ if triton is not None:
         return pe, fill
 
     @triton.autotune(configs=[triton.Config({"TOKENS": 32})] if _interpreting() else
-                     [triton.Config({"TOKENS": t}, num_warps=w) for t, w in _EPI_TABLE][:1 if _single_config() else None],
+                     [triton.Config({"TOKENS": t}, num_warps=w) for t, w in _EPI_TABLE][:1 if single_config() else None],
                      key=["C", "DENSE", "ROWS_BUCKET"], cache_results=True)
     @triton.jit
     def _pool_tokens_fwd_kernel(act_ptr, out_ptr, x_ptr, stats_ptr, slot_ptr, tile_pos_ptr, w_ptr, b_ptr, pos_ptr,
@@ -568,14 +562,6 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------
 # Launch helpers
 # --------------------------------------------------------------------------------------------
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _bucket(rows: int) -> int:
-    return int(rows).bit_length()
-
-
 def _check(name: str, act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, side: int | None = None) -> None:
     if act.dtype not in _DTYPES:
         raise TypeError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got {act.dtype}")
@@ -618,7 +604,7 @@ def max_blur_pool(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor)
         return out
     _max_blur_pool_fwd_kernel[_pool_grid(num_tiles, side, channels)](
         act, out, slot.contiguous(), tile_pos.contiguous(), num_tiles, slot.numel(), slot.shape[1], slot.shape[2],
-        _bucket(num_tiles), C=channels, SIDE=side, ACC=_acc_dtype(act.dtype))
+        rows_bucket(num_tiles), C=channels, SIDE=side, ACC=accumulator(act.dtype))
     return out
 
 
@@ -643,7 +629,7 @@ def max_blur_pool_backward(grad: torch.Tensor, act: torch.Tensor, slot: torch.Te
         return dact
     _max_blur_pool_bwd_kernel[_pool_grid(num_tiles, side, channels)](
         grad.to(act.dtype).contiguous(), act, dact, slot.contiguous(), tile_pos.contiguous(), num_tiles, slot.numel(),
-        slot.shape[1], slot.shape[2], _bucket(num_tiles), C=channels, SIDE=side, ACC=_acc_dtype(act.dtype),
+        slot.shape[1], slot.shape[2], rows_bucket(num_tiles), C=channels, SIDE=side, ACC=accumulator(act.dtype),
         RELU_MASK=relu_mask)
     return dact
 
@@ -703,10 +689,10 @@ def pool_tokens(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, l
         act, tokens, x, stats, slot.contiguous(), tile_pos.contiguous(),
         any_ if ln_weight is None else ln_weight.contiguous(), any_ if ln_bias is None else ln_bias.contiguous(),
         any_ if pos_embed is None else pos_embed.contiguous(), any_ if mask_token is None else mask_token.contiguous(),
-        num_tiles, slot.numel(), GH, GW, float(eps), _bucket(rows),
+        num_tiles, slot.numel(), GH, GW, float(eps), rows_bucket(rows),
         C=dim, BLOCK_D=triton.next_power_of_2(dim), DENSE=dense, NORM=norm, HAS_W=norm and ln_weight is not None,
         HAS_B=norm and ln_bias is not None, HAS_POS=pos_embed is not None,
-        HAS_MASK_TOKEN=dense and mask_token is not None, ACC=_acc_dtype(act.dtype))
+        HAS_MASK_TOKEN=dense and mask_token is not None, ACC=accumulator(act.dtype))
     return tokens, x, stats
 
 
@@ -753,7 +739,7 @@ def pool_tokens_backward(grad: torch.Tensor, act: torch.Tensor, x: torch.Tensor,
             act if ln_weight is None else ln_weight.contiguous(), num_tiles, B, N, -(-B // splits),
             C=dim, BLOCK_D=triton.next_power_of_2(dim), DENSE=dense, NORM=norm,
             HAS_W=norm and ln_weight is not None, HAS_POS=has_pos, HAS_MASK_TOKEN=dense and has_mask_token,
-            ACC=_acc_dtype(act.dtype), ROWS=32 if _interpreting() else 8, num_warps=8 if dim > 256 else 4)
+            ACC=accumulator(act.dtype), ROWS=32 if _interpreting() else 8, num_warps=8 if dim > 256 else 4)
     dact = max_blur_pool_backward(dx, act, slot, tile_pos, relu_mask)
     return dact, part[0].sum((0, 1)), part[1].sum((0, 1)), part[2].sum(0), part[3].sum((0, 1))
 
