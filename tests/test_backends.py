@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scott_kernels import reference_tokenize, sparse_conv_tokenize
+from scott_kernels import available_backends, reference_tokenize, sparse_conv_tokenize
 from scott_kernels.reference import max_blur_pool
 
 from conftest import DEVICES, random_weights
@@ -119,9 +119,11 @@ def test_blur_reads_own_pixel_next_to_a_masked_neighbour():
     torch.testing.assert_close(sparse_conv_tokenize(x, weights, keep, patch_size=4, backend="torch").view(-1), out)
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "spconv"])
 def test_no_leak_from_masked_patches(backend):
     """Changing pixels of masked patches changes nothing: values or weight gradients."""
+    if backend not in available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} does not run here (spconv: pip install \".[spconv]\")")
     weights = random_weights(3, (6, 8), (7, 7))
     keep = torch.rand(2, 12) >= 0.5
     keep[:, 0] = True
