@@ -174,18 +174,24 @@ def register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blu
     The gradient ops take the forward's output to apply the ReLU mask themselves. With
     ``premask_compact`` (for backends whose gradient ops also accept ``out=None`` and an
     already-masked gradient) a compact stage's gradient is masked once here and both ops get
-    ``out=None``: cheaper than each op masking it again on every reread."""
+    ``out=None``: cheaper than each op masking it again on every reread.
+
+    Ops may take trailing inputs after the common ones: a conv's first one, when present, is
+    ``relu`` (False: the plain convolution, whose gradient the gradient ops take as already
+    masked, ``out=None``); a pool's are passed on to ``max_blur_pool_backward``."""
 
     def conv_setup(ctx, inputs, output):
-        src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm = inputs
-        ctx.save_for_backward(src, weight, slot, tile_pos, output, pixel_norm)
+        src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm, *flags = inputs
+        ctx.relu = bool(flags[0]) if flags else True
+        ctx.extra = len(flags)
+        ctx.save_for_backward(src, weight, slot, tile_pos, output if ctx.relu else None, pixel_norm)
         ctx.in_side, ctx.src_is_image = in_side, src_is_image
         ctx.src_shape = tuple(src.shape)
 
     def conv_backward(ctx, grad):
         src, weight, slot, tile_pos, out, pixel_norm = ctx.saved_tensors
         grad_src = grad_w = None
-        if premask_compact and not ctx.src_is_image:
+        if premask_compact and ctx.relu and not ctx.src_is_image:
             grad, out = torch.where(out > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)), None
         if ctx.needs_input_grad[1]:
             grad_w = conv_relu_wgrad(grad, out, src, weight, slot, tile_pos, ctx.in_side, ctx.src_is_image,
@@ -197,15 +203,16 @@ def register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blu
                 if pixel_norm is not None:
                     grad_src = grad_src * pixel_norm[1].view(1, -1, 1, 1).to(grad_src.dtype)
                 grad_src = grad_src.to(src.dtype)
-        return grad_src, grad_w, None, None, None, None, None
+        return grad_src, grad_w, None, None, None, None, None, *([None] * ctx.extra)
 
     def pool_setup(ctx, inputs, output):
-        act, slot, tile_pos = inputs
+        act, slot, tile_pos, *flags = inputs
+        ctx.flags = tuple(flags)
         ctx.save_for_backward(act, slot, tile_pos)
 
     def pool_backward(ctx, grad):
         act, slot, tile_pos = ctx.saved_tensors
-        return max_blur_pool_backward(grad, act, slot, tile_pos), None, None
+        return max_blur_pool_backward(grad, act, slot, tile_pos, *ctx.flags), None, None, *([None] * len(ctx.flags))
 
     conv_relu.register_autograd(conv_backward, setup_context=conv_setup)
     max_blur_pool.register_autograd(pool_backward, setup_context=pool_setup)

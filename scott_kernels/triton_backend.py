@@ -249,9 +249,10 @@ if triton is not None:
     def _conv_relu_fwd_kernel(src_ptr, w_ptr, out_ptr, nbr_ptr, rows_total, ROWS_BUCKET,
                               C_IN: tl.constexpr, C_OUT: tl.constexpr, IN_SIDE: tl.constexpr,
                               KSIZE: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr,
-                              ACC: tl.constexpr, PRECISION: tl.constexpr,
+                              RELU: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """out (M, s, s, C_out) = relu(im2col(src) @ W) for a compact (M, q, q, C_in) source.
+        """out (M, s, s, C_out) = relu(im2col(src) @ W) (without RELU: no relu) for a compact
+        (M, q, q, C_in) source.
 
         K runs over (tap, channel block): a row's neighbour lookup is one load from its tile's
         (2R+1)^2 neighbour table per step, and each step gathers BLOCK_K contiguous channels."""
@@ -282,12 +283,14 @@ if triton is not None:
                 w_mask = w_mask & (ch < C_IN)[:, None]
             w = tl.load(w_ptr + (tap * C_IN + ch)[:, None] * C_OUT + cols[None, :], mask=w_mask, other=0.0)
             acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=ACC)
-        acc = tl.maximum(acc, 0.0)
+        if RELU:
+            acc = tl.maximum(acc, 0.0)
         tl.store(out_ptr + rows[:, None] * C_OUT + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
-    def _image_row_offsets(rows, tile_pos_ptr, num_pos, cells, GW, ROW_STRIDE, IMG_STRIDE,
+    def _image_row_offsets(rows, tile_pos_ptr, num_pos, CELLS: tl.constexpr, GW: tl.constexpr,
+                           ROW_STRIDE: tl.constexpr, IMG_STRIDE: tl.constexpr,
                            OUT_SIDE: tl.constexpr, CP: tl.constexpr, WIDE: tl.constexpr):
         """Offset in the packed image of each output row's window corner (tap (0, 0)).
 
@@ -296,8 +299,8 @@ if triton is not None:
         rem = rows % (OUT_SIDE * OUT_SIDE)
         pos = tl.load(tile_pos_ptr + tile)
         pos = tl.minimum(tl.maximum(pos, 0), num_pos - 1).to(tl.int32)
-        b = pos // cells
-        cell = pos % cells
+        b = pos // CELLS
+        cell = pos % CELLS
         y = (cell // GW) * OUT_SIDE + rem // OUT_SIDE
         x = (cell % GW) * OUT_SIDE + rem % OUT_SIDE
         if WIDE:
@@ -306,18 +309,18 @@ if triton is not None:
 
     @_autotune(_image_fwd_configs(), _IMAGE_KEY, _prune_by_c_out, shared=_IMAGE_FWD_SHARED)
     @triton.jit
-    def _conv_relu_image_fwd_kernel(packed_ptr, w_ptr, out_ptr, tile_pos_ptr, rows_total, num_pos, cells, GW,
-                                    ROW_STRIDE, IMG_STRIDE, ROWS_BUCKET,
-                                    C_OUT: tl.constexpr, OUT_SIDE: tl.constexpr, KSIZE: tl.constexpr,
+    def _conv_relu_image_fwd_kernel(packed_ptr, w_ptr, out_ptr, tile_pos_ptr, rows_total, num_pos, ROWS_BUCKET,
+                                    CELLS: tl.constexpr, GW: tl.constexpr, ROW_STRIDE: tl.constexpr,
+                                    IMG_STRIDE: tl.constexpr, C_OUT: tl.constexpr, OUT_SIDE: tl.constexpr, KSIZE: tl.constexpr,
                                     CP: tl.constexpr, KROW: tl.constexpr, WIDE: tl.constexpr,
-                                    ACC: tl.constexpr, PRECISION: tl.constexpr,
+                                    RELU: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """The image stage's forward from the packed image (see _pack_image_kernel): kernel row ky
         of an output pixel's window is KROW contiguous elements (KROW / CP pixels x CP channels,
         the taps past KSIZE and the channels past C_in have zero weights), so each K step is one
         unmasked, 16-byte-vector load per row."""
         rows, row_ok = _row_block(tl.program_id(0), rows_total, BLOCK_M, WIDE)
-        base = _image_row_offsets(rows, tile_pos_ptr, num_pos, cells, GW, ROW_STRIDE, IMG_STRIDE, OUT_SIDE, CP, WIDE)
+        base = _image_row_offsets(rows, tile_pos_ptr, num_pos, CELLS, GW, ROW_STRIDE, IMG_STRIDE, OUT_SIDE, CP, WIDE)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < C_OUT
         kc = tl.arange(0, KROW)
@@ -326,7 +329,8 @@ if triton is not None:
             a = tl.load(packed_ptr + (base + ky * ROW_STRIDE)[:, None] + kc[None, :])
             w = tl.load(w_ptr + (ky * KROW + kc)[:, None] * C_OUT + cols[None, :], mask=col_ok[None, :], other=0.0)
             acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=ACC)
-        acc = tl.maximum(acc, 0.0)
+        if RELU:
+            acc = tl.maximum(acc, 0.0)
         tl.store(out_ptr + rows[:, None] * C_OUT + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
@@ -434,32 +438,38 @@ if triton is not None:
         if TAPS == 2:
             tl.store(dst + C_IN * C_OUT, acc2.to(partial_ptr.dtype.element_ty), mask=ok & has2)
 
-    @_autotune(_image_wgrad_configs(), _IMAGE_KEY + ["ROWS_PER_CTA"], _prune_image_wgrad,
-               shared=_IMAGE_WGRAD_SHARED)
+    @_autotune(_image_wgrad_configs(), _IMAGE_KEY, _prune_image_wgrad, shared=_IMAGE_WGRAD_SHARED)
     @triton.jit
     def _conv_relu_image_wgrad_kernel(packed_ptr, grad_ptr, out_ptr, partial_ptr, tile_pos_ptr, rows_total, num_pos,
-                                      cells, GW, ROW_STRIDE, IMG_STRIDE, ROWS_BUCKET,
-                                      C_OUT: tl.constexpr, OUT_SIDE: tl.constexpr, KYP: tl.constexpr,
-                                      CP: tl.constexpr, KROW: tl.constexpr, ROWS_PER_CTA: tl.constexpr,
+                                      ROWS_BUCKET, rows_per_cta,
+                                      CELLS: tl.constexpr, GW: tl.constexpr, ROW_STRIDE: tl.constexpr,
+                                      IMG_STRIDE: tl.constexpr, C_OUT: tl.constexpr, OUT_SIDE: tl.constexpr,
+                                      KYP: tl.constexpr, CP: tl.constexpr, KROW: tl.constexpr,
                                       GRAD_MASKED: tl.constexpr, WIDE: tl.constexpr, ACC: tl.constexpr,
                                       PRECISION: tl.constexpr,
                                       BLOCK_KY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
         """partial[split] (KYP * KROW, C_out): the image stage's weight gradient over the packed
-        image's kernel rows (the host keeps the rows of real taps and channels)."""
+        image's kernel rows (the host keeps the rows of real taps and channels), over rows_per_cta
+        output pixels (a multiple of BLOCK_R) per split."""
         BK: tl.constexpr = BLOCK_KY * KROW
+        # the gradient's loads are masked by row only where the channel blocks tile C_out
+        COL_MASK: tl.constexpr = C_OUT % BLOCK_N != 0
         j = tl.arange(0, BK)
         k_offs = (tl.program_id(0) * BLOCK_KY + j // KROW) * ROW_STRIDE + j % KROW
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < C_OUT
         split = tl.program_id(2)
+        blocks = rows_per_cta // BLOCK_R
         acc = tl.zeros((BK, BLOCK_N), dtype=ACC)
-        for r0 in range(0, ROWS_PER_CTA, BLOCK_R):
-            rows, row_ok = _row_block(split * (ROWS_PER_CTA // BLOCK_R) + r0 // BLOCK_R, rows_total, BLOCK_R, WIDE)
-            base = _image_row_offsets(rows, tile_pos_ptr, num_pos, cells, GW, ROW_STRIDE, IMG_STRIDE, OUT_SIDE, CP,
+        for r0 in range(0, blocks):
+            rows, row_ok = _row_block(split * blocks + r0, rows_total, BLOCK_R, WIDE)
+            base = _image_row_offsets(rows, tile_pos_ptr, num_pos, CELLS, GW, ROW_STRIDE, IMG_STRIDE, OUT_SIDE, CP,
                                       WIDE)
             a = tl.load(packed_ptr + base[:, None] + k_offs[None, :])
-            g = _relu_grad(grad_ptr, out_ptr, rows[:, None] * C_OUT + cols[None, :], row_ok[:, None] & col_ok[None, :],
-                           GRAD_MASKED)
+            g_mask = row_ok[:, None]
+            if COL_MASK:
+                g_mask = g_mask & col_ok[None, :]
+            g = _relu_grad(grad_ptr, out_ptr, rows[:, None] * C_OUT + cols[None, :], g_mask, GRAD_MASKED)
             acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION, out_dtype=ACC)
         k_rows = tl.program_id(0) * BK + j
         tl.store(partial_ptr + (split * (KYP * KROW) + k_rows[:, None]) * C_OUT + cols[None, :],
@@ -626,6 +636,15 @@ def _sm_count(device: torch.device) -> int | None:
     return compact._multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _image_rows_per_cta(rows: int, tiles: int, device: torch.device) -> int:
+    """Output pixels each image weight-gradient CTA reduces over: a multiple of 128 (the largest
+    BLOCK_R), as few parts as fill one wave of ``tiles`` x parts CTAs at two per SM, since every
+    part writes (and the sum reads) a float32 partial. One part off the GPU."""
+    sms = _sm_count(device)
+    parts = 1 if sms is None else max(1, 2 * sms // tiles)
+    return max(128, -(-(-(-rows // parts)) // 128) * 128)
+
+
 def _rows_per_cta(rows: int, tiles: int, device: torch.device) -> int:
     """Output pixels each weight-gradient CTA reduces over: a power of two (one compiled variant
     per size class), enough parts to give every SM about two CTAs. Each part writes its own
@@ -639,13 +658,15 @@ def _rows_per_cta(rows: int, tiles: int, device: torch.device) -> int:
 def _packed_geometry(height: int, width: int, k: int, c_in: int) -> dict:
     """Layout of the packed images (B, HP, WP, CP): channels padded to CP (a power of two), a
     kernel row read as KROW = KXE * CP contiguous elements (KXE >= k pixels), KYP >= k kernel rows
-    covered by the weight-gradient tiles, rows padded so that every such read stays inside."""
+    covered by the weight-gradient tiles, rows padded so that every such read stays inside and
+    each packed row is whole 8-element (16-byte in 16 bits) vectors."""
     pad = k // 2
     cp = _pow2(c_in)
     kxe = max(_pow2(k), -(-16 // cp))
     kyp = max(2, _pow2(k))   # at least the smallest weight-gradient tile (two kernel rows)
     hp = max(height + 2 * pad, height - 2 + kyp)
-    wp = -(-max(width + 2 * pad, width - 2 + kxe) // 16) * 16
+    align = max(1, 8 // cp)
+    wp = -(-max(width + 2 * pad, width - 2 + kxe) // align) * align
     return dict(pad=pad, cp=cp, kxe=kxe, krow=kxe * cp, kyp=kyp, hp=hp, wp=wp)
 
 
@@ -670,9 +691,14 @@ def _image_weight(weight: torch.Tensor, geo: dict) -> torch.Tensor:
 
 
 def _image_args(packed: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, rows: int, geo: dict) -> tuple:
+    return (tile_pos, rows, slot.numel(), rows_bucket(rows))
+
+
+def _image_consts(slot: torch.Tensor, geo: dict) -> dict:
+    """The image kernels' compile-time geometry: grid cells per image and per row, packed strides."""
     _, GH, GW = slot.shape
     hp, wp, cp = geo["hp"], geo["wp"], geo["cp"]
-    return (tile_pos, rows, slot.numel(), GH * GW, GW, wp * cp, hp * wp * cp, rows_bucket(rows))
+    return dict(CELLS=GH * GW, GW=GW, ROW_STRIDE=wp * cp, IMG_STRIDE=hp * wp * cp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -691,20 +717,60 @@ def _norm_args(pixel_norm: torch.Tensor | None, src: torch.Tensor, c_in: int, fa
     return pixel_norm.contiguous(), True
 
 
+def _image_geometry(name: str, slot: torch.Tensor, in_side: int, weight: torch.Tensor, packed: torch.Tensor) -> dict:
+    """The packed images' layout for these tables and weight; raises unless ``packed`` has it."""
+    _, c_in, k, _ = weight.shape
+    B, GH, GW = slot.shape
+    geo = _packed_geometry(GH * in_side, GW * in_side, k, c_in)
+    want = (B, geo["hp"], geo["wp"], geo["cp"])
+    if tuple(packed.shape) != want or packed.dtype != weight.dtype or not packed.is_contiguous():
+        raise ValueError(f"{name}: packed must be a contiguous {weight.dtype} tensor of shape {want} "
+                         f"(conv_image's second output), got {tuple(packed.shape)} {packed.dtype}")
+    return geo
+
+
+def _conv_image(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int,
+                pixel_norm: torch.Tensor | None, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image stage: packs the images, then the conv (+ ReLU) GEMM -> (out, packed)."""
+    _check_tables("triton_conv_image", src, slot, tile_pos, image=True)
+    c_in = _source_geometry(src, slot, in_side, True)
+    c_out, _, k, _ = weight.shape
+    if src.dtype != weight.dtype and src.dtype != torch.uint8:
+        raise TypeError(f"triton_conv_image: src is {src.dtype} but weight is {weight.dtype}")
+    num_tiles = tile_pos.shape[0]
+    side = in_side // 2
+    rows = num_tiles * side * side
+    slot, tile_pos = slot.contiguous(), tile_pos.contiguous()
+    norm, normalize = _norm_args(pixel_norm, src, c_in, weight)
+    packed, geo = _pack_image(src, slot, num_tiles, in_side, k, norm, normalize, weight.dtype)
+    out = torch.empty((num_tiles, side, side, c_out), dtype=weight.dtype, device=src.device)
+    if rows == 0:
+        return out, packed
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))
+    _conv_relu_image_fwd_kernel[grid](
+        packed, _image_weight(weight, geo), out, *_image_args(packed, slot, tile_pos, rows, geo),
+        **_image_consts(slot, geo), C_OUT=c_out, OUT_SIDE=side, KSIZE=k, CP=geo["cp"], KROW=geo["krow"], WIDE=_wide(packed, out), RELU=relu,
+        ACC=accumulator(weight.dtype), PRECISION=_precision(weight.dtype))
+    return out, packed
+
+
 @torch.library.custom_op("scott_kernels::triton_conv_relu", mutates_args=())
 def conv_relu(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
-              in_side: int, src_is_image: bool, pixel_norm: torch.Tensor | None = None) -> torch.Tensor:
-    """relu(conv(src, weight, stride 2, pad k//2)) at the visible patches -> (M, q/2, q/2, C_out).
+              in_side: int, src_is_image: bool, pixel_norm: torch.Tensor | None = None,
+              relu: bool = True) -> torch.Tensor:
+    """relu(conv(src, weight, stride 2, pad k//2)) at the visible patches -> (M, q/2, q/2, C_out);
+    the plain convolution with ``relu=False``.
 
     Computes in ``weight.dtype``; ``src`` is the images (B, C, H, W), of that dtype or, with
     ``pixel_norm`` (mean, 1/std per channel), uint8, or a compact (M, q, q, C) activation.
     """
-    _check_tables("triton_conv_relu", src, slot, tile_pos, image=src_is_image)
-    if not src_is_image:
-        src = src.contiguous()
-    c_in = _source_geometry(src, slot, in_side, src_is_image)
+    if src_is_image:
+        return _conv_image(src, weight, slot, tile_pos, in_side, pixel_norm, relu)[0]
+    _check_tables("triton_conv_relu", src, slot, tile_pos)
+    src = src.contiguous()
+    c_in = _source_geometry(src, slot, in_side, False)
     c_out, _, k, _ = weight.shape
-    if src.dtype != weight.dtype and src.dtype != torch.uint8:
+    if src.dtype != weight.dtype:
         raise TypeError(f"triton_conv_relu: src is {src.dtype} but weight is {weight.dtype}")
     num_tiles = tile_pos.shape[0]
     side = in_side // 2
@@ -713,29 +779,109 @@ def conv_relu(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_
     if rows == 0:
         return out
     slot, tile_pos = slot.contiguous(), tile_pos.contiguous()
-    acc, precision = accumulator(weight.dtype), _precision(weight.dtype)
-    if src_is_image:
-        norm, normalize = _norm_args(pixel_norm, src, c_in, weight)
-        packed, geo = _pack_image(src, slot, num_tiles, in_side, k, norm, normalize, weight.dtype)
-        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))
-        _conv_relu_image_fwd_kernel[grid](
-            packed, _image_weight(weight, geo), out, *_image_args(packed, slot, tile_pos, rows, geo),
-            C_OUT=c_out, OUT_SIDE=side, KSIZE=k, CP=geo["cp"], KROW=geo["krow"], WIDE=_wide(packed, out),
-            ACC=acc, PRECISION=precision)
-        return out
     radius = _radius(in_side, k)
     nbr = _neighbour_table(slot, tile_pos, radius)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))
     _conv_relu_fwd_kernel[grid](
         src, gemm_weight(weight), out, nbr, rows, rows_bucket(rows), C_IN=c_in, C_OUT=c_out, IN_SIDE=in_side, KSIZE=k,
-        R=radius, BLOCK_K=_k_block(c_in), WIDE=_wide(src, out), ACC=acc, PRECISION=precision)
+        R=radius, BLOCK_K=_k_block(c_in), WIDE=_wide(src, out), RELU=relu, ACC=accumulator(weight.dtype),
+        PRECISION=_precision(weight.dtype))
     return out
 
 
 @conv_relu.register_fake
-def _(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=None):
+def _(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=None, relu=True):
     c_out = weight.shape[0]
     return weight.new_empty((tile_pos.shape[0], in_side // 2, in_side // 2, c_out))
+
+
+@torch.library.custom_op("scott_kernels::triton_conv_image", mutates_args=())
+def conv_image(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int,
+               pixel_norm: torch.Tensor | None = None, relu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv_relu of the images (B, C, H, W) -> (out, packed): ``packed`` (B, HP, WP, CP) is the
+    masked, normalised, zero-padded copy of the images the kernels read, kept by the autograd for
+    the weight gradient so that the backward does not pack the images again."""
+    return _conv_image(src, weight, slot, tile_pos, in_side, pixel_norm, relu)
+
+
+@conv_image.register_fake
+def _(src, weight, slot, tile_pos, in_side, pixel_norm=None, relu=True):
+    c_out, c_in, k, _ = weight.shape
+    B, GH, GW = slot.shape
+    geo = _packed_geometry(GH * in_side, GW * in_side, k, c_in)
+    side = in_side // 2
+    return (weight.new_empty((tile_pos.shape[0], side, side, c_out)),
+            weight.new_empty((B, geo["hp"], geo["wp"], geo["cp"])))
+
+
+def _image_wgrad(grad: torch.Tensor, out: torch.Tensor | None, packed: torch.Tensor, geo: dict, weight: torch.Tensor,
+                 slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int) -> torch.Tensor:
+    """The image stage's weight gradient from the packed images."""
+    c_out, c_in, k, _ = weight.shape
+    num_tiles = tile_pos.shape[0]
+    side = in_side // 2
+    rows = num_tiles * side * side
+    if rows == 0:
+        return torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    slot, tile_pos = slot.contiguous(), tile_pos.contiguous()
+    grad = grad.to(weight.dtype).contiguous()
+    masked = out is None
+    out = grad if masked else out.contiguous()
+    kyp, krow = geo["kyp"], geo["krow"]
+    # sized for the two-kernel-row tiles that win at C_out = 64
+    per_cta = _image_rows_per_cta(rows, max(1, kyp // 2) * triton.cdiv(c_out, 64), packed.device)
+    splits = triton.cdiv(rows, per_cta)
+    partial = torch.empty((splits, kyp * krow, c_out), dtype=accumulator_dtype(weight.dtype), device=packed.device)
+    grid = lambda meta: (kyp // meta["BLOCK_KY"], triton.cdiv(c_out, meta["BLOCK_N"]), splits)
+    _conv_relu_image_wgrad_kernel[grid](
+        packed, grad, out, partial, *_image_args(packed, slot, tile_pos, rows, geo), per_cta,
+        **_image_consts(slot, geo), C_OUT=c_out, OUT_SIDE=side, KYP=kyp, CP=geo["cp"], KROW=krow, GRAD_MASKED=masked,
+        WIDE=_wide(packed, grad), ACC=accumulator(weight.dtype), PRECISION=_precision(weight.dtype))
+    dw = partial.sum(0).view(kyp, geo["kxe"], geo["cp"], c_out)[:k, :k, :c_in]
+    return dw.permute(3, 2, 0, 1).to(weight.dtype).contiguous()
+
+
+@torch.library.custom_op("scott_kernels::triton_conv_image_wgrad", mutates_args=())
+def conv_image_wgrad(grad: torch.Tensor, out: torch.Tensor | None, packed: torch.Tensor, weight: torch.Tensor,
+                     slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int) -> torch.Tensor:
+    """Gradient of conv_image with respect to its weight, from its packed images. ``out`` is the
+    forward's output (for the ReLU mask), or None when ``grad`` is already masked by it (or the
+    forward had no ReLU)."""
+    _check_tables("triton_conv_image_wgrad", grad, slot, tile_pos)
+    geo = _image_geometry("triton_conv_image_wgrad", slot, in_side, weight, packed)
+    return _image_wgrad(grad, out, packed, geo, weight, slot, tile_pos, in_side)
+
+
+@conv_image_wgrad.register_fake
+def _(grad, out, packed, weight, slot, tile_pos, in_side):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _conv_image_setup(ctx, inputs, output):
+    src, weight, slot, tile_pos, in_side, pixel_norm, relu = inputs
+    out, packed = output
+    ctx.mark_non_differentiable(packed)
+    ctx.set_materialize_grads(False)   # packed gets no gradient: no zero tensor of its size
+    # the packed images instead of the images: the weight gradient reads them as they are
+    ctx.save_for_backward(packed, weight, slot, tile_pos, out if relu else None, pixel_norm)
+    ctx.in_side, ctx.src_shape, ctx.src_dtype = in_side, tuple(src.shape), src.dtype
+
+
+def _conv_image_backward(ctx, grad, grad_packed):
+    packed, weight, slot, tile_pos, out, pixel_norm = ctx.saved_tensors
+    grad_src = grad_w = None
+    if grad is not None and ctx.needs_input_grad[1]:
+        grad_w = conv_image_wgrad(grad, out, packed, weight, slot, tile_pos, ctx.in_side)
+    if grad is not None and ctx.needs_input_grad[0]:
+        grad_src = compact.compact_to_image(conv_relu_dgrad(grad, out, weight, slot, tile_pos, ctx.in_side),
+                                            tile_pos, ctx.src_shape)
+        if pixel_norm is not None:
+            grad_src = grad_src * pixel_norm[1].view(1, -1, 1, 1).to(grad_src.dtype)
+        grad_src = grad_src.to(ctx.src_dtype)
+    return grad_src, grad_w, None, None, None, None, None
+
+
+conv_image.register_autograd(_conv_image_backward, setup_context=_conv_image_setup)
 
 
 @torch.library.custom_op("scott_kernels::triton_conv_relu_wgrad", mutates_args=())
@@ -755,25 +901,15 @@ def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor | None, src: torch.Ten
     if rows == 0:
         return torch.zeros_like(weight, memory_format=torch.contiguous_format)
     slot, tile_pos = slot.contiguous(), tile_pos.contiguous()
+    if src_is_image:
+        norm, normalize = _norm_args(pixel_norm, src, c_in, weight)
+        packed, geo = _pack_image(src, slot, num_tiles, in_side, k, norm, normalize, weight.dtype)
+        return _image_wgrad(grad, out, packed, geo, weight, slot, tile_pos, in_side)
     grad = grad.to(weight.dtype).contiguous()
     masked = out is None
     out = grad if masked else out.contiguous()
     acc, precision = accumulator(weight.dtype), _precision(weight.dtype)
     part_dtype = accumulator_dtype(weight.dtype)
-    if src_is_image:
-        norm, normalize = _norm_args(pixel_norm, src, c_in, grad)
-        packed, geo = _pack_image(src, slot, num_tiles, in_side, k, norm, normalize, weight.dtype)
-        kyp, krow = geo["kyp"], geo["krow"]
-        per_cta = _rows_per_cta(rows, triton.cdiv(c_out, 64), src.device)
-        splits = triton.cdiv(rows, per_cta)
-        partial = torch.empty((splits, kyp * krow, c_out), dtype=part_dtype, device=src.device)
-        grid = lambda meta: (kyp // meta["BLOCK_KY"], triton.cdiv(c_out, meta["BLOCK_N"]), splits)
-        _conv_relu_image_wgrad_kernel[grid](
-            packed, grad, out, partial, *_image_args(packed, slot, tile_pos, rows, geo),
-            C_OUT=c_out, OUT_SIDE=side, KYP=kyp, CP=geo["cp"], KROW=krow, ROWS_PER_CTA=per_cta, GRAD_MASKED=masked,
-            WIDE=_wide(packed, grad), ACC=acc, PRECISION=precision)
-        dw = partial.sum(0).view(kyp, geo["kxe"], geo["cp"], c_out)[:k, :k, :c_in]
-        return dw.permute(3, 2, 0, 1).to(weight.dtype).contiguous()
     radius = _radius(in_side, k)
     nbr = _neighbour_table(slot, tile_pos, radius)
     block_k = _k_block(c_in)
@@ -838,6 +974,20 @@ register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blur_po
 # --------------------------------------------------------------------------------------------
 # The tokenizer
 # --------------------------------------------------------------------------------------------
+# Each stage runs as conv (no ReLU) -> pool of relu(conv): the same function, but the pool's
+# backward, which reads the conv output anyway, returns the gradient already multiplied by ReLU',
+# so the conv gradients read neither a mask nor the conv output. The image stage keeps its packed
+# images for the weight gradient.
+def _stage_conv(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm):
+    if src_is_image:
+        return conv_image(src, weight, slot, tile_pos, in_side, pixel_norm, False)[0]
+    return conv_relu(src, weight, slot, tile_pos, in_side, False, pixel_norm, False)
+
+
+def _stage_pool(act, slot, tile_pos):
+    return max_blur_pool(act, slot, tile_pos, True)
+
+
 def triton_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: torch.Tensor | None,
                     patch_size: int, num_visible: int | None = None, packed: bool = False,
                     pixel_norm: torch.Tensor | None = None, norm=None, pos_embed: torch.Tensor | None = None,
@@ -852,7 +1002,7 @@ def triton_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: torc
     Inputs are assumed validated (see ``scott_kernels.functional``).
     """
     if norm is None and pos_embed is None and mask_token is None:
-        return tokenize_compact(conv_relu, max_blur_pool, x, weights, keep, patch_size, num_visible, packed,
+        return tokenize_compact(_stage_conv, _stage_pool, x, weights, keep, patch_size, num_visible, packed,
                                 pixel_norm)
     dense = keep is None or not packed
     # under autocast the unfused LayerNorm runs (and returns) float32: so do the fused tokens
@@ -860,7 +1010,7 @@ def triton_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: torc
     fill = mask_token if keep is not None and not packed else None
 
     def last_pool(act, slot, tile_pos):
-        return pool_tokens_apply(act, slot, tile_pos, norm, pos_embed, fill, dense, out_dtype)
+        return pool_tokens_apply(act, slot, tile_pos, norm, pos_embed, fill, dense, out_dtype, relu=True)
 
-    return tokenize_compact(conv_relu, max_blur_pool, x, weights, keep, patch_size, num_visible, packed, pixel_norm,
+    return tokenize_compact(_stage_conv, _stage_pool, x, weights, keep, patch_size, num_visible, packed, pixel_norm,
                             last_pool=last_pool)

@@ -180,10 +180,11 @@ if triton is not None:
     @triton.jit
     def _blurred_max(act_ptr, own, gy, gx, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr,
                      py, px, up, down, left, right, c, c_ok, GH, GW,
-                     SIDE: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr):
+                     SIDE: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, RELU: tl.constexpr):
         """[T, P, BLOCK_C] MaxBlurPool of pooled pixels (py, px): max of each 2x2 window of the
         4 x 4 block, binomial blur of the 3 x 3 windows. Windows outside the map are the blur's
-        zero padding (image border only; a masked neighbour's pixels read as 0)."""
+        zero padding (image border only; a masked neighbour's pixels read as 0). With RELU the
+        pool of relu(act): relu commutes with max, so it is applied to the row maxima."""
         # max-map row/column 0 (2 resp.) lies outside the image only at the image's top/left
         # (bottom/right) edge
         ex_top = ~(up & (gy == 0)[:, None])
@@ -208,6 +209,10 @@ if triton is not None:
             h0 = tl.maximum(v0, v1).to(ACC)
             h1 = tl.maximum(v1, v2).to(ACC)
             h2 = tl.maximum(v2, v3).to(ACC)
+            if RELU:
+                h0 = tl.maximum(h0, 0.0)
+                h1 = tl.maximum(h1, 0.0)
+                h2 = tl.maximum(h2, 0.0)
             if i > 0:
                 # max-map row i - 1: weight 1, 2, 1 over rows, the same over columns, / 16
                 row_w = 2.0 / 16.0 if i == 2 else 1.0 / 16.0
@@ -230,9 +235,10 @@ if triton is not None:
     @_autotune(_configs(_FWD_TABLE), _KEY, _prune_channels)
     @triton.jit
     def _max_blur_pool_fwd_kernel(act_ptr, out_ptr, slot_ptr, tile_pos_ptr, num_tiles, num_pos, GH, GW, ROWS_BUCKET,
-                                  C: tl.constexpr, SIDE: tl.constexpr, ACC: tl.constexpr,
+                                  C: tl.constexpr, SIDE: tl.constexpr, ACC: tl.constexpr, RELU: tl.constexpr,
                                   ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-        """(M, s, s, C) -> (M, s/2, s/2, C): 2x2 max (stride 1), binomial 3x3 blur (stride 2, pad 1)."""
+        """(M, s, s, C) -> (M, s/2, s/2, C): 2x2 max (stride 1), binomial 3x3 blur (stride 2, pad 1),
+        of relu(act) with RELU."""
         PS: tl.constexpr = SIDE // 2
         PIXELS: tl.constexpr = PS * PS if PS * PS <= ROWS else ROWS
         TILES: tl.constexpr = ROWS // PIXELS if PS * PS <= ROWS else 1
@@ -244,7 +250,7 @@ if triton is not None:
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = c < C
         acc = _blurred_max(act_ptr, own, gy, gx, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr,
-                           py, px, up, down, left, right, c, c_ok, GH, GW, SIDE, C, ACC)
+                           py, px, up, down, left, right, c, c_ok, GH, GW, SIDE, C, ACC, RELU)
         base = own.to(tl.int64)[:, None] * (PS * PS * C) + (py * PS + px) * C
         ok = (own >= 0)[:, None, None] & c_ok[None, None, :]
         tl.store(out_ptr + base[:, :, None] + c[None, None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
@@ -438,10 +444,11 @@ if triton is not None:
                                 mtok_ptr, num_tiles, num_pos, GH, GW, eps, ROWS_BUCKET,
                                 C: tl.constexpr, BLOCK_D: tl.constexpr, DENSE: tl.constexpr, NORM: tl.constexpr,
                                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_POS: tl.constexpr,
-                                HAS_MASK_TOKEN: tl.constexpr, ACC: tl.constexpr, TOKENS: tl.constexpr):
-        """The last MaxBlurPool (side 2 -> 1: one token per tile) and the token epilogue in one
-        pass: LayerNorm over D, + pos_embed[n]. The first cdiv(M, TOKENS) programs pool TOKENS
-        tiles each and store their tokens at row b * N + n (DENSE, (B, N, D) out) or at the
+                                HAS_MASK_TOKEN: tl.constexpr, ACC: tl.constexpr, RELU: tl.constexpr,
+                                TOKENS: tl.constexpr):
+        """The last MaxBlurPool (side 2 -> 1: one token per tile; of relu(act) with RELU) and the
+        token epilogue in one pass: LayerNorm over D, + pos_embed[n]. The first cdiv(M, TOKENS)
+        programs pool TOKENS tiles each and store their tokens at row b * N + n (DENSE, (B, N, D) out) or at the
         tile's row (packed (B, K, D)); with DENSE the remaining programs write the masked rows
         (mask_token + pos_embed[n], or 0), so no program pools a masked patch. Saves each token's
         pooled value (x, in the compute dtype) and (mean, rstd) for the backward."""
@@ -458,7 +465,7 @@ if triton is not None:
                 pos, tl.where(t_ok, t, -1), t_ok, slot_ptr, num_tiles, num_pos, GH, GW)
             py, px, up, down, left, right = _pixels(0, 1, 1)
             acc = _blurred_max(act_ptr, own, gy, gx, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr,
-                               py, px, up, down, left, right, c, c_ok, GH, GW, 2, C, ACC)
+                               py, px, up, down, left, right, c, c_ok, GH, GW, 2, C, ACC, RELU)
             # rounded as the pool's own output would be: the epilogue sees what the unfused path sees
             x = tl.reshape(acc, [TOKENS, BLOCK_D]).to(x_ptr.dtype.element_ty)
             ok = t_ok[:, None] & c_ok[None, :]
@@ -594,8 +601,10 @@ def _pool_grid(num_tiles: int, side: int, channels: int):
 # MaxBlurPool ops
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("scott_kernels::triton_max_blur_pool", mutates_args=())
-def max_blur_pool(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor) -> torch.Tensor:
-    """MaxBlurPool of compact (M, s, s, C) activations (s a power of two) -> (M, s/2, s/2, C)."""
+def max_blur_pool(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    """MaxBlurPool of compact (M, s, s, C) activations (s a power of two) -> (M, s/2, s/2, C); with
+    ``relu`` of relu(act), whose gradient (max_blur_pool_backward with ``relu_mask``) then carries
+    the ReLU's mask: the conv before it needs no ReLU of its own, nor a mask pass in the backward."""
     _check("triton_max_blur_pool", act, slot, tile_pos)
     act = act.contiguous()
     num_tiles, side, _, channels = act.shape
@@ -604,12 +613,12 @@ def max_blur_pool(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor)
         return out
     _max_blur_pool_fwd_kernel[_pool_grid(num_tiles, side, channels)](
         act, out, slot.contiguous(), tile_pos.contiguous(), num_tiles, slot.numel(), slot.shape[1], slot.shape[2],
-        rows_bucket(num_tiles), C=channels, SIDE=side, ACC=accumulator(act.dtype))
+        rows_bucket(num_tiles), C=channels, SIDE=side, ACC=accumulator(act.dtype), RELU=relu)
     return out
 
 
 @max_blur_pool.register_fake
-def _(act, slot, tile_pos):
+def _(act, slot, tile_pos, relu=False):
     return act.new_empty((act.shape[0], act.shape[1] // 2, act.shape[2] // 2, act.shape[3]))
 
 
@@ -652,9 +661,10 @@ def _vector(name: str, t: torch.Tensor | None, dim: int, device) -> torch.Tensor
 @torch.library.custom_op("scott_kernels::triton_pool_tokens", mutates_args=())
 def pool_tokens(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, ln_weight: torch.Tensor | None,
                 ln_bias: torch.Tensor | None, pos_embed: torch.Tensor | None, mask_token: torch.Tensor | None,
-                eps: float, norm: bool, dense: bool, out_dtype: torch.dtype
+                eps: float, norm: bool, dense: bool, out_dtype: torch.dtype, relu: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The last MaxBlurPool (compact (M, 2, 2, D) -> one token per tile) with the token epilogue:
+    """The last MaxBlurPool (compact (M, 2, 2, D) -> one token per tile; of relu(act) with
+    ``relu``, as max_blur_pool) with the token epilogue:
     with ``norm`` a LayerNorm over D (``ln_weight``/``ln_bias`` optional, ``eps``), then
     ``pos_embed`` (N, D) at each token's position; tokens in ``out_dtype``, as (B, N, D) with
     masked positions = ``mask_token`` + pos_embed (or 0) when ``dense``, else packed (B, M/B, D).
@@ -692,12 +702,12 @@ def pool_tokens(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, l
         num_tiles, slot.numel(), GH, GW, float(eps), rows_bucket(rows),
         C=dim, BLOCK_D=triton.next_power_of_2(dim), DENSE=dense, NORM=norm, HAS_W=norm and ln_weight is not None,
         HAS_B=norm and ln_bias is not None, HAS_POS=pos_embed is not None,
-        HAS_MASK_TOKEN=dense and mask_token is not None, ACC=accumulator(act.dtype))
+        HAS_MASK_TOKEN=dense and mask_token is not None, ACC=accumulator(act.dtype), RELU=relu)
     return tokens, x, stats
 
 
 @pool_tokens.register_fake
-def _(act, slot, tile_pos, ln_weight, ln_bias, pos_embed, mask_token, eps, norm, dense, out_dtype):
+def _(act, slot, tile_pos, ln_weight, ln_bias, pos_embed, mask_token, eps, norm, dense, out_dtype, relu=False):
     num_tiles, dim = act.shape[0], act.shape[3]
     B, GH, GW = slot.shape
     rows = B * GH * GW if dense else num_tiles
@@ -754,23 +764,23 @@ def _(grad, act, x, stats, slot, tile_pos, ln_weight, norm, dense, has_pos, has_
 
 
 def _tokens_setup(ctx, inputs, output):
-    act, slot, tile_pos, ln_weight, ln_bias, pos_embed, mask_token, eps, norm, dense, out_dtype = inputs
+    act, slot, tile_pos, ln_weight, ln_bias, pos_embed, mask_token, eps, norm, dense, out_dtype, relu = inputs
     _, x, stats = output
     ctx.save_for_backward(act, x, stats, slot, tile_pos, ln_weight)
-    ctx.flags = (norm, dense, pos_embed is not None, mask_token is not None)
+    ctx.flags = (norm, dense, pos_embed is not None, mask_token is not None, relu)
     ctx.dtypes = tuple(None if t is None else t.dtype for t in (ln_weight, ln_bias, pos_embed, mask_token))
 
 
 def _tokens_backward(ctx, grad, grad_x, grad_stats):
     act, x, stats, slot, tile_pos, ln_weight = ctx.saved_tensors
-    norm, dense, has_pos, has_mask_token = ctx.flags
+    norm, dense, has_pos, has_mask_token, relu = ctx.flags
     dact, dw, db, dpos, dmask = pool_tokens_backward(grad, act, x, stats, slot, tile_pos, ln_weight, norm, dense,
-                                                     has_pos, has_mask_token)
+                                                     has_pos, has_mask_token, relu)
     # parameters the epilogue never uses (no norm: weight/bias; packed: mask_token) get zeros
     wanted = ctx.needs_input_grad[3:7]
     grads = [g.to(dtype) if dtype is not None and need else None
              for g, dtype, need in zip((dw, db, dpos, dmask), ctx.dtypes, wanted)]
-    return (dact, None, None, *grads, None, None, None, None)
+    return (dact, None, None, *grads, None, None, None, None, None)
 
 
 pool_tokens.register_autograd(_tokens_backward, setup_context=_tokens_setup)
@@ -778,9 +788,9 @@ pool_tokens.register_autograd(_tokens_backward, setup_context=_tokens_setup)
 
 def pool_tokens_apply(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, norm=None,
                       pos_embed: torch.Tensor | None = None, mask_token: torch.Tensor | None = None,
-                      dense: bool = True, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                      dense: bool = True, out_dtype: torch.dtype | None = None, relu: bool = False) -> torch.Tensor:
     """Tokens of pool_tokens from a ``norm = (weight, bias, eps)`` triple (or None)."""
     ln_weight, ln_bias, eps = norm if norm is not None else (None, None, 0.0)
     tokens, _, _ = pool_tokens(act, slot, tile_pos, ln_weight, ln_bias, pos_embed, mask_token, float(eps),
-                               norm is not None, dense, act.dtype if out_dtype is None else out_dtype)
+                               norm is not None, dense, act.dtype if out_dtype is None else out_dtype, relu)
     return tokens
