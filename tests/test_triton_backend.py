@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from scott_kernels import SparseConvTokenizer, reference_tokenize, sparse_conv_tokenize
-from scott_kernels.triton_backend import (conv_relu, conv_relu_dgrad, conv_relu_wgrad, max_blur_pool,
-                                          max_blur_pool_backward, triton_supports, visible_tables)
+from scott_kernels.triton_backend import (conv_image, conv_image_wgrad, conv_relu, conv_relu_dgrad, conv_relu_wgrad,
+                                          max_blur_pool, max_blur_pool_backward, triton_supports, visible_tables)
 
 from conftest import DEVICES, HAS_CUDA, random_weights
 from test_backends import CONFIGS, _compare, _mask_cases
@@ -239,6 +239,54 @@ def test_gradcheck_ops():
     torch.autograd.gradcheck(lambda a: max_blur_pool(a, slot, tile_pos), (act,))
 
 
+def test_stage_ops_without_relu_and_pool_of_relu():
+    """conv_relu(relu=False) is the plain convolution (its relu is conv_relu's output); the pool
+    with relu=True is the pool of relu(act), and its gradient the composition's exactly, ReLU' 0
+    at 0 as torch's relu (the tokenizer runs its stages this way: no mask pass in the backward)."""
+    s = _op_samples()
+    x, w1, w2, p1 = s["x"].detach(), s["w1"].detach(), s["w2"].detach(), s["p1"].detach()
+    slot, tile_pos = s["slot"], s["tile_pos"]
+    y1 = conv_relu(x, w1, slot, tile_pos, 16, True, None, False)
+    assert (y1 < 0).any()
+    torch.testing.assert_close(y1.clamp(min=0), conv_relu(x, w1, slot, tile_pos, 16, True), rtol=0, atol=0)
+    y2 = conv_relu(p1, w2, slot, tile_pos, 4, False, None, False)
+    torch.testing.assert_close(y2.clamp(min=0), conv_relu(p1, w2, slot, tile_pos, 4, False), rtol=0, atol=0)
+    y1 = y1.clone()
+    y1[0, 0, :, :] = 0.0     # exact zeros, where ReLU' is 0
+    y = y1.clone().requires_grad_(True)
+    yc = y1.clone().requires_grad_(True)
+    fused = max_blur_pool(y, slot, tile_pos, True)
+    composed = max_blur_pool(torch.relu(yc), slot, tile_pos)
+    torch.testing.assert_close(fused, composed, rtol=0, atol=0)
+    g = torch.randn_like(fused)
+    torch.testing.assert_close(torch.autograd.grad(fused, y, g)[0], torch.autograd.grad(composed, yc, g)[0],
+                               rtol=0, atol=0)
+    torch.library.opcheck(max_blur_pool, (y1.requires_grad_(True), slot, tile_pos, True))
+    torch.library.opcheck(conv_relu, (s["p1"], s["w2"], slot, tile_pos, 4, False, None, False))
+
+
+def test_conv_image_keeps_the_packed_images():
+    """conv_image is conv_relu of the images plus the packed copy it read; the weight gradient
+    from that copy, and the autograd through it, are conv_relu's."""
+    s = _op_samples()
+    x, w1, slot, tile_pos = s["x"].detach(), s["w1"].detach(), s["slot"], s["tile_pos"]
+    out, packed = conv_image(x, w1, slot, tile_pos, 16)
+    torch.testing.assert_close(out, conv_relu(x, w1, slot, tile_pos, 16, True), rtol=0, atol=0)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(conv_image_wgrad(g, out, packed, w1, slot, tile_pos, 16),
+                               conv_relu_wgrad(g, out, x, w1, slot, tile_pos, 16, True), rtol=0, atol=0)
+    xa, wa = x.clone().requires_grad_(True), w1.clone().requires_grad_(True)
+    xb, wb = x.clone().requires_grad_(True), w1.clone().requires_grad_(True)
+    got = torch.autograd.grad(conv_image(xa, wa, slot, tile_pos, 16)[0], (xa, wa), g)
+    want = torch.autograd.grad(conv_relu(xb, wb, slot, tile_pos, 16, True), (xb, wb), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(conv_image, (s["x"], s["w1"], slot, tile_pos, 16))
+    torch.library.opcheck(conv_image_wgrad, (g, out, packed, w1, slot, tile_pos, 16))
+    with pytest.raises(ValueError, match="packed must be"):
+        conv_image_wgrad(g, out, packed[:, 1:], w1, slot, tile_pos, 16)
+
+
 def test_corrupt_tables_stay_in_bounds():
     """A tile position outside the grid or a slot naming no tile never reads past a tensor."""
     s = _op_samples()
@@ -446,6 +494,25 @@ def test_pool_tokens_opcheck():
     tokens, x, stats = pool_tokens(*args)
     torch.library.opcheck(pool_tokens_backward, (torch.randn_like(tokens), act, x, stats, slot, tile_pos, w, True,
                                                  True, True, True, False))
+    torch.library.opcheck(pool_tokens, (act - 0.5, *args[1:], True))
+
+
+def test_pool_tokens_of_relu():
+    """relu=True: the fused pool and epilogue of relu(act), values and gradients exactly the
+    composition's (the tokenizer's last stage)."""
+    keep = torch.tensor([[True, False, True, True], [False, True, False, False]])
+    slot, tile_pos = visible_tables(keep, 2, 2, 2, keep.device)
+    act = torch.randn(4, 2, 2, 3, dtype=torch.float64)
+    act[0, 0] = 0.0
+    norm = (torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64), 1e-5)
+    pos, mtok = torch.randn(4, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    a, b = act.clone().requires_grad_(True), act.clone().requires_grad_(True)
+    fused = pool_tokens_apply(a, slot, tile_pos, norm, pos, mtok, True, relu=True)
+    composed = pool_tokens_apply(torch.relu(b), slot, tile_pos, norm, pos, mtok, True)
+    torch.testing.assert_close(fused, composed, rtol=0, atol=0)
+    g = torch.randn_like(fused)
+    torch.testing.assert_close(torch.autograd.grad(fused, a, g)[0], torch.autograd.grad(composed, b, g)[0],
+                               rtol=0, atol=0)
 
 
 def test_pool_backward_relu_mask():
