@@ -675,7 +675,7 @@ def _pack_image(x: torch.Tensor, slot: torch.Tensor, num_tiles: int, in_side: in
     B, C, H, W = x.shape
     geo = _packed_geometry(H, W, k, C)
     packed = torch.empty((B, geo["hp"], geo["wp"], geo["cp"]), dtype=dtype, device=x.device)
-    block = 64
+    block = min(256, triton.next_power_of_2(geo["wp"]))   # a packed row per program: few, busy programs
     _pack_image_kernel[(B * geo["hp"], triton.cdiv(geo["wp"], block))](
         x, packed, slot, norm, num_tiles, slot.shape[1], slot.shape[2], H, W, geo["hp"], geo["wp"], *x.stride(),
         C=C, CP=geo["cp"], P=in_side, PAD=geo["pad"], NORMALIZE=normalize, ACC=accumulator(dtype), BLOCK_W=block)
