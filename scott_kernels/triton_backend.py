@@ -10,13 +10,14 @@ the image) reads as zero, which is exactly the mask the dense emulation applies 
 
 Per stage (input patch side q, conv output side s = q / 2, pooled side s / 2):
   conv_relu       implicit GEMM (rows = M*s*s output pixels, cols = C_out, K = k*k*C_in) on
-                  tensor cores, ReLU in the epilogue. A compact source is gathered through a
+                  tensor cores, ReLU in the epilogue (unless relu=False). A compact source is gathered through a
                   per-tile neighbour table (M, 2r+1, 2r+1) built from ``slot``/``tile_pos``: K runs
                   over (tap, channel block), so a row's neighbour lookup is one small load per
                   step and each step loads contiguous channels. The image stage first packs the
                   images once (masked patches zeroed, uint8 normalised, channels padded to a power
                   of two, zero border) into (B, H + 2p, W', CP), so a kernel row of a window is
-                  one contiguous run of elements.
+                  one contiguous run of elements; ``conv_image`` returns that packed copy too, and
+                  its autograd keeps it (not the images) for the weight gradient.
   max_blur_pool   2x2 max (stride 1) + 3x3 binomial blur (stride 2), reading the 1-pixel halo
                   from neighbouring patches (scott_kernels.triton_pool); the last stage's pool
                   also applies the token epilogue (LayerNorm, position embedding, mask-token
@@ -28,7 +29,10 @@ channels (or kernel rows of the packed image); conv dgrad is an implicit GEMM ov
 that gathers the output gradient through the neighbour table, run per parity class of input
 pixel (a stride-2 conv reads a pixel only through taps of one parity, so each class loops over
 its own taps only). The gradient ops take the forward's output for the ReLU mask, or None for a
-gradient already masked (the autograd masks a compact stage's gradient once for both).
+gradient already masked. The tokenizer runs each stage as conv (``relu=False``) -> pool of
+relu(conv) (``max_blur_pool(..., relu=True)``; the last one fused with the token epilogue): the
+same function, but the pool's backward multiplies by ReLU' as it writes the conv gradient, so the
+conv gradients take it as masked and never read the conv output.
 Geometry (channels, sides, kernel size) is compile-time; offsets are 32-bit unless a tensor
 reaches 2^30 elements.
 
@@ -103,11 +107,11 @@ def _wgrad_configs() -> list:
 
 
 def _image_wgrad_configs() -> list:
-    """Image weight gradient: output tile (BLOCK_KY kernel rows of the packed image) x BLOCK_N."""
+    """Image weight gradient: output tile (BLOCK_KY kernel rows of the packed image) x BLOCK_N.
+    The host sizes its splits for this tile (one wave of CTAs): a taller tile would leave SMs idle."""
     if _interpreting():
         return [_cfg({"BLOCK_KY": 2, "BLOCK_N": 32, "BLOCK_R": 64}, 4, 1)]
-    return _keep([_cfg({"BLOCK_KY": 2, "BLOCK_N": 64, "BLOCK_R": 128}, 4, 3),
-                  _cfg({"BLOCK_KY": 8, "BLOCK_N": 64, "BLOCK_R": 64}, 8, 3)])
+    return _keep([_cfg({"BLOCK_KY": 2, "BLOCK_N": 64, "BLOCK_R": 128}, 4, 3)])
 
 
 def _dgrad_configs() -> list:

@@ -184,7 +184,7 @@ if triton is not None:
         """[T, P, BLOCK_C] MaxBlurPool of pooled pixels (py, px): max of each 2x2 window of the
         4 x 4 block, binomial blur of the 3 x 3 windows. Windows outside the map are the blur's
         zero padding (image border only; a masked neighbour's pixels read as 0). With RELU the
-        pool of relu(act): relu commutes with max, so it is applied to the row maxima."""
+        pool of relu(act): relu commutes with max, so it is applied to the window maxima."""
         # max-map row/column 0 (2 resp.) lies outside the image only at the image's top/left
         # (bottom/right) edge
         ex_top = ~(up & (gy == 0)[:, None])
@@ -209,16 +209,16 @@ if triton is not None:
             h0 = tl.maximum(v0, v1).to(ACC)
             h1 = tl.maximum(v1, v2).to(ACC)
             h2 = tl.maximum(v2, v3).to(ACC)
-            if RELU:
-                h0 = tl.maximum(h0, 0.0)
-                h1 = tl.maximum(h1, 0.0)
-                h2 = tl.maximum(h2, 0.0)
             if i > 0:
                 # max-map row i - 1: weight 1, 2, 1 over rows, the same over columns, / 16
                 row_w = 2.0 / 16.0 if i == 2 else 1.0 / 16.0
                 m0 = tl.maximum(h0p, h0)
                 m1 = tl.maximum(h1p, h1)
                 m2 = tl.maximum(h2p, h2)
+                if RELU:
+                    m0 = tl.maximum(m0, 0.0)
+                    m1 = tl.maximum(m1, 0.0)
+                    m2 = tl.maximum(m2, 0.0)
                 m0 = tl.where(ex_left[:, :, None], m0, 0.0)
                 m2 = tl.where(ex_right[:, :, None], m2, 0.0)
                 row = m0 + 2.0 * m1 + m2
