@@ -221,17 +221,21 @@ CUDA_TILES = {
     "scott_conv_wgrad_igemm": {"threads": 128, "smem": 4 * (32 * 72 + 32 * 136) * 2, "mma_step": 32, "loops": ["k"]},
     # stage 0 (image, channels padded to 4; K = 7 rows x 4 tap pairs x 8 = 224): persistent over
     # groups of two 8 x 8-output tiles (128 pixels) x 64 channels; smem = image_smem_bytes (weight
-    # slice 224 x 72, two staged 21 x 22 x 4 windows, tables). K step = k16 (4 x 4 mma). Loops:
-    # weight slice copy (224 x 8 vectors / 128), three short setup loops, then per group: the
-    # neighbour rows (2 x 10 / 128), the window staging (2 x 21 x 22 / 128), K
-    "scott_conv_image_igemm": {"threads": 128, "smem": 224 * 72 * 2 + 2 * 21 * 22 * 4 * 2 + 2 * 10 * 4 + 7 * 4 * 4,
-                               "mma_step": 16, "loops": [14, 1, 1, 1, "groups", 1, 8, "k"]},
-    # stage-0 weight gradient: k_rows / 32 = 7 warps (each 32 K rows x 64 channels, kept in
-    # registers across groups); image_wgrad_smem_bytes. K step = k16 over 128 pixels (2 x 8 mma).
-    # Loops: two setup loops, then per group: g' rows (128 x 8 / 224), neighbour rows, window, K
-    "scott_conv_image_wgrad_igemm": {"threads": 224,
+    # slice 224 x 72, two staged 21 x 22 x 4 windows, tables, 16 bytes of alignment, the epilogue's
+    # 4 warps x 16 x 40). K step = k16 (4 x 4 mma). Loops: weight slice copy (224 x 8 vectors /
+    # 128), three short setup loops, then per group: the neighbour rows (2 x 10 / 128), the window
+    # staging (42 window rows, 128 / 22 = 5 at a time), K
+    "scott_conv_image_igemm": {"threads": 128,
+                               "smem": 224 * 72 * 2 + 2 * 21 * 22 * 4 * 2 + 2 * 10 * 4 + 7 * 4 * 4 + 16
+                               + 4 * 16 * 40 * 2,
+                               "mma_step": 16, "loops": [14, 1, 1, 1, "groups", 1, "stage_rows", "k"]},
+    # stage-0 weight gradient: k_rows / 32 x 2 = 14 warps (each 32 K rows x 32 channels, kept in
+    # registers across groups); image_wgrad_smem_bytes. K step = k16 over 128 pixels (2 x 4 mma).
+    # Loops: two setup loops, then per group: g' rows (128 x 8 / 448), neighbour rows, window
+    # staging (42 window rows, 448 / 22 = 20 at a time), K
+    "scott_conv_image_wgrad_igemm": {"threads": 448,
                                      "smem": 128 * 72 * 2 + 2 * 21 * 22 * 4 * 2 + 2 * 10 * 4 + 128 * 4,
-                                     "mma_step": 16, "loops": [1, 1, "groups", 5, 1, 5, "k"]},
+                                     "mma_step": 8, "loops": [1, 1, "groups", "g_rows", 1, "stage_rows", "k"]},
     "scott_neighbour_table": {"threads": 256, "smem": 0, "loops": []},
     "scott_relu_grad_mask": {"threads": 256, "smem": 0, "loops": []},
     # MaxBlurPool: one block per (tile, channel chunk); loops: pixel row table, 16-byte staging, tasks
@@ -276,13 +280,28 @@ def _relu_mask(rows: int, c: int) -> dict:
     return {"blocks": -(-(rows * c // 8) // 256), "bytes": 3 * 2 * rows * c}
 
 
-def _persistent(g: dict, blocks_per_sm: int, k: int) -> dict:
+def _strided_trips(items: int, threads: int) -> tuple[int, float]:
+    """A loop `for (i = tid; i < items; i += threads)`: trips of the busiest warp, mean over warps."""
+    warps = [max((items - t + threads - 1) // threads if t < items else 0 for t in range(w * 32, w * 32 + 32))
+             for w in range(threads // 32)]
+    return max(warps), sum(warps) / len(warps)
+
+
+def _persistent(g: dict, blocks_per_sm: int, k: int, threads: int) -> dict:
     """A persistent image-stage grid over groups of two tiles: the busiest block runs
     ceil(groups / blocks) groups (the issue term's path), the mean one groups / blocks (the
-    throughput term and the executed FLOPs)."""
+    throughput term and the executed FLOPs). Its window staging (staging_lane in csrc): threads //
+    22 staged columns make threads // 22 window rows at a time over the group's 2 x 21 rows; the
+    threads past the last full row idle."""
     groups = -(-g["tiles"] // 2)
     blocks = min(groups, blocks_per_sm * SMS)
-    return {"blocks": blocks, "k": k, "groups": -(-groups // blocks), "mean": {"groups": groups / blocks}}
+    width, rows = 16 - 2 + 2 * ((g["kernel"] + 1) // 2), 2 * (16 - 2 + g["kernel"])
+    step = threads // width
+    per_thread = [((rows - t // width + step - 1) // step if t // width < step else 0) for t in range(threads)]
+    warps = [max(per_thread[w * 32:(w + 1) * 32]) for w in range(threads // 32)]
+    g_busy, g_mean = _strided_trips(128 * g["hidden"] // 8, threads)  # the wgrad's g' copy
+    return {"blocks": blocks, "k": k, "groups": -(-groups // blocks), "stage_rows": max(warps), "g_rows": g_busy,
+            "mean": {"groups": groups / blocks, "stage_rows": sum(warps) / len(warps), "g_rows": g_mean}}
 
 
 def _wgrad_splits(g: dict) -> int:
@@ -302,7 +321,7 @@ def _wgrad_splits(g: dict) -> int:
 CUDA_LAUNCHES = [
     ("masked_fwd", "conv0 nbr", r"scott::ig::scott_neighbour_table", _neighbours),
     ("masked_fwd", "conv0 fwd", r"scott_conv_image_igemm<__nv_bfloat16, __nv_bfloat16>",
-     lambda g: {**_persistent(g, 4, 224 // 16),
+     lambda g: {**_persistent(g, 4, 224 // 16, 128),
                 "bytes": g["image"] + 2 * (224 * g["hidden"] + g["rows0"] * g["hidden"])}),
     ("masked_fwd", "pool0 fwd", r"scott_pool_forward<__nv_bfloat16>", lambda g: _pool_geo(g, 0, False)),
     ("masked_fwd", "conv1 nbr", r"scott::ig::scott_neighbour_table", _neighbours),
@@ -329,11 +348,11 @@ CUDA_LAUNCHES = [
     ("masked_bwd", "pool0 bwd", r"scott_pool_backward<__nv_bfloat16>", lambda g: _pool_geo(g, 0, True)),
     ("masked_bwd", "conv0 nbr", r"scott::ig::scott_neighbour_table", _neighbours),
     ("masked_bwd", "conv0 g'", r"scott_relu_grad_mask<__nv_bfloat16>", lambda g: _relu_mask(g["rows0"], g["hidden"])),
-    # one float32 partial per persistent block (two per SM), summed afterwards by torch
+    # one float32 (k*k*C_in, C_out) partial per persistent block (one per SM), summed afterwards by torch
     ("masked_bwd", "conv0 wgrad", r"scott_conv_image_wgrad_igemm<__nv_bfloat16, __nv_bfloat16>",
-     lambda g: {**_persistent(g, 2, 128 // 16),
+     lambda g: {**_persistent(g, 1, 128 // 16, 448),
                 "bytes": g["image"] + 2 * g["rows0"] * g["hidden"]
-                + 4 * _persistent(g, 2, 8)["blocks"] * 224 * g["hidden"]}),
+                + 4 * _persistent(g, 1, 8, 448)["blocks"] * g["k0"] * g["hidden"]}),
 ]
 
 

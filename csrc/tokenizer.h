@@ -390,9 +390,11 @@ struct ImageConv {
   int32_t batch = 0, grid_h = 0, grid_w = 0;
   int32_t s_b = 0, s_c = 0, s_h = 0, s_w = 0;
   bool normalize = false;
-  FastDiv area_out, side_out, cells, grid_w_div, width_div, window_div;  // s*s, s, GH*GW, GW, SW, R*SW
+  FastDiv area_out, side_out, cells, grid_w_div, rows_div;  // s*s, s, GH*GW, GW, R
 
   SCOTT_HD int32_t k_rows() const { return k * pairs * 2 * kImageChannels; }  // padded GEMM K
+  int32_t tiles = 0;               // tiles of a 128-output-pixel group: 128 / (s * s)
+  SCOTT_HD int32_t group_tiles() const { return tiles; }
 };
 
 inline const char* implicit_image_plan(const StageGeometry& g, ImageConv& ic) {
@@ -405,6 +407,8 @@ inline const char* implicit_image_plan(const StageGeometry& g, ImageConv& ic) {
   const int64_t pairs = (g.ksize + 1) / 2;
   if ((g.ksize * pairs) % 2) return "the image kernel needs an even number of tap pairs (k = 3, 7, 11, ...)";
   const int64_t rows = g.in_side - 2 + g.ksize, width = g.in_side - 2 + 2 * pairs;
+  // the kernels stage a window row per warp, one staged column per lane
+  if (width > 32) return "the staged image window is wider than 32 pixels";
   // shared memory: the padded weight slice (64 columns + 8 of padding) and the staged windows
   if (g.ksize * pairs * 2 * kImageChannels * 72 * 2 + (128 / (s * s)) * rows * width * kImageChannels * 2 > 96 * 1024)
     return "kernel or staged image window too large for shared memory";
@@ -438,8 +442,8 @@ inline const char* implicit_image_plan(const StageGeometry& g, ImageConv& ic) {
   ic.side_out = FastDiv(static_cast<uint32_t>(s));
   ic.cells = FastDiv(static_cast<uint32_t>(g.grid_h * g.grid_w));
   ic.grid_w_div = FastDiv(static_cast<uint32_t>(g.grid_w));
-  ic.width_div = FastDiv(static_cast<uint32_t>(width));
-  ic.window_div = FastDiv(static_cast<uint32_t>(rows * width));
+  ic.rows_div = FastDiv(static_cast<uint32_t>(rows));
+  ic.tiles = static_cast<int32_t>(128 / (s * s));
   return nullptr;
 }
 
@@ -455,15 +459,36 @@ SCOTT_HD int32_t staged_tile_base(const ImageConv& g, int64_t pos) {
   return b * g.s_b + (gy * g.q - g.pad) * g.s_h + (gx * g.q - g.pad) * g.s_w;
 }
 
-// Image offset (channel 0) of staged pixel (cy, cx) of a tile's window, or -1 when it reads zero
-// (outside the image or in a masked patch). nb: the tile's 9 neighbour slots; base: staged_tile_base.
-SCOTT_HD int32_t staged_pixel_offset(const ImageConv& g, const int32_t* nb, int32_t base, int32_t cy, int32_t cx) {
-  int32_t ly = cy - g.pad, lx = cx - g.pad;
-  const int32_t dy = neighbour_axis(ly, g.q), dx = neighbour_axis(lx, g.q);
-  return nb[dy * 3 + dx] < 0 ? -1 : base + cy * g.s_h + cx * g.s_w;
+// Staged column cx of a window: which neighbouring patch column (0..2) it lies in, and its image
+// offset cx * s_w. The kernels give each thread one staged column for the whole block (the block
+// stages blockDim / SW window rows at a time), so only the row part is computed per pixel.
+struct StagedColumn {
+  int32_t dx, off;
+};
+
+SCOTT_HD StagedColumn staged_column(const ImageConv& g, int32_t cx) {
+  int32_t lx = cx - g.pad;
+  const int32_t dx = neighbour_axis(lx, g.q);
+  return {dx, cx * g.s_w};
 }
 
-// (mean, 1/std) of the 4 staged channels: the normalisation table, or (0, 1) without one.
+// Image offset (channel 0) of staged pixel (cy, col) of a tile's window, or -1 when it reads zero
+// (outside the image or in a masked patch). nb: the tile's 9 neighbour slots; base: staged_tile_base.
+SCOTT_HD int32_t staged_pixel_offset(const ImageConv& g, const int32_t* nb, int32_t base, int32_t cy,
+                                     StagedColumn col) {
+  int32_t ly = cy - g.pad;
+  const int32_t dy = neighbour_axis(ly, g.q);
+  return nb[dy * 3 + col.dx] < 0 ? -1 : base + cy * g.s_h + col.off;
+}
+
+// Staged window row r of a block's tiles (r = tile * R + cy) -> (tile, cy).
+SCOTT_HD void staged_row(const ImageConv& g, int32_t r, int32_t& tile, int32_t& cy) {
+  tile = static_cast<int32_t>(g.rows_div.div(static_cast<uint32_t>(r)));
+  cy = r - tile * g.rows;
+}
+
+// (mean, 1/std) of the 4 staged channels: the normalisation table, or (0, 1) without one (then
+// (v - 0) * 1 is v exactly, so the staging needs no branch on it).
 template <typename A>
 struct PixelNorm {
   A mean[kImageChannels], inv_std[kImageChannels];
@@ -484,8 +509,7 @@ SCOTT_HD PixelNorm<A> pixel_norm(const ImageConv& g, const A* norm) {
 template <typename S, typename A>
 SCOTT_HD A staged_value(const ImageConv& g, const S* img, const PixelNorm<A>& n, int32_t off, int c) {
   if (off < 0 || c >= g.c_in) return A(0);
-  const A v = to_acc<A>(img[off + c * g.s_c]);
-  return g.normalize ? (v - n.mean[c]) * n.inv_std[c] : v;
+  return (to_acc<A>(img[off + c * g.s_c]) - n.mean[c]) * n.inv_std[c];
 }
 
 // Staged pixel index that tap pair p (row ky = p / KP, columns 2 (p % KP) + {0, 1}) of output pixel
@@ -503,11 +527,12 @@ SCOTT_HD int32_t image_k_to_weight_row(const ImageConv& g, int32_t m) {
   return kx < g.k && c < g.c_in ? (ky * g.k + kx) * g.c_in + c : -1;
 }
 
-// The image stage's weight gradient on the implicit path: one warp per 32 padded K rows.
+// The image stage's weight gradient on the implicit path.
 inline const char* implicit_image_wgrad_plan(const StageGeometry& g, ImageConv& ic) {
   if (const char* why = implicit_image_plan(g, ic)) return why;
-  if (ic.k_rows() % 32 || ic.k_rows() > 512)
-    return "the image weight gradient takes kernels whose padded tap rows are a multiple of 32, at most 512 (k = 7)";
+  // one warp per 32 padded K rows and 32 output channels, at most 16 warps
+  if (ic.k_rows() % 32 || ic.k_rows() > 256)
+    return "the image weight gradient takes kernels whose padded tap rows are a multiple of 32, at most 256 (k = 7)";
   return nullptr;
 }
 

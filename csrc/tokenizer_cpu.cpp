@@ -114,37 +114,58 @@ void implicit_forward(const StageGeometry& g, const ImplicitConv& ic, const T* s
   }
 }
 
-// The image stage: each tile's window staged once (masking, normalisation, 4 channels per pixel),
-// then every output pixel reads 16-byte tap pairs from it, as the CUDA kernel's ldmatrix rows do.
+// The image stage, in groups of tiles (128 output pixels) as the CUDA kernels run it: the group's
+// windows staged once (masking, normalisation, 4 channels per pixel) one window row at a time
+// through the same row / column functions, then every output pixel reads 16-byte tap pairs from
+// them, as the CUDA kernel's ldmatrix rows do.
+template <typename T, typename S>
+void stage_image_group(const ImageConv& ic, const S* img, const PixelNorm<T>& pn, const std::vector<int32_t>& nb,
+                       const int64_t* tile_pos, int32_t t_first, std::vector<T>& staged) {
+  const int32_t tiles = ic.group_tiles(), window = ic.rows * ic.width;
+  staged.assign(static_cast<size_t>(tiles * window * kImageChannels), T(0));
+  int32_t base[128], nbs[128 * kNeighbours];
+  for (int32_t tl = 0; tl < tiles; ++tl) {
+    const int32_t t = t_first + tl;
+    base[tl] = staged_tile_base(ic, t < ic.num_tiles ? tile_pos[t] : -1);
+    for (int d = 0; d < kNeighbours; ++d) nbs[tl * kNeighbours + d] = t < ic.num_tiles ? nb[t * kNeighbours + d] : -1;
+  }
+  for (int32_t r = 0; r < tiles * ic.rows; ++r) {
+    int32_t tl, cy;
+    staged_row(ic, r, tl, cy);
+    for (int32_t cx = 0; cx < ic.width; ++cx) {
+      const int32_t off = staged_pixel_offset(ic, &nbs[tl * kNeighbours], base[tl], cy, staged_column(ic, cx));
+      for (int c = 0; c < kImageChannels; ++c)
+        staged[(r * ic.width + cx) * kImageChannels + c] = staged_value<S, T>(ic, img, pn, off, c);
+    }
+  }
+}
+
 template <typename T, typename S>
 void implicit_image_forward(const StageGeometry& g, const ImageConv& ic, const S* img, const T* norm,
                             const T* w_pad, const int32_t* slot, const int64_t* tile_pos, T* out) {
   const std::vector<int32_t> nb = neighbour_table(g, slot, tile_pos);
-  const int32_t n_pairs = ic.k * ic.pairs;
+  const int32_t n_pairs = ic.k * ic.pairs, tiles = ic.group_tiles(), window = ic.rows * ic.width;
+  const int32_t groups = (ic.num_tiles + tiles - 1) / tiles;
   const PixelNorm<T> pn = pixel_norm(ic, norm);
 #pragma omp parallel
   {
-    std::vector<T> staged(static_cast<size_t>(ic.rows * ic.width * kImageChannels));
+    std::vector<T> staged;
     std::vector<T> acc(static_cast<size_t>(ic.c_out));
 #pragma omp for schedule(static)
-    for (int32_t t = 0; t < ic.num_tiles; ++t) {
-      const int32_t base = staged_tile_base(ic, tile_pos[t]);
-      for (int32_t e = 0; e < ic.rows * ic.width; ++e) {
-        const int32_t cy = static_cast<int32_t>(ic.width_div.div(static_cast<uint32_t>(e))), cx = e - cy * ic.width;
-        const int32_t off = staged_pixel_offset(ic, &nb[t * kNeighbours], base, cy, cx);
-        for (int c = 0; c < kImageChannels; ++c) staged[e * kImageChannels + c] = staged_value<S, T>(ic, img, pn, off, c);
-      }
-      for (int32_t oy = 0; oy < ic.s; ++oy)
-        for (int32_t ox = 0; ox < ic.s; ++ox) {
-          std::fill(acc.begin(), acc.end(), T(0));
-          for (int32_t p = 0; p < n_pairs; ++p) {
-            const T* a = &staged[staged_pair_pixel(ic, oy, ox, p) * kImageChannels];
-            for (int e = 0; e < 2 * kImageChannels; ++e)
-              for (int32_t n = 0; n < ic.c_out; ++n) acc[n] += a[e] * w_pad[(p * 2 * kImageChannels + e) * ic.c_out + n];
+    for (int32_t grp = 0; grp < groups; ++grp) {
+      stage_image_group(ic, img, pn, nb, tile_pos, grp * tiles, staged);
+      for (int32_t tl = 0; tl < tiles && grp * tiles + tl < ic.num_tiles; ++tl)
+        for (int32_t oy = 0; oy < ic.s; ++oy)
+          for (int32_t ox = 0; ox < ic.s; ++ox) {
+            std::fill(acc.begin(), acc.end(), T(0));
+            for (int32_t p = 0; p < n_pairs; ++p) {
+              const T* a = &staged[(tl * window + staged_pair_pixel(ic, oy, ox, p)) * kImageChannels];
+              for (int e = 0; e < 2 * kImageChannels; ++e)
+                for (int32_t n = 0; n < ic.c_out; ++n) acc[n] += a[e] * w_pad[(p * 2 * kImageChannels + e) * ic.c_out + n];
+            }
+            const int32_t r = ((grp * tiles + tl) * ic.s + oy) * ic.s + ox;
+            for (int32_t n = 0; n < ic.c_out; ++n) out[r * ic.c_out + n] = acc[n] > T(0) ? acc[n] : T(0);
           }
-          const int32_t r = (t * ic.s + oy) * ic.s + ox;
-          for (int32_t n = 0; n < ic.c_out; ++n) out[r * ic.c_out + n] = acc[n] > T(0) ? acc[n] : T(0);
-        }
     }
   }
 }
@@ -157,26 +178,23 @@ void implicit_image_wgrad(const StageGeometry& g, const ImageConv& ic, const S* 
   const std::vector<int32_t> nb = neighbour_table(g, slot, tile_pos);
   const std::vector<T> gm = masked_grad(g, grad, out);
   const PixelNorm<T> pn = pixel_norm(ic, norm);
-  const int32_t n_pairs = ic.k * ic.pairs, k_rows = ic.k_rows();
+  const int32_t n_pairs = ic.k * ic.pairs, k_rows = ic.k_rows(), tiles = ic.group_tiles();
+  const int32_t window = ic.rows * ic.width, groups = (ic.num_tiles + tiles - 1) / tiles;
   std::vector<T> acc(static_cast<size_t>(k_rows) * ic.c_out, T(0));
-  std::vector<T> staged(static_cast<size_t>(ic.rows * ic.width * kImageChannels));
-  for (int32_t t = 0; t < ic.num_tiles; ++t) {
-    const int32_t base = staged_tile_base(ic, tile_pos[t]);
-    for (int32_t e = 0; e < ic.rows * ic.width; ++e) {
-      const int32_t cy = static_cast<int32_t>(ic.width_div.div(static_cast<uint32_t>(e))), cx = e - cy * ic.width;
-      const int32_t off = staged_pixel_offset(ic, &nb[t * kNeighbours], base, cy, cx);
-      for (int c = 0; c < kImageChannels; ++c) staged[e * kImageChannels + c] = staged_value<S, T>(ic, img, pn, off, c);
-    }
+  std::vector<T> staged;
+  for (int32_t grp = 0; grp < groups; ++grp) {
+    stage_image_group(ic, img, pn, nb, tile_pos, grp * tiles, staged);
 #pragma omp parallel for schedule(static)
     for (int32_t m = 0; m < k_rows; ++m) {  // rows of the padded result: disjoint per thread
       const int32_t p = m / (2 * kImageChannels), e = m % (2 * kImageChannels);
       if (p >= n_pairs) continue;
-      for (int32_t oy = 0; oy < ic.s; ++oy)
-        for (int32_t ox = 0; ox < ic.s; ++ox) {
-          const T a = staged[staged_pair_pixel(ic, oy, ox, p) * kImageChannels + e];
-          const T* gr = &gm[static_cast<size_t>((t * ic.s + oy) * ic.s + ox) * ic.c_out];
-          for (int32_t n = 0; n < ic.c_out; ++n) acc[static_cast<size_t>(m) * ic.c_out + n] += a * gr[n];
-        }
+      for (int32_t tl = 0; tl < tiles && grp * tiles + tl < ic.num_tiles; ++tl)
+        for (int32_t oy = 0; oy < ic.s; ++oy)
+          for (int32_t ox = 0; ox < ic.s; ++ox) {
+            const T a = staged[(tl * window + staged_pair_pixel(ic, oy, ox, p)) * kImageChannels + e];
+            const T* gr = &gm[static_cast<size_t>(((grp * tiles + tl) * ic.s + oy) * ic.s + ox) * ic.c_out];
+            for (int32_t n = 0; n < ic.c_out; ++n) acc[static_cast<size_t>(m) * ic.c_out + n] += a * gr[n];
+          }
     }
   }
   for (int32_t m = 0; m < k_rows; ++m) {

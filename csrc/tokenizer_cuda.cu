@@ -755,11 +755,63 @@ struct ImageArgs {
 
 constexpr int IM_BM = 128, IM_BN = 64;
 using ImTile = Tile<IM_BM, IM_BN, false>;
+// the epilogue's per-warp buffer: one 16-row slice of the warp's 64 x 32 tile, rows padded so that
+// the accumulator pairs' 4-byte writes fall on distinct banks
+constexpr int IM_OUT_LD = 32 + PAD;
 
 inline int image_smem_bytes(const ImageConv& g) {
-  const int tiles = IM_BM / (g.s * g.s);
+  const int tiles = g.group_tiles();
   return g.k_rows() * (IM_BN + PAD) * 2 + tiles * g.rows * g.width * kImageChannels * 2 +
-         tiles * (kNeighbours + 1) * 4 + g.k * g.pairs * 4;
+         tiles * (kNeighbours + 1) * 4 + g.k * g.pairs * 4 + 16 + ImTile::kThreads / 32 * 16 * IM_OUT_LD * 2;
+}
+
+// A group's tiles' neighbour slots and window bases into shared memory (tiles = g.group_tiles()).
+__device__ __forceinline__ void stage_group_tables(const ImageConv& g, const int32_t* nbr, const int64_t* tile_pos,
+                                                   int32_t t_first, int32_t* s_base, int32_t* s_nb) {
+  const int32_t tiles = g.group_tiles();
+  for (int i = threadIdx.x; i < tiles * (kNeighbours + 1); i += blockDim.x) {
+    const int32_t tl = i / (kNeighbours + 1), d = i - tl * (kNeighbours + 1), t = t_first + tl;
+    if (d == kNeighbours)
+      s_base[tl] = staged_tile_base(g, t < g.num_tiles ? tile_pos[t] : -1);
+    else
+      s_nb[tl * kNeighbours + d] = t < g.num_tiles ? nbr[t * kNeighbours + d] : -1;
+  }
+}
+
+// A thread's place in the window staging: blockDim / SW window rows at a time, one staged column
+// per thread, fixed for the block (threads past the last full row idle).
+struct StagingLane {
+  StagedColumn col;
+  int32_t row, step;  // first staged row (>= step: this thread stages nothing), rows per pass
+};
+
+__device__ __forceinline__ StagingLane staging_lane(const ImageConv& g) {
+  StagingLane s;
+  s.step = static_cast<int32_t>(blockDim.x) / g.width;
+  s.row = static_cast<int32_t>(threadIdx.x) / g.width;
+  s.col = staged_column(g, static_cast<int32_t>(threadIdx.x) - s.row * g.width);
+  return s;
+}
+
+// A group's windows into shared memory ([tiles][R][SW][4]): a staged pixel costs its row's
+// neighbour lookup, three loads and one 8-byte store.
+template <typename T, typename S>
+__device__ __forceinline__ void stage_group_windows(const ImageConv& g, const S* img, const PixelNorm<float>& pn,
+                                                    const StagingLane& sl, const int32_t* s_base, const int32_t* s_nb,
+                                                    T* sx) {
+  if (sl.row >= sl.step) return;
+  const int32_t rows = g.tiles * g.rows;
+  T* dst = sx + threadIdx.x * kImageChannels;  // staged pixel (row, column) = thread (r * SW + cx)
+  const int32_t dst_step = sl.step * g.width * kImageChannels;
+  for (int32_t r = sl.row; r < rows; r += sl.step, dst += dst_step) {
+    int32_t tl, cy;
+    staged_row(g, r, tl, cy);
+    const int32_t off = staged_pixel_offset(g, s_nb + tl * kNeighbours, s_base[tl], cy, sl.col);
+    T v[kImageChannels];
+#pragma unroll
+    for (int c = 0; c < kImageChannels; ++c) v[c] = from_acc<T>(staged_value<S, float>(g, img, pn, off, c));
+    *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(v);
+  }
 }
 
 template <typename T, typename S>
@@ -770,13 +822,15 @@ __global__ void __launch_bounds__(ImTile::kThreads, 4) scott_conv_image_igemm(Im
   const ImageConv& g = p.g;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int wm = warp / (BN / 32), wn = warp % (BN / 32);
-  const int32_t area = g.s * g.s, tiles = IM_BM / area, window = g.rows * g.width;
+  const int32_t area = g.s * g.s, tiles = g.group_tiles(), window = g.rows * g.width;
   const int32_t k_rows = g.k_rows();
   T* sb = reinterpret_cast<T*>(smem);                        // [k_rows][BN + PAD]
   T* sx = sb + k_rows * (BN + PAD);                          // [tiles][rows][width][4]
   int32_t* s_base = reinterpret_cast<int32_t*>(sx + tiles * window * kImageChannels);  // [tiles]
   int32_t* s_nb = s_base + tiles;                            // [tiles][9]
   int32_t* s_pair = s_nb + tiles * kNeighbours;              // [k * KP]: staged pixel of each tap pair
+  T* s_out = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(s_pair + g.k * g.pairs) + 15) & ~uintptr_t(15)) +
+             warp * 16 * IM_OUT_LD;  // this warp's [16][IM_OUT_LD], 16-byte aligned
   const int32_t n0 = blockIdx.y * BN;
 
   for (int v = tid; v < k_rows * (BN / 8); v += NT) {
@@ -803,29 +857,15 @@ __global__ void __launch_bounds__(ImTile::kThreads, 4) scott_conv_image_igemm(Im
     b_off[nj] = (lane % 8 + ((lane / 8) % 2) * 8) * (BN + PAD) + wn * 32 + nj * 16 + (lane / 16) * 8;
   const uint32_t sx_u32 = smem_u32(sx), sb_u32 = smem_u32(sb);
   const PixelNorm<float> pn = pixel_norm(g, p.norm);  // in registers for the whole block
+  const StagingLane sl = staging_lane(g);
   const int32_t rows_total = g.num_tiles * area;
 
   for (int32_t grp = blockIdx.x; grp < p.groups; grp += gridDim.x) {
     const int32_t t_first = grp * tiles;
     __syncthreads();  // the previous group's fragments are read
-    for (int i = tid; i < tiles * (kNeighbours + 1); i += NT) {
-      const int32_t tl = i / (kNeighbours + 1), d = i - tl * (kNeighbours + 1), t = t_first + tl;
-      if (d == kNeighbours) {
-        s_base[tl] = staged_tile_base(g, t < g.num_tiles ? p.tile_pos[t] : -1);
-      } else {
-        s_nb[tl * kNeighbours + d] = t < g.num_tiles ? p.nbr[t * kNeighbours + d] : -1;
-      }
-    }
+    stage_group_tables(g, p.nbr, p.tile_pos, t_first, s_base, s_nb);
     __syncthreads();
-    for (int32_t e = tid; e < tiles * window; e += NT) {
-      const int32_t tl = static_cast<int32_t>(g.window_div.div(static_cast<uint32_t>(e))), pe = e - tl * window;
-      const int32_t cy = static_cast<int32_t>(g.width_div.div(static_cast<uint32_t>(pe))), cx = pe - cy * g.width;
-      const int32_t off = staged_pixel_offset(g, s_nb + tl * kNeighbours, s_base[tl], cy, cx);
-      T v[kImageChannels];
-#pragma unroll
-      for (int c = 0; c < kImageChannels; ++c) v[c] = from_acc<T>(staged_value<S, float>(g, p.img, pn, off, c));
-      *reinterpret_cast<uint2*>(sx + e * kImageChannels) = *reinterpret_cast<const uint2*>(v);
-    }
+    stage_group_windows<T, S>(g, p.img, pn, sl, s_base, s_nb, sx);
     cp_async_wait<0>();
     __syncthreads();
 
@@ -849,13 +889,28 @@ __global__ void __launch_bounds__(ImTile::kThreads, 4) scott_conv_image_igemm(Im
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni]);
     }
-    const int32_t m0 = t_first * area;
-    for_each_pair<BN>(acc, [&](int mm, int nn, float v0, float v1) {
-      const int32_t m = m0 + mm, n = n0 + nn;
-      if (m < rows_total && n < g.c_out)
-        *reinterpret_cast<decltype(Pack2<T>::make(0.f, 0.f))*>(p.out + m * g.c_out + n) =
-            Pack2<T>::make(fmaxf(v0, 0.f), fmaxf(v1, 0.f));
-    });
+    // epilogue: ReLU, then per 16-row slice through the warp's shared buffer so that each row's
+    // 32 channels leave as four 16-byte stores (c_out % 8 == 0: a vector is all in or all out)
+    const int32_t m0 = t_first * area + wm * 64, nw = n0 + wn * 32;
+    using P2 = decltype(Pack2<T>::make(0.f, 0.f));
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+          *reinterpret_cast<P2*>(s_out + (h * 8 + lane / 4) * IM_OUT_LD + ni * 8 + (lane % 4) * 2) =
+              Pack2<T>::make(fmaxf(acc[mi][ni][2 * h], 0.f), fmaxf(acc[mi][ni][2 * h + 1], 0.f));
+      __syncwarp();
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int v = lane + 32 * j, row = v / 4, c8 = (v % 4) * 8;
+        const int32_t m = m0 + mi * 16 + row, n = nw + c8;
+        const uint4 val = *reinterpret_cast<const uint4*>(s_out + row * IM_OUT_LD + c8);
+        if (m < rows_total && n < g.c_out) *reinterpret_cast<uint4*>(p.out + m * g.c_out + n) = val;
+      }
+      __syncwarp();
+    }
   }
 #else
   __trap();
@@ -865,9 +920,11 @@ __global__ void __launch_bounds__(ImTile::kThreads, 4) scott_conv_image_igemm(Im
 // Weight gradient of the image stage: C[padded K row m, co] = sum over output pixels r of
 // window(r, m) * g'(r, co). Blocks are persistent over tile groups (128 output pixels) like the
 // forward and keep C (k_rows x 64 output channels) in registers across groups, one warp per 32
-// K rows; per group the windows are staged as in the forward and g' arrives by cp.async. A
-// fragments are read transposed (ldmatrix.trans) from the staged windows: the rows it gathers are
-// the 16-byte tap pairs of 8 output pixels. Each block writes one partial (its blockIdx.x).
+// K rows x 32 output channels; per group the windows are staged as in the forward and g' arrives
+// by cp.async. A fragments are read transposed (ldmatrix.trans) from the staged windows: the rows
+// it gathers are the 16-byte tap pairs of 8 output pixels. Each block writes one partial (its
+// blockIdx.x), so the grid is one block per SM (k_rows / 16 warps: 14 for k = 7): the partials
+// are the only bytes this kernel adds to the image and g' it must read.
 template <typename T, typename S>
 struct ImageWgradArgs {
   ImageConv g;
@@ -880,10 +937,10 @@ struct ImageWgradArgs {
   int32_t groups;
 };
 
-constexpr int IW_BN = 64, IW_MAX_WARPS = 16;
+constexpr int IW_BN = 64, IW_WN = 32, IW_MAX_WARPS = 16;
 
 inline int image_wgrad_smem_bytes(const ImageConv& g) {
-  const int tiles = IM_BM / (g.s * g.s);
+  const int tiles = g.group_tiles();
   return IM_BM * (IW_BN + PAD) * 2 + tiles * g.rows * g.width * kImageChannels * 2 +
          tiles * (kNeighbours + 1) * 4 + IM_BM * 4;
 }
@@ -891,11 +948,12 @@ inline int image_wgrad_smem_bytes(const ImageConv& g) {
 template <typename T, typename S>
 __global__ void __launch_bounds__(IW_MAX_WARPS * 32) scott_conv_image_wgrad_igemm(ImageWgradArgs<T, S> p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  constexpr int BN = IW_BN;
+  constexpr int BN = IW_BN, WN = IW_WN;
   extern __shared__ __align__(128) unsigned char smem[];
   const ImageConv& g = p.g;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, nt = blockDim.x;
-  const int32_t area = g.s * g.s, tiles = IM_BM / area, window = g.rows * g.width;
+  const int wk = warp / (BN / WN), wn = warp % (BN / WN);  // 32 K rows x 32 channels per warp
+  const int32_t area = g.s * g.s, tiles = g.group_tiles(), window = g.rows * g.width;
   T* sg = reinterpret_cast<T*>(smem);                           // g' [128 pixels][BN + PAD]
   T* sx = sg + IM_BM * (BN + PAD);                              // staged windows
   int32_t* s_base = reinterpret_cast<int32_t*>(sx + tiles * window * kImageChannels);
@@ -911,52 +969,40 @@ __global__ void __launch_bounds__(IW_MAX_WARPS * 32) scott_conv_image_wgrad_igem
   const int mat = lane / 8;
   int32_t a_pair[2];
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi) a_pair[mi] = staged_pair_pixel(g, 0, 0, (warp * 32 + mi * 16) / 8 + mat % 2);
+  for (int mi = 0; mi < 2; ++mi) a_pair[mi] = staged_pair_pixel(g, 0, 0, (wk * 32 + mi * 16) / 8 + mat % 2);
   const int a_pix_row = lane % 8 + (mat / 2) * 8;  // pixel within a 16-pixel K step
-  int b_off[4];
+  int b_off[WN / 16];
 #pragma unroll
-  for (int nj = 0; nj < 4; ++nj) b_off[nj] = (lane % 8 + (mat % 2) * 8) * (BN + PAD) + nj * 16 + (mat / 2) * 8;
+  for (int nj = 0; nj < WN / 16; ++nj)
+    b_off[nj] = (lane % 8 + (mat % 2) * 8) * (BN + PAD) + wn * WN + nj * 16 + (mat / 2) * 8;
   const uint32_t sx_u32 = smem_u32(sx), sg_u32 = smem_u32(sg);
   const PixelNorm<float> pn = pixel_norm(g, p.norm);
+  const StagingLane sl = staging_lane(g);
   const int32_t rows_total = g.num_tiles * area;
 
-  float acc[2][8][4] = {};
+  float acc[2][WN / 8][4] = {};
   for (int32_t grp = blockIdx.x; grp < p.groups; grp += gridDim.x) {
     const int32_t t_first = grp * tiles, m0 = t_first * area;
     __syncthreads();  // the previous group's fragments are read
     for (int v = tid; v < IM_BM * (BN / 8); v += nt) {
-      const int32_t r = v / (BN / 8), col = n0 + (v % (BN / 8)) * 8;
-      const bool ok = m0 + r < rows_total && col < g.c_out;
-      cp_async16(sg_u32 + 2 * (r * (BN + PAD) + (v % (BN / 8)) * 8), p.gmask + (ok ? (m0 + r) * g.c_out + col : 0), ok);
+      const int32_t r = v / (BN / 8), col8 = n0 + (v % (BN / 8)) * 8;
+      const bool ok = m0 + r < rows_total && col8 < g.c_out;
+      cp_async16(sg_u32 + 2 * (r * (BN + PAD) + (v % (BN / 8)) * 8), p.gmask + (ok ? (m0 + r) * g.c_out + col8 : 0), ok);
     }
     cp_async_commit();
-    for (int i = tid; i < tiles * (kNeighbours + 1); i += nt) {
-      const int32_t tl = i / (kNeighbours + 1), d = i - tl * (kNeighbours + 1), t = t_first + tl;
-      if (d == kNeighbours)
-        s_base[tl] = staged_tile_base(g, t < g.num_tiles ? p.tile_pos[t] : -1);
-      else
-        s_nb[tl * kNeighbours + d] = t < g.num_tiles ? p.nbr[t * kNeighbours + d] : -1;
-    }
+    stage_group_tables(g, p.nbr, p.tile_pos, t_first, s_base, s_nb);
     __syncthreads();
-    for (int32_t e = tid; e < tiles * window; e += nt) {
-      const int32_t tl = static_cast<int32_t>(g.window_div.div(static_cast<uint32_t>(e))), pe = e - tl * window;
-      const int32_t cy = static_cast<int32_t>(g.width_div.div(static_cast<uint32_t>(pe))), cx = pe - cy * g.width;
-      const int32_t off = staged_pixel_offset(g, s_nb + tl * kNeighbours, s_base[tl], cy, cx);
-      T v[kImageChannels];
-#pragma unroll
-      for (int c = 0; c < kImageChannels; ++c) v[c] = from_acc<T>(staged_value<S, float>(g, p.img, pn, off, c));
-      *reinterpret_cast<uint2*>(sx + e * kImageChannels) = *reinterpret_cast<const uint2*>(v);
-    }
+    stage_group_windows<T, S>(g, p.img, pn, sl, s_base, s_nb, sx);
     cp_async_wait<0>();
     __syncthreads();
 #pragma unroll 2
     for (int ks = 0; ks < IM_BM / 16; ++ks) {
       const int32_t pix = s_pix[ks * 16 + a_pix_row];
-      uint32_t af[2][4], bf[8][2];
+      uint32_t af[2][4], bf[WN / 8][2];
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi) ldmatrix_x4_trans(af[mi], sx_u32 + (pix + a_pair[mi]) * kImageChannels * 2);
 #pragma unroll
-      for (int nj = 0; nj < 4; ++nj) {
+      for (int nj = 0; nj < WN / 16; ++nj) {
         uint32_t r[4];
         ldmatrix_x4_trans(r, sg_u32 + 2 * (b_off[nj] + ks * 16 * (BN + PAD)));
         bf[2 * nj][0] = r[0];
@@ -967,7 +1013,7 @@ __global__ void __launch_bounds__(IW_MAX_WARPS * 32) scott_conv_image_wgrad_igem
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < 8; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni]);
+        for (int ni = 0; ni < WN / 8; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni]);
     }
   }
   const int32_t k_total = g.k * g.k * g.c_in;
@@ -976,10 +1022,10 @@ __global__ void __launch_bounds__(IW_MAX_WARPS * 32) scott_conv_image_wgrad_igem
   for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int32_t row = image_k_to_weight_row(g, warp * 32 + mi * 16 + h * 8 + lane / 4);
+      const int32_t row = image_k_to_weight_row(g, wk * 32 + mi * 16 + h * 8 + lane / 4);
 #pragma unroll
-      for (int ni = 0; ni < 8; ++ni) {
-        const int32_t n = n0 + ni * 8 + (lane % 4) * 2;
+      for (int ni = 0; ni < WN / 8; ++ni) {
+        const int32_t n = n0 + wn * WN + ni * 8 + (lane % 4) * 2;
         if (row >= 0 && n < g.c_out)
           *reinterpret_cast<float2*>(part + row * g.c_out + n) = make_float2(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
       }
@@ -1266,7 +1312,7 @@ bool implicit_image(const StageGeometry& g, DType dtype, const void* src, const 
                                   "16-byte aligned padded weight and output");
     implicit_image_plan(g, ic);
     ig::launch_neighbours(g, slot, tile_pos, nbr, stream);
-    const int tiles = ig::IM_BM / (ic.s * ic.s);
+    const int tiles = ic.group_tiles();
     const int32_t groups = (ic.num_tiles + tiles - 1) / tiles;
     ig::ImageArgs<T, S> args{ic, static_cast<const S*>(src), static_cast<const float*>(norm),
                              static_cast<const T*>(weight_pad), nbr, tile_pos, static_cast<T*>(out), groups};
@@ -1290,7 +1336,7 @@ bool implicit_image_wgrad(const StageGeometry& g, DType dtype, const void* src, 
     ImageConv ic;
     if (!g.src_image || !cuda_implicit_conv(g, dtype, splits, ConvOp::kWeightGrad)) return false;
     implicit_image_wgrad_plan(g, ic);
-    const int tiles = ig::IM_BM / (ic.s * ic.s);
+    const int tiles = ic.group_tiles();
     const int32_t groups = (ic.num_tiles + tiles - 1) / tiles;
     // one partial per block: the caller sizes `splits` (conv_gemm_path says this path applies)
     if (nbr == nullptr || gmask == nullptr || splits < 1 || splits > 65535 || (g.normalize && norm == nullptr) ||
@@ -1305,7 +1351,7 @@ bool implicit_image_wgrad(const StageGeometry& g, DType dtype, const void* src, 
     const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>((ic.c_out + ig::IW_BN - 1) / ig::IW_BN));
     const int bytes = ig::image_wgrad_smem_bytes(ic);
     ig::allow_smem(ig::scott_conv_image_wgrad_igemm<T, S>, bytes);
-    ig::scott_conv_image_wgrad_igemm<T, S><<<grid, ic.k_rows() / 32 * 32, bytes, stream>>>(args);
+    ig::scott_conv_image_wgrad_igemm<T, S><<<grid, ic.k_rows() / 32 * (ig::IW_BN / ig::IW_WN) * 32, bytes, stream>>>(args);
     check_launch("scott_conv_image_wgrad_igemm");
     return true;
   }

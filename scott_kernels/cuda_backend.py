@@ -101,13 +101,13 @@ def _neighbour_scratch(g: "_C.StageGeometry", like: torch.Tensor) -> torch.Tenso
 def _implicit_wgrad_splits(g: "_C.StageGeometry", rows: int, device: torch.device) -> int:
     """Parts of the implicit weight gradient's reduction over output pixels. Compact stages: about
     one wave of (tap, 64 input channels) x 128 output channel blocks at four per SM, at least 1024
-    pixels each. The image stage: its persistent blocks (two per SM, at most one per 128 pixels),
+    pixels each. The image stage: its persistent blocks (one per SM, at most one per 128 pixels),
     each of which writes one partial."""
     if device.type != "cuda":
         return 1
     sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     if g.src_image:
-        return max(1, min(-(-rows // 128), 2 * sms, 65535))
+        return max(1, min(-(-rows // 128), sms, 65535))
     blocks = g.ksize * g.ksize * -(-g.c_in // 64) * -(-g.c_out // 128)
     return max(1, min(-(-rows // 1024), -(-4 * sms // blocks), 65535))
 
