@@ -206,7 +206,9 @@ def _group_key(record) -> str:
 # geometry's "k", and "loops": the trip count of each loop of the machine code, per run of its
 # enclosing loop, in nesting order (codegen.walk: a loop, then the loops inside it), as a number
 # or a name the launch geometry gives ("k": the tensor-core K loop, computed from "k" and
-# "mma_step"; "groups": a persistent block's work items; "stage_rows", "stage_vectors", "tasks").
+# "mma_step"; "groups": a persistent block's work items; "stage_rows", "stage_vectors", "tasks",
+# "tables", "g_rows"; a warp none of whose threads enters a loop runs it 0 times, which the
+# geometry's "mean" says).
 # The K loops are fully unrolled over a K step's fragments; a loop count that does not match the
 # machine code is reported, not guessed.
 CUDA_TILES = {
@@ -228,14 +230,14 @@ CUDA_TILES = {
     "scott_conv_image_igemm": {"threads": 128,
                                "smem": 224 * 72 * 2 + 2 * 21 * 22 * 4 * 2 + 2 * 10 * 4 + 7 * 4 * 4 + 16
                                + 4 * 16 * 40 * 2,
-                               "mma_step": 16, "loops": [14, 1, 1, 1, "groups", 1, "stage_rows", "k"]},
+                               "mma_step": 16, "loops": [14, 1, 1, 1, "groups", "tables", "stage_rows", "k"]},
     # stage-0 weight gradient: k_rows / 32 x 2 = 14 warps (each 32 K rows x 32 channels, kept in
     # registers across groups); image_wgrad_smem_bytes. K step = k16 over 128 pixels (2 x 4 mma).
     # Loops: two setup loops, then per group: g' rows (128 x 8 / 448), neighbour rows, window
     # staging (42 window rows, 448 / 22 = 20 at a time), K
     "scott_conv_image_wgrad_igemm": {"threads": 448,
                                      "smem": 128 * 72 * 2 + 2 * 21 * 22 * 4 * 2 + 2 * 10 * 4 + 128 * 4,
-                                     "mma_step": 8, "loops": [1, 1, "groups", "g_rows", 1, "stage_rows", "k"]},
+                                     "mma_step": 8, "loops": [1, 1, "groups", "g_rows", "tables", "stage_rows", "k"]},
     "scott_neighbour_table": {"threads": 256, "smem": 0, "loops": []},
     "scott_relu_grad_mask": {"threads": 256, "smem": 0, "loops": []},
     # MaxBlurPool: one block per (tile, channel chunk); loops: pixel row table, 16-byte staging, tasks
@@ -300,8 +302,11 @@ def _persistent(g: dict, blocks_per_sm: int, k: int, threads: int) -> dict:
     per_thread = [((rows - t // width + step - 1) // step if t // width < step else 0) for t in range(threads)]
     warps = [max(per_thread[w * 32:(w + 1) * 32]) for w in range(threads // 32)]
     g_busy, g_mean = _strided_trips(128 * g["hidden"] // 8, threads)  # the wgrad's g' copy
+    t_busy, t_mean = _strided_trips(2 * 10, threads)  # the group's tables: 9 slots + base per tile
     return {"blocks": blocks, "k": k, "groups": -(-groups // blocks), "stage_rows": max(warps), "g_rows": g_busy,
-            "mean": {"groups": groups / blocks, "stage_rows": sum(warps) / len(warps), "g_rows": g_mean}}
+            "tables": t_busy,
+            "mean": {"groups": groups / blocks, "stage_rows": sum(warps) / len(warps), "g_rows": g_mean,
+                     "tables": t_mean}}
 
 
 def _wgrad_splits(g: dict) -> int:
