@@ -232,11 +232,13 @@ CUDA_TILES = {
                                + 4 * 16 * 40 * 2,
                                "mma_step": 16, "loops": [14, 1, 1, 1, "groups", "tables", "stage_rows", "k"]},
     # stage-0 weight gradient: k_rows / 32 x 2 = 14 warps (each 32 K rows x 32 channels, kept in
-    # registers across groups); image_wgrad_smem_bytes. K step = k16 over 128 pixels (2 x 4 mma).
-    # Loops: two setup loops, then per group: g' rows (128 x 8 / 448), neighbour rows, window
-    # staging (42 window rows, 448 / 22 = 20 at a time), K
+    # registers across groups); image_wgrad_smem_bytes of a clustered launch (the accumulator
+    # exchange, 8 float4 a thread, is larger than the staging buffers). K step = k16 over 128
+    # pixels (2 x 4 mma). Loops: two setup loops, then per group: g' rows (128 x 8 / 448),
+    # neighbour rows, window staging (42 window rows, 448 / 22 = 20 at a time), K
     "scott_conv_image_wgrad_igemm": {"threads": 448,
-                                     "smem": 128 * 72 * 2 + 2 * 21 * 22 * 4 * 2 + 2 * 10 * 4 + 128 * 4,
+                                     "smem": max(128 * 72 * 2 + 2 * 21 * 22 * 4 * 2 + 2 * 10 * 4 + 128 * 4,
+                                                 8 * 16 * 448),
                                      "mma_step": 8, "loops": [1, 1, "groups", "g_rows", "tables", "stage_rows", "k"]},
     "scott_neighbour_table": {"threads": 256, "smem": 0, "loops": []},
     "scott_relu_grad_mask": {"threads": 256, "smem": 0, "loops": []},
@@ -353,11 +355,12 @@ CUDA_LAUNCHES = [
     ("masked_bwd", "pool0 bwd", r"scott_pool_backward<__nv_bfloat16>", lambda g: _pool_geo(g, 0, True)),
     ("masked_bwd", "conv0 nbr", r"scott::ig::scott_neighbour_table", _neighbours),
     ("masked_bwd", "conv0 g'", r"scott_relu_grad_mask<__nv_bfloat16>", lambda g: _relu_mask(g["rows0"], g["hidden"])),
-    # one float32 (k*k*C_in, C_out) partial per persistent block (one per SM), summed afterwards by torch
+    # persistent, one block per SM in clusters of two (sm_90): one float32 (k*k*C_in, C_out)
+    # partial per cluster (the pair sums through distributed shared memory), summed afterwards by torch
     ("masked_bwd", "conv0 wgrad", r"scott_conv_image_wgrad_igemm<__nv_bfloat16, __nv_bfloat16>",
      lambda g: {**_persistent(g, 1, 128 // 16, 448),
                 "bytes": g["image"] + 2 * g["rows0"] * g["hidden"]
-                + 4 * _persistent(g, 1, 8, 448)["blocks"] * g["k0"] * g["hidden"]}),
+                + 4 * (_persistent(g, 1, 8, 448)["blocks"] // 2) * g["k0"] * g["hidden"]}),
 ]
 
 

@@ -11,6 +11,7 @@
 //     visible tile and channel chunk stages the patch plus halo once with 16-byte copies; the
 //     per-element kernels (one thread per output element, 64-bit indices) for everything else.
 // float32/float16/bfloat16 accumulate in float32, float64 in float64; every launch is checked.
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #include <mma.h>
 
@@ -939,10 +940,31 @@ struct ImageWgradArgs {
 
 constexpr int IW_BN = 64, IW_WN = 32, IW_MAX_WARPS = 16;
 
-inline int image_wgrad_smem_bytes(const ImageConv& g) {
+inline int image_wgrad_threads(const ImageConv& g) { return g.k_rows() / 32 * (IW_BN / IW_WN) * 32; }
+
+// (the staging buffers; a clustered launch reuses them for its accumulators, 2 * WN / 8 float4s a thread)
+inline int image_wgrad_smem_bytes(const ImageConv& g, bool cluster) {
   const int tiles = g.group_tiles();
-  return IM_BM * (IW_BN + PAD) * 2 + tiles * g.rows * g.width * kImageChannels * 2 +
-         tiles * (kNeighbours + 1) * 4 + IM_BM * 4;
+  const int staging = IM_BM * (IW_BN + PAD) * 2 + tiles * g.rows * g.width * kImageChannels * 2 +
+                      tiles * (kNeighbours + 1) * 4 + IM_BM * 4;
+  const int exchange = cluster ? 2 * IW_WN / 8 * 16 * image_wgrad_threads(g) : 0;
+  return staging > exchange ? staging : exchange;
+}
+
+// Whether the image weight gradient runs as clusters of two blocks (one partial per cluster): an
+// sm_90 device running the kernel's sm_90 code, where two such blocks can be resident at once.
+template <class Kernel>
+bool image_wgrad_cluster(Kernel kernel) {
+  int device = 0, major = 0, clusters = 0;
+  cudaFuncAttributes attr;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major < 9 ||
+      cudaDeviceGetAttribute(&clusters, cudaDevAttrClusterLaunch, device) != cudaSuccess || !clusters ||
+      cudaFuncGetAttributes(&attr, kernel) != cudaSuccess || attr.binaryVersion < 90) {
+    cudaGetLastError();  // a failed query is an answer (no clusters), not a pending error
+    return false;
+  }
+  return true;
 }
 
 template <typename T, typename S>
@@ -1016,10 +1038,45 @@ __global__ void __launch_bounds__(IW_MAX_WARPS * 32) scott_conv_image_wgrad_igem
         for (int ni = 0; ni < WN / 8; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni]);
     }
   }
-  const int32_t k_total = g.k * g.k * g.c_in;
-  float* part = p.partial + static_cast<int32_t>(blockIdx.x) * k_total * g.c_out;
+  // A cluster of two blocks (sm_90, image_wgrad_cluster) sums its two accumulators through
+  // distributed shared memory and writes one partial: rank r adds its peer's half mi = r to its
+  // own and stores that half. The same thread of both blocks holds the same (row, column) entries.
+  int32_t ranks = 1, rank = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  if (cluster.num_blocks() == 2) {
+    ranks = 2;
+    rank = static_cast<int32_t>(cluster.block_rank());
+    float4* buf = reinterpret_cast<float4*>(smem);  // [2 * WN / 8][threads]; the staging buffers are done
+    __syncthreads();
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < WN / 8; ++ni)
+        buf[(mi * (WN / 8) + ni) * nt + tid] = make_float4(acc[mi][ni][0], acc[mi][ni][1], acc[mi][ni][2], acc[mi][ni][3]);
+    cluster.sync();  // both blocks' accumulators are in shared memory
+    const float4* peer = cluster.map_shared_rank(buf, rank ^ 1);
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+      if (mi == rank) {
+#pragma unroll
+        for (int ni = 0; ni < WN / 8; ++ni) {
+          const float4 v = peer[(mi * (WN / 8) + ni) * nt + tid];
+          acc[mi][ni][0] += v.x;
+          acc[mi][ni][1] += v.y;
+          acc[mi][ni][2] += v.z;
+          acc[mi][ni][3] += v.w;
+        }
+      }
+    cluster.sync();  // the peer has read this block's shared memory before either exits
+  }
+#endif
+  const int32_t k_total = g.k * g.k * g.c_in;
+  float* part = p.partial + static_cast<int32_t>(blockIdx.x) / ranks * k_total * g.c_out;
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+    if (ranks == 2 && mi != rank) continue;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int32_t row = image_k_to_weight_row(g, wk * 32 + mi * 16 + h * 8 + lane / 4);
@@ -1030,6 +1087,7 @@ __global__ void __launch_bounds__(IW_MAX_WARPS * 32) scott_conv_image_wgrad_igem
           *reinterpret_cast<float2*>(part + row * g.c_out + n) = make_float2(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
       }
     }
+  }
 #else
   __trap();
 #endif
@@ -1348,11 +1406,29 @@ bool implicit_image_wgrad(const StageGeometry& g, DType dtype, const void* src, 
                                  stream);
     ig::ImageWgradArgs<T, S> args{ic, static_cast<const S*>(src), static_cast<const float*>(norm),
                                   static_cast<const T*>(gmask), nbr, tile_pos, static_cast<float*>(partial), groups};
-    const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>((ic.c_out + ig::IW_BN - 1) / ig::IW_BN));
-    const int bytes = ig::image_wgrad_smem_bytes(ic);
-    ig::allow_smem(ig::scott_conv_image_wgrad_igemm<T, S>, bytes);
-    ig::scott_conv_image_wgrad_igemm<T, S><<<grid, ic.k_rows() / 32 * (ig::IW_BN / ig::IW_WN) * 32, bytes, stream>>>(args);
-    check_launch("scott_conv_image_wgrad_igemm");
+    // one partial per block, or per cluster of two blocks (sm_90): `splits` partials either way
+    auto kernel = ig::scott_conv_image_wgrad_igemm<T, S>;
+    const bool cluster = splits <= 32767 && ig::image_wgrad_cluster(kernel);
+    const int bytes = ig::image_wgrad_smem_bytes(ic, cluster);
+    ig::allow_smem(kernel, bytes);
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(splits * (cluster ? 2 : 1)),
+                       static_cast<unsigned>((ic.c_out + ig::IW_BN - 1) / ig::IW_BN));
+    cfg.blockDim = dim3(static_cast<unsigned>(ig::image_wgrad_threads(ic)));
+    cfg.dynamicSmemBytes = static_cast<size_t>(bytes);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = cluster ? 2 : 1;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = cluster ? 1 : 0;
+    const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args);
+    cudaGetLastError();
+    if (err != cudaSuccess)
+      throw std::runtime_error(std::string("scott_conv_image_wgrad_igemm: CUDA launch failed: ") +
+                               cudaGetErrorString(err));
     return true;
   }
   return false;

@@ -101,13 +101,15 @@ def _neighbour_scratch(g: "_C.StageGeometry", like: torch.Tensor) -> torch.Tenso
 def _implicit_wgrad_splits(g: "_C.StageGeometry", rows: int, device: torch.device) -> int:
     """Parts of the implicit weight gradient's reduction over output pixels. Compact stages: about
     one wave of (tap, 64 input channels) x 128 output channel blocks at four per SM, at least 1024
-    pixels each. The image stage: its persistent blocks (one per SM, at most one per 128 pixels),
-    each of which writes one partial."""
+    pixels each. The image stage: its persistent blocks (one per SM, at most one per 128 pixels)
+    write one partial each, or one per cluster of two blocks on sm_90 (the kernel sums the pair
+    through distributed shared memory), so there are half as many partials as SMs."""
     if device.type != "cuda":
         return 1
     sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     if g.src_image:
-        return max(1, min(-(-rows // 128), sms, 65535))
+        pairs = 2 if torch.cuda.get_device_capability(device)[0] >= 9 else 1
+        return max(1, min(-(-rows // (128 * pairs)), sms // pairs, 65535))
     blocks = g.ksize * g.ksize * -(-g.c_in // 64) * -(-g.c_out // 128)
     return max(1, min(-(-rows // 1024), -(-4 * sms // blocks), 65535))
 
