@@ -407,8 +407,8 @@ inline const char* implicit_image_plan(const StageGeometry& g, ImageConv& ic) {
   const int64_t pairs = (g.ksize + 1) / 2;
   if ((g.ksize * pairs) % 2) return "the image kernel needs an even number of tap pairs (k = 3, 7, 11, ...)";
   const int64_t rows = g.in_side - 2 + g.ksize, width = g.in_side - 2 + 2 * pairs;
-  // the kernels stage a window row per warp, one staged column per lane
-  if (width > 32) return "the staged image window is wider than 32 pixels";
+  // the kernels stage the windows with one thread per window column (blockDim / SW rows at a time)
+  if (width > 128) return "the staged image window is wider than 128 pixels (one staging thread per column)";
   // shared memory: the padded weight slice (64 columns + 8 of padding) and the staged windows
   if (g.ksize * pairs * 2 * kImageChannels * 72 * 2 + (128 / (s * s)) * rows * width * kImageChannels * 2 > 96 * 1024)
     return "kernel or staged image window too large for shared memory";

@@ -779,8 +779,9 @@ __device__ __forceinline__ void stage_group_tables(const ImageConv& g, const int
   }
 }
 
-// A thread's place in the window staging: blockDim / SW window rows at a time, one staged column
-// per thread, fixed for the block (threads past the last full row idle).
+// A thread's place in the window staging: blockDim / SW window rows at a time (SW <= 128 <=
+// blockDim, implicit_image_plan), one staged column per thread, fixed for the block (threads past
+// the last full row idle).
 struct StagingLane {
   StagedColumn col;
   int32_t row, step;  // first staged row (>= step: this thread stages nothing), rows per pass
@@ -923,9 +924,10 @@ __global__ void __launch_bounds__(ImTile::kThreads, 4) scott_conv_image_igemm(Im
 // forward and keep C (k_rows x 64 output channels) in registers across groups, one warp per 32
 // K rows x 32 output channels; per group the windows are staged as in the forward and g' arrives
 // by cp.async. A fragments are read transposed (ldmatrix.trans) from the staged windows: the rows
-// it gathers are the 16-byte tap pairs of 8 output pixels. Each block writes one partial (its
-// blockIdx.x), so the grid is one block per SM (k_rows / 16 warps: 14 for k = 7): the partials
-// are the only bytes this kernel adds to the image and g' it must read.
+// it gathers are the 16-byte tap pairs of 8 output pixels. One block per SM (k_rows / 16 warps:
+// 14 for k = 7), each writing one partial, or on sm_90 one per cluster of two blocks (see the
+// end of the kernel): the partials are the only bytes this kernel adds to the image and g' it
+// must read, so there are as few as fill the GPU.
 template <typename T, typename S>
 struct ImageWgradArgs {
   ImageConv g;
@@ -951,8 +953,9 @@ inline int image_wgrad_smem_bytes(const ImageConv& g, bool cluster) {
   return staging > exchange ? staging : exchange;
 }
 
-// Whether the image weight gradient runs as clusters of two blocks (one partial per cluster): an
-// sm_90 device running the kernel's sm_90 code, where two such blocks can be resident at once.
+// Whether the image weight gradient runs as clusters of two blocks (one partial per cluster): a
+// device that launches clusters, running the kernel's sm_90 code (an sm_80 build has no cluster
+// path, so it must not be launched as one).
 template <class Kernel>
 bool image_wgrad_cluster(Kernel kernel) {
   int device = 0, major = 0, clusters = 0;
