@@ -936,8 +936,9 @@ struct ImageWgradArgs {
   const T* gmask;        // g' (M, s, s, C_out)
   const int32_t* nbr;
   const int64_t* tile_pos;
-  float* partial;        // (gridDim.x, k*k*C_in, C_out)
+  float* partial;        // (gridDim.x / cluster, k*k*C_in, C_out)
   int32_t groups;
+  int32_t cluster;       // 1, or 2: the launch's cluster of two blocks writes one partial
 };
 
 constexpr int IW_BN = 64, IW_WN = 32, IW_MAX_WARPS = 16;
@@ -954,8 +955,8 @@ inline int image_wgrad_smem_bytes(const ImageConv& g, bool cluster) {
 }
 
 // Whether the image weight gradient runs as clusters of two blocks (one partial per cluster): a
-// device that launches clusters, running the kernel's sm_90 code (an sm_80 build has no cluster
-// path, so it must not be launched as one).
+// device that launches clusters, running code compiled for sm_90 or later (code from sm_80,
+// native or JIT-compiled from its PTX on a newer GPU, has no cluster path and traps).
 template <class Kernel>
 bool image_wgrad_cluster(Kernel kernel) {
   int device = 0, major = 0, clusters = 0;
@@ -963,7 +964,7 @@ bool image_wgrad_cluster(Kernel kernel) {
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major < 9 ||
       cudaDeviceGetAttribute(&clusters, cudaDevAttrClusterLaunch, device) != cudaSuccess || !clusters ||
-      cudaFuncGetAttributes(&attr, kernel) != cudaSuccess || attr.binaryVersion < 90) {
+      cudaFuncGetAttributes(&attr, kernel) != cudaSuccess || attr.ptxVersion < 90 || attr.binaryVersion < 90) {
     cudaGetLastError();  // a failed query is an answer (no clusters), not a pending error
     return false;
   }
@@ -1044,12 +1045,12 @@ __global__ void __launch_bounds__(IW_MAX_WARPS * 32) scott_conv_image_wgrad_igem
   // A cluster of two blocks (sm_90, image_wgrad_cluster) sums its two accumulators through
   // distributed shared memory and writes one partial: rank r adds its peer's half mi = r to its
   // own and stores that half. The same thread of both blocks holds the same (row, column) entries.
-  int32_t ranks = 1, rank = 0;
+  const int32_t ranks = p.cluster;
+  int32_t rank = 0;
+  if (ranks == 2) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  if (cluster.num_blocks() == 2) {
-    ranks = 2;
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
     rank = static_cast<int32_t>(cluster.block_rank());
     float4* buf = reinterpret_cast<float4*>(smem);  // [2 * WN / 8][threads]; the staging buffers are done
     __syncthreads();
@@ -1073,8 +1074,10 @@ __global__ void __launch_bounds__(IW_MAX_WARPS * 32) scott_conv_image_wgrad_igem
         }
       }
     cluster.sync();  // the peer has read this block's shared memory before either exits
-  }
+#else
+    __trap();  // launched as clusters only where this code is sm_90's (image_wgrad_cluster)
 #endif
+  }
   const int32_t k_total = g.k * g.k * g.c_in;
   float* part = p.partial + static_cast<int32_t>(blockIdx.x) / ranks * k_total * g.c_out;
 #pragma unroll
@@ -1399,7 +1402,7 @@ bool implicit_image_wgrad(const StageGeometry& g, DType dtype, const void* src, 
     implicit_image_wgrad_plan(g, ic);
     const int tiles = ic.group_tiles();
     const int32_t groups = (ic.num_tiles + tiles - 1) / tiles;
-    // one partial per block: the caller sizes `splits` (conv_gemm_path says this path applies)
+    // `splits` partials: the caller sizes them (conv_gemm_path says this path applies)
     if (nbr == nullptr || gmask == nullptr || splits < 1 || splits > 65535 || (g.normalize && norm == nullptr) ||
         !ig::aligned16(grad) || !ig::aligned16(out) || !ig::aligned16(gmask) || !ig::aligned16(partial))
       throw std::invalid_argument("conv_relu_wgrad: the image stage's implicit GEMM needs scratch tables, at least "
@@ -1408,10 +1411,12 @@ bool implicit_image_wgrad(const StageGeometry& g, DType dtype, const void* src, 
     ig::launch_relu_grad_mask<T>(g, static_cast<const T*>(grad), static_cast<const T*>(out), static_cast<T*>(gmask),
                                  stream);
     ig::ImageWgradArgs<T, S> args{ic, static_cast<const S*>(src), static_cast<const float*>(norm),
-                                  static_cast<const T*>(gmask), nbr, tile_pos, static_cast<float*>(partial), groups};
+                                  static_cast<const T*>(gmask), nbr, tile_pos, static_cast<float*>(partial), groups,
+                                  1};
     // one partial per block, or per cluster of two blocks (sm_90): `splits` partials either way
     auto kernel = ig::scott_conv_image_wgrad_igemm<T, S>;
     const bool cluster = splits <= 32767 && ig::image_wgrad_cluster(kernel);
+    args.cluster = cluster ? 2 : 1;
     const int bytes = ig::image_wgrad_smem_bytes(ic, cluster);
     ig::allow_smem(kernel, bytes);
     cudaLaunchConfig_t cfg = {};
