@@ -720,9 +720,10 @@ SCOTT_HD void pool_window_offsets(const TiledPool& g, const PoolTile& t, int32_t
   SCOTT_UNROLL
   for (int i = 0; i < R; ++i) {
     ly[i] = y0 + i;
-    dy[i] = neighbour_axis(ly[i], n);
     lx[i] = x0 + i;
-    dx[i] = neighbour_axis(lx[i], n);
+    // the inner rows and columns lie in the tile itself: a constant slot choice once unrolled
+    dy[i] = i == 0 || i == R - 1 ? neighbour_axis(ly[i], n) : 1;
+    dx[i] = i == 0 || i == R - 1 ? neighbour_axis(lx[i], n) : 1;
   }
   SCOTT_UNROLL
   for (int i = 0; i < R; ++i) {

@@ -16,9 +16,13 @@ gradients and shapes those kernels refuse (``conv_gemm_path`` says why) run one 
 shared-memory GEMM that gathers each operand element through the ``slot`` table (WMMA for
 float16/bfloat16 on sm_80+, CUDA cores otherwise). The C++ twin follows the same path rule and
 index functions, so CPU tests exercise both paths. MaxBlurPool (float16/bfloat16, channels a
-multiple of 8): one block per visible tile and channel chunk stages the patch plus halo once with
-16-byte copies (``pool_path`` says which kernels run and why); everything else one thread per
-element; the twin runs the tiled staging and per-pixel functions too. float16/bfloat16/float32 accumulate in float32, float64 in float64.
+multiple of 8): one thread per (visible tile, pooled pixel, 8-channel vector) reads its window as
+16-byte vectors through the tile's neighbour slots (``pool_path`` says which kernels run and
+why); everything else one thread per element; the twin runs the same task, lookup and window
+functions. The tokenizer runs each stage as one op (``conv_relu_pool``) whose backward has the pool
+kernel write the gradient before the ReLU (``relu_mask``), which both conv gradient kernels read
+as it is (``out=None``): no separate relu' pass. float16/bfloat16/float32 accumulate in float32,
+float64 in float64.
 """
 
 from __future__ import annotations
