@@ -763,7 +763,8 @@ SCOTT_HD void tiled_pool_values(const TiledPool& g, const PoolTile& t, int32_t h
   for (int dy = 0; dy < 3; ++dy) {
     SCOTT_UNROLL
     for (int dx = 0; dx < 3; ++dx) {
-      if (!pool_map_has(2 * h - 1 + dy, t.gy, g.grid_h, g.side) || !pool_map_has(2 * w - 1 + dx, t.gx, g.grid_w, g.side))
+      if (!pool_map_has(2 * h - 1 + dy, t.gy, g.grid_h, g.side) ||
+          !pool_map_has(2 * w - 1 + dx, t.gx, g.grid_w, g.side))
         continue;
       SCOTT_UNROLL
       for (int e = 0; e < N; ++e) acc[e] += wmax(dy, dx, e) * A(blur_tap(dy) * blur_tap(dx)) / A(16);
@@ -803,7 +804,8 @@ SCOTT_HD void tiled_pool_quad_grads(const TiledPool& g, const PoolTile& t, int32
   for (int i = 0; i < 3; ++i) {
     SCOTT_UNROLL
     for (int j = 0; j < 3; ++j) {
-      if (!pool_map_has(2 * h - 1 + i, t.gy, g.grid_h, g.side) || !pool_map_has(2 * w - 1 + j, t.gx, g.grid_w, g.side))
+      if (!pool_map_has(2 * h - 1 + i, t.gy, g.grid_h, g.side) ||
+          !pool_map_has(2 * w - 1 + j, t.gx, g.grid_w, g.side))
         continue;
       A blurred[N];
       SCOTT_UNROLL

@@ -1081,7 +1081,9 @@ __device__ __forceinline__ uint4 max4(const uint4& a, const uint4& b, const uint
                     max2<T>(max2<T>(a.z, b.z), max2<T>(c.z, d.z)), max2<T>(max2<T>(a.w, b.w), max2<T>(c.w, d.w)));
 }
 
-__device__ __forceinline__ uint32_t word(const uint4& v, int q) { return q == 0 ? v.x : q == 1 ? v.y : q == 2 ? v.z : v.w; }
+__device__ __forceinline__ uint32_t word(const uint4& v, int q) {
+  return q == 0 ? v.x : q == 1 ? v.y : q == 2 ? v.z : v.w;
+}
 
 // Lane-wise a == b of two packed pairs: 0xffff per equal lane (IEEE: a NaN equals nothing).
 template <typename T>

@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 import torch
 
 __all__ = ["visible_tables", "visible_positions", "tokenize_compact", "compact_to_image",
-           "register_stage_autograd", "register_conv_pool_autograd", "accumulator_dtype", "gemm_weight", "gemm_weight_transposed",
-           "weight_from_partials", "reduction_splits", "check_tables"]
+           "register_stage_autograd", "register_conv_pool_autograd", "accumulator_dtype", "gemm_weight",
+           "gemm_weight_transposed", "weight_from_partials", "reduction_splits", "check_tables"]
 
 
 def visible_tables(keep: torch.Tensor | None, batch: int, grid_h: int, grid_w: int, device: torch.device,
