@@ -373,75 +373,67 @@ const char* pool_refusal(const PoolGeometry& g) {
 
 namespace {
 
-// The tiled pool kernels' staging, per (tile, chunk) block: every staged vector's source through
-// pool_stage_source, 8 channels each, zeros where it reads nothing; then the same per-pixel
-// functions read the staged buffer.
+// The tiled pool kernels' tasks, one CUDA thread each: the same task decomposition, tile lookup and
+// window offsets, 8 channels per vector, zeros where an offset is -1; then the same per-task
+// functions read the loaded windows.
+template <typename T, int R>
+void load_pool_window(const T* base, const int32_t (&off)[R][R], T (&win)[R][R][8]) {
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < R; ++j)
+      for (int e = 0; e < 8; ++e) win[i][j][e] = off[i][j] < 0 ? T(0) : base[off[i][j] + e];
+}
+
 template <typename T>
-void stage_pool_block(const TiledPool& tp, const PoolTile& pt, int32_t chunk0, const T* act, const T* grad,
-                      std::vector<T>& staged) {
-  const int32_t n = grad ? tp.staged_vectors() : tp.halo * tp.halo * tp.chunk;
-  std::vector<int32_t> rows(static_cast<size_t>(tp.staged_pixels()));
-  for (int32_t p = 0; p < tp.staged_pixels(); ++p) rows[p] = pool_stage_row(tp, pt, p);
-  staged.assign(static_cast<size_t>(tp.staged_vectors()) * 8, T(0));
-  for (int32_t i = 0; i < n; ++i) {
-    const int32_t off = pool_stage_source(tp, rows.data(), chunk0, i);
-    const T* src = i < tp.halo * tp.halo * tp.chunk ? act : grad;
-    if (off >= 0)
-      for (int e = 0; e < 8; ++e) staged[static_cast<size_t>(i) * 8 + e] = src[off + e];
-  }
+void pool_window_maxima(const T (&win)[4][4][8], T (&wm)[3][3][8]) {
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j)
+      for (int e = 0; e < 8; ++e)
+        wm[i][j][e] = pool_window_max(win[i][j][e], win[i][j + 1][e], win[i + 1][j][e], win[i + 1][j + 1][e]);
 }
 
 template <typename T>
 void tiled_pool_forward(const TiledPool& tp, const T* act, const int32_t* slot, const int64_t* tile_pos, T* out) {
-#pragma omp parallel
-  {
-    std::vector<T> staged;
-#pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < int64_t(tp.num_tiles) * tp.chunks; ++blk) {
-      const int32_t t = static_cast<int32_t>(blk / tp.chunks), chunk0 = static_cast<int32_t>(blk % tp.chunks) * tp.chunk;
-      const PoolTile pt = pool_tile(tp, slot, tile_pos, t);
-      stage_pool_block<T>(tp, pt, chunk0, act, nullptr, staged);
-      for (int32_t v = 0; v < tp.chunk && chunk0 + v < tp.vectors; ++v) {
-        const auto at = [&](int32_t y, int32_t x, int e) { return staged[pool_act_index(tp, y, x, v) * 8 + e]; };
-        const auto wmax = [&](int32_t y, int32_t x, int e) {
-          return pool_window_max(at(y, x, e), at(y, x + 1, e), at(y + 1, x, e), at(y + 1, x + 1, e));
-        };
-        for (int32_t py = 0; py < tp.pooled; ++py)
-          for (int32_t px = 0; px < tp.pooled; ++px) {
-            T r[8];
-            tiled_pool_values<8, T>(tp, pt, py, px, wmax, r);
-            std::copy(r, r + 8, out + ((t * tp.pooled + py) * tp.pooled + px) * tp.channels + (chunk0 + v) * 8);
-          }
-      }
-    }
+#pragma omp parallel for schedule(static)
+  for (int32_t task = 0; task < tp.tasks; ++task) {
+    const PoolTask k = pool_task(tp, task);
+    const PoolTile pt = pool_tile(tp, slot, tile_pos, k.t);
+    int32_t off[4][4];
+    pool_window_offsets<4>(tp, pt, tp.side, 2 * k.h - 1, 2 * k.w - 1, k.v, off);
+    T win[4][4][8], wm[3][3][8], r[8];
+    load_pool_window<T, 4>(act, off, win);
+    pool_window_maxima(win, wm);
+    tiled_pool_values<8, T>(tp, pt, k.h, k.w, [&](int i, int j, int e) { return wm[i][j][e]; }, r);
+    std::copy(r, r + 8, out + static_cast<int64_t>(task) * 8);
   }
 }
 
 template <typename T>
 void tiled_pool_backward(const TiledPool& tp, const T* grad, const T* act, const int32_t* slot,
-                         const int64_t* tile_pos, T* grad_act) {
-#pragma omp parallel
-  {
-    std::vector<T> staged;
-#pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < int64_t(tp.num_tiles) * tp.chunks; ++blk) {
-      const int32_t t = static_cast<int32_t>(blk / tp.chunks), chunk0 = static_cast<int32_t>(blk % tp.chunks) * tp.chunk;
-      const PoolTile pt = pool_tile(tp, slot, tile_pos, t);
-      stage_pool_block<T>(tp, pt, chunk0, act, grad, staged);
-      for (int32_t v = 0; v < tp.chunk && chunk0 + v < tp.vectors; ++v) {
-        const auto at = [&](int32_t y, int32_t x, int e) { return staged[pool_act_index(tp, y, x, v) * 8 + e]; };
-        const auto gr = [&](int32_t y, int32_t x, int e) { return staged[pool_grad_index(tp, y, x, v) * 8 + e]; };
-        const auto wmax = [&](int32_t y, int32_t x, int e) {
-          return pool_window_max(at(y, x, e), at(y, x + 1, e), at(y + 1, x, e), at(y + 1, x + 1, e));
-        };
-        for (int32_t cy = 0; cy < tp.side; ++cy)
-          for (int32_t cx = 0; cx < tp.side; ++cx) {
-            T r[8];
-            tiled_pool_grads<8, T>(tp, pt, cy, cx, at, wmax, gr, r);
-            std::copy(r, r + 8, grad_act + ((t * tp.side + cy) * tp.side + cx) * tp.channels + (chunk0 + v) * 8);
-          }
+                         const int64_t* tile_pos, T* grad_act, bool relu_mask) {
+#pragma omp parallel for schedule(static)
+  for (int32_t task = 0; task < tp.tasks; ++task) {
+    const PoolTask k = pool_task(tp, task);
+    const PoolTile pt = pool_tile(tp, slot, tile_pos, k.t);
+    int32_t off[4][4], goff[3][3];
+    pool_window_offsets<4>(tp, pt, tp.side, 2 * k.h - 1, 2 * k.w - 1, k.v, off);
+    pool_window_offsets<3>(tp, pt, tp.pooled, k.h - 1, k.w - 1, k.v, goff);
+    T win[4][4][8], wm[3][3][8], gq[3][3][8], r[2][2][8];
+    load_pool_window<T, 4>(act, off, win);
+    load_pool_window<T, 3>(grad, goff, gq);
+    pool_window_maxima(win, wm);
+    const auto routed = [&](int i, int j, int own, int e, T v) {
+      return pool_first_max(wm[i][j][e], win[i][j][e], win[i][j + 1][e], win[i + 1][j][e], win[i + 1][j + 1][e], own)
+                 ? v
+                 : T(0);
+    };
+    tiled_pool_quad_grads<8, T>(tp, pt, k.h, k.w, routed, [&](int i, int j, int e) { return gq[i][j][e]; }, r);
+    for (int a = 0; a < 2; ++a)
+      for (int b = 0; b < 2; ++b) {
+        if (relu_mask)
+          for (int e = 0; e < 8; ++e) r[a][b][e] = win[a + 1][b + 1][e] > T(0) ? r[a][b][e] : T(0);
+        const int32_t y = 2 * k.h + a, x = 2 * k.w + b;
+        std::copy(r[a][b], r[a][b] + 8, grad_act + ((k.t * tp.side + y) * tp.side + x) * tp.channels + k.v * 8);
       }
-    }
   }
 }
 
@@ -466,7 +458,7 @@ void max_blur_pool_cpu(const PoolGeometry& g, DType dtype, const void* act, cons
 }
 
 void max_blur_pool_backward_cpu(const PoolGeometry& g, DType dtype, const void* grad, const void* act,
-                                const int32_t* slot, const int64_t* tile_pos, void* grad_act) {
+                                const int32_t* slot, const int64_t* tile_pos, void* grad_act, bool relu_mask) {
   const int64_t rows = g.num_tiles * g.side * g.side;
   TiledPool tp;
   const bool tiled = tiled_pool_enabled() && tiled_pool_plan(g, tp) == nullptr;
@@ -475,11 +467,11 @@ void max_blur_pool_backward_cpu(const PoolGeometry& g, DType dtype, const void* 
     const T* a = static_cast<const T*>(act);
     T* d = static_cast<T*>(grad_act);
     if (tiled) {
-      tiled_pool_backward<T>(tp, gr, a, slot, tile_pos, d);
+      tiled_pool_backward<T>(tp, gr, a, slot, tile_pos, d, relu_mask);
       break;
     }
     for_each_element(rows, g.channels, [&](int64_t r, int64_t c) {
-      d[r * g.channels + c] = max_blur_pool_grad_at<T, T>(g, gr, a, slot, tile_pos, r, c);
+      d[r * g.channels + c] = max_blur_pool_grad_at<T, T>(g, gr, a, slot, tile_pos, r, c, relu_mask);
     });
   });
 }

@@ -7,9 +7,10 @@
 //   * The gather GEMM for everything else (float32/float64, shapes the implicit kernels refuse):
 //     one tiled shared-memory GEMM template over operands gathered per element (tokenizer.h), on
 //     WMMA for float16/bfloat16 on sm_80+, on CUDA cores otherwise; 64-bit indices.
-//   * MaxBlurPool forward and backward (namespace pool; float16/bfloat16, sm_80+): one block per
-//     visible tile and channel chunk stages the patch plus halo once with 16-byte copies; the
-//     per-element kernels (one thread per output element, 64-bit indices) for everything else.
+//   * MaxBlurPool forward and backward (namespace pool; float16/bfloat16, sm_80+): one thread per
+//     (visible tile, pooled pixel, 8-channel vector) reading its window as 16-byte vectors, the
+//     backward writing relu'-masked gradients when asked; the per-element kernels (one thread per
+//     output element, 64-bit indices) for everything else.
 // float32/float16/bfloat16 accumulate in float32, float64 in float64; every launch is checked.
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
@@ -290,8 +291,9 @@ struct PoolBackward {
   const T* act;
   const int32_t* slot;
   const int64_t* tile_pos;
+  bool relu_mask;
   __device__ A operator()(int64_t r, int64_t c) const {
-    return max_blur_pool_grad_at<T, A>(g, grad, act, slot, tile_pos, r, c);
+    return max_blur_pool_grad_at<T, A>(g, grad, act, slot, tile_pos, r, c, relu_mask);
   }
 };
 
@@ -1133,14 +1135,25 @@ void launch_relu_grad_mask(const StageGeometry& g, const T* grad, const T* out, 
   check_launch("scott_relu_grad_mask");
 }
 
+// The g' a backward GEMM reads: grad itself when out is nullptr (the MaxBlurPool backward wrote it
+// masked already, the usual path), else grad * relu'(out) written to gmask first.
+template <typename T>
+const T* masked_grad(const StageGeometry& g, const void* grad, const void* out, void* gmask, cudaStream_t stream) {
+  if (out == nullptr) return static_cast<const T*>(grad);
+  launch_relu_grad_mask<T>(g, static_cast<const T*>(grad), static_cast<const T*>(out), static_cast<T*>(gmask), stream);
+  return static_cast<const T*>(gmask);
+}
+
 }  // namespace ig
 
 // ---- tiled MaxBlurPool (float16 / bfloat16, sm_80+) ---------------------------------------------------
-// Memory-bound: one block per (visible tile, chunk of 8-channel vectors) stages the patch plus a
-// 1-pixel halo (the backward also the pooled gradient plus halo) once with 16-byte cp.async copies
-// (a zero-fill copy where a pixel is masked or outside the image), the tile's neighbour slots and
-// grid position looked up once; each thread then computes 8 channels of one pixel from a 4x4 (or
-// 3x3) window held in registers, 32-bit offsets throughout. Symbols scott::pool::scott_pool_*<T>.
+// Memory-bound: one thread per task (tokenizer.h: tile, pooled pixel, 8-channel vector), so a warp
+// covers consecutive vectors of neighbouring pixels and every load is a coalesced 16-byte vector.
+// No shared-memory staging and no block-wide set-up: the window's neighbours come from the tile's
+// 9 slots held in registers, and the ~4x re-reads of the overlapping windows hit L1/L2, not HBM.
+// Window maxima are taken two channels per instruction; the blur and the routed gradient run in
+// float32 in the order of the per-element kernels (bit-identical results). Symbols
+// scott::pool::scott_pool_*<T>.
 namespace pool {
 
 // Channel e (0..7) of a 16-byte vector of float16/bfloat16, as float; e is a constant after
@@ -1178,112 +1191,122 @@ __device__ __forceinline__ uint4 max4(const uint4& a, const uint4& b, const uint
                     max2<T>(max2<T>(a.z, b.z), max2<T>(c.z, d.z)), max2<T>(max2<T>(a.w, b.w), max2<T>(c.w, d.w)));
 }
 
-// Stages vectors [0, n) of the block (pool_stage_source): the first `act_vectors` from act, the
-// rest from grad; blocks until they have landed.
+__device__ __forceinline__ uint32_t word(const uint4& v, int q) {
+  return q == 0 ? v.x : q == 1 ? v.y : q == 2 ? v.z : v.w;
+}
+
+// Lane-wise a == b of two packed pairs: 0xffff per equal lane (IEEE: a NaN equals nothing).
 template <typename T>
-__device__ __forceinline__ void stage(const TiledPool& g, const PoolTile& pt, int32_t chunk0, int32_t n,
-                                      int32_t act_vectors, const T* act, const T* grad, uint4* staged) {
-  int32_t* rows = reinterpret_cast<int32_t*>(staged + g.staged_vectors());  // pixel rows, after the vectors
-  const int32_t pixels = (n + g.chunk - 1) / g.chunk;
-  for (int32_t p = threadIdx.x; p < pixels; p += blockDim.x) rows[p] = pool_stage_row(g, pt, p);
-  __syncthreads();
-  for (int32_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const int32_t off = pool_stage_source(g, rows, chunk0, i);
-    const T* src = i < act_vectors ? act : grad;
-    ig::cp_async16(ig::smem_u32(staged + i), off < 0 ? src : src + off, off >= 0);
-  }
-  ig::cp_async_commit();
-  ig::cp_async_wait<0>();
-  __syncthreads();
+__device__ __forceinline__ uint32_t eq_mask(uint32_t a, uint32_t b) {
+  using T2 = typename std::conditional<std::is_same<T, __nv_bfloat16>::value, __nv_bfloat162, __half2>::type;
+  return __heq2_mask(*reinterpret_cast<const T2*>(&a), *reinterpret_cast<const T2*>(&b));
+}
+
+// Lane-wise a > 0 of a packed pair: 0xffff per lane.
+template <typename T>
+__device__ __forceinline__ uint32_t gt0_mask(uint32_t a) {
+  using T2 = typename std::conditional<std::is_same<T, __nv_bfloat16>::value, __nv_bfloat162, __half2>::type;
+  const uint32_t zero = 0;
+  return __hgt2_mask(*reinterpret_cast<const T2*>(&a), *reinterpret_cast<const T2*>(&zero));
+}
+
+// The R x R window of 16-byte vectors at the given offsets (pool_window_offsets), 0 where -1.
+template <int R, typename T>
+__device__ __forceinline__ void load_window(const T* base, const int32_t (&off)[R][R], uint4 (&win)[R][R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int j = 0; j < R; ++j)
+      win[i][j] = off[i][j] < 0 ? make_uint4(0, 0, 0, 0) : __ldg(reinterpret_cast<const uint4*>(base + off[i][j]));
+}
+
+// The 3x3 window maxima of a 4x4 window, two channels per instruction: a maximum is exact in any
+// precision, so this is pool_window_max's value (a NaN anywhere in a window gives NaN, as torch).
+template <typename T>
+__device__ __forceinline__ void window_maxima(const uint4 (&win)[4][4], uint4 (&wm)[3][3]) {
+#pragma unroll
+  for (int i = 0; i < 3; ++i)
+#pragma unroll
+    for (int j = 0; j < 3; ++j) wm[i][j] = max4<T>(win[i][j], win[i][j + 1], win[i + 1][j], win[i + 1][j + 1]);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(128) scott_pool_forward(TiledPool g, const T* act, const int32_t* slot,
                                                            const int64_t* tile_pos, T* out) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  extern __shared__ uint4 staged[];
-  __shared__ PoolTile pt;  // read from shared memory: its neighbour slots are indexed at run time
-  const int32_t t = blockIdx.x, chunk0 = blockIdx.y * g.chunk;
-  if (threadIdx.x == 0) pt = pool_tile(g, slot, tile_pos, t);
-  __syncthreads();
-  const int32_t act_vectors = g.halo * g.halo * g.chunk;
-  stage<T>(g, pt, chunk0, act_vectors, act_vectors, act, nullptr, staged);
-  for (int32_t task = threadIdx.x; task < g.pooled * g.pooled * g.chunk; task += blockDim.x) {
-    const int32_t pix = static_cast<int32_t>(g.chunk_div.div(task)), v = task - pix * g.chunk;
-    if (chunk0 + v >= g.vectors) continue;
-    const int32_t py = static_cast<int32_t>(g.pooled_div.div(pix)), px = pix - py * g.pooled;
-    uint4 win[4][4];  // local pixels 2py-1 .. 2py+2 x 2px-1 .. 2px+2
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) win[i][j] = staged[pool_act_index(g, 2 * py - 1 + i, 2 * px - 1 + j, v)];
-    // the 3x3 window maxima, two channels per instruction: a maximum is exact in any precision,
-    // so this is pool_window_max's value (a NaN anywhere in a window gives NaN, as torch)
-    uint4 wm[3][3];
-#pragma unroll
-    for (int i = 0; i < 3; ++i)
-#pragma unroll
-      for (int j = 0; j < 3; ++j)
-        wm[i][j] = max4<T>(win[i][j], win[i][j + 1], win[i + 1][j], win[i + 1][j + 1]);
-    float r[8];
-    tiled_pool_values<8, float>(
-        g, pt, py, px, [&](int32_t y, int32_t x, int e) { return lane<T>(wm[y - (2 * py - 1)][x - (2 * px - 1)], e); },
-        r);
-    *reinterpret_cast<uint4*>(out + ((t * g.pooled + py) * g.pooled + px) * g.channels + (chunk0 + v) * 8) =
-        pack<T>(r);
-  }
+  const int32_t task = static_cast<int32_t>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (task >= g.tasks) return;
+  const PoolTask k = pool_task(g, task);
+  const PoolTile pt = pool_tile(g, slot, tile_pos, k.t);
+  int32_t off[4][4];
+  pool_window_offsets<4>(g, pt, g.side, 2 * k.h - 1, 2 * k.w - 1, k.v, off);
+  uint4 win[4][4], wm[3][3];
+  load_window<4>(act, off, win);
+  window_maxima<T>(win, wm);
+  float r[8];
+  tiled_pool_values<8, float>(g, pt, k.h, k.w, [&](int i, int j, int e) { return lane<T>(wm[i][j], e); }, r);
+  reinterpret_cast<uint4*>(out)[task] = pack<T>(r);
 #else
   __trap();
 #endif
 }
 
 template <typename T>
-__global__ void __launch_bounds__(256) scott_pool_backward(TiledPool g, const T* grad, const T* act,
+__global__ void __launch_bounds__(128) scott_pool_backward(TiledPool g, const T* grad, const T* act,
                                                             const int32_t* slot, const int64_t* tile_pos,
-                                                            T* grad_act) {
+                                                            T* grad_act, bool relu_mask) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  extern __shared__ uint4 staged[];
-  __shared__ PoolTile pt;
-  const int32_t t = blockIdx.x, chunk0 = blockIdx.y * g.chunk;
-  if (threadIdx.x == 0) pt = pool_tile(g, slot, tile_pos, t);
-  __syncthreads();
-  stage<T>(g, pt, chunk0, g.staged_vectors(), g.halo * g.halo * g.chunk, act, grad, staged);
-  for (int32_t task = threadIdx.x; task < g.side * g.side * g.chunk; task += blockDim.x) {
-    const int32_t pix = static_cast<int32_t>(g.chunk_div.div(task)), v = task - pix * g.chunk;
-    if (chunk0 + v >= g.vectors) continue;
-    const int32_t cy = static_cast<int32_t>(g.side_div.div(pix)), cx = pix - cy * g.side;
-    uint4 win[3][3];  // local pixels cy-1 .. cy+1 x cx-1 .. cx+1
+  const int32_t task = static_cast<int32_t>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (task >= g.tasks) return;
+  const PoolTask k = pool_task(g, task);
+  const PoolTile pt = pool_tile(g, slot, tile_pos, k.t);
+  int32_t off[4][4], goff[3][3];
+  pool_window_offsets<4>(g, pt, g.side, 2 * k.h - 1, 2 * k.w - 1, k.v, off);
+  pool_window_offsets<3>(g, pt, g.pooled, k.h - 1, k.w - 1, k.v, goff);
+  uint4 win[4][4], wm[3][3], gq[3][3];
+  load_window<4>(act, off, win);
+  load_window<3>(grad, goff, gq);
+  window_maxima<T>(win, wm);
+  // pool_first_max of every window and place, two channels per instruction: a lane of first[i][j][own][q]
+  // is all ones where the pixel at place `own` of window (i, j) is the first maximum (exact compares
+  // of the same values; a NaN maximum routes nowhere, as in float32)
+  uint32_t first[3][3][4][4];
 #pragma unroll
-    for (int i = 0; i < 3; ++i)
+  for (int i = 0; i < 3; ++i)
 #pragma unroll
-      for (int j = 0; j < 3; ++j) win[i][j] = staged[pool_act_index(g, cy - 1 + i, cx - 1 + j, v)];
-    uint4 wm[2][2];  // the maxima of the four 2x2 windows holding the pixel (see the forward)
+    for (int j = 0; j < 3; ++j)
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+      for (int q = 0; q < 4; ++q) {
+        const uint32_t m = word(wm[i][j], q);
+        const uint32_t e0 = eq_mask<T>(word(win[i][j], q), m), e1 = eq_mask<T>(word(win[i][j + 1], q), m);
+        const uint32_t e2 = eq_mask<T>(word(win[i + 1][j], q), m), e3 = eq_mask<T>(word(win[i + 1][j + 1], q), m);
+        first[i][j][0][q] = e0;
+        first[i][j][1][q] = e1 & ~e0;
+        first[i][j][2][q] = e2 & ~(e0 | e1);
+        first[i][j][3][q] = e3 & ~(e0 | e1 | e2);
+      }
+  const auto routed = [&](int i, int j, int own, int e, float v) {
+    const uint32_t lanes = __byte_perm(first[i][j][own][e >> 1], 0u, (e & 1) ? 0x3232u : 0x1010u);
+    return __uint_as_float(__float_as_uint(v) & lanes);
+  };
+  float r[2][2][8];
+  tiled_pool_quad_grads<8, float>(g, pt, k.h, k.w, routed, [&](int i, int j, int e) { return lane<T>(gq[i][j], e); },
+                                  r);
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wm[i][j] = max4<T>(win[i][j], win[i][j + 1], win[i + 1][j], win[i + 1][j + 1]);
-    float r[8];
-    // one specialisation per pixel parity, so that which pooled pixels a window blurs into is
-    // known at compile time (cy = 2 hy + PY)
-    const auto grads = [&](auto py_c, auto px_c) {
-      constexpr int PY = decltype(py_c)::value, PX = decltype(px_c)::value;
-      const int32_t y = 2 * (cy >> 1) + PY, x = 2 * (cx >> 1) + PX;
-      tiled_pool_grads<8, float>(
-          g, pt, y, x, [&](int32_t yy, int32_t xx, int e) { return lane<T>(win[yy - y + 1][xx - x + 1], e); },
-          [&](int32_t yy, int32_t xx, int e) { return lane<T>(wm[yy - y + 1][xx - x + 1], e); },
-          [&](int32_t qy, int32_t qx, int e) { return lane<T>(staged[pool_grad_index(g, qy, qx, v)], e); }, r);
-    };
-    using P0 = std::integral_constant<int, 0>;
-    using P1 = std::integral_constant<int, 1>;
-    switch ((cy & 1) * 2 + (cx & 1)) {
-      case 0: grads(P0{}, P0{}); break;
-      case 1: grads(P0{}, P1{}); break;
-      case 2: grads(P1{}, P0{}); break;
-      default: grads(P1{}, P1{}); break;
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      uint4 out = pack<T>(r[a][b]);
+      if (relu_mask) {  // g' = g * (act > 0), two channels per instruction, on the rounded values
+        const uint4& own = win[a + 1][b + 1];
+        out.x &= gt0_mask<T>(own.x);
+        out.y &= gt0_mask<T>(own.y);
+        out.z &= gt0_mask<T>(own.z);
+        out.w &= gt0_mask<T>(own.w);
+      }
+      const int32_t y = 2 * k.h + a, x = 2 * k.w + b;
+      *reinterpret_cast<uint4*>(grad_act + ((k.t * g.side + y) * g.side + x) * g.channels + k.v * 8) = out;
     }
-    *reinterpret_cast<uint4*>(grad_act + ((t * g.side + cy) * g.side + cx) * g.channels + (chunk0 + v) * 8) =
-        pack<T>(r);
-  }
 #else
   __trap();
 #endif
@@ -1296,9 +1319,8 @@ bool launch_forward(const PoolGeometry& geo, DType dtype, const void* act, const
   if (!cuda_tiled_pool(geo, dtype) || tiled_pool_plan(geo, g) != nullptr || !ig::aligned16(act) ||
       !ig::aligned16(out))
     return false;
-  if (g.num_tiles == 0) return true;
-  const size_t bytes = size_t(g.staged_vectors()) * sizeof(uint4) + size_t(g.staged_pixels()) * sizeof(int32_t);
-  scott_pool_forward<T><<<dim3(g.num_tiles, g.chunks), 128, bytes, stream>>>(
+  if (g.tasks == 0) return true;
+  scott_pool_forward<T><<<static_cast<unsigned>((g.tasks + 127) / 128), 128, 0, stream>>>(
       g, static_cast<const T*>(act), slot, tile_pos, static_cast<T*>(out));
   check_launch("scott_pool_forward");
   return true;
@@ -1306,15 +1328,15 @@ bool launch_forward(const PoolGeometry& geo, DType dtype, const void* act, const
 
 template <typename T>
 bool launch_backward(const PoolGeometry& geo, DType dtype, const void* grad, const void* act, const int32_t* slot,
-                     const int64_t* tile_pos, void* grad_act, cudaStream_t stream) {
+                     const int64_t* tile_pos, void* grad_act, bool relu_mask, cudaStream_t stream) {
   TiledPool g;
   if (!cuda_tiled_pool(geo, dtype) || tiled_pool_plan(geo, g) != nullptr || !ig::aligned16(grad) ||
       !ig::aligned16(act) || !ig::aligned16(grad_act))
     return false;
-  if (g.num_tiles == 0) return true;
-  const size_t bytes = size_t(g.staged_vectors()) * sizeof(uint4) + size_t(g.staged_pixels()) * sizeof(int32_t);
-  scott_pool_backward<T><<<dim3(g.num_tiles, g.chunks), 256, bytes, stream>>>(
-      g, static_cast<const T*>(grad), static_cast<const T*>(act), slot, tile_pos, static_cast<T*>(grad_act));
+  if (g.tasks == 0) return true;
+  scott_pool_backward<T><<<static_cast<unsigned>((g.tasks + 127) / 128), 128, 0, stream>>>(
+      g, static_cast<const T*>(grad), static_cast<const T*>(act), slot, tile_pos, static_cast<T*>(grad_act),
+      relu_mask);
   check_launch("scott_pool_backward");
   return true;
 }
@@ -1403,15 +1425,15 @@ bool implicit_image_wgrad(const StageGeometry& g, DType dtype, const void* src, 
     const int tiles = ic.group_tiles();
     const int32_t groups = (ic.num_tiles + tiles - 1) / tiles;
     // `splits` partials: the caller sizes them (conv_gemm_path says this path applies)
-    if (nbr == nullptr || gmask == nullptr || splits < 1 || splits > 65535 || (g.normalize && norm == nullptr) ||
-        !ig::aligned16(grad) || !ig::aligned16(out) || !ig::aligned16(gmask) || !ig::aligned16(partial))
+    if (nbr == nullptr || (out != nullptr && gmask == nullptr) || splits < 1 || splits > 65535 ||
+        (g.normalize && norm == nullptr) || !ig::aligned16(grad) || !ig::aligned16(out) || !ig::aligned16(gmask) ||
+        !ig::aligned16(partial))
       throw std::invalid_argument("conv_relu_wgrad: the image stage's implicit GEMM needs scratch tables, at least "
                                   "one split and 16-byte aligned buffers");
     ig::launch_neighbours(g, slot, tile_pos, nbr, stream);
-    ig::launch_relu_grad_mask<T>(g, static_cast<const T*>(grad), static_cast<const T*>(out), static_cast<T*>(gmask),
-                                 stream);
+    const T* gm = ig::masked_grad<T>(g, grad, out, gmask, stream);
     ig::ImageWgradArgs<T, S> args{ic, static_cast<const S*>(src), static_cast<const float*>(norm),
-                                  static_cast<const T*>(gmask), nbr, tile_pos, static_cast<float*>(partial), groups,
+                                  gm, nbr, tile_pos, static_cast<float*>(partial), groups,
                                   1};
     // one partial per block, or per cluster of two blocks (sm_90): `splits` partials either way
     auto kernel = ig::scott_conv_image_wgrad_igemm<T, S>;
@@ -1449,17 +1471,17 @@ bool implicit_wgrad(const StageGeometry& g, DType dtype, const void* src, const 
   if constexpr (IsTensorCoreType<T>::value) {
     ImplicitConv ic;
     if (splits < 1) splits = 1;
-    if (g.src_image || !cuda_implicit_conv(g, dtype, splits, ConvOp::kWeightGrad) || splits > 65535 || nbr == nullptr || gmask == nullptr ||
+    if (g.src_image || !cuda_implicit_conv(g, dtype, splits, ConvOp::kWeightGrad) || splits > 65535 || nbr == nullptr ||
+        (out != nullptr && gmask == nullptr) ||
         !ig::aligned16(src) || !ig::aligned16(grad) || !ig::aligned16(out) || !ig::aligned16(gmask) ||
         !ig::aligned16(partial) || !ig::aligned16(nbr))
       return false;
     implicit_conv_plan(g, splits, ic);
     ig::launch_neighbours(g, slot, tile_pos, nbr, stream);
-    ig::launch_relu_grad_mask<T>(g, static_cast<const T*>(grad), static_cast<const T*>(out), static_cast<T*>(gmask),
-                                 stream);
+    const T* gm = ig::masked_grad<T>(g, grad, out, gmask, stream);
     const int32_t rows = static_cast<int32_t>(g.out_rows());
     const int32_t chunk = static_cast<int32_t>(((rows + splits - 1) / splits + ig::BK - 1) / ig::BK * ig::BK);
-    ig::WgradArgs<T> args{ic, static_cast<const T*>(src), static_cast<const T*>(gmask), nbr,
+    ig::WgradArgs<T> args{ic, static_cast<const T*>(src), gm, nbr,
                           static_cast<float*>(partial), rows, chunk};
     const dim3 grid(ic.k * ic.k * ((ic.c_in + ig::WG_BM - 1) / ig::WG_BM), (ic.c_out + ig::WG_BN - 1) / ig::WG_BN,
                     static_cast<unsigned>(splits));
@@ -1477,15 +1499,15 @@ bool implicit_dgrad(const StageGeometry& g, DType dtype, const void* grad, const
                     cudaStream_t stream) {
   if constexpr (IsTensorCoreType<T>::value) {
     ImplicitConv ic;
-    if (g.src_image || !cuda_implicit_conv(g, dtype, 1, ConvOp::kInputGrad) || nbr == nullptr || gmask == nullptr || !ig::aligned16(grad) ||
+    if (g.src_image || !cuda_implicit_conv(g, dtype, 1, ConvOp::kInputGrad) || nbr == nullptr ||
+        (out != nullptr && gmask == nullptr) || !ig::aligned16(grad) ||
         !ig::aligned16(out) || !ig::aligned16(weight_t) || !ig::aligned16(grad_src) || !ig::aligned16(gmask) ||
         !ig::aligned16(nbr))
       return false;
     implicit_conv_plan(g, 1, ic);
     ig::launch_neighbours(g, slot, tile_pos, nbr, stream);
-    ig::launch_relu_grad_mask<T>(g, static_cast<const T*>(grad), static_cast<const T*>(out), static_cast<T*>(gmask),
-                                 stream);
-    ig::DgradArgs<T> args{ic, static_cast<const T*>(gmask), static_cast<const T*>(weight_t), nbr,
+    const T* gm = ig::masked_grad<T>(g, grad, out, gmask, stream);
+    ig::DgradArgs<T> args{ic, gm, static_cast<const T*>(weight_t), nbr,
                           static_cast<T*>(grad_src), static_cast<int32_t>(g.out_rows())};
     const dim3 grid((args.rows + ig::DG_BM - 1) / ig::DG_BM, (ic.c_in + ig::DG_BN - 1) / ig::DG_BN, 4);
     ig::allow_smem(ig::scott_conv_dgrad_igemm<T>, ig::DG_SMEM);
@@ -1587,15 +1609,16 @@ void max_blur_pool_cuda(const PoolGeometry& g, DType dtype, const void* act, con
 }
 
 void max_blur_pool_backward_cuda(const PoolGeometry& g, DType dtype, const void* grad, const void* act,
-                                 const int32_t* slot, const int64_t* tile_pos, void* grad_act, void* stream) {
+                                 const int32_t* slot, const int64_t* tile_pos, void* grad_act, bool relu_mask,
+                                 void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   const int64_t rows = g.num_tiles * g.side * g.side;
   SCOTT_CUDA_DISPATCH(dtype, {
     using A = typename Acc<T>::type;
     if constexpr (!std::is_same<T, A>::value) {
-      if (pool::launch_backward<T>(g, dtype, grad, act, slot, tile_pos, grad_act, s)) break;
+      if (pool::launch_backward<T>(g, dtype, grad, act, slot, tile_pos, grad_act, relu_mask, s)) break;
     }
-    PoolBackward<T, A> f{g, static_cast<const T*>(grad), static_cast<const T*>(act), slot, tile_pos};
+    PoolBackward<T, A> f{g, static_cast<const T*>(grad), static_cast<const T*>(act), slot, tile_pos, relu_mask};
     launch_elementwise<T, A>("max_blur_pool_backward_cuda", rows, g.channels, static_cast<T*>(grad_act), f, s);
   });
 }

@@ -12,8 +12,8 @@ import torch
 
 from scott_kernels import SparseConvTokenizer, build_info, reference_tokenize, sparse_conv_tokenize
 from scott_kernels.compact import visible_tables
-from scott_kernels.cuda_backend import (conv_relu, conv_relu_dgrad, conv_relu_wgrad, cuda_tokenize, max_blur_pool,
-                                        max_blur_pool_backward)
+from scott_kernels.cuda_backend import (conv_relu, conv_relu_dgrad, conv_relu_pool, conv_relu_wgrad, cuda_tokenize,
+                                        max_blur_pool, max_blur_pool_backward)
 
 from conftest import HAS_CUDA, random_weights
 from test_backends import CONFIGS, _mask_cases
@@ -140,11 +140,22 @@ def test_opcheck_and_gradcheck(device):
         (max_blur_pool, (act, slot, tile_pos)),
         (max_blur_pool_backward, (torch.randn(4, 1, 1, 3, dtype=torch.float64, device=device), act.detach(), slot,
                                   tile_pos)),
+        # the fused stage and the already-masked gradient its backward passes on (out=None)
+        (conv_relu_wgrad, (g * (out > 0), None, src.detach(), w.detach(), slot, tile_pos, 4, False)),
+        (conv_relu_dgrad, (g * (out > 0), None, w.detach(), slot, tile_pos, 4)),
+        (max_blur_pool_backward, (torch.randn(4, 1, 1, 3, dtype=torch.float64, device=device), act.detach() - 0.5,
+                                  slot, tile_pos, True)),
+        (conv_relu_pool, (src, w, slot, tile_pos, 4, False)),
+        (conv_relu_pool, (image, w, slot, tile_pos, 4, True)),
     ]:
         torch.library.opcheck(op, args)
     torch.autograd.gradcheck(lambda a, b: conv_relu(a, b, slot, tile_pos, 4, False), (src, w))
     torch.autograd.gradcheck(lambda a, b: conv_relu(a, b, slot, tile_pos, 4, True), (image, w))
     torch.autograd.gradcheck(lambda a: max_blur_pool(a, slot, tile_pos), (act,))
+    # the fused stage: through the pooled output alone (its act gradient stays None), and through both
+    torch.autograd.gradcheck(lambda a, b: conv_relu_pool(a, b, slot, tile_pos, 4, False)[0], (src, w))
+    torch.autograd.gradcheck(lambda a, b: conv_relu_pool(a, b, slot, tile_pos, 4, False), (src, w))
+    torch.autograd.gradcheck(lambda a, b: conv_relu_pool(a, b, slot, tile_pos, 4, True)[0], (image, w))
 
 
 def test_ops_reject_bad_input():
@@ -491,13 +502,14 @@ def _pool_geometry(num_tiles=6, batch=2, grid=(2, 3), side=8, channels=64):
 
 
 def test_tiled_pool_path_rules():
-    """Channels in 16-byte vectors, a staged patch that fits the block's shared memory, 31-bit
-    offsets; on a GPU float16/bfloat16 only (float32/float64 keep the per-element kernels)."""
+    """Channels in 16-byte vectors, an even side, 31-bit offsets (any patch size: nothing is staged
+    in shared memory); on a GPU float16/bfloat16 only (float32/float64 keep the per-element
+    kernels)."""
     assert pool_path(_pool_geometry(), torch.float64, on_cuda=False) == "tiled"
     assert pool_path(_pool_geometry(side=2, channels=384), torch.float64, on_cuda=False) == "tiled"
     assert pool_path(_pool_geometry(side=32, channels=8), torch.float64, on_cuda=False) == "tiled"
     assert "multiples of 8" in pool_path(_pool_geometry(channels=12), torch.float64, on_cuda=False)
-    assert "shared memory" in pool_path(_pool_geometry(side=36, channels=8), torch.float64, on_cuda=False)
+    assert pool_path(_pool_geometry(side=36, channels=8), torch.float64, on_cuda=False) == "tiled"
     assert "2^31" in pool_path(_pool_geometry(num_tiles=2 ** 17, side=16, channels=64), torch.float64, on_cuda=False)
     assert pool_path(_pool_geometry(num_tiles=2 ** 17 - 1, side=16, channels=64), torch.float64,
                      on_cuda=False) == "tiled"
@@ -530,11 +542,13 @@ def _pool_case(B, grid, side, channels, mask, seed, device="cpu", dtype=torch.fl
 
 
 def _both_pool_paths(act, grad, slot, tile_pos):
+    """(pooled, input gradient, input gradient with relu_mask) on the tiled and the per-element path."""
     results = []
     for tiled in (True, False):
         use_tiled_pool(tiled)
         try:
-            results.append((max_blur_pool(act, slot, tile_pos), max_blur_pool_backward(grad, act, slot, tile_pos)))
+            results.append((max_blur_pool(act, slot, tile_pos), max_blur_pool_backward(grad, act, slot, tile_pos),
+                            max_blur_pool_backward(grad, act, slot, tile_pos, True)))
         finally:
             use_tiled_pool(True)
     return results
@@ -556,8 +570,10 @@ def test_tiled_pool_twin_matches_per_element(case):
     slot, tile_pos, act, grad = _pool_case(B, grid, side, channels, mask, seed=side + channels)
     g = _pool_geometry(tile_pos.shape[0], B, grid, side, channels)
     assert pool_path(g, torch.float64, on_cuda=False) == "tiled"
-    (out_t, din_t), (out_e, din_e) = _both_pool_paths(act, grad, slot, tile_pos)
-    assert torch.equal(out_t, out_e) and torch.equal(din_t, din_e)
+    (out_t, din_t, masked_t), (out_e, din_e, masked_e) = _both_pool_paths(act, grad, slot, tile_pos)
+    assert torch.equal(out_t, out_e) and torch.equal(din_t, din_e) and torch.equal(masked_t, masked_e)
+    # relu_mask: the gradient before a ReLU whose output was act (0 where act <= 0, as torch's ReLU)
+    assert torch.equal(masked_t, torch.where(act > 0, din_t, torch.zeros_like(din_t)))
 
 
 def test_tiled_pool_corrupt_tables():
@@ -568,8 +584,8 @@ def test_tiled_pool_corrupt_tables():
     bad_pos[0] = 10 ** 12
     bad_slot = slot.clone()
     bad_slot.view(-1)[1] = 10 ** 6
-    (out_t, din_t), (out_e, din_e) = _both_pool_paths(act, grad, bad_slot, bad_pos)
-    assert torch.equal(out_t, out_e) and torch.equal(din_t, din_e)
+    (out_t, din_t, masked_t), (out_e, din_e, masked_e) = _both_pool_paths(act, grad, bad_slot, bad_pos)
+    assert torch.equal(out_t, out_e) and torch.equal(din_t, din_e) and torch.equal(masked_t, masked_e)
     assert (out_t[0] == 0).all() and (din_t[0] == 0).all()
 
 
@@ -584,8 +600,9 @@ def test_tiled_pool_kernels_gpu(dtype, case):
     slot, tile_pos, act, grad = _pool_case(B, grid, side, channels, "random", seed=1, device="cuda", dtype=dtype)
     g = _pool_geometry(tile_pos.shape[0], B, grid, side, channels)
     assert pool_path(g, dtype, on_cuda=True) == "tiled"
-    (out_t, din_t), (out_e, din_e) = _both_pool_paths(act, grad, slot, tile_pos)
-    assert torch.equal(out_t, out_e) and torch.equal(din_t, din_e)
+    (out_t, din_t, masked_t), (out_e, din_e, masked_e) = _both_pool_paths(act, grad, slot, tile_pos)
+    assert torch.equal(out_t, out_e) and torch.equal(din_t, din_e) and torch.equal(masked_t, masked_e)
+    assert torch.equal(masked_t, torch.where(act > 0, din_t, torch.zeros_like(din_t)))
     out64 = max_blur_pool(act.double().cpu(), slot.cpu(), tile_pos.cpu())
     din64 = max_blur_pool_backward(grad.double().cpu(), act.double().cpu(), slot.cpu(), tile_pos.cpu())
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
