@@ -371,5 +371,19 @@ PYBIND11_MODULE(_C, m) {
         return l;
       },
       "the 3x3 neighbour slots of tile t from CPU tables (for tests)");
+  m.def(
+      "image_wgrad_clusters",
+      [](int dtype, int src_dtype) {
+#ifdef SCOTT_WITH_CUDA
+        return scott::cuda_image_wgrad_clusters(compute_dtype(dtype, "image_wgrad_clusters"), src_dtype);
+#else
+        (void)dtype;
+        (void)src_dtype;
+        return false;
+#endif
+      },
+      py::arg("dtype"), py::arg("src_dtype"),
+      "whether the image weight gradient runs as clusters of two blocks (one partial per cluster) on the "
+      "current CUDA device: sm_90 code on a GPU that launches clusters");
   m.def("build_info", &build_info, "what this build compiled");
 }

@@ -913,6 +913,9 @@ void max_blur_pool_backward_cuda(const PoolGeometry& g, DType dtype, const void*
 // gmask only when `out` is given. The backward GEMMs (CUDA and twin) take out == nullptr for a
 // gradient already multiplied by relu'(out), then read it as is.
 bool cuda_implicit_conv(const StageGeometry& g, DType dtype, int64_t splits, ConvOp op);
+// whether the image weight gradient, on the current device, runs as clusters of two blocks that
+// write one partial per cluster (the caller sizes its partials by this)
+bool cuda_image_wgrad_clusters(DType dtype, int src_dtype);
 // float16/bfloat16 GEMMs on tensor cores (default) or on the SIMT kernel (for comparison)
 void set_tensor_cores(bool enabled);
 bool cuda_tiled_pool(const PoolGeometry& g, DType dtype);

@@ -1542,6 +1542,18 @@ void conv_relu_cuda(const StageGeometry& g, DType dtype, int src_dtype, const vo
   });
 }
 
+bool cuda_image_wgrad_clusters(DType dtype, int src_dtype) {
+  // the launch's own test (implicit_image_wgrad) on the kernel it would launch
+  const bool u8 = src_dtype == kUInt8;
+  if (dtype == DType::kFloat16)
+    return u8 ? ig::image_wgrad_cluster(ig::scott_conv_image_wgrad_igemm<__half, uint8_t>)
+              : ig::image_wgrad_cluster(ig::scott_conv_image_wgrad_igemm<__half, __half>);
+  if (dtype == DType::kBFloat16)
+    return u8 ? ig::image_wgrad_cluster(ig::scott_conv_image_wgrad_igemm<__nv_bfloat16, uint8_t>)
+              : ig::image_wgrad_cluster(ig::scott_conv_image_wgrad_igemm<__nv_bfloat16, __nv_bfloat16>);
+  return false;
+}
+
 void conv_relu_wgrad_cuda(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* grad,
                           const void* out, const void* norm, const int32_t* slot, const int64_t* tile_pos,
                           void* partial, int64_t splits, int32_t* nbr, void* gmask, void* stream) {

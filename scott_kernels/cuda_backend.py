@@ -103,17 +103,21 @@ def _neighbour_scratch(g: "_C.StageGeometry", like: torch.Tensor) -> torch.Tenso
     return torch.empty((g.num_tiles, 9), dtype=torch.int32, device=like.device) if like.is_cuda else None
 
 
-def _implicit_wgrad_splits(g: "_C.StageGeometry", rows: int, device: torch.device) -> int:
+def _implicit_wgrad_splits(g: "_C.StageGeometry", rows: int, device: torch.device, dtype: torch.dtype,
+                           src_dtype: int) -> int:
     """Parts of the implicit weight gradient's reduction over output pixels. Compact stages: about
     one wave of (tap, 64 input channels) x 128 output channel blocks at four per SM, at least 1024
     pixels each. The image stage: its persistent blocks (one per SM, at most one per 128 pixels)
-    write one partial each, or one per cluster of two blocks on sm_90 (the kernel sums the pair
-    through distributed shared memory), so there are half as many partials as SMs."""
+    write one partial each, or one per cluster of two blocks where the kernel runs as clusters
+    (sm_90 code on a GPU with clusters; it sums the pair through distributed shared memory), so
+    there are half as many partials as SMs. The kernel's own test decides, not the GPU's compute
+    capability: code from sm_80 (an sm_80-only build, or its PTX on a newer GPU) runs without
+    clusters, and half as many partials would leave half the SMs idle."""
     if device.type != "cuda":
         return 1
     sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     if g.src_image:
-        pairs = 2 if torch.cuda.get_device_capability(device)[0] >= 9 else 1
+        pairs = 2 if _C.image_wgrad_clusters(_CODES[dtype], src_dtype) else 1
         return max(1, min(-(-rows // (128 * pairs)), sms // pairs, 65535))
     blocks = g.ksize * g.ksize * -(-g.c_in // 64) * -(-g.c_out // 128)
     return max(1, min(-(-rows // 1024), -(-4 * sms // blocks), 65535))
@@ -236,7 +240,8 @@ def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor | None, src: torch.Ten
     # (the CPU twin computes in float32/float64 only, where the accumulator is the compute dtype)
     nbr = gmask = None
     if _implicit(g, weight, op="wgrad"):
-        splits = _implicit_wgrad_splits(g, rows, weight.device)
+        splits = _implicit_wgrad_splits(g, rows, weight.device, weight.dtype,
+                                        _UINT8 if src.dtype == torch.uint8 else _CODES[weight.dtype])
         nbr = _neighbour_scratch(g, weight)
         gmask = torch.empty_like(grad) if weight.is_cuda and out is not None else None
         grad, out = _aligned(grad), None if out is None else _aligned(out)

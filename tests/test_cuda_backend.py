@@ -382,6 +382,64 @@ def test_implicit_image_stage_uint8_and_strided(kernels):
                                rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("in_side,k", [(2, 3), (4, 7), (8, 7)], ids=lambda v: str(v))
+def test_implicit_image_groups_of_many_tiles(in_side, k):
+    """The image kernels' groups of 128 output pixels hold 128 / s^2 tiles (128, 32 and 8 here):
+    through the twin, several groups and a partial last one, float and uint8 (normalised) images,
+    against the gather GEMM, values and (k = 7) weight gradients."""
+    gen = torch.Generator().manual_seed(in_side)
+    B, gh, gw = 2, 16, 15
+    keep = torch.rand(B, gh * gw, generator=gen) >= 0.3
+    keep[1, :5] = False
+    slot, tile_pos = visible_tables(keep, B, gh, gw, torch.device("cpu"))
+    M = tile_pos.shape[0]
+    tiles = 128 // (in_side // 2) ** 2
+    assert M > 2 * tiles and M % tiles, (M, tiles)  # several groups and a partial last one
+    w = torch.randn(8, 3, k, k, generator=gen, dtype=torch.float64)
+    table = torch.tensor([[120.0, 110.0, 100.0], [1 / 60, 1 / 55, 1 / 50]], dtype=torch.float64)
+    raw = torch.randint(0, 256, (B, 3, gh * in_side, gw * in_side), generator=gen, dtype=torch.uint8)
+    for x, norm in ((torch.randn(B, 3, gh * in_side, gw * in_side, generator=gen, dtype=torch.float64), None),
+                    (raw, table)):
+        geo = _geometry(num_tiles=M, batch=B, grid=(gh, gw), in_side=in_side, k=k, c_in=3, c_out=8, image=True)
+        geo.s_b, geo.s_c, geo.s_h, geo.s_w = x.stride()
+        assert conv_gemm_path(geo, torch.float64, on_cuda=False) == "implicit"
+        wgrad = conv_gemm_path(geo, torch.float64, on_cuda=False, op="wgrad") == "implicit"
+        assert wgrad == (k == 7)
+        results = []
+        for implicit in (True, False):
+            use_implicit_gemm(implicit)
+            try:
+                out = conv_relu(x, w, slot, tile_pos, in_side, True, norm)
+                grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+                results.append((out, conv_relu_wgrad(grad, out, x, w, slot, tile_pos, in_side, True, norm)))
+            finally:
+                use_implicit_gemm(True)
+        assert results[0][0].abs().sum() > 0
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_image_wgrad_partials_follow_the_kernel():
+    """The image weight gradient writes one partial per cluster of two blocks only where its kernel
+    runs as clusters (sm_90 code on a GPU with clusters): the partial count follows that test, not
+    the GPU's compute capability, and there are no clusters without a GPU."""
+    from scott_kernels.cuda_backend import _CODES, _UINT8, _implicit_wgrad_splits
+    geo = _geometry(num_tiles=64 * 196, batch=64, grid=(14, 14), in_side=16, k=7, c_in=3, c_out=64, image=True)
+    rows = 64 * 196 * 64
+    for dtype in (torch.float16, torch.bfloat16):
+        for src in (_CODES[dtype], _UINT8):
+            clusters = _C.image_wgrad_clusters(_CODES[dtype], src)
+            if not (HAS_CUDA and CUDA_BUILT):
+                assert clusters is False
+                continue
+            if torch.cuda.get_device_capability()[0] < 9:
+                assert not clusters
+            sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+            splits = _implicit_wgrad_splits(geo, rows, torch.device("cuda"), dtype, src)
+            assert splits == (sms // 2 if clusters else sms)
+    assert _implicit_wgrad_splits(geo, rows, torch.device("cpu"), torch.float16, _UINT8) == 1
+
+
 def test_implicit_twin_ops_match_gather_ops():
     """Op by op (forward, weight and input gradients), both GEMM paths of the twin agree exactly
     enough in float64, with corrupt table entries that must read as masked patches."""
