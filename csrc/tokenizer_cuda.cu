@@ -833,8 +833,11 @@ __global__ void __launch_bounds__(ImTile::kThreads, 4) scott_conv_image_igemm(Im
   int32_t* s_base = reinterpret_cast<int32_t*>(sx + tiles * window * kImageChannels);  // [tiles]
   int32_t* s_nb = s_base + tiles;                            // [tiles][9]
   int32_t* s_pair = s_nb + tiles * kNeighbours;              // [k * KP]: staged pixel of each tap pair
-  T* s_out = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(s_pair + g.k * g.pairs) + 15) & ~uintptr_t(15)) +
-             warp * 16 * IM_OUT_LD;  // this warp's [16][IM_OUT_LD], 16-byte aligned
+  // this warp's [16][IM_OUT_LD], 16-byte aligned; an offset from smem (not a rounded address) keeps
+  // the accesses in the shared space (STS / LDS.128, not generic ST / LD)
+  const int32_t pair_end = static_cast<int32_t>(reinterpret_cast<unsigned char*>(s_pair + g.k * g.pairs) - smem);
+  const int32_t out_at = (pair_end + 15) & ~15;
+  T* s_out = reinterpret_cast<T*>(smem + out_at) + warp * 16 * IM_OUT_LD;
   const int32_t n0 = blockIdx.y * BN;
 
   for (int v = tid; v < k_rows * (BN / 8); v += NT) {
