@@ -39,9 +39,9 @@ token scatter). It is a lower bound in spirit: no latency, cache misses or bank 
 CUDA backend (the nvcc-built ``scott_kernels/_C*.so``, sm_90a): registers, spills and static
 shared memory from ``cuobjdump --dump-resource-usage``; SASS from ``--dump-sass``. A compiled module
 has no record of its launches, so :data:`CUDA_LAUNCHES` maps each kernel launch of the headline
-workload (bf16: the implicit-GEMM conv kernels, their neighbour tables and relu' masks, the tiled
-pools) to a kernel (a regular expression on the demangled name), its compulsory bytes, its blocks
-and the trip counts of its loops; :data:`CUDA_TILES` gives each kernel's threads, dynamic shared
+workload (bf16: the implicit-GEMM conv kernels, their neighbour tables, the tiled pools) to a
+kernel (a regular expression on the demangled name), its compulsory bytes, its blocks and the
+trip counts of its loops; :data:`CUDA_TILES` gives each kernel's threads, dynamic shared
 memory and which loop of its machine code runs which count (the tensor-core K loop's trips follow
 from the K steps and the mma.sync per K step, so executed FLOPs are exact). Issue counts every loop
 body x its trips (a loop that is a switch of n cases counts 1/n of its body), in full waves of the
@@ -206,7 +206,9 @@ def _group_key(record) -> str:
 # geometry's "k", and "loops": the trip count of each loop of the machine code, per run of its
 # enclosing loop, in nesting order (codegen.walk: a loop, then the loops inside it), as a number
 # or a name the launch geometry gives ("k": the tensor-core K loop, computed from "k" and
-# "mma_step"; "groups": a persistent block's work items; "stage_rows", "stage_vectors", "tasks").
+# "mma_step"; "groups": a persistent block's work items; "stage_rows", "stage_vectors", "tasks",
+# "tables", "g_rows"; a warp none of whose threads enters a loop runs it 0 times, which the
+# geometry's "mean" says).
 # The K loops are fully unrolled over a K step's fragments; a loop count that does not match the
 # machine code is reported, not guessed.
 CUDA_TILES = {
@@ -221,47 +223,40 @@ CUDA_TILES = {
     "scott_conv_wgrad_igemm": {"threads": 128, "smem": 4 * (32 * 72 + 32 * 136) * 2, "mma_step": 32, "loops": ["k"]},
     # stage 0 (image, channels padded to 4; K = 7 rows x 4 tap pairs x 8 = 224): persistent over
     # groups of two 8 x 8-output tiles (128 pixels) x 64 channels; smem = image_smem_bytes (weight
-    # slice 224 x 72, two staged 21 x 22 x 4 windows, tables). K step = k16 (4 x 4 mma). Loops:
-    # weight slice copy (224 x 8 vectors / 128), three short setup loops, then per group: the
-    # neighbour rows (2 x 10 / 128), the window staging (2 x 21 x 22 / 128), K
-    "scott_conv_image_igemm": {"threads": 128, "smem": 224 * 72 * 2 + 2 * 21 * 22 * 4 * 2 + 2 * 10 * 4 + 7 * 4 * 4,
-                               "mma_step": 16, "loops": [14, 1, 1, 1, "groups", 1, 8, "k"]},
-    # stage-0 weight gradient: k_rows / 32 = 7 warps (each 32 K rows x 64 channels, kept in
-    # registers across groups); image_wgrad_smem_bytes. K step = k16 over 128 pixels (2 x 8 mma).
-    # Loops: two setup loops, then per group: g' rows (128 x 8 / 224), neighbour rows, window, K
-    "scott_conv_image_wgrad_igemm": {"threads": 224,
-                                     "smem": 128 * 72 * 2 + 2 * 21 * 22 * 4 * 2 + 2 * 10 * 4 + 128 * 4,
-                                     "mma_step": 16, "loops": [1, 1, "groups", 5, 1, 5, "k"]},
+    # slice 224 x 72, two staged 21 x 22 x 4 windows, tables, 16 bytes of alignment, the epilogue's
+    # 4 warps x 16 x 40). K step = k16 (4 x 4 mma). Loops: weight slice copy (224 x 8 vectors /
+    # 128), three short setup loops, then per group: the neighbour rows (2 x 10 / 128), the window
+    # staging (42 window rows, 128 / 22 = 5 at a time), K
+    "scott_conv_image_igemm": {"threads": 128,
+                               "smem": 224 * 72 * 2 + 2 * 21 * 22 * 4 * 2 + 2 * 10 * 4 + 7 * 4 * 4 + 16
+                               + 4 * 16 * 40 * 2,
+                               "mma_step": 16, "loops": [14, 1, 1, 1, "groups", "tables", "stage_rows", "k"]},
+    # stage-0 weight gradient: k_rows / 32 x 2 = 14 warps (each 32 K rows x 32 channels, kept in
+    # registers across groups); image_wgrad_smem_bytes of a clustered launch (the accumulator
+    # exchange, 8 float4 a thread, is larger than the staging buffers). K step = k16 over 128
+    # pixels (2 x 4 mma). Loops: two setup loops, then per group: g' rows (128 x 8 / 448),
+    # neighbour rows, window staging (42 window rows, 448 / 22 = 20 at a time), K
+    "scott_conv_image_wgrad_igemm": {"threads": 448,
+                                     "smem": max(128 * 72 * 2 + 2 * 21 * 22 * 4 * 2 + 2 * 10 * 4 + 128 * 4,
+                                                 8 * 16 * 448),
+                                     "mma_step": 8, "loops": [1, 1, "groups", "g_rows", "tables", "stage_rows", "k"]},
     "scott_neighbour_table": {"threads": 256, "smem": 0, "loops": []},
-    "scott_relu_grad_mask": {"threads": 256, "smem": 0, "loops": []},
-    # MaxBlurPool: one block per (tile, channel chunk); loops: pixel row table, 16-byte staging, tasks
-    "scott_pool_forward": {"threads": 128, "loops": ["stage_rows", "stage_vectors", "tasks"]},
-    # the backward's task body is one specialisation per pixel parity (a switch of four cases of
-    # about 540 instructions each, around about 110 shared): a quarter of it runs per task
-    "scott_pool_backward": {"threads": 256, "loops": ["stage_rows", "stage_vectors", "tasks"], "exclusive": {2: 4}},
+    "scott_relu_grad_mask": {"threads": 256, "smem": 0, "loops": []},  # only for a standalone gradient op
+    # MaxBlurPool: one thread per (tile, pooled pixel, 8-channel vector), fully unrolled: no loops
+    "scott_pool_forward": {"threads": 128, "smem": 0, "loops": []},
+    "scott_pool_backward": {"threads": 128, "smem": 0, "loops": []},
 }
 
 SMS = 132  # the machine model's GPU (codegen.MACHINE)
 
 
 def _pool_geo(g: dict, stage: int, backward: bool) -> dict:
-    """tiled_pool_plan (csrc/tokenizer.h) and the pool launches: one block per (tile, chunk of
-    8-channel vectors), the patch plus a 1-pixel halo staged (the backward also the pooled
-    gradient plus halo)."""
+    """tiled_pool_plan (csrc/tokenizer.h) and the pool launches: one thread per (tile, pooled pixel,
+    8-channel vector), 128 per block; the backward's thread writes the pixel's 2 x 2 input pixels."""
     side, c = (8, g["hidden"]) if stage == 0 else (2, g["dim"])
-    halo, qhalo = side + 2, side // 2 + 2
-    vectors = c // 8
-    most = 24 * 1024 // ((halo * halo + qhalo * qhalo) * 16)  # kPoolStageBytes per block
-    chunks = -(-vectors // most)
-    chunk = -(-vectors // chunks)
-    chunks = -(-vectors // chunk)
-    threads = 256 if backward else 128
-    pixels = halo * halo + (qhalo * qhalo if backward else 0)
     rows, pooled_rows = (g["rows0"], g["pool0_rows"]) if stage == 0 else (g["rows1"], g["pool1_rows"])
-    tasks = (side * side if backward else (side // 2) ** 2) * chunk
-    return {"blocks": g["tiles"] * chunks, "smem": (halo * halo + qhalo * qhalo) * (chunk * 16 + 4),
-            "stage_rows": -(-pixels // threads), "stage_vectors": -(-pixels * chunk // threads),
-            "tasks": -(-tasks // threads),
+    tasks = pooled_rows * (c // 8)
+    return {"blocks": -(-tasks // 128),
             # forward: activation in, pooled out; backward: pooled gradient and activation in, gradient out
             "bytes": 2 * c * ((2 * rows + pooled_rows) if backward else (rows + pooled_rows))}
 
@@ -271,18 +266,31 @@ def _neighbours(g: dict) -> dict:
     return {"blocks": -(-g["tiles"] // 256), "bytes": g["tiles"] * (8 + 4 + 9 * 4)}
 
 
-def _relu_mask(rows: int, c: int) -> dict:
-    # one thread per 16-byte vector: grad and out in, g' = relu'(out) * grad out
-    return {"blocks": -(-(rows * c // 8) // 256), "bytes": 3 * 2 * rows * c}
+def _strided_trips(items: int, threads: int) -> tuple[int, float]:
+    """A loop `for (i = tid; i < items; i += threads)`: trips of the busiest warp, mean over warps."""
+    warps = [max((items - t + threads - 1) // threads if t < items else 0 for t in range(w * 32, w * 32 + 32))
+             for w in range(threads // 32)]
+    return max(warps), sum(warps) / len(warps)
 
 
-def _persistent(g: dict, blocks_per_sm: int, k: int) -> dict:
+def _persistent(g: dict, blocks_per_sm: int, k: int, threads: int) -> dict:
     """A persistent image-stage grid over groups of two tiles: the busiest block runs
     ceil(groups / blocks) groups (the issue term's path), the mean one groups / blocks (the
-    throughput term and the executed FLOPs)."""
+    throughput term and the executed FLOPs). Its window staging (staging_lane in csrc): threads //
+    22 staged columns make threads // 22 window rows at a time over the group's 2 x 21 rows; the
+    threads past the last full row idle."""
     groups = -(-g["tiles"] // 2)
     blocks = min(groups, blocks_per_sm * SMS)
-    return {"blocks": blocks, "k": k, "groups": -(-groups // blocks), "mean": {"groups": groups / blocks}}
+    width, rows = 16 - 2 + 2 * ((g["kernel"] + 1) // 2), 2 * (16 - 2 + g["kernel"])
+    step = threads // width
+    per_thread = [((rows - t // width + step - 1) // step if t // width < step else 0) for t in range(threads)]
+    warps = [max(per_thread[w * 32:(w + 1) * 32]) for w in range(threads // 32)]
+    g_busy, g_mean = _strided_trips(128 * g["hidden"] // 8, threads)  # the wgrad's g' copy
+    t_busy, t_mean = _strided_trips(2 * 10, threads)  # the group's tables: 9 slots + base per tile
+    return {"blocks": blocks, "k": k, "groups": -(-groups // blocks), "stage_rows": max(warps), "g_rows": g_busy,
+            "tables": t_busy,
+            "mean": {"groups": groups / blocks, "stage_rows": sum(warps) / len(warps), "g_rows": g_mean,
+                     "tables": t_mean}}
 
 
 def _wgrad_splits(g: dict) -> int:
@@ -298,11 +306,12 @@ def _wgrad_splits(g: dict) -> int:
 # (for the busiest block; "mean" overrides them for the average block), "bytes" (compulsory
 # traffic: each tensor the launch touches read or written once, bf16 activations, float32
 # partials, the image read once in place). Every conv launch first builds its neighbour table;
-# the gradients also write g' = relu'(out) * grad before their GEMM.
+# the gradients read g' = relu'(out) * grad as the pool backward before them wrote it (relu_mask), so
+# no separate masking launch runs (scott_relu_grad_mask serves only a gradient op called with out).
 CUDA_LAUNCHES = [
     ("masked_fwd", "conv0 nbr", r"scott::ig::scott_neighbour_table", _neighbours),
     ("masked_fwd", "conv0 fwd", r"scott_conv_image_igemm<__nv_bfloat16, __nv_bfloat16>",
-     lambda g: {**_persistent(g, 4, 224 // 16),
+     lambda g: {**_persistent(g, 4, 224 // 16, 128),
                 "bytes": g["image"] + 2 * (224 * g["hidden"] + g["rows0"] * g["hidden"])}),
     ("masked_fwd", "pool0 fwd", r"scott_pool_forward<__nv_bfloat16>", lambda g: _pool_geo(g, 0, False)),
     ("masked_fwd", "conv1 nbr", r"scott::ig::scott_neighbour_table", _neighbours),
@@ -312,14 +321,12 @@ CUDA_LAUNCHES = [
     ("masked_fwd", "pool1 fwd", r"scott_pool_forward<__nv_bfloat16>", lambda g: _pool_geo(g, 1, False)),
     ("masked_bwd", "pool1 bwd", r"scott_pool_backward<__nv_bfloat16>", lambda g: _pool_geo(g, 1, True)),
     ("masked_bwd", "conv1 nbr", r"scott::ig::scott_neighbour_table", _neighbours),
-    ("masked_bwd", "conv1 g'", r"scott_relu_grad_mask<__nv_bfloat16>", lambda g: _relu_mask(g["rows1"], g["dim"])),
     ("masked_bwd", "conv1 wgrad", r"scott_conv_wgrad_igemm<__nv_bfloat16>",
      lambda g: {"blocks": g["kernel"] ** 2 * -(-g["hidden"] // 64) * -(-g["dim"] // 128) * _wgrad_splits(g),
                 "k": -(-(-(-g["rows1"] // _wgrad_splits(g))) // 32),
                 "bytes": 2 * (g["pool0_rows"] * g["hidden"] + g["rows1"] * g["dim"])
                 + 4 * _wgrad_splits(g) * g["k1"] * g["dim"]}),
     ("masked_bwd", "conv1 nbr", r"scott::ig::scott_neighbour_table", _neighbours),
-    ("masked_bwd", "conv1 g'", r"scott_relu_grad_mask<__nv_bfloat16>", lambda g: _relu_mask(g["rows1"], g["dim"])),
     # four parity classes of input pixels (grid z) of a stride-2 7 x 7 kernel: 4x4, 4x3, 3x4, 3x3
     # taps x (384 / 32) channel steps; the busiest class sets the path, the mean the throughput
     ("masked_bwd", "conv1 dgrad", r"scott_conv_dgrad_igemm<__nv_bfloat16>",
@@ -328,12 +335,12 @@ CUDA_LAUNCHES = [
                 "bytes": 2 * (g["rows1"] * g["dim"] + g["k1"] * g["dim"] + g["in_rows1"] * g["hidden"])}),
     ("masked_bwd", "pool0 bwd", r"scott_pool_backward<__nv_bfloat16>", lambda g: _pool_geo(g, 0, True)),
     ("masked_bwd", "conv0 nbr", r"scott::ig::scott_neighbour_table", _neighbours),
-    ("masked_bwd", "conv0 g'", r"scott_relu_grad_mask<__nv_bfloat16>", lambda g: _relu_mask(g["rows0"], g["hidden"])),
-    # one float32 partial per persistent block (two per SM), summed afterwards by torch
+    # persistent, one block per SM in clusters of two (sm_90): one float32 (k*k*C_in, C_out)
+    # partial per cluster (the pair sums through distributed shared memory), summed afterwards by torch
     ("masked_bwd", "conv0 wgrad", r"scott_conv_image_wgrad_igemm<__nv_bfloat16, __nv_bfloat16>",
-     lambda g: {**_persistent(g, 2, 128 // 16),
+     lambda g: {**_persistent(g, 1, 128 // 16, 448),
                 "bytes": g["image"] + 2 * g["rows0"] * g["hidden"]
-                + 4 * _persistent(g, 2, 8)["blocks"] * 224 * g["hidden"]}),
+                + 4 * (_persistent(g, 1, 8, 448)["blocks"] // 2) * g["k0"] * g["hidden"]}),
 ]
 
 

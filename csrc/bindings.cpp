@@ -185,14 +185,14 @@ void max_blur_pool(const PoolGeometry& g, int dtype, std::uintptr_t act, std::ui
 }
 
 void max_blur_pool_backward(const PoolGeometry& g, int dtype, std::uintptr_t grad, std::uintptr_t act,
-                            std::uintptr_t slot, std::uintptr_t tile_pos, std::uintptr_t grad_act, bool on_cuda,
-                            std::uintptr_t stream) {
+                            std::uintptr_t slot, std::uintptr_t tile_pos, std::uintptr_t grad_act, bool relu_mask,
+                            bool on_cuda, std::uintptr_t stream) {
   validate_pool(g, "max_blur_pool_backward");
   const DType dt = compute_dtype(dtype, "max_blur_pool_backward");
   if (on_cuda) {
 #ifdef SCOTT_WITH_CUDA
     scott::max_blur_pool_backward_cuda(g, dt, ptr<const void>(grad), ptr<const void>(act), ptr<const int32_t>(slot),
-                                       ptr<const int64_t>(tile_pos), ptr<void>(grad_act), ptr<void>(stream));
+                                       ptr<const int64_t>(tile_pos), ptr<void>(grad_act), relu_mask, ptr<void>(stream));
     return;
 #else
     throw std::runtime_error("max_blur_pool_backward: scott_kernels was built without CUDA");
@@ -200,7 +200,7 @@ void max_blur_pool_backward(const PoolGeometry& g, int dtype, std::uintptr_t gra
   }
   py::gil_scoped_release nogil;
   scott::max_blur_pool_backward_cpu(g, dt, ptr<const void>(grad), ptr<const void>(act), ptr<const int32_t>(slot),
-                                    ptr<const int64_t>(tile_pos), ptr<void>(grad_act));
+                                    ptr<const int64_t>(tile_pos), ptr<void>(grad_act), relu_mask);
 }
 
 // Which MaxBlurPool kernels a pool runs on: "tiled" or "elementwise: <why>" (on_cuda adds the
@@ -329,7 +329,8 @@ PYBIND11_MODULE(_C, m) {
         "weight gradient (k*k*C_in, C_out); on CUDA into a (splits, k*k*C_in, C_out) accumulator");
   m.def("conv_relu_dgrad", &conv_relu_dgrad, "input gradient of a compact source (M, q, q, C_in)");
   m.def("max_blur_pool", &max_blur_pool, "MaxBlurPool of compact activations (M, s/2, s/2, C)");
-  m.def("max_blur_pool_backward", &max_blur_pool_backward, "gradient of max_blur_pool (M, s, s, C)");
+  m.def("max_blur_pool_backward", &max_blur_pool_backward,
+        "gradient of max_blur_pool (M, s, s, C); relu_mask: times (act > 0), the gradient before the ReLU");
   m.def(
       "set_tensor_cores",
       [](bool enabled) {
@@ -370,5 +371,19 @@ PYBIND11_MODULE(_C, m) {
         return l;
       },
       "the 3x3 neighbour slots of tile t from CPU tables (for tests)");
+  m.def(
+      "image_wgrad_clusters",
+      [](int dtype, int src_dtype) {
+#ifdef SCOTT_WITH_CUDA
+        return scott::cuda_image_wgrad_clusters(compute_dtype(dtype, "image_wgrad_clusters"), src_dtype);
+#else
+        (void)dtype;
+        (void)src_dtype;
+        return false;
+#endif
+      },
+      py::arg("dtype"), py::arg("src_dtype"),
+      "whether the image weight gradient runs as clusters of two blocks (one partial per cluster) on the "
+      "current CUDA device: sm_90 code on a GPU that launches clusters");
   m.def("build_info", &build_info, "what this build compiled");
 }

@@ -130,9 +130,9 @@ struct ReluGrad {
   const T* grad;
   const T* out;
   int64_t c_out;
-  SCOTT_HD A operator()(int64_t r, int64_t co) const {
+  SCOTT_HD A operator()(int64_t r, int64_t co) const {  // out == nullptr: grad comes already masked
     const int64_t i = r * c_out + co;
-    return to_acc<A>(out[i]) > A(0) ? to_acc<A>(grad[i]) : A(0);
+    return out == nullptr || to_acc<A>(out[i]) > A(0) ? to_acc<A>(grad[i]) : A(0);
   }
 };
 
@@ -192,7 +192,7 @@ struct ReluGradWindow {
     const int64_t off = compact_offset(slot, b, ny / 2, nx / 2, co, g.grid_h, g.grid_w, g.out_side(), g.c_out,
                                        g.num_tiles);
     if (off < 0) return A(0);
-    return to_acc<A>(out[off]) > A(0) ? to_acc<A>(grad[off]) : A(0);
+    return out == nullptr || to_acc<A>(out[off]) > A(0) ? to_acc<A>(grad[off]) : A(0);
   }
 };
 
@@ -390,9 +390,11 @@ struct ImageConv {
   int32_t batch = 0, grid_h = 0, grid_w = 0;
   int32_t s_b = 0, s_c = 0, s_h = 0, s_w = 0;
   bool normalize = false;
-  FastDiv area_out, side_out, cells, grid_w_div, width_div, window_div;  // s*s, s, GH*GW, GW, SW, R*SW
+  FastDiv area_out, side_out, cells, grid_w_div, rows_div;  // s*s, s, GH*GW, GW, R
 
   SCOTT_HD int32_t k_rows() const { return k * pairs * 2 * kImageChannels; }  // padded GEMM K
+  int32_t tiles = 0;               // tiles of a 128-output-pixel group: 128 / (s * s)
+  SCOTT_HD int32_t group_tiles() const { return tiles; }
 };
 
 inline const char* implicit_image_plan(const StageGeometry& g, ImageConv& ic) {
@@ -405,6 +407,8 @@ inline const char* implicit_image_plan(const StageGeometry& g, ImageConv& ic) {
   const int64_t pairs = (g.ksize + 1) / 2;
   if ((g.ksize * pairs) % 2) return "the image kernel needs an even number of tap pairs (k = 3, 7, 11, ...)";
   const int64_t rows = g.in_side - 2 + g.ksize, width = g.in_side - 2 + 2 * pairs;
+  // the kernels stage the windows with one thread per window column (blockDim / SW rows at a time)
+  if (width > 128) return "the staged image window is wider than 128 pixels (one staging thread per column)";
   // shared memory: the padded weight slice (64 columns + 8 of padding) and the staged windows
   if (g.ksize * pairs * 2 * kImageChannels * 72 * 2 + (128 / (s * s)) * rows * width * kImageChannels * 2 > 96 * 1024)
     return "kernel or staged image window too large for shared memory";
@@ -438,8 +442,8 @@ inline const char* implicit_image_plan(const StageGeometry& g, ImageConv& ic) {
   ic.side_out = FastDiv(static_cast<uint32_t>(s));
   ic.cells = FastDiv(static_cast<uint32_t>(g.grid_h * g.grid_w));
   ic.grid_w_div = FastDiv(static_cast<uint32_t>(g.grid_w));
-  ic.width_div = FastDiv(static_cast<uint32_t>(width));
-  ic.window_div = FastDiv(static_cast<uint32_t>(rows * width));
+  ic.rows_div = FastDiv(static_cast<uint32_t>(rows));
+  ic.tiles = static_cast<int32_t>(128 / (s * s));
   return nullptr;
 }
 
@@ -455,15 +459,36 @@ SCOTT_HD int32_t staged_tile_base(const ImageConv& g, int64_t pos) {
   return b * g.s_b + (gy * g.q - g.pad) * g.s_h + (gx * g.q - g.pad) * g.s_w;
 }
 
-// Image offset (channel 0) of staged pixel (cy, cx) of a tile's window, or -1 when it reads zero
-// (outside the image or in a masked patch). nb: the tile's 9 neighbour slots; base: staged_tile_base.
-SCOTT_HD int32_t staged_pixel_offset(const ImageConv& g, const int32_t* nb, int32_t base, int32_t cy, int32_t cx) {
-  int32_t ly = cy - g.pad, lx = cx - g.pad;
-  const int32_t dy = neighbour_axis(ly, g.q), dx = neighbour_axis(lx, g.q);
-  return nb[dy * 3 + dx] < 0 ? -1 : base + cy * g.s_h + cx * g.s_w;
+// Staged column cx of a window: which neighbouring patch column (0..2) it lies in, and its image
+// offset cx * s_w. The kernels give each thread one staged column for the whole block (the block
+// stages blockDim / SW window rows at a time), so only the row part is computed per pixel.
+struct StagedColumn {
+  int32_t dx, off;
+};
+
+SCOTT_HD StagedColumn staged_column(const ImageConv& g, int32_t cx) {
+  int32_t lx = cx - g.pad;
+  const int32_t dx = neighbour_axis(lx, g.q);
+  return {dx, cx * g.s_w};
 }
 
-// (mean, 1/std) of the 4 staged channels: the normalisation table, or (0, 1) without one.
+// Image offset (channel 0) of staged pixel (cy, col) of a tile's window, or -1 when it reads zero
+// (outside the image or in a masked patch). nb: the tile's 9 neighbour slots; base: staged_tile_base.
+SCOTT_HD int32_t staged_pixel_offset(const ImageConv& g, const int32_t* nb, int32_t base, int32_t cy,
+                                     StagedColumn col) {
+  int32_t ly = cy - g.pad;
+  const int32_t dy = neighbour_axis(ly, g.q);
+  return nb[dy * 3 + col.dx] < 0 ? -1 : base + cy * g.s_h + col.off;
+}
+
+// Staged window row r of a block's tiles (r = tile * R + cy) -> (tile, cy).
+SCOTT_HD void staged_row(const ImageConv& g, int32_t r, int32_t& tile, int32_t& cy) {
+  tile = static_cast<int32_t>(g.rows_div.div(static_cast<uint32_t>(r)));
+  cy = r - tile * g.rows;
+}
+
+// (mean, 1/std) of the 4 staged channels: the normalisation table, or (0, 1) without one (then
+// (v - 0) * 1 is v exactly, so the staging needs no branch on it).
 template <typename A>
 struct PixelNorm {
   A mean[kImageChannels], inv_std[kImageChannels];
@@ -484,8 +509,7 @@ SCOTT_HD PixelNorm<A> pixel_norm(const ImageConv& g, const A* norm) {
 template <typename S, typename A>
 SCOTT_HD A staged_value(const ImageConv& g, const S* img, const PixelNorm<A>& n, int32_t off, int c) {
   if (off < 0 || c >= g.c_in) return A(0);
-  const A v = to_acc<A>(img[off + c * g.s_c]);
-  return g.normalize ? (v - n.mean[c]) * n.inv_std[c] : v;
+  return (to_acc<A>(img[off + c * g.s_c]) - n.mean[c]) * n.inv_std[c];
 }
 
 // Staged pixel index that tap pair p (row ky = p / KP, columns 2 (p % KP) + {0, 1}) of output pixel
@@ -503,19 +527,21 @@ SCOTT_HD int32_t image_k_to_weight_row(const ImageConv& g, int32_t m) {
   return kx < g.k && c < g.c_in ? (ky * g.k + kx) * g.c_in + c : -1;
 }
 
-// The image stage's weight gradient on the implicit path: one warp per 32 padded K rows.
+// The image stage's weight gradient on the implicit path.
 inline const char* implicit_image_wgrad_plan(const StageGeometry& g, ImageConv& ic) {
   if (const char* why = implicit_image_plan(g, ic)) return why;
-  if (ic.k_rows() % 32 || ic.k_rows() > 512)
-    return "the image weight gradient takes kernels whose padded tap rows are a multiple of 32, at most 512 (k = 7)";
+  // one warp per 32 padded K rows and 32 output channels, at most 16 warps
+  if (ic.k_rows() % 32 || ic.k_rows() > 256)
+    return "the image weight gradient takes kernels whose padded tap rows are a multiple of 32, at most 256 (k = 7)";
   return nullptr;
 }
 
 
-// g' = grad * (out > 0), element i: the masked output gradient both backward GEMMs read.
+// g' = grad * (out > 0), element i: the masked output gradient both backward GEMMs read (out ==
+// nullptr: grad is g' already, as the MaxBlurPool backward writes it with relu_mask).
 template <typename T, typename A>
 SCOTT_HD T relu_grad_value(const T* grad, const T* out, int64_t i) {
-  return to_acc<A>(out[i]) > A(0) ? grad[i] : from_acc<T>(A(0));
+  return out == nullptr || to_acc<A>(out[i]) > A(0) ? grad[i] : from_acc<T>(A(0));
 }
 
 // ---- MaxBlurPool ------------------------------------------------------------------------------------
@@ -564,12 +590,14 @@ SCOTT_HD A max_blur_pool_at(const PoolGeometry& g, const T* act, const int32_t* 
 }
 
 // Gradient at conv-output element (row r of (M, s, s, C), channel c): the blurred gradient of
-// every max window whose first (row-major) maximum is this pixel, as torch's max_pool2d routes.
+// every max window whose first (row-major) maximum is this pixel, as torch's max_pool2d routes;
+// with relu_mask, 0 where the element (as the pool reads it) is not positive.
 template <typename T, typename A>
 SCOTT_HD A max_blur_pool_grad_at(const PoolGeometry& g, const T* grad, const T* act, const int32_t* slot,
-                                 const int64_t* tile_pos, int64_t r, int64_t c) {
+                                 const int64_t* tile_pos, int64_t r, int64_t c, bool relu_mask = false) {
   int64_t b, cy, cx;
   tile_coords(tile_pos, r, g.side, g.batch, g.grid_h, g.grid_w, b, cy, cx);
+  if (relu_mask && !(relu_value<T, A>(g, act, slot, b, cy, cx, c) > A(0))) return A(0);
   const int64_t pooled = g.side / 2;
   A acc = A(0);
   for (int wy = 0; wy < 2; ++wy) {
@@ -600,24 +628,23 @@ SCOTT_HD A max_blur_pool_grad_at(const PoolGeometry& g, const T* grad, const T* 
 }
 
 // ---- tiled MaxBlurPool (16-byte channel vectors, 32-bit offsets) --------------------------------
-// One block per (visible tile, chunk of 8-channel vectors): the tile's 9 neighbour slots and its
-// grid position are looked up once, the patch plus a 1-pixel halo (and, for the backward, the
-// pooled gradient plus its halo) is staged once in shared memory with 16-byte loads, and each
-// thread computes 8 channels of one pixel from there, through the functions below that the C++
-// twin runs too. A staged pixel of a masked patch or outside the image holds 0, which is exactly
+// One task per (visible tile, pooled pixel (h, w), 8-channel vector): the forward reads the 4 x 4
+// window of input pixels (2h-1 .. 2h+2) x (2w-1 .. 2w+2) that the pooled pixel's 3 x 3 blur of
+// 2 x 2 maxima covers and writes one pooled vector; the backward reads the same window and the
+// 3 x 3 pooled gradients around (h, w) and writes the gradient of the four input pixels
+// (2h .. 2h+1) x (2w .. 2w+1), each window's argmax recomputed. Vectors of a task are 16-byte
+// loads straight from the compact tensors (the halo re-reads hit in cache); the tile's neighbour
+// slots and grid position come from 32-bit arithmetic with no division in the task. The same
+// functions run in the C++ twin. A pixel of a masked patch or outside the image reads 0, exactly
 // what the per-element definition (max_blur_pool_at / max_blur_pool_grad_at) reads there.
 struct TiledPool {
   int32_t num_tiles = 0, side = 0, pooled = 0, channels = 0;
-  int32_t vectors = 0, chunk = 0, chunks = 0;  // C / 8; vectors per block; blocks per tile
-  int32_t halo = 0, qhalo = 0;                 // staged sides: side + 2 (activations), pooled + 2 (gradient)
-  int32_t batch = 0, grid_h = 0, grid_w = 0;
-  FastDiv chunk_div, halo_div, qhalo_div, side_div, pooled_div;
-
-  SCOTT_HD int32_t staged_pixels() const { return halo * halo + qhalo * qhalo; }
-  SCOTT_HD int32_t staged_vectors() const { return staged_pixels() * chunk; }
+  int32_t vectors = 0, tasks = 0;              // C / 8; num_tiles * pooled^2 * vectors
+  int32_t batch = 0, grid_h = 0, grid_w = 0, cells = 0;
+  FastDiv vector_div, pooled_div, area_div, cells_div, grid_w_div;
 };
 
-// Full unrolling of the per-pixel loops on the GPU, so that every window index is a constant and
+// Full unrolling of the per-task loops on the GPU, so that every window index is a constant and
 // the window stays in registers.
 #if defined(__CUDA_ARCH__)
 #define SCOTT_UNROLL _Pragma("unroll")
@@ -625,17 +652,11 @@ struct TiledPool {
 #define SCOTT_UNROLL
 #endif
 
-constexpr int32_t kPoolStageBytes = 24 * 1024;  // staging budget of one block (several blocks per SM)
-
 // Why the tiled kernels cannot run a pool, or nullptr when they can (then `tp` is filled): the same
 // rule on the GPU and in the C++ twin. A pool it refuses runs the per-element kernels.
 inline const char* tiled_pool_plan(const PoolGeometry& g, TiledPool& tp) {
   if (g.channels % 8) return "channels must be multiples of 8 (16-byte vectors)";
-  if (g.side % 2) return "the side must be even";
-  const int64_t halo = g.side + 2, qhalo = g.side / 2 + 2;
-  const int64_t per_vector = (halo * halo + qhalo * qhalo) * 16;
-  if (per_vector > kPoolStageBytes) return "patch too large to stage in shared memory";
-  // (the pixel row table, 4 bytes a pixel, comes on top: at most 6 KiB within this bound)
+  if (g.side % 2 || g.side < 2) return "the side must be even";
   const int64_t limit = int64_t(1) << 31;
   if (g.num_tiles * g.side * g.side * g.channels >= limit || g.batch * g.grid_h * g.grid_w >= limit ||
       g.num_tiles >= limit / kNeighbours)
@@ -645,25 +666,39 @@ inline const char* tiled_pool_plan(const PoolGeometry& g, TiledPool& tp) {
   tp.pooled = tp.side / 2;
   tp.channels = static_cast<int32_t>(g.channels);
   tp.vectors = tp.channels / 8;
-  const int32_t most = static_cast<int32_t>(kPoolStageBytes / per_vector);
-  tp.chunks = (tp.vectors + most - 1) / most;
-  tp.chunk = (tp.vectors + tp.chunks - 1) / tp.chunks;  // balanced: chunks differ by at most one vector
-  tp.chunks = (tp.vectors + tp.chunk - 1) / tp.chunk;
-  tp.halo = static_cast<int32_t>(halo);
-  tp.qhalo = static_cast<int32_t>(qhalo);
+  tp.tasks = tp.num_tiles * tp.pooled * tp.pooled * tp.vectors;  // < 2^31 / 32 by the test above
   tp.batch = static_cast<int32_t>(g.batch);
   tp.grid_h = static_cast<int32_t>(g.grid_h);
   tp.grid_w = static_cast<int32_t>(g.grid_w);
-  tp.chunk_div = FastDiv(static_cast<uint32_t>(tp.chunk));
-  tp.halo_div = FastDiv(static_cast<uint32_t>(tp.halo));
-  tp.qhalo_div = FastDiv(static_cast<uint32_t>(tp.qhalo));
-  tp.side_div = FastDiv(static_cast<uint32_t>(tp.side));
+  tp.cells = tp.grid_h * tp.grid_w;
+  tp.vector_div = FastDiv(static_cast<uint32_t>(tp.vectors));
   tp.pooled_div = FastDiv(static_cast<uint32_t>(tp.pooled));
+  tp.area_div = FastDiv(static_cast<uint32_t>(tp.pooled * tp.pooled));
+  tp.cells_div = FastDiv(static_cast<uint32_t>(tp.cells > 0 ? tp.cells : 1));
+  tp.grid_w_div = FastDiv(static_cast<uint32_t>(tp.grid_w > 0 ? tp.grid_w : 1));
   return nullptr;
 }
 
-// A tile's 9 neighbour slots and grid position; a tile position outside the grid has no
-// neighbours (everything staged is 0) and counts as touching every border.
+// A task: tile t, pooled pixel (h, w), vector v; tasks are numbered in the (M, s/2, s/2, C / 8)
+// order of the pooled tensor, so task i's pooled vector starts at element 8 i.
+struct PoolTask {
+  int32_t t, h, w, v;
+};
+
+SCOTT_HD PoolTask pool_task(const TiledPool& g, int32_t task) {
+  PoolTask k;
+  const int32_t pix = static_cast<int32_t>(g.vector_div.div(static_cast<uint32_t>(task)));
+  k.v = task - pix * g.vectors;
+  k.t = static_cast<int32_t>(g.area_div.div(static_cast<uint32_t>(pix)));
+  const int32_t rem = pix - k.t * g.pooled * g.pooled;
+  k.h = static_cast<int32_t>(g.pooled_div.div(static_cast<uint32_t>(rem)));
+  k.w = rem - k.h * g.pooled;
+  return k;
+}
+
+// A tile's 9 neighbour slots (tile_neighbours' rule: -1 outside the image, masked, or naming no
+// tile; all -1 for a tile position outside the grid, which reads as grid position (0, 0)) and its
+// grid position, in 32-bit arithmetic (tiled_pool_plan checks that the grid fits).
 struct PoolTile {
   int32_t nb[kNeighbours];
   int32_t gy, gx;
@@ -671,51 +706,58 @@ struct PoolTile {
 
 SCOTT_HD PoolTile pool_tile(const TiledPool& g, const int32_t* slot, const int64_t* tile_pos, int32_t t) {
   PoolTile pt;
-  tile_neighbours(slot, tile_pos, t, g.batch, g.grid_h, g.grid_w, g.num_tiles, pt.nb);
-  const int64_t pos = tile_pos[t], cells = int64_t(g.grid_h) * g.grid_w;
-  const bool ok = pos >= 0 && pos < g.batch * cells;
-  pt.gy = ok ? static_cast<int32_t>(pos % cells / g.grid_w) : 0;
-  pt.gx = ok ? static_cast<int32_t>(pos % g.grid_w) : 0;
+  const int64_t pos = tile_pos[t];
+  const bool ok = pos >= 0 && pos < int64_t(g.batch) * g.cells;
+  const uint32_t p = ok ? static_cast<uint32_t>(pos) : 0u;
+  const int32_t b = static_cast<int32_t>(g.cells_div.div(p)), cell = static_cast<int32_t>(p) - b * g.cells;
+  pt.gy = static_cast<int32_t>(g.grid_w_div.div(static_cast<uint32_t>(cell)));
+  pt.gx = cell - pt.gy * g.grid_w;
+  SCOTT_UNROLL
+  for (int d = 0; d < kNeighbours; ++d) {
+    const int32_t ny = pt.gy + d / 3 - 1, nx = pt.gx + d % 3 - 1;
+    int32_t s = -1;
+    if (ok && ny >= 0 && nx >= 0 && ny < g.grid_h && nx < g.grid_w) {
+      const int32_t v = slot[(b * g.grid_h + ny) * g.grid_w + nx];
+      s = v >= 0 && v < g.num_tiles ? v : -1;
+    }
+    pt.nb[d] = s;
+  }
   return pt;
 }
 
-// Compact pixel row of local pixel (y, x), -1 <= y, x <= n, of a tile in an (M, n, n, C) tensor,
-// or -1 when it reads zero (masked patch, outside the image).
-SCOTT_HD int32_t pool_pixel_row(const PoolTile& t, int32_t n, int32_t y, int32_t x) {
-  const int32_t dy = neighbour_axis(y, n), dx = neighbour_axis(x, n);
-  const int32_t s = t.nb[dy * 3 + dx];
-  return s < 0 ? -1 : (s * n + y) * n + x;
+// Slot of the neighbour (dy, dx) of a tile, by selects from the 9 slots (constant indices: the
+// slots stay in registers on the GPU).
+SCOTT_HD int32_t pool_slot(const PoolTile& t, int32_t dy, int32_t dx) {
+  const int32_t r0 = dx == 0 ? t.nb[0] : dx == 1 ? t.nb[1] : t.nb[2];
+  const int32_t r1 = dx == 0 ? t.nb[3] : dx == 1 ? t.nb[4] : t.nb[5];
+  const int32_t r2 = dx == 0 ? t.nb[6] : dx == 1 ? t.nb[7] : t.nb[8];
+  return dy == 0 ? r0 : dy == 1 ? r1 : r2;
 }
 
-// Staged pixel p of a block (activations (halo, halo) first, then the pooled gradient (qhalo,
-// qhalo)): its compact pixel row, or -1 for a zero. Computed once per pixel into a table that
-// every staged vector of the pixel reads.
-SCOTT_HD int32_t pool_stage_row(const TiledPool& g, const PoolTile& t, int32_t p) {
-  const int32_t act_pixels = g.halo * g.halo;
-  if (p < act_pixels) {
-    const int32_t y = static_cast<int32_t>(g.halo_div.div(static_cast<uint32_t>(p)));
-    return pool_pixel_row(t, g.side, y - 1, p - y * g.halo - 1);
+// Element offsets (channel 0 of vector v) of the R x R window of an (M, n, n, C) tensor whose
+// local rows / columns start at y0, x0 (-1 <= y0, x0; y0 + R - 1 <= n: only a window's first and
+// last rows and columns can reach into a neighbouring patch), or -1 for a zero (masked patch,
+// outside the image).
+template <int R>
+SCOTT_HD void pool_window_offsets(const TiledPool& g, const PoolTile& t, int32_t n, int32_t y0, int32_t x0,
+                                  int32_t v, int32_t (&off)[R][R]) {
+  int32_t dy[R], ly[R], dx[R], lx[R];
+  SCOTT_UNROLL
+  for (int i = 0; i < R; ++i) {
+    ly[i] = y0 + i;
+    lx[i] = x0 + i;
+    // the inner rows and columns lie in the tile itself: a constant slot choice once unrolled
+    dy[i] = i == 0 || i == R - 1 ? neighbour_axis(ly[i], n) : 1;
+    dx[i] = i == 0 || i == R - 1 ? neighbour_axis(lx[i], n) : 1;
   }
-  const int32_t q = p - act_pixels;
-  const int32_t y = static_cast<int32_t>(g.qhalo_div.div(static_cast<uint32_t>(q)));
-  return pool_pixel_row(t, g.pooled, y - 1, q - y * g.qhalo - 1);
-}
-
-// Staged vector i of a block (pixel i / chunk, vector i % chunk of the chunk): the element offset
-// (channel 0 of its vector) it loads from its tensor, or -1 for a zero. rows: pool_stage_row.
-SCOTT_HD int32_t pool_stage_source(const TiledPool& g, const int32_t* rows, int32_t chunk0, int32_t i) {
-  const int32_t pix = static_cast<int32_t>(g.chunk_div.div(static_cast<uint32_t>(i)));
-  const int32_t v = chunk0 + i - pix * g.chunk, row = rows[pix];
-  return row < 0 || v >= g.vectors ? -1 : row * g.channels + v * 8;
-}
-
-// Shared-memory vector index of activation pixel (y, x) / pooled-gradient pixel (qy, qx), local
-// coordinates from -1, vector v of the block's chunk.
-SCOTT_HD int32_t pool_act_index(const TiledPool& g, int32_t y, int32_t x, int32_t v) {
-  return ((y + 1) * g.halo + x + 1) * g.chunk + v;
-}
-SCOTT_HD int32_t pool_grad_index(const TiledPool& g, int32_t qy, int32_t qx, int32_t v) {
-  return (g.halo * g.halo + (qy + 1) * g.qhalo + qx + 1) * g.chunk + v;
+  SCOTT_UNROLL
+  for (int i = 0; i < R; ++i) {
+    SCOTT_UNROLL
+    for (int j = 0; j < R; ++j) {
+      const int32_t s = pool_slot(t, dy[i], dx[j]);
+      off[i][j] = s < 0 ? -1 : ((s * n + ly[i]) * n + lx[j]) * g.channels + v * 8;
+    }
+  }
 }
 
 // Does local max-map coordinate m (-1 <= m <= side - 1) of a tile at grid coordinate gc (of n)
@@ -733,12 +775,12 @@ SCOTT_HD A pool_window_max(A p00, A p01, A p10, A p11) {
   return p11 > m ? p11 : m;
 }
 
-// Pooled output (py, px) of a tile, N channels; wmax(my, mx, e): channel e of the maximum of the
-// 2x2 window at local max-map position (my, mx) (pool_window_max of the staged activations; any
-// exact maximum gives the same value). Per channel the same sums in the same order as
-// max_blur_pool_at; the border test runs once per window for all N channels.
+// Pooled output (h, w) of a tile, N channels; wmax(i, j, e): channel e of the maximum of the 2x2
+// window at local max-map position (2h - 1 + i, 2w - 1 + j), i, j = 0..2 (pool_window_max of the
+// window's pixels; any exact maximum gives the same value). Per channel the same sums in the same
+// order as max_blur_pool_at; the border test runs once per window for all N channels.
 template <int N, typename A, class WindowMax>
-SCOTT_HD void tiled_pool_values(const TiledPool& g, const PoolTile& t, int32_t py, int32_t px, const WindowMax& wmax,
+SCOTT_HD void tiled_pool_values(const TiledPool& g, const PoolTile& t, int32_t h, int32_t w, const WindowMax& wmax,
                                 A (&acc)[N]) {
   SCOTT_UNROLL
   for (int e = 0; e < N; ++e) acc[e] = A(0);
@@ -746,33 +788,50 @@ SCOTT_HD void tiled_pool_values(const TiledPool& g, const PoolTile& t, int32_t p
   for (int dy = 0; dy < 3; ++dy) {
     SCOTT_UNROLL
     for (int dx = 0; dx < 3; ++dx) {
-      const int32_t my = 2 * py - 1 + dy, mx = 2 * px - 1 + dx;
-      if (!pool_map_has(my, t.gy, g.grid_h, g.side) || !pool_map_has(mx, t.gx, g.grid_w, g.side)) continue;
+      if (!pool_map_has(2 * h - 1 + dy, t.gy, g.grid_h, g.side) ||
+          !pool_map_has(2 * w - 1 + dx, t.gx, g.grid_w, g.side))
+        continue;
       SCOTT_UNROLL
-      for (int e = 0; e < N; ++e) acc[e] += wmax(my, mx, e) * A(blur_tap(dy) * blur_tap(dx)) / A(16);
+      for (int e = 0; e < N; ++e) acc[e] += wmax(dy, dx, e) * A(blur_tap(dy) * blur_tap(dx)) / A(16);
     }
   }
 }
 
-// Gradient at local pixel (cy, cx) of a tile, N channels: for each 2x2 window holding the pixel,
-// whether the pixel is the window's first maximum (row-major, as torch routes: it equals the
-// maximum wmax(my, mx, e) and no earlier element does), and the blurred pooled gradient at the
-// window, from grad(qy, qx, e). Per channel the same sums in the same order as
-// max_blur_pool_grad_at (a skipped term adds an exact 0, as does a pooled pixel that reads zero).
-// A caller that passes cy, cx as 2 h + P with a constant parity P lets the compiler drop the
-// parity tests.
-template <int N, typename A, class Act, class WindowMax, class Grad>
-SCOTT_HD void tiled_pool_grads(const TiledPool& g, const PoolTile& t, int32_t cy, int32_t cx, const Act& act,
-                               const WindowMax& wmax, const Grad& grad, A (&acc)[N]) {
+// Whether the pixel at place `own` (row-major) of a 2x2 window p0..p3 is the window's first
+// maximum m, as torch's max_pool2d routes: it equals m and no earlier pixel does.
+template <typename A>
+SCOTT_HD bool pool_first_max(A m, A p0, A p1, A p2, A p3, int own) {
+  bool first = (own == 0 ? p0 : own == 1 ? p1 : own == 2 ? p2 : p3) == m;
+  if (own > 0) first = first && p0 != m;
+  if (own > 1) first = first && p1 != m;
+  if (own > 2) first = first && p2 != m;
+  return first;
+}
+
+// Gradient at the four local pixels (2h + a, 2w + b), a, b = 0..1, of a tile, N channels, into
+// acc[a][b]: each 2x2 window at max-map position (2h - 1 + i, 2w - 1 + j), i, j = 0..2, blurs the
+// pooled gradient once and routes it to the pixels of the four that are its first maximum.
+// Window-local indices, all constants once unrolled: grad(i, j, e) is the pooled gradient at
+// (h - 1 + i, w - 1 + j); routed(i, j, own, e, v) is v when the pixel at place `own` of window (i, j)
+// is its first maximum (pool_first_max) in channel e, else 0. Windows run row-major, so each pixel
+// sums its windows in the order of max_blur_pool_grad_at, and each window's blur in its order too
+// (a skipped term adds an exact 0, as does a pooled pixel that reads zero).
+template <int N, typename A, class Routed, class Grad>
+SCOTT_HD void tiled_pool_quad_grads(const TiledPool& g, const PoolTile& t, int32_t h, int32_t w, const Routed& routed,
+                                    const Grad& grad, A (&acc)[2][2][N]) {
   SCOTT_UNROLL
-  for (int e = 0; e < N; ++e) acc[e] = A(0);
-  SCOTT_UNROLL
-  for (int wy = 0; wy < 2; ++wy) {
+  for (int a = 0; a < 2; ++a)
     SCOTT_UNROLL
-    for (int wx = 0; wx < 2; ++wx) {
-      const int32_t my = cy - 1 + wy, mx = cx - 1 + wx;
-      if (!pool_map_has(my, t.gy, g.grid_h, g.side) || !pool_map_has(mx, t.gx, g.grid_w, g.side)) continue;
-      const int own = (1 - wy) * 2 + (1 - wx);  // this pixel's place in the window
+    for (int b = 0; b < 2; ++b)
+      SCOTT_UNROLL
+      for (int e = 0; e < N; ++e) acc[a][b][e] = A(0);
+  SCOTT_UNROLL
+  for (int i = 0; i < 3; ++i) {
+    SCOTT_UNROLL
+    for (int j = 0; j < 3; ++j) {
+      if (!pool_map_has(2 * h - 1 + i, t.gy, g.grid_h, g.side) ||
+          !pool_map_has(2 * w - 1 + j, t.gx, g.grid_w, g.side))
+        continue;
       A blurred[N];
       SCOTT_UNROLL
       for (int e = 0; e < N; ++e) blurred[e] = A(0);
@@ -780,19 +839,23 @@ SCOTT_HD void tiled_pool_grads(const TiledPool& g, const PoolTile& t, int32_t cy
       for (int dy = 0; dy < 3; ++dy) {
         SCOTT_UNROLL
         for (int dx = 0; dx < 3; ++dx) {
-          const int32_t ny = my + 1 - dy, nx = mx + 1 - dx;  // same parity as the global pixel (even side)
-          if ((ny & 1) || (nx & 1)) continue;
+          // pooled pixel (2h + i - dy, 2w + j - dx) / 2 when both are even
+          if ((i - dy) % 2 || (j - dx) % 2) continue;
           SCOTT_UNROLL
-          for (int e = 0; e < N; ++e) blurred[e] += grad(ny >> 1, nx >> 1, e) * A(blur_tap(dy) * blur_tap(dx)) / A(16);
+          for (int e = 0; e < N; ++e)
+            blurred[e] += grad((i - dy) / 2 + 1, (j - dx) / 2 + 1, e) * A(blur_tap(dy) * blur_tap(dx)) / A(16);
         }
       }
       SCOTT_UNROLL
-      for (int e = 0; e < N; ++e) {
-        const A m = wmax(my, mx, e);
-        bool first = act(my + own / 2, mx + own % 2, e) == m;
+      for (int a = 0; a < 2; ++a) {
         SCOTT_UNROLL
-        for (int i = 0; i < own; ++i) first = first && act(my + i / 2, mx + i % 2, e) != m;
-        acc[e] += first ? blurred[e] : A(0);
+        for (int b = 0; b < 2; ++b) {
+          const int wy = i - a, wx = j - b;  // the window's place relative to the pixel
+          if (wy < 0 || wy > 1 || wx < 0 || wx > 1) continue;
+          const int own = (1 - wy) * 2 + (1 - wx);  // the pixel's place in the window
+          SCOTT_UNROLL
+          for (int e = 0; e < N; ++e) acc[a][b][e] += routed(i, j, own, e, blurred[e]);
+        }
       }
     }
   }
@@ -824,8 +887,10 @@ void conv_relu_dgrad_cpu(const StageGeometry& g, DType dtype, const void* grad, 
                          const void* weight_t, const int32_t* slot, const int64_t* tile_pos, void* grad_src);
 void max_blur_pool_cpu(const PoolGeometry& g, DType dtype, const void* act, const int32_t* slot,
                        const int64_t* tile_pos, void* out);
+// relu_mask: the gradient comes multiplied by (act > 0), for act = relu(y) the gradient with
+// respect to y (what both backward GEMMs of the conv before it read).
 void max_blur_pool_backward_cpu(const PoolGeometry& g, DType dtype, const void* grad, const void* act,
-                                const int32_t* slot, const int64_t* tile_pos, void* grad_act);
+                                const int32_t* slot, const int64_t* tile_pos, void* grad_act, bool relu_mask);
 
 #ifdef SCOTT_WITH_CUDA
 void conv_relu_cuda(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* weight_t,
@@ -841,10 +906,16 @@ void conv_relu_dgrad_cuda(const StageGeometry& g, DType dtype, const void* grad,
 void max_blur_pool_cuda(const PoolGeometry& g, DType dtype, const void* act, const int32_t* slot,
                         const int64_t* tile_pos, void* out, void* stream);
 void max_blur_pool_backward_cuda(const PoolGeometry& g, DType dtype, const void* grad, const void* act,
-                                 const int32_t* slot, const int64_t* tile_pos, void* grad_act, void* stream);
+                                 const int32_t* slot, const int64_t* tile_pos, void* grad_act, bool relu_mask,
+                                 void* stream);
 // The CUDA conv entry points take scratch: nbr (M, 9) int32 and, for the backward GEMMs, gmask
-// (M, s, s, C_out) in the compute dtype; both used only on the implicit path (cuda_implicit_conv).
+// (M, s, s, C_out) in the compute dtype; both used only on the implicit path (cuda_implicit_conv),
+// gmask only when `out` is given. The backward GEMMs (CUDA and twin) take out == nullptr for a
+// gradient already multiplied by relu'(out), then read it as is.
 bool cuda_implicit_conv(const StageGeometry& g, DType dtype, int64_t splits, ConvOp op);
+// whether the image weight gradient, on the current device, runs as clusters of two blocks that
+// write one partial per cluster (the caller sizes its partials by this)
+bool cuda_image_wgrad_clusters(DType dtype, int src_dtype);
 // float16/bfloat16 GEMMs on tensor cores (default) or on the SIMT kernel (for comparison)
 void set_tensor_cores(bool enabled);
 bool cuda_tiled_pool(const PoolGeometry& g, DType dtype);

@@ -114,37 +114,58 @@ void implicit_forward(const StageGeometry& g, const ImplicitConv& ic, const T* s
   }
 }
 
-// The image stage: each tile's window staged once (masking, normalisation, 4 channels per pixel),
-// then every output pixel reads 16-byte tap pairs from it, as the CUDA kernel's ldmatrix rows do.
+// The image stage, in groups of tiles (128 output pixels) as the CUDA kernels run it: the group's
+// windows staged once (masking, normalisation, 4 channels per pixel) one window row at a time
+// through the same row / column functions, then every output pixel reads 16-byte tap pairs from
+// them, as the CUDA kernel's ldmatrix rows do.
+template <typename T, typename S>
+void stage_image_group(const ImageConv& ic, const S* img, const PixelNorm<T>& pn, const std::vector<int32_t>& nb,
+                       const int64_t* tile_pos, int32_t t_first, std::vector<T>& staged) {
+  const int32_t tiles = ic.group_tiles(), window = ic.rows * ic.width;
+  staged.assign(static_cast<size_t>(tiles * window * kImageChannels), T(0));
+  int32_t base[128], nbs[128 * kNeighbours];
+  for (int32_t tl = 0; tl < tiles; ++tl) {
+    const int32_t t = t_first + tl;
+    base[tl] = staged_tile_base(ic, t < ic.num_tiles ? tile_pos[t] : -1);
+    for (int d = 0; d < kNeighbours; ++d) nbs[tl * kNeighbours + d] = t < ic.num_tiles ? nb[t * kNeighbours + d] : -1;
+  }
+  for (int32_t r = 0; r < tiles * ic.rows; ++r) {
+    int32_t tl, cy;
+    staged_row(ic, r, tl, cy);
+    for (int32_t cx = 0; cx < ic.width; ++cx) {
+      const int32_t off = staged_pixel_offset(ic, &nbs[tl * kNeighbours], base[tl], cy, staged_column(ic, cx));
+      for (int c = 0; c < kImageChannels; ++c)
+        staged[(r * ic.width + cx) * kImageChannels + c] = staged_value<S, T>(ic, img, pn, off, c);
+    }
+  }
+}
+
 template <typename T, typename S>
 void implicit_image_forward(const StageGeometry& g, const ImageConv& ic, const S* img, const T* norm,
                             const T* w_pad, const int32_t* slot, const int64_t* tile_pos, T* out) {
   const std::vector<int32_t> nb = neighbour_table(g, slot, tile_pos);
-  const int32_t n_pairs = ic.k * ic.pairs;
+  const int32_t n_pairs = ic.k * ic.pairs, tiles = ic.group_tiles(), window = ic.rows * ic.width;
+  const int32_t groups = (ic.num_tiles + tiles - 1) / tiles;
   const PixelNorm<T> pn = pixel_norm(ic, norm);
 #pragma omp parallel
   {
-    std::vector<T> staged(static_cast<size_t>(ic.rows * ic.width * kImageChannels));
+    std::vector<T> staged;
     std::vector<T> acc(static_cast<size_t>(ic.c_out));
 #pragma omp for schedule(static)
-    for (int32_t t = 0; t < ic.num_tiles; ++t) {
-      const int32_t base = staged_tile_base(ic, tile_pos[t]);
-      for (int32_t e = 0; e < ic.rows * ic.width; ++e) {
-        const int32_t cy = static_cast<int32_t>(ic.width_div.div(static_cast<uint32_t>(e))), cx = e - cy * ic.width;
-        const int32_t off = staged_pixel_offset(ic, &nb[t * kNeighbours], base, cy, cx);
-        for (int c = 0; c < kImageChannels; ++c) staged[e * kImageChannels + c] = staged_value<S, T>(ic, img, pn, off, c);
-      }
-      for (int32_t oy = 0; oy < ic.s; ++oy)
-        for (int32_t ox = 0; ox < ic.s; ++ox) {
-          std::fill(acc.begin(), acc.end(), T(0));
-          for (int32_t p = 0; p < n_pairs; ++p) {
-            const T* a = &staged[staged_pair_pixel(ic, oy, ox, p) * kImageChannels];
-            for (int e = 0; e < 2 * kImageChannels; ++e)
-              for (int32_t n = 0; n < ic.c_out; ++n) acc[n] += a[e] * w_pad[(p * 2 * kImageChannels + e) * ic.c_out + n];
+    for (int32_t grp = 0; grp < groups; ++grp) {
+      stage_image_group(ic, img, pn, nb, tile_pos, grp * tiles, staged);
+      for (int32_t tl = 0; tl < tiles && grp * tiles + tl < ic.num_tiles; ++tl)
+        for (int32_t oy = 0; oy < ic.s; ++oy)
+          for (int32_t ox = 0; ox < ic.s; ++ox) {
+            std::fill(acc.begin(), acc.end(), T(0));
+            for (int32_t p = 0; p < n_pairs; ++p) {
+              const T* a = &staged[(tl * window + staged_pair_pixel(ic, oy, ox, p)) * kImageChannels];
+              for (int e = 0; e < 2 * kImageChannels; ++e)
+                for (int32_t n = 0; n < ic.c_out; ++n) acc[n] += a[e] * w_pad[(p * 2 * kImageChannels + e) * ic.c_out + n];
+            }
+            const int32_t r = ((grp * tiles + tl) * ic.s + oy) * ic.s + ox;
+            for (int32_t n = 0; n < ic.c_out; ++n) out[r * ic.c_out + n] = acc[n] > T(0) ? acc[n] : T(0);
           }
-          const int32_t r = (t * ic.s + oy) * ic.s + ox;
-          for (int32_t n = 0; n < ic.c_out; ++n) out[r * ic.c_out + n] = acc[n] > T(0) ? acc[n] : T(0);
-        }
     }
   }
 }
@@ -157,26 +178,23 @@ void implicit_image_wgrad(const StageGeometry& g, const ImageConv& ic, const S* 
   const std::vector<int32_t> nb = neighbour_table(g, slot, tile_pos);
   const std::vector<T> gm = masked_grad(g, grad, out);
   const PixelNorm<T> pn = pixel_norm(ic, norm);
-  const int32_t n_pairs = ic.k * ic.pairs, k_rows = ic.k_rows();
+  const int32_t n_pairs = ic.k * ic.pairs, k_rows = ic.k_rows(), tiles = ic.group_tiles();
+  const int32_t window = ic.rows * ic.width, groups = (ic.num_tiles + tiles - 1) / tiles;
   std::vector<T> acc(static_cast<size_t>(k_rows) * ic.c_out, T(0));
-  std::vector<T> staged(static_cast<size_t>(ic.rows * ic.width * kImageChannels));
-  for (int32_t t = 0; t < ic.num_tiles; ++t) {
-    const int32_t base = staged_tile_base(ic, tile_pos[t]);
-    for (int32_t e = 0; e < ic.rows * ic.width; ++e) {
-      const int32_t cy = static_cast<int32_t>(ic.width_div.div(static_cast<uint32_t>(e))), cx = e - cy * ic.width;
-      const int32_t off = staged_pixel_offset(ic, &nb[t * kNeighbours], base, cy, cx);
-      for (int c = 0; c < kImageChannels; ++c) staged[e * kImageChannels + c] = staged_value<S, T>(ic, img, pn, off, c);
-    }
+  std::vector<T> staged;
+  for (int32_t grp = 0; grp < groups; ++grp) {
+    stage_image_group(ic, img, pn, nb, tile_pos, grp * tiles, staged);
 #pragma omp parallel for schedule(static)
     for (int32_t m = 0; m < k_rows; ++m) {  // rows of the padded result: disjoint per thread
       const int32_t p = m / (2 * kImageChannels), e = m % (2 * kImageChannels);
       if (p >= n_pairs) continue;
-      for (int32_t oy = 0; oy < ic.s; ++oy)
-        for (int32_t ox = 0; ox < ic.s; ++ox) {
-          const T a = staged[staged_pair_pixel(ic, oy, ox, p) * kImageChannels + e];
-          const T* gr = &gm[static_cast<size_t>((t * ic.s + oy) * ic.s + ox) * ic.c_out];
-          for (int32_t n = 0; n < ic.c_out; ++n) acc[static_cast<size_t>(m) * ic.c_out + n] += a * gr[n];
-        }
+      for (int32_t tl = 0; tl < tiles && grp * tiles + tl < ic.num_tiles; ++tl)
+        for (int32_t oy = 0; oy < ic.s; ++oy)
+          for (int32_t ox = 0; ox < ic.s; ++ox) {
+            const T a = staged[(tl * window + staged_pair_pixel(ic, oy, ox, p)) * kImageChannels + e];
+            const T* gr = &gm[static_cast<size_t>(((grp * tiles + tl) * ic.s + oy) * ic.s + ox) * ic.c_out];
+            for (int32_t n = 0; n < ic.c_out; ++n) acc[static_cast<size_t>(m) * ic.c_out + n] += a * gr[n];
+          }
     }
   }
   for (int32_t m = 0; m < k_rows; ++m) {
@@ -355,75 +373,67 @@ const char* pool_refusal(const PoolGeometry& g) {
 
 namespace {
 
-// The tiled pool kernels' staging, per (tile, chunk) block: every staged vector's source through
-// pool_stage_source, 8 channels each, zeros where it reads nothing; then the same per-pixel
-// functions read the staged buffer.
+// The tiled pool kernels' tasks, one CUDA thread each: the same task decomposition, tile lookup and
+// window offsets, 8 channels per vector, zeros where an offset is -1; then the same per-task
+// functions read the loaded windows.
+template <typename T, int R>
+void load_pool_window(const T* base, const int32_t (&off)[R][R], T (&win)[R][R][8]) {
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < R; ++j)
+      for (int e = 0; e < 8; ++e) win[i][j][e] = off[i][j] < 0 ? T(0) : base[off[i][j] + e];
+}
+
 template <typename T>
-void stage_pool_block(const TiledPool& tp, const PoolTile& pt, int32_t chunk0, const T* act, const T* grad,
-                      std::vector<T>& staged) {
-  const int32_t n = grad ? tp.staged_vectors() : tp.halo * tp.halo * tp.chunk;
-  std::vector<int32_t> rows(static_cast<size_t>(tp.staged_pixels()));
-  for (int32_t p = 0; p < tp.staged_pixels(); ++p) rows[p] = pool_stage_row(tp, pt, p);
-  staged.assign(static_cast<size_t>(tp.staged_vectors()) * 8, T(0));
-  for (int32_t i = 0; i < n; ++i) {
-    const int32_t off = pool_stage_source(tp, rows.data(), chunk0, i);
-    const T* src = i < tp.halo * tp.halo * tp.chunk ? act : grad;
-    if (off >= 0)
-      for (int e = 0; e < 8; ++e) staged[static_cast<size_t>(i) * 8 + e] = src[off + e];
-  }
+void pool_window_maxima(const T (&win)[4][4][8], T (&wm)[3][3][8]) {
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j)
+      for (int e = 0; e < 8; ++e)
+        wm[i][j][e] = pool_window_max(win[i][j][e], win[i][j + 1][e], win[i + 1][j][e], win[i + 1][j + 1][e]);
 }
 
 template <typename T>
 void tiled_pool_forward(const TiledPool& tp, const T* act, const int32_t* slot, const int64_t* tile_pos, T* out) {
-#pragma omp parallel
-  {
-    std::vector<T> staged;
-#pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < int64_t(tp.num_tiles) * tp.chunks; ++blk) {
-      const int32_t t = static_cast<int32_t>(blk / tp.chunks), chunk0 = static_cast<int32_t>(blk % tp.chunks) * tp.chunk;
-      const PoolTile pt = pool_tile(tp, slot, tile_pos, t);
-      stage_pool_block<T>(tp, pt, chunk0, act, nullptr, staged);
-      for (int32_t v = 0; v < tp.chunk && chunk0 + v < tp.vectors; ++v) {
-        const auto at = [&](int32_t y, int32_t x, int e) { return staged[pool_act_index(tp, y, x, v) * 8 + e]; };
-        const auto wmax = [&](int32_t y, int32_t x, int e) {
-          return pool_window_max(at(y, x, e), at(y, x + 1, e), at(y + 1, x, e), at(y + 1, x + 1, e));
-        };
-        for (int32_t py = 0; py < tp.pooled; ++py)
-          for (int32_t px = 0; px < tp.pooled; ++px) {
-            T r[8];
-            tiled_pool_values<8, T>(tp, pt, py, px, wmax, r);
-            std::copy(r, r + 8, out + ((t * tp.pooled + py) * tp.pooled + px) * tp.channels + (chunk0 + v) * 8);
-          }
-      }
-    }
+#pragma omp parallel for schedule(static)
+  for (int32_t task = 0; task < tp.tasks; ++task) {
+    const PoolTask k = pool_task(tp, task);
+    const PoolTile pt = pool_tile(tp, slot, tile_pos, k.t);
+    int32_t off[4][4];
+    pool_window_offsets<4>(tp, pt, tp.side, 2 * k.h - 1, 2 * k.w - 1, k.v, off);
+    T win[4][4][8], wm[3][3][8], r[8];
+    load_pool_window<T, 4>(act, off, win);
+    pool_window_maxima(win, wm);
+    tiled_pool_values<8, T>(tp, pt, k.h, k.w, [&](int i, int j, int e) { return wm[i][j][e]; }, r);
+    std::copy(r, r + 8, out + static_cast<int64_t>(task) * 8);
   }
 }
 
 template <typename T>
 void tiled_pool_backward(const TiledPool& tp, const T* grad, const T* act, const int32_t* slot,
-                         const int64_t* tile_pos, T* grad_act) {
-#pragma omp parallel
-  {
-    std::vector<T> staged;
-#pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < int64_t(tp.num_tiles) * tp.chunks; ++blk) {
-      const int32_t t = static_cast<int32_t>(blk / tp.chunks), chunk0 = static_cast<int32_t>(blk % tp.chunks) * tp.chunk;
-      const PoolTile pt = pool_tile(tp, slot, tile_pos, t);
-      stage_pool_block<T>(tp, pt, chunk0, act, grad, staged);
-      for (int32_t v = 0; v < tp.chunk && chunk0 + v < tp.vectors; ++v) {
-        const auto at = [&](int32_t y, int32_t x, int e) { return staged[pool_act_index(tp, y, x, v) * 8 + e]; };
-        const auto gr = [&](int32_t y, int32_t x, int e) { return staged[pool_grad_index(tp, y, x, v) * 8 + e]; };
-        const auto wmax = [&](int32_t y, int32_t x, int e) {
-          return pool_window_max(at(y, x, e), at(y, x + 1, e), at(y + 1, x, e), at(y + 1, x + 1, e));
-        };
-        for (int32_t cy = 0; cy < tp.side; ++cy)
-          for (int32_t cx = 0; cx < tp.side; ++cx) {
-            T r[8];
-            tiled_pool_grads<8, T>(tp, pt, cy, cx, at, wmax, gr, r);
-            std::copy(r, r + 8, grad_act + ((t * tp.side + cy) * tp.side + cx) * tp.channels + (chunk0 + v) * 8);
-          }
+                         const int64_t* tile_pos, T* grad_act, bool relu_mask) {
+#pragma omp parallel for schedule(static)
+  for (int32_t task = 0; task < tp.tasks; ++task) {
+    const PoolTask k = pool_task(tp, task);
+    const PoolTile pt = pool_tile(tp, slot, tile_pos, k.t);
+    int32_t off[4][4], goff[3][3];
+    pool_window_offsets<4>(tp, pt, tp.side, 2 * k.h - 1, 2 * k.w - 1, k.v, off);
+    pool_window_offsets<3>(tp, pt, tp.pooled, k.h - 1, k.w - 1, k.v, goff);
+    T win[4][4][8], wm[3][3][8], gq[3][3][8], r[2][2][8];
+    load_pool_window<T, 4>(act, off, win);
+    load_pool_window<T, 3>(grad, goff, gq);
+    pool_window_maxima(win, wm);
+    const auto routed = [&](int i, int j, int own, int e, T v) {
+      return pool_first_max(wm[i][j][e], win[i][j][e], win[i][j + 1][e], win[i + 1][j][e], win[i + 1][j + 1][e], own)
+                 ? v
+                 : T(0);
+    };
+    tiled_pool_quad_grads<8, T>(tp, pt, k.h, k.w, routed, [&](int i, int j, int e) { return gq[i][j][e]; }, r);
+    for (int a = 0; a < 2; ++a)
+      for (int b = 0; b < 2; ++b) {
+        if (relu_mask)
+          for (int e = 0; e < 8; ++e) r[a][b][e] = win[a + 1][b + 1][e] > T(0) ? r[a][b][e] : T(0);
+        const int32_t y = 2 * k.h + a, x = 2 * k.w + b;
+        std::copy(r[a][b], r[a][b] + 8, grad_act + ((k.t * tp.side + y) * tp.side + x) * tp.channels + k.v * 8);
       }
-    }
   }
 }
 
@@ -448,7 +458,7 @@ void max_blur_pool_cpu(const PoolGeometry& g, DType dtype, const void* act, cons
 }
 
 void max_blur_pool_backward_cpu(const PoolGeometry& g, DType dtype, const void* grad, const void* act,
-                                const int32_t* slot, const int64_t* tile_pos, void* grad_act) {
+                                const int32_t* slot, const int64_t* tile_pos, void* grad_act, bool relu_mask) {
   const int64_t rows = g.num_tiles * g.side * g.side;
   TiledPool tp;
   const bool tiled = tiled_pool_enabled() && tiled_pool_plan(g, tp) == nullptr;
@@ -457,11 +467,11 @@ void max_blur_pool_backward_cpu(const PoolGeometry& g, DType dtype, const void* 
     const T* a = static_cast<const T*>(act);
     T* d = static_cast<T*>(grad_act);
     if (tiled) {
-      tiled_pool_backward<T>(tp, gr, a, slot, tile_pos, d);
+      tiled_pool_backward<T>(tp, gr, a, slot, tile_pos, d, relu_mask);
       break;
     }
     for_each_element(rows, g.channels, [&](int64_t r, int64_t c) {
-      d[r * g.channels + c] = max_blur_pool_grad_at<T, T>(g, gr, a, slot, tile_pos, r, c);
+      d[r * g.channels + c] = max_blur_pool_grad_at<T, T>(g, gr, a, slot, tile_pos, r, c, relu_mask);
     });
   });
 }

@@ -7,10 +7,12 @@
 //   * The gather GEMM for everything else (float32/float64, shapes the implicit kernels refuse):
 //     one tiled shared-memory GEMM template over operands gathered per element (tokenizer.h), on
 //     WMMA for float16/bfloat16 on sm_80+, on CUDA cores otherwise; 64-bit indices.
-//   * MaxBlurPool forward and backward (namespace pool; float16/bfloat16, sm_80+): one block per
-//     visible tile and channel chunk stages the patch plus halo once with 16-byte copies; the
-//     per-element kernels (one thread per output element, 64-bit indices) for everything else.
+//   * MaxBlurPool forward and backward (namespace pool; float16/bfloat16, sm_80+): one thread per
+//     (visible tile, pooled pixel, 8-channel vector) reading its window as 16-byte vectors, the
+//     backward writing relu'-masked gradients when asked; the per-element kernels (one thread per
+//     output element, 64-bit indices) for everything else.
 // float32/float16/bfloat16 accumulate in float32, float64 in float64; every launch is checked.
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #include <mma.h>
 
@@ -289,8 +291,9 @@ struct PoolBackward {
   const T* act;
   const int32_t* slot;
   const int64_t* tile_pos;
+  bool relu_mask;
   __device__ A operator()(int64_t r, int64_t c) const {
-    return max_blur_pool_grad_at<T, A>(g, grad, act, slot, tile_pos, r, c);
+    return max_blur_pool_grad_at<T, A>(g, grad, act, slot, tile_pos, r, c, relu_mask);
   }
 };
 
@@ -755,11 +758,64 @@ struct ImageArgs {
 
 constexpr int IM_BM = 128, IM_BN = 64;
 using ImTile = Tile<IM_BM, IM_BN, false>;
+// the epilogue's per-warp buffer: one 16-row slice of the warp's 64 x 32 tile, rows padded so that
+// the accumulator pairs' 4-byte writes fall on distinct banks
+constexpr int IM_OUT_LD = 32 + PAD;
 
 inline int image_smem_bytes(const ImageConv& g) {
-  const int tiles = IM_BM / (g.s * g.s);
+  const int tiles = g.group_tiles();
   return g.k_rows() * (IM_BN + PAD) * 2 + tiles * g.rows * g.width * kImageChannels * 2 +
-         tiles * (kNeighbours + 1) * 4 + g.k * g.pairs * 4;
+         tiles * (kNeighbours + 1) * 4 + g.k * g.pairs * 4 + 16 + ImTile::kThreads / 32 * 16 * IM_OUT_LD * 2;
+}
+
+// A group's tiles' neighbour slots and window bases into shared memory (tiles = g.group_tiles()).
+__device__ __forceinline__ void stage_group_tables(const ImageConv& g, const int32_t* nbr, const int64_t* tile_pos,
+                                                   int32_t t_first, int32_t* s_base, int32_t* s_nb) {
+  const int32_t tiles = g.group_tiles();
+  for (int i = threadIdx.x; i < tiles * (kNeighbours + 1); i += blockDim.x) {
+    const int32_t tl = i / (kNeighbours + 1), d = i - tl * (kNeighbours + 1), t = t_first + tl;
+    if (d == kNeighbours)
+      s_base[tl] = staged_tile_base(g, t < g.num_tiles ? tile_pos[t] : -1);
+    else
+      s_nb[tl * kNeighbours + d] = t < g.num_tiles ? nbr[t * kNeighbours + d] : -1;
+  }
+}
+
+// A thread's place in the window staging: blockDim / SW window rows at a time (SW <= 128 <=
+// blockDim, implicit_image_plan), one staged column per thread, fixed for the block (threads past
+// the last full row idle).
+struct StagingLane {
+  StagedColumn col;
+  int32_t row, step;  // first staged row (>= step: this thread stages nothing), rows per pass
+};
+
+__device__ __forceinline__ StagingLane staging_lane(const ImageConv& g) {
+  StagingLane s;
+  s.step = static_cast<int32_t>(blockDim.x) / g.width;
+  s.row = static_cast<int32_t>(threadIdx.x) / g.width;
+  s.col = staged_column(g, static_cast<int32_t>(threadIdx.x) - s.row * g.width);
+  return s;
+}
+
+// A group's windows into shared memory ([tiles][R][SW][4]): a staged pixel costs its row's
+// neighbour lookup, three loads and one 8-byte store.
+template <typename T, typename S>
+__device__ __forceinline__ void stage_group_windows(const ImageConv& g, const S* img, const PixelNorm<float>& pn,
+                                                    const StagingLane& sl, const int32_t* s_base, const int32_t* s_nb,
+                                                    T* sx) {
+  if (sl.row >= sl.step) return;
+  const int32_t rows = g.tiles * g.rows;
+  T* dst = sx + threadIdx.x * kImageChannels;  // staged pixel (row, column) = thread (r * SW + cx)
+  const int32_t dst_step = sl.step * g.width * kImageChannels;
+  for (int32_t r = sl.row; r < rows; r += sl.step, dst += dst_step) {
+    int32_t tl, cy;
+    staged_row(g, r, tl, cy);
+    const int32_t off = staged_pixel_offset(g, s_nb + tl * kNeighbours, s_base[tl], cy, sl.col);
+    T v[kImageChannels];
+#pragma unroll
+    for (int c = 0; c < kImageChannels; ++c) v[c] = from_acc<T>(staged_value<S, float>(g, img, pn, off, c));
+    *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(v);
+  }
 }
 
 template <typename T, typename S>
@@ -770,13 +826,18 @@ __global__ void __launch_bounds__(ImTile::kThreads, 4) scott_conv_image_igemm(Im
   const ImageConv& g = p.g;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int wm = warp / (BN / 32), wn = warp % (BN / 32);
-  const int32_t area = g.s * g.s, tiles = IM_BM / area, window = g.rows * g.width;
+  const int32_t area = g.s * g.s, tiles = g.group_tiles(), window = g.rows * g.width;
   const int32_t k_rows = g.k_rows();
   T* sb = reinterpret_cast<T*>(smem);                        // [k_rows][BN + PAD]
   T* sx = sb + k_rows * (BN + PAD);                          // [tiles][rows][width][4]
   int32_t* s_base = reinterpret_cast<int32_t*>(sx + tiles * window * kImageChannels);  // [tiles]
   int32_t* s_nb = s_base + tiles;                            // [tiles][9]
   int32_t* s_pair = s_nb + tiles * kNeighbours;              // [k * KP]: staged pixel of each tap pair
+  // this warp's [16][IM_OUT_LD], 16-byte aligned; an offset from smem (not a rounded address) keeps
+  // the accesses in the shared space (STS / LDS.128, not generic ST / LD)
+  const int32_t pair_end = static_cast<int32_t>(reinterpret_cast<unsigned char*>(s_pair + g.k * g.pairs) - smem);
+  const int32_t out_at = (pair_end + 15) & ~15;
+  T* s_out = reinterpret_cast<T*>(smem + out_at) + warp * 16 * IM_OUT_LD;
   const int32_t n0 = blockIdx.y * BN;
 
   for (int v = tid; v < k_rows * (BN / 8); v += NT) {
@@ -803,29 +864,15 @@ __global__ void __launch_bounds__(ImTile::kThreads, 4) scott_conv_image_igemm(Im
     b_off[nj] = (lane % 8 + ((lane / 8) % 2) * 8) * (BN + PAD) + wn * 32 + nj * 16 + (lane / 16) * 8;
   const uint32_t sx_u32 = smem_u32(sx), sb_u32 = smem_u32(sb);
   const PixelNorm<float> pn = pixel_norm(g, p.norm);  // in registers for the whole block
+  const StagingLane sl = staging_lane(g);
   const int32_t rows_total = g.num_tiles * area;
 
   for (int32_t grp = blockIdx.x; grp < p.groups; grp += gridDim.x) {
     const int32_t t_first = grp * tiles;
     __syncthreads();  // the previous group's fragments are read
-    for (int i = tid; i < tiles * (kNeighbours + 1); i += NT) {
-      const int32_t tl = i / (kNeighbours + 1), d = i - tl * (kNeighbours + 1), t = t_first + tl;
-      if (d == kNeighbours) {
-        s_base[tl] = staged_tile_base(g, t < g.num_tiles ? p.tile_pos[t] : -1);
-      } else {
-        s_nb[tl * kNeighbours + d] = t < g.num_tiles ? p.nbr[t * kNeighbours + d] : -1;
-      }
-    }
+    stage_group_tables(g, p.nbr, p.tile_pos, t_first, s_base, s_nb);
     __syncthreads();
-    for (int32_t e = tid; e < tiles * window; e += NT) {
-      const int32_t tl = static_cast<int32_t>(g.window_div.div(static_cast<uint32_t>(e))), pe = e - tl * window;
-      const int32_t cy = static_cast<int32_t>(g.width_div.div(static_cast<uint32_t>(pe))), cx = pe - cy * g.width;
-      const int32_t off = staged_pixel_offset(g, s_nb + tl * kNeighbours, s_base[tl], cy, cx);
-      T v[kImageChannels];
-#pragma unroll
-      for (int c = 0; c < kImageChannels; ++c) v[c] = from_acc<T>(staged_value<S, float>(g, p.img, pn, off, c));
-      *reinterpret_cast<uint2*>(sx + e * kImageChannels) = *reinterpret_cast<const uint2*>(v);
-    }
+    stage_group_windows<T, S>(g, p.img, pn, sl, s_base, s_nb, sx);
     cp_async_wait<0>();
     __syncthreads();
 
@@ -849,13 +896,28 @@ __global__ void __launch_bounds__(ImTile::kThreads, 4) scott_conv_image_igemm(Im
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni]);
     }
-    const int32_t m0 = t_first * area;
-    for_each_pair<BN>(acc, [&](int mm, int nn, float v0, float v1) {
-      const int32_t m = m0 + mm, n = n0 + nn;
-      if (m < rows_total && n < g.c_out)
-        *reinterpret_cast<decltype(Pack2<T>::make(0.f, 0.f))*>(p.out + m * g.c_out + n) =
-            Pack2<T>::make(fmaxf(v0, 0.f), fmaxf(v1, 0.f));
-    });
+    // epilogue: ReLU, then per 16-row slice through the warp's shared buffer so that each row's
+    // 32 channels leave as four 16-byte stores (c_out % 8 == 0: a vector is all in or all out)
+    const int32_t m0 = t_first * area + wm * 64, nw = n0 + wn * 32;
+    using P2 = decltype(Pack2<T>::make(0.f, 0.f));
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+          *reinterpret_cast<P2*>(s_out + (h * 8 + lane / 4) * IM_OUT_LD + ni * 8 + (lane % 4) * 2) =
+              Pack2<T>::make(fmaxf(acc[mi][ni][2 * h], 0.f), fmaxf(acc[mi][ni][2 * h + 1], 0.f));
+      __syncwarp();
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int v = lane + 32 * j, row = v / 4, c8 = (v % 4) * 8;
+        const int32_t m = m0 + mi * 16 + row, n = nw + c8;
+        const uint4 val = *reinterpret_cast<const uint4*>(s_out + row * IM_OUT_LD + c8);
+        if (m < rows_total && n < g.c_out) *reinterpret_cast<uint4*>(p.out + m * g.c_out + n) = val;
+      }
+      __syncwarp();
+    }
   }
 #else
   __trap();
@@ -865,9 +927,12 @@ __global__ void __launch_bounds__(ImTile::kThreads, 4) scott_conv_image_igemm(Im
 // Weight gradient of the image stage: C[padded K row m, co] = sum over output pixels r of
 // window(r, m) * g'(r, co). Blocks are persistent over tile groups (128 output pixels) like the
 // forward and keep C (k_rows x 64 output channels) in registers across groups, one warp per 32
-// K rows; per group the windows are staged as in the forward and g' arrives by cp.async. A
-// fragments are read transposed (ldmatrix.trans) from the staged windows: the rows it gathers are
-// the 16-byte tap pairs of 8 output pixels. Each block writes one partial (its blockIdx.x).
+// K rows x 32 output channels; per group the windows are staged as in the forward and g' arrives
+// by cp.async. A fragments are read transposed (ldmatrix.trans) from the staged windows: the rows
+// it gathers are the 16-byte tap pairs of 8 output pixels. One block per SM (k_rows / 16 warps:
+// 14 for k = 7), each writing one partial, or on sm_90 one per cluster of two blocks (see the
+// end of the kernel): the partials are the only bytes this kernel adds to the image and g' it
+// must read, so there are as few as fill the GPU.
 template <typename T, typename S>
 struct ImageWgradArgs {
   ImageConv g;
@@ -876,26 +941,50 @@ struct ImageWgradArgs {
   const T* gmask;        // g' (M, s, s, C_out)
   const int32_t* nbr;
   const int64_t* tile_pos;
-  float* partial;        // (gridDim.x, k*k*C_in, C_out)
+  float* partial;        // (gridDim.x / cluster, k*k*C_in, C_out)
   int32_t groups;
+  int32_t cluster;       // 1, or 2: the launch's cluster of two blocks writes one partial
 };
 
-constexpr int IW_BN = 64, IW_MAX_WARPS = 16;
+constexpr int IW_BN = 64, IW_WN = 32, IW_MAX_WARPS = 16;
 
-inline int image_wgrad_smem_bytes(const ImageConv& g) {
-  const int tiles = IM_BM / (g.s * g.s);
-  return IM_BM * (IW_BN + PAD) * 2 + tiles * g.rows * g.width * kImageChannels * 2 +
-         tiles * (kNeighbours + 1) * 4 + IM_BM * 4;
+inline int image_wgrad_threads(const ImageConv& g) { return g.k_rows() / 32 * (IW_BN / IW_WN) * 32; }
+
+// (the staging buffers; a clustered launch reuses them for its accumulators, 2 * WN / 8 float4s a thread)
+inline int image_wgrad_smem_bytes(const ImageConv& g, bool cluster) {
+  const int tiles = g.group_tiles();
+  const int staging = IM_BM * (IW_BN + PAD) * 2 + tiles * g.rows * g.width * kImageChannels * 2 +
+                      tiles * (kNeighbours + 1) * 4 + IM_BM * 4;
+  const int exchange = cluster ? 2 * IW_WN / 8 * 16 * image_wgrad_threads(g) : 0;
+  return staging > exchange ? staging : exchange;
+}
+
+// Whether the image weight gradient runs as clusters of two blocks (one partial per cluster): a
+// device that launches clusters, running code compiled for sm_90 or later (code from sm_80,
+// native or JIT-compiled from its PTX on a newer GPU, has no cluster path and traps).
+template <class Kernel>
+bool image_wgrad_cluster(Kernel kernel) {
+  int device = 0, major = 0, clusters = 0;
+  cudaFuncAttributes attr;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major < 9 ||
+      cudaDeviceGetAttribute(&clusters, cudaDevAttrClusterLaunch, device) != cudaSuccess || !clusters ||
+      cudaFuncGetAttributes(&attr, kernel) != cudaSuccess || attr.ptxVersion < 90 || attr.binaryVersion < 90) {
+    cudaGetLastError();  // a failed query is an answer (no clusters), not a pending error
+    return false;
+  }
+  return true;
 }
 
 template <typename T, typename S>
 __global__ void __launch_bounds__(IW_MAX_WARPS * 32) scott_conv_image_wgrad_igemm(ImageWgradArgs<T, S> p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  constexpr int BN = IW_BN;
+  constexpr int BN = IW_BN, WN = IW_WN;
   extern __shared__ __align__(128) unsigned char smem[];
   const ImageConv& g = p.g;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, nt = blockDim.x;
-  const int32_t area = g.s * g.s, tiles = IM_BM / area, window = g.rows * g.width;
+  const int wk = warp / (BN / WN), wn = warp % (BN / WN);  // 32 K rows x 32 channels per warp
+  const int32_t area = g.s * g.s, tiles = g.group_tiles(), window = g.rows * g.width;
   T* sg = reinterpret_cast<T*>(smem);                           // g' [128 pixels][BN + PAD]
   T* sx = sg + IM_BM * (BN + PAD);                              // staged windows
   int32_t* s_base = reinterpret_cast<int32_t*>(sx + tiles * window * kImageChannels);
@@ -911,52 +1000,40 @@ __global__ void __launch_bounds__(IW_MAX_WARPS * 32) scott_conv_image_wgrad_igem
   const int mat = lane / 8;
   int32_t a_pair[2];
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi) a_pair[mi] = staged_pair_pixel(g, 0, 0, (warp * 32 + mi * 16) / 8 + mat % 2);
+  for (int mi = 0; mi < 2; ++mi) a_pair[mi] = staged_pair_pixel(g, 0, 0, (wk * 32 + mi * 16) / 8 + mat % 2);
   const int a_pix_row = lane % 8 + (mat / 2) * 8;  // pixel within a 16-pixel K step
-  int b_off[4];
+  int b_off[WN / 16];
 #pragma unroll
-  for (int nj = 0; nj < 4; ++nj) b_off[nj] = (lane % 8 + (mat % 2) * 8) * (BN + PAD) + nj * 16 + (mat / 2) * 8;
+  for (int nj = 0; nj < WN / 16; ++nj)
+    b_off[nj] = (lane % 8 + (mat % 2) * 8) * (BN + PAD) + wn * WN + nj * 16 + (mat / 2) * 8;
   const uint32_t sx_u32 = smem_u32(sx), sg_u32 = smem_u32(sg);
   const PixelNorm<float> pn = pixel_norm(g, p.norm);
+  const StagingLane sl = staging_lane(g);
   const int32_t rows_total = g.num_tiles * area;
 
-  float acc[2][8][4] = {};
+  float acc[2][WN / 8][4] = {};
   for (int32_t grp = blockIdx.x; grp < p.groups; grp += gridDim.x) {
     const int32_t t_first = grp * tiles, m0 = t_first * area;
     __syncthreads();  // the previous group's fragments are read
     for (int v = tid; v < IM_BM * (BN / 8); v += nt) {
-      const int32_t r = v / (BN / 8), col = n0 + (v % (BN / 8)) * 8;
-      const bool ok = m0 + r < rows_total && col < g.c_out;
-      cp_async16(sg_u32 + 2 * (r * (BN + PAD) + (v % (BN / 8)) * 8), p.gmask + (ok ? (m0 + r) * g.c_out + col : 0), ok);
+      const int32_t r = v / (BN / 8), col8 = n0 + (v % (BN / 8)) * 8;
+      const bool ok = m0 + r < rows_total && col8 < g.c_out;
+      cp_async16(sg_u32 + 2 * (r * (BN + PAD) + (v % (BN / 8)) * 8), p.gmask + (ok ? (m0 + r) * g.c_out + col8 : 0), ok);
     }
     cp_async_commit();
-    for (int i = tid; i < tiles * (kNeighbours + 1); i += nt) {
-      const int32_t tl = i / (kNeighbours + 1), d = i - tl * (kNeighbours + 1), t = t_first + tl;
-      if (d == kNeighbours)
-        s_base[tl] = staged_tile_base(g, t < g.num_tiles ? p.tile_pos[t] : -1);
-      else
-        s_nb[tl * kNeighbours + d] = t < g.num_tiles ? p.nbr[t * kNeighbours + d] : -1;
-    }
+    stage_group_tables(g, p.nbr, p.tile_pos, t_first, s_base, s_nb);
     __syncthreads();
-    for (int32_t e = tid; e < tiles * window; e += nt) {
-      const int32_t tl = static_cast<int32_t>(g.window_div.div(static_cast<uint32_t>(e))), pe = e - tl * window;
-      const int32_t cy = static_cast<int32_t>(g.width_div.div(static_cast<uint32_t>(pe))), cx = pe - cy * g.width;
-      const int32_t off = staged_pixel_offset(g, s_nb + tl * kNeighbours, s_base[tl], cy, cx);
-      T v[kImageChannels];
-#pragma unroll
-      for (int c = 0; c < kImageChannels; ++c) v[c] = from_acc<T>(staged_value<S, float>(g, p.img, pn, off, c));
-      *reinterpret_cast<uint2*>(sx + e * kImageChannels) = *reinterpret_cast<const uint2*>(v);
-    }
+    stage_group_windows<T, S>(g, p.img, pn, sl, s_base, s_nb, sx);
     cp_async_wait<0>();
     __syncthreads();
 #pragma unroll 2
     for (int ks = 0; ks < IM_BM / 16; ++ks) {
       const int32_t pix = s_pix[ks * 16 + a_pix_row];
-      uint32_t af[2][4], bf[8][2];
+      uint32_t af[2][4], bf[WN / 8][2];
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi) ldmatrix_x4_trans(af[mi], sx_u32 + (pix + a_pair[mi]) * kImageChannels * 2);
 #pragma unroll
-      for (int nj = 0; nj < 4; ++nj) {
+      for (int nj = 0; nj < WN / 16; ++nj) {
         uint32_t r[4];
         ldmatrix_x4_trans(r, sg_u32 + 2 * (b_off[nj] + ks * 16 * (BN + PAD)));
         bf[2 * nj][0] = r[0];
@@ -967,23 +1044,61 @@ __global__ void __launch_bounds__(IW_MAX_WARPS * 32) scott_conv_image_wgrad_igem
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < 8; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni]);
+        for (int ni = 0; ni < WN / 8; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni]);
     }
   }
-  const int32_t k_total = g.k * g.k * g.c_in;
-  float* part = p.partial + static_cast<int32_t>(blockIdx.x) * k_total * g.c_out;
+  // A cluster of two blocks (sm_90, image_wgrad_cluster) sums its two accumulators through
+  // distributed shared memory and writes one partial: rank r adds its peer's half mi = r to its
+  // own and stores that half. The same thread of both blocks holds the same (row, column) entries.
+  const int32_t ranks = p.cluster;
+  int32_t rank = 0;
+  if (ranks == 2) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    rank = static_cast<int32_t>(cluster.block_rank());
+    float4* buf = reinterpret_cast<float4*>(smem);  // [2 * WN / 8][threads]; the staging buffers are done
+    __syncthreads();
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < WN / 8; ++ni)
+        buf[(mi * (WN / 8) + ni) * nt + tid] = make_float4(acc[mi][ni][0], acc[mi][ni][1], acc[mi][ni][2], acc[mi][ni][3]);
+    cluster.sync();  // both blocks' accumulators are in shared memory
+    const float4* peer = cluster.map_shared_rank(buf, rank ^ 1);
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+      if (mi == rank) {
+#pragma unroll
+        for (int ni = 0; ni < WN / 8; ++ni) {
+          const float4 v = peer[(mi * (WN / 8) + ni) * nt + tid];
+          acc[mi][ni][0] += v.x;
+          acc[mi][ni][1] += v.y;
+          acc[mi][ni][2] += v.z;
+          acc[mi][ni][3] += v.w;
+        }
+      }
+    cluster.sync();  // the peer has read this block's shared memory before either exits
+#else
+    __trap();  // launched as clusters only where this code is sm_90's (image_wgrad_cluster)
+#endif
+  }
+  const int32_t k_total = g.k * g.k * g.c_in;
+  float* part = p.partial + static_cast<int32_t>(blockIdx.x) / ranks * k_total * g.c_out;
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+    if (ranks == 2 && mi != rank) continue;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int32_t row = image_k_to_weight_row(g, warp * 32 + mi * 16 + h * 8 + lane / 4);
+      const int32_t row = image_k_to_weight_row(g, wk * 32 + mi * 16 + h * 8 + lane / 4);
 #pragma unroll
-      for (int ni = 0; ni < 8; ++ni) {
-        const int32_t n = n0 + ni * 8 + (lane % 4) * 2;
+      for (int ni = 0; ni < WN / 8; ++ni) {
+        const int32_t n = n0 + wn * WN + ni * 8 + (lane % 4) * 2;
         if (row >= 0 && n < g.c_out)
           *reinterpret_cast<float2*>(part + row * g.c_out + n) = make_float2(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
       }
     }
+  }
 #else
   __trap();
 #endif
@@ -1023,14 +1138,25 @@ void launch_relu_grad_mask(const StageGeometry& g, const T* grad, const T* out, 
   check_launch("scott_relu_grad_mask");
 }
 
+// The g' a backward GEMM reads: grad itself when out is nullptr (the MaxBlurPool backward wrote it
+// masked already, the usual path), else grad * relu'(out) written to gmask first.
+template <typename T>
+const T* masked_grad(const StageGeometry& g, const void* grad, const void* out, void* gmask, cudaStream_t stream) {
+  if (out == nullptr) return static_cast<const T*>(grad);
+  launch_relu_grad_mask<T>(g, static_cast<const T*>(grad), static_cast<const T*>(out), static_cast<T*>(gmask), stream);
+  return static_cast<const T*>(gmask);
+}
+
 }  // namespace ig
 
 // ---- tiled MaxBlurPool (float16 / bfloat16, sm_80+) ---------------------------------------------------
-// Memory-bound: one block per (visible tile, chunk of 8-channel vectors) stages the patch plus a
-// 1-pixel halo (the backward also the pooled gradient plus halo) once with 16-byte cp.async copies
-// (a zero-fill copy where a pixel is masked or outside the image), the tile's neighbour slots and
-// grid position looked up once; each thread then computes 8 channels of one pixel from a 4x4 (or
-// 3x3) window held in registers, 32-bit offsets throughout. Symbols scott::pool::scott_pool_*<T>.
+// Memory-bound: one thread per task (tokenizer.h: tile, pooled pixel, 8-channel vector), so a warp
+// covers consecutive vectors of neighbouring pixels and every load is a coalesced 16-byte vector.
+// No shared-memory staging and no block-wide set-up: the window's neighbours come from the tile's
+// 9 slots held in registers, and the ~4x re-reads of the overlapping windows hit L1/L2, not HBM.
+// Window maxima are taken two channels per instruction; the blur and the routed gradient run in
+// float32 in the order of the per-element kernels (bit-identical results). Symbols
+// scott::pool::scott_pool_*<T>.
 namespace pool {
 
 // Channel e (0..7) of a 16-byte vector of float16/bfloat16, as float; e is a constant after
@@ -1068,112 +1194,122 @@ __device__ __forceinline__ uint4 max4(const uint4& a, const uint4& b, const uint
                     max2<T>(max2<T>(a.z, b.z), max2<T>(c.z, d.z)), max2<T>(max2<T>(a.w, b.w), max2<T>(c.w, d.w)));
 }
 
-// Stages vectors [0, n) of the block (pool_stage_source): the first `act_vectors` from act, the
-// rest from grad; blocks until they have landed.
+__device__ __forceinline__ uint32_t word(const uint4& v, int q) {
+  return q == 0 ? v.x : q == 1 ? v.y : q == 2 ? v.z : v.w;
+}
+
+// Lane-wise a == b of two packed pairs: 0xffff per equal lane (IEEE: a NaN equals nothing).
 template <typename T>
-__device__ __forceinline__ void stage(const TiledPool& g, const PoolTile& pt, int32_t chunk0, int32_t n,
-                                      int32_t act_vectors, const T* act, const T* grad, uint4* staged) {
-  int32_t* rows = reinterpret_cast<int32_t*>(staged + g.staged_vectors());  // pixel rows, after the vectors
-  const int32_t pixels = (n + g.chunk - 1) / g.chunk;
-  for (int32_t p = threadIdx.x; p < pixels; p += blockDim.x) rows[p] = pool_stage_row(g, pt, p);
-  __syncthreads();
-  for (int32_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const int32_t off = pool_stage_source(g, rows, chunk0, i);
-    const T* src = i < act_vectors ? act : grad;
-    ig::cp_async16(ig::smem_u32(staged + i), off < 0 ? src : src + off, off >= 0);
-  }
-  ig::cp_async_commit();
-  ig::cp_async_wait<0>();
-  __syncthreads();
+__device__ __forceinline__ uint32_t eq_mask(uint32_t a, uint32_t b) {
+  using T2 = typename std::conditional<std::is_same<T, __nv_bfloat16>::value, __nv_bfloat162, __half2>::type;
+  return __heq2_mask(*reinterpret_cast<const T2*>(&a), *reinterpret_cast<const T2*>(&b));
+}
+
+// Lane-wise a > 0 of a packed pair: 0xffff per lane.
+template <typename T>
+__device__ __forceinline__ uint32_t gt0_mask(uint32_t a) {
+  using T2 = typename std::conditional<std::is_same<T, __nv_bfloat16>::value, __nv_bfloat162, __half2>::type;
+  const uint32_t zero = 0;
+  return __hgt2_mask(*reinterpret_cast<const T2*>(&a), *reinterpret_cast<const T2*>(&zero));
+}
+
+// The R x R window of 16-byte vectors at the given offsets (pool_window_offsets), 0 where -1.
+template <int R, typename T>
+__device__ __forceinline__ void load_window(const T* base, const int32_t (&off)[R][R], uint4 (&win)[R][R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int j = 0; j < R; ++j)
+      win[i][j] = off[i][j] < 0 ? make_uint4(0, 0, 0, 0) : __ldg(reinterpret_cast<const uint4*>(base + off[i][j]));
+}
+
+// The 3x3 window maxima of a 4x4 window, two channels per instruction: a maximum is exact in any
+// precision, so this is pool_window_max's value (a NaN anywhere in a window gives NaN, as torch).
+template <typename T>
+__device__ __forceinline__ void window_maxima(const uint4 (&win)[4][4], uint4 (&wm)[3][3]) {
+#pragma unroll
+  for (int i = 0; i < 3; ++i)
+#pragma unroll
+    for (int j = 0; j < 3; ++j) wm[i][j] = max4<T>(win[i][j], win[i][j + 1], win[i + 1][j], win[i + 1][j + 1]);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(128) scott_pool_forward(TiledPool g, const T* act, const int32_t* slot,
                                                            const int64_t* tile_pos, T* out) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  extern __shared__ uint4 staged[];
-  __shared__ PoolTile pt;  // read from shared memory: its neighbour slots are indexed at run time
-  const int32_t t = blockIdx.x, chunk0 = blockIdx.y * g.chunk;
-  if (threadIdx.x == 0) pt = pool_tile(g, slot, tile_pos, t);
-  __syncthreads();
-  const int32_t act_vectors = g.halo * g.halo * g.chunk;
-  stage<T>(g, pt, chunk0, act_vectors, act_vectors, act, nullptr, staged);
-  for (int32_t task = threadIdx.x; task < g.pooled * g.pooled * g.chunk; task += blockDim.x) {
-    const int32_t pix = static_cast<int32_t>(g.chunk_div.div(task)), v = task - pix * g.chunk;
-    if (chunk0 + v >= g.vectors) continue;
-    const int32_t py = static_cast<int32_t>(g.pooled_div.div(pix)), px = pix - py * g.pooled;
-    uint4 win[4][4];  // local pixels 2py-1 .. 2py+2 x 2px-1 .. 2px+2
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) win[i][j] = staged[pool_act_index(g, 2 * py - 1 + i, 2 * px - 1 + j, v)];
-    // the 3x3 window maxima, two channels per instruction: a maximum is exact in any precision,
-    // so this is pool_window_max's value (a NaN anywhere in a window gives NaN, as torch)
-    uint4 wm[3][3];
-#pragma unroll
-    for (int i = 0; i < 3; ++i)
-#pragma unroll
-      for (int j = 0; j < 3; ++j)
-        wm[i][j] = max4<T>(win[i][j], win[i][j + 1], win[i + 1][j], win[i + 1][j + 1]);
-    float r[8];
-    tiled_pool_values<8, float>(
-        g, pt, py, px, [&](int32_t y, int32_t x, int e) { return lane<T>(wm[y - (2 * py - 1)][x - (2 * px - 1)], e); },
-        r);
-    *reinterpret_cast<uint4*>(out + ((t * g.pooled + py) * g.pooled + px) * g.channels + (chunk0 + v) * 8) =
-        pack<T>(r);
-  }
+  const int32_t task = static_cast<int32_t>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (task >= g.tasks) return;
+  const PoolTask k = pool_task(g, task);
+  const PoolTile pt = pool_tile(g, slot, tile_pos, k.t);
+  int32_t off[4][4];
+  pool_window_offsets<4>(g, pt, g.side, 2 * k.h - 1, 2 * k.w - 1, k.v, off);
+  uint4 win[4][4], wm[3][3];
+  load_window<4>(act, off, win);
+  window_maxima<T>(win, wm);
+  float r[8];
+  tiled_pool_values<8, float>(g, pt, k.h, k.w, [&](int i, int j, int e) { return lane<T>(wm[i][j], e); }, r);
+  reinterpret_cast<uint4*>(out)[task] = pack<T>(r);
 #else
   __trap();
 #endif
 }
 
 template <typename T>
-__global__ void __launch_bounds__(256) scott_pool_backward(TiledPool g, const T* grad, const T* act,
+__global__ void __launch_bounds__(128) scott_pool_backward(TiledPool g, const T* grad, const T* act,
                                                             const int32_t* slot, const int64_t* tile_pos,
-                                                            T* grad_act) {
+                                                            T* grad_act, bool relu_mask) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  extern __shared__ uint4 staged[];
-  __shared__ PoolTile pt;
-  const int32_t t = blockIdx.x, chunk0 = blockIdx.y * g.chunk;
-  if (threadIdx.x == 0) pt = pool_tile(g, slot, tile_pos, t);
-  __syncthreads();
-  stage<T>(g, pt, chunk0, g.staged_vectors(), g.halo * g.halo * g.chunk, act, grad, staged);
-  for (int32_t task = threadIdx.x; task < g.side * g.side * g.chunk; task += blockDim.x) {
-    const int32_t pix = static_cast<int32_t>(g.chunk_div.div(task)), v = task - pix * g.chunk;
-    if (chunk0 + v >= g.vectors) continue;
-    const int32_t cy = static_cast<int32_t>(g.side_div.div(pix)), cx = pix - cy * g.side;
-    uint4 win[3][3];  // local pixels cy-1 .. cy+1 x cx-1 .. cx+1
+  const int32_t task = static_cast<int32_t>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (task >= g.tasks) return;
+  const PoolTask k = pool_task(g, task);
+  const PoolTile pt = pool_tile(g, slot, tile_pos, k.t);
+  int32_t off[4][4], goff[3][3];
+  pool_window_offsets<4>(g, pt, g.side, 2 * k.h - 1, 2 * k.w - 1, k.v, off);
+  pool_window_offsets<3>(g, pt, g.pooled, k.h - 1, k.w - 1, k.v, goff);
+  uint4 win[4][4], wm[3][3], gq[3][3];
+  load_window<4>(act, off, win);
+  load_window<3>(grad, goff, gq);
+  window_maxima<T>(win, wm);
+  // pool_first_max of every window and place, two channels per instruction: a lane of first[i][j][own][q]
+  // is all ones where the pixel at place `own` of window (i, j) is the first maximum (exact compares
+  // of the same values; a NaN maximum routes nowhere, as in float32)
+  uint32_t first[3][3][4][4];
 #pragma unroll
-    for (int i = 0; i < 3; ++i)
+  for (int i = 0; i < 3; ++i)
 #pragma unroll
-      for (int j = 0; j < 3; ++j) win[i][j] = staged[pool_act_index(g, cy - 1 + i, cx - 1 + j, v)];
-    uint4 wm[2][2];  // the maxima of the four 2x2 windows holding the pixel (see the forward)
+    for (int j = 0; j < 3; ++j)
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+      for (int q = 0; q < 4; ++q) {
+        const uint32_t m = word(wm[i][j], q);
+        const uint32_t e0 = eq_mask<T>(word(win[i][j], q), m), e1 = eq_mask<T>(word(win[i][j + 1], q), m);
+        const uint32_t e2 = eq_mask<T>(word(win[i + 1][j], q), m), e3 = eq_mask<T>(word(win[i + 1][j + 1], q), m);
+        first[i][j][0][q] = e0;
+        first[i][j][1][q] = e1 & ~e0;
+        first[i][j][2][q] = e2 & ~(e0 | e1);
+        first[i][j][3][q] = e3 & ~(e0 | e1 | e2);
+      }
+  const auto routed = [&](int i, int j, int own, int e, float v) {
+    const uint32_t lanes = __byte_perm(first[i][j][own][e >> 1], 0u, (e & 1) ? 0x3232u : 0x1010u);
+    return __uint_as_float(__float_as_uint(v) & lanes);
+  };
+  float r[2][2][8];
+  tiled_pool_quad_grads<8, float>(g, pt, k.h, k.w, routed, [&](int i, int j, int e) { return lane<T>(gq[i][j], e); },
+                                  r);
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wm[i][j] = max4<T>(win[i][j], win[i][j + 1], win[i + 1][j], win[i + 1][j + 1]);
-    float r[8];
-    // one specialisation per pixel parity, so that which pooled pixels a window blurs into is
-    // known at compile time (cy = 2 hy + PY)
-    const auto grads = [&](auto py_c, auto px_c) {
-      constexpr int PY = decltype(py_c)::value, PX = decltype(px_c)::value;
-      const int32_t y = 2 * (cy >> 1) + PY, x = 2 * (cx >> 1) + PX;
-      tiled_pool_grads<8, float>(
-          g, pt, y, x, [&](int32_t yy, int32_t xx, int e) { return lane<T>(win[yy - y + 1][xx - x + 1], e); },
-          [&](int32_t yy, int32_t xx, int e) { return lane<T>(wm[yy - y + 1][xx - x + 1], e); },
-          [&](int32_t qy, int32_t qx, int e) { return lane<T>(staged[pool_grad_index(g, qy, qx, v)], e); }, r);
-    };
-    using P0 = std::integral_constant<int, 0>;
-    using P1 = std::integral_constant<int, 1>;
-    switch ((cy & 1) * 2 + (cx & 1)) {
-      case 0: grads(P0{}, P0{}); break;
-      case 1: grads(P0{}, P1{}); break;
-      case 2: grads(P1{}, P0{}); break;
-      default: grads(P1{}, P1{}); break;
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      uint4 out = pack<T>(r[a][b]);
+      if (relu_mask) {  // g' = g * (act > 0), two channels per instruction, on the rounded values
+        const uint4& own = win[a + 1][b + 1];
+        out.x &= gt0_mask<T>(own.x);
+        out.y &= gt0_mask<T>(own.y);
+        out.z &= gt0_mask<T>(own.z);
+        out.w &= gt0_mask<T>(own.w);
+      }
+      const int32_t y = 2 * k.h + a, x = 2 * k.w + b;
+      *reinterpret_cast<uint4*>(grad_act + ((k.t * g.side + y) * g.side + x) * g.channels + k.v * 8) = out;
     }
-    *reinterpret_cast<uint4*>(grad_act + ((t * g.side + cy) * g.side + cx) * g.channels + (chunk0 + v) * 8) =
-        pack<T>(r);
-  }
 #else
   __trap();
 #endif
@@ -1186,9 +1322,8 @@ bool launch_forward(const PoolGeometry& geo, DType dtype, const void* act, const
   if (!cuda_tiled_pool(geo, dtype) || tiled_pool_plan(geo, g) != nullptr || !ig::aligned16(act) ||
       !ig::aligned16(out))
     return false;
-  if (g.num_tiles == 0) return true;
-  const size_t bytes = size_t(g.staged_vectors()) * sizeof(uint4) + size_t(g.staged_pixels()) * sizeof(int32_t);
-  scott_pool_forward<T><<<dim3(g.num_tiles, g.chunks), 128, bytes, stream>>>(
+  if (g.tasks == 0) return true;
+  scott_pool_forward<T><<<static_cast<unsigned>((g.tasks + 127) / 128), 128, 0, stream>>>(
       g, static_cast<const T*>(act), slot, tile_pos, static_cast<T*>(out));
   check_launch("scott_pool_forward");
   return true;
@@ -1196,15 +1331,15 @@ bool launch_forward(const PoolGeometry& geo, DType dtype, const void* act, const
 
 template <typename T>
 bool launch_backward(const PoolGeometry& geo, DType dtype, const void* grad, const void* act, const int32_t* slot,
-                     const int64_t* tile_pos, void* grad_act, cudaStream_t stream) {
+                     const int64_t* tile_pos, void* grad_act, bool relu_mask, cudaStream_t stream) {
   TiledPool g;
   if (!cuda_tiled_pool(geo, dtype) || tiled_pool_plan(geo, g) != nullptr || !ig::aligned16(grad) ||
       !ig::aligned16(act) || !ig::aligned16(grad_act))
     return false;
-  if (g.num_tiles == 0) return true;
-  const size_t bytes = size_t(g.staged_vectors()) * sizeof(uint4) + size_t(g.staged_pixels()) * sizeof(int32_t);
-  scott_pool_backward<T><<<dim3(g.num_tiles, g.chunks), 256, bytes, stream>>>(
-      g, static_cast<const T*>(grad), static_cast<const T*>(act), slot, tile_pos, static_cast<T*>(grad_act));
+  if (g.tasks == 0) return true;
+  scott_pool_backward<T><<<static_cast<unsigned>((g.tasks + 127) / 128), 128, 0, stream>>>(
+      g, static_cast<const T*>(grad), static_cast<const T*>(act), slot, tile_pos, static_cast<T*>(grad_act),
+      relu_mask);
   check_launch("scott_pool_backward");
   return true;
 }
@@ -1266,7 +1401,7 @@ bool implicit_image(const StageGeometry& g, DType dtype, const void* src, const 
                                   "16-byte aligned padded weight and output");
     implicit_image_plan(g, ic);
     ig::launch_neighbours(g, slot, tile_pos, nbr, stream);
-    const int tiles = ig::IM_BM / (ic.s * ic.s);
+    const int tiles = ic.group_tiles();
     const int32_t groups = (ic.num_tiles + tiles - 1) / tiles;
     ig::ImageArgs<T, S> args{ic, static_cast<const S*>(src), static_cast<const float*>(norm),
                              static_cast<const T*>(weight_pad), nbr, tile_pos, static_cast<T*>(out), groups};
@@ -1290,23 +1425,43 @@ bool implicit_image_wgrad(const StageGeometry& g, DType dtype, const void* src, 
     ImageConv ic;
     if (!g.src_image || !cuda_implicit_conv(g, dtype, splits, ConvOp::kWeightGrad)) return false;
     implicit_image_wgrad_plan(g, ic);
-    const int tiles = ig::IM_BM / (ic.s * ic.s);
+    const int tiles = ic.group_tiles();
     const int32_t groups = (ic.num_tiles + tiles - 1) / tiles;
-    // one partial per block: the caller sizes `splits` (conv_gemm_path says this path applies)
-    if (nbr == nullptr || gmask == nullptr || splits < 1 || splits > 65535 || (g.normalize && norm == nullptr) ||
-        !ig::aligned16(grad) || !ig::aligned16(out) || !ig::aligned16(gmask) || !ig::aligned16(partial))
+    // `splits` partials: the caller sizes them (conv_gemm_path says this path applies)
+    if (nbr == nullptr || (out != nullptr && gmask == nullptr) || splits < 1 || splits > 65535 ||
+        (g.normalize && norm == nullptr) || !ig::aligned16(grad) || !ig::aligned16(out) || !ig::aligned16(gmask) ||
+        !ig::aligned16(partial))
       throw std::invalid_argument("conv_relu_wgrad: the image stage's implicit GEMM needs scratch tables, at least "
                                   "one split and 16-byte aligned buffers");
     ig::launch_neighbours(g, slot, tile_pos, nbr, stream);
-    ig::launch_relu_grad_mask<T>(g, static_cast<const T*>(grad), static_cast<const T*>(out), static_cast<T*>(gmask),
-                                 stream);
+    const T* gm = ig::masked_grad<T>(g, grad, out, gmask, stream);
     ig::ImageWgradArgs<T, S> args{ic, static_cast<const S*>(src), static_cast<const float*>(norm),
-                                  static_cast<const T*>(gmask), nbr, tile_pos, static_cast<float*>(partial), groups};
-    const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>((ic.c_out + ig::IW_BN - 1) / ig::IW_BN));
-    const int bytes = ig::image_wgrad_smem_bytes(ic);
-    ig::allow_smem(ig::scott_conv_image_wgrad_igemm<T, S>, bytes);
-    ig::scott_conv_image_wgrad_igemm<T, S><<<grid, ic.k_rows() / 32 * 32, bytes, stream>>>(args);
-    check_launch("scott_conv_image_wgrad_igemm");
+                                  gm, nbr, tile_pos, static_cast<float*>(partial), groups,
+                                  1};
+    // one partial per block, or per cluster of two blocks (sm_90): `splits` partials either way
+    auto kernel = ig::scott_conv_image_wgrad_igemm<T, S>;
+    const bool cluster = splits <= 32767 && ig::image_wgrad_cluster(kernel);
+    args.cluster = cluster ? 2 : 1;
+    const int bytes = ig::image_wgrad_smem_bytes(ic, cluster);
+    ig::allow_smem(kernel, bytes);
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(splits * (cluster ? 2 : 1)),
+                       static_cast<unsigned>((ic.c_out + ig::IW_BN - 1) / ig::IW_BN));
+    cfg.blockDim = dim3(static_cast<unsigned>(ig::image_wgrad_threads(ic)));
+    cfg.dynamicSmemBytes = static_cast<size_t>(bytes);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = cluster ? 2 : 1;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = cluster ? 1 : 0;
+    const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args);
+    cudaGetLastError();
+    if (err != cudaSuccess)
+      throw std::runtime_error(std::string("scott_conv_image_wgrad_igemm: CUDA launch failed: ") +
+                               cudaGetErrorString(err));
     return true;
   }
   return false;
@@ -1319,17 +1474,17 @@ bool implicit_wgrad(const StageGeometry& g, DType dtype, const void* src, const 
   if constexpr (IsTensorCoreType<T>::value) {
     ImplicitConv ic;
     if (splits < 1) splits = 1;
-    if (g.src_image || !cuda_implicit_conv(g, dtype, splits, ConvOp::kWeightGrad) || splits > 65535 || nbr == nullptr || gmask == nullptr ||
+    if (g.src_image || !cuda_implicit_conv(g, dtype, splits, ConvOp::kWeightGrad) || splits > 65535 || nbr == nullptr ||
+        (out != nullptr && gmask == nullptr) ||
         !ig::aligned16(src) || !ig::aligned16(grad) || !ig::aligned16(out) || !ig::aligned16(gmask) ||
         !ig::aligned16(partial) || !ig::aligned16(nbr))
       return false;
     implicit_conv_plan(g, splits, ic);
     ig::launch_neighbours(g, slot, tile_pos, nbr, stream);
-    ig::launch_relu_grad_mask<T>(g, static_cast<const T*>(grad), static_cast<const T*>(out), static_cast<T*>(gmask),
-                                 stream);
+    const T* gm = ig::masked_grad<T>(g, grad, out, gmask, stream);
     const int32_t rows = static_cast<int32_t>(g.out_rows());
     const int32_t chunk = static_cast<int32_t>(((rows + splits - 1) / splits + ig::BK - 1) / ig::BK * ig::BK);
-    ig::WgradArgs<T> args{ic, static_cast<const T*>(src), static_cast<const T*>(gmask), nbr,
+    ig::WgradArgs<T> args{ic, static_cast<const T*>(src), gm, nbr,
                           static_cast<float*>(partial), rows, chunk};
     const dim3 grid(ic.k * ic.k * ((ic.c_in + ig::WG_BM - 1) / ig::WG_BM), (ic.c_out + ig::WG_BN - 1) / ig::WG_BN,
                     static_cast<unsigned>(splits));
@@ -1347,15 +1502,15 @@ bool implicit_dgrad(const StageGeometry& g, DType dtype, const void* grad, const
                     cudaStream_t stream) {
   if constexpr (IsTensorCoreType<T>::value) {
     ImplicitConv ic;
-    if (g.src_image || !cuda_implicit_conv(g, dtype, 1, ConvOp::kInputGrad) || nbr == nullptr || gmask == nullptr || !ig::aligned16(grad) ||
+    if (g.src_image || !cuda_implicit_conv(g, dtype, 1, ConvOp::kInputGrad) || nbr == nullptr ||
+        (out != nullptr && gmask == nullptr) || !ig::aligned16(grad) ||
         !ig::aligned16(out) || !ig::aligned16(weight_t) || !ig::aligned16(grad_src) || !ig::aligned16(gmask) ||
         !ig::aligned16(nbr))
       return false;
     implicit_conv_plan(g, 1, ic);
     ig::launch_neighbours(g, slot, tile_pos, nbr, stream);
-    ig::launch_relu_grad_mask<T>(g, static_cast<const T*>(grad), static_cast<const T*>(out), static_cast<T*>(gmask),
-                                 stream);
-    ig::DgradArgs<T> args{ic, static_cast<const T*>(gmask), static_cast<const T*>(weight_t), nbr,
+    const T* gm = ig::masked_grad<T>(g, grad, out, gmask, stream);
+    ig::DgradArgs<T> args{ic, gm, static_cast<const T*>(weight_t), nbr,
                           static_cast<T*>(grad_src), static_cast<int32_t>(g.out_rows())};
     const dim3 grid((args.rows + ig::DG_BM - 1) / ig::DG_BM, (ic.c_in + ig::DG_BN - 1) / ig::DG_BN, 4);
     ig::allow_smem(ig::scott_conv_dgrad_igemm<T>, ig::DG_SMEM);
@@ -1388,6 +1543,18 @@ void conv_relu_cuda(const StageGeometry& g, DType dtype, int src_dtype, const vo
       launch_gemm_for<T, A>("conv_relu_cuda", g.out_rows(), g.c_out, K, 1, win, w, st, s);
     }
   });
+}
+
+bool cuda_image_wgrad_clusters(DType dtype, int src_dtype) {
+  // the launch's own test (implicit_image_wgrad) on the kernel it would launch
+  const bool u8 = src_dtype == kUInt8;
+  if (dtype == DType::kFloat16)
+    return u8 ? ig::image_wgrad_cluster(ig::scott_conv_image_wgrad_igemm<__half, uint8_t>)
+              : ig::image_wgrad_cluster(ig::scott_conv_image_wgrad_igemm<__half, __half>);
+  if (dtype == DType::kBFloat16)
+    return u8 ? ig::image_wgrad_cluster(ig::scott_conv_image_wgrad_igemm<__nv_bfloat16, uint8_t>)
+              : ig::image_wgrad_cluster(ig::scott_conv_image_wgrad_igemm<__nv_bfloat16, __nv_bfloat16>);
+  return false;
 }
 
 void conv_relu_wgrad_cuda(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* grad,
@@ -1457,15 +1624,16 @@ void max_blur_pool_cuda(const PoolGeometry& g, DType dtype, const void* act, con
 }
 
 void max_blur_pool_backward_cuda(const PoolGeometry& g, DType dtype, const void* grad, const void* act,
-                                 const int32_t* slot, const int64_t* tile_pos, void* grad_act, void* stream) {
+                                 const int32_t* slot, const int64_t* tile_pos, void* grad_act, bool relu_mask,
+                                 void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   const int64_t rows = g.num_tiles * g.side * g.side;
   SCOTT_CUDA_DISPATCH(dtype, {
     using A = typename Acc<T>::type;
     if constexpr (!std::is_same<T, A>::value) {
-      if (pool::launch_backward<T>(g, dtype, grad, act, slot, tile_pos, grad_act, s)) break;
+      if (pool::launch_backward<T>(g, dtype, grad, act, slot, tile_pos, grad_act, relu_mask, s)) break;
     }
-    PoolBackward<T, A> f{g, static_cast<const T*>(grad), static_cast<const T*>(act), slot, tile_pos};
+    PoolBackward<T, A> f{g, static_cast<const T*>(grad), static_cast<const T*>(act), slot, tile_pos, relu_mask};
     launch_elementwise<T, A>("max_blur_pool_backward_cuda", rows, g.channels, static_cast<T*>(grad_act), f, s);
   });
 }

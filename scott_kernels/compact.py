@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 import torch
 
 __all__ = ["visible_tables", "visible_positions", "tokenize_compact", "compact_to_image",
-           "register_stage_autograd", "accumulator_dtype", "gemm_weight", "gemm_weight_transposed",
-           "weight_from_partials", "reduction_splits", "check_tables"]
+           "register_stage_autograd", "register_conv_pool_autograd", "accumulator_dtype", "gemm_weight",
+           "gemm_weight_transposed", "weight_from_partials", "reduction_splits", "check_tables"]
 
 
 def visible_tables(keep: torch.Tensor | None, batch: int, grid_h: int, grid_w: int, device: torch.device,
@@ -128,12 +128,14 @@ def compact_to_image(dsrc: torch.Tensor, tile_pos: torch.Tensor, shape: Sequence
 def tokenize_compact(conv_relu: Callable, max_blur_pool: Callable, x: torch.Tensor, weights: Sequence[torch.Tensor],
                      keep: torch.Tensor | None, patch_size: int, num_visible: int | None = None,
                      packed: bool = False, pixel_norm: torch.Tensor | None = None,
-                     last_pool: Callable | None = None) -> torch.Tensor:
+                     last_pool: Callable | None = None, conv_pool: Callable | None = None) -> torch.Tensor:
     """The tokenizer from a backend's ``conv_relu(src, weight, slot, tile_pos, in_side, src_is_image,
     pixel_norm)`` and ``max_blur_pool(act, slot, tile_pos)`` ops: (B, N, D) tokens, masked ones
     exactly 0, or with ``packed`` (B, num_visible, D) visible tokens in row-major order.
     ``last_pool(act, slot, tile_pos)``, when given, replaces the last stage's pool and returns the
-    final tokens itself (a pool fused with the token epilogue).
+    final tokens itself (a pool fused with the token epilogue). ``conv_pool(src, weight, slot,
+    tile_pos, in_side, src_is_image, pixel_norm) -> (pooled, act)``, when given, runs each stage's
+    conv + ReLU + pool as one op (see ``register_conv_pool_autograd``).
 
     Computes in the autocast dtype when autocast is on, else in the images' dtype (the weights'
     for uint8 images). Inputs are assumed validated (see ``scott_kernels.functional``).
@@ -150,7 +152,12 @@ def tokenize_compact(conv_relu: Callable, max_blur_pool: Callable, x: torch.Tens
     slot, tile_pos = visible_tables(keep, B, GH, GW, x.device, num_visible)
     act, side = x, patch_size
     for i, weight in enumerate(weights):
-        act = conv_relu(act, weight, slot, tile_pos, side, i == 0, pixel_norm if i == 0 else None)
+        norm = pixel_norm if i == 0 else None
+        if conv_pool is not None and not (last_pool is not None and i == len(weights) - 1):
+            act = conv_pool(act, weight, slot, tile_pos, side, i == 0, norm)[0]
+            side //= 4
+            continue
+        act = conv_relu(act, weight, slot, tile_pos, side, i == 0, norm)
         if last_pool is not None and i == len(weights) - 1:
             return last_pool(act, slot, tile_pos)
         act = max_blur_pool(act, slot, tile_pos)
@@ -190,20 +197,10 @@ def register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blu
 
     def conv_backward(ctx, grad):
         src, weight, slot, tile_pos, out, pixel_norm = ctx.saved_tensors
-        grad_src = grad_w = None
         if premask_compact and ctx.relu and not ctx.src_is_image:
             grad, out = torch.where(out > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)), None
-        if ctx.needs_input_grad[1]:
-            grad_w = conv_relu_wgrad(grad, out, src, weight, slot, tile_pos, ctx.in_side, ctx.src_is_image,
-                                     pixel_norm)
-        if ctx.needs_input_grad[0]:
-            grad_src = conv_relu_dgrad(grad, out, weight, slot, tile_pos, ctx.in_side)
-            if ctx.src_is_image:
-                grad_src = compact_to_image(grad_src, tile_pos, ctx.src_shape)
-                if pixel_norm is not None:
-                    grad_src = grad_src * pixel_norm[1].view(1, -1, 1, 1).to(grad_src.dtype)
-                grad_src = grad_src.to(src.dtype)
-        return grad_src, grad_w, None, None, None, None, None, *([None] * ctx.extra)
+        grads = _conv_grads(ctx, conv_relu_wgrad, conv_relu_dgrad, grad, out, src, weight, slot, tile_pos, pixel_norm)
+        return *grads, *([None] * ctx.extra)
 
     def pool_setup(ctx, inputs, output):
         act, slot, tile_pos, *flags = inputs
@@ -216,3 +213,52 @@ def register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blu
 
     conv_relu.register_autograd(conv_backward, setup_context=conv_setup)
     max_blur_pool.register_autograd(pool_backward, setup_context=pool_setup)
+
+
+def _conv_grads(ctx, conv_relu_wgrad, conv_relu_dgrad, grad, out, src, weight, slot, tile_pos, pixel_norm):
+    """(grad_src, grad_weight, None x 5) of a conv + ReLU stage from its output gradient (``out``
+    None: ``grad`` already multiplied by relu'); image sources get their gradient scattered back and
+    scaled by the fused normalisation."""
+    grad_src = grad_w = None
+    if ctx.needs_input_grad[1]:
+        grad_w = conv_relu_wgrad(grad, out, src, weight, slot, tile_pos, ctx.in_side, ctx.src_is_image, pixel_norm)
+    if ctx.needs_input_grad[0]:
+        grad_src = conv_relu_dgrad(grad, out, weight, slot, tile_pos, ctx.in_side)
+        if ctx.src_is_image:
+            grad_src = compact_to_image(grad_src, tile_pos, ctx.src_shape)
+            if pixel_norm is not None:
+                grad_src = grad_src * pixel_norm[1].view(1, -1, 1, 1).to(grad_src.dtype)
+            grad_src = grad_src.to(src.dtype)
+    return grad_src, grad_w, None, None, None, None, None
+
+
+def register_conv_pool_autograd(conv_relu_pool, conv_relu_wgrad, conv_relu_dgrad, max_blur_pool_backward) -> None:
+    """Autograd for a fused stage op ``conv_relu_pool(src, weight, slot, tile_pos, in_side,
+    src_is_image, pixel_norm) -> (pooled, act)`` (act = relu(conv), pooled = MaxBlurPool(act)).
+
+    One node for the stage lets the pool backward write the gradient before the ReLU directly
+    (``max_blur_pool_backward(..., relu_mask=True)``: its kernel has act in hand) and both conv
+    gradient ops read it with ``out=None``: no separate pass applies relu' to the gradient. A
+    gradient that reaches ``act`` itself (rare: the tokenizer uses only ``pooled``) is masked and
+    added. The gradient ops must accept ``out=None`` for an already-masked gradient."""
+
+    def setup(ctx, inputs, output):
+        src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm = inputs
+        ctx.save_for_backward(src, weight, slot, tile_pos, output[1], pixel_norm)
+        ctx.in_side, ctx.src_is_image = in_side, src_is_image
+        ctx.src_shape = tuple(src.shape)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros
+
+    def backward(ctx, grad_pooled, grad_act):
+        src, weight, slot, tile_pos, act, pixel_norm = ctx.saved_tensors
+        grad = None
+        if grad_pooled is not None:
+            grad = max_blur_pool_backward(grad_pooled, act, slot, tile_pos, True)
+        if grad_act is not None:
+            direct = torch.where(act > 0, grad_act, torch.zeros((), dtype=grad_act.dtype, device=grad_act.device))
+            grad = direct if grad is None else grad + direct
+        if grad is None:
+            return None, None, None, None, None, None, None
+        return _conv_grads(ctx, conv_relu_wgrad, conv_relu_dgrad, grad, None, src, weight, slot, tile_pos, pixel_norm)
+
+    conv_relu_pool.register_autograd(backward, setup_context=setup)

@@ -16,9 +16,13 @@ gradients and shapes those kernels refuse (``conv_gemm_path`` says why) run one 
 shared-memory GEMM that gathers each operand element through the ``slot`` table (WMMA for
 float16/bfloat16 on sm_80+, CUDA cores otherwise). The C++ twin follows the same path rule and
 index functions, so CPU tests exercise both paths. MaxBlurPool (float16/bfloat16, channels a
-multiple of 8): one block per visible tile and channel chunk stages the patch plus halo once with
-16-byte copies (``pool_path`` says which kernels run and why); everything else one thread per
-element; the twin runs the tiled staging and per-pixel functions too. float16/bfloat16/float32 accumulate in float32, float64 in float64.
+multiple of 8): one thread per (visible tile, pooled pixel, 8-channel vector) reads its window as
+16-byte vectors through the tile's neighbour slots (``pool_path`` says which kernels run and
+why); everything else one thread per element; the twin runs the same task, lookup and window
+functions. The tokenizer runs each stage as one op (``conv_relu_pool``) whose backward has the pool
+kernel write the gradient before the ReLU (``relu_mask``), which both conv gradient kernels read
+as it is (``out=None``): no separate relu' pass. float16/bfloat16/float32 accumulate in float32,
+float64 in float64.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from typing import Sequence
 import torch
 
 from .compact import (_multiprocessors, accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed,
-                      reduction_splits, register_stage_autograd, tokenize_compact, weight_from_partials)
+                      reduction_splits, register_conv_pool_autograd, register_stage_autograd, tokenize_compact,
+                      weight_from_partials)
 from .ops import _C
 
 __all__ = ["cuda_tokenize", "cuda_supports", "use_tensor_cores", "use_implicit_gemm", "conv_gemm_path"]
@@ -98,16 +103,22 @@ def _neighbour_scratch(g: "_C.StageGeometry", like: torch.Tensor) -> torch.Tenso
     return torch.empty((g.num_tiles, 9), dtype=torch.int32, device=like.device) if like.is_cuda else None
 
 
-def _implicit_wgrad_splits(g: "_C.StageGeometry", rows: int, device: torch.device) -> int:
+def _implicit_wgrad_splits(g: "_C.StageGeometry", rows: int, device: torch.device, dtype: torch.dtype,
+                           src_dtype: int) -> int:
     """Parts of the implicit weight gradient's reduction over output pixels. Compact stages: about
     one wave of (tap, 64 input channels) x 128 output channel blocks at four per SM, at least 1024
-    pixels each. The image stage: its persistent blocks (two per SM, at most one per 128 pixels),
-    each of which writes one partial."""
+    pixels each. The image stage: its persistent blocks (one per SM, at most one per 128 pixels)
+    write one partial each, or one per cluster of two blocks where the kernel runs as clusters
+    (sm_90 code on a GPU with clusters; it sums the pair through distributed shared memory), so
+    there are half as many partials as SMs. The kernel's own test decides, not the GPU's compute
+    capability: code from sm_80 (an sm_80-only build, or its PTX on a newer GPU) runs without
+    clusters, and half as many partials would leave half the SMs idle."""
     if device.type != "cuda":
         return 1
     sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     if g.src_image:
-        return max(1, min(-(-rows // 128), 2 * sms, 65535))
+        pairs = 2 if _C.image_wgrad_clusters(_CODES[dtype], src_dtype) else 1
+        return max(1, min(-(-rows // (128 * pairs)), sms // pairs, 65535))
     blocks = g.ksize * g.ksize * -(-g.c_in // 64) * -(-g.c_out // 128)
     return max(1, min(-(-rows // 1024), -(-4 * sms // blocks), 65535))
 
@@ -206,21 +217,22 @@ def _(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=None):
 
 
 @torch.library.custom_op("scott_kernels::cuda_conv_relu_wgrad", mutates_args=())
-def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor, src: torch.Tensor, weight: torch.Tensor,
+def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor | None, src: torch.Tensor, weight: torch.Tensor,
                     slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int, src_is_image: bool,
                     pixel_norm: torch.Tensor | None = None) -> torch.Tensor:
-    """Gradient of conv_relu with respect to its (C_out, C_in, k, k) weight."""
+    """Gradient of conv_relu with respect to its (C_out, C_in, k, k) weight. ``out`` is the
+    forward's output, for the ReLU mask; ``None`` when ``grad`` is already multiplied by relu'."""
     if not src_is_image:
         src = src.contiguous()
     g = _stage("cuda_conv_relu_wgrad", src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm)
     k = g.ksize
     k_total = k * k * g.c_in
     shape = (g.num_tiles, in_side // 2, in_side // 2, g.c_out)
-    if tuple(grad.shape) != shape or tuple(out.shape) != shape:
+    if tuple(grad.shape) != shape or (out is not None and tuple(out.shape) != shape):
         raise ValueError(f"cuda_conv_relu_wgrad: grad and out must be {shape}, got {tuple(grad.shape)}, "
-                         f"{tuple(out.shape)}")
+                         f"{None if out is None else tuple(out.shape)}")
     grad = grad.to(weight.dtype).contiguous()
-    out = out.to(weight.dtype).contiguous()
+    out = None if out is None else out.to(weight.dtype).contiguous()
     norm = _norm_table(pixel_norm, weight.dtype)
     rows = g.num_tiles * (in_side // 2) ** 2
     if rows == 0:
@@ -228,16 +240,18 @@ def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor, src: torch.Tensor, we
     # (the CPU twin computes in float32/float64 only, where the accumulator is the compute dtype)
     nbr = gmask = None
     if _implicit(g, weight, op="wgrad"):
-        splits = _implicit_wgrad_splits(g, rows, weight.device)
-        nbr, gmask = _neighbour_scratch(g, weight), (torch.empty_like(grad) if weight.is_cuda else None)
-        grad, out = _aligned(grad), _aligned(out)
+        splits = _implicit_wgrad_splits(g, rows, weight.device, weight.dtype,
+                                        _UINT8 if src.dtype == torch.uint8 else _CODES[weight.dtype])
+        nbr = _neighbour_scratch(g, weight)
+        gmask = torch.empty_like(grad) if weight.is_cuda and out is not None else None
+        grad, out = _aligned(grad), None if out is None else _aligned(out)
         if not src_is_image:
             src = _aligned(src)
     else:
         splits = reduction_splits(rows, k_total, g.c_out, weight.device, min_rows=1024)
     result = torch.empty((splits, k_total, g.c_out), dtype=accumulator_dtype(weight.dtype), device=weight.device)
     _C.conv_relu_wgrad(g, _CODES[weight.dtype], _UINT8 if src.dtype == torch.uint8 else _CODES[weight.dtype],
-                       src.data_ptr(), grad.data_ptr(), out.data_ptr(), _ptr(norm), slot.contiguous().data_ptr(),
+                       src.data_ptr(), grad.data_ptr(), _ptr(out), _ptr(norm), slot.contiguous().data_ptr(),
                        tile_pos.contiguous().data_ptr(), result.data_ptr(), splits, weight.is_cuda, _stream(weight),
                        _ptr(nbr), _ptr(gmask))
     return weight_from_partials(result, weight)
@@ -249,26 +263,27 @@ def _(grad, out, src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=
 
 
 @torch.library.custom_op("scott_kernels::cuda_conv_relu_dgrad", mutates_args=())
-def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor,
+def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor | None, weight: torch.Tensor, slot: torch.Tensor,
                     tile_pos: torch.Tensor, in_side: int) -> torch.Tensor:
-    """Gradient of conv_relu with respect to a compact source -> (M, q, q, C_in)."""
+    """Gradient of conv_relu with respect to a compact source -> (M, q, q, C_in). ``out`` is the
+    forward's output, for the ReLU mask; ``None`` when ``grad`` is already multiplied by relu'."""
     c_out, c_in, k, _ = weight.shape
     fake_src = weight.new_empty((tile_pos.shape[0], in_side, in_side, c_in))
     g = _stage("cuda_conv_relu_dgrad", fake_src, weight, slot, tile_pos, in_side, False, None)
     shape = (g.num_tiles, in_side // 2, in_side // 2, c_out)
-    if tuple(grad.shape) != shape or tuple(out.shape) != shape:
+    if tuple(grad.shape) != shape or (out is not None and tuple(out.shape) != shape):
         raise ValueError(f"cuda_conv_relu_dgrad: grad and out must be {shape}, got {tuple(grad.shape)}, "
-                         f"{tuple(out.shape)}")
+                         f"{None if out is None else tuple(out.shape)}")
     weight_t = gemm_weight_transposed(weight)
     grad = grad.to(weight.dtype).contiguous()
-    out = out.to(weight.dtype).contiguous()
+    out = None if out is None else out.to(weight.dtype).contiguous()
     dsrc = torch.empty_like(fake_src)
     if dsrc.numel():
         nbr = gmask = None
         if _implicit(g, dsrc, op="dgrad") and dsrc.is_cuda:
-            nbr, gmask = _neighbour_scratch(g, dsrc), torch.empty_like(grad)
-            grad, out = _aligned(grad), _aligned(out)
-        _C.conv_relu_dgrad(g, _CODES[weight.dtype], grad.data_ptr(), out.data_ptr(), weight_t.data_ptr(),
+            nbr, gmask = _neighbour_scratch(g, dsrc), (None if out is None else torch.empty_like(grad))
+            grad, out = _aligned(grad), None if out is None else _aligned(out)
+        _C.conv_relu_dgrad(g, _CODES[weight.dtype], grad.data_ptr(), _ptr(out), weight_t.data_ptr(),
                            slot.contiguous().data_ptr(), tile_pos.contiguous().data_ptr(), dsrc.data_ptr(),
                            dsrc.is_cuda, _stream(dsrc), _ptr(nbr), _ptr(gmask))
     return dsrc
@@ -316,8 +331,9 @@ def _(act, slot, tile_pos):
 
 @torch.library.custom_op("scott_kernels::cuda_max_blur_pool_backward", mutates_args=())
 def max_blur_pool_backward(grad: torch.Tensor, act: torch.Tensor, slot: torch.Tensor,
-                           tile_pos: torch.Tensor) -> torch.Tensor:
-    """Gradient of max_blur_pool with respect to its (M, s, s, C) input."""
+                           tile_pos: torch.Tensor, relu_mask: bool = False) -> torch.Tensor:
+    """Gradient of max_blur_pool with respect to its (M, s, s, C) input. With ``relu_mask`` the
+    gradient comes multiplied by (act > 0): for act = relu(y), the gradient with respect to y."""
     act = act.contiguous()
     g = _pool("cuda_max_blur_pool_backward", act, slot, tile_pos)
     expected = (g.num_tiles, g.side // 2, g.side // 2, g.channels)
@@ -327,16 +343,41 @@ def max_blur_pool_backward(grad: torch.Tensor, act: torch.Tensor, slot: torch.Te
     dact = torch.empty_like(act)
     if dact.numel():
         _C.max_blur_pool_backward(g, _CODES[act.dtype], grad.data_ptr(), act.data_ptr(), slot.contiguous().data_ptr(),
-                                  tile_pos.contiguous().data_ptr(), dact.data_ptr(), dact.is_cuda, _stream(dact))
+                                  tile_pos.contiguous().data_ptr(), dact.data_ptr(), bool(relu_mask), dact.is_cuda,
+                                  _stream(dact))
     return dact
 
 
 @max_blur_pool_backward.register_fake
-def _(grad, act, slot, tile_pos):
+def _(grad, act, slot, tile_pos, relu_mask=False):
     return torch.empty_like(act, memory_format=torch.contiguous_format)
 
 
 register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blur_pool, max_blur_pool_backward)
+
+
+# --------------------------------------------------------------------------------------------
+# conv + ReLU + MaxBlurPool, one autograd node per stage
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("scott_kernels::cuda_conv_relu_pool", mutates_args=())
+def conv_relu_pool(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
+                   in_side: int, src_is_image: bool,
+                   pixel_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max_blur_pool(act), act) for act = conv_relu(src, ...): one stage of the tokenizer. Its
+    backward has the pool kernel write the gradient before the ReLU (relu_mask), which both conv
+    gradient kernels then read as it is."""
+    act = conv_relu(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm)
+    return max_blur_pool(act, slot, tile_pos), act
+
+
+@conv_relu_pool.register_fake
+def _(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=None):
+    m, c_out = tile_pos.shape[0], weight.shape[0]
+    return (weight.new_empty((m, in_side // 4, in_side // 4, c_out)),
+            weight.new_empty((m, in_side // 2, in_side // 2, c_out)))
+
+
+register_conv_pool_autograd(conv_relu_pool, conv_relu_wgrad, conv_relu_dgrad, max_blur_pool_backward)
 
 
 def cuda_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: torch.Tensor | None, patch_size: int,
@@ -344,4 +385,5 @@ def cuda_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: torch.
                   pixel_norm: torch.Tensor | None = None) -> torch.Tensor:
     """The tokenizer through the native kernels (see ``compact.tokenize_compact``); on a CPU
     tensor it runs their C++ twin (float32/float64)."""
-    return tokenize_compact(conv_relu, max_blur_pool, x, weights, keep, patch_size, num_visible, packed, pixel_norm)
+    return tokenize_compact(conv_relu, max_blur_pool, x, weights, keep, patch_size, num_visible, packed, pixel_norm,
+                            conv_pool=conv_relu_pool)

@@ -12,8 +12,8 @@ import torch
 
 from scott_kernels import SparseConvTokenizer, build_info, reference_tokenize, sparse_conv_tokenize
 from scott_kernels.compact import visible_tables
-from scott_kernels.cuda_backend import (conv_relu, conv_relu_dgrad, conv_relu_wgrad, cuda_tokenize, max_blur_pool,
-                                        max_blur_pool_backward)
+from scott_kernels.cuda_backend import (conv_relu, conv_relu_dgrad, conv_relu_pool, conv_relu_wgrad, cuda_tokenize,
+                                        max_blur_pool, max_blur_pool_backward)
 
 from conftest import HAS_CUDA, random_weights
 from test_backends import CONFIGS, _mask_cases
@@ -140,11 +140,22 @@ def test_opcheck_and_gradcheck(device):
         (max_blur_pool, (act, slot, tile_pos)),
         (max_blur_pool_backward, (torch.randn(4, 1, 1, 3, dtype=torch.float64, device=device), act.detach(), slot,
                                   tile_pos)),
+        # the fused stage and the already-masked gradient its backward passes on (out=None)
+        (conv_relu_wgrad, (g * (out > 0), None, src.detach(), w.detach(), slot, tile_pos, 4, False)),
+        (conv_relu_dgrad, (g * (out > 0), None, w.detach(), slot, tile_pos, 4)),
+        (max_blur_pool_backward, (torch.randn(4, 1, 1, 3, dtype=torch.float64, device=device), act.detach() - 0.5,
+                                  slot, tile_pos, True)),
+        (conv_relu_pool, (src, w, slot, tile_pos, 4, False)),
+        (conv_relu_pool, (image, w, slot, tile_pos, 4, True)),
     ]:
         torch.library.opcheck(op, args)
     torch.autograd.gradcheck(lambda a, b: conv_relu(a, b, slot, tile_pos, 4, False), (src, w))
     torch.autograd.gradcheck(lambda a, b: conv_relu(a, b, slot, tile_pos, 4, True), (image, w))
     torch.autograd.gradcheck(lambda a: max_blur_pool(a, slot, tile_pos), (act,))
+    # the fused stage: through the pooled output alone (its act gradient stays None), and through both
+    torch.autograd.gradcheck(lambda a, b: conv_relu_pool(a, b, slot, tile_pos, 4, False)[0], (src, w))
+    torch.autograd.gradcheck(lambda a, b: conv_relu_pool(a, b, slot, tile_pos, 4, False), (src, w))
+    torch.autograd.gradcheck(lambda a, b: conv_relu_pool(a, b, slot, tile_pos, 4, True)[0], (image, w))
 
 
 def test_ops_reject_bad_input():
@@ -371,6 +382,64 @@ def test_implicit_image_stage_uint8_and_strided(kernels):
                                rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("in_side,k", [(2, 3), (4, 7), (8, 7)], ids=lambda v: str(v))
+def test_implicit_image_groups_of_many_tiles(in_side, k):
+    """The image kernels' groups of 128 output pixels hold 128 / s^2 tiles (128, 32 and 8 here):
+    through the twin, several groups and a partial last one, float and uint8 (normalised) images,
+    against the gather GEMM, values and (k = 7) weight gradients."""
+    gen = torch.Generator().manual_seed(in_side)
+    B, gh, gw = 2, 16, 15
+    keep = torch.rand(B, gh * gw, generator=gen) >= 0.3
+    keep[1, :5] = False
+    slot, tile_pos = visible_tables(keep, B, gh, gw, torch.device("cpu"))
+    M = tile_pos.shape[0]
+    tiles = 128 // (in_side // 2) ** 2
+    assert M > 2 * tiles and M % tiles, (M, tiles)  # several groups and a partial last one
+    w = torch.randn(8, 3, k, k, generator=gen, dtype=torch.float64)
+    table = torch.tensor([[120.0, 110.0, 100.0], [1 / 60, 1 / 55, 1 / 50]], dtype=torch.float64)
+    raw = torch.randint(0, 256, (B, 3, gh * in_side, gw * in_side), generator=gen, dtype=torch.uint8)
+    for x, norm in ((torch.randn(B, 3, gh * in_side, gw * in_side, generator=gen, dtype=torch.float64), None),
+                    (raw, table)):
+        geo = _geometry(num_tiles=M, batch=B, grid=(gh, gw), in_side=in_side, k=k, c_in=3, c_out=8, image=True)
+        geo.s_b, geo.s_c, geo.s_h, geo.s_w = x.stride()
+        assert conv_gemm_path(geo, torch.float64, on_cuda=False) == "implicit"
+        wgrad = conv_gemm_path(geo, torch.float64, on_cuda=False, op="wgrad") == "implicit"
+        assert wgrad == (k == 7)
+        results = []
+        for implicit in (True, False):
+            use_implicit_gemm(implicit)
+            try:
+                out = conv_relu(x, w, slot, tile_pos, in_side, True, norm)
+                grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+                results.append((out, conv_relu_wgrad(grad, out, x, w, slot, tile_pos, in_side, True, norm)))
+            finally:
+                use_implicit_gemm(True)
+        assert results[0][0].abs().sum() > 0
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_image_wgrad_partials_follow_the_kernel():
+    """The image weight gradient writes one partial per cluster of two blocks only where its kernel
+    runs as clusters (sm_90 code on a GPU with clusters): the partial count follows that test, not
+    the GPU's compute capability, and there are no clusters without a GPU."""
+    from scott_kernels.cuda_backend import _CODES, _UINT8, _implicit_wgrad_splits
+    geo = _geometry(num_tiles=64 * 196, batch=64, grid=(14, 14), in_side=16, k=7, c_in=3, c_out=64, image=True)
+    rows = 64 * 196 * 64
+    for dtype in (torch.float16, torch.bfloat16):
+        for src in (_CODES[dtype], _UINT8):
+            clusters = _C.image_wgrad_clusters(_CODES[dtype], src)
+            if not (HAS_CUDA and CUDA_BUILT):
+                assert clusters is False
+                continue
+            if torch.cuda.get_device_capability()[0] < 9:
+                assert not clusters
+            sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+            splits = _implicit_wgrad_splits(geo, rows, torch.device("cuda"), dtype, src)
+            assert splits == (sms // 2 if clusters else sms)
+    assert _implicit_wgrad_splits(geo, rows, torch.device("cpu"), torch.float16, _UINT8) == 1
+
+
 def test_implicit_twin_ops_match_gather_ops():
     """Op by op (forward, weight and input gradients), both GEMM paths of the twin agree exactly
     enough in float64, with corrupt table entries that must read as masked patches."""
@@ -491,13 +560,14 @@ def _pool_geometry(num_tiles=6, batch=2, grid=(2, 3), side=8, channels=64):
 
 
 def test_tiled_pool_path_rules():
-    """Channels in 16-byte vectors, a staged patch that fits the block's shared memory, 31-bit
-    offsets; on a GPU float16/bfloat16 only (float32/float64 keep the per-element kernels)."""
+    """Channels in 16-byte vectors, an even side, 31-bit offsets (any patch size: nothing is staged
+    in shared memory); on a GPU float16/bfloat16 only (float32/float64 keep the per-element
+    kernels)."""
     assert pool_path(_pool_geometry(), torch.float64, on_cuda=False) == "tiled"
     assert pool_path(_pool_geometry(side=2, channels=384), torch.float64, on_cuda=False) == "tiled"
     assert pool_path(_pool_geometry(side=32, channels=8), torch.float64, on_cuda=False) == "tiled"
     assert "multiples of 8" in pool_path(_pool_geometry(channels=12), torch.float64, on_cuda=False)
-    assert "shared memory" in pool_path(_pool_geometry(side=36, channels=8), torch.float64, on_cuda=False)
+    assert pool_path(_pool_geometry(side=36, channels=8), torch.float64, on_cuda=False) == "tiled"
     assert "2^31" in pool_path(_pool_geometry(num_tiles=2 ** 17, side=16, channels=64), torch.float64, on_cuda=False)
     assert pool_path(_pool_geometry(num_tiles=2 ** 17 - 1, side=16, channels=64), torch.float64,
                      on_cuda=False) == "tiled"
@@ -530,11 +600,13 @@ def _pool_case(B, grid, side, channels, mask, seed, device="cpu", dtype=torch.fl
 
 
 def _both_pool_paths(act, grad, slot, tile_pos):
+    """(pooled, input gradient, input gradient with relu_mask) on the tiled and the per-element path."""
     results = []
     for tiled in (True, False):
         use_tiled_pool(tiled)
         try:
-            results.append((max_blur_pool(act, slot, tile_pos), max_blur_pool_backward(grad, act, slot, tile_pos)))
+            results.append((max_blur_pool(act, slot, tile_pos), max_blur_pool_backward(grad, act, slot, tile_pos),
+                            max_blur_pool_backward(grad, act, slot, tile_pos, True)))
         finally:
             use_tiled_pool(True)
     return results
@@ -556,8 +628,10 @@ def test_tiled_pool_twin_matches_per_element(case):
     slot, tile_pos, act, grad = _pool_case(B, grid, side, channels, mask, seed=side + channels)
     g = _pool_geometry(tile_pos.shape[0], B, grid, side, channels)
     assert pool_path(g, torch.float64, on_cuda=False) == "tiled"
-    (out_t, din_t), (out_e, din_e) = _both_pool_paths(act, grad, slot, tile_pos)
-    assert torch.equal(out_t, out_e) and torch.equal(din_t, din_e)
+    (out_t, din_t, masked_t), (out_e, din_e, masked_e) = _both_pool_paths(act, grad, slot, tile_pos)
+    assert torch.equal(out_t, out_e) and torch.equal(din_t, din_e) and torch.equal(masked_t, masked_e)
+    # relu_mask: the gradient before a ReLU whose output was act (0 where act <= 0, as torch's ReLU)
+    assert torch.equal(masked_t, torch.where(act > 0, din_t, torch.zeros_like(din_t)))
 
 
 def test_tiled_pool_corrupt_tables():
@@ -568,8 +642,8 @@ def test_tiled_pool_corrupt_tables():
     bad_pos[0] = 10 ** 12
     bad_slot = slot.clone()
     bad_slot.view(-1)[1] = 10 ** 6
-    (out_t, din_t), (out_e, din_e) = _both_pool_paths(act, grad, bad_slot, bad_pos)
-    assert torch.equal(out_t, out_e) and torch.equal(din_t, din_e)
+    (out_t, din_t, masked_t), (out_e, din_e, masked_e) = _both_pool_paths(act, grad, bad_slot, bad_pos)
+    assert torch.equal(out_t, out_e) and torch.equal(din_t, din_e) and torch.equal(masked_t, masked_e)
     assert (out_t[0] == 0).all() and (din_t[0] == 0).all()
 
 
@@ -584,8 +658,9 @@ def test_tiled_pool_kernels_gpu(dtype, case):
     slot, tile_pos, act, grad = _pool_case(B, grid, side, channels, "random", seed=1, device="cuda", dtype=dtype)
     g = _pool_geometry(tile_pos.shape[0], B, grid, side, channels)
     assert pool_path(g, dtype, on_cuda=True) == "tiled"
-    (out_t, din_t), (out_e, din_e) = _both_pool_paths(act, grad, slot, tile_pos)
-    assert torch.equal(out_t, out_e) and torch.equal(din_t, din_e)
+    (out_t, din_t, masked_t), (out_e, din_e, masked_e) = _both_pool_paths(act, grad, slot, tile_pos)
+    assert torch.equal(out_t, out_e) and torch.equal(din_t, din_e) and torch.equal(masked_t, masked_e)
+    assert torch.equal(masked_t, torch.where(act > 0, din_t, torch.zeros_like(din_t)))
     out64 = max_blur_pool(act.double().cpu(), slot.cpu(), tile_pos.cpu())
     din64 = max_blur_pool_backward(grad.double().cpu(), act.double().cpu(), slot.cpu(), tile_pos.cpu())
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
