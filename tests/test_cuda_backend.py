@@ -614,14 +614,14 @@ def _both_pool_paths(act, grad, slot, tile_pos):
 
 @pytest.mark.parametrize("case", [
     (2, (3, 4), 8, 64, "random"), (2, (3, 4), 8, 64, "all"), (3, (2, 2), 8, 64, "single"),
-    (2, (3, 3), 2, 384, "random"),   # stage 1 shape: one pixel out, 48 vectors in one block
-    (2, (2, 3), 8, 104, "random"),   # 13 vectors: chunks of 7 and 6
+    (2, (3, 3), 2, 384, "random"),   # last-stage shape: one pooled pixel per tile, 48 vectors
+    (2, (2, 3), 8, 104, "random"),   # 13 vectors: an odd vector count per pixel
     (1, (1, 1), 4, 8, "all"),        # one patch, every border
-    (2, (2, 5), 16, 24, "random"),   # three chunks of one vector
-    (1, (4, 1), 32, 8, "all"),       # the largest staged patch
+    (2, (2, 5), 16, 24, "random"),   # three vectors per pixel
+    (1, (4, 1), 32, 8, "all"),       # a large patch, one vector
 ], ids=str)
 def test_tiled_pool_twin_matches_per_element(case):
-    """The tiled kernels' staging and per-pixel functions (twin, float64) give exactly the values of
+    """The tiled kernels' task, window and per-task functions (twin, float64) give exactly the values of
     the per-element definition, forward and backward, including ties, negative values next to
     masked patches and the image borders."""
     B, grid, side, channels, mask = case
@@ -666,3 +666,52 @@ def test_tiled_pool_kernels_gpu(dtype, case):
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(out_t.double().cpu(), out64, **tol)
     torch.testing.assert_close(din_t.double().cpu(), din64, **tol)
+
+
+def _to_compact(dense, tile_pos, side):
+    """(B, C, H, W) -> the compact (M, side, side, C) rows of the tiles in tile_pos."""
+    B, C, H, W = dense.shape
+    tiles = dense.reshape(B, C, H // side, side, W // side, side).permute(0, 2, 4, 3, 5, 1)
+    return tiles.reshape(-1, side, side, C)[tile_pos]
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float64),
+                                          pytest.param("cuda", torch.bfloat16, marks=needs_gpu),
+                                          pytest.param("cuda", torch.float16, marks=needs_gpu)], ids=str)
+@pytest.mark.parametrize("case", [(2, (3, 3), 6, 16, "random"), (2, (2, 3), 8, 8, "all"),
+                                  (2, (3, 4), 2, 24, "random"), (2, (2, 2), 10, 8, "single")], ids=str)
+def test_pool_ops_match_torch_autograd_with_ties(device, dtype, case):
+    """Both pool paths against autograd through torch's max_pool2d + blur on the dense masked map
+    (the reference's definition), on activations with many exactly equal positive values: the
+    gradient goes to each window's first maximum as torch routes it, across tile borders and next
+    to masked neighbours, odd pooled sides included; relu_mask against torch's ReLU backward
+    (nothing at exactly 0). Halves are exact in every dtype, so the GPU kernels see the same ties."""
+    from scott_kernels.compact import compact_to_image
+    from scott_kernels.reference import max_blur_pool as dense_max_blur_pool
+
+    B, grid, side, channels, mask = case
+    slot, tile_pos, _, grad = _pool_case(B, grid, side, channels, mask, seed=side + channels)
+    gen = torch.Generator().manual_seed(side)
+    y = torch.randint(-2, 4, (tile_pos.shape[0], side, side, channels), generator=gen).double() / 2  # pre-ReLU
+    grad = grad.to(dtype).double()  # the values the kernels read
+    H, W = grid[0] * side, grid[1] * side
+    ones = torch.ones(tile_pos.shape[0], side, side, 1, dtype=torch.float64)
+    keep = compact_to_image(ones, tile_pos, (B, 1, H, W))
+    y_dense = compact_to_image(y, tile_pos, (B, channels, H, W)).requires_grad_()
+    act_dense = torch.relu(y_dense) * keep
+    act_dense.retain_grad()
+    pooled_dense = dense_max_blur_pool(act_dense) * keep[:, :, ::2, ::2]
+    (pooled_dense * compact_to_image(grad, tile_pos, (B, channels, H // 2, W // 2))).sum().backward()
+    want_out = _to_compact(pooled_dense.detach(), tile_pos, side // 2)
+    want_din, want_masked = _to_compact(act_dense.grad, tile_pos, side), _to_compact(y_dense.grad, tile_pos, side)
+
+    act = y.clamp_min(0)
+    args = [t.to(device) for t in (act.to(dtype), grad.to(dtype), slot, tile_pos)]
+    if device == "cuda":
+        g = _pool_geometry(tile_pos.shape[0], B, grid, side, channels)
+        assert pool_path(g, dtype, on_cuda=True) == "tiled"
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-2, atol=1e-2)
+    for out, din, masked in _both_pool_paths(*args):
+        torch.testing.assert_close(out.double().cpu(), want_out, **tol)
+        torch.testing.assert_close(din.double().cpu(), want_din, **tol)
+        torch.testing.assert_close(masked.double().cpu(), want_masked, **tol)
