@@ -19,8 +19,8 @@ from mimjepa.models import Encoder
 from mimjepa.probe import AttentivePoolProbe
 
 
-def main(steps: int = 384) -> None:
-    cfg = load_config(PretrainConfig, CONFIG_DIR / "embedded.yaml", ["data.embedded_test_size=2000"])
+def main(steps: int = 384, overrides=()) -> None:
+    cfg = load_config(PretrainConfig, CONFIG_DIR / "embedded.yaml", ["data.embedded_test_size=2000", *overrides])
     size, dim = cfg.model.img_size, cfg.model.embed_dim
     torch.manual_seed(0)
     train, num_classes = build_dataset(cfg.data, "train", size, seed=0)
@@ -48,4 +48,4 @@ def main(steps: int = 384) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 384)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 384, sys.argv[2:])

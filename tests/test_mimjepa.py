@@ -210,6 +210,31 @@ def test_probe_and_visualise(tiny_checkpoint, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _one_informative_feature(n: int = 400):
+    """Pooled features (n, 1, 9): feature 0 carries the class (two classes), the other eight are
+    a large shared offset plus noise with a hundred times its scale."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % 2
+    informative = y[:, None].float() + 0.3 * torch.randn(n, 1, generator=g)
+    nuisance = 50.0 + 100.0 * torch.randn(n, 8, generator=g)
+    return torch.cat([informative, nuisance], 1)[:, None, :], y
+
+
+def test_knn_and_linear_probe_standardise_pooled_features():
+    from mimjepa.probe import LinearProbe, knn_classify, train_probe
+
+    x, y = _one_informative_feature()
+    train, test = (x[:200], y[:200]), (x[200:], y[200:])
+    acc = lambda scores: (scores.argmax(1) == test[1]).float().mean().item()
+    # standardised, the informative feature counts as much as each nuisance: clearly above chance;
+    # raw cosine is decided by the nuisances' scale (the check that this test can fail)
+    assert acc(knn_classify(train, test[0], 2, k=5)) > 0.75
+    assert acc(knn_classify(train, test[0], 2, k=5, standardise=False)) < 0.65
+    r = train_probe("linear", LinearProbe(9, 2), train, test, test, 2, epochs=30, lr=1e-2, weight_decay=0.0,
+                    batch_size=64, device="cpu")
+    assert r.test["top1"] > 90
+
+
 def test_target_and_context_encoders_load(tiny_checkpoint):
     assert isinstance(load_encoder(tiny_checkpoint, "target"), Encoder)
     assert isinstance(load_encoder(tiny_checkpoint, "context"), Encoder)
