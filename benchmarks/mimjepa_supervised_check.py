@@ -3,7 +3,8 @@ attentive-pool head trained WITH labels (cross-entropy, AdamW 5e-4, batches of 3
 same 2,048 training images, flipped every other step); top-1 on the 2,000-image test split every
 256 steps. Tells whether the encoder can learn the arrangements at all in a given number of steps.
 
-    OMP_NUM_THREADS=1 python benchmarks/mimjepa_supervised_check.py [STEPS]   # default 384 (the demo's)
+    OMP_NUM_THREADS=1 python benchmarks/mimjepa_supervised_check.py [STEPS [key=value ...]]
+    # STEPS default 384; overrides of embedded.yaml, e.g. data.embedded_kind=outlines
 """
 
 import sys
