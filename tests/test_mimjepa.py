@@ -314,3 +314,20 @@ def test_visualise_with_random_init_row_and_demo_summary(tiny_checkpoint, tmp_pa
     s = summarise(results)
     assert s["knn"] == {"pretrained": 40.0, "random_init": 15.0, "gain": 25.0}
     assert s["linear"]["gain"] == -2.5 and s["best_attentive"]["gain"] == 30.0
+
+
+def test_demo_verdict_names_the_probes_that_miss_the_bar(capsys):
+    from mimjepa.cli import _print_summary, summarise
+
+    entry = lambda top1: {"test": {"top1": top1}}
+    base = {"knn": entry(15.0), "linear": entry(32.5), "best_attentive": entry(20.0)}
+    results = {"knn": entry(40.0), "linear": entry(36.0), "best_attentive": entry(19.0), "random_init": base,
+               "chance_top1": 10.0}
+    _print_summary(summarise(results), results, 100)
+    out = capsys.readouterr().out
+    assert "NOT met in this run (linear, best attentive)" in out  # +3.5 on linear, -1 on attentive
+    results.update(linear=entry(37.5), best_attentive=entry(20.0))
+    _print_summary(summarise(results), results, 100)
+    out = capsys.readouterr().out
+    assert "bar (k-NN and linear >= +5 points, best attentive >= +0): met in this run" in out
+    assert "beats the randomly initialised encoder" not in out  # attentive +0: "same", not "better"

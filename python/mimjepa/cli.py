@@ -138,7 +138,7 @@ def _print_summary(summary: dict, results: dict, test_size: int) -> None:
                    if name in summary and summary[name]["pretrained"] < results["chance_top1"] + 2]
     if all(v == "better" for v in verdicts.values()):
         print("what this shows: pretraining beats the randomly initialised encoder on every probe; the "
-              "features learned from unlabelled images separate arrangements that random features do not.")
+              "features learned from unlabelled images separate the classes better than random features.")
     else:
         groups = {v: [label for label, w in verdicts.items() if w == v] for v in ("better", "same", "worse")}
         parts = [f"{'better than' if v == 'better' else 'no better than' if v == 'same' else 'worse than'} "
