@@ -72,8 +72,9 @@ class DataConfig:
     dataset: Literal["embedded", "folder", "flowers102", "pets37", "imagenet100"] = "embedded"
     root: Optional[str] = None
     num_workers: int = 0
-    # The embedded dataset (mimjepa/synthetic.py): "arrangements" (classes are how identical
-    # parts are laid out) or "shapes" (single large shapes); num_classes 0 = all of the kind's.
+    # The embedded dataset (mimjepa/synthetic.py): "outlines" (one large closed outline),
+    # "arrangements" (classes are how identical parts are laid out) or "shapes" (single large
+    # shapes); num_classes 0 = all of the kind's.
     embedded_kind: Literal["outlines", "arrangements", "shapes"] = "arrangements"
     embedded_train_size: int = 2000
     embedded_val_size: int = 500
