@@ -330,7 +330,7 @@ def make_outline_images(num_images: int, img_size: int, seed: int, num_classes: 
 def make_synthetic_images(num_images: int, img_size: int, seed: int, num_classes: int | None = None,
                           kind: str = "arrangements"):
     """(images (N, 3, S, S) float in [0, 1], labels (N,) int64) of the embedded dataset ``kind``
-    ("arrangements": 8 classes, or "shapes": 10); ``num_classes`` keeps the first classes only."""
+    ("outlines" or "arrangements": 8 classes, "shapes": 10); ``num_classes`` keeps the first classes only."""
     if kind == "outlines":
         return make_outline_images(num_images, img_size, seed, num_classes or len(OUTLINE_CLASSES))
     if kind == "arrangements":
