@@ -3,7 +3,8 @@ attentive-pool head trained WITH labels (cross-entropy, AdamW 5e-4, batches of 3
 same 2,048 training images, flipped every other step); top-1 on the 2,000-image test split every
 256 steps. Tells whether the encoder can learn the arrangements at all in a given number of steps.
 
-    OMP_NUM_THREADS=1 python benchmarks/mimjepa_supervised_check.py [STEPS]   # default 384 (the demo's)
+    OMP_NUM_THREADS=1 python benchmarks/mimjepa_supervised_check.py [STEPS [key=value ...]]
+    # STEPS default 384; overrides of embedded.yaml, e.g. data.embedded_kind=outlines
 """
 
 import sys
@@ -19,8 +20,8 @@ from mimjepa.models import Encoder
 from mimjepa.probe import AttentivePoolProbe
 
 
-def main(steps: int = 384) -> None:
-    cfg = load_config(PretrainConfig, CONFIG_DIR / "embedded.yaml", ["data.embedded_test_size=2000"])
+def main(steps: int = 384, overrides=()) -> None:
+    cfg = load_config(PretrainConfig, CONFIG_DIR / "embedded.yaml", ["data.embedded_test_size=2000", *overrides])
     size, dim = cfg.model.img_size, cfg.model.embed_dim
     torch.manual_seed(0)
     train, num_classes = build_dataset(cfg.data, "train", size, seed=0)
@@ -48,4 +49,4 @@ def main(steps: int = 384) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 384)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 384, sys.argv[2:])

@@ -210,6 +210,31 @@ def test_probe_and_visualise(tiny_checkpoint, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _one_informative_feature(n: int = 400):
+    """Pooled features (n, 1, 9): feature 0 carries the class (two classes), the other eight are
+    a large shared offset plus noise with a hundred times its scale."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % 2
+    informative = y[:, None].float() + 0.3 * torch.randn(n, 1, generator=g)
+    nuisance = 50.0 + 100.0 * torch.randn(n, 8, generator=g)
+    return torch.cat([informative, nuisance], 1)[:, None, :], y
+
+
+def test_knn_and_linear_probe_standardise_pooled_features():
+    from mimjepa.probe import LinearProbe, knn_classify, train_probe
+
+    x, y = _one_informative_feature()
+    train, test = (x[:200], y[:200]), (x[200:], y[200:])
+    acc = lambda scores: (scores.argmax(1) == test[1]).float().mean().item()
+    # standardised, the informative feature counts as much as each nuisance: clearly above chance;
+    # raw cosine is decided by the nuisances' scale (the check that this test can fail)
+    assert acc(knn_classify(train, test[0], 2, k=5)) > 0.75
+    assert acc(knn_classify(train, test[0], 2, k=5, standardise=False)) < 0.65
+    r = train_probe("linear", LinearProbe(9, 2), train, test, test, 2, epochs=30, lr=1e-2, weight_decay=0.0,
+                    batch_size=64, device="cpu")
+    assert r.test["top1"] > 90
+
+
 def test_target_and_context_encoders_load(tiny_checkpoint):
     assert isinstance(load_encoder(tiny_checkpoint, "target"), Encoder)
     assert isinstance(load_encoder(tiny_checkpoint, "context"), Encoder)
@@ -289,3 +314,20 @@ def test_visualise_with_random_init_row_and_demo_summary(tiny_checkpoint, tmp_pa
     s = summarise(results)
     assert s["knn"] == {"pretrained": 40.0, "random_init": 15.0, "gain": 25.0}
     assert s["linear"]["gain"] == -2.5 and s["best_attentive"]["gain"] == 30.0
+
+
+def test_demo_verdict_names_the_probes_that_miss_the_bar(capsys):
+    from mimjepa.cli import _print_summary, summarise
+
+    entry = lambda top1: {"test": {"top1": top1}}
+    base = {"knn": entry(15.0), "linear": entry(32.5), "best_attentive": entry(20.0)}
+    results = {"knn": entry(40.0), "linear": entry(36.0), "best_attentive": entry(19.0), "random_init": base,
+               "chance_top1": 10.0}
+    _print_summary(summarise(results), results, 100)
+    out = capsys.readouterr().out
+    assert "NOT met in this run (linear, best attentive)" in out  # +3.5 on linear, -1 on attentive
+    results.update(linear=entry(37.5), best_attentive=entry(20.0))
+    _print_summary(summarise(results), results, 100)
+    out = capsys.readouterr().out
+    assert "bar (k-NN and linear >= +5 points, best attentive >= +0): met in this run" in out
+    assert "beats the randomly initialised encoder" not in out  # attentive +0: "same", not "better"

@@ -10,11 +10,14 @@ pytest.importorskip("mimjepa", reason="the training loop is installed with the p
 
 from mimjepa.config import DataConfig, PretrainConfig, load_config, ConfigError
 from mimjepa.data import build_dataset
-from mimjepa.synthetic import (ARRANGEMENT_CLASSES, PARTS_PER_IMAGE, SHAPE_CLASSES, arrangement_parts,
-                               arrangement_templates, make_synthetic_images)
+from mimjepa.synthetic import (ARRANGEMENT_CLASSES, OUTLINE_CLASSES, PARTS_PER_IMAGE, SHAPE_CLASSES, arrangement_parts,
+                               arrangement_templates, make_synthetic_images, outline_parts, outline_segments,
+                               outline_templates)
+
+NUM_CLASSES = {"outlines": len(OUTLINE_CLASSES), "arrangements": len(ARRANGEMENT_CLASSES), "shapes": len(SHAPE_CLASSES)}
 
 
-@pytest.mark.parametrize("kind", ["arrangements", "shapes"])
+@pytest.mark.parametrize("kind", ["outlines", "arrangements", "shapes"])
 def test_same_seed_same_images_other_seed_other_images(kind):
     a = make_synthetic_images(40, 32, seed=5, kind=kind)
     b = make_synthetic_images(40, 32, seed=5, kind=kind)
@@ -25,10 +28,11 @@ def test_same_seed_same_images_other_seed_other_images(kind):
     assert a[0].min() >= 0 and a[0].max() <= 1
 
 
-@pytest.mark.parametrize("kind,n,classes", [("arrangements", 203, None), ("arrangements", 64, 3), ("shapes", 97, None)])
+@pytest.mark.parametrize("kind,n,classes", [("outlines", 203, None), ("outlines", 50, 5), ("arrangements", 203, None),
+                                            ("arrangements", 64, 3), ("shapes", 97, None)])
 def test_classes_are_balanced(kind, n, classes):
     _, labels = make_synthetic_images(n, 32, seed=1, num_classes=classes, kind=kind)
-    counts = torch.bincount(labels, minlength=classes or len(ARRANGEMENT_CLASSES if kind == "arrangements" else SHAPE_CLASSES))
+    counts = torch.bincount(labels, minlength=classes or NUM_CLASSES[kind])
     assert counts.max() - counts.min() <= 1 and counts.sum() == n
 
 
@@ -39,6 +43,10 @@ def test_bad_arguments_are_named():
         make_synthetic_images(4, 32, seed=0, num_classes=9)
     with pytest.raises(ValueError, match="img_size"):
         make_synthetic_images(4, 16, seed=0)
+    with pytest.raises(ValueError, match="num_classes"):
+        make_synthetic_images(4, 32, seed=0, num_classes=1, kind="outlines")
+    with pytest.raises(ConfigError, match="colour_jitter"):
+        load_config(PretrainConfig, None, ["data.colour_jitter=[0.4, 0.4, 0.4, 0.7]"])
     with pytest.raises(ConfigError, match="crop_scale"):
         load_config(PretrainConfig, None, ["data.crop_scale=[0.5, 0.2]"])
 
@@ -158,3 +166,58 @@ def test_embedded_splits_and_sizes():
     x_val = build_dataset(cfg, "val", 32)[0][0][0]
     x_test = build_dataset(cfg, "test", 32)[0][0][0]
     assert not torch.equal(x_val, x_test)  # each split its own draw
+
+
+# ---- outlines ---------------------------------------------------------------------------------
+def _corner_profile(poly, k):
+    """Sorted pairwise distances between the k corners of a closed polyline, over the largest."""
+    d = torch.cdist(poly[..., :k, :], poly[..., :k, :]).flatten(-2).sort(dim=-1).values
+    return d / d[..., -1:]
+
+
+def test_outline_templates_are_closed_unit_and_distinct():
+    templates = outline_templates()
+    assert len(templates) == len(OUTLINE_CLASSES) == 8
+    segments = outline_segments()
+    assert segments == [24, 3, 4, 6, 10, 12, 7, 17]
+    for (name, poly), k in zip(templates.items(), segments):
+        assert torch.equal(poly[k], poly[0]) and (poly[k:] == poly[0]).all(), name  # closed, then padding
+        assert abs(poly.norm(dim=1).max().item() - 1) < 1e-9, name
+        # every real segment has length, so the outline is exactly k strokes
+        assert ((poly[1:k + 1] - poly[:k]).norm(dim=1) > 0.05).all(), name
+    # different numbers of corners, or (circle vs the polygons) different corner geometry
+    assert len(set(segments)) == len(segments)
+
+
+def test_each_image_holds_its_class_outline():
+    """Up to rotation, scale and translation, an image's outline is its class's template; it fits
+    in the image, spans most of it, and the pixels show exactly that stroke: on the outline the
+    stroke colour, away from it the background."""
+    n = 240
+    labels, pts, width, stroke, scene = outline_parts(n, 32, seed=3)
+    images, labels2 = make_synthetic_images(n, 32, seed=3, kind="outlines")
+    assert torch.equal(labels, labels2)
+    assert (pts - width[:, None, None] / 2 >= 0).all() and (pts + width[:, None, None] / 2 <= 32).all()
+    segments = outline_segments()
+    templates = list(outline_templates().values())
+    for i in range(n):
+        c, k = int(labels[i]), segments[int(labels[i])]
+        # same corner geometry as its template (pairwise distances of the corners, scale-free)
+        assert torch.allclose(_corner_profile(pts[i], k), _corner_profile(templates[c], k), atol=1e-6), i
+        extent = (pts[i, :k].amax(0) - pts[i, :k].amin(0)).max()
+        assert extent > 0.4 * 32, i
+    # stroke pixels: the midpoints of the segments; background pixels: far from every segment
+    from mimjepa.synthetic import _segment_distance
+
+    for i in range(0, n, 7):
+        k = segments[int(labels[i])]
+        mids = ((pts[i, :k] + pts[i, 1:k + 1]) / 2).floor().long().clamp(0, 31)
+        on = images[i][:, mids[:, 1], mids[:, 0]].T                               # (k, 3)
+        assert (on - stroke[i].float()).abs().max() < 0.25, i
+        dist = _segment_distance(pts[i:i + 1, : k + 1], 32)[0]
+        far = dist > width[i] / 2 + 1.5
+        assert far.sum() > 200
+        bg_max = torch.maximum(scene["bg_a"][i], scene["bg_b"][i]).float().view(3, 1) + 0.15
+        bg_min = torch.minimum(scene["bg_a"][i], scene["bg_b"][i]).float().view(3, 1) - 0.15
+        pix = images[i][:, far]
+        assert ((pix <= bg_max) & (pix >= bg_min)).float().mean() > 0.99, i

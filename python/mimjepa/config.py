@@ -72,15 +72,19 @@ class DataConfig:
     dataset: Literal["embedded", "folder", "flowers102", "pets37", "imagenet100"] = "embedded"
     root: Optional[str] = None
     num_workers: int = 0
-    # The embedded dataset (mimjepa/synthetic.py): "arrangements" (classes are how identical
-    # parts are laid out) or "shapes" (single large shapes); num_classes 0 = all of the kind's.
-    embedded_kind: Literal["arrangements", "shapes"] = "arrangements"
+    # The embedded dataset (mimjepa/synthetic.py): "outlines" (one large closed outline),
+    # "arrangements" (classes are how identical parts are laid out) or "shapes" (single large
+    # shapes); num_classes 0 = all of the kind's.
+    embedded_kind: Literal["outlines", "arrangements", "shapes"] = "arrangements"
     embedded_train_size: int = 2000
     embedded_val_size: int = 500
     embedded_test_size: int = 0  # 0 = as many as embedded_val_size
     embedded_num_classes: int = 0
     # Random resized crop of the pretraining views: the range of the crop's area fraction.
     crop_scale: list = field(default_factory=lambda: [0.2, 1.0])
+    # Colour jitter of the pretraining views (brightness, contrast, saturation, hue), applied
+    # with probability 0.8; a hue of 0.5 turns the hue anywhere around the circle.
+    colour_jitter: list = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
     # Pretraining views: "per_view" draws colour jitter / greyscale / blur separately for the
     # context and the target view; "shared" uses one augmented image for both (as in I-JEPA),
     # so the target latents are predictable from the context.
@@ -232,6 +236,10 @@ def _validate(cfg) -> None:
         lo_hi = data.crop_scale
         if len(lo_hi) != 2 or not all(isinstance(v, (int, float)) for v in lo_hi) or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
             raise ConfigError(f"data.crop_scale must be [min, max] with 0 < min <= max <= 1, got {lo_hi}")
+        cj = data.colour_jitter
+        if len(cj) != 4 or not all(isinstance(v, (int, float)) and v >= 0 for v in cj) or cj[3] > 0.5:
+            raise ConfigError("data.colour_jitter must be [brightness, contrast, saturation, hue], each >= 0 and "
+                              f"hue <= 0.5, got {cj}")
         if min(data.embedded_train_size, data.embedded_val_size, data.embedded_test_size + 1) < 1:
             raise ConfigError("data.embedded_train_size and data.embedded_val_size must be positive, "
                               "data.embedded_test_size >= 0")

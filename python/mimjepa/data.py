@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, TensorDataset
 from torchvision.transforms import v2
 
 from .config import DataConfig
-from .synthetic import ARRANGEMENT_CLASSES, SHAPE_CLASSES, make_synthetic_images
+from .synthetic import ARRANGEMENT_CLASSES, OUTLINE_CLASSES, SHAPE_CLASSES, make_synthetic_images
 
 __all__ = ["DatasetError", "build_dataset", "TwoViews", "train_transforms", "eval_transform", "IMAGENET_MEAN",
            "IMAGENET_STD"]
@@ -29,7 +29,8 @@ class DatasetError(RuntimeError):
 
 
 def train_transforms(img_size: int, tensor_input: bool = False,
-                     crop_scale: tuple[float, float] = (0.2, 1.0)) -> tuple[v2.Compose, v2.Compose]:
+                     crop_scale: tuple[float, float] = (0.2, 1.0),
+                     colour_jitter: tuple = (0.4, 0.4, 0.2, 0.1)) -> tuple[v2.Compose, v2.Compose]:
     """(geometry, appearance): the crop and flip are shared by both views of an image, so the
     views stay pixel-aligned patch for patch; colour jitter, greyscale and blur are drawn per view."""
     geometry = ([] if tensor_input else [v2.ToImage()]) + [
@@ -37,7 +38,7 @@ def train_transforms(img_size: int, tensor_input: bool = False,
         v2.RandomHorizontalFlip(),
     ]
     appearance = [
-        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        v2.RandomApply([v2.ColorJitter(*colour_jitter)], p=0.8),
         v2.RandomGrayscale(p=0.1),
         v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=0.3),
         v2.ToDtype(torch.float32, scale=True),
@@ -96,8 +97,8 @@ def _raw_split(cfg: DataConfig, split: str, img_size: int, seed: int):
         # Each split is its own draw (own seed) of the same classes.
         images, labels = make_synthetic_images(size, img_size, seed=seed * 3 + ("train", "val", "test").index(split),
                                                num_classes=cfg.embedded_num_classes or None, kind=cfg.embedded_kind)
-        num_classes = cfg.embedded_num_classes or len(ARRANGEMENT_CLASSES if cfg.embedded_kind == "arrangements"
-                                                      else SHAPE_CLASSES)
+        num_classes = cfg.embedded_num_classes or len({"outlines": OUTLINE_CLASSES, "arrangements": ARRANGEMENT_CLASSES,
+                                                       "shapes": SHAPE_CLASSES}[cfg.embedded_kind])
         return TensorDataset(images, labels), num_classes, True
     root = Path(cfg.root).expanduser()
     if not root.exists():
@@ -131,5 +132,5 @@ def build_dataset(cfg: DataConfig, split: str, img_size: int, seed: int = 0, two
     """(dataset, num_classes). ``two_views`` gives (view1, view2, label) items for pretraining."""
     raw, num_classes, is_tensor = _raw_split(cfg, split, img_size, seed)
     if two_views:
-        return TwoViews(raw, train_transforms(img_size, is_tensor, cfg.crop_scale), cfg.view_appearance == "shared"), num_classes
+        return TwoViews(raw, train_transforms(img_size, is_tensor, cfg.crop_scale, cfg.colour_jitter), cfg.view_appearance == "shared"), num_classes
     return _Transformed(raw, eval_transform(img_size, is_tensor)), num_classes

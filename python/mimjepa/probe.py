@@ -2,7 +2,8 @@
 average-pooled tokens and k-NN; top-1, top-5 and mean-per-class accuracy.
 
 Features are the encoder's patch tokens, layer-normed without affine parameters, computed once
-from the frozen encoder with the evaluation transform. Each probe trains with its own AdamW and
+from the frozen encoder with the evaluation transform. The linear probe and k-NN see the
+average of the tokens, standardised per feature (training-split statistics). Each probe trains with its own AdamW and
 warm-up + cosine schedule; after every epoch it is scored on the validation split and its best
 state is kept, then evaluated on the test split.
 """
@@ -77,14 +78,17 @@ class CrossAttentionProbe(nn.Module):
 
 
 class LinearProbe(nn.Module):
-    """Linear classifier on the average of the patch tokens."""
+    """Linear classifier on the average of the patch tokens, standardised per feature by a batch
+    norm without affine parameters (as in MAE's linear probing): a few high-variance features
+    would otherwise set the pace of a short AdamW run."""
 
     def __init__(self, dim: int, num_classes: int):
         super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False)
         self.linear = nn.Linear(dim, num_classes)
 
     def forward(self, x):
-        return self.linear(x.mean(dim=1))
+        return self.linear(self.norm(x.mean(dim=1)))
 
 
 @dataclass
@@ -129,6 +133,8 @@ def train_probe(name: str, model: nn.Module, train: tuple, val: tuple, test: tup
         order = torch.randperm(len(x_train), generator=g)
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
+            if len(idx) < 2:  # a batch norm cannot train on one sample
+                continue
             loss = F.cross_entropy(model(x_train[idx].to(device)), y_train[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -145,14 +151,19 @@ def train_probe(name: str, model: nn.Module, train: tuple, val: tuple, test: tup
 
 @torch.no_grad()
 def knn_classify(train: tuple, query: torch.Tensor, num_classes: int, k: int = 20, temperature: float = 0.07,
-                 batch_size: int = 1024) -> torch.Tensor:
-    """Weighted k-NN on cosine similarity of average-pooled features; returns class scores."""
-    bank = F.normalize(train[0].mean(dim=1), dim=1)
+                 batch_size: int = 1024, standardise: bool = True) -> torch.Tensor:
+    """Weighted k-NN on cosine similarity of average-pooled features; returns class scores.
+    ``standardise``: each pooled feature is first shifted and scaled to zero mean and unit
+    variance over the training bank, so that the offset every image shares and a few
+    high-variance features do not decide the neighbours."""
+    pooled = train[0].mean(dim=1)
+    mean, std = (pooled.mean(0), pooled.std(0).clamp_min(1e-6)) if standardise else (0.0, 1.0)
+    bank = F.normalize((pooled - mean) / std, dim=1)
     labels = train[1]
     k = min(k, len(bank))
     out = []
     for i in range(0, len(query), batch_size):
-        q = F.normalize(query[i:i + batch_size].mean(dim=1), dim=1)
+        q = F.normalize((query[i:i + batch_size].mean(dim=1) - mean) / std, dim=1)
         sim, idx = (q @ bank.T).topk(k, dim=1)
         weights = (sim / temperature).exp()
         scores = torch.zeros(len(q), num_classes).scatter_add_(1, labels[idx], weights)

@@ -1,8 +1,16 @@
 """The embedded datasets: procedurally drawn, labelled images, made in code from a seed.
 
-Nothing is downloaded; the same seed gives the same images on every machine. Two kinds:
+Nothing is downloaded; the same seed gives the same images on every machine. Three kinds:
 
-``arrangements`` (the default): every image holds the same number of identical parts (small
+``outlines``: one large closed outline per image, drawn with a stroke of constant width: a
+circle, a triangle, a square, a hexagon, a five-pointed star, a plus, an arrow or a half disk.
+Every class is built from the same local element (a stroke, straight or gently curved, with
+corners), and the outline spans most of the image, so most patches hold a piece of it and a
+hidden piece is best guessed from the rest of the same outline. Nuisances: position, size
+(60-86 % of the image), angle, stroke width, the stroke's colour (one per image), the
+background's two colours and gradient direction, and pixel noise.
+
+``arrangements``: every image holds the same number of identical parts (small
 disks, one size per image), and the class is only *how they are arranged*: eight parts on a
 line, an arc, a circle, a square outline, an L, a zigzag, a plus or two parallel rows. Every
 arrangement has the same spacing between neighbouring parts, and is drawn at a uniformly random
@@ -26,10 +34,11 @@ import math
 
 import torch
 
-__all__ = ["KINDS", "SHAPE_CLASSES", "ARRANGEMENT_CLASSES", "arrangement_templates", "arrangement_parts", "make_synthetic_images",
+__all__ = ["KINDS", "SHAPE_CLASSES", "ARRANGEMENT_CLASSES", "OUTLINE_CLASSES", "outline_templates", "outline_parts",
+           "make_outline_images", "arrangement_templates", "arrangement_parts", "make_synthetic_images",
            "make_shape_images", "make_arrangement_images"]
 
-KINDS = ("arrangements", "shapes")
+KINDS = ("outlines", "arrangements", "shapes")
 
 SHAPE_CLASSES = ("disk", "square", "triangle", "ring", "cross", "h_stripes", "v_stripes", "checker",
                "twin_disks", "ellipse")
@@ -196,10 +205,134 @@ def make_arrangement_images(num_images: int, img_size: int, seed: int, num_class
     return (images + scene["noise"]).clamp(0, 1), labels
 
 
+def _polygon(vertices) -> list:
+    return [(float(x), float(y)) for x, y in vertices]
+
+
+def _regular(n: int, phase: float = 0.0) -> list:
+    return [(math.cos(phase + 2 * math.pi * i / n), math.sin(phase + 2 * math.pi * i / n)) for i in range(n)]
+
+
+OUTLINE_SEGMENTS = 24
+
+
+def outline_templates() -> dict[str, torch.Tensor]:
+    """Class name -> (OUTLINE_SEGMENTS + 1, 2) closed polyline (x, y): the outline's corners in
+    order, padded by repeating the first corner (zero-length segments), scaled so its farthest
+    point from the centre of its bounding circle is at distance 1."""
+    star = [(r * math.cos(math.pi * i / 5 + math.pi / 2), r * math.sin(math.pi * i / 5 + math.pi / 2))
+            for i, r in zip(range(10), [1.0, 0.42] * 5)]
+    a = 1 / 3
+    plus = [(a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a), (-a, -a), (-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a)]
+    arrow = [(1, 0), (0.1, 0.8), (0.1, 0.3), (-1, 0.3), (-1, -0.3), (0.1, -0.3), (0.1, -0.8)]
+    half = [(math.cos(math.pi * i / 16), math.sin(math.pi * i / 16)) for i in range(17)]
+    shapes = {
+        "circle": _regular(OUTLINE_SEGMENTS),
+        "triangle": _regular(3),
+        "square": _regular(4, math.pi / 4),
+        "hexagon": _regular(6),
+        "star": star,
+        "plus": plus,
+        "arrow": arrow,
+        "half_disk": half,
+    }
+    out = {}
+    for name, pts in shapes.items():
+        v = torch.tensor(_polygon(pts), dtype=torch.float64)
+        # centre of the bounding circle (approximately: of the bounding box), unit farthest corner
+        v = v - (v.amax(0) + v.amin(0)) / 2
+        v = v / v.norm(dim=1).max()
+        closed = torch.cat([v, v[:1].expand(OUTLINE_SEGMENTS + 1 - len(v), 2)])
+        out[name] = closed
+    return out
+
+
+OUTLINE_CLASSES = tuple(outline_templates())
+
+
+def outline_segments() -> list[int]:
+    """Number of (non-zero-length) segments of each class's outline, in class order."""
+    return [int(((t[1:] - t[:-1]).norm(dim=1) > 0).sum()) for t in outline_templates().values()]
+
+
+def outline_parts(num_images: int, img_size: int, seed: int, num_classes: int = 8):
+    """The drawn scene, before rendering: (labels (N,), outline polyline (N, OUTLINE_SEGMENTS + 1, 2)
+    in pixels (x, y), stroke width (N,) in pixels, stroke colour (N, 3)) and the rest as a dict."""
+    if not 2 <= num_classes <= len(OUTLINE_CLASSES):
+        raise ValueError(f"num_classes must be in [2, {len(OUTLINE_CLASSES)}], got {num_classes}")
+    if img_size < 24:
+        raise ValueError(f"img_size must be at least 24 for the outlines, got {img_size}")
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.arange(num_images) % num_classes)[torch.randperm(num_images, generator=g)]
+    templates = torch.stack(list(outline_templates().values()))[:num_classes]
+    u = torch.rand(num_images, 8, generator=g, dtype=torch.float64)
+    unit = img_size / 32
+    # Large: the outline's bounding circle spans 60-86 % of the image (the most that always fits
+    # with the stroke and a margin), so most patches hold part of it and a masked patch is best
+    # guessed from the rest of the same outline.
+    radius = img_size * (0.3 + 0.13 * u[:, 0])
+    width = unit * (1.4 + 0.8 * u[:, 1])
+    angle = 2 * math.pi * u[:, 2]
+    c, s = angle.cos(), angle.sin()
+    rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    pts = torch.einsum("nij,npj->npi", rot, templates[labels]) * radius[:, None, None]
+    margin = width[:, None] / 2 + unit
+    lo = margin - pts.amin(1)
+    hi = img_size - margin - pts.amax(1)
+    shift = lo + (hi - lo).clamp_min(0) * u[:, 3:5]
+    pts = pts + shift[:, None, :]
+    stroke = _hsv_to_rgb(torch.rand(num_images, generator=g), 0.4 + 0.6 * torch.rand(num_images, generator=g),
+                         0.7 + 0.3 * torch.rand(num_images, generator=g))
+    scene = {
+        "bg_a": _hsv_to_rgb(torch.rand(num_images, generator=g), torch.rand(num_images, generator=g),
+                            0.1 + 0.3 * torch.rand(num_images, generator=g)),
+        "bg_b": _hsv_to_rgb(torch.rand(num_images, generator=g), torch.rand(num_images, generator=g),
+                            0.1 + 0.3 * torch.rand(num_images, generator=g)),
+        "bg_angle": 2 * math.pi * u[:, 5],
+        "noise": torch.randn(num_images, 3, img_size, img_size, generator=g) * 0.03,
+    }
+    return labels, pts, width, stroke, scene
+
+
+def _segment_distance(pts: torch.Tensor, img_size: int) -> torch.Tensor:
+    """(N, S, S) distance of every pixel centre to the polyline pts (N, K + 1, 2)."""
+    coords = torch.arange(img_size, dtype=torch.float32) + 0.5
+    p = torch.stack(torch.meshgrid(coords, coords, indexing="xy"), -1).view(1, 1, -1, 2)   # (1, 1, S*S, 2) (x, y)
+    pts = pts.float()
+    a, b = pts[:, :-1, None, :], pts[:, 1:, None, :]                                        # (N, K, 1, 2)
+    ab = b - a
+    t = (((p - a) * ab).sum(-1) / (ab * ab).sum(-1).clamp_min(1e-12)).clamp(0, 1)
+    d = (p - a - t[..., None] * ab).square().sum(-1)                                        # (N, K, S*S)
+    return d.amin(1).sqrt().view(-1, img_size, img_size)
+
+
+def make_outline_images(num_images: int, img_size: int, seed: int, num_classes: int = 8):
+    """(images (N, 3, S, S) float in [0, 1], labels (N,) int64), balanced over the classes."""
+    labels, pts, width, stroke, scene = outline_parts(num_images, img_size, seed, num_classes)
+    coords = torch.arange(img_size, dtype=torch.float64) + 0.5
+    ys, xs = coords.view(1, -1, 1), coords.view(1, 1, -1)
+    a = scene["bg_angle"].view(-1, 1, 1)
+    t = ((xs / img_size - 0.5) * a.cos() + (ys / img_size - 0.5) * a.sin() + 0.71) / 1.42
+    t = t.float().unsqueeze(1)
+    images = scene["bg_a"].view(-1, 3, 1, 1) * (1 - t) + scene["bg_b"].view(-1, 3, 1, 1) * t
+    dist = torch.empty(num_images, img_size, img_size)
+    for c, k in enumerate(outline_segments()[:num_classes]):
+        # each class's own segments only (no padding), in bounded chunks of (chunk, K, S*S)
+        idx = torch.nonzero(labels == c).flatten()
+        for i in range(0, len(idx), 256):
+            dist[idx[i:i + 256]] = _segment_distance(pts[idx[i:i + 256], : k + 1], img_size)
+    # anti-aliased stroke: coverage ramps over one pixel at its edges
+    cover = (width.float().view(-1, 1, 1) / 2 + 0.5 - dist).clamp(0, 1)[:, None]
+    images = images * (1 - cover) + stroke.view(-1, 3, 1, 1) * cover
+    return (images + scene["noise"]).clamp(0, 1), labels
+
+
 def make_synthetic_images(num_images: int, img_size: int, seed: int, num_classes: int | None = None,
                           kind: str = "arrangements"):
     """(images (N, 3, S, S) float in [0, 1], labels (N,) int64) of the embedded dataset ``kind``
-    ("arrangements": 8 classes, or "shapes": 10); ``num_classes`` keeps the first classes only."""
+    ("outlines" or "arrangements": 8 classes, "shapes": 10); ``num_classes`` keeps the first classes only."""
+    if kind == "outlines":
+        return make_outline_images(num_images, img_size, seed, num_classes or len(OUTLINE_CLASSES))
     if kind == "arrangements":
         return make_arrangement_images(num_images, img_size, seed, num_classes or len(ARRANGEMENT_CLASSES))
     if kind == "shapes":
