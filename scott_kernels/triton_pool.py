@@ -178,6 +178,23 @@ if triton is not None:
         return py, px, py == 0, py == PS - 1, px == 0, px == PS - 1
 
     @triton.jit
+    def _program_block(tile_pos_ptr, slot_ptr, num_tiles, num_pos, GH, GW, C: tl.constexpr, SIDE: tl.constexpr,
+                       ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's [TILES, PIXELS, BLOCK_C] block (the split _pool_grid launches): whole
+        tiles of PS x PS pooled pixels while a tile fits in ROWS, else CHUNKS programs per tile.
+        Returns _tiles' values, _pixels' values, the channels and their mask."""
+        PS: tl.constexpr = SIDE // 2
+        PIXELS: tl.constexpr = PS * PS if PS * PS <= ROWS else ROWS
+        TILES: tl.constexpr = ROWS // PIXELS if PS * PS <= ROWS else 1
+        CHUNKS: tl.constexpr = PS * PS // PIXELS
+        pid = tl.program_id(0)
+        own, gy, gx, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr = _tiles(
+            pid // CHUNKS, tile_pos_ptr, slot_ptr, num_tiles, num_pos, GH, GW, TILES)
+        py, px, up, down, left, right = _pixels(pid % CHUNKS, PIXELS, PS)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        return own, gy, gx, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, py, px, up, down, left, right, c, c < C
+
+    @triton.jit
     def _blurred_max(act_ptr, own, gy, gx, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr,
                      py, px, up, down, left, right, c, c_ok, GH, GW,
                      SIDE: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, RELU: tl.constexpr):
@@ -240,15 +257,8 @@ if triton is not None:
         """(M, s, s, C) -> (M, s/2, s/2, C): 2x2 max (stride 1), binomial 3x3 blur (stride 2, pad 1),
         of relu(act) with RELU."""
         PS: tl.constexpr = SIDE // 2
-        PIXELS: tl.constexpr = PS * PS if PS * PS <= ROWS else ROWS
-        TILES: tl.constexpr = ROWS // PIXELS if PS * PS <= ROWS else 1
-        CHUNKS: tl.constexpr = PS * PS // PIXELS
-        pid = tl.program_id(0)
-        own, gy, gx, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr = _tiles(
-            pid // CHUNKS, tile_pos_ptr, slot_ptr, num_tiles, num_pos, GH, GW, TILES)
-        py, px, up, down, left, right = _pixels(pid % CHUNKS, PIXELS, PS)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = c < C
+        (own, gy, gx, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, py, px, up, down, left, right,
+         c, c_ok) = _program_block(tile_pos_ptr, slot_ptr, num_tiles, num_pos, GH, GW, C, SIDE, ROWS, BLOCK_C)
         acc = _blurred_max(act_ptr, own, gy, gx, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr,
                            py, px, up, down, left, right, c, c_ok, GH, GW, SIDE, C, ACC, RELU)
         base = own.to(tl.int64)[:, None] * (PS * PS * C) + (py * PS + px) * C
@@ -286,15 +296,8 @@ if triton is not None:
         """dact (M, s, s, C) from the pooled gradient (M, s/2, s/2, C), per 2 x 2 block of conv
         pixels (one per pooled pixel); with RELU_MASK times (act > 0)."""
         PS: tl.constexpr = SIDE // 2
-        PIXELS: tl.constexpr = PS * PS if PS * PS <= ROWS else ROWS
-        TILES: tl.constexpr = ROWS // PIXELS if PS * PS <= ROWS else 1
-        CHUNKS: tl.constexpr = PS * PS // PIXELS
-        pid = tl.program_id(0)
-        own, gy, gx, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr = _tiles(
-            pid // CHUNKS, tile_pos_ptr, slot_ptr, num_tiles, num_pos, GH, GW, TILES)
-        py, px, up, down, left, right = _pixels(pid % CHUNKS, PIXELS, PS)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = c < C
+        (own, gy, gx, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, py, px, up, down, left, right,
+         c, c_ok) = _program_block(tile_pos_ptr, slot_ptr, num_tiles, num_pos, GH, GW, C, SIDE, ROWS, BLOCK_C)
         # the window gradients: the 3 x 3 pooled gradients around (py, px) blurred back onto the
         # 3 x 3 windows; window row 0 (odd) gets pooled rows py - 1 and py, row 1 (even) twice
         # row py, row 2 rows py and py + 1 (the same over columns), / 16
