@@ -343,3 +343,23 @@ def test_main_job_views_differ_only_in_hue():
         assert (sat(a) - sat(b)).abs().mean() < 0.02, i
         hue_gaps.append((a.mean((1, 2)) - b.mean((1, 2))).abs().max())
     assert torch.stack(hue_gaps).median() > 0.05  # ...while the colour itself moves
+
+
+def test_lattice_rendering_matches_a_brute_force_rendering():
+    """The renderer looks at four lattice points per pixel; drawing every dot (inside the image
+    and just outside it) and taking the nearest gives the same image."""
+    from mimjepa.synthetic import LATTICE_SATURATION, _hsv_to_rgb
+
+    n = 48
+    parts = lattice_parts(n, 32, seed=9)
+    images, _ = make_synthetic_images(n, 32, seed=9, kind="lattices")
+    coords = torch.arange(32, dtype=torch.float64) + 0.5
+    grid = torch.stack(torch.meshgrid(coords, coords, indexing="xy"), -1).view(-1, 2)
+    for i in range(n):
+        nearest = torch.cdist(grid, lattice_dot_centres_with_margin(parts, i)).amin(1)
+        cover = (parts["radius"][i] + 0.5 - nearest).clamp(0, 1).float().view(1, 32, 32)
+        hue = parts["hue"][i:i + 1]
+        bg, dot = (_hsv_to_rgb(hue, torch.full_like(hue, LATTICE_SATURATION), torch.full_like(hue, v)).view(3, 1, 1)
+                   for v in LATTICE_VALUES)
+        expected = (bg * (1 - cover) + dot * cover + parts["noise"][i]).clamp(0, 1)
+        torch.testing.assert_close(images[i], expected, atol=1e-5, rtol=0)

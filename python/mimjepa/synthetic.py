@@ -363,7 +363,10 @@ def lattice_templates() -> dict[str, torch.Tensor]:
 
 
 LATTICE_CLASSES = tuple(lattice_templates())
-LATTICE_JITTER_TABLE = 32  # per-dot jitter is looked up by lattice index modulo this
+LATTICE_JITTER_TABLE = 32       # per-dot jitter is looked up by lattice index modulo this
+LATTICE_SPACING = 5.0           # mean dot spacing, pixels at 32 px
+LATTICE_SATURATION = 0.9
+LATTICE_VALUES = (0.6, 0.8)     # HSV value of the background and of the dots
 
 
 def lattice_parts(num_images: int, img_size: int, seed: int, num_classes: int = 8) -> dict:
@@ -415,8 +418,10 @@ def make_lattice_images(num_images: int, img_size: int, seed: int, num_classes: 
     nearest = torch.full((num_images, img_size * img_size), float("inf"), dtype=torch.float64)
     origin = parts["offset"].unsqueeze(1)
     base = torch.floor(torch.einsum("npd,nde->npe", pix - origin, inverse))
-    # A dot close enough to cover a pixel is a corner of the cell the pixel lies in: every cell is
-    # at least 3 px across (0.62 spacings), while a dot reaches under 2.5 px from its lattice point.
+    # A dot close enough to cover a pixel is a corner of the cell the pixel lies in: the four cells
+    # around a lattice point hold every pixel within a cell height (>= 0.62 spacings, 3.1 px) of
+    # it, and a dot covers pixels at most 2.65 px from its lattice point (radius 1.3, 0.5 of
+    # anti-aliasing, a jitter of at most 0.6 px per axis).
     for corner in ((0, 0), (1, 0), (0, 1), (1, 1)):
         ij = base + torch.tensor(corner, dtype=torch.float64)
         idx = ij.long() % T
@@ -432,11 +437,6 @@ def make_lattice_images(num_images: int, img_size: int, seed: int, num_classes: 
     dots = _hsv_to_rgb(hue, torch.full_like(hue, LATTICE_SATURATION), torch.full_like(hue, LATTICE_VALUES[1]))
     images = background.view(-1, 3, 1, 1) * (1 - cover) + dots.view(-1, 3, 1, 1) * cover
     return (images + parts["noise"]).clamp(0, 1), parts["labels"]
-
-
-LATTICE_SPACING = 5.0            # mean dot spacing, pixels at 32 px
-LATTICE_SATURATION = 0.9
-LATTICE_VALUES = (0.6, 0.8)      # background, dots
 
 
 def make_synthetic_images(num_images: int, img_size: int, seed: int, num_classes: int | None = None,
