@@ -4,7 +4,6 @@ pictures, checkpoints and the command line's errors."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("mimjepa", reason="the training loop is installed with the package (pip install -e '.[test]')")
 
-from mimjepa.checkpoint import CheckpointError, load_strict, strip_prefixes
+from mimjepa.checkpoint import CheckpointError, strip_prefixes
 from mimjepa.cli import main as cli_main
 from mimjepa.config import ConfigError, PretrainConfig, ProbeConfig, VisualiseConfig, load_config
 from mimjepa.evaluate import load_encoder, load_reference_checkpoint, run_probe, run_visualise
