@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -39,8 +38,22 @@ def run_demo(seed: int, out: Path) -> dict:
 
 
 def _mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return f"{statistics.fmean(values):.1f} ± {std:.1f}"
+    if len(values) < 2:
+        return f"{statistics.fmean(values):.1f}"
+    return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+# The main job's bar, on the mean over seeds: k-NN and linear at least 5 points above random init,
+# the best attentive probe not below it.
+BAR = {"knn": 5.0, "linear": 5.0, "best_attentive": 0.0}
+
+
+def bar_verdict(runs: dict[int, dict]) -> str:
+    mean_gain = {p: statistics.fmean(runs[s]["top1"][p]["gain"] for s in runs) for p in BAR}
+    missed = [label for p, label in PROBES if mean_gain[p] < BAR[p]]
+    gains = ", ".join(f"{label} {mean_gain[p]:+.1f}" for p, label in PROBES)
+    return (f"bar (mean gain over {len(runs)} seeds: k-NN and linear >= +5, best attentive >= +0): "
+            f"{'met' if not missed else 'NOT met (' + ', '.join(missed) + ')'}; mean gains {gains}")
 
 
 def tabulate(runs: dict[int, dict]) -> str:
@@ -84,7 +97,7 @@ def main(argv=None) -> int:
     if not runs:
         print("no runs to tabulate", file=sys.stderr)
         return 1
-    table = tabulate(runs)
+    table = tabulate(runs) + "\n\n" + bar_verdict(runs)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "study.md").write_text(table + "\n")

@@ -4,7 +4,6 @@ pictures, checkpoints and the command line's errors."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("mimjepa", reason="the training loop is installed with the package (pip install -e '.[test]')")
 
-from mimjepa.checkpoint import CheckpointError, load_strict, strip_prefixes
+from mimjepa.checkpoint import CheckpointError, strip_prefixes
 from mimjepa.cli import main as cli_main
 from mimjepa.config import ConfigError, PretrainConfig, ProbeConfig, VisualiseConfig, load_config
 from mimjepa.evaluate import load_encoder, load_reference_checkpoint, run_probe, run_visualise
@@ -233,6 +232,41 @@ def test_knn_and_linear_probe_standardise_pooled_features():
     r = train_probe("linear", LinearProbe(9, 2), train, test, test, 2, epochs=30, lr=1e-2, weight_decay=0.0,
                     batch_size=64, device="cpu")
     assert r.test["top1"] > 90
+
+
+def _tokens_with_a_large_shared_part(n: int, seed: int):
+    """Layer-normed tokens (n, 16, 32): at each position a fixed vector far larger than what
+    differs between images (as the position embedding leaves in a trained encoder's tokens), plus
+    a small class signal (two classes) in one feature of every token, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    position = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(99)) * 40.0
+    signal = torch.zeros(n, 16, 32)
+    signal[..., 0] = (2 * y[:, None].float() - 1) * 0.4
+    tokens = position + signal + 0.4 * torch.randn(n, 16, 32, generator=g)
+    return torch.nn.functional.layer_norm(tokens, (32,)), y
+
+
+@pytest.mark.parametrize("probe", ["attentive", "cross_attentive"])
+def test_attentive_probes_learn_on_standardised_tokens(probe):
+    from mimjepa.probe import AttentivePoolProbe, CrossAttentionProbe, standardise_tokens, train_probe
+
+    make = {"attentive": lambda: AttentivePoolProbe(32, 2), "cross_attentive": lambda: CrossAttentionProbe(32, 2)}[probe]
+    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = (_tokens_with_a_large_shared_part(n, s) for n, s in ((256, 0), (128, 1), (256, 2)))
+    scores = {}
+    for standardised in (False, True):
+        tokens = standardise_tokens(x_tr, x_va, x_te) if standardised else (x_tr, x_va, x_te)
+        torch.manual_seed(0)
+        r = train_probe(probe, make(), (tokens[0], y_tr), (tokens[1], y_va), (tokens[2], y_te), 2, epochs=15,
+                        lr=1e-3, weight_decay=1e-4, batch_size=64, device="cpu")
+        scores[standardised] = r.test["top1"]
+    # the shared part swamps the signal in the probe's layer norms (the check that this test can
+    # fail); standardised with training statistics, the probe reads the class
+    assert scores[False] < 70 and scores[True] > 85, scores
+    # training statistics only: the other splits are shifted and scaled like the training split
+    a, b = standardise_tokens(x_tr, x_te)
+    assert a.mean((0, 1)).abs().max() < 1e-4 and (a.flatten(0, 1).std(0) - 1).abs().max() < 1e-3
+    torch.testing.assert_close(b, (x_te - x_tr.mean(0, keepdim=True)) / (x_tr - x_tr.mean(0, keepdim=True)).flatten(0, 1).std(0))
 
 
 def test_target_and_context_encoders_load(tiny_checkpoint):

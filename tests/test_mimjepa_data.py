@@ -1,5 +1,5 @@
-"""The embedded datasets: reproducible from the seed, balanced, and (arrangements) classes that
-differ only in how identical parts are laid out."""
+"""The embedded datasets: reproducible from the seed, balanced, and (lattices, arrangements)
+classes that differ only in how identical parts are laid out."""
 
 import math
 
@@ -10,14 +10,15 @@ pytest.importorskip("mimjepa", reason="the training loop is installed with the p
 
 from mimjepa.config import DataConfig, PretrainConfig, load_config, ConfigError
 from mimjepa.data import build_dataset
-from mimjepa.synthetic import (ARRANGEMENT_CLASSES, OUTLINE_CLASSES, PARTS_PER_IMAGE, SHAPE_CLASSES, arrangement_parts,
-                               arrangement_templates, make_synthetic_images, outline_parts, outline_segments,
-                               outline_templates)
+from mimjepa.synthetic import (ARRANGEMENT_CLASSES, LATTICE_CLASSES, LATTICE_SPACING, LATTICE_VALUES, OUTLINE_CLASSES,
+                               PARTS_PER_IMAGE, SHAPE_CLASSES, arrangement_parts, arrangement_templates,
+                               lattice_dot_centres, lattice_parts, lattice_templates, make_synthetic_images,
+                               outline_parts, outline_segments, outline_templates)
 
-NUM_CLASSES = {"outlines": len(OUTLINE_CLASSES), "arrangements": len(ARRANGEMENT_CLASSES), "shapes": len(SHAPE_CLASSES)}
+NUM_CLASSES = {"lattices": len(LATTICE_CLASSES), "outlines": len(OUTLINE_CLASSES), "arrangements": len(ARRANGEMENT_CLASSES), "shapes": len(SHAPE_CLASSES)}
 
 
-@pytest.mark.parametrize("kind", ["outlines", "arrangements", "shapes"])
+@pytest.mark.parametrize("kind", ["lattices", "outlines", "arrangements", "shapes"])
 def test_same_seed_same_images_other_seed_other_images(kind):
     a = make_synthetic_images(40, 32, seed=5, kind=kind)
     b = make_synthetic_images(40, 32, seed=5, kind=kind)
@@ -28,7 +29,7 @@ def test_same_seed_same_images_other_seed_other_images(kind):
     assert a[0].min() >= 0 and a[0].max() <= 1
 
 
-@pytest.mark.parametrize("kind,n,classes", [("outlines", 203, None), ("outlines", 50, 5), ("arrangements", 203, None),
+@pytest.mark.parametrize("kind,n,classes", [("lattices", 203, None), ("lattices", 45, 6), ("outlines", 203, None), ("outlines", 50, 5), ("arrangements", 203, None),
                                             ("arrangements", 64, 3), ("shapes", 97, None)])
 def test_classes_are_balanced(kind, n, classes):
     _, labels = make_synthetic_images(n, 32, seed=1, num_classes=classes, kind=kind)
@@ -49,6 +50,9 @@ def test_bad_arguments_are_named():
         load_config(PretrainConfig, None, ["data.colour_jitter=[0.4, 0.4, 0.4, 0.7]"])
     with pytest.raises(ConfigError, match="crop_scale"):
         load_config(PretrainConfig, None, ["data.crop_scale=[0.5, 0.2]"])
+    for name in ("colour_jitter_prob", "greyscale_prob", "blur_prob"):
+        with pytest.raises(ConfigError, match=name):
+            load_config(PretrainConfig, None, [f"data.{name}=1.5"])
 
 
 def test_templates_have_unit_neighbour_spacing_and_differ():
@@ -221,3 +225,141 @@ def test_each_image_holds_its_class_outline():
         bg_min = torch.minimum(scene["bg_a"][i], scene["bg_b"][i]).float().view(3, 1) - 0.15
         pix = images[i][:, far]
         assert ((pix <= bg_max) & (pix >= bg_min)).float().mean() > 0.99, i
+
+
+# ---- lattices ---------------------------------------------------------------------------------
+def test_lattice_templates_have_unit_density_and_differ():
+    templates = lattice_templates()
+    assert len(templates) == len(LATTICE_CLASSES) == 8
+    shortest = []
+    for name, cell in templates.items():
+        assert abs(abs(torch.linalg.det(cell).item()) - 1) < 1e-9, name  # one dot per unit area
+        # the shortest nonzero lattice vector, as an axial direction and a length
+        ij = torch.stack(torch.meshgrid(torch.arange(-3, 4), torch.arange(-3, 4), indexing="ij"), -1).view(-1, 2)
+        vectors = ij.double() @ cell
+        vectors = vectors[vectors.norm(dim=1) > 1e-9]
+        v = vectors[vectors.norm(dim=1).argmin()]
+        shortest.append((round(v.norm().item(), 2), round(math.degrees(math.atan2(v[1], v[0])) % 180) % 180))
+    assert len(set(shortest)) == len(shortest), shortest  # no two lattices alike
+
+
+# name -> (nearest-neighbour distance in spacings, axial directions (degrees) of the nearest neighbours)
+LATTICE_RULES = {"square": (1.0, {0, 90}), "square_45": (1.0, {45, 135}), "hexagonal": (1.0746, {0, 60, 120}),
+                 "rows": (0.62, {0}), "columns": (0.62, {90}), "diagonal_rows": (0.62, {45}),
+                 "antidiagonal_rows": (0.62, {135}), "hexagonal_30": (1.0746, {30, 90, 150})}
+
+
+def test_each_image_holds_its_class_lattice():
+    """The dots of every image lie on its class's lattice (nearest neighbours at the class's
+    distance, in the class's directions), each class has the same number of dots per image, and
+    the pixels show exactly those dots: dot colour at every centre, background far from all."""
+    n = 160
+    parts = lattice_parts(n, 32, seed=4)
+    images, labels = make_synthetic_images(n, 32, seed=4, kind="lattices")
+    assert torch.equal(parts["labels"], labels)
+    spacing = LATTICE_SPACING
+    counts = torch.zeros(len(LATTICE_CLASSES))
+    offsets = {}
+    on_total = 0.0
+    for i in range(n):
+        name = LATTICE_CLASSES[int(labels[i])]
+        centres = lattice_dot_centres(parts, i, 32)
+        counts[labels[i]] += len(centres)
+        d = torch.cdist(centres, centres) + torch.eye(len(centres)) * 1e9
+        nn_dist, nn_idx = d.min(1)
+        inner = ((centres > spacing) & (centres < 32 - spacing)).all(1)  # full neighbourhood in the image
+        distance, directions = LATTICE_RULES[name]
+        # per-dot jitter (std 0.25 px, at most 0.6 px per axis) moves neighbours by well under 2 px
+        assert ((nn_dist[inner] / spacing - distance).abs() < 0.4).all(), (i, name)
+        # (the nearest of several equally far neighbours is biased short by the jitter: < 0.75 px)
+        assert abs(nn_dist[inner].median().item() / spacing - distance) < 0.15, (i, name)
+        vec = centres[nn_idx[inner]] - centres[inner]
+        angle = torch.rad2deg(torch.atan2(vec[:, 1], vec[:, 0])) % 180
+        off = torch.stack([((angle - a + 90) % 180 - 90).abs() for a in directions]).amin(0)
+        # (jitter tilts a 3 px neighbour vector by ~6 degrees; a dot of another direction is >= 30 off)
+        assert off.median() < 15, (i, name, angle)
+        offsets.setdefault(name, []).append(off)
+        # pixels: every dot centre shows the dot colour, every pixel 2.5 px from all dots the background
+        value = images[i].amax(0)
+        px = centres.floor().long()
+        # (pixel noise, std 0.03, takes a pixel across the midway threshold 0.1 now and then)
+        on = value[px[:, 1], px[:, 0]] > (LATTICE_VALUES[0] + LATTICE_VALUES[1]) / 2
+        assert on.float().mean() > 0.9, i
+        on_total += on.float().sum().item() / len(on) / n
+        coords = torch.arange(32, dtype=torch.float64) + 0.5
+        grid = torch.stack(torch.meshgrid(coords, coords, indexing="xy"), -1).view(-1, 2)
+        far = torch.cdist(grid, lattice_dot_centres_with_margin(parts, i)).amin(1) > 2.5
+        assert (value.flatten()[far] < (LATTICE_VALUES[0] + LATTICE_VALUES[1]) / 2).float().mean() > 0.95, i
+    assert on_total > 0.99
+    assert all(torch.cat(v).median() < 6 for v in offsets.values()), {k: torch.cat(v).median() for k, v in offsets.items()}
+    per_image = counts / (n / len(LATTICE_CLASSES))
+    assert (per_image / per_image.mean() - 1).abs().max() < 0.08, per_image  # same density in every class
+
+
+def lattice_dot_centres_with_margin(parts, i):
+    """Dots just outside the image still paint its border pixels."""
+    shifted = {**parts, "offset": parts["offset"].clone()}
+    out = []
+    for dx in (-4.0, 0.0, 4.0):
+        for dy in (-4.0, 0.0, 4.0):
+            shifted["offset"][i] = parts["offset"][i] + torch.tensor([dx, dy], dtype=torch.float64)
+            c = lattice_dot_centres(shifted, i, 32) - torch.tensor([dx, dy], dtype=torch.float64)
+            out.append(c)
+    return torch.cat(out)
+
+
+def test_lattice_colour_and_dot_count_do_not_depend_on_the_class():
+    """The class is only where the dots lie: mean colour, hue and how much of the image the dots
+    cover have the same distribution in every class (class means within a few standard errors)."""
+    n, C = 4000, len(LATTICE_CLASSES)
+    images, labels = make_synthetic_images(n, 32, seed=12, kind="lattices")
+    value = images.amax(1)
+    per_image = torch.stack([*images.mean((2, 3)).double().T,
+                             (value > sum(LATTICE_VALUES) / 2).double().mean((1, 2))], dim=1)
+    means = _stats_by_class(per_image, labels, C)
+    z = (means - per_image.mean(0)) / (per_image.std(0) / math.sqrt(n / C))
+    assert z.abs().max() < 4.5, z
+
+
+def test_main_job_views_differ_only_in_hue():
+    """With the shipped main-job config, the two pretraining views of an image are the same
+    crop, and differ only in hue (turned anywhere on the circle): brightness and saturation, so
+    the dots, are the same in both; the hue is not."""
+    from mimjepa.cli import CONFIG_DIR
+    from mimjepa.data import IMAGENET_MEAN, IMAGENET_STD
+
+    cfg = load_config(PretrainConfig, CONFIG_DIR / "embedded.yaml", ["data.embedded_train_size=16"])
+    assert cfg.data.embedded_kind == "lattices"
+    views, _ = build_dataset(cfg.data, "train", 32, seed=0, two_views=True)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    hue_gaps = []
+    for i in range(16):
+        torch.manual_seed(i)
+        a, b, _ = views[i]
+        a, b = a * std + mean, b * std + mean
+        # HSV value (max over channels) and saturation survive a hue turn (up to rounding)
+        assert (a.amax(0) - b.amax(0)).abs().max() < 0.02, i
+        sat = lambda x: 1 - x.amin(0) / x.amax(0).clamp_min(1e-6)
+        assert (sat(a) - sat(b)).abs().mean() < 0.02, i
+        hue_gaps.append((a.mean((1, 2)) - b.mean((1, 2))).abs().max())
+    assert torch.stack(hue_gaps).median() > 0.05  # ...while the colour itself moves
+
+
+def test_lattice_rendering_matches_a_brute_force_rendering():
+    """The renderer looks at four lattice points per pixel; drawing every dot (inside the image
+    and just outside it) and taking the nearest gives the same image."""
+    from mimjepa.synthetic import LATTICE_SATURATION, _hsv_to_rgb
+
+    n = 48
+    parts = lattice_parts(n, 32, seed=9)
+    images, _ = make_synthetic_images(n, 32, seed=9, kind="lattices")
+    coords = torch.arange(32, dtype=torch.float64) + 0.5
+    grid = torch.stack(torch.meshgrid(coords, coords, indexing="xy"), -1).view(-1, 2)
+    for i in range(n):
+        nearest = torch.cdist(grid, lattice_dot_centres_with_margin(parts, i)).amin(1)
+        cover = (parts["radius"][i] + 0.5 - nearest).clamp(0, 1).float().view(1, 32, 32)
+        hue = parts["hue"][i:i + 1]
+        bg, dot = (_hsv_to_rgb(hue, torch.full_like(hue, LATTICE_SATURATION), torch.full_like(hue, v)).view(3, 1, 1)
+                   for v in LATTICE_VALUES)
+        expected = (bg * (1 - cover) + dot * cover + parts["noise"][i]).clamp(0, 1)
+        torch.testing.assert_close(images[i], expected, atol=1e-5, rtol=0)

@@ -68,8 +68,8 @@ def main(argv=None) -> int:
         from .checkpoint import CheckpointError
         from .config import ConfigError, PretrainConfig, ProbeConfig, VisualiseConfig, load_config
         from .data import DatasetError
-        from .evaluate import run_probe  # noqa: F401  (the rest of the commands' imports)
-        from .train import Trainer  # noqa: F401
+        from .evaluate import run_probe
+        from .train import Trainer
     except ModuleNotFoundError as exc:
         if exc.name not in TRAIN_MODULES:
             raise
@@ -81,16 +81,12 @@ def main(argv=None) -> int:
         if args.command == "demo":
             return _demo(Path(args.out), args.seed)
         if args.command == "pretrain":
-            from .train import Trainer
-
             cfg = load_config(PretrainConfig, _config_path(args.config, "pretrain"), args.overrides)
             if args.resume and not (Path(cfg.out_dir) / "train_state.pt").is_file():
                 raise CheckpointError(f"--resume: no checkpoint in {cfg.out_dir}")
             Trainer(cfg, resume=args.resume).fit()
             print(f"checkpoint: {Path(cfg.out_dir) / 'checkpoint.safetensors'}")
         elif args.command == "probe":
-            from .evaluate import run_probe
-
             cfg = load_config(ProbeConfig, _config_path(args.config, "probe"), args.overrides)
             _print_probe(run_probe(cfg))
             print(f"results: {Path(cfg.out_dir) / 'results.json'}")

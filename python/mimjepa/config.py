@@ -72,10 +72,11 @@ class DataConfig:
     dataset: Literal["embedded", "folder", "flowers102", "pets37", "imagenet100"] = "embedded"
     root: Optional[str] = None
     num_workers: int = 0
-    # The embedded dataset (mimjepa/synthetic.py): "outlines" (one large closed outline),
-    # "arrangements" (classes are how identical parts are laid out) or "shapes" (single large
-    # shapes); num_classes 0 = all of the kind's.
-    embedded_kind: Literal["outlines", "arrangements", "shapes"] = "arrangements"
+    # The embedded dataset (mimjepa/synthetic.py): "lattices" (identical dots; the class is the
+    # lattice they are laid out on), "outlines" (one large closed outline), "arrangements" (eight
+    # identical parts in one of eight layouts) or "shapes" (single large shapes); num_classes 0 =
+    # all of the kind's.
+    embedded_kind: Literal["lattices", "outlines", "arrangements", "shapes"] = "lattices"
     embedded_train_size: int = 2000
     embedded_val_size: int = 500
     embedded_test_size: int = 0  # 0 = as many as embedded_val_size
@@ -83,8 +84,12 @@ class DataConfig:
     # Random resized crop of the pretraining views: the range of the crop's area fraction.
     crop_scale: list = field(default_factory=lambda: [0.2, 1.0])
     # Colour jitter of the pretraining views (brightness, contrast, saturation, hue), applied
-    # with probability 0.8; a hue of 0.5 turns the hue anywhere around the circle.
+    # with probability colour_jitter_prob; a hue of 0.5 turns the hue anywhere around the circle.
     colour_jitter: list = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
+    colour_jitter_prob: float = 0.8
+    # Probabilities of turning a pretraining view grey and of blurring it (Gaussian, sigma 0.1-2).
+    greyscale_prob: float = 0.1
+    blur_prob: float = 0.3
     # Pretraining views: "per_view" draws colour jitter / greyscale / blur separately for the
     # context and the target view; "shared" uses one augmented image for both (as in I-JEPA),
     # so the target latents are predictable from the context.
@@ -240,6 +245,10 @@ def _validate(cfg) -> None:
         if len(cj) != 4 or not all(isinstance(v, (int, float)) and v >= 0 for v in cj) or cj[3] > 0.5:
             raise ConfigError("data.colour_jitter must be [brightness, contrast, saturation, hue], each >= 0 and "
                               f"hue <= 0.5, got {cj}")
+        for name in ("colour_jitter_prob", "greyscale_prob", "blur_prob"):
+            value = getattr(data, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ConfigError(f"data.{name} must be a probability in [0, 1], got {value!r}")
         if min(data.embedded_train_size, data.embedded_val_size, data.embedded_test_size + 1) < 1:
             raise ConfigError("data.embedded_train_size and data.embedded_val_size must be positive, "
                               "data.embedded_test_size >= 0")

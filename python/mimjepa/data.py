@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, TensorDataset
 from torchvision.transforms import v2
 
 from .config import DataConfig
-from .synthetic import ARRANGEMENT_CLASSES, OUTLINE_CLASSES, SHAPE_CLASSES, make_synthetic_images
+from .synthetic import ARRANGEMENT_CLASSES, LATTICE_CLASSES, OUTLINE_CLASSES, SHAPE_CLASSES, make_synthetic_images
 
 __all__ = ["DatasetError", "build_dataset", "TwoViews", "train_transforms", "eval_transform", "IMAGENET_MEAN",
            "IMAGENET_STD"]
@@ -30,7 +30,8 @@ class DatasetError(RuntimeError):
 
 def train_transforms(img_size: int, tensor_input: bool = False,
                      crop_scale: tuple[float, float] = (0.2, 1.0),
-                     colour_jitter: tuple = (0.4, 0.4, 0.2, 0.1)) -> tuple[v2.Compose, v2.Compose]:
+                     colour_jitter: tuple = (0.4, 0.4, 0.2, 0.1), colour_jitter_prob: float = 0.8,
+                     greyscale_prob: float = 0.1, blur_prob: float = 0.3) -> tuple[v2.Compose, v2.Compose]:
     """(geometry, appearance): the crop and flip are shared by both views of an image, so the
     views stay pixel-aligned patch for patch; colour jitter, greyscale and blur are drawn per view."""
     geometry = ([] if tensor_input else [v2.ToImage()]) + [
@@ -38,9 +39,9 @@ def train_transforms(img_size: int, tensor_input: bool = False,
         v2.RandomHorizontalFlip(),
     ]
     appearance = [
-        v2.RandomApply([v2.ColorJitter(*colour_jitter)], p=0.8),
-        v2.RandomGrayscale(p=0.1),
-        v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=0.3),
+        v2.RandomApply([v2.ColorJitter(*colour_jitter)], p=colour_jitter_prob),
+        v2.RandomGrayscale(p=greyscale_prob),
+        v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=blur_prob),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ]
@@ -97,7 +98,7 @@ def _raw_split(cfg: DataConfig, split: str, img_size: int, seed: int):
         # Each split is its own draw (own seed) of the same classes.
         images, labels = make_synthetic_images(size, img_size, seed=seed * 3 + ("train", "val", "test").index(split),
                                                num_classes=cfg.embedded_num_classes or None, kind=cfg.embedded_kind)
-        num_classes = cfg.embedded_num_classes or len({"outlines": OUTLINE_CLASSES, "arrangements": ARRANGEMENT_CLASSES,
+        num_classes = cfg.embedded_num_classes or len({"lattices": LATTICE_CLASSES, "outlines": OUTLINE_CLASSES, "arrangements": ARRANGEMENT_CLASSES,
                                                        "shapes": SHAPE_CLASSES}[cfg.embedded_kind])
         return TensorDataset(images, labels), num_classes, True
     root = Path(cfg.root).expanduser()
@@ -132,5 +133,6 @@ def build_dataset(cfg: DataConfig, split: str, img_size: int, seed: int = 0, two
     """(dataset, num_classes). ``two_views`` gives (view1, view2, label) items for pretraining."""
     raw, num_classes, is_tensor = _raw_split(cfg, split, img_size, seed)
     if two_views:
-        return TwoViews(raw, train_transforms(img_size, is_tensor, cfg.crop_scale, cfg.colour_jitter), cfg.view_appearance == "shared"), num_classes
+        return TwoViews(raw, train_transforms(img_size, is_tensor, cfg.crop_scale, cfg.colour_jitter, cfg.colour_jitter_prob,
+                                               cfg.greyscale_prob, cfg.blur_prob), cfg.view_appearance == "shared"), num_classes
     return _Transformed(raw, eval_transform(img_size, is_tensor)), num_classes

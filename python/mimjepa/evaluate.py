@@ -15,7 +15,7 @@ from .config import ModelConfig, ProbeConfig, VisualiseConfig, _apply, save_conf
 from .data import IMAGENET_MEAN, IMAGENET_STD, build_dataset
 from .models import Encoder
 from .probe import (AttentivePoolProbe, CrossAttentionProbe, LinearProbe, accuracy_metrics, extract_features,
-                    knn_classify, train_probe)
+                    knn_classify, standardise_tokens, train_probe)
 from .train import resolve_device
 
 __all__ = ["load_encoder", "load_reference_checkpoint", "run_probe", "run_visualise", "pca_rgb"]
@@ -62,6 +62,10 @@ def _probe_encoder(encoder: Encoder, cfg: ProbeConfig, device, show_progress: bo
         ds, num_classes = build_dataset(cfg.data, split, img_size, seed=cfg.seed)
         loader = DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers)
         splits[split] = extract_features(encoder, loader, device, show_progress)
+    # k-NN and the linear probe standardise pooled features themselves (the same up to a shift
+    # and a per-feature scale); the attentive probes need the tokens standardised.
+    tokens = standardise_tokens(*(splits[s][0] for s in ("train", "val", "test")))
+    trained = {s: (x, splits[s][1]) for s, x in zip(("train", "val", "test"), tokens)}
     dim = splits["train"][0].shape[-1]
     results = {}
     makers = {"attentive": lambda: AttentivePoolProbe(dim, num_classes),
@@ -75,7 +79,7 @@ def _probe_encoder(encoder: Encoder, cfg: ProbeConfig, device, show_progress: bo
         if name not in makers:
             raise ValueError(f"probes: unknown probe {name!r}; choose from {sorted(makers) + ['knn']}")
         torch.manual_seed(cfg.seed)
-        r = train_probe(name, makers[name](), splits["train"], splits["val"], splits["test"], num_classes,
+        r = train_probe(name, makers[name](), trained["train"], trained["val"], trained["test"], num_classes,
                         epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
                         device=device, seed=cfg.seed, show_progress=show_progress)
         results[name] = {"best_epoch": r.best_epoch, "val": r.val, "test": r.test}
@@ -106,15 +110,17 @@ def run_probe(cfg: ProbeConfig, show_progress: bool = True) -> dict:
     return results
 
 
-def pca_rgb(tokens: torch.Tensor) -> torch.Tensor:
-    """(B, N, D) tokens -> (B, N, 3) in [0, 1]: the first three principal components over all
-    patches of the batch, each min-max scaled."""
-    flat = tokens.reshape(-1, tokens.shape[-1]).float()
-    flat = flat - flat.mean(dim=0)
-    _, _, v = torch.linalg.svd(flat, full_matrices=False)
-    proj = flat @ v[:3].T
+def pca_rgb(tokens: torch.Tensor, shown: int | None = None) -> torch.Tensor:
+    """(B, N, D) tokens -> (shown, N, 3) in [0, 1]: the first three principal components over all
+    patches of the batch, each min-max scaled over the first ``shown`` images (default all).
+    Each position's mean token over the batch is removed first, as the probes do: what every
+    image has at a position (the position embedding's trace) would otherwise fill the picture."""
+    shown = len(tokens) if shown is None else shown
+    centred = (tokens.float() - tokens.float().mean(dim=0, keepdim=True)).reshape(-1, tokens.shape[-1])
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    proj = (centred @ v[:3].T).view(*tokens.shape[:2], 3)[:shown].reshape(-1, 3)
     proj = (proj - proj.min(0).values) / (proj.max(0).values - proj.min(0).values).clamp_min(1e-8)
-    return proj.view(*tokens.shape[:2], 3)
+    return proj.view(shown, tokens.shape[1], 3)
 
 
 @torch.no_grad()
@@ -132,14 +138,17 @@ def run_visualise(cfg: VisualiseConfig) -> Path:
         encoders.append(Encoder(encoder.cfg).to(device).eval())
     img_size, patch = encoder.cfg.img_size, encoder.cfg.patch_size
     ds, _ = build_dataset(cfg.data, "val", img_size, seed=cfg.seed)
-    images = torch.stack([ds[i][0] for i in range(min(cfg.num_images, len(ds)))])
+    # The principal components are fitted on up to 256 images of the split; the first
+    # num_images are shown.
+    fitted = torch.stack([ds[i][0] for i in range(min(max(cfg.num_images, 256), len(ds)))])
+    images = fitted[:cfg.num_images]
     shown_size = img_size * max(1, -(-128 // img_size))
     grid = img_size // patch
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     rows = [torch.nn.functional.interpolate((images * std + mean).clamp(0, 1), size=(shown_size,) * 2, mode="nearest")]
     for enc in encoders:
-        tokens = enc(images.to(device)).cpu()
-        colours = pca_rgb(tokens).view(-1, grid, grid, 3).permute(0, 3, 1, 2)
+        tokens = torch.cat([enc(fitted[i:i + 256].to(device)).cpu() for i in range(0, len(fitted), 256)])
+        colours = pca_rgb(tokens, len(images)).view(-1, grid, grid, 3).permute(0, 3, 1, 2)
         rows.append(torch.nn.functional.interpolate(colours, size=(shown_size,) * 2, mode="nearest"))
     out = Path(cfg.out_file)
     out.parent.mkdir(parents=True, exist_ok=True)

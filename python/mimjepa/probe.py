@@ -2,10 +2,13 @@
 average-pooled tokens and k-NN; top-1, top-5 and mean-per-class accuracy.
 
 Features are the encoder's patch tokens, layer-normed without affine parameters, computed once
-from the frozen encoder with the evaluation transform. The linear probe and k-NN see the
-average of the tokens, standardised per feature (training-split statistics). Each probe trains with its own AdamW and
-warm-up + cosine schedule; after every epoch it is scored on the validation split and its best
-state is kept, then evaluated on the test split.
+from the frozen encoder with the evaluation transform. The trained probes see the tokens
+standardised with training-split statistics: each position's mean token is subtracted (the part
+of a token that is the same in every image carries nothing about the image; the fixed position
+embedding leaves a large one) and each feature is scaled to unit variance. The linear probe and
+k-NN see the average of the tokens, standardised per feature. Each probe trains with its own
+AdamW and warm-up + cosine schedule; after every epoch it is scored on the validation split and
+its best state is kept, then evaluated on the test split.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ["extract_features", "AttentivePoolProbe", "CrossAttentionProbe", "LinearProbe", "train_probe",
+__all__ = ["extract_features", "standardise_tokens", "AttentivePoolProbe", "CrossAttentionProbe", "LinearProbe", "train_probe",
            "knn_classify", "accuracy_metrics"]
 
 
@@ -33,6 +36,18 @@ def extract_features(encoder: nn.Module, loader, device, show_progress: bool = F
         feats.append(F.layer_norm(tokens.float(), (tokens.shape[-1],)).cpu())
         labels.append(torch.as_tensor(y))
     return torch.cat(feats), torch.cat(labels)
+
+
+def standardise_tokens(train: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(M, N, D) tokens of the training split and of other splits -> the same, each position's
+    training-split mean subtracted and each feature divided by its training-split standard
+    deviation (over all images and positions). Whatever every image shares at a position (the
+    position embedding's trace, a constant offset) is gone, so attention and the classifier
+    work on what differs between images, at every scale a probe's layer norms would otherwise
+    let the shared part set."""
+    mean = train.mean(0, keepdim=True)
+    std = (train - mean).flatten(0, 1).std(0).clamp_min(1e-6)
+    return tuple((x - mean) / std for x in (train, *others))
 
 
 class AttentivePoolProbe(nn.Module):

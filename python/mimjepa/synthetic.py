@@ -1,6 +1,16 @@
 """The embedded datasets: procedurally drawn, labelled images, made in code from a seed.
 
-Nothing is downloaded; the same seed gives the same images on every machine. Three kinds:
+Nothing is downloaded; the same seed gives the same images on every machine. Four kinds:
+
+``lattices`` (the main job's data): small identical dots, about 40 per image, laid out on one
+of eight lattices: square, square turned 45 degrees, triangular (two orientations), and rows of
+close dots running horizontally, vertically or along either diagonal. Every lattice has the same
+density of dots, so the class is only *where the dots lie relative to each other*: how far the
+nearest neighbours are and in which directions. Nuisances: where the lattice starts, a small
+random shift of every dot, pixel noise, and above all the colour: one hue per image, drawn
+anywhere on the circle, for the background and the (slightly brighter) dots alike. Pooled
+features of a random encoder are dominated by that hue; a pretraining that redraws the hue per
+view cannot predict it, and can predict the dots.
 
 ``outlines``: one large closed outline per image, drawn with a stroke of constant width: a
 circle, a triangle, a square, a hexagon, a five-pointed star, a plus, an arrow or a half disk.
@@ -36,9 +46,10 @@ import torch
 
 __all__ = ["KINDS", "SHAPE_CLASSES", "ARRANGEMENT_CLASSES", "OUTLINE_CLASSES", "outline_templates", "outline_parts",
            "make_outline_images", "arrangement_templates", "arrangement_parts", "make_synthetic_images",
-           "make_shape_images", "make_arrangement_images"]
+           "make_shape_images", "make_arrangement_images", "LATTICE_CLASSES", "lattice_templates", "lattice_parts",
+           "lattice_dot_centres", "make_lattice_images"]
 
-KINDS = ("outlines", "arrangements", "shapes")
+KINDS = ("lattices", "outlines", "arrangements", "shapes")
 
 SHAPE_CLASSES = ("disk", "square", "triangle", "ring", "cross", "h_stripes", "v_stripes", "checker",
                "twin_disks", "ellipse")
@@ -327,6 +338,107 @@ def make_outline_images(num_images: int, img_size: int, seed: int, num_classes: 
     return (images + scene["noise"]).clamp(0, 1), labels
 
 
+def _rotated(v: tuple[float, float], angle: float) -> tuple[float, float]:
+    c, s = math.cos(angle), math.sin(angle)
+    return (c * v[0] - s * v[1], s * v[0] + c * v[1])
+
+
+def lattice_templates() -> dict[str, torch.Tensor]:
+    """Class name -> (2, 2) the lattice's two basis vectors as rows, in units of the mean dot
+    spacing. Every lattice has one dot per unit area, so all classes hold the same number of dots
+    per image; they differ in how far apart and in which directions neighbouring dots lie."""
+    side = math.sqrt(2 / math.sqrt(3))        # side of a triangular lattice of unit density
+    row = 0.62                                # dot spacing along a row; rows 1/0.62 apart
+    cells = {
+        "square": [(1, 0), (0, 1)],
+        "square_45": [_rotated((1, 0), math.pi / 4), _rotated((0, 1), math.pi / 4)],
+        "hexagonal": [(side, 0), _rotated((side, 0), math.pi / 3)],
+        "hexagonal_30": [_rotated((side, 0), math.pi / 6), _rotated((side, 0), math.pi / 2)],
+        "rows": [(row, 0), (0, 1 / row)],
+        "columns": [(0, row), (1 / row, 0)],
+        "diagonal_rows": [_rotated((row, 0), math.pi / 4), _rotated((0, 1 / row), math.pi / 4)],
+        "antidiagonal_rows": [_rotated((row, 0), -math.pi / 4), _rotated((0, 1 / row), -math.pi / 4)],
+    }
+    return {name: torch.tensor(cell, dtype=torch.float64) for name, cell in cells.items()}
+
+
+LATTICE_CLASSES = tuple(lattice_templates())
+LATTICE_JITTER_TABLE = 32       # per-dot jitter is looked up by lattice index modulo this
+LATTICE_SPACING = 5.0           # mean dot spacing, pixels at 32 px
+LATTICE_SATURATION = 0.9
+LATTICE_VALUES = (0.6, 0.8)     # HSV value of the background and of the dots
+
+
+def lattice_parts(num_images: int, img_size: int, seed: int, num_classes: int = 8) -> dict:
+    """The drawn scene, before rendering, in pixels (x, y): "labels" (N,), "cell" (N, 2, 2) basis
+    vectors as rows, "offset" (N, 2) the lattice's origin, "jitter" (N, T, T, 2) each dot's
+    displacement, looked up by its lattice index (i mod T, j mod T), "radius" (N,), "hue" (N,),
+    "noise" (N, 3, S, S)."""
+    if not 2 <= num_classes <= len(LATTICE_CLASSES):
+        raise ValueError(f"num_classes must be in [2, {len(LATTICE_CLASSES)}], got {num_classes}")
+    if img_size < 24:
+        raise ValueError(f"img_size must be at least 24 for the lattices, got {img_size}")
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.arange(num_images) % num_classes)[torch.randperm(num_images, generator=g)]
+    unit = img_size / 32
+    spacing = LATTICE_SPACING * unit
+    cell = torch.stack(list(lattice_templates().values())[:num_classes])[labels] * spacing
+    # A uniformly random origin within one cell: where the dots fall is not part of the class.
+    u = torch.rand(num_images, 2, generator=g, dtype=torch.float64)
+    offset = torch.einsum("nk,nkd->nd", u, cell)
+    T = LATTICE_JITTER_TABLE
+    jitter = (torch.randn(num_images, T, T, 2, generator=g, dtype=torch.float64) * 0.25 * unit).clamp(-0.6 * unit, 0.6 * unit)
+    return {
+        "labels": labels, "cell": cell, "offset": offset, "jitter": jitter,
+        "radius": torch.full((num_images,), 1.3 * unit, dtype=torch.float64),
+        "hue": torch.rand(num_images, generator=g),
+        "noise": torch.randn(num_images, 3, img_size, img_size, generator=g) * 0.03,
+    }
+
+
+def lattice_dot_centres(parts: dict, index: int, img_size: int) -> torch.Tensor:
+    """(P, 2) centres (x, y) of the dots of image ``index`` whose centre lies inside the image."""
+    cell = parts["cell"][index]
+    reach = int(math.ceil(2 * img_size / float(torch.linalg.svdvals(cell).min()))) + 2
+    ij = torch.stack(torch.meshgrid(torch.arange(-reach, reach + 1), torch.arange(-reach, reach + 1), indexing="ij"), -1)
+    ij = ij.reshape(-1, 2)
+    jit = parts["jitter"][index][ij[:, 0] % LATTICE_JITTER_TABLE, ij[:, 1] % LATTICE_JITTER_TABLE]
+    c = ij.double() @ cell + parts["offset"][index] + jit
+    return c[((c >= 0) & (c < img_size)).all(1)]
+
+
+def make_lattice_images(num_images: int, img_size: int, seed: int, num_classes: int = 8):
+    """(images (N, 3, S, S) float in [0, 1], labels (N,) int64), balanced over the classes."""
+    parts = lattice_parts(num_images, img_size, seed, num_classes)
+    coords = torch.arange(img_size, dtype=torch.float64) + 0.5
+    pix = torch.stack(torch.meshgrid(coords, coords, indexing="xy"), -1).view(1, -1, 2)    # (1, S*S, 2) (x, y)
+    cell, T = parts["cell"], LATTICE_JITTER_TABLE
+    inverse = torch.linalg.inv(cell)
+    rows = torch.arange(num_images).view(-1, 1)
+    nearest = torch.full((num_images, img_size * img_size), float("inf"), dtype=torch.float64)
+    origin = parts["offset"].unsqueeze(1)
+    base = torch.floor(torch.einsum("npd,nde->npe", pix - origin, inverse))
+    # A dot close enough to cover a pixel is a corner of the cell the pixel lies in: the four cells
+    # around a lattice point hold every pixel within a cell height (>= 0.62 spacings, 3.1 px) of
+    # it, and a dot covers pixels at most 2.65 px from its lattice point (radius 1.3, 0.5 of
+    # anti-aliasing, a jitter of at most 0.6 px per axis).
+    for corner in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        ij = base + torch.tensor(corner, dtype=torch.float64)
+        idx = ij.long() % T
+        centre = torch.einsum("npe,ned->npd", ij, cell) + origin + parts["jitter"][rows, idx[..., 0], idx[..., 1]]
+        nearest = torch.minimum(nearest, (pix - centre).norm(dim=-1))
+    # anti-aliased dots: coverage ramps over one pixel at the edge
+    cover = (parts["radius"].view(-1, 1) + 0.5 - nearest).clamp(0, 1).float().view(-1, 1, img_size, img_size)
+    # One hue per image for dots and background alike, drawn anywhere on the circle; the dots
+    # are a little brighter than the background. Hue is the only colour that varies, and the
+    # per-view hue jitter of pretraining redraws it, so it cannot be predicted across views.
+    hue = parts["hue"]
+    background = _hsv_to_rgb(hue, torch.full_like(hue, LATTICE_SATURATION), torch.full_like(hue, LATTICE_VALUES[0]))
+    dots = _hsv_to_rgb(hue, torch.full_like(hue, LATTICE_SATURATION), torch.full_like(hue, LATTICE_VALUES[1]))
+    images = background.view(-1, 3, 1, 1) * (1 - cover) + dots.view(-1, 3, 1, 1) * cover
+    return (images + parts["noise"]).clamp(0, 1), parts["labels"]
+
+
 def make_synthetic_images(num_images: int, img_size: int, seed: int, num_classes: int | None = None,
                           kind: str = "arrangements"):
     """(images (N, 3, S, S) float in [0, 1], labels (N,) int64) of the embedded dataset ``kind``
@@ -335,6 +447,8 @@ def make_synthetic_images(num_images: int, img_size: int, seed: int, num_classes
         return make_outline_images(num_images, img_size, seed, num_classes or len(OUTLINE_CLASSES))
     if kind == "arrangements":
         return make_arrangement_images(num_images, img_size, seed, num_classes or len(ARRANGEMENT_CLASSES))
+    if kind == "lattices":
+        return make_lattice_images(num_images, img_size, seed, num_classes or len(LATTICE_CLASSES))
     if kind == "shapes":
         return make_shape_images(num_images, img_size, seed, num_classes or len(SHAPE_CLASSES))
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
