@@ -389,3 +389,20 @@ def test_seed_study_table_and_bar_verdict():
     table = study.tabulate(met)
     assert "| mean ± std (2 seeds) | 57.0 ± 1.4 / 50.0 ± 0.0 (7.0 ± 1.4)" in table
     assert "nan" not in study.tabulate({0: run(6.0, 9.0, 1.0)})
+
+
+def test_pca_picture_shows_what_differs_between_images():
+    """Tokens whose largest part is the same in every image at a position: the picture's colours
+    follow what sets the images apart (two groups), not the position; ``shown`` images only."""
+    from mimjepa.evaluate import pca_rgb
+
+    g = torch.Generator().manual_seed(0)
+    group = torch.arange(20) % 2
+    tokens = (torch.randn(1, 16, 8, generator=g) * 50.0).expand(20, -1, -1).clone()
+    tokens[..., 0] += (2 * group[:, None].float() - 1)
+    tokens += 0.01 * torch.randn(20, 16, 8, generator=g)
+    colours = pca_rgb(tokens, shown=4)
+    assert colours.shape == (4, 16, 3) and colours.min() >= 0 and colours.max() <= 1
+    first = colours[..., 0]
+    assert first.std(1).max() < 0.1                         # one colour per image, whatever the position
+    assert (first[0::2].mean() - first[1::2].mean()).abs() > 0.8  # the two groups far apart
