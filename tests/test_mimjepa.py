@@ -2,6 +2,7 @@
 pictures, checkpoints and the command line's errors."""
 
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -365,3 +366,43 @@ def test_demo_verdict_names_the_probes_that_miss_the_bar(capsys):
     out = capsys.readouterr().out
     assert "bar (k-NN and linear >= +5 points, best attentive >= +0): met in this run" in out
     assert "beats the randomly initialised encoder" not in out  # attentive +0: "same", not "better"
+
+
+def test_seed_study_table_and_bar_verdict():
+    """The seed study's table (mean ± std over seeds, no NaN for one seed) and its verdict on the
+    mean gain: k-NN and linear at least +5, best attentive not below."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mimjepa_seed_study.py"
+    spec = importlib.util.spec_from_file_location("mimjepa_seed_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+
+    def run(knn, linear, attentive):
+        return {"top1": {p: {"pretrained": 50 + g, "random_init": 50.0, "gain": g}
+                         for p, g in (("knn", knn), ("linear", linear), ("best_attentive", attentive))}}
+
+    met = {0: run(6.0, 9.0, 1.0), 1: run(8.0, 3.0, -0.5)}  # means +7.0, +6.0, +0.25
+    assert study.bar_verdict(met).startswith("bar (mean gain over 2 seeds") and ": met;" in study.bar_verdict(met)
+    assert "NOT met (best attentive)" in study.bar_verdict({0: run(6.0, 9.0, -1.0)})
+    assert "NOT met (k-NN, linear)" in study.bar_verdict({0: run(4.9, 4.9, 0.0)})
+    table = study.tabulate(met)
+    assert "| mean ± std (2 seeds) | 57.0 ± 1.4 / 50.0 ± 0.0 (7.0 ± 1.4)" in table
+    assert "nan" not in study.tabulate({0: run(6.0, 9.0, 1.0)})
+
+
+def test_pca_picture_shows_what_differs_between_images():
+    """Tokens whose largest part is the same in every image at a position: the picture's colours
+    follow what sets the images apart (two groups), not the position; ``shown`` images only."""
+    from mimjepa.evaluate import pca_rgb
+
+    g = torch.Generator().manual_seed(0)
+    group = torch.arange(20) % 2
+    tokens = (torch.randn(1, 16, 8, generator=g) * 50.0).expand(20, -1, -1).clone()
+    tokens[..., 0] += (2 * group[:, None].float() - 1)
+    tokens += 0.01 * torch.randn(20, 16, 8, generator=g)
+    colours = pca_rgb(tokens, shown=4)
+    assert colours.shape == (4, 16, 3) and colours.min() >= 0 and colours.max() <= 1
+    first = colours[..., 0]
+    assert first.std(1).max() < 0.1                         # one colour per image, whatever the position
+    assert (first[0::2].mean() - first[1::2].mean()).abs() > 0.8  # the two groups far apart

@@ -99,7 +99,7 @@ def test_local_content_is_distributed_alike_in_every_class():
     within a few standard errors of the overall mean); only the arrangement differs."""
     n, C = 4000, len(ARRANGEMENT_CLASSES)
     labels, pts, radius, rgb, _ = arrangement_parts(n, 32, seed=11)
-    images, labels2 = make_synthetic_images(n, 32, seed=11)
+    images, labels2 = make_synthetic_images(n, 32, seed=11, kind="arrangements")
     assert torch.equal(labels, labels2)
     d = torch.cdist(pts, pts) + torch.eye(PARTS_PER_IMAGE) * 1e9
     nn_dist, nn_idx = d.min(2)
@@ -130,8 +130,8 @@ def test_pooled_local_features_do_not_separate_the_classes():
     """A bag of local patches (histogram of a 4x4 patch codebook, learned without labels, pooled
     over the image) classifies at chance level: local content carries no class."""
     C = len(ARRANGEMENT_CLASSES)
-    train, y_train = make_synthetic_images(1600, 32, seed=21)
-    test, y_test = make_synthetic_images(800, 32, seed=22)
+    train, y_train = make_synthetic_images(1600, 32, seed=21, kind="arrangements")
+    test, y_test = make_synthetic_images(800, 32, seed=22, kind="arrangements")
 
     def patches(x):  # (N, 64, 48): each 4x4 patch, brightness-normalised (colour is a nuisance)
         grey = x.mean(1, keepdim=True)
@@ -296,15 +296,16 @@ def test_each_image_holds_its_class_lattice():
     assert (per_image / per_image.mean() - 1).abs().max() < 0.08, per_image  # same density in every class
 
 
-def lattice_dot_centres_with_margin(parts, i):
-    """Dots just outside the image still paint its border pixels."""
+def lattice_dot_centres_with_margin(parts, i, img_size=32):
+    """Every dot whose centre lies within a 4 px (at 32 px) margin around the image: dots just
+    outside still paint its border pixels."""
     shifted = {**parts, "offset": parts["offset"].clone()}
+    margin = 4.0 * img_size / 32
     out = []
-    for dx in (-4.0, 0.0, 4.0):
-        for dy in (-4.0, 0.0, 4.0):
+    for dx in (-margin, 0.0, margin):
+        for dy in (-margin, 0.0, margin):
             shifted["offset"][i] = parts["offset"][i] + torch.tensor([dx, dy], dtype=torch.float64)
-            c = lattice_dot_centres(shifted, i, 32) - torch.tensor([dx, dy], dtype=torch.float64)
-            out.append(c)
+            out.append(lattice_dot_centres(shifted, i, img_size) - torch.tensor([dx, dy], dtype=torch.float64))
     return torch.cat(out)
 
 
@@ -345,19 +346,21 @@ def test_main_job_views_differ_only_in_hue():
     assert torch.stack(hue_gaps).median() > 0.05  # ...while the colour itself moves
 
 
-def test_lattice_rendering_matches_a_brute_force_rendering():
+@pytest.mark.parametrize("size", [24, 32, 48])
+def test_lattice_rendering_matches_a_brute_force_rendering(size):
     """The renderer looks at four lattice points per pixel; drawing every dot (inside the image
-    and just outside it) and taking the nearest gives the same image."""
+    and just outside it) and taking the nearest gives the same image, at the smallest allowed
+    size (where cells and dots are tightest) and others."""
     from mimjepa.synthetic import LATTICE_SATURATION, _hsv_to_rgb
 
-    n = 48
-    parts = lattice_parts(n, 32, seed=9)
-    images, _ = make_synthetic_images(n, 32, seed=9, kind="lattices")
-    coords = torch.arange(32, dtype=torch.float64) + 0.5
+    n = 24
+    parts = lattice_parts(n, size, seed=9)
+    images, _ = make_synthetic_images(n, size, seed=9, kind="lattices")
+    coords = torch.arange(size, dtype=torch.float64) + 0.5
     grid = torch.stack(torch.meshgrid(coords, coords, indexing="xy"), -1).view(-1, 2)
     for i in range(n):
-        nearest = torch.cdist(grid, lattice_dot_centres_with_margin(parts, i)).amin(1)
-        cover = (parts["radius"][i] + 0.5 - nearest).clamp(0, 1).float().view(1, 32, 32)
+        nearest = torch.cdist(grid, lattice_dot_centres_with_margin(parts, i, size)).amin(1)
+        cover = (parts["radius"][i] + 0.5 - nearest).clamp(0, 1).float().view(1, size, size)
         hue = parts["hue"][i:i + 1]
         bg, dot = (_hsv_to_rgb(hue, torch.full_like(hue, LATTICE_SATURATION), torch.full_like(hue, v)).view(3, 1, 1)
                    for v in LATTICE_VALUES)

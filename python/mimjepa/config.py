@@ -130,6 +130,10 @@ class ProbeConfig:
     weight_decay: float = 1e-4
     probes: list = field(default_factory=lambda: ["attentive", "cross_attentive", "linear", "knn"])
     knn_k: int = 20
+    # The trained probes see the tokens standardised with training-split statistics (each
+    # position's mean token subtracted, each feature scaled to unit variance); false feeds them
+    # the layer-normed tokens as they are.
+    standardise_tokens: bool = True
     random_init_baseline: bool = False  # also probe an untrained encoder of the same architecture
 
 

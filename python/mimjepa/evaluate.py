@@ -64,8 +64,10 @@ def _probe_encoder(encoder: Encoder, cfg: ProbeConfig, device, show_progress: bo
         splits[split] = extract_features(encoder, loader, device, show_progress)
     # k-NN and the linear probe standardise pooled features themselves (the same up to a shift
     # and a per-feature scale); the attentive probes need the tokens standardised.
-    tokens = standardise_tokens(*(splits[s][0] for s in ("train", "val", "test")))
-    trained = {s: (x, splits[s][1]) for s, x in zip(("train", "val", "test"), tokens)}
+    trained = splits
+    if cfg.standardise_tokens and any(name != "knn" for name in cfg.probes):
+        tokens = standardise_tokens(*(splits[s][0] for s in ("train", "val", "test")))
+        trained = {s: (x, splits[s][1]) for s, x in zip(("train", "val", "test"), tokens)}
     dim = splits["train"][0].shape[-1]
     results = {}
     makers = {"attentive": lambda: AttentivePoolProbe(dim, num_classes),

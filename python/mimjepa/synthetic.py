@@ -412,21 +412,27 @@ def make_lattice_images(num_images: int, img_size: int, seed: int, num_classes: 
     parts = lattice_parts(num_images, img_size, seed, num_classes)
     coords = torch.arange(img_size, dtype=torch.float64) + 0.5
     pix = torch.stack(torch.meshgrid(coords, coords, indexing="xy"), -1).view(1, -1, 2)    # (1, S*S, 2) (x, y)
-    cell, T = parts["cell"], LATTICE_JITTER_TABLE
-    inverse = torch.linalg.inv(cell)
-    rows = torch.arange(num_images).view(-1, 1)
-    nearest = torch.full((num_images, img_size * img_size), float("inf"), dtype=torch.float64)
-    origin = parts["offset"].unsqueeze(1)
-    base = torch.floor(torch.einsum("npd,nde->npe", pix - origin, inverse))
-    # A dot close enough to cover a pixel is a corner of the cell the pixel lies in: the four cells
-    # around a lattice point hold every pixel within a cell height (>= 0.62 spacings, 3.1 px) of
-    # it, and a dot covers pixels at most 2.65 px from its lattice point (radius 1.3, 0.5 of
-    # anti-aliasing, a jitter of at most 0.6 px per axis).
-    for corner in ((0, 0), (1, 0), (0, 1), (1, 1)):
-        ij = base + torch.tensor(corner, dtype=torch.float64)
-        idx = ij.long() % T
-        centre = torch.einsum("npe,ned->npd", ij, cell) + origin + parts["jitter"][rows, idx[..., 0], idx[..., 1]]
-        nearest = torch.minimum(nearest, (pix - centre).norm(dim=-1))
+    T = LATTICE_JITTER_TABLE
+    nearest = torch.empty(num_images, img_size * img_size, dtype=torch.float64)
+    # In chunks of about 2^20 pixels, so that the (images, pixels, 2) float64 temporaries stay
+    # near 16 MB each at any image size.
+    chunk = max(1, (1 << 20) // (img_size * img_size))
+    for start in range(0, num_images, chunk):
+        part = slice(start, start + chunk)
+        cell, origin, jitter = parts["cell"][part], parts["offset"][part].unsqueeze(1), parts["jitter"][part]
+        rows = torch.arange(len(cell)).view(-1, 1)
+        base = torch.floor(torch.einsum("npd,nde->npe", pix - origin, torch.linalg.inv(cell)))
+        # A dot close enough to cover a pixel is a corner of the cell the pixel lies in: the four
+        # cells around a lattice point hold every pixel within a cell height (>= 0.62 spacings,
+        # 3.1 px) of it, and a dot covers pixels at most 2.65 px from its lattice point (radius
+        # 1.3, 0.5 of anti-aliasing, a jitter of at most 0.6 px per axis); all scale with the image.
+        best = torch.full(base.shape[:2], float("inf"), dtype=torch.float64)
+        for corner in ((0, 0), (1, 0), (0, 1), (1, 1)):
+            ij = base + torch.tensor(corner, dtype=torch.float64)
+            idx = ij.long() % T
+            centre = torch.einsum("npe,ned->npd", ij, cell) + origin + jitter[rows, idx[..., 0], idx[..., 1]]
+            best = torch.minimum(best, (pix - centre).norm(dim=-1))
+        nearest[part] = best
     # anti-aliased dots: coverage ramps over one pixel at the edge
     cover = (parts["radius"].view(-1, 1) + 0.5 - nearest).clamp(0, 1).float().view(-1, 1, img_size, img_size)
     # One hue per image for dots and background alike, drawn anywhere on the circle; the dots
@@ -440,9 +446,10 @@ def make_lattice_images(num_images: int, img_size: int, seed: int, num_classes: 
 
 
 def make_synthetic_images(num_images: int, img_size: int, seed: int, num_classes: int | None = None,
-                          kind: str = "arrangements"):
+                          kind: str = "lattices"):
     """(images (N, 3, S, S) float in [0, 1], labels (N,) int64) of the embedded dataset ``kind``
-    ("outlines" or "arrangements": 8 classes, "shapes": 10); ``num_classes`` keeps the first classes only."""
+    ("lattices", "outlines" or "arrangements": 8 classes, "shapes": 10); ``num_classes`` keeps the
+    first classes only."""
     if kind == "outlines":
         return make_outline_images(num_images, img_size, seed, num_classes or len(OUTLINE_CLASSES))
     if kind == "arrangements":
