@@ -55,6 +55,25 @@ SHAPE_CLASSES = ("disk", "square", "triangle", "ring", "cross", "h_stripes", "v_
                "twin_disks", "ellipse")
 
 
+def _seeded_labels(kind: str, classes: tuple, num_images: int, img_size: int, seed: int, num_classes: int,
+                   min_size: int | None = None) -> tuple[torch.Generator, torch.Tensor]:
+    """Checks the arguments, then (a generator seeded with ``seed``, labels (N,) of the first
+    ``num_classes`` classes, balanced, in an order drawn from that generator)."""
+    if not 2 <= num_classes <= len(classes):
+        raise ValueError(f"num_classes must be in [2, {len(classes)}], got {num_classes}")
+    if min_size is not None and img_size < min_size:
+        raise ValueError(f"img_size must be at least {min_size} for the {kind}, got {img_size}")
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.arange(num_images) % num_classes)[torch.randperm(num_images, generator=g)]
+    return g, labels
+
+
+def _rotations(angle: torch.Tensor) -> torch.Tensor:
+    """(N,) angles -> (N, 2, 2) rotation matrices acting on (x, y) column vectors."""
+    c, s = angle.cos(), angle.sin()
+    return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+
+
 def _shape_mask(kind: int, ys: torch.Tensor, xs: torch.Tensor, cy: float, cx: float, r: float,
                 angle: float) -> torch.Tensor:
     """Soft-free boolean mask of one shape on a unit-square grid."""
@@ -87,11 +106,7 @@ def _shape_mask(kind: int, ys: torch.Tensor, xs: torch.Tensor, cy: float, cx: fl
 
 def make_shape_images(num_images: int, img_size: int, seed: int, num_classes: int = 10):
     """(images (N, 3, S, S) float in [0, 1], labels (N,) int64), balanced over the classes."""
-    if not 2 <= num_classes <= len(SHAPE_CLASSES):
-        raise ValueError(f"num_classes must be in [2, {len(SHAPE_CLASSES)}], got {num_classes}")
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(num_images) % num_classes
-    labels = labels[torch.randperm(num_images, generator=g)]
+    g, labels = _seeded_labels("shapes", SHAPE_CLASSES, num_images, img_size, seed, num_classes)
     coords = (torch.arange(img_size, dtype=torch.float32) + 0.5) / img_size
     ys, xs = coords.view(-1, 1), coords.view(1, -1)
     images = torch.empty(num_images, 3, img_size, img_size)
@@ -153,12 +168,7 @@ def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tens
 def arrangement_parts(num_images: int, img_size: int, seed: int, num_classes: int = 8):
     """The drawn scene, before rendering: (labels (N,), part centres (N, P, 2) in pixels (x, y),
     part radius (N,) in pixels, part colours (N, P, 3)) and the rest of the scene as a dict."""
-    if not 2 <= num_classes <= len(ARRANGEMENT_CLASSES):
-        raise ValueError(f"num_classes must be in [2, {len(ARRANGEMENT_CLASSES)}], got {num_classes}")
-    if img_size < 24:
-        raise ValueError(f"img_size must be at least 24 for the arrangements, got {img_size}")
-    g = torch.Generator().manual_seed(seed)
-    labels = (torch.arange(num_images) % num_classes)[torch.randperm(num_images, generator=g)]
+    g, labels = _seeded_labels("arrangements", ARRANGEMENT_CLASSES, num_images, img_size, seed, num_classes, 24)
     templates = torch.stack(list(arrangement_templates().values()))[:num_classes]      # (C, P, 2)
     P = templates.shape[1]
     u = torch.rand(num_images, 8, generator=g, dtype=torch.float64)
@@ -166,9 +176,7 @@ def arrangement_parts(num_images: int, img_size: int, seed: int, num_classes: in
     unit = img_size / 32
     spacing = unit * (3.1 + 0.6 * u[:, 0])
     radius = unit * (0.9 + 0.6 * u[:, 1])
-    angle = 2 * math.pi * u[:, 2]
-    c, s = angle.cos(), angle.sin()
-    rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)          # (N, 2, 2)
+    rot = _rotations(2 * math.pi * u[:, 2])                                              # (N, 2, 2)
     pts = torch.einsum("nij,npj->npi", rot, templates[labels]) * spacing[:, None, None]
     # Each part jitters a little; then the whole arrangement lands anywhere it fits.
     pts = pts + (torch.rand(num_images, P, 2, generator=g, dtype=torch.float64) - 0.5) * 0.4 * unit
@@ -269,12 +277,7 @@ def outline_segments() -> list[int]:
 def outline_parts(num_images: int, img_size: int, seed: int, num_classes: int = 8):
     """The drawn scene, before rendering: (labels (N,), outline polyline (N, OUTLINE_SEGMENTS + 1, 2)
     in pixels (x, y), stroke width (N,) in pixels, stroke colour (N, 3)) and the rest as a dict."""
-    if not 2 <= num_classes <= len(OUTLINE_CLASSES):
-        raise ValueError(f"num_classes must be in [2, {len(OUTLINE_CLASSES)}], got {num_classes}")
-    if img_size < 24:
-        raise ValueError(f"img_size must be at least 24 for the outlines, got {img_size}")
-    g = torch.Generator().manual_seed(seed)
-    labels = (torch.arange(num_images) % num_classes)[torch.randperm(num_images, generator=g)]
+    g, labels = _seeded_labels("outlines", OUTLINE_CLASSES, num_images, img_size, seed, num_classes, 24)
     templates = torch.stack(list(outline_templates().values()))[:num_classes]
     u = torch.rand(num_images, 8, generator=g, dtype=torch.float64)
     unit = img_size / 32
@@ -283,9 +286,7 @@ def outline_parts(num_images: int, img_size: int, seed: int, num_classes: int = 
     # guessed from the rest of the same outline.
     radius = img_size * (0.3 + 0.13 * u[:, 0])
     width = unit * (1.4 + 0.8 * u[:, 1])
-    angle = 2 * math.pi * u[:, 2]
-    c, s = angle.cos(), angle.sin()
-    rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    rot = _rotations(2 * math.pi * u[:, 2])
     pts = torch.einsum("nij,npj->npi", rot, templates[labels]) * radius[:, None, None]
     margin = width[:, None] / 2 + unit
     lo = margin - pts.amin(1)
@@ -374,12 +375,7 @@ def lattice_parts(num_images: int, img_size: int, seed: int, num_classes: int = 
     vectors as rows, "offset" (N, 2) the lattice's origin, "jitter" (N, T, T, 2) each dot's
     displacement, looked up by its lattice index (i mod T, j mod T), "radius" (N,), "hue" (N,),
     "noise" (N, 3, S, S)."""
-    if not 2 <= num_classes <= len(LATTICE_CLASSES):
-        raise ValueError(f"num_classes must be in [2, {len(LATTICE_CLASSES)}], got {num_classes}")
-    if img_size < 24:
-        raise ValueError(f"img_size must be at least 24 for the lattices, got {img_size}")
-    g = torch.Generator().manual_seed(seed)
-    labels = (torch.arange(num_images) % num_classes)[torch.randperm(num_images, generator=g)]
+    g, labels = _seeded_labels("lattices", LATTICE_CLASSES, num_images, img_size, seed, num_classes, 24)
     unit = img_size / 32
     spacing = LATTICE_SPACING * unit
     cell = torch.stack(list(lattice_templates().values())[:num_classes])[labels] * spacing
