@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, TensorDataset
 from torchvision.transforms import v2
 
 from .config import DataConfig
-from .synthetic import ARRANGEMENT_CLASSES, LATTICE_CLASSES, OUTLINE_CLASSES, SHAPE_CLASSES, make_synthetic_images
+from .synthetic import classes_of, make_synthetic_images
 
 __all__ = ["DatasetError", "build_dataset", "TwoViews", "train_transforms", "eval_transform", "IMAGENET_MEAN",
            "IMAGENET_STD"]
@@ -98,8 +98,7 @@ def _raw_split(cfg: DataConfig, split: str, img_size: int, seed: int):
         # Each split is its own draw (own seed) of the same classes.
         images, labels = make_synthetic_images(size, img_size, seed=seed * 3 + ("train", "val", "test").index(split),
                                                num_classes=cfg.embedded_num_classes or None, kind=cfg.embedded_kind)
-        num_classes = cfg.embedded_num_classes or len({"lattices": LATTICE_CLASSES, "outlines": OUTLINE_CLASSES, "arrangements": ARRANGEMENT_CLASSES,
-                                                       "shapes": SHAPE_CLASSES}[cfg.embedded_kind])
+        num_classes = cfg.embedded_num_classes or len(classes_of(cfg.embedded_kind))
         return TensorDataset(images, labels), num_classes, True
     root = Path(cfg.root).expanduser()
     if not root.exists():

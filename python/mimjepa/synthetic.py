@@ -47,7 +47,7 @@ import torch
 __all__ = ["KINDS", "SHAPE_CLASSES", "ARRANGEMENT_CLASSES", "OUTLINE_CLASSES", "outline_templates", "outline_parts",
            "make_outline_images", "arrangement_templates", "arrangement_parts", "make_synthetic_images",
            "make_shape_images", "make_arrangement_images", "LATTICE_CLASSES", "lattice_templates", "lattice_parts",
-           "lattice_dot_centres", "make_lattice_images"]
+           "lattice_dot_centres", "make_lattice_images", "classes_of"]
 
 KINDS = ("lattices", "outlines", "arrangements", "shapes")
 
@@ -446,12 +446,14 @@ def make_synthetic_images(num_images: int, img_size: int, seed: int, num_classes
     """(images (N, 3, S, S) float in [0, 1], labels (N,) int64) of the embedded dataset ``kind``
     ("lattices", "outlines" or "arrangements": 8 classes, "shapes": 10); ``num_classes`` keeps the
     first classes only."""
-    if kind == "outlines":
-        return make_outline_images(num_images, img_size, seed, num_classes or len(OUTLINE_CLASSES))
-    if kind == "arrangements":
-        return make_arrangement_images(num_images, img_size, seed, num_classes or len(ARRANGEMENT_CLASSES))
-    if kind == "lattices":
-        return make_lattice_images(num_images, img_size, seed, num_classes or len(LATTICE_CLASSES))
-    if kind == "shapes":
-        return make_shape_images(num_images, img_size, seed, num_classes or len(SHAPE_CLASSES))
-    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    make = {"lattices": make_lattice_images, "outlines": make_outline_images, "arrangements": make_arrangement_images,
+            "shapes": make_shape_images}[kind]
+    return make(num_images, img_size, seed, num_classes or len(classes_of(kind)))
+
+
+def classes_of(kind: str) -> tuple:
+    """The class names of the embedded dataset ``kind``, in label order."""
+    return {"lattices": LATTICE_CLASSES, "outlines": OUTLINE_CLASSES, "arrangements": ARRANGEMENT_CLASSES,
+            "shapes": SHAPE_CLASSES}[kind]
