@@ -127,6 +127,22 @@ def check_inputs(x, weights: Sequence[torch.Tensor], keep, patch_size: int, num_
             raise ValueError(f"num_visible must be in [0, N={n}], got {num_visible}")
         if keep is None and num_visible != n:
             raise ValueError(f"num_visible={num_visible} but keep is None (every one of the {n} patches visible)")
+        if keep is not None and not is_index_keep(keep):
+            _check_row_counts(keep, num_visible)
+
+
+def _check_row_counts(keep: torch.Tensor, num_visible: int) -> None:
+    """On the CPU (where reading the counts costs nothing) a bool ``keep`` whose rows do not each hold
+    ``num_visible`` patches raises ValueError naming the first such row. On a GPU the check stays
+    an asynchronous device assertion (see ``compact.visible_tables``): no host synchronisation."""
+    if keep.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    counts = keep.sum(1)
+    bad = (counts != num_visible).nonzero()
+    if bad.numel():
+        row = int(bad[0])
+        raise ValueError(f"keep: row {row} holds {int(counts[row])} visible patches but num_visible={num_visible} "
+                         "(every row must hold exactly num_visible)")
 
 
 _INDEX_DTYPES = (torch.int64, torch.int32)

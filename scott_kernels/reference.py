@@ -1,8 +1,11 @@
 """Dense emulation of the SCOTT tokenizer: the oracle every backend is tested against.
 
 Every convolution and every pool runs over the whole image; after each, the result is multiplied
-by the patch mask upsampled (nearest) to that resolution. This is exactly how the published code
-computes its "sparse" convolutions, in any dtype (float64 included) and on any device.
+by the patch mask upsampled (nearest) to that resolution, as the published code computes its
+"sparse" convolutions, in any dtype (float64 included) and on any device. "Multiplied" is done as
+a selection (``torch.where(mask, x, 0)``): the same values for finite inputs, but a NaN or Inf in
+a masked region stays there instead of spreading (NaN * 0 is NaN) into visible patches that the
+sparse function never connects to it.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ def max_blur_pool(x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, blur_kernel(x.shape[1], x.dtype, x.device), stride=2, padding=1, groups=x.shape[1])
 
 
-def _upsampled(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B, 1, GH, GW) patch mask -> (B, 1, h, w) at `like`'s resolution, in its dtype."""
-    fy, fx = like.shape[2] // mask.shape[2], like.shape[3] // mask.shape[3]
-    return mask.repeat_interleave(fy, dim=2).repeat_interleave(fx, dim=3).to(like.dtype)
+def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` with the (B, 1, GH, GW) patch mask, upsampled (nearest) to its resolution, applied by
+    selection: exactly 0 where masked, whatever ``x`` holds there."""
+    fy, fx = x.shape[2] // mask.shape[2], x.shape[3] // mask.shape[3]
+    up = mask.repeat_interleave(fy, dim=2).repeat_interleave(fx, dim=3)
+    return torch.where(up, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def reference_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: torch.Tensor | None,
@@ -45,12 +50,12 @@ def reference_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: t
     mask = None
     if keep is not None:
         mask = keep.view(B, 1, H // patch_size, W // patch_size)
-        x = x * _upsampled(mask, x)
+        x = _masked(x, mask)
     for weight in weights:
         x = F.conv2d(x, weight, stride=2, padding=weight.shape[-1] // 2)
         if mask is not None:
-            x = x * _upsampled(mask, x)
+            x = _masked(x, mask)
         x = max_blur_pool(torch.relu(x))
         if mask is not None:
-            x = x * _upsampled(mask, x)
+            x = _masked(x, mask)
     return x.flatten(2).transpose(1, 2)
