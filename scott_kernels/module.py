@@ -192,7 +192,7 @@ class SparseConvTokenizer(nn.Module):
         if not isinstance(self.norm, nn.Identity):
             tokens = self.norm(tokens)
             if keep is not None and not packed:
-                tokens = tokens * keep.unsqueeze(-1).to(tokens.dtype)
+                tokens = torch.where(keep.unsqueeze(-1), tokens, tokens.new_zeros(()))
         if packed and ids_keep is not None:
             tokens = order_like_indices(tokens, keep, ids_keep)
         if self.output_fmt == "NLC" or packed:
