@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from ._device import custom_op
+
 try:
     from . import _C
 except ImportError as exc:  # pragma: no cover - depends on how the package was installed
@@ -74,7 +76,7 @@ def _check_tables(name: str, src: torch.Tensor, slot: torch.Tensor, tile_pos: to
 # --------------------------------------------------------------------------------------------
 # gather_tiles
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("scott_kernels::gather_tiles", mutates_args=())
+@custom_op("scott_kernels::gather_tiles", mutates_args=())
 def gather_tiles(src: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, halo_lo: int,
                  halo_hi: int) -> torch.Tensor:
     """(S0, S1, S2, C, q, q) source -> (M, C, q+lo+hi, q+lo+hi) tiles around each tile_pos patch."""
@@ -141,7 +143,7 @@ def _inverse_tables(slot: torch.Tensor, tile_pos: torch.Tensor, num_slots: int):
     return slot_pos, tile_of[:positions].contiguous()
 
 
-@torch.library.custom_op("scott_kernels::scatter_tiles", mutates_args=())
+@custom_op("scott_kernels::scatter_tiles", mutates_args=())
 def scatter_tiles(grad_tiles: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
                   slot_sizes: list[int], side: int, halo_lo: int, halo_hi: int) -> torch.Tensor:
     """Adjoint of gather_tiles: (M, C, T, T) -> contiguous (S0, S1, S2, C, side, side)."""
