@@ -37,9 +37,16 @@ def install() -> bool:
     if original is None or getattr(original, "_scott_squeezed", False):
         return False
 
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+    def index(self):
+        return int(self.handle.data.squeeze())
+
+    def patch_lang_tensor(tensor, *scope):
+        # Triton 3.5-3.6 pass a patch scope that records attributes; 3.4 sets them directly
+        original(tensor, *scope)
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
 
     patch_lang_tensor._scott_squeezed = True
     interpreter._patch_lang_tensor = patch_lang_tensor
