@@ -142,7 +142,8 @@ setup(
     packages=["scott_kernels", "mimjepa"],
     package_dir={"mimjepa": "python/mimjepa"},
     package_data={"mimjepa": ["configs/*.yaml"]},
-    install_requires=["torch>=2.4"],
+    # the oldest torch tested (.ci/oldest); it brings Triton 3.5, the first with float64 tl.dot
+    install_requires=["torch>=2.9"],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["mimjepa=mimjepa.cli:main"]},
     ext_modules=[CMakeExtension("scott_kernels._C")],
