@@ -20,8 +20,9 @@ and ``ffn_layer="mlp"`` / ``tokenizer_hidden`` go through ``create_model``.
 - a ``mimjepa`` checkpoint (``checkpoint.safetensors``): its context encoder, or its target
   (EMA) encoder with ``checkpoint_encoder="target"``;
 - a SCOTT reference-code encoder state dict (e.g. ``context-encoder_checkpoint.pth``).
-Both go through mimjepa's strict loader: any missing or unexpected key, or a shape that differs
-from the model built, is an error listing them. The pretraining mask token is not part of this
+Both are checked strictly (``scott_kernels.vit.check_state_dict``, the check mimjepa's loader
+makes): any missing or unexpected key, or a shape that differs from the model built, is an error
+listing them. The pretraining mask token is not part of this
 model and is dropped; the pooling norm and head keep their fresh initialisation. The number of
 attention heads is not visible in the weights: build the model with the checkpoint's
 ``num_heads`` (and ``img_size``, ``depth``, ...) when they differ from the name's.
@@ -39,6 +40,8 @@ from timm.models import VisionTransformer, register_model
 from timm.models.vision_transformer import Block
 
 from .module import SparseConvTokenizer
+from .vit import (ScottViTConfig, check_state_dict, encoder_to_timm, rename_reference_tokenizer, scott_block,
+                  sincos_pos_embed_2d, swiglu_hidden, timm_to_encoder)
 
 __all__ = ["ScottBlock", "scott_vit", "SCOTT_VIT_SIZES"]
 
@@ -53,8 +56,6 @@ _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def _swiglu(in_features, hidden_features=None, act_layer=None, norm_layer=None, bias=True, drop=0.0, **dd):
     """The SCOTT SwiGLU: silu(first half) * second half of one packed projection, width 8/3·D
     rounded to 128, no dropout (timm's GluMlp with the gate first)."""
-    from mimjepa.models import swiglu_hidden
-
     return GluMlp(in_features, 2 * swiglu_hidden(in_features), act_layer=nn.SiLU, gate_last=False, bias=bias,
                   drop=0.0, **dd)
 
@@ -73,34 +74,8 @@ class ScottBlock(Block):
         super().__init__(dim, num_heads, **kwargs)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, **kwargs)))
-        x = self.norm2(x)
-        return x + self.drop_path2(self.ls2(self.mlp(x)))
-
-
-def _timm_keys(encoder_state: dict, registers: int) -> dict:
-    """mimjepa Encoder state dict -> this model's names (the mask token is dropped)."""
-    out = {}
-    for key, value in encoder_state.items():
-        parts = key.split(".")
-        if key == "transformer.msk_embed":
-            continue
-        if key == "transformer.pos_embed":
-            out["pos_embed"] = value[registers:].unsqueeze(0)
-        elif key == "transformer.reg_embed":
-            out["reg_token"] = value
-        elif parts[0] == "tokenizer":
-            out["patch_embed." + ".".join(parts[1:])] = value
-        elif parts[:2] == ["transformer", "blocks"]:
-            i, layer, name = parts[2], parts[3], ".".join(parts[4:])
-            if layer == "self_attn":
-                out[f"blocks.{i}.attn.{name}"] = value
-            else:
-                fc = "fc2" if name.startswith("last_linear") else "fc1"   # w12 (SwiGLU) / linear1 (MLP)
-                out[f"blocks.{i}.mlp.{fc}.weight"] = value
-        else:  # load_strict has already refused anything the encoder does not have
-            raise KeyError(f"no mapping for encoder key {key}")
-    return out
+        return scott_block(x, lambda h: self.drop_path1(self.ls1(self.attn(h, attn_mask=attn_mask, **kwargs))),
+                           lambda h: self.drop_path2(self.ls2(self.mlp(h))), self.norm1, self.norm2)
 
 
 class ScottVisionTransformer(VisionTransformer):
@@ -117,22 +92,18 @@ class ScottVisionTransformer(VisionTransformer):
                          class_token=False, no_embed_class=True, global_pool=kwargs.pop("global_pool", "avg"),
                          qkv_bias=False, proj_bias=False, **kwargs)
         self.ffn_layer, self.checkpoint_encoder = ffn_layer, checkpoint_encoder
-        from mimjepa.models import sincos_pos_embed_2d
-
         # fixed positions, as in the SCOTT encoder (a parameter without gradient, as there)
         grid = self.patch_embed.grid_size
         self.pos_embed.data.copy_(sincos_pos_embed_2d(self.embed_dim, grid).unsqueeze(0))
         self.pos_embed.requires_grad_(False)
         self._register_load_state_dict_pre_hook(self._accept_scott_checkpoints)
 
-    def model_config(self):
-        """The mimjepa ModelConfig of this encoder (for loading its checkpoints)."""
-        from mimjepa.config import ModelConfig
-
+    def model_config(self) -> ScottViTConfig:
+        """The architecture of this encoder (``mimjepa``'s Encoder builds the same one from it)."""
         img_h, img_w = self.patch_embed.img_size
         if img_h != img_w:
             raise ValueError(f"SCOTT checkpoints describe square images; this model has img_size {(img_h, img_w)}")
-        return ModelConfig(img_size=img_h, patch_size=self.patch_embed.patch_size[0], in_chans=self.patch_embed.in_chans,
+        return ScottViTConfig(img_size=img_h, patch_size=self.patch_embed.patch_size[0], in_chans=self.patch_embed.in_chans,
                            embed_dim=self.embed_dim, depth=len(self.blocks), num_heads=self.blocks[0].attn.num_heads,
                            ffn_layer=self.ffn_layer, num_register_tokens=self.num_reg_tokens,
                            tokenizer_hidden=self.patch_embed.convs[0].out_channels,
@@ -146,16 +117,14 @@ class ScottVisionTransformer(VisionTransformer):
             source, strip = "SCOTT encoder state dict", ""
         else:
             return  # this model's own state dict
-        from mimjepa.checkpoint import load_strict, rename_reference_tokenizer
-        from mimjepa.models import Encoder
-
-        encoder_state = {k[len(strip):]: state_dict[prefix + k] for k in keys if k.startswith(strip)}
-        encoder = Encoder(self.model_config())
-        load_strict(encoder, rename_reference_tokenizer(encoder_state, source), source)
-        converted = _timm_keys(encoder.state_dict(), self.num_reg_tokens)
+        encoder_state = rename_reference_tokenizer(
+            {k[len(strip):]: state_dict[prefix + k] for k in keys if k.startswith(strip)}, source)
+        own = self.state_dict()
+        expected = timm_to_encoder(own, self.ffn_layer, self.num_reg_tokens)
+        check_state_dict({k: v.shape for k, v in expected.items()}, encoder_state, source)
+        converted = encoder_to_timm(encoder_state, self.num_reg_tokens)
         for key in [k for k in state_dict if k.startswith(prefix)]:
             del state_dict[key]
-        own = self.state_dict()
         for key, value in own.items():   # the parts no encoder checkpoint has: pooling norm, head
             state_dict[prefix + key] = converted.pop(key, value)
         if converted:
