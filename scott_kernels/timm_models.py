@@ -1,7 +1,8 @@
 """SCOTT ViTs registered with timm: ``timm.create_model("scott_vit_small_patch16_224")``.
 
-Importing this module registers three models (``import scott_kernels`` does it too when timm has
-already been imported):
+The three models join timm's registry whenever both ``scott_kernels`` and ``timm`` are imported, in
+either order (``import scott_kernels`` does not import timm: it registers them when timm gets
+imported, or at once when timm already is):
 
 | name | embed_dim | depth | num_heads |
 |---|---|---|---|
@@ -35,22 +36,23 @@ from functools import partial
 
 import torch
 from torch import nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import GluMlp, Mlp
-from timm.models import VisionTransformer, register_model
+from timm.models import (VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model,
+                         resolve_pretrained_cfg)
 from timm.models.vision_transformer import Block
 
 from .module import SparseConvTokenizer
 from .vit import (ScottViTConfig, check_state_dict, encoder_to_timm, rename_reference_tokenizer, scott_block,
                   sincos_pos_embed_2d, swiglu_hidden, timm_to_encoder)
 
-__all__ = ["ScottBlock", "scott_vit", "SCOTT_VIT_SIZES"]
+__all__ = ["ScottBlock", "ScottVisionTransformer", "scott_vit", "SCOTT_VIT_SIZES", "refuse_fixed_arguments"]
 
 SCOTT_VIT_SIZES = {
     "scott_vit_tiny_patch16_224": dict(embed_dim=192, depth=12, num_heads=3),
     "scott_vit_small_patch16_224": dict(embed_dim=384, depth=12, num_heads=4),
     "scott_vit_base_patch16_224": dict(embed_dim=768, depth=12, num_heads=12),
 }
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _swiglu(in_features, hidden_features=None, act_layer=None, norm_layer=None, bias=True, drop=0.0, **dd):
@@ -78,6 +80,47 @@ class ScottBlock(Block):
                            lambda h: self.drop_path2(self.ls2(self.mlp(h))), self.norm1, self.norm2)
 
 
+# VisionTransformer arguments whose value the SCOTT ViT fixes: the value, and why.
+FIXED_VALUES = dict(class_token=False, no_embed_class=True, qkv_bias=False, proj_bias=False, pos_embed="learn")
+_WHY_FIXED = {
+    "class_token": "the SCOTT encoder has no class token: its patch tokens are average-pooled into the head",
+    "no_embed_class": "the position embedding covers the patches only (register tokens carry no position)",
+    "qkv_bias": "the SCOTT encoder's attention has no biases",
+    "proj_bias": "the SCOTT encoder's attention and feed-forward projections have no biases",
+    "pos_embed": "positions are the fixed 2-D sin-cos embedding, held in pos_embed without gradient",
+}
+# VisionTransformer arguments the SCOTT ViT sets itself: why they cannot be given.
+_WHY_OWN = {
+    "embed_layer": "the patch embedding is the SCOTT tokenizer, SparseConvTokenizer (its hidden width is "
+                   "tokenizer_hidden=)",
+    "block_fn": "the blocks are ScottBlock, in the SCOTT encoder's order",
+    "mlp_layer": "the feed-forward is chosen with ffn_layer='swiglu' (SCOTT's) or 'mlp'",
+    "act_layer": "the activations are fixed: SiLU in the SwiGLU, GELU in the MLP",
+}
+
+
+def refuse_fixed_arguments(kwargs: dict, patch_size: int | None = None) -> None:
+    """Raises TypeError / ValueError, saying why, for VisionTransformer arguments that the SCOTT
+    ViT fixes (given with another value) or sets itself."""
+    for name, why in _WHY_OWN.items():
+        if name in kwargs:
+            raise TypeError(f"SCOTT ViT: {name}= cannot be given: {why}")
+    for name, value in FIXED_VALUES.items():
+        if name in kwargs and kwargs[name] != value:
+            raise ValueError(f"SCOTT ViT: {name}={kwargs[name]!r} is not possible ({name}={value!r} is fixed): "
+                             f"{_WHY_FIXED[name]}")
+    if kwargs.get("global_pool") == "token":
+        raise ValueError("SCOTT ViT: global_pool='token' needs a class token, and the SCOTT encoder has none; "
+                         "use 'avg' (the default), 'max', 'avgmax', 'map' or ''")
+    if patch_size is not None and "patch_size" in kwargs:
+        given = kwargs["patch_size"]
+        given = tuple(given) if isinstance(given, (tuple, list)) else (given, given)
+        if given != (patch_size, patch_size):
+            raise ValueError(f"SCOTT ViT: patch_size={kwargs['patch_size']!r} does not match the model's "
+                             f"{patch_size} (its name; the tokenizer's patch size is 4 ** stages). Build "
+                             f"ScottVisionTransformer(patch_size=...) directly for another power of 4")
+
+
 class ScottVisionTransformer(VisionTransformer):
     """VisionTransformer that also accepts mimjepa and SCOTT reference-code encoder state dicts."""
 
@@ -87,10 +130,12 @@ class ScottVisionTransformer(VisionTransformer):
             raise ValueError(f"ffn_layer must be 'swiglu' or 'mlp', got {ffn_layer!r}")
         if checkpoint_encoder not in ("context", "target"):
             raise ValueError(f"checkpoint_encoder must be 'context' or 'target', got {checkpoint_encoder!r}")
+        refuse_fixed_arguments(kwargs)
+        for name, value in FIXED_VALUES.items():
+            kwargs.pop(name, None)
         super().__init__(embed_layer=partial(SparseConvTokenizer, hidden_channels=tokenizer_hidden),
                          block_fn=ScottBlock, mlp_layer=_swiglu if ffn_layer == "swiglu" else _mlp,
-                         class_token=False, no_embed_class=True, global_pool=kwargs.pop("global_pool", "avg"),
-                         qkv_bias=False, proj_bias=False, **kwargs)
+                         global_pool=kwargs.pop("global_pool", "avg"), **FIXED_VALUES, **kwargs)
         self.ffn_layer, self.checkpoint_encoder = ffn_layer, checkpoint_encoder
         # fixed positions, as in the SCOTT encoder (a parameter without gradient, as there)
         grid = self.patch_embed.grid_size
@@ -131,20 +176,42 @@ class ScottVisionTransformer(VisionTransformer):
             raise KeyError(f"{source}: keys without a place in the model: {sorted(converted)}")
 
 
+def _cfg(**kwargs) -> dict:
+    return dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=0.9,
+                interpolation="bicubic", fixed_input_size=True, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                first_conv="patch_embed.convs.0", classifier="head",
+                notes=("no hosted weights: load a mimjepa checkpoint, a SCOTT reference-code encoder state dict or "
+                       "this model's own state dict with checkpoint_path=",), **kwargs)
+
+
+# timm's pretrained cfgs of the SCOTT ViTs (no weights anywhere: url, file and hf_hub_id are empty)
+default_cfgs = generate_default_cfgs({name: _cfg() for name in SCOTT_VIT_SIZES})
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
 def scott_vit(variant: str, pretrained: bool = False, **kwargs) -> ScottVisionTransformer:
-    if pretrained:
-        raise ValueError(f"{variant}: no published weights; load yours with checkpoint_path=")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
-    args = dict(SCOTT_VIT_SIZES[variant], img_size=224, patch_size=16)
+    """Builds ``variant`` through timm's builder (pretrained cfg, features_only, out_indices), as
+    timm builds its own ViTs."""
+    refuse_fixed_arguments(kwargs, patch_size=16)
+    pretrained_cfg, overlay = kwargs.pop("pretrained_cfg", None), dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    if pretrained and not resolve_pretrained_cfg(variant, pretrained_cfg, overlay).has_weights:
+        raise ValueError(f"{variant}: no published weights (pretrained=True has nothing to download); load yours "
+                         f"with checkpoint_path= (a mimjepa checkpoint, a SCOTT reference-code encoder state dict "
+                         f"or this model's state dict), or name a file with pretrained_cfg_overlay=dict(file=...)")
+    if "img_size" in kwargs or "in_chans" in kwargs:
+        # the cfg describes the input this model takes (timm's data config reads it)
+        base = resolve_pretrained_cfg(variant, pretrained_cfg, overlay).input_size
+        size = _pair(kwargs.get("img_size", base[1:]))
+        overlay.setdefault("input_size", (kwargs.get("in_chans", base[0]), *size))
+    args = dict(SCOTT_VIT_SIZES[variant], patch_size=16)
     args.update(kwargs)
-    model = ScottVisionTransformer(**args)
-    size = model.patch_embed.img_size
-    model.pretrained_cfg = model.default_cfg = dict(
-        architecture=variant, num_classes=model.num_classes, input_size=(model.patch_embed.in_chans, *size),
-        mean=_IMAGENET_MEAN, std=_IMAGENET_STD, interpolation="bicubic", crop_pct=0.9, fixed_input_size=True,
-        first_conv="patch_embed.convs.0", classifier="head")
-    return model
+    out_indices = args.pop("out_indices", 3)
+    return build_model_with_cfg(ScottVisionTransformer, variant, pretrained, pretrained_cfg=pretrained_cfg,
+                                pretrained_cfg_overlay=overlay,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **args)
 
 
 @register_model
