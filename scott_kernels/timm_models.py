@@ -15,7 +15,14 @@ SCOTT encoder's transformer (the one ``mimjepa`` trains): no class token, fixed 
 positions, blocks ``x = x + attn(LN(x)); x = LN(x); x = x + SwiGLU(x)`` with LayerNorms without
 affine parameters and no biases, then average pooling, a LayerNorm and the classifier head. Any
 ``VisionTransformer`` keyword (``img_size``, ``num_classes``, ``depth``, ``drop_path_rate`` ...)
-and ``ffn_layer="mlp"`` / ``tokenizer_hidden`` go through ``create_model``.
+and ``ffn_layer="mlp"`` / ``tokenizer_hidden`` go through ``create_model``; those the SCOTT ViT
+fixes (``class_token=True``, ``embed_layer``, a ``patch_size`` other than 16, ...) are refused with
+the reason (``refuse_fixed_arguments``).
+
+They are built by timm's ``build_model_with_cfg``, as timm's own ViTs: pretrained cfgs
+(``timm.models.get_pretrained_cfg(name)``: ImageNet mean/std, 3x224x224, 1000 classes) with
+``pretrained_cfg_overlay``, ``features_only`` / ``out_indices`` and ``forward_intermediates``. No
+weights are hosted: ``pretrained=True`` raises, unless ``pretrained_cfg_overlay`` names a file.
 
 ``checkpoint_path=`` loads, besides timm's own state dicts of these models:
 - a ``mimjepa`` checkpoint (``checkpoint.safetensors``): its context encoder, or its target
@@ -23,8 +30,7 @@ and ``ffn_layer="mlp"`` / ``tokenizer_hidden`` go through ``create_model``.
 - a SCOTT reference-code encoder state dict (e.g. ``context-encoder_checkpoint.pth``).
 Both are checked strictly (``scott_kernels.vit.check_state_dict``, the check mimjepa's loader
 makes): any missing or unexpected key, or a shape that differs from the model built, is an error
-listing them. The pretraining mask token is not part of this
-model and is dropped; the pooling norm and head keep their fresh initialisation. The number of
+listing them. The pretraining mask token is not part of this model and is dropped; the pooling norm and head keep their fresh initialisation. The number of
 attention heads is not visible in the weights: build the model with the checkpoint's
 ``num_heads`` (and ``img_size``, ``depth``, ...) when they differ from the name's.
 Masks reach the tokenizer through ``scott_kernels.masked(model, keep)``.
