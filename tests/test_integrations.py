@@ -43,7 +43,7 @@ def run(name: str, scope: dict) -> dict:
 
 def test_every_marked_snippet_is_tested():
     names = set(re.findall(r"<!-- snippet: ([\w-]+) -->", README.read_text()))
-    tested = {"mae-init", "mae-initialize-weights", "mae-forward-encoder", "ijepa-init", "ijepa-forward",
+    tested = {"mae-init", "mae-initialize-weights", "mae-forward-encoder", "mae-finetune", "ijepa-init", "ijepa-forward",
               "ijepa-zero-edit", "timm-embed-layer", "timm-scott-vit", "timm-checkpoint", "timm-demo-checkpoint"}
     assert names == tested
 
@@ -231,6 +231,24 @@ def test_mae_trains_through_the_tokenizer():
     loss, *_ = model(torch.randn(2, 3, 64, 64))
     loss.backward()
     assert all(conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0 for conv in model.patch_embed.convs)
+
+
+def test_mae_finetune_patch_embedding(tmp_path):
+    """MAE's fine-tuning model (a timm VisionTransformer) with the README's patch embedding takes
+    the pretrained encoder's tokenizer weights, and computes what it computes."""
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    from types import SimpleNamespace
+
+    torch.manual_seed(3)
+    pretrained = MaeStyle()
+    model = timm_vit.VisionTransformer(img_size=64, patch_size=16, embed_dim=48, depth=2, num_heads=3, num_classes=4)
+    run("mae-finetune", dict(model=model, args=SimpleNamespace(input_size=64)))
+    encoder_state = {k: v for k, v in pretrained.state_dict().items() if k.startswith("patch_embed.")}
+    missing, unexpected = model.load_state_dict(encoder_state, strict=False)   # as main_finetune loads
+    assert not unexpected and not [k for k in missing if k.startswith("patch_embed.")]
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(model.patch_embed(x), pretrained.patch_embed(x))
+    assert model(x).shape == (2, 4)
 
 
 # --- I-JEPA ---------------------------------------------------------------------------------------------
