@@ -76,6 +76,10 @@ class SparseConvTokenizer(nn.Module):
     visible patches after every conv and pool; ``patch_size = 4 ** num_stages`` (16 -> two stages:
     3 -> 64 -> embed_dim channels, the SCOTT default).
 
+    The convolutions (``convs``) are ``TokenizerConv`` modules, not ``nn.Conv2d``, so ViT init
+    loops that re-initialise every ``nn.Conv2d`` keep SCOTT's initialisation
+    (``reset_parameters()`` applies it again).
+
     Drop-in for timm: ``VisionTransformer(embed_layer=SparseConvTokenizer, ...)`` works; timm
     calls it with images only, so hand it a mask with ``with tokenizer.masked(keep): vit(x)`` or
     ``with scott_kernels.masked(vit, keep): vit(x)``.
