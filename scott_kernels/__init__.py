@@ -9,12 +9,11 @@ from .reference import reference_tokenize
 
 __version__ = "0.1.0"
 
-import sys as _sys
+from . import _timm_registration
 
-# The SCOTT ViTs join timm's registry with `import scott_kernels.timm_models`; when timm is already
-# loaded, now (importing timm here otherwise would add its import time to every user).
-if "timm" in _sys.modules:
-    from . import timm_models  # noqa: F401
+# The SCOTT ViTs join timm's registry (scott_kernels.timm_models) as soon as timm is imported,
+# before or after this package, without this import paying for importing timm.
+_timm_registration.register_when_timm_is_imported()
 __all__ = [
     "SparseConvTokenizer",
     "masked",

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 from typing import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .functional import (BACKENDS, check_inputs, num_stages_for, order_like_indices, resolve_keep, select_backend,
                          sparse_conv_tokenize)
 
-__all__ = ["SparseConvTokenizer", "masked"]
+__all__ = ["SparseConvTokenizer", "TokenizerConv", "masked"]
 
 _log = logging.getLogger("scott_kernels")
 _OFFICIAL_KEY = re.compile(r"^tokenizer\.(\d+)\.weight$")
@@ -33,12 +35,50 @@ def _per_stage(value, stages: int, name: str) -> list[int]:
     return values
 
 
+class TokenizerConv(nn.Module):
+    """One convolution of the SCOTT tokenizer: a (out, in, k, k) weight, stride 2, padding k // 2,
+    no bias. It holds the weight the kernels read and has nn.Conv2d's attributes (``weight``,
+    ``in_channels``, ``out_channels``, ``kernel_size``, ``stride``, ``padding``, ``bias=None``) and
+    its dense ``forward``, but is deliberately not an ``nn.Conv2d``: ViT codebases initialise every
+    ``nn.Conv2d`` they find (I-JEPA's ``_init_weights``: truncated normal, std 0.02; timm's "jax"
+    init: LeCun normal) assuming it is a linear patch projection, which would silently replace
+    SCOTT's initialisation. ``reset_parameters()`` applies SCOTT's (Kaiming normal, fan-in, ReLU)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, device=None, dtype=None):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = (kernel_size, kernel_size)
+        self.stride = (2, 2)
+        self.padding = (kernel_size // 2, kernel_size // 2)
+        self.bias = None
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size, device=device,
+                                               dtype=dtype))
+        # drawn as nn.Conv2d draws it, before the tokenizer's reset_parameters: seeded models keep
+        # the random stream (and so the weights) they had when these were nn.Conv2d
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_normal_(self.weight)   # as the SCOTT reference code initialises its convs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense convolution (no masking): what the tokenizer's first op computes at keep=None."""
+        return F.conv2d(x, self.weight, None, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, bias=False")
+
+
 class SparseConvTokenizer(nn.Module):
     """Shallow sparse CNN tokenizer (SCOTT): one token per patch, no masked patch leaks.
 
     Each stage is conv(k x k, stride 2, pad k//2, no bias) -> ReLU -> MaxBlurPool, masked to the
     visible patches after every conv and pool; ``patch_size = 4 ** num_stages`` (16 -> two stages:
     3 -> 64 -> embed_dim channels, the SCOTT default).
+
+    The convolutions (``convs``) are ``TokenizerConv`` modules, not ``nn.Conv2d``, so ViT init
+    loops that re-initialise every ``nn.Conv2d`` keep SCOTT's initialisation
+    (``reset_parameters()`` applies it again).
 
     Drop-in for timm: ``VisionTransformer(embed_layer=SparseConvTokenizer, ...)`` works; timm
     calls it with images only, so hand it a mask with ``with tokenizer.masked(keep): vit(x)`` or
@@ -104,7 +144,7 @@ class SparseConvTokenizer(nn.Module):
         factory = {"device": device, "dtype": dtype}
         convs, c_in = [], in_chans
         for width, k in zip(widths, kernels):
-            convs.append(nn.Conv2d(c_in, width, k, stride=2, padding=k // 2, bias=False, **factory))
+            convs.append(TokenizerConv(c_in, width, k, **factory))
             c_in = width
         self.convs = nn.ModuleList(convs)
         self.norm = norm_layer(embed_dim, **factory) if norm_layer else nn.Identity()
@@ -122,8 +162,11 @@ class SparseConvTokenizer(nn.Module):
         self._register_load_state_dict_pre_hook(self._accept_official_keys)
 
     def reset_parameters(self) -> None:
+        """SCOTT's initialisation of the convolutions (Kaiming normal, as the SCOTT reference code).
+        The convolutions are ``TokenizerConv``, not ``nn.Conv2d``, so init loops that re-initialise
+        every ``nn.Conv2d`` (I-JEPA's ``_init_weights``, timm's "jax" init) leave them alone."""
         for conv in self.convs:
-            nn.init.kaiming_normal_(conv.weight)  # as the SCOTT reference code initialises them
+            conv.reset_parameters()
 
     # --- timm PatchEmbed interface -------------------------------------------------------------
     def feat_ratio(self, as_scalar: bool = True):

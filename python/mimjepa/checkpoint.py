@@ -12,12 +12,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+# shared with the timm SCOTT ViTs, which load the same files
+from scott_kernels.vit import CheckpointError, check_state_dict, rename_reference_tokenizer, strip_prefixes
+
 __all__ = ["CheckpointError", "atomic_write", "save_weights", "load_weights", "save_state", "load_state",
            "strip_prefixes", "load_strict", "rename_reference_tokenizer"]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not match the model; the message says why."""
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -64,51 +63,9 @@ def load_state(path: str | Path) -> dict:
         raise CheckpointError(f"training state {path} is corrupt or not a training state: {exc}") from exc
 
 
-def strip_prefixes(state_dict: dict, prefixes=("module.", "_orig_mod.")) -> dict:
-    """Removes leading DDP ('module.') and torch.compile ('_orig_mod.') prefixes, in any order."""
-    out = {}
-    for key, value in state_dict.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in prefixes:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        out[key] = value
-    return out
-
-
 def load_strict(module: torch.nn.Module, state_dict: dict, what: str) -> None:
     """load_state_dict(strict=True) with one clear message listing missing/unexpected keys and
     shape mismatches; never a silent partial load."""
     state_dict = strip_prefixes(state_dict)
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shapes = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(state_dict) if tuple(own[k].shape) != tuple(state_dict[k].shape))
-    if missing or unexpected or shapes:
-        lines = [f"{what}: checkpoint does not match the model"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
-        if shapes:
-            lines.append(f"  shape mismatches: {shapes[:10]}")
-        raise CheckpointError("\n".join(lines))
+    check_state_dict({k: v.shape for k, v in module.state_dict().items()}, state_dict, what)
     module.load_state_dict(state_dict, strict=True)
-
-
-def rename_reference_tokenizer(state_dict: dict, what: str) -> dict:
-    """An encoder state dict with the SCOTT reference code's tokenizer keys
-    (``tokenizer.tokenizer.{3*i}.weight``: an nn.Sequential of conv, ReLU, pool per stage)
-    renamed to ``tokenizer.convs.{i}.weight``; DDP/compile prefixes stripped, other keys as given."""
-    renamed = {}
-    for key, value in strip_prefixes(state_dict).items():
-        parts = key.split(".")
-        if len(parts) == 4 and parts[:2] == ["tokenizer", "tokenizer"] and parts[2].isdigit() and parts[3] == "weight":
-            if int(parts[2]) % 3:
-                raise CheckpointError(f"{what}: unexpected tokenizer key {key}")
-            key = f"tokenizer.convs.{int(parts[2]) // 3}.weight"
-        renamed[key] = value
-    return renamed

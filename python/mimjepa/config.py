@@ -15,7 +15,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-__all__ = ["ConfigError", "ModelConfig", "MaskConfig", "OptimConfig", "DataConfig", "PretrainConfig",
+from scott_kernels.vit import ScottViTConfig
+
+__all__ = ["ConfigError", "ModelConfig", "as_model_config", "MaskConfig", "OptimConfig", "DataConfig", "PretrainConfig",
            "ProbeConfig", "VisualiseConfig", "load_config", "save_config", "to_dict"]
 
 
@@ -24,23 +26,23 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ModelConfig:
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 384
-    depth: int = 12
-    num_heads: int = 4
-    mlp_ratio: float = 4.0  # used by ffn_layer "mlp" only
-    ffn_layer: Literal["mlp", "swiglu"] = "swiglu"
-    num_register_tokens: int = 0
-    dropout: float = 0.2
-    attention_dropout: float = 0.1
-    drop_path_rate: float = 0.1
-    tokenizer_hidden: int = 64
-    tokenizer_backend: str = "auto"
+class ModelConfig(ScottViTConfig):
+    """The encoder's architecture (``scott_kernels.vit.ScottViTConfig``: img_size, patch_size,
+    in_chans, embed_dim, depth, num_heads, mlp_ratio, ffn_layer, num_register_tokens, dropout,
+    attention_dropout, drop_path_rate, tokenizer_hidden, tokenizer_backend) and the predictor's."""
+
     predictor_depth: int = 3
     context_mode: Literal["mask_tokens", "visible_only"] = "mask_tokens"
+
+
+def as_model_config(cfg: ScottViTConfig) -> ModelConfig:
+    """A ModelConfig as given, or one with the architecture of a ScottViTConfig (e.g. a timm SCOTT
+    ViT's ``model_config()``) and the predictor defaults."""
+    if isinstance(cfg, ModelConfig):
+        return cfg
+    if isinstance(cfg, ScottViTConfig):
+        return ModelConfig(**dataclasses.asdict(cfg))
+    raise TypeError(f"expected a ModelConfig or ScottViTConfig, got {type(cfg).__name__}")
 
 
 @dataclass

@@ -6,8 +6,10 @@ strictly: ``tokenizer.tokenizer.{0,3}.weight`` (handled by SparseConvTokenizer),
 ``transformer.blocks.{i}.ffn_layer.{w12,last_linear}`` (or ``linear1`` for the MLP) and, for the
 predictor, ``head.{1,2}`` (SiLU -> LayerNorm -> Linear).
 
-Block (as in that code): x = x + attn(LN(x)); x = LN(x); x = x + ffn(x); layer norms without
-affine parameters, no biases in attention or feed-forward.
+Block (as in that code, ``scott_kernels.vit.scott_block``): x = x + attn(LN(x)); x = LN(x);
+x = x + ffn(x); layer norms without affine parameters, no biases in attention or feed-forward.
+The 2-D sin-cos positions and the SwiGLU width come from ``scott_kernels.vit`` too, shared with
+the timm SCOTT ViTs.
 """
 
 from __future__ import annotations
@@ -20,30 +22,11 @@ from torch import nn
 
 from scott_kernels import SparseConvTokenizer
 from scott_kernels.compact import visible_positions
+from scott_kernels.vit import scott_block, sincos_pos_embed_2d, swiglu_hidden
 
-from .config import ModelConfig
+from .config import ModelConfig, as_model_config
 
 __all__ = ["sincos_pos_embed_2d", "Transformer", "Encoder", "Predictor", "swiglu_hidden"]
-
-
-def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
-    """(gh*gw, dim) fixed 2-D sin-cos embedding: first half from the row, second from the column."""
-    if dim % 4:
-        raise ValueError(f"embed_dim must be a multiple of 4 for the 2-D sin-cos embedding, got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64),
-                                torch.arange(grid[1], dtype=torch.float64), indexing="ij")
-
-    def embed(pos):
-        angles = pos.reshape(-1, 1) * omega[None]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([embed(rows), embed(cols)], dim=1).float()
-
-
-def swiglu_hidden(dim: int) -> int:
-    """Hidden width of the SwiGLU feed-forward: 8/3 * dim rounded to a multiple of 128."""
-    return int(128 * round(8 / 3 * dim / 128))
 
 
 class DropPath(nn.Module):
@@ -108,10 +91,12 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x):
-        D = x.shape[-1]
-        x = x + self.drop_path(self.self_attn(F.layer_norm(x, (D,))))
-        x = F.layer_norm(x, (D,))
-        return x + self.drop_path(self.ffn_layer(x))
+        return scott_block(x, lambda h: self.drop_path(self.self_attn(h)), lambda h: self.drop_path(self.ffn_layer(h)),
+                           _layer_norm, _layer_norm)
+
+
+def _layer_norm(x):
+    return F.layer_norm(x, (x.shape[-1],))
 
 
 class Transformer(nn.Module):
@@ -165,7 +150,7 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = as_model_config(cfg)
         self.tokenizer = SparseConvTokenizer(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
                                              embed_dim=cfg.embed_dim, hidden_channels=cfg.tokenizer_hidden,
                                              backend=cfg.tokenizer_backend)
@@ -197,6 +182,7 @@ class Predictor(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        cfg = as_model_config(cfg)
         D = cfg.embed_dim
         self.transformer = Transformer(cfg, cfg.predictor_depth, rescale_offset=cfg.depth)
         self.head = nn.Sequential(nn.SiLU(), nn.LayerNorm(D), nn.Linear(D, D))
