@@ -53,13 +53,13 @@ EXTRAS = {
     # The MIM-JEPA training loop (python/mimjepa) and its command `mimjepa`.
     "train": _TRAIN,
     # The SCOTT ViTs registered with timm (scott_kernels.timm_models); timm brings safetensors.
-    "timm": ["timm>=1.0"],
+    "timm": ["timm>=1.0.20"],
     # benchmarks/plot.py
     "bench": ["pytest-benchmark>=4", "matplotlib"],
     # backend="spconv" (the general sparse-convolution library, as a peer): spconv's CUDA 12
     # builds, which also run on the CPU; spconv-cu120 has wheels up to Python 3.11 only
     "spconv": ['spconv-cu120>=2.3.6; python_version < "3.12"', 'spconv-cu126>=2.3.8; python_version >= "3.12"'],
-    "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "timm>=1.0", *_TRAIN],
+    "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "timm>=1.0.20", *_TRAIN],
 }
 
 
