@@ -26,7 +26,7 @@ def interpreting() -> bool:
 def triton_supports(device) -> bool:
     """Triton runs on CUDA GPUs, and on the CPU under its interpreter (TRITON_INTERPRET=1).
     One function for every Triton op's device check, so a tool that compiles the kernels for a
-    GPU target on a CPU (scott_kernels.codegen) has one place to rebind."""
+    GPU target on a CPU (benchmarks/static/codegen.py) has one place to rebind."""
     try:
         import triton  # noqa: F401
     except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
