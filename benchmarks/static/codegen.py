@@ -354,12 +354,12 @@ def _accept_cpu_tensors() -> Callable[[], None]:
     reduction split is chosen as for a GPU of TARGETS[90]'s SM count (it sets the grid)."""
     import torch
     import scott_kernels  # noqa: F401  (loads the backends)
-    from scott_kernels import compact, triton_backend
+    from scott_kernels import compact, triton_configs, triton_conv
 
     def supports(device):
         return torch.device(device).type in ("cpu", "cuda")
 
-    restore = _replace_everywhere(triton_backend.triton_supports, supports)
+    restore = _replace_everywhere(triton_configs.triton_supports, supports)
     splits = getattr(compact, "reduction_splits", None)
     if splits is not None:
         sms = TARGETS[90]["sms"]
@@ -373,8 +373,9 @@ def _accept_cpu_tensors() -> Callable[[], None]:
                 compact._multiprocessors = saved
 
         restore += _replace_everywhere(splits, gpu_splits)
-    # the triton backend sizes its weight-gradient splits from the device's SM count (none off the GPU)
-    sm_count = getattr(triton_backend, "_sm_count", None)
+    # the triton conv kernels size their weight-gradient splits from the device's SM count (none off
+    # the GPU); every module that imported the function is rebound
+    sm_count = getattr(triton_conv, "_sm_count", None)
     if sm_count is not None:
         restore += _replace_everywhere(sm_count, lambda device: TARGETS[90]["sms"])
 
