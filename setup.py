@@ -59,7 +59,9 @@ EXTRAS = {
     # backend="spconv" (the general sparse-convolution library, as a peer): spconv's CUDA 12
     # builds, which also run on the CPU; spconv-cu120 has wheels up to Python 3.11 only
     "spconv": ['spconv-cu120>=2.3.6; python_version < "3.12"', 'spconv-cu126>=2.3.8; python_version >= "3.12"'],
-    "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "timm>=1.0.20", *_TRAIN],
+    # tests/test_packaging.py builds the wheel without build isolation: pyproject.toml's build tools
+    "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "timm>=1.0.20", *_TRAIN,
+             "setuptools>=70", "cmake>=3.24", "ninja", "pybind11>=2.12"],
 }
 
 

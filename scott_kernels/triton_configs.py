@@ -1,6 +1,7 @@
-"""Helpers shared by the Triton kernel modules (triton_backend, triton_pool): where Triton runs,
-and pruning of the autotune config lists — drop configs whose shared memory would exceed what the
-GPU gives one block, before they are compiled or launched.
+"""Helpers shared by the Triton kernel modules (triton_conv, triton_image, triton_pool): where
+Triton runs; the conv GEMMs' autotune config lists, their pruning and the ``autotune`` wrapper
+(bottom of this file); and pruning by shared memory — drop configs whose shared memory would
+exceed what the GPU gives one block, before they are compiled or launched.
 
 Triton itself refuses such a kernel only after compiling it (``OutOfResources`` at load time);
 with one config left that is a failed launch, with many a wasted compile. An estimate from the
@@ -12,11 +13,15 @@ tile sizes prunes them first:
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, Iterable, Sequence
 
 __all__ = ["interpreting", "triton_supports", "single_config", "rows_bucket", "accumulator", "MAX_SHARED", "shared_memory_limit", "gemm_shared_bytes", "keep_fitting", "shared_fits", "prune_hook",
-           "element_bytes"]
+           "element_bytes", "pow2", "autotune", "conv_fwd_configs", "image_fwd_configs", "conv_wgrad_configs",
+           "image_wgrad_configs", "conv_dgrad_configs", "prune_wide", "prune_by_c_out", "prune_by_c_in",
+           "prune_image_wgrad", "CONV_KEY", "IMAGE_KEY", "FWD_SHARED", "IMAGE_FWD_SHARED", "WGRAD_SHARED",
+           "IMAGE_WGRAD_SHARED"]
 
 def interpreting() -> bool:
     """Triton's CPU interpreter is on (TRITON_INTERPRET=1, read before triton is imported)."""
@@ -26,7 +31,7 @@ def interpreting() -> bool:
 def triton_supports(device) -> bool:
     """Triton runs on CUDA GPUs, and on the CPU under its interpreter (TRITON_INTERPRET=1).
     One function for every Triton op's device check, so a tool that compiles the kernels for a
-    GPU target on a CPU (scott_kernels.codegen) has one place to rebind."""
+    GPU target on a CPU (benchmarks/static/codegen.py) has one place to rebind."""
     try:
         import triton  # noqa: F401
     except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
@@ -138,3 +143,113 @@ def prune_hook(*rules: Callable) -> Callable:
             kept = rule(list(kept), named_args, **kwargs)
         return list(kept)
     return prune
+
+
+# --------------------------------------------------------------------------------------------
+# The conv GEMMs' tile-size autotuning (triton_conv, triton_image): keyed on channel counts, patch
+# side, kernel size and the row count's power of two; results are kept per process and in
+# Triton's on-disk cache (cache_results).
+# --------------------------------------------------------------------------------------------
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _cfg(kwargs: dict, warps: int, stages: int):
+    import triton
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
+
+
+def _keep(configs: list) -> list:
+    return configs[:1] if single_config() else configs
+
+
+# The conv GEMM tile lists hold only configs that the sm_90 machine code shows can win at the
+# SCOTT shapes (wgmma tiles of at least 64 rows, 16-byte gathers, no spills), so a first call
+# compiles a handful of variants. The interpreter gets one small tile.
+def conv_fwd_configs() -> list:
+    """Compact-source forward: output tile BLOCK_M x BLOCK_N; the K step is one tap's channels."""
+    if interpreting():
+        return [_cfg({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 1)]
+    return _keep([_cfg({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 3), _cfg({"BLOCK_M": 128, "BLOCK_N": 64}, 4, 4)])
+
+
+def image_fwd_configs() -> list:
+    """Image forward: output tile BLOCK_M x BLOCK_N; the K step is one kernel row of the packed image."""
+    if interpreting():
+        return [_cfg({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 1)]
+    return _keep([_cfg({"BLOCK_M": 256, "BLOCK_N": 64}, 8, 3), _cfg({"BLOCK_M": 128, "BLOCK_N": 64}, 4, 3)])
+
+
+def conv_wgrad_configs() -> list:
+    """Compact-source weight gradient: output tile (one tap's channel block) x BLOCK_N, BLOCK_R
+    output pixels per step."""
+    if interpreting():
+        return [_cfg({"BLOCK_N": 32, "BLOCK_R": 64}, 4, 1)]
+    return _keep([_cfg({"BLOCK_N": 128, "BLOCK_R": 64}, 4, 3), _cfg({"BLOCK_N": 128, "BLOCK_R": 128}, 8, 3)])
+
+
+def image_wgrad_configs() -> list:
+    """Image weight gradient: output tile (BLOCK_KY kernel rows of the packed image) x BLOCK_N.
+    The host sizes its splits for this tile (one wave of CTAs): a taller tile would leave SMs idle."""
+    if interpreting():
+        return [_cfg({"BLOCK_KY": 2, "BLOCK_N": 32, "BLOCK_R": 64}, 4, 1)]
+    return _keep([_cfg({"BLOCK_KY": 2, "BLOCK_N": 64, "BLOCK_R": 128}, 4, 3)])
+
+
+def conv_dgrad_configs() -> list:
+    """Input gradient: output tile BLOCK_M input pixels x BLOCK_N input channels; the K step is
+    one tap's block of BLOCK_K output channels."""
+    if interpreting():
+        return [_cfg({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, 4, 1)]
+    return _keep([_cfg({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 3),
+                  _cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 3),
+                  _cfg({"BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 64}, 4, 3)])   # image gradients (C_in 3)
+
+
+def prune_wide(configs, columns: int, block: str = "BLOCK_N"):
+    """Drops tiles more than twice as wide as the channel count (pure waste); keeps at least one."""
+    limit = max(16, 2 * pow2(columns))
+    kept = [c for c in configs if c.kwargs[block] <= limit]
+    return kept or [min(configs, key=lambda c: c.kwargs[block])]
+
+
+def prune_by_c_out(configs, named_args, **kwargs):
+    return prune_wide(configs, {**named_args, **kwargs}["C_OUT"])
+
+
+def prune_by_c_in(configs, named_args, **kwargs):
+    """Input-gradient tiles: no wider than twice C_in, and no narrower than it up to 64."""
+    c_in = {**named_args, **kwargs}["C_IN"]
+    kept = [c for c in prune_wide(configs, c_in) if c.kwargs["BLOCK_N"] >= min(64, pow2(c_in))]
+    return kept or prune_wide(configs, c_in)
+
+
+def prune_image_wgrad(configs, named_args, **kwargs):
+    """Weight-gradient tiles no taller than the padded kernel (KYP kernel rows), no wider than
+    twice C_out."""
+    args = {**named_args, **kwargs}
+    kept = [c for c in prune_wide(configs, args["C_OUT"]) if c.kwargs["BLOCK_KY"] <= args["KYP"]]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_KY"])]
+
+
+def autotune(configs, key, prune, shared=gemm_shared_bytes):
+    """``triton.autotune`` with results cached on disk; configs whose operand tiles would not fit
+    the device's shared memory are dropped before compiling, then ``prune`` applies."""
+    import triton
+    return triton.autotune(configs=configs, key=key,
+                           prune_configs_by={"early_config_prune": prune_hook(prune, shared_fits(shared))},
+                           cache_results=True)
+
+
+CONV_KEY = ["C_IN", "C_OUT", "IN_SIDE", "KSIZE", "ROWS_BUCKET"]
+IMAGE_KEY = ["C_OUT", "OUT_SIDE", "KSIZE", "KYP", "CP", "KROW", "ROWS_BUCKET"]
+
+# Shared memory of each GEMM's pipelined operand tiles (m x k and k x n per stage), to prune
+# configs that cannot fit before they are compiled. The weight gradients reduce over their
+# BLOCK_R output pixels; their output tile is TAPS taps' channel block (or BLOCK_KY kernel rows
+# of the packed image).
+FWD_SHARED = functools.partial(gemm_shared_bytes, k="BLOCK_K")
+IMAGE_FWD_SHARED = functools.partial(gemm_shared_bytes, k="KROW")
+WGRAD_SHARED = functools.partial(gemm_shared_bytes, m=("TAPS", "BLOCK_K"), k="BLOCK_R")
+IMAGE_WGRAD_SHARED = functools.partial(gemm_shared_bytes, m=("BLOCK_KY", "KROW"), k="BLOCK_R")

@@ -1,7 +1,7 @@
 """Kernels compile for real GPUs without one: every Triton kernel the triton backend launches at
 the headline workload (bf16/fp32, stage 0 reading images, stage 1 64 -> 384, forward, backward,
 dense forward) is compiled for sm_90a and sm_80 through the real code path with a stand-in
-driver (scott_kernels.codegen), and the nvcc-built CUDA module's resource usage is read.
+driver (benchmarks/static/codegen.py), and the nvcc-built CUDA module's resource usage is read.
 
 Fails on a compile error or shared memory above the target's per-block limit; spills are
 asserted zero for every kernel. CI compiles the first config
@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+STATIC = ROOT / "benchmarks" / "static"   # the static-analysis tooling: in the repository, not the package
+sys.path.insert(0, str(STATIC))
 
 try:
     import triton  # noqa: F401
@@ -26,7 +28,7 @@ try:
 except ImportError:
     HAS_TRITON = False
 
-from scott_kernels import codegen  # noqa: E402  (imports triton lazily)
+import codegen  # noqa: E402  (imports triton lazily)
 
 HAS_CUOBJDUMP = codegen.triton_bin("cuobjdump") is not None
 needs_tools = pytest.mark.skipif(not (HAS_TRITON and HAS_CUOBJDUMP),
@@ -41,7 +43,7 @@ _RESULTS: dict = {}
 
 
 def _compile(arch: int, dtype: str, tmp_path_factory) -> dict:
-    """Runs benchmarks/static_cost.py once per (arch, dtype) in a fresh process (the Triton
+    """Runs benchmarks/static/static_cost.py once per (arch, dtype) in a fresh process (the Triton
     interpreter must be off there) and returns its JSON."""
     key = (arch, dtype)
     if key not in _RESULTS:
@@ -49,7 +51,7 @@ def _compile(arch: int, dtype: str, tmp_path_factory) -> dict:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
         env.setdefault("TRITON_CACHE_DIR", str(out.parent / "triton_cache"))
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "static_cost.py"), "--arch", str(arch), "--dtype", dtype,
+        cmd = [sys.executable, str(STATIC / "static_cost.py"), "--arch", str(arch), "--dtype", dtype,
                "--no-cuda", "--json", str(out)]
         if os.environ.get("SCOTT_CODEGEN_CONFIGS") != "all":
             cmd.append("--quick")
@@ -116,17 +118,13 @@ def test_cuda_kernels_fit_and_do_not_spill():
 
 
 def test_cuda_launch_table_matches_module():
-    """benchmarks/static_cost.py's CUDA_LAUNCHES/CUDA_TILES describe the module's kernels: every
-    launch finds its kernel, its loop structure and its dynamic shared memory fit, and the
+    """benchmarks/static/static_cost.py's CUDA_LAUNCHES/CUDA_TILES describe the module's kernels:
+    every launch finds its kernel, its loop structure and its dynamic shared memory fit, and the
     tensor-core launches execute at least the convolution's useful FLOPs (padding at most 1.6x)."""
     usage = _cuda_usage()
     if not any(u.get("arch") in ("sm_90a", "sm_90") for u in usage):
         pytest.skip("the native module has no sm_90a code (SCOTT_CUDA_ARCHS)")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import static_cost
-    finally:
-        sys.path.pop(0)
+    import static_cost
     from argparse import Namespace
     kernels, launches, notes = static_cost.cuda_rows(Namespace(arch=90, hbm=3.3e12))
     assert not notes, notes

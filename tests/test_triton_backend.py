@@ -396,8 +396,9 @@ def test_gradient_ops_take_a_masked_gradient():
 
 def test_wide_offsets(monkeypatch):
     """The 64-bit offset variant (used for tensors of 2^30 elements or more) computes the same."""
-    import scott_kernels.triton_backend as tb
-    monkeypatch.setattr(tb, "_wide", lambda *tensors: True)
+    from scott_kernels import triton_conv, triton_image
+    for module in (triton_conv, triton_image):   # the compact-source and the image-stage launches
+        monkeypatch.setattr(module, "_wide", lambda *tensors: True)
     _compare("triton", (2, 32, 48, 16, (7, 5), (6, 10)), "random_0.4", torch.float64, "cpu", 1e-10)
 
 

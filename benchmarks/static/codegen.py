@@ -11,7 +11,11 @@ the code path launches is compiled through the JIT's own binder (signature, cons
 specialisations from the real arguments), so the capture follows the kernels as they change.
 
 Must run in a process where ``TRITON_INTERPRET`` is unset when triton is imported (the
-interpreter replaces compiled kernels); :func:`run_in_subprocess` does that for tests.
+interpreter replaces compiled kernels): ``static_cost.py`` (next to this file) re-runs itself
+without it, and tests/test_codegen.py runs that script in a fresh process.
+
+Development tooling: it lives in the repository (benchmarks/static/), not in the installed
+package; import it with this directory on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -350,12 +354,12 @@ def _accept_cpu_tensors() -> Callable[[], None]:
     reduction split is chosen as for a GPU of TARGETS[90]'s SM count (it sets the grid)."""
     import torch
     import scott_kernels  # noqa: F401  (loads the backends)
-    from scott_kernels import compact, triton_backend
+    from scott_kernels import compact, triton_configs, triton_conv
 
     def supports(device):
         return torch.device(device).type in ("cpu", "cuda")
 
-    restore = _replace_everywhere(triton_backend.triton_supports, supports)
+    restore = _replace_everywhere(triton_configs.triton_supports, supports)
     splits = getattr(compact, "reduction_splits", None)
     if splits is not None:
         sms = TARGETS[90]["sms"]
@@ -369,8 +373,9 @@ def _accept_cpu_tensors() -> Callable[[], None]:
                 compact._multiprocessors = saved
 
         restore += _replace_everywhere(splits, gpu_splits)
-    # the triton backend sizes its weight-gradient splits from the device's SM count (none off the GPU)
-    sm_count = getattr(triton_backend, "_sm_count", None)
+    # the triton conv kernels size their weight-gradient splits from the device's SM count (none off
+    # the GPU); every module that imported the function is rebound
+    sm_count = getattr(triton_conv, "_sm_count", None)
     if sm_count is not None:
         restore += _replace_everywhere(sm_count, lambda device: TARGETS[90]["sms"])
 
@@ -616,13 +621,17 @@ def load_widths(texts: Iterable[str]) -> dict[str, int]:
 def resource_usage(binary_path: str) -> list[dict[str, Any]]:
     """cuobjdump --dump-resource-usage of a cubin or a host object/.so: one dict per function and
     architecture with REG, STACK, SHARED (static), LOCAL (bytes per thread: spills and stack
-    arrays), name and arch."""
+    arrays), name and arch; empty for a binary without device code (a module built without nvcc)."""
     tool = triton_bin("cuobjdump")
     if tool is None:
         raise RuntimeError("cuobjdump not found")
-    text = subprocess.run([tool, "--dump-resource-usage", binary_path], capture_output=True, text=True,
-                          check=True, timeout=300).stdout
-    return parse_resource_usage(text)
+    proc = subprocess.run([tool, "--dump-resource-usage", binary_path], capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode != 0:
+        if "does not contain device code" in proc.stdout + proc.stderr:
+            return []
+        raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
+    return parse_resource_usage(proc.stdout)
 
 
 def parse_resource_usage(text: str) -> list[dict[str, Any]]:

@@ -1,15 +1,16 @@
 """Static machine-code cost report: a STATIC ESTIMATE from compiled code, not a timing.
 
-    python benchmarks/static_cost.py [--arch 90|80] [--quick] [--first-config REGEX]
-                                     [--dtype bfloat16] [--json OUT.json] [--no-cuda | --no-triton]
+    python benchmarks/static/static_cost.py [--arch 90|80] [--quick] [--first-config REGEX]
+                                            [--dtype bfloat16] [--json OUT.json] [--no-cuda | --no-triton]
 
 Triton backend. The real code path, ``sparse_conv_tokenize(..., backend="triton")`` forward and
 backward at the headline workload (bf16, B=64, 224², 78 of 196 patches visible per image, D=384,
 hidden 64, 7×7 kernels) and the dense forward (``keep=None``), runs on CPU tensors with Triton's
-driver replaced by a fake GPU (``scott_kernels.codegen``): every launch compiles exactly as on a
-GPU of the chosen target, and each autotuned kernel is compiled with every config its autotuner
-keeps after pruning (``--quick``: the first kept config; ``--first-config REGEX``: the first kept
-config for kernels whose name matches). Kernels and configs are discovered, not listed here.
+driver replaced by a fake GPU (``codegen.py``, next to this script): every launch compiles exactly
+as on a GPU of the chosen target, and each autotuned kernel is compiled with every config its
+autotuner keeps after pruning (``--quick``: the first kept config; ``--first-config REGEX``: the
+first kept config for kernels whose name matches). Kernels and configs are discovered, not listed
+here.
 
 For each compiled kernel the report reads from the cubin (cuobjdump): registers, local memory
 (spills), shared memory, the tensor-core instruction (HGMMA = wgmma, HMMA = mma.sync), global load
@@ -67,7 +68,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+if str(HERE) not in sys.path:  # codegen sits next to this script
+    sys.path.insert(0, str(HERE))
+
+import codegen  # noqa: E402  (imports triton and scott_kernels lazily)
 
 PHASES = ("masked_fwd", "masked_bwd", "dense_fwd")
 
@@ -76,7 +82,7 @@ PHASES = ("masked_fwd", "masked_bwd", "dense_fwd")
 # The workload's useful convolution FLOPs, per GEMM role
 # --------------------------------------------------------------------------------------------
 def workload_geometry(visible: int | None = None) -> dict:
-    from scott_kernels.codegen import HEADLINE as h
+    h = codegen.HEADLINE
     vis = h["visible"] if visible is None else visible
     tiles = h["batch"] * vis
     s0 = h["patch"] // 2  # stage-0 conv output side per patch
@@ -128,8 +134,6 @@ def assign_roles(rows: list[dict], phase: str) -> None:
 # --------------------------------------------------------------------------------------------
 def triton_rows(args) -> tuple[list[dict], list[dict], list[str]]:
     """(per-config rows, per-kernel best rows, errors)."""
-    from scott_kernels import codegen
-
     quick = (lambda name: True) if args.quick else (
         (lambda name: re.search(args.first_config, name) is not None) if args.first_config else (lambda name: False))
     with codegen.fake_gpu(args.arch, first_config_only=quick, cache_dir=args.cache_dir) as rec:
@@ -192,8 +196,7 @@ def _distinct(launches):
 
 def _group_key(record) -> str:
     """The kernel's identity apart from its tunables: the constexprs no autotune config sets."""
-    from scott_kernels.codegen import tunables
-    tunable = tunables().get(record.name, set())
+    tunable = codegen.tunables().get(record.name, set())
     return ",".join(f"{k}={v}" for k, v in sorted(record.constexprs.items()) if k not in tunable)
 
 
@@ -360,7 +363,6 @@ def _demangle(names: list[str]) -> dict[str, str]:
 
 def cuda_rows(args) -> tuple[list[dict], list[dict], list[str]]:
     """(kernel resource rows, launch estimate rows, notes) for the built CUDA module."""
-    from scott_kernels import codegen
     so = cuda_module()
     if so is None:
         return [], [], ["no built CUDA module (scott_kernels/_C*.so)"]
@@ -412,7 +414,6 @@ def cuda_rows(args) -> tuple[list[dict], list[dict], list[str]]:
 def _cuda_launch_cost(k: dict, sass, geo: dict, machine: dict, role: str) -> dict:
     """Issue, memory and tensor-core estimates of one launch: the machine code's loops run the
     trip counts CUDA_TILES names, with the launch geometry's values."""
-    from scott_kernels import codegen
     family = next((f for f in CUDA_TILES if f in k["demangled"]), None)
     if family is None:
         raise KeyError(f"{role}: no CUDA_TILES entry for {k['demangled'][:80]}")
@@ -499,7 +500,6 @@ def _loads(d):
 
 
 def versions() -> dict:
-    from scott_kernels import codegen
     import triton
     import torch
     return {"triton": triton.__version__, "torch": torch.__version__, "ptxas": codegen.tool_version("ptxas"),

@@ -1,0 +1,370 @@
+"""Triton kernels of the image stage (the first convolution, reading the images; see
+triton_backend for the compact layout and the tables).
+
+The images are packed once (masked patches zeroed, uint8 normalised, channels padded to a power
+of two, zero border) into (B, H + 2p, W', CP), so a kernel row of a window is one contiguous run
+of elements. The forward is an implicit GEMM whose K step is one kernel row of the packed image,
+ReLU in the epilogue (unless relu=False); ``conv_image`` returns the packed copy too, and its
+autograd keeps it (not the images) for the weight gradient, a split-K GEMM over output pixels into
+float32 partials with output tiles of kernel rows of the packed image. The input gradient (of
+float images) is the compact one (triton_conv.conv_relu_dgrad), scattered back to the images.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+    triton = None
+
+from . import compact
+from .compact import accumulator_dtype
+from .triton_configs import (IMAGE_FWD_SHARED, IMAGE_KEY, IMAGE_WGRAD_SHARED, accumulator, autotune,
+                             image_fwd_configs, image_wgrad_configs, pow2, prune_by_c_out, prune_image_wgrad,
+                             rows_bucket)
+from .triton_conv import _check_tables, _precision, _sm_count, _source_geometry, _wide, conv_relu_dgrad
+
+__all__ = ["conv_image", "conv_image_wgrad", "conv_relu_image", "conv_relu_wgrad_image"]
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+if triton is not None:
+    from .triton_conv import _relu_grad, _row_block
+
+    @triton.jit
+    def _image_row_offsets(rows, tile_pos_ptr, num_pos, CELLS: tl.constexpr, GW: tl.constexpr,
+                           ROW_STRIDE: tl.constexpr, IMG_STRIDE: tl.constexpr,
+                           OUT_SIDE: tl.constexpr, CP: tl.constexpr, WIDE: tl.constexpr):
+        """Offset in the packed image of each output row's window corner (tap (0, 0)).
+
+        A tile position outside the grid (a corrupt table) is clamped into it."""
+        tile = rows // (OUT_SIDE * OUT_SIDE)
+        rem = rows % (OUT_SIDE * OUT_SIDE)
+        pos = tl.load(tile_pos_ptr + tile)
+        pos = tl.minimum(tl.maximum(pos, 0), num_pos - 1).to(tl.int32)
+        b = pos // CELLS
+        cell = pos % CELLS
+        y = (cell // GW) * OUT_SIDE + rem // OUT_SIDE
+        x = (cell % GW) * OUT_SIDE + rem % OUT_SIDE
+        if WIDE:
+            b = b.to(tl.int64)
+        return b * IMG_STRIDE + (2 * y) * ROW_STRIDE + (2 * x) * CP
+
+    @autotune(image_fwd_configs(), IMAGE_KEY, prune_by_c_out, shared=IMAGE_FWD_SHARED)
+    @triton.jit
+    def _conv_relu_image_fwd_kernel(packed_ptr, w_ptr, out_ptr, tile_pos_ptr, rows_total, num_pos, ROWS_BUCKET,
+                                    CELLS: tl.constexpr, GW: tl.constexpr, ROW_STRIDE: tl.constexpr,
+                                    IMG_STRIDE: tl.constexpr, C_OUT: tl.constexpr, OUT_SIDE: tl.constexpr, KSIZE: tl.constexpr,
+                                    CP: tl.constexpr, KROW: tl.constexpr, WIDE: tl.constexpr,
+                                    RELU: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The image stage's forward from the packed image (see _pack_image_kernel): kernel row ky
+        of an output pixel's window is KROW contiguous elements (KROW / CP pixels x CP channels,
+        the taps past KSIZE and the channels past C_in have zero weights), so each K step is one
+        unmasked, 16-byte-vector load per row."""
+        rows, row_ok = _row_block(tl.program_id(0), rows_total, BLOCK_M, WIDE)
+        base = _image_row_offsets(rows, tile_pos_ptr, num_pos, CELLS, GW, ROW_STRIDE, IMG_STRIDE, OUT_SIDE, CP, WIDE)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < C_OUT
+        kc = tl.arange(0, KROW)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        for ky in range(KSIZE):
+            a = tl.load(packed_ptr + (base + ky * ROW_STRIDE)[:, None] + kc[None, :])
+            w = tl.load(w_ptr + (ky * KROW + kc)[:, None] * C_OUT + cols[None, :], mask=col_ok[None, :], other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=ACC)
+        if RELU:
+            acc = tl.maximum(acc, 0.0)
+        tl.store(out_ptr + rows[:, None] * C_OUT + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _pack_image_kernel(x_ptr, packed_ptr, slot_ptr, norm_ptr, num_tiles, GH, GW, H, W, HP, WP,
+                           s_b, s_c, s_h, s_w, C: tl.constexpr, CP: tl.constexpr, P: tl.constexpr,
+                           PAD: tl.constexpr, NORMALIZE: tl.constexpr, ACC: tl.constexpr, BLOCK_W: tl.constexpr):
+        """packed (B, HP, WP, CP)[b, y + PAD, x + PAD, c] = image[b, c, y, x] (normalised with
+        NORMALIZE) where (y, x) is in the image and its patch visible, else 0: the image stage's
+        masking, padding and normalisation, done once."""
+        prow = tl.program_id(0)
+        b = prow // HP
+        y = prow % HP - PAD
+        xp = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        x = xp - PAD
+        inside = (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        yc = tl.where(inside, y, 0)
+        xc = tl.where(inside, x, 0)
+        s = tl.load(slot_ptr + (b * GH + yc // P) * GW + xc // P, mask=inside, other=-1)
+        valid = inside & (s >= 0) & (s < num_tiles)
+        c = tl.arange(0, CP)
+        ok = valid[:, None] & (c < C)[None, :]
+        src = x_ptr + b.to(tl.int64) * s_b + c[None, :].to(tl.int64) * s_c + yc.to(tl.int64)[:, None] * s_h \
+            + xc.to(tl.int64)[:, None] * s_w
+        v = tl.load(src, mask=ok, other=0)
+        if NORMALIZE:
+            mean = tl.load(norm_ptr + c, mask=c < C, other=0.0).to(ACC)
+            inv_std = tl.load(norm_ptr + C + c, mask=c < C, other=0.0).to(ACC)
+            v = tl.where(ok, (v.to(ACC) - mean[None, :]) * inv_std[None, :], 0.0)
+        dst = packed_ptr + (prow.to(tl.int64) * WP + xp)[:, None] * CP + c[None, :]
+        tl.store(dst, v.to(packed_ptr.dtype.element_ty), mask=(xp < WP)[:, None])
+
+    @autotune(image_wgrad_configs(), IMAGE_KEY, prune_image_wgrad, shared=IMAGE_WGRAD_SHARED)
+    @triton.jit
+    def _conv_relu_image_wgrad_kernel(packed_ptr, grad_ptr, out_ptr, partial_ptr, tile_pos_ptr, rows_total, num_pos,
+                                      ROWS_BUCKET, rows_per_cta,
+                                      CELLS: tl.constexpr, GW: tl.constexpr, ROW_STRIDE: tl.constexpr,
+                                      IMG_STRIDE: tl.constexpr, C_OUT: tl.constexpr, OUT_SIDE: tl.constexpr,
+                                      KYP: tl.constexpr, CP: tl.constexpr, KROW: tl.constexpr,
+                                      GRAD_MASKED: tl.constexpr, WIDE: tl.constexpr, ACC: tl.constexpr,
+                                      PRECISION: tl.constexpr,
+                                      BLOCK_KY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """partial[split] (KYP * KROW, C_out): the image stage's weight gradient over the packed
+        image's kernel rows (the host keeps the rows of real taps and channels), over rows_per_cta
+        output pixels (a multiple of BLOCK_R) per split."""
+        BK: tl.constexpr = BLOCK_KY * KROW
+        # the gradient's loads are masked by row only where the channel blocks tile C_out
+        COL_MASK: tl.constexpr = C_OUT % BLOCK_N != 0
+        j = tl.arange(0, BK)
+        k_offs = (tl.program_id(0) * BLOCK_KY + j // KROW) * ROW_STRIDE + j % KROW
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < C_OUT
+        split = tl.program_id(2)
+        blocks = rows_per_cta // BLOCK_R
+        acc = tl.zeros((BK, BLOCK_N), dtype=ACC)
+        for r0 in range(0, blocks):
+            rows, row_ok = _row_block(split * blocks + r0, rows_total, BLOCK_R, WIDE)
+            base = _image_row_offsets(rows, tile_pos_ptr, num_pos, CELLS, GW, ROW_STRIDE, IMG_STRIDE, OUT_SIDE, CP,
+                                      WIDE)
+            a = tl.load(packed_ptr + base[:, None] + k_offs[None, :])
+            g_mask = row_ok[:, None]
+            if COL_MASK:
+                g_mask = g_mask & col_ok[None, :]
+            g = _relu_grad(grad_ptr, out_ptr, rows[:, None] * C_OUT + cols[None, :], g_mask, GRAD_MASKED)
+            acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION, out_dtype=ACC)
+        k_rows = tl.program_id(0) * BK + j
+        tl.store(partial_ptr + (split * (KYP * KROW) + k_rows[:, None]) * C_OUT + cols[None, :],
+                 acc.to(partial_ptr.dtype.element_ty), mask=col_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configuration
+# --------------------------------------------------------------------------------------------
+def _image_rows_per_cta(rows: int, tiles: int, device: torch.device) -> int:
+    """Output pixels each image weight-gradient CTA reduces over: a multiple of 128 (the largest
+    BLOCK_R), as few parts as fill one wave of ``tiles`` x parts CTAs at two per SM, since every
+    part writes (and the sum reads) a float32 partial. One part off the GPU."""
+    sms = _sm_count(device)
+    parts = 1 if sms is None else max(1, 2 * sms // tiles)
+    return max(128, -(-(-(-rows // parts)) // 128) * 128)
+
+
+# ---- the image stage: a packed, padded, masked copy of the images ----------------------------
+def _packed_geometry(height: int, width: int, k: int, c_in: int) -> dict:
+    """Layout of the packed images (B, HP, WP, CP): channels padded to CP (a power of two), a
+    kernel row read as KROW = KXE * CP contiguous elements (KXE >= k pixels), KYP >= k kernel rows
+    covered by the weight-gradient tiles, rows padded so that every such read stays inside and
+    each packed row is whole 8-element (16-byte in 16 bits) vectors."""
+    pad = k // 2
+    cp = pow2(c_in)
+    kxe = max(pow2(k), -(-16 // cp))
+    kyp = max(2, pow2(k))   # at least the smallest weight-gradient tile (two kernel rows)
+    hp = max(height + 2 * pad, height - 2 + kyp)
+    align = max(1, 8 // cp)
+    wp = -(-max(width + 2 * pad, width - 2 + kxe) // align) * align
+    return dict(pad=pad, cp=cp, kxe=kxe, krow=kxe * cp, kyp=kyp, hp=hp, wp=wp)
+
+
+def _pack_image(x: torch.Tensor, slot: torch.Tensor, num_tiles: int, in_side: int, k: int,
+                norm: torch.Tensor, normalize: bool, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
+    B, C, H, W = x.shape
+    geo = _packed_geometry(H, W, k, C)
+    packed = torch.empty((B, geo["hp"], geo["wp"], geo["cp"]), dtype=dtype, device=x.device)
+    block = min(256, triton.next_power_of_2(geo["wp"]))   # a packed row per program: few, busy programs
+    _pack_image_kernel[(B * geo["hp"], triton.cdiv(geo["wp"], block))](
+        x, packed, slot, norm, num_tiles, slot.shape[1], slot.shape[2], H, W, geo["hp"], geo["wp"], *x.stride(),
+        C=C, CP=geo["cp"], P=in_side, PAD=geo["pad"], NORMALIZE=normalize, ACC=accumulator(dtype), BLOCK_W=block)
+    return packed, geo
+
+
+def _image_weight(weight: torch.Tensor, geo: dict) -> torch.Tensor:
+    """(C_out, C_in, k, k) -> (k * KROW, C_out), zero at the padded taps and channels."""
+    c_out, c_in, k, _ = weight.shape
+    w = weight.new_zeros((k, geo["kxe"], geo["cp"], c_out))
+    w[:, :k, :c_in] = weight.permute(2, 3, 1, 0)
+    return w.reshape(k * geo["krow"], c_out)
+
+
+def _image_args(packed: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, rows: int, geo: dict) -> tuple:
+    return (tile_pos, rows, slot.numel(), rows_bucket(rows))
+
+
+def _image_consts(slot: torch.Tensor, geo: dict) -> dict:
+    """The image kernels' compile-time geometry: grid cells per image and per row, packed strides."""
+    _, GH, GW = slot.shape
+    hp, wp, cp = geo["hp"], geo["wp"], geo["cp"]
+    return dict(CELLS=GH * GW, GW=GW, ROW_STRIDE=wp * cp, IMG_STRIDE=hp * wp * cp)
+
+
+# --------------------------------------------------------------------------------------------
+# conv + ReLU of the images
+# --------------------------------------------------------------------------------------------
+def _norm_args(pixel_norm: torch.Tensor | None, src: torch.Tensor, c_in: int, fallback: torch.Tensor):
+    """(pointer tensor, NORMALIZE) for the kernels; fallback is any tensor when there is no table."""
+    if pixel_norm is None:
+        if src.dtype == torch.uint8:
+            raise TypeError("triton_conv_relu: uint8 images need pixel_norm (mean, 1/std)")
+        return fallback, False
+    if tuple(pixel_norm.shape) != (2, c_in) or not pixel_norm.is_floating_point() \
+            or pixel_norm.device != src.device:
+        raise ValueError(f"pixel_norm must be a floating (2, {c_in}) table (mean, 1/std) on {src.device}, "
+                         f"got {tuple(pixel_norm.shape)} {pixel_norm.dtype} on {pixel_norm.device}")
+    return pixel_norm.contiguous(), True
+
+
+def _image_geometry(name: str, slot: torch.Tensor, in_side: int, weight: torch.Tensor, packed: torch.Tensor) -> dict:
+    """The packed images' layout for these tables and weight; raises unless ``packed`` has it."""
+    _, c_in, k, _ = weight.shape
+    B, GH, GW = slot.shape
+    geo = _packed_geometry(GH * in_side, GW * in_side, k, c_in)
+    want = (B, geo["hp"], geo["wp"], geo["cp"])
+    if tuple(packed.shape) != want or packed.dtype != weight.dtype or not packed.is_contiguous():
+        raise ValueError(f"{name}: packed must be a contiguous {weight.dtype} tensor of shape {want} "
+                         f"(conv_image's second output), got {tuple(packed.shape)} {packed.dtype}")
+    return geo
+
+
+def conv_relu_image(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
+                    in_side: int, pixel_norm: torch.Tensor | None, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image stage: packs the images, then the conv (+ ReLU) GEMM -> (out, packed)."""
+    _check_tables("triton_conv_image", src, slot, tile_pos, image=True)
+    c_in = _source_geometry(src, slot, in_side, True)
+    c_out, _, k, _ = weight.shape
+    if src.dtype != weight.dtype and src.dtype != torch.uint8:
+        raise TypeError(f"triton_conv_image: src is {src.dtype} but weight is {weight.dtype}")
+    num_tiles = tile_pos.shape[0]
+    side = in_side // 2
+    rows = num_tiles * side * side
+    slot, tile_pos = slot.contiguous(), tile_pos.contiguous()
+    norm, normalize = _norm_args(pixel_norm, src, c_in, weight)
+    packed, geo = _pack_image(src, slot, num_tiles, in_side, k, norm, normalize, weight.dtype)
+    out = torch.empty((num_tiles, side, side, c_out), dtype=weight.dtype, device=src.device)
+    if rows == 0:
+        return out, packed
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))
+    _conv_relu_image_fwd_kernel[grid](
+        packed, _image_weight(weight, geo), out, *_image_args(packed, slot, tile_pos, rows, geo),
+        **_image_consts(slot, geo), C_OUT=c_out, OUT_SIDE=side, KSIZE=k, CP=geo["cp"], KROW=geo["krow"], WIDE=_wide(packed, out), RELU=relu,
+        ACC=accumulator(weight.dtype), PRECISION=_precision(weight.dtype))
+    return out, packed
+
+
+@torch.library.custom_op("scott_kernels::triton_conv_image", mutates_args=())
+def conv_image(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int,
+               pixel_norm: torch.Tensor | None = None, relu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv_relu of the images (B, C, H, W) -> (out, packed): ``packed`` (B, HP, WP, CP) is the
+    masked, normalised, zero-padded copy of the images the kernels read, kept by the autograd for
+    the weight gradient so that the backward does not pack the images again."""
+    return conv_relu_image(src, weight, slot, tile_pos, in_side, pixel_norm, relu)
+
+
+@conv_image.register_fake
+def _(src, weight, slot, tile_pos, in_side, pixel_norm=None, relu=True):
+    c_out, c_in, k, _ = weight.shape
+    B, GH, GW = slot.shape
+    geo = _packed_geometry(GH * in_side, GW * in_side, k, c_in)
+    side = in_side // 2
+    return (weight.new_empty((tile_pos.shape[0], side, side, c_out)),
+            weight.new_empty((B, geo["hp"], geo["wp"], geo["cp"])))
+
+
+def _image_wgrad(grad: torch.Tensor, out: torch.Tensor | None, packed: torch.Tensor, geo: dict, weight: torch.Tensor,
+                 slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int) -> torch.Tensor:
+    """The image stage's weight gradient from the packed images."""
+    c_out, c_in, k, _ = weight.shape
+    num_tiles = tile_pos.shape[0]
+    side = in_side // 2
+    rows = num_tiles * side * side
+    if rows == 0:
+        return torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    slot, tile_pos = slot.contiguous(), tile_pos.contiguous()
+    grad = grad.to(weight.dtype).contiguous()
+    masked = out is None
+    out = grad if masked else out.contiguous()
+    kyp, krow = geo["kyp"], geo["krow"]
+    # sized for the two-kernel-row tiles that win at C_out = 64
+    per_cta = _image_rows_per_cta(rows, max(1, kyp // 2) * triton.cdiv(c_out, 64), packed.device)
+    splits = triton.cdiv(rows, per_cta)
+    partial = torch.empty((splits, kyp * krow, c_out), dtype=accumulator_dtype(weight.dtype), device=packed.device)
+    grid = lambda meta: (kyp // meta["BLOCK_KY"], triton.cdiv(c_out, meta["BLOCK_N"]), splits)
+    _conv_relu_image_wgrad_kernel[grid](
+        packed, grad, out, partial, *_image_args(packed, slot, tile_pos, rows, geo), per_cta,
+        **_image_consts(slot, geo), C_OUT=c_out, OUT_SIDE=side, KYP=kyp, CP=geo["cp"], KROW=krow, GRAD_MASKED=masked,
+        WIDE=_wide(packed, grad), ACC=accumulator(weight.dtype), PRECISION=_precision(weight.dtype))
+    dw = partial.sum(0).view(kyp, geo["kxe"], geo["cp"], c_out)[:k, :k, :c_in]
+    return dw.permute(3, 2, 0, 1).to(weight.dtype).contiguous()
+
+
+@torch.library.custom_op("scott_kernels::triton_conv_image_wgrad", mutates_args=())
+def conv_image_wgrad(grad: torch.Tensor, out: torch.Tensor | None, packed: torch.Tensor, weight: torch.Tensor,
+                     slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int) -> torch.Tensor:
+    """Gradient of conv_image with respect to its weight, from its packed images. ``out`` is the
+    forward's output (for the ReLU mask), or None when ``grad`` is already masked by it (or the
+    forward had no ReLU)."""
+    _check_tables("triton_conv_image_wgrad", grad, slot, tile_pos)
+    geo = _image_geometry("triton_conv_image_wgrad", slot, in_side, weight, packed)
+    return _image_wgrad(grad, out, packed, geo, weight, slot, tile_pos, in_side)
+
+
+@conv_image_wgrad.register_fake
+def _(grad, out, packed, weight, slot, tile_pos, in_side):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _conv_image_setup(ctx, inputs, output):
+    src, weight, slot, tile_pos, in_side, pixel_norm, relu = inputs
+    out, packed = output
+    ctx.mark_non_differentiable(packed)
+    ctx.set_materialize_grads(False)   # packed gets no gradient: no zero tensor of its size
+    # the packed images instead of the images: the weight gradient reads them as they are
+    ctx.save_for_backward(packed, weight, slot, tile_pos, out if relu else None, pixel_norm)
+    ctx.in_side, ctx.src_shape, ctx.src_dtype = in_side, tuple(src.shape), src.dtype
+
+
+def _conv_image_backward(ctx, grad, grad_packed):
+    packed, weight, slot, tile_pos, out, pixel_norm = ctx.saved_tensors
+    grad_src = grad_w = None
+    if grad is not None and ctx.needs_input_grad[1]:
+        grad_w = conv_image_wgrad(grad, out, packed, weight, slot, tile_pos, ctx.in_side)
+    if grad is not None and ctx.needs_input_grad[0]:
+        grad_src = compact.compact_to_image(conv_relu_dgrad(grad, out, weight, slot, tile_pos, ctx.in_side),
+                                            tile_pos, ctx.src_shape)
+        if pixel_norm is not None:
+            grad_src = grad_src * pixel_norm[1].view(1, -1, 1, 1).to(grad_src.dtype)
+        grad_src = grad_src.to(ctx.src_dtype)
+    return grad_src, grad_w, None, None, None, None, None
+
+
+conv_image.register_autograd(_conv_image_backward, setup_context=_conv_image_setup)
+
+
+def conv_relu_wgrad_image(grad: torch.Tensor, out: torch.Tensor | None, src: torch.Tensor, weight: torch.Tensor,
+                          slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int,
+                          pixel_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient of conv_relu_image with respect to its weight, packing the images (B, C, H, W)
+    again (``conv_image_wgrad`` reuses the forward's packed copy instead). ``out`` is the
+    forward's output (for the ReLU mask), or None when ``grad`` is already masked by it."""
+    _check_tables("triton_conv_relu_wgrad", src, slot, tile_pos, image=True)
+    c_in = _source_geometry(src, slot, in_side, True)
+    c_out, _, k, _ = weight.shape
+    num_tiles = tile_pos.shape[0]
+    side = in_side // 2
+    rows = num_tiles * side * side
+    if rows == 0:
+        return torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    slot, tile_pos = slot.contiguous(), tile_pos.contiguous()
+    norm, normalize = _norm_args(pixel_norm, src, c_in, weight)
+    packed, geo = _pack_image(src, slot, num_tiles, in_side, k, norm, normalize, weight.dtype)
+    return _image_wgrad(grad, out, packed, geo, weight, slot, tile_pos, in_side)
