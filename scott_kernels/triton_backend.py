@@ -53,6 +53,7 @@ from typing import Sequence
 
 import torch
 
+from ._device import custom_op
 from .compact import register_stage_autograd, tokenize_compact, visible_tables
 from .triton_configs import triton_supports
 from .triton_conv import conv_relu_compact, conv_relu_dgrad, conv_relu_wgrad_compact
@@ -67,7 +68,7 @@ __all__ = ["triton_tokenize", "triton_supports", "visible_tables"]
 # --------------------------------------------------------------------------------------------
 # The stage ops: a conv reading images or a compact activation
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("scott_kernels::triton_conv_relu", mutates_args=())
+@custom_op("scott_kernels::triton_conv_relu", mutates_args=())
 def conv_relu(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
               in_side: int, src_is_image: bool, pixel_norm: torch.Tensor | None = None,
               relu: bool = True) -> torch.Tensor:
@@ -88,7 +89,7 @@ def _(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=None, relu=
     return weight.new_empty((tile_pos.shape[0], in_side // 2, in_side // 2, c_out))
 
 
-@torch.library.custom_op("scott_kernels::triton_conv_relu_wgrad", mutates_args=())
+@custom_op("scott_kernels::triton_conv_relu_wgrad", mutates_args=())
 def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor | None, src: torch.Tensor, weight: torch.Tensor,
                     slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int, src_is_image: bool,
                     pixel_norm: torch.Tensor | None = None) -> torch.Tensor:

@@ -26,6 +26,7 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
+from ._device import custom_op
 from . import compact
 from .compact import accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed, weight_from_partials
 from .triton_configs import (CONV_KEY, FWD_SHARED, WGRAD_SHARED, accumulator, autotune, conv_dgrad_configs,
@@ -433,7 +434,7 @@ def conv_relu_wgrad_compact(grad: torch.Tensor, out: torch.Tensor | None, src: t
     return weight_from_partials(partial, weight)
 
 
-@torch.library.custom_op("scott_kernels::triton_conv_relu_dgrad", mutates_args=())
+@custom_op("scott_kernels::triton_conv_relu_dgrad", mutates_args=())
 def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor | None, weight: torch.Tensor, slot: torch.Tensor,
                     tile_pos: torch.Tensor, in_side: int) -> torch.Tensor:
     """Gradient of conv_relu with respect to a compact source -> (M, q, q, C_in). ``out`` is the

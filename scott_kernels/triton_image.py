@@ -20,6 +20,7 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
+from ._device import custom_op
 from . import compact
 from .compact import accumulator_dtype
 from .triton_configs import (IMAGE_FWD_SHARED, IMAGE_KEY, IMAGE_WGRAD_SHARED, accumulator, autotune,
@@ -261,7 +262,7 @@ def conv_relu_image(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor,
     return out, packed
 
 
-@torch.library.custom_op("scott_kernels::triton_conv_image", mutates_args=())
+@custom_op("scott_kernels::triton_conv_image", mutates_args=())
 def conv_image(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int,
                pixel_norm: torch.Tensor | None = None, relu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """conv_relu of the images (B, C, H, W) -> (out, packed): ``packed`` (B, HP, WP, CP) is the
@@ -307,7 +308,7 @@ def _image_wgrad(grad: torch.Tensor, out: torch.Tensor | None, packed: torch.Ten
     return dw.permute(3, 2, 0, 1).to(weight.dtype).contiguous()
 
 
-@torch.library.custom_op("scott_kernels::triton_conv_image_wgrad", mutates_args=())
+@custom_op("scott_kernels::triton_conv_image_wgrad", mutates_args=())
 def conv_image_wgrad(grad: torch.Tensor, out: torch.Tensor | None, packed: torch.Tensor, weight: torch.Tensor,
                      slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int) -> torch.Tensor:
     """Gradient of conv_image with respect to its weight, from its packed images. ``out`` is the

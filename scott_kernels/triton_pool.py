@@ -30,6 +30,7 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
+from ._device import custom_op
 from .compact import accumulator_dtype, check_tables
 from .triton_configs import accumulator, interpreting, rows_bucket, single_config, triton_supports
 
@@ -603,7 +604,7 @@ def _pool_grid(num_tiles: int, side: int, channels: int):
 # --------------------------------------------------------------------------------------------
 # MaxBlurPool ops
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("scott_kernels::triton_max_blur_pool", mutates_args=())
+@custom_op("scott_kernels::triton_max_blur_pool", mutates_args=())
 def max_blur_pool(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, relu: bool = False) -> torch.Tensor:
     """MaxBlurPool of compact (M, s, s, C) activations (s a power of two) -> (M, s/2, s/2, C); with
     ``relu`` of relu(act), whose gradient (max_blur_pool_backward with ``relu_mask``) then carries
@@ -625,7 +626,7 @@ def _(act, slot, tile_pos, relu=False):
     return act.new_empty((act.shape[0], act.shape[1] // 2, act.shape[2] // 2, act.shape[3]))
 
 
-@torch.library.custom_op("scott_kernels::triton_max_blur_pool_backward", mutates_args=())
+@custom_op("scott_kernels::triton_max_blur_pool_backward", mutates_args=())
 def max_blur_pool_backward(grad: torch.Tensor, act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
                            relu_mask: bool = False) -> torch.Tensor:
     """Gradient of max_blur_pool with respect to its (M, s, s, C) input. With ``relu_mask`` the
@@ -661,7 +662,7 @@ def _vector(name: str, t: torch.Tensor | None, dim: int, device) -> torch.Tensor
     return None if t is None else t.contiguous()
 
 
-@torch.library.custom_op("scott_kernels::triton_pool_tokens", mutates_args=())
+@custom_op("scott_kernels::triton_pool_tokens", mutates_args=())
 def pool_tokens(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, ln_weight: torch.Tensor | None,
                 ln_bias: torch.Tensor | None, pos_embed: torch.Tensor | None, mask_token: torch.Tensor | None,
                 eps: float, norm: bool, dense: bool, out_dtype: torch.dtype, relu: bool = False
@@ -728,7 +729,7 @@ def _splits(batch: int, positions: int, device: torch.device) -> int:
     return max(1, min(batch, -(-2 * sms // max(positions, 1))))
 
 
-@torch.library.custom_op("scott_kernels::triton_pool_tokens_backward", mutates_args=())
+@custom_op("scott_kernels::triton_pool_tokens_backward", mutates_args=())
 def pool_tokens_backward(grad: torch.Tensor, act: torch.Tensor, x: torch.Tensor, stats: torch.Tensor,
                          slot: torch.Tensor, tile_pos: torch.Tensor, ln_weight: torch.Tensor | None, norm: bool,
                          dense: bool, has_pos: bool, has_mask_token: bool, relu_mask: bool = False
