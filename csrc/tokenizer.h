@@ -12,6 +12,7 @@
 //
 // A conv stage (stride 2, pad k/2, input patch side q, output side s = q/2) is three GEMMs:
 //   forward  out[r, co] = relu(sum_kk window(r, kk) * w[kk, co])          r over M*s*s outputs
+//            (the ReLU optional: the tokenizer leaves it to the pool, applied to its window maxima)
 //   wgrad    dw[kk, co] = sum_r window(r, kk) * g'(r, co)                 g' = grad * (out > 0)
 //   dgrad    din[p, ci] = sum_(ky,kx,co) g'(out pixel reading p via (ky,kx), co) * w[ky,kx,co,ci]
 //            (per parity class of p: only a quarter of the taps can read a given pixel)
@@ -565,10 +566,17 @@ SCOTT_HD bool max_map_has(const PoolGeometry& g, int64_t my, int64_t mx) {
 
 SCOTT_HD int blur_tap(int d) { return d == 1 ? 2 : 1; }
 
-// Pooled output element (row r of (M, s/2, s/2, C), channel c).
+// relu(v) as the conv epilogues take it (0 for a NaN).
+template <typename A>
+SCOTT_HD A relu_of(A v) {
+  return v > A(0) ? v : A(0);
+}
+
+// Pooled output element (row r of (M, s/2, s/2, C), channel c); with relu, of relu(act): relu
+// commutes with max, so it is applied to each window's maximum.
 template <typename T, typename A>
 SCOTT_HD A max_blur_pool_at(const PoolGeometry& g, const T* act, const int32_t* slot, const int64_t* tile_pos,
-                            int64_t r, int64_t c) {
+                            int64_t r, int64_t c, bool relu = false) {
   int64_t b, py, px;
   tile_coords(tile_pos, r, g.side / 2, g.batch, g.grid_h, g.grid_w, b, py, px);
   A acc = A(0);
@@ -583,6 +591,7 @@ SCOTT_HD A max_blur_pool_at(const PoolGeometry& g, const T* act, const int32_t* 
       m = v > m ? v : m;
       v = relu_value<T, A>(g, act, slot, b, my + 1, mx + 1, c);
       m = v > m ? v : m;
+      if (relu) m = relu_of(m);
       acc += m * A(blur_tap(dy) * blur_tap(dx)) / A(16);
     }
   }
@@ -638,6 +647,7 @@ SCOTT_HD A max_blur_pool_grad_at(const PoolGeometry& g, const T* grad, const T* 
 // functions run in the C++ twin. A pixel of a masked patch or outside the image reads 0, exactly
 // what the per-element definition (max_blur_pool_at / max_blur_pool_grad_at) reads there.
 struct TiledPool {
+  bool relu = false;                           // forward: of relu(act) (max_blur_pool_at's relu)
   int32_t num_tiles = 0, side = 0, pooled = 0, channels = 0;
   int32_t vectors = 0, tasks = 0;              // C / 8; num_tiles * pooled^2 * vectors
   int32_t batch = 0, grid_h = 0, grid_w = 0, cells = 0;
@@ -878,15 +888,17 @@ const char* pool_refusal(const PoolGeometry& g);
 enum class ConvOp : int { kForward = 0, kWeightGrad = 1, kInputGrad = 2 };
 const char* conv_gemm_refusal(const StageGeometry& g, int64_t splits, ConvOp op);
 
+// relu: out = relu(conv), else the conv alone (then the pool after it takes the ReLU).
 void conv_relu_cpu(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* weight_t,
-                   const void* norm, const int32_t* slot, const int64_t* tile_pos, void* out);
+                   const void* norm, const int32_t* slot, const int64_t* tile_pos, void* out, bool relu);
 void conv_relu_wgrad_cpu(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* grad,
                          const void* out, const void* norm, const int32_t* slot, const int64_t* tile_pos,
                          void* grad_weight_t);
 void conv_relu_dgrad_cpu(const StageGeometry& g, DType dtype, const void* grad, const void* out,
                          const void* weight_t, const int32_t* slot, const int64_t* tile_pos, void* grad_src);
+// relu: the pool of relu(act), applied to the window maxima.
 void max_blur_pool_cpu(const PoolGeometry& g, DType dtype, const void* act, const int32_t* slot,
-                       const int64_t* tile_pos, void* out);
+                       const int64_t* tile_pos, void* out, bool relu);
 // relu_mask: the gradient comes multiplied by (act > 0), for act = relu(y) the gradient with
 // respect to y (what both backward GEMMs of the conv before it read).
 void max_blur_pool_backward_cpu(const PoolGeometry& g, DType dtype, const void* grad, const void* act,
@@ -894,8 +906,8 @@ void max_blur_pool_backward_cpu(const PoolGeometry& g, DType dtype, const void* 
 
 #ifdef SCOTT_WITH_CUDA
 void conv_relu_cuda(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* weight_t,
-                    const void* norm, const int32_t* slot, const int64_t* tile_pos, void* out, int32_t* nbr,
-                    void* stream);
+                    const void* norm, const int32_t* slot, const int64_t* tile_pos, void* out, bool relu,
+                    int32_t* nbr, void* stream);
 // partial: (splits, K, C_out) accumulator-typed (float, or double for float64) buffer
 void conv_relu_wgrad_cuda(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* grad,
                           const void* out, const void* norm, const int32_t* slot, const int64_t* tile_pos,
@@ -904,7 +916,7 @@ void conv_relu_dgrad_cuda(const StageGeometry& g, DType dtype, const void* grad,
                           const void* weight_t, const int32_t* slot, const int64_t* tile_pos, void* grad_src,
                           int32_t* nbr, void* gmask, void* stream);
 void max_blur_pool_cuda(const PoolGeometry& g, DType dtype, const void* act, const int32_t* slot,
-                        const int64_t* tile_pos, void* out, void* stream);
+                        const int64_t* tile_pos, void* out, bool relu, void* stream);
 void max_blur_pool_backward_cuda(const PoolGeometry& g, DType dtype, const void* grad, const void* act,
                                  const int32_t* slot, const int64_t* tile_pos, void* grad_act, bool relu_mask,
                                  void* stream);

@@ -37,7 +37,8 @@ template <> struct Acc<double> { using type = double; };
 
 // Block tile BM x BN, K step BK; each of the (BM / TM) * (BN / TN) threads owns a TM x TN patch of
 // C. blockIdx.z splits K into chunks of k_chunk (wgrad's reduction over output pixels); each
-// split stores its own result through `store(split, m, n, acc)`.
+// split stores its own result through `store(split, m, n, store.prepare(acc))` (prepare: the
+// store's elementwise epilogue, applied to the accumulators).
 constexpr int BM = 64, BN = 64, BK = 16, TM = 4, TN = 4;
 constexpr int kThreads = (BM / TM) * (BN / TN);
 
@@ -89,7 +90,7 @@ gather_gemm_kernel(int64_t M, int64_t N, int64_t K, int64_t k_chunk, LoadA load_
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
       const int64_t m = m0 + tr * TM + i, n = n0 + tc * TN + j;
-      if (m < M && n < N) store(static_cast<int64_t>(blockIdx.z), m, n, acc[i][j]);
+      if (m < M && n < N) store(static_cast<int64_t>(blockIdx.z), m, n, store.prepare(acc[i][j]));
     }
   }
 }
@@ -174,6 +175,13 @@ wmma_gemm_kernel(int64_t M, int64_t N, int64_t K, int64_t k_chunk, LoadA load_a,
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int t = 0; t < acc[i][j].num_elements; ++t) acc[i][j].x[t] = store.prepare(acc[i][j].x[t]);
+    }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
     for (int j = 0; j < 2; ++j)
       wmma::store_matrix_sync(c_tile + (warp_m * 32 + i * 16) * TC_LDC + warp_n * 32 + j * 16, acc[i][j], TC_LDC,
                               wmma::mem_row_major);
@@ -220,13 +228,21 @@ void launch_gemm_for(const char* name, int64_t M, int64_t N, int64_t K, int64_t 
   launch_gemm<A>(name, M, N, K, splits, a, b, s, stream);
 }
 
+// The forward's store: relu_of(acc) with the ReLU, else acc. The float epilogue masks the bits of
+// a non-positive (or NaN) accumulator with `negatives` (0: +0, relu_of's value; ~0: acc as it is),
+// an operand the instruction reads from the kernel's parameters: no branch, no extra register.
 template <typename T, typename A>
 struct StoreRelu {
   T* out;
-  int64_t cols;
-  __device__ void operator()(int64_t, int64_t m, int64_t n, A acc) const {
-    out[m * cols + n] = from_acc<T>(acc > A(0) ? acc : A(0));
+  int32_t cols;        // C_out
+  uint32_t negatives;  // 0 with the ReLU, ~0 without
+  __device__ A prepare(A acc) const {
+    if constexpr (std::is_same<A, float>::value)
+      return acc > 0.f ? acc : __uint_as_float(__float_as_uint(acc) & negatives);
+    else
+      return negatives == 0 ? relu_of(acc) : acc;
   }
+  __device__ void operator()(int64_t, int64_t m, int64_t n, A acc) const { out[m * cols + n] = from_acc<T>(acc); }
 };
 
 template <typename T, typename A>
@@ -234,6 +250,7 @@ struct StoreClassRows {
   T* out;
   StageGeometry g;
   ParityClass pc;
+  __device__ A prepare(A acc) const { return acc; }
   __device__ void operator()(int64_t, int64_t m, int64_t n, A acc) const {
     out[class_row(g, pc, m) * g.c_in + n] = from_acc<T>(acc);
   }
@@ -243,6 +260,7 @@ template <typename A>
 struct StorePartial {
   A* partial;
   int64_t rows, cols;
+  __device__ A prepare(A acc) const { return acc; }
   __device__ void operator()(int64_t split, int64_t m, int64_t n, A acc) const {
     partial[(split * rows + m) * cols + n] = acc;
   }
@@ -281,7 +299,10 @@ struct PoolForward {
   const T* act;
   const int32_t* slot;
   const int64_t* tile_pos;
-  __device__ A operator()(int64_t r, int64_t c) const { return max_blur_pool_at<T, A>(g, act, slot, tile_pos, r, c); }
+  bool relu;
+  __device__ A operator()(int64_t r, int64_t c) const {
+    return max_blur_pool_at<T, A>(g, act, slot, tile_pos, r, c, relu);
+  }
 };
 
 template <typename T, typename A>
@@ -461,13 +482,15 @@ struct FwdArgs {
   const int32_t* nbr;
   T* out;            // (M, s, s, C_out)
   int32_t rows;      // M * s * s
+  bool relu;         // out = relu(conv), else conv
 };
 
 constexpr int FWD_BM = 128, FWD_BN = 128;
 using FwdTile = Tile<FWD_BM, FWD_BN, false>;
 constexpr int FWD_SMEM = FwdTile::kABytes + (FWD_BM + 1) * kNeighbours * 4;
 
-// Forward: out[r, co] = relu(sum over (tap, ci) window(r, tap, ci) * w[tap, ci, co]). Block: 128
+// Forward: out[r, co] = relu(sum over (tap, ci) window(r, tap, ci) * w[tap, ci, co]) (relu when
+// p.relu). Block: 128
 // output pixels x 128 output channels; K steps (ky, kx, 32 input channels).
 template <typename T>
 __global__ void __launch_bounds__(FwdTile::kThreads, 2) scott_conv_fwd_igemm(FwdArgs<T> p) {
@@ -533,7 +556,7 @@ __global__ void __launch_bounds__(FwdTile::kThreads, 2) scott_conv_fwd_igemm(Fwd
     const int32_t m = m0 + mm, n = n0 + nn;
     if (m < p.rows && n < g.c_out)
       *reinterpret_cast<decltype(Pack2<T>::make(0.f, 0.f))*>(p.out + m * g.c_out + n) =
-          Pack2<T>::make(fmaxf(v0, 0.f), fmaxf(v1, 0.f));
+          p.relu ? Pack2<T>::make(fmaxf(v0, 0.f), fmaxf(v1, 0.f)) : Pack2<T>::make(v0, v1);
   });
 #else
   __trap();
@@ -754,6 +777,7 @@ struct ImageArgs {
   const int64_t* tile_pos;
   T* out;                // (M, s, s, C_out)
   int32_t groups;        // ceil(M / tiles per group)
+  bool relu;             // out = relu(conv), else conv
 };
 
 constexpr int IM_BM = 128, IM_BN = 64;
@@ -896,7 +920,7 @@ __global__ void __launch_bounds__(ImTile::kThreads, 4) scott_conv_image_igemm(Im
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni]);
     }
-    // epilogue: ReLU, then per 16-row slice through the warp's shared buffer so that each row's
+    // epilogue: ReLU (with p.relu), then per 16-row slice through the warp's shared buffer so that each row's
     // 32 channels leave as four 16-byte stores (c_out % 8 == 0: a vector is all in or all out)
     const int32_t m0 = t_first * area + wm * 64, nw = n0 + wn * 32;
     using P2 = decltype(Pack2<T>::make(0.f, 0.f));
@@ -907,7 +931,8 @@ __global__ void __launch_bounds__(ImTile::kThreads, 4) scott_conv_image_igemm(Im
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni)
           *reinterpret_cast<P2*>(s_out + (h * 8 + lane / 4) * IM_OUT_LD + ni * 8 + (lane % 4) * 2) =
-              Pack2<T>::make(fmaxf(acc[mi][ni][2 * h], 0.f), fmaxf(acc[mi][ni][2 * h + 1], 0.f));
+              p.relu ? Pack2<T>::make(fmaxf(acc[mi][ni][2 * h], 0.f), fmaxf(acc[mi][ni][2 * h + 1], 0.f))
+                     : Pack2<T>::make(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
       __syncwarp();
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
@@ -1247,7 +1272,11 @@ __global__ void __launch_bounds__(128) scott_pool_forward(TiledPool g, const T* 
   load_window<4>(act, off, win);
   window_maxima<T>(win, wm);
   float r[8];
-  tiled_pool_values<8, float>(g, pt, k.h, k.w, [&](int i, int j, int e) { return lane<T>(wm[i][j], e); }, r);
+  // the pool of relu(act): relu commutes with max, so it applies to the window maxima
+  tiled_pool_values<8, float>(g, pt, k.h, k.w, [&](int i, int j, int e) {
+    const float v = lane<T>(wm[i][j], e);
+    return g.relu ? fmaxf(v, 0.f) : v;
+  }, r);
   reinterpret_cast<uint4*>(out)[task] = pack<T>(r);
 #else
   __trap();
@@ -1317,11 +1346,12 @@ __global__ void __launch_bounds__(128) scott_pool_backward(TiledPool g, const T*
 
 template <typename T>
 bool launch_forward(const PoolGeometry& geo, DType dtype, const void* act, const int32_t* slot,
-                    const int64_t* tile_pos, void* out, cudaStream_t stream) {
+                    const int64_t* tile_pos, void* out, bool relu, cudaStream_t stream) {
   TiledPool g;
   if (!cuda_tiled_pool(geo, dtype) || tiled_pool_plan(geo, g) != nullptr || !ig::aligned16(act) ||
       !ig::aligned16(out))
     return false;
+  g.relu = relu;
   if (g.tasks == 0) return true;
   scott_pool_forward<T><<<static_cast<unsigned>((g.tasks + 127) / 128), 128, 0, stream>>>(
       g, static_cast<const T*>(act), slot, tile_pos, static_cast<T*>(out));
@@ -1369,7 +1399,7 @@ namespace {
 // The implicit path when it applies (and every pointer is 16-byte aligned), else false.
 template <typename T>
 bool implicit_forward(const StageGeometry& g, DType dtype, const void* src, const void* weight_t, const int32_t* slot,
-                      const int64_t* tile_pos, void* out, int32_t* nbr, cudaStream_t stream) {
+                      const int64_t* tile_pos, void* out, bool relu, int32_t* nbr, cudaStream_t stream) {
   if constexpr (IsTensorCoreType<T>::value) {
     ImplicitConv ic;
     if (g.src_image || !cuda_implicit_conv(g, dtype, 1, ConvOp::kForward) || nbr == nullptr || !ig::aligned16(src) || !ig::aligned16(weight_t) ||
@@ -1378,7 +1408,7 @@ bool implicit_forward(const StageGeometry& g, DType dtype, const void* src, cons
     implicit_conv_plan(g, 1, ic);
     ig::launch_neighbours(g, slot, tile_pos, nbr, stream);
     ig::FwdArgs<T> args{ic, static_cast<const T*>(src), static_cast<const T*>(weight_t), nbr, static_cast<T*>(out),
-                        static_cast<int32_t>(g.out_rows())};
+                        static_cast<int32_t>(g.out_rows()), relu};
     const dim3 grid((args.rows + ig::FWD_BM - 1) / ig::FWD_BM, (ic.c_out + ig::FWD_BN - 1) / ig::FWD_BN);
     ig::allow_smem(ig::scott_conv_fwd_igemm<T>, ig::FWD_SMEM);
     ig::scott_conv_fwd_igemm<T><<<grid, ig::FwdTile::kThreads, ig::FWD_SMEM, stream>>>(args);
@@ -1390,7 +1420,8 @@ bool implicit_forward(const StageGeometry& g, DType dtype, const void* src, cons
 
 template <typename T, typename S>
 bool implicit_image(const StageGeometry& g, DType dtype, const void* src, const void* weight_pad, const void* norm,
-                    const int32_t* slot, const int64_t* tile_pos, void* out, int32_t* nbr, cudaStream_t stream) {
+                    const int32_t* slot, const int64_t* tile_pos, void* out, bool relu, int32_t* nbr,
+                    cudaStream_t stream) {
   if constexpr (IsTensorCoreType<T>::value) {
     ImageConv ic;
     if (!g.src_image || !cuda_implicit_conv(g, dtype, 1, ConvOp::kForward)) return false;
@@ -1404,7 +1435,7 @@ bool implicit_image(const StageGeometry& g, DType dtype, const void* src, const 
     const int tiles = ic.group_tiles();
     const int32_t groups = (ic.num_tiles + tiles - 1) / tiles;
     ig::ImageArgs<T, S> args{ic, static_cast<const S*>(src), static_cast<const float*>(norm),
-                             static_cast<const T*>(weight_pad), nbr, tile_pos, static_cast<T*>(out), groups};
+                             static_cast<const T*>(weight_pad), nbr, tile_pos, static_cast<T*>(out), groups, relu};
     const int persistent = 4 * ig::multiprocessors();  // about the blocks that fit at once: the weight slice loads once per block
     const dim3 grid(static_cast<unsigned>(groups < persistent ? groups : persistent),
                     static_cast<unsigned>((ic.c_out + ig::IM_BN - 1) / ig::IM_BN));
@@ -1523,17 +1554,18 @@ bool implicit_dgrad(const StageGeometry& g, DType dtype, const void* grad, const
 }  // namespace
 
 void conv_relu_cuda(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* weight_t,
-                    const void* norm, const int32_t* slot, const int64_t* tile_pos, void* out, int32_t* nbr,
-                    void* stream) {
+                    const void* norm, const int32_t* slot, const int64_t* tile_pos, void* out, bool relu,
+                    int32_t* nbr, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   SCOTT_CUDA_DISPATCH(dtype, {
     using A = typename Acc<T>::type;
-    if (src_dtype == kUInt8 ? implicit_image<T, uint8_t>(g, dtype, src, weight_t, norm, slot, tile_pos, out, nbr, s)
-                            : (implicit_image<T, T>(g, dtype, src, weight_t, norm, slot, tile_pos, out, nbr, s) ||
-                               implicit_forward<T>(g, dtype, src, weight_t, slot, tile_pos, out, nbr, s)))
+    if (src_dtype == kUInt8
+            ? implicit_image<T, uint8_t>(g, dtype, src, weight_t, norm, slot, tile_pos, out, relu, nbr, s)
+            : (implicit_image<T, T>(g, dtype, src, weight_t, norm, slot, tile_pos, out, relu, nbr, s) ||
+               implicit_forward<T>(g, dtype, src, weight_t, slot, tile_pos, out, relu, nbr, s)))
       break;
     DenseMatrix<T, A> w{static_cast<const T*>(weight_t), g.c_out};
-    StoreRelu<T, A> st{static_cast<T*>(out), g.c_out};
+    StoreRelu<T, A> st{static_cast<T*>(out), static_cast<int32_t>(g.c_out), relu ? 0u : ~0u};
     const int64_t K = g.ksize * g.ksize * g.c_in;
     if (src_dtype == kUInt8) {
       ConvWindow<uint8_t, A> win{g, static_cast<const uint8_t*>(src), slot, tile_pos, static_cast<const A*>(norm)};
@@ -1610,15 +1642,15 @@ bool cuda_tiled_pool(const PoolGeometry& g, DType dtype) {
 }
 
 void max_blur_pool_cuda(const PoolGeometry& g, DType dtype, const void* act, const int32_t* slot,
-                        const int64_t* tile_pos, void* out, void* stream) {
+                        const int64_t* tile_pos, void* out, bool relu, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   const int64_t rows = g.num_tiles * (g.side / 2) * (g.side / 2);
   SCOTT_CUDA_DISPATCH(dtype, {
     using A = typename Acc<T>::type;
     if constexpr (!std::is_same<T, A>::value) {
-      if (pool::launch_forward<T>(g, dtype, act, slot, tile_pos, out, s)) break;
+      if (pool::launch_forward<T>(g, dtype, act, slot, tile_pos, out, relu, s)) break;
     }
-    PoolForward<T, A> f{g, static_cast<const T*>(act), slot, tile_pos};
+    PoolForward<T, A> f{g, static_cast<const T*>(act), slot, tile_pos, relu};
     launch_elementwise<T, A>("max_blur_pool_cuda", rows, g.channels, static_cast<T*>(out), f, s);
   });
 }

@@ -971,8 +971,7 @@ def _(grad, out, weight, slot, tile_pos, in_side):
     return grad.new_empty((tile_pos.shape[0], in_side, in_side, weight.shape[1]))
 
 
-register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blur_pool, max_blur_pool_backward,
-                        premask_compact=True)
+register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blur_pool, max_blur_pool_backward)
 
 
 # --------------------------------------------------------------------------------------------
