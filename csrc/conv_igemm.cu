@@ -56,19 +56,8 @@ __device__ __forceinline__ void mainloop(float (&acc)[4][4][4], T* sa, T* sb, in
         else
           ldmatrix_x4(af[mi], a_base + 2 * (a_off[mi] + kk));
       }
-#pragma unroll
-      for (int nj = 0; nj < 2; ++nj) {
-        uint32_t r[4];
-        ldmatrix_x4_trans(r, b_base + 2 * (b_off[nj] + kk * (BN + PAD)));
-        bf[2 * nj][0] = r[0];
-        bf[2 * nj][1] = r[1];
-        bf[2 * nj + 1][0] = r[2];
-        bf[2 * nj + 1][1] = r[3];
-      }
-#pragma unroll
-      for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni]);
+      ldmatrix_b<2>(bf, b_base, b_off, kk * (BN + PAD));
+      mma_tiles<T>(acc, af, bf);
     }
   }
   cp_async_wait<0>();
@@ -184,6 +173,46 @@ struct ARows {
   }
 };
 
+// The set-up of a forward or input-gradient block (BM gathered rows x BN columns): its rings, rows
+// m0 .., columns n0 .., the gathered A rows (row_of: ImplicitRow or DgradRow of a GEMM row) and
+// the dense B rows. With the tile shapes, its shared memory size (the rings and the neighbour
+// slots of up to BM + 1 tiles).
+template <typename T, int BM, int BN>
+struct GatherBlock {
+  using TL = Tile<BM, BN, false>;
+  static constexpr int kBM = BM, kBN = BN;
+  static constexpr int kSmem = TL::kABytes + (BM + 1) * kNeighbours * 4;
+  Rings<T, TL> sm;
+  int32_t m0, n0;
+  ARows<TL::kThreads, BM> a_rows;
+  BRows<TL::kThreads, BN> b_rows;
+  template <class RowOf>
+  __device__ __forceinline__ GatherBlock(const ImplicitConv& g, const int32_t* nbr, int32_t rows, int32_t columns,
+                                         RowOf&& row_of)
+      : sm(carve_rings<T, TL>()),
+        m0(static_cast<int32_t>(blockIdx.x) * BM),
+        n0(static_cast<int32_t>(blockIdx.y) * BN),
+        a_rows(g, nbr, m0, rows, sm.nb, row_of),
+        b_rows(n0, columns) {}
+  // the K loop over the block's rings
+  template <class Load>
+  __device__ __forceinline__ void run(float (&acc)[4][4][4], int kiters, Load&& load) const {
+    mainloop<T, BM, BN, false>(acc, sm.a, sm.b, kiters, load);
+  }
+  // f(m, n, v0, v1) for the accumulator pairs, at GEMM row m and columns n, n + 1
+  template <class F>
+  __device__ __forceinline__ void for_each(const float (&acc)[4][4][4], F&& f) const {
+    for_each_pair<BN>(acc, [&](int mm, int nn, float v0, float v1) { f(m0 + mm, n0 + nn, v0, v1); });
+  }
+};
+
+// the forward's blocks: 128 output pixels x 128 output channels; the input gradient's: 128 input
+// pixels x 64 input channels
+template <typename T>
+using FwdBlock = GatherBlock<T, 128, 128>;
+template <typename T>
+using DgradBlock = GatherBlock<T, 128, 64>;
+
 template <typename T>
 struct FwdArgs {
   ImplicitConv g;
@@ -195,30 +224,22 @@ struct FwdArgs {
   bool relu;         // out = relu(conv), else conv
 };
 
-constexpr int FWD_BM = 128, FWD_BN = 128;
-using FwdTile = Tile<FWD_BM, FWD_BN, false>;
-constexpr int FWD_SMEM = FwdTile::kABytes + (FWD_BM + 1) * kNeighbours * 4;
-
 // Forward: out[r, co] = relu(sum over (tap, ci) window(r, tap, ci) * w[tap, ci, co]), the ReLU when
 // p.relu. Block: 128 output pixels x 128 output channels; K steps (ky, kx, 32 input channels).
 template <typename T>
-__global__ void __launch_bounds__(FwdTile::kThreads, 2) scott_conv_fwd_igemm(FwdArgs<T> p) {
+__global__ void __launch_bounds__(FwdBlock<T>::TL::kThreads, 2) scott_conv_fwd_igemm(FwdArgs<T> p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  constexpr int BM = FWD_BM, BN = FWD_BN, NT = FwdTile::kThreads;
   const ImplicitConv& g = p.g;
-  const Rings<T, FwdTile> sm = carve_rings<T, FwdTile>();
-  const int32_t m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-  const ARows<NT, BM> a_rows(g, p.nbr, m0, p.rows, sm.nb, [&](int32_t r) { return conv_row(g, r); });
-  const BRows<NT, BN> b_rows(n0, g.c_out);
+  const FwdBlock<T> blk(g, p.nbr, p.rows, g.c_out, [&](int32_t r) { return conv_row(g, r); });
 
   int32_t ky = 0, kx = 0, c0 = 0;  // the next K step to load: tap (ky, kx), input channels c0 ..
   const int kiters = g.k * g.k * ((g.c_in + BK - 1) / BK);
   auto load = [&](T* a, T* b) {
-    a_rows.load(a, p.src, sm.nb, c0, g.c_in, [&](const int32_t* nb, int32_t y0, int32_t x0, int32_t c) {
+    blk.a_rows.load(a, p.src, blk.sm.nb, c0, g.c_in, [&](const int32_t* nb, int32_t y0, int32_t x0, int32_t c) {
       return conv_src_offset(g, nb, y0, x0, ky, kx, c);
     });
-    b_rows.load(b, p.weight, [&](int kr) { return c0 + kr < g.c_in; },
-                [&](int kr) { return conv_weight_row(g, ky, kx, c0 + kr) * g.c_out; });
+    blk.b_rows.load(b, p.weight, [&](int kr) { return c0 + kr < g.c_in; },
+                    [&](int kr) { return conv_weight_row(g, ky, kx, c0 + kr) * g.c_out; });
     c0 += BK;
     if (c0 >= g.c_in) {
       c0 = 0;
@@ -226,9 +247,8 @@ __global__ void __launch_bounds__(FwdTile::kThreads, 2) scott_conv_fwd_igemm(Fwd
     }
   };
   float acc[4][4][4] = {};
-  mainloop<T, BM, BN, false>(acc, sm.a, sm.b, kiters, load);
-  for_each_pair<BN>(acc, [&](int mm, int nn, float v0, float v1) {
-    const int32_t m = m0 + mm, n = n0 + nn;
+  blk.run(acc, kiters, load);
+  blk.for_each(acc, [&](int32_t m, int32_t n, float v0, float v1) {
     if (m < p.rows && n < g.c_out)
       *reinterpret_cast<decltype(Pack2<T>::make(0.f, 0.f))*>(p.out + m * g.c_out + n) =
           p.relu ? Pack2<T>::make(fmaxf(v0, 0.f), fmaxf(v1, 0.f)) : Pack2<T>::make(v0, v1);
@@ -248,34 +268,26 @@ struct DgradArgs {
   int32_t rows;      // rows per parity class: M * s * s
 };
 
-constexpr int DG_BM = 128, DG_BN = 64;
-using DgTile = Tile<DG_BM, DG_BN, false>;
-constexpr int DG_SMEM = DgTile::kABytes + (DG_BM + 1) * kNeighbours * 4;
-
 // Input gradient, one parity class of input pixels per blockIdx.z (the class with most taps first):
 // dsrc[p, ci] = sum over (class tap, co) g'(output pixel reading p, co) * w[tap, co, ci]. Block: 128
 // input pixels x 64 input channels; K steps (j, i, 32 output channels).
 template <typename T>
-__global__ void __launch_bounds__(DgTile::kThreads, 4) scott_conv_dgrad_igemm(DgradArgs<T> p) {
+__global__ void __launch_bounds__(DgradBlock<T>::TL::kThreads, 4) scott_conv_dgrad_igemm(DgradArgs<T> p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  constexpr int BM = DG_BM, BN = DG_BN, NT = DgTile::kThreads;
   const ImplicitConv& g = p.g;
   // (1,1) first: most taps at odd pad
   const ParityClass pc = parity_class_k(g.k, g.pad, 3 - static_cast<int>(blockIdx.z));
-  const Rings<T, DgTile> sm = carve_rings<T, DgTile>();
-  const int32_t m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-  const ARows<NT, BM> a_rows(g, p.nbr, m0, p.rows, sm.nb, [&](int32_t r) { return dgrad_row(g, pc, r); });
-  const BRows<NT, BN> b_rows(n0, g.c_in);
+  const DgradBlock<T> blk(g, p.nbr, p.rows, g.c_in, [&](int32_t r) { return dgrad_row(g, pc, r); });
 
   const int32_t n_kx = static_cast<int32_t>(pc.n_kx);
   int32_t j = 0, i_tap = 0, c0 = 0;  // the next K step to load: class tap (j, i_tap), output channels c0 ..
   const int kiters = static_cast<int>(pc.n_ky * pc.n_kx) * ((g.c_out + BK - 1) / BK);
   auto load = [&](T* a, T* b) {
-    a_rows.load(a, p.gmask, sm.nb, c0, g.c_out, [&](const int32_t* nb, int32_t y0, int32_t x0, int32_t c) {
+    blk.a_rows.load(a, p.gmask, blk.sm.nb, c0, g.c_out, [&](const int32_t* nb, int32_t y0, int32_t x0, int32_t c) {
       return dgrad_grad_offset(g, nb, y0, x0, j, i_tap, c);
     });
-    b_rows.load(b, p.weight, [&](int kr) { return c0 + kr < g.c_out; },
-                [&](int kr) { return dgrad_weight_row(g, pc, j, i_tap, c0 + kr) * g.c_in; });
+    blk.b_rows.load(b, p.weight, [&](int kr) { return c0 + kr < g.c_out; },
+                    [&](int kr) { return dgrad_weight_row(g, pc, j, i_tap, c0 + kr) * g.c_in; });
     c0 += BK;
     if (c0 >= g.c_out) {
       c0 = 0;
@@ -283,9 +295,8 @@ __global__ void __launch_bounds__(DgTile::kThreads, 4) scott_conv_dgrad_igemm(Dg
     }
   };
   float acc[4][4][4] = {};
-  mainloop<T, BM, BN, false>(acc, sm.a, sm.b, kiters, load);
-  for_each_pair<BN>(acc, [&](int mm, int nn, float v0, float v1) {
-    const int32_t m = m0 + mm, n = n0 + nn;
+  blk.run(acc, kiters, load);
+  blk.for_each(acc, [&](int32_t m, int32_t n, float v0, float v1) {
     if (m < p.rows && n < g.c_in)
       *reinterpret_cast<decltype(Pack2<T>::make(0.f, 0.f))*>(p.dsrc + dgrad_row(g, pc, m).dst * g.c_in + n) =
           Pack2<T>::make(v0, v1);
@@ -429,9 +440,10 @@ void forward_on(const StageGeometry& g, const ImplicitConv& ic, const void* src,
                 bool relu, int32_t* nbr, cudaStream_t stream) {
   FwdArgs<T> args{ic, static_cast<const T*>(src), static_cast<const T*>(weight_t), nbr, static_cast<T*>(out),
                   static_cast<int32_t>(g.out_rows()), relu};
-  const dim3 grid((args.rows + FWD_BM - 1) / FWD_BM, (ic.c_out + FWD_BN - 1) / FWD_BN);
-  allow_smem(scott_conv_fwd_igemm<T>, FWD_SMEM);
-  scott_conv_fwd_igemm<T><<<grid, FwdTile::kThreads, FWD_SMEM, stream>>>(args);
+  using B = FwdBlock<T>;
+  const dim3 grid((args.rows + B::kBM - 1) / B::kBM, (ic.c_out + B::kBN - 1) / B::kBN);
+  allow_smem(scott_conv_fwd_igemm<T>, B::kSmem);
+  scott_conv_fwd_igemm<T><<<grid, B::TL::kThreads, B::kSmem, stream>>>(args);
   check_launch("scott_conv_fwd_igemm");
 }
 
@@ -454,9 +466,10 @@ void dgrad_on(const StageGeometry& g, const ImplicitConv& ic, const void* gm, co
               int32_t* nbr, cudaStream_t stream) {
   DgradArgs<T> args{ic, static_cast<const T*>(gm), static_cast<const T*>(weight_t), nbr, static_cast<T*>(grad_src),
                     static_cast<int32_t>(g.out_rows())};
-  const dim3 grid((args.rows + DG_BM - 1) / DG_BM, (ic.c_in + DG_BN - 1) / DG_BN, 4);
-  allow_smem(scott_conv_dgrad_igemm<T>, DG_SMEM);
-  scott_conv_dgrad_igemm<T><<<grid, DgTile::kThreads, DG_SMEM, stream>>>(args);
+  using B = DgradBlock<T>;
+  const dim3 grid((args.rows + B::kBM - 1) / B::kBM, (ic.c_in + B::kBN - 1) / B::kBN, 4);
+  allow_smem(scott_conv_dgrad_igemm<T>, B::kSmem);
+  scott_conv_dgrad_igemm<T><<<grid, B::TL::kThreads, B::kSmem, stream>>>(args);
   check_launch("scott_conv_dgrad_igemm");
 }
 

@@ -152,19 +152,8 @@ __global__ void __launch_bounds__(ImTile::kThreads, 4) scott_conv_image_igemm(Im
       uint32_t af[4][4], bf[4][2];
 #pragma unroll
       for (int mi = 0; mi < 4; ++mi) ldmatrix_x4(af[mi], sx_u32 + (a_pix[mi] + pair) * kImageChannels * 2);
-#pragma unroll
-      for (int nj = 0; nj < 2; ++nj) {
-        uint32_t r[4];
-        ldmatrix_x4_trans(r, sb_u32 + 2 * (b_off[nj] + ks * 16 * (BN + PAD)));
-        bf[2 * nj][0] = r[0];
-        bf[2 * nj][1] = r[1];
-        bf[2 * nj + 1][0] = r[2];
-        bf[2 * nj + 1][1] = r[3];
-      }
-#pragma unroll
-      for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni]);
+      ldmatrix_b<2>(bf, sb_u32, b_off, ks * 16 * (BN + PAD));
+      mma_tiles<T>(acc, af, bf);
     }
     // epilogue: ReLU (with p.relu), then per 16-row slice through the warp's shared buffer so that each row's
     // 32 channels leave as four 16-byte stores (c_out % 8 == 0: a vector is all in or all out)
@@ -303,19 +292,8 @@ __global__ void __launch_bounds__(IW_MAX_WARPS * 32) scott_conv_image_wgrad_igem
       uint32_t af[2][4], bf[WN / 8][2];
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi) ldmatrix_x4_trans(af[mi], sx_u32 + (pix + a_pair[mi]) * kImageChannels * 2);
-#pragma unroll
-      for (int nj = 0; nj < WN / 16; ++nj) {
-        uint32_t r[4];
-        ldmatrix_x4_trans(r, sg_u32 + 2 * (b_off[nj] + ks * 16 * (BN + PAD)));
-        bf[2 * nj][0] = r[0];
-        bf[2 * nj][1] = r[1];
-        bf[2 * nj + 1][0] = r[2];
-        bf[2 * nj + 1][1] = r[3];
-      }
-#pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < WN / 8; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni]);
+      ldmatrix_b<WN / 16>(bf, sg_u32, b_off, ks * 16 * (BN + PAD));
+      mma_tiles<T>(acc, af, bf);
     }
   }
   // A cluster of two blocks (sm_90, image_wgrad_cluster) sums its two accumulators through

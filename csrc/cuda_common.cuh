@@ -120,6 +120,31 @@ template <> struct Pack2<__half> {
   static __device__ __forceinline__ __half2 make(float a, float b) { return __floats2half2_rn(a, b); }
 };
 
+// B fragments of NJ pairs of n8 tiles, one ldmatrix.x4.trans per pair, from shared memory at
+// base + 2 * (b_off[nj] + step) bytes (b_off: the lane's offsets in elements; step: the K step's).
+template <int NJ>
+__device__ __forceinline__ void ldmatrix_b(uint32_t (&bf)[2 * NJ][2], uint32_t base, const int (&b_off)[NJ], int step) {
+#pragma unroll
+  for (int nj = 0; nj < NJ; ++nj) {
+    uint32_t r[4];
+    ldmatrix_x4_trans(r, base + 2 * (b_off[nj] + step));
+    bf[2 * nj][0] = r[0];
+    bf[2 * nj][1] = r[1];
+    bf[2 * nj + 1][0] = r[2];
+    bf[2 * nj + 1][1] = r[3];
+  }
+}
+
+// acc[mi][ni] += af[mi] * bf[ni] for every pair of fragments (m16n8k16, float32 accumulation).
+template <typename T, int MI, int NI>
+__device__ __forceinline__ void mma_tiles(float (&acc)[MI][NI][4], const uint32_t (&af)[MI][4],
+                                          const uint32_t (&bf)[NI][2]) {
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni]);
+}
+
 template <int BM, int BN, bool A_KMAJOR>
 struct Tile {
   static constexpr int kThreads = (BM / 64) * (BN / 32) * 32;
