@@ -2,9 +2,9 @@
 
 The same compact visible-patch layout and tables as the triton backend (``compact.py``). Each
 op runs the CUDA kernels on a GPU tensor and their C++ twin on a CPU tensor (float32/float64):
-both call the same operand and pooling functions (``csrc/tokenizer.h``), so the CPU tests against
-the dense reference check the index logic the GPU runs. ``backend="cuda"`` itself is offered on
-CUDA devices only.
+both call the same operand and pooling functions (``csrc/conv_operands.h``,
+``csrc/pool_ops.h``), so the CPU tests against the dense reference check the index logic the GPU
+runs. ``backend="cuda"`` itself is offered on CUDA devices only.
 
 Kernels: the three convolution GEMMs (forward + ReLU, weight gradient split over output pixels
 into accumulator-typed partials, input gradient per parity class of input pixel). In

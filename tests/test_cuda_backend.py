@@ -1,10 +1,10 @@
-"""The cuda backend (csrc/tokenizer*.{h,cpp,cu}) against the dense reference.
+"""The cuda backend (csrc/: the CUDA kernels, their C++ twin and headers) against the dense reference.
 
 Its ops run the CUDA kernels on GPU tensors and their C++ twin on CPU tensors; both call the
-same operand and pooling functions (csrc/tokenizer.h), so on a machine without a GPU these tests
-check the kernels' index logic through the twin (float32/float64), including a fuzz over 200
-random configurations. On a GPU the same tests run the CUDA kernels, plus real shapes in bf16,
-fp16 and fp32 (flash-attention rule), CUDA graphs and torch.compile.
+same operand and pooling functions (csrc/conv_operands.h, csrc/pool_ops.h), so on a machine
+without a GPU these tests check the kernels' index logic through the twin (float32/float64),
+including a fuzz over 200 random configurations. On a GPU the same tests run the CUDA kernels,
+plus real shapes in bf16, fp16 and fp32 (flash-attention rule), CUDA graphs and torch.compile.
 """
 
 import pytest
