@@ -105,15 +105,15 @@ DType compute_dtype(int code, const char* name) {
 }
 
 void conv_relu(const StageGeometry& g, int dtype, int src_dtype, std::uintptr_t src, std::uintptr_t weight_t,
-               std::uintptr_t norm, std::uintptr_t slot, std::uintptr_t tile_pos, std::uintptr_t out, bool on_cuda,
-               std::uintptr_t stream, std::uintptr_t nbr) {
+               std::uintptr_t norm, std::uintptr_t slot, std::uintptr_t tile_pos, std::uintptr_t out, bool relu,
+               bool on_cuda, std::uintptr_t stream, std::uintptr_t nbr) {
   validate_stage(g, "conv_relu");
   const DType dt = compute_dtype(dtype, "conv_relu");
   if (on_cuda) {
 #ifdef SCOTT_WITH_CUDA
     scott::conv_relu_cuda(g, dt, src_dtype, ptr<const void>(src), ptr<const void>(weight_t), ptr<const void>(norm),
-                          ptr<const int32_t>(slot), ptr<const int64_t>(tile_pos), ptr<void>(out), ptr<int32_t>(nbr),
-                          ptr<void>(stream));
+                          ptr<const int32_t>(slot), ptr<const int64_t>(tile_pos), ptr<void>(out), relu,
+                          ptr<int32_t>(nbr), ptr<void>(stream));
     return;
 #else
     throw std::runtime_error("conv_relu: scott_kernels was built without CUDA");
@@ -121,7 +121,7 @@ void conv_relu(const StageGeometry& g, int dtype, int src_dtype, std::uintptr_t 
   }
   py::gil_scoped_release nogil;
   scott::conv_relu_cpu(g, dt, src_dtype, ptr<const void>(src), ptr<const void>(weight_t), ptr<const void>(norm),
-                       ptr<const int32_t>(slot), ptr<const int64_t>(tile_pos), ptr<void>(out));
+                       ptr<const int32_t>(slot), ptr<const int64_t>(tile_pos), ptr<void>(out), relu);
 }
 
 void conv_relu_wgrad(const StageGeometry& g, int dtype, int src_dtype, std::uintptr_t src, std::uintptr_t grad,
@@ -167,13 +167,13 @@ void conv_relu_dgrad(const StageGeometry& g, int dtype, std::uintptr_t grad, std
 }
 
 void max_blur_pool(const PoolGeometry& g, int dtype, std::uintptr_t act, std::uintptr_t slot, std::uintptr_t tile_pos,
-                   std::uintptr_t out, bool on_cuda, std::uintptr_t stream) {
+                   std::uintptr_t out, bool relu, bool on_cuda, std::uintptr_t stream) {
   validate_pool(g, "max_blur_pool");
   const DType dt = compute_dtype(dtype, "max_blur_pool");
   if (on_cuda) {
 #ifdef SCOTT_WITH_CUDA
     scott::max_blur_pool_cuda(g, dt, ptr<const void>(act), ptr<const int32_t>(slot), ptr<const int64_t>(tile_pos),
-                              ptr<void>(out), ptr<void>(stream));
+                              ptr<void>(out), relu, ptr<void>(stream));
     return;
 #else
     throw std::runtime_error("max_blur_pool: scott_kernels was built without CUDA");
@@ -181,7 +181,7 @@ void max_blur_pool(const PoolGeometry& g, int dtype, std::uintptr_t act, std::ui
   }
   py::gil_scoped_release nogil;
   scott::max_blur_pool_cpu(g, dt, ptr<const void>(act), ptr<const int32_t>(slot), ptr<const int64_t>(tile_pos),
-                           ptr<void>(out));
+                           ptr<void>(out), relu);
 }
 
 void max_blur_pool_backward(const PoolGeometry& g, int dtype, std::uintptr_t grad, std::uintptr_t act,
@@ -324,11 +324,12 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("grid_w", &PoolGeometry::grid_w)
       .def_readwrite("side", &PoolGeometry::side)
       .def_readwrite("channels", &PoolGeometry::channels);
-  m.def("conv_relu", &conv_relu, "relu(conv) over visible patches: out (M, s, s, C_out)");
+  m.def("conv_relu", &conv_relu, "conv over visible patches, relu(conv) with relu: out (M, s, s, C_out)");
   m.def("conv_relu_wgrad", &conv_relu_wgrad,
         "weight gradient (k*k*C_in, C_out); on CUDA into a (splits, k*k*C_in, C_out) accumulator");
   m.def("conv_relu_dgrad", &conv_relu_dgrad, "input gradient of a compact source (M, q, q, C_in)");
-  m.def("max_blur_pool", &max_blur_pool, "MaxBlurPool of compact activations (M, s/2, s/2, C)");
+  m.def("max_blur_pool", &max_blur_pool,
+        "MaxBlurPool of compact activations (M, s/2, s/2, C); relu: of relu(act), applied to the window maxima");
   m.def("max_blur_pool_backward", &max_blur_pool_backward,
         "gradient of max_blur_pool (M, s, s, C); relu_mask: times (act > 0), the gradient before the ReLU");
   m.def(

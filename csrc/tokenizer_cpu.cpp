@@ -33,14 +33,14 @@ void gemm(int64_t M, int64_t N, int64_t K, const LoadA& a, const LoadB& b, const
 
 template <typename T, typename S>
 void conv_relu_typed(const StageGeometry& g, const void* src, const void* weight_t, const void* norm,
-                     const int32_t* slot, const int64_t* tile_pos, void* out) {
+                     const int32_t* slot, const int64_t* tile_pos, void* out, bool relu) {
   using A = T;
   ConvWindow<S, A> window{g, static_cast<const S*>(src), slot, tile_pos, static_cast<const A*>(norm)};
   DenseMatrix<T, A> w{static_cast<const T*>(weight_t), g.c_out};
   T* o = static_cast<T*>(out);
   const int64_t n_out = g.c_out;
   gemm<A>(g.out_rows(), g.c_out, g.ksize * g.ksize * g.c_in, window, w,
-          [&](int64_t m, int64_t n, A acc) { o[m * n_out + n] = acc > A(0) ? T(acc) : T(0); });
+          [&](int64_t m, int64_t n, A acc) { o[m * n_out + n] = T(relu ? relu_of(acc) : acc); });
 }
 
 template <typename T, typename S>
@@ -90,7 +90,7 @@ std::vector<T> masked_grad(const StageGeometry& g, const T* grad, const T* out) 
 // Each (row, tap, 8-channel vector) step below is one 16-byte operand load of the CUDA kernel.
 template <typename T>
 void implicit_forward(const StageGeometry& g, const ImplicitConv& ic, const T* src, const T* w, const int32_t* slot,
-                      const int64_t* tile_pos, T* out) {
+                      const int64_t* tile_pos, T* out, bool relu) {
   const std::vector<int32_t> nb = neighbour_table(g, slot, tile_pos);
   const int32_t rows = static_cast<int32_t>(g.out_rows());
 #pragma omp parallel
@@ -109,7 +109,7 @@ void implicit_forward(const StageGeometry& g, const ImplicitConv& ic, const T* s
             for (int e = 0; e < 8; ++e)
               for (int32_t n = 0; n < ic.c_out; ++n) acc[n] += src[off + e] * w[(wr + e) * ic.c_out + n];
           }
-      for (int32_t n = 0; n < ic.c_out; ++n) out[r * ic.c_out + n] = acc[n] > T(0) ? acc[n] : T(0);
+      for (int32_t n = 0; n < ic.c_out; ++n) out[r * ic.c_out + n] = relu ? relu_of(acc[n]) : acc[n];
     }
   }
 }
@@ -142,7 +142,7 @@ void stage_image_group(const ImageConv& ic, const S* img, const PixelNorm<T>& pn
 
 template <typename T, typename S>
 void implicit_image_forward(const StageGeometry& g, const ImageConv& ic, const S* img, const T* norm,
-                            const T* w_pad, const int32_t* slot, const int64_t* tile_pos, T* out) {
+                            const T* w_pad, const int32_t* slot, const int64_t* tile_pos, T* out, bool relu) {
   const std::vector<int32_t> nb = neighbour_table(g, slot, tile_pos);
   const int32_t n_pairs = ic.k * ic.pairs, tiles = ic.group_tiles(), window = ic.rows * ic.width;
   const int32_t groups = (ic.num_tiles + tiles - 1) / tiles;
@@ -164,7 +164,7 @@ void implicit_image_forward(const StageGeometry& g, const ImageConv& ic, const S
                 for (int32_t n = 0; n < ic.c_out; ++n) acc[n] += a[e] * w_pad[(p * 2 * kImageChannels + e) * ic.c_out + n];
             }
             const int32_t r = ((grp * tiles + tl) * ic.s + oy) * ic.s + ox;
-            for (int32_t n = 0; n < ic.c_out; ++n) out[r * ic.c_out + n] = acc[n] > T(0) ? acc[n] : T(0);
+            for (int32_t n = 0; n < ic.c_out; ++n) out[r * ic.c_out + n] = relu ? relu_of(acc[n]) : acc[n];
           }
     }
   }
@@ -297,7 +297,7 @@ const char* conv_gemm_refusal(const StageGeometry& g, int64_t splits, ConvOp op)
 }
 
 void conv_relu_cpu(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* weight_t,
-                   const void* norm, const int32_t* slot, const int64_t* tile_pos, void* out) {
+                   const void* norm, const int32_t* slot, const int64_t* tile_pos, void* out, bool relu) {
   ImplicitConv ic;
   const bool implicit = conv_gemm_refusal(g, 1, ConvOp::kForward) == nullptr;
   ImageConv image;
@@ -306,17 +306,18 @@ void conv_relu_cpu(const StageGeometry& g, DType dtype, int src_dtype, const voi
       implicit_image_plan(g, image);
       if (src_dtype == kUInt8)
         implicit_image_forward<T, uint8_t>(g, image, static_cast<const uint8_t*>(src), static_cast<const T*>(norm),
-                                           static_cast<const T*>(weight_t), slot, tile_pos, static_cast<T*>(out));
+                                           static_cast<const T*>(weight_t), slot, tile_pos, static_cast<T*>(out),
+                                           relu);
       else
         implicit_image_forward<T, T>(g, image, static_cast<const T*>(src), static_cast<const T*>(norm),
-                                     static_cast<const T*>(weight_t), slot, tile_pos, static_cast<T*>(out));
+                                     static_cast<const T*>(weight_t), slot, tile_pos, static_cast<T*>(out), relu);
     } else if (implicit && implicit_conv_plan(g, 1, ic) == nullptr)
       implicit_forward<T>(g, ic, static_cast<const T*>(src), static_cast<const T*>(weight_t), slot, tile_pos,
-                          static_cast<T*>(out));
+                          static_cast<T*>(out), relu);
     else if (src_dtype == kUInt8)
-      conv_relu_typed<T, uint8_t>(g, src, weight_t, norm, slot, tile_pos, out);
+      conv_relu_typed<T, uint8_t>(g, src, weight_t, norm, slot, tile_pos, out, relu);
     else
-      conv_relu_typed<T, T>(g, src, weight_t, norm, slot, tile_pos, out);
+      conv_relu_typed<T, T>(g, src, weight_t, norm, slot, tile_pos, out, relu);
   });
 }
 
@@ -384,11 +385,13 @@ void load_pool_window(const T* base, const int32_t (&off)[R][R], T (&win)[R][R][
 }
 
 template <typename T>
-void pool_window_maxima(const T (&win)[4][4][8], T (&wm)[3][3][8]) {
+void pool_window_maxima(const T (&win)[4][4][8], T (&wm)[3][3][8], bool relu = false) {
   for (int i = 0; i < 3; ++i)
     for (int j = 0; j < 3; ++j)
-      for (int e = 0; e < 8; ++e)
+      for (int e = 0; e < 8; ++e) {
         wm[i][j][e] = pool_window_max(win[i][j][e], win[i][j + 1][e], win[i + 1][j][e], win[i + 1][j + 1][e]);
+        if (relu) wm[i][j][e] = relu_of(wm[i][j][e]);
+      }
 }
 
 template <typename T>
@@ -401,7 +404,7 @@ void tiled_pool_forward(const TiledPool& tp, const T* act, const int32_t* slot, 
     pool_window_offsets<4>(tp, pt, tp.side, 2 * k.h - 1, 2 * k.w - 1, k.v, off);
     T win[4][4][8], wm[3][3][8], r[8];
     load_pool_window<T, 4>(act, off, win);
-    pool_window_maxima(win, wm);
+    pool_window_maxima(win, wm, tp.relu);
     tiled_pool_values<8, T>(tp, pt, k.h, k.w, [&](int i, int j, int e) { return wm[i][j][e]; }, r);
     std::copy(r, r + 8, out + static_cast<int64_t>(task) * 8);
   }
@@ -440,10 +443,11 @@ void tiled_pool_backward(const TiledPool& tp, const T* grad, const T* act, const
 }  // namespace
 
 void max_blur_pool_cpu(const PoolGeometry& g, DType dtype, const void* act, const int32_t* slot,
-                       const int64_t* tile_pos, void* out) {
+                       const int64_t* tile_pos, void* out, bool relu) {
   const int64_t rows = g.num_tiles * (g.side / 2) * (g.side / 2);
   TiledPool tp;
   const bool tiled = tiled_pool_enabled() && tiled_pool_plan(g, tp) == nullptr;
+  tp.relu = relu;
   SCOTT_CPU_DISPATCH(dtype, "max_blur_pool", {
     const T* a = static_cast<const T*>(act);
     T* o = static_cast<T*>(out);
@@ -452,7 +456,7 @@ void max_blur_pool_cpu(const PoolGeometry& g, DType dtype, const void* act, cons
       break;
     }
     for_each_element(rows, g.channels, [&](int64_t r, int64_t c) {
-      o[r * g.channels + c] = max_blur_pool_at<T, T>(g, a, slot, tile_pos, r, c);
+      o[r * g.channels + c] = max_blur_pool_at<T, T>(g, a, slot, tile_pos, r, c, relu);
     });
   });
 }

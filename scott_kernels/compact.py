@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 __all__ = ["visible_tables", "visible_positions", "tokenize_compact", "compact_to_image",
-           "register_stage_autograd", "register_conv_pool_autograd", "accumulator_dtype", "gemm_weight",
+           "register_stage_autograd", "accumulator_dtype", "gemm_weight",
            "gemm_weight_transposed", "weight_from_partials", "reduction_splits", "check_tables"]
 
 
@@ -128,14 +128,14 @@ def compact_to_image(dsrc: torch.Tensor, tile_pos: torch.Tensor, shape: Sequence
 def tokenize_compact(conv_relu: Callable, max_blur_pool: Callable, x: torch.Tensor, weights: Sequence[torch.Tensor],
                      keep: torch.Tensor | None, patch_size: int, num_visible: int | None = None,
                      packed: bool = False, pixel_norm: torch.Tensor | None = None,
-                     last_pool: Callable | None = None, conv_pool: Callable | None = None) -> torch.Tensor:
-    """The tokenizer from a backend's ``conv_relu(src, weight, slot, tile_pos, in_side, src_is_image,
-    pixel_norm)`` and ``max_blur_pool(act, slot, tile_pos)`` ops: (B, N, D) tokens, masked ones
-    exactly 0, or with ``packed`` (B, num_visible, D) visible tokens in row-major order.
-    ``last_pool(act, slot, tile_pos)``, when given, replaces the last stage's pool and returns the
-    final tokens itself (a pool fused with the token epilogue). ``conv_pool(src, weight, slot,
-    tile_pos, in_side, src_is_image, pixel_norm) -> (pooled, act)``, when given, runs each stage's
-    conv + ReLU + pool as one op (see ``register_conv_pool_autograd``).
+                     last_pool: Callable | None = None) -> torch.Tensor:
+    """The tokenizer from a backend's stage ops ``conv_relu(src, weight, slot, tile_pos, in_side,
+    src_is_image, pixel_norm)`` and ``max_blur_pool(act, slot, tile_pos)``: (B, N, D) tokens, masked
+    ones exactly 0, or with ``packed`` (B, num_visible, D) visible tokens in row-major order. The
+    ReLU may sit in either op: the fast backends run the conv without it and the pool of its
+    ReLU (see ``register_stage_autograd``). ``last_pool(act, slot, tile_pos)``, when given,
+    replaces the last stage's pool and returns the final tokens itself (a pool fused with the
+    token epilogue).
 
     Computes in the autocast dtype when autocast is on, else in the images' dtype (the weights'
     for uint8 images). Inputs are assumed validated (see ``scott_kernels.functional``).
@@ -152,12 +152,7 @@ def tokenize_compact(conv_relu: Callable, max_blur_pool: Callable, x: torch.Tens
     slot, tile_pos = visible_tables(keep, B, GH, GW, x.device, num_visible)
     act, side = x, patch_size
     for i, weight in enumerate(weights):
-        norm = pixel_norm if i == 0 else None
-        if conv_pool is not None and not (last_pool is not None and i == len(weights) - 1):
-            act = conv_pool(act, weight, slot, tile_pos, side, i == 0, norm)[0]
-            side //= 4
-            continue
-        act = conv_relu(act, weight, slot, tile_pos, side, i == 0, norm)
+        act = conv_relu(act, weight, slot, tile_pos, side, i == 0, pixel_norm if i == 0 else None)
         if last_pool is not None and i == len(weights) - 1:
             return last_pool(act, slot, tile_pos)
         act = max_blur_pool(act, slot, tile_pos)
@@ -173,19 +168,21 @@ def tokenize_compact(conv_relu: Callable, max_blur_pool: Callable, x: torch.Tens
 
 
 def register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blur_pool,
-                            max_blur_pool_backward, premask_compact: bool = False) -> None:
+                            max_blur_pool_backward) -> None:
     """Autograd for a backend's stage ops, from its gradient ops (the same wiring for every
     compact backend): conv_relu -> wgrad / dgrad (image sources get their gradient scattered
     back and scaled by the fused normalisation), max_blur_pool -> max_blur_pool_backward.
 
-    The gradient ops take the forward's output to apply the ReLU mask themselves. With
-    ``premask_compact`` (for backends whose gradient ops also accept ``out=None`` and an
-    already-masked gradient) a compact stage's gradient is masked once here and both ops get
-    ``out=None``: cheaper than each op masking it again on every reread.
-
     Ops may take trailing inputs after the common ones: a conv's first one, when present, is
-    ``relu`` (False: the plain convolution, whose gradient the gradient ops take as already
-    masked, ``out=None``); a pool's are passed on to ``max_blur_pool_backward``."""
+    ``relu`` (False: the plain convolution, whose gradient the gradient ops get as it is, with
+    ``out=None``); a pool's are passed on to ``max_blur_pool_backward``. A tokenizer stage runs
+    conv(relu=False) -> max_blur_pool(relu=True): the pool's backward, which reads the conv
+    output anyway, returns the gradient already multiplied by relu' (``relu_mask``), so no pass
+    applies the ReLU mask. A conv called with relu=True masks its gradient here: once, with the
+    gradient ops getting ``out=None`` (both reread it), for a compact source; for an image source
+    the ops get the forward's output and mask it as they read it (images seldom need a gradient,
+    so usually only the weight gradient reads it). The gradient ops must accept ``out=None`` for
+    an already-masked gradient."""
 
     def conv_setup(ctx, inputs, output):
         src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm, *flags = inputs
@@ -197,7 +194,7 @@ def register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blu
 
     def conv_backward(ctx, grad):
         src, weight, slot, tile_pos, out, pixel_norm = ctx.saved_tensors
-        if premask_compact and ctx.relu and not ctx.src_is_image:
+        if ctx.relu and not ctx.src_is_image:
             grad, out = torch.where(out > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)), None
         grads = _conv_grads(ctx, conv_relu_wgrad, conv_relu_dgrad, grad, out, src, weight, slot, tile_pos, pixel_norm)
         return *grads, *([None] * ctx.extra)
@@ -230,35 +227,3 @@ def _conv_grads(ctx, conv_relu_wgrad, conv_relu_dgrad, grad, out, src, weight, s
                 grad_src = grad_src * pixel_norm[1].view(1, -1, 1, 1).to(grad_src.dtype)
             grad_src = grad_src.to(src.dtype)
     return grad_src, grad_w, None, None, None, None, None
-
-
-def register_conv_pool_autograd(conv_relu_pool, conv_relu_wgrad, conv_relu_dgrad, max_blur_pool_backward) -> None:
-    """Autograd for a fused stage op ``conv_relu_pool(src, weight, slot, tile_pos, in_side,
-    src_is_image, pixel_norm) -> (pooled, act)`` (act = relu(conv), pooled = MaxBlurPool(act)).
-
-    One node for the stage lets the pool backward write the gradient before the ReLU directly
-    (``max_blur_pool_backward(..., relu_mask=True)``: its kernel has act in hand) and both conv
-    gradient ops read it with ``out=None``: no separate pass applies relu' to the gradient. A
-    gradient that reaches ``act`` itself (rare: the tokenizer uses only ``pooled``) is masked and
-    added. The gradient ops must accept ``out=None`` for an already-masked gradient."""
-
-    def setup(ctx, inputs, output):
-        src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm = inputs
-        ctx.save_for_backward(src, weight, slot, tile_pos, output[1], pixel_norm)
-        ctx.in_side, ctx.src_is_image = in_side, src_is_image
-        ctx.src_shape = tuple(src.shape)
-        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros
-
-    def backward(ctx, grad_pooled, grad_act):
-        src, weight, slot, tile_pos, act, pixel_norm = ctx.saved_tensors
-        grad = None
-        if grad_pooled is not None:
-            grad = max_blur_pool_backward(grad_pooled, act, slot, tile_pos, True)
-        if grad_act is not None:
-            direct = torch.where(act > 0, grad_act, torch.zeros((), dtype=grad_act.dtype, device=grad_act.device))
-            grad = direct if grad is None else grad + direct
-        if grad is None:
-            return None, None, None, None, None, None, None
-        return _conv_grads(ctx, conv_relu_wgrad, conv_relu_dgrad, grad, None, src, weight, slot, tile_pos, pixel_norm)
-
-    conv_relu_pool.register_autograd(backward, setup_context=setup)

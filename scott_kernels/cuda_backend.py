@@ -2,9 +2,9 @@
 
 The same compact visible-patch layout and tables as the triton backend (``compact.py``). Each
 op runs the CUDA kernels on a GPU tensor and their C++ twin on a CPU tensor (float32/float64):
-both call the same operand and pooling functions (``csrc/tokenizer.h``), so the CPU tests against
-the dense reference check the index logic the GPU runs. ``backend="cuda"`` itself is offered on
-CUDA devices only.
+both call the same operand and pooling functions (``csrc/conv_operands.h``,
+``csrc/pool_ops.h``), so the CPU tests against the dense reference check the index logic the GPU
+runs. ``backend="cuda"`` itself is offered on CUDA devices only.
 
 Kernels: the three convolution GEMMs (forward + ReLU, weight gradient split over output pixels
 into accumulator-typed partials, input gradient per parity class of input pixel). In
@@ -19,10 +19,11 @@ index functions, so CPU tests exercise both paths. MaxBlurPool (float16/bfloat16
 multiple of 8): one thread per (visible tile, pooled pixel, 8-channel vector) reads its window as
 16-byte vectors through the tile's neighbour slots (``pool_path`` says which kernels run and
 why); everything else one thread per element; the twin runs the same task, lookup and window
-functions. The tokenizer runs each stage as one op (``conv_relu_pool``) whose backward has the pool
-kernel write the gradient before the ReLU (``relu_mask``), which both conv gradient kernels read
-as it is (``out=None``): no separate relu' pass. float16/bfloat16/float32 accumulate in float32,
-float64 in float64.
+functions. The tokenizer runs each stage as conv (``relu=False``) -> MaxBlurPool of its ReLU
+(``relu=True``: applied to the window maxima), the same two ops and autograd wiring as the triton
+backend (``compact.register_stage_autograd``): the pool's backward kernel writes the gradient
+before the ReLU (``relu_mask``), which both conv gradient kernels read as it is (``out=None``), so
+no separate relu' pass runs. float16/bfloat16/float32 accumulate in float32, float64 in float64.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from typing import Sequence
 
 import torch
 
+from ._device import custom_op
 from .compact import (_multiprocessors, accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed,
-                      reduction_splits, register_conv_pool_autograd, register_stage_autograd, tokenize_compact,
-                      weight_from_partials)
+                      reduction_splits, register_stage_autograd, tokenize_compact, weight_from_partials)
 from .ops import _C
 
 __all__ = ["cuda_tokenize", "cuda_supports", "use_tensor_cores", "use_implicit_gemm", "conv_gemm_path"]
@@ -190,10 +191,12 @@ def _ptr(t: torch.Tensor | None) -> int:
 # --------------------------------------------------------------------------------------------
 # conv + ReLU
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("scott_kernels::cuda_conv_relu", mutates_args=())
+@custom_op("scott_kernels::cuda_conv_relu", mutates_args=())
 def conv_relu(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
-              in_side: int, src_is_image: bool, pixel_norm: torch.Tensor | None = None) -> torch.Tensor:
-    """relu(conv(src, weight, stride 2, pad k//2)) at the visible patches -> (M, q/2, q/2, C_out)."""
+              in_side: int, src_is_image: bool, pixel_norm: torch.Tensor | None = None,
+              relu: bool = True) -> torch.Tensor:
+    """relu(conv(src, weight, stride 2, pad k//2)) at the visible patches -> (M, q/2, q/2, C_out);
+    with ``relu=False`` the convolution alone (the ReLU then left to the pool after it)."""
     if not src_is_image:
         src = src.contiguous()
     g = _stage("cuda_conv_relu", src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm)
@@ -207,16 +210,17 @@ def conv_relu(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_
             src = _aligned(src)
         _C.conv_relu(g, _CODES[weight.dtype], _UINT8 if src.dtype == torch.uint8 else _CODES[weight.dtype],
                      src.data_ptr(), weight_t.data_ptr(), _ptr(norm), slot.contiguous().data_ptr(),
-                     tile_pos.contiguous().data_ptr(), out.data_ptr(), out.is_cuda, _stream(out), _ptr(nbr))
+                     tile_pos.contiguous().data_ptr(), out.data_ptr(), bool(relu), out.is_cuda, _stream(out),
+                     _ptr(nbr))
     return out
 
 
 @conv_relu.register_fake
-def _(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=None):
+def _(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=None, relu=True):
     return weight.new_empty((tile_pos.shape[0], in_side // 2, in_side // 2, weight.shape[0]))
 
 
-@torch.library.custom_op("scott_kernels::cuda_conv_relu_wgrad", mutates_args=())
+@custom_op("scott_kernels::cuda_conv_relu_wgrad", mutates_args=())
 def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor | None, src: torch.Tensor, weight: torch.Tensor,
                     slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int, src_is_image: bool,
                     pixel_norm: torch.Tensor | None = None) -> torch.Tensor:
@@ -262,7 +266,7 @@ def _(grad, out, src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("scott_kernels::cuda_conv_relu_dgrad", mutates_args=())
+@custom_op("scott_kernels::cuda_conv_relu_dgrad", mutates_args=())
 def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor | None, weight: torch.Tensor, slot: torch.Tensor,
                     tile_pos: torch.Tensor, in_side: int) -> torch.Tensor:
     """Gradient of conv_relu with respect to a compact source -> (M, q, q, C_in). ``out`` is the
@@ -312,28 +316,31 @@ def _pool(name: str, act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tens
     return g
 
 
-@torch.library.custom_op("scott_kernels::cuda_max_blur_pool", mutates_args=())
-def max_blur_pool(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor) -> torch.Tensor:
-    """MaxBlurPool of compact (M, s, s, C) activations -> (M, s/2, s/2, C)."""
+@custom_op("scott_kernels::cuda_max_blur_pool", mutates_args=())
+def max_blur_pool(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    """MaxBlurPool of compact (M, s, s, C) activations -> (M, s/2, s/2, C); with ``relu`` of
+    relu(act) (relu commutes with max, so it is applied to the window maxima), whose gradient
+    (max_blur_pool_backward with ``relu_mask``) then carries relu'."""
     act = act.contiguous()
     g = _pool("cuda_max_blur_pool", act, slot, tile_pos)
     out = act.new_empty((g.num_tiles, g.side // 2, g.side // 2, g.channels))
     if out.numel():
         _C.max_blur_pool(g, _CODES[act.dtype], act.data_ptr(), slot.contiguous().data_ptr(),
-                         tile_pos.contiguous().data_ptr(), out.data_ptr(), out.is_cuda, _stream(out))
+                         tile_pos.contiguous().data_ptr(), out.data_ptr(), bool(relu), out.is_cuda, _stream(out))
     return out
 
 
 @max_blur_pool.register_fake
-def _(act, slot, tile_pos):
+def _(act, slot, tile_pos, relu=False):
     return act.new_empty((act.shape[0], act.shape[1] // 2, act.shape[2] // 2, act.shape[3]))
 
 
-@torch.library.custom_op("scott_kernels::cuda_max_blur_pool_backward", mutates_args=())
+@custom_op("scott_kernels::cuda_max_blur_pool_backward", mutates_args=())
 def max_blur_pool_backward(grad: torch.Tensor, act: torch.Tensor, slot: torch.Tensor,
                            tile_pos: torch.Tensor, relu_mask: bool = False) -> torch.Tensor:
     """Gradient of max_blur_pool with respect to its (M, s, s, C) input. With ``relu_mask`` the
-    gradient comes multiplied by (act > 0): for act = relu(y), the gradient with respect to y."""
+    gradient comes multiplied by (act > 0): the gradient of max_blur_pool(act, relu=True) with
+    respect to act (equally, for act = relu(y), the gradient with respect to y)."""
     act = act.contiguous()
     g = _pool("cuda_max_blur_pool_backward", act, slot, tile_pos)
     expected = (g.num_tiles, g.side // 2, g.side // 2, g.channels)
@@ -357,27 +364,14 @@ register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blur_po
 
 
 # --------------------------------------------------------------------------------------------
-# conv + ReLU + MaxBlurPool, one autograd node per stage
+# The tokenizer
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("scott_kernels::cuda_conv_relu_pool", mutates_args=())
-def conv_relu_pool(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
-                   in_side: int, src_is_image: bool,
-                   pixel_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max_blur_pool(act), act) for act = conv_relu(src, ...): one stage of the tokenizer. Its
-    backward has the pool kernel write the gradient before the ReLU (relu_mask), which both conv
-    gradient kernels then read as it is."""
-    act = conv_relu(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm)
-    return max_blur_pool(act, slot, tile_pos), act
+def _stage_conv(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm):
+    return conv_relu(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm, False)
 
 
-@conv_relu_pool.register_fake
-def _(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=None):
-    m, c_out = tile_pos.shape[0], weight.shape[0]
-    return (weight.new_empty((m, in_side // 4, in_side // 4, c_out)),
-            weight.new_empty((m, in_side // 2, in_side // 2, c_out)))
-
-
-register_conv_pool_autograd(conv_relu_pool, conv_relu_wgrad, conv_relu_dgrad, max_blur_pool_backward)
+def _stage_pool(act, slot, tile_pos):
+    return max_blur_pool(act, slot, tile_pos, True)
 
 
 def cuda_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: torch.Tensor | None, patch_size: int,
@@ -385,5 +379,4 @@ def cuda_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: torch.
                   pixel_norm: torch.Tensor | None = None) -> torch.Tensor:
     """The tokenizer through the native kernels (see ``compact.tokenize_compact``); on a CPU
     tensor it runs their C++ twin (float32/float64)."""
-    return tokenize_compact(conv_relu, max_blur_pool, x, weights, keep, patch_size, num_visible, packed, pixel_norm,
-                            conv_pool=conv_relu_pool)
+    return tokenize_compact(_stage_conv, _stage_pool, x, weights, keep, patch_size, num_visible, packed, pixel_norm)

@@ -105,8 +105,7 @@ def _(grad, out, src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
-register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blur_pool, max_blur_pool_backward,
-                        premask_compact=True)
+register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blur_pool, max_blur_pool_backward)
 
 
 # --------------------------------------------------------------------------------------------

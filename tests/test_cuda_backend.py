@@ -1,10 +1,10 @@
-"""The cuda backend (csrc/tokenizer*.{h,cpp,cu}) against the dense reference.
+"""The cuda backend (csrc/: the CUDA kernels, their C++ twin and headers) against the dense reference.
 
 Its ops run the CUDA kernels on GPU tensors and their C++ twin on CPU tensors; both call the
-same operand and pooling functions (csrc/tokenizer.h), so on a machine without a GPU these tests
-check the kernels' index logic through the twin (float32/float64), including a fuzz over 200
-random configurations. On a GPU the same tests run the CUDA kernels, plus real shapes in bf16,
-fp16 and fp32 (flash-attention rule), CUDA graphs and torch.compile.
+same operand and pooling functions (csrc/conv_operands.h, csrc/pool_ops.h), so on a machine
+without a GPU these tests check the kernels' index logic through the twin (float32/float64),
+including a fuzz over 200 random configurations. On a GPU the same tests run the CUDA kernels,
+plus real shapes in bf16, fp16 and fp32 (flash-attention rule), CUDA graphs and torch.compile.
 """
 
 import pytest
@@ -12,8 +12,8 @@ import torch
 
 from scott_kernels import SparseConvTokenizer, build_info, reference_tokenize, sparse_conv_tokenize
 from scott_kernels.compact import visible_tables
-from scott_kernels.cuda_backend import (conv_relu, conv_relu_dgrad, conv_relu_pool, conv_relu_wgrad, cuda_tokenize,
-                                        max_blur_pool, max_blur_pool_backward)
+from scott_kernels.cuda_backend import (conv_relu, conv_relu_dgrad, conv_relu_wgrad, cuda_tokenize, max_blur_pool,
+                                        max_blur_pool_backward)
 
 from conftest import HAS_CUDA, random_weights
 from test_backends import CONFIGS, _mask_cases
@@ -140,22 +140,25 @@ def test_opcheck_and_gradcheck(device):
         (max_blur_pool, (act, slot, tile_pos)),
         (max_blur_pool_backward, (torch.randn(4, 1, 1, 3, dtype=torch.float64, device=device), act.detach(), slot,
                                   tile_pos)),
-        # the fused stage and the already-masked gradient its backward passes on (out=None)
+        # a tokenizer stage: conv without its ReLU, the pool of its ReLU, whose backward passes the
+        # gradient on already masked (out=None)
+        (conv_relu, (src, w, slot, tile_pos, 4, False, None, False)),
+        (conv_relu, (image, w, slot, tile_pos, 4, True, None, False)),
+        (max_blur_pool, (act - 0.5, slot, tile_pos, True)),
         (conv_relu_wgrad, (g * (out > 0), None, src.detach(), w.detach(), slot, tile_pos, 4, False)),
         (conv_relu_dgrad, (g * (out > 0), None, w.detach(), slot, tile_pos, 4)),
         (max_blur_pool_backward, (torch.randn(4, 1, 1, 3, dtype=torch.float64, device=device), act.detach() - 0.5,
                                   slot, tile_pos, True)),
-        (conv_relu_pool, (src, w, slot, tile_pos, 4, False)),
-        (conv_relu_pool, (image, w, slot, tile_pos, 4, True)),
     ]:
         torch.library.opcheck(op, args)
     torch.autograd.gradcheck(lambda a, b: conv_relu(a, b, slot, tile_pos, 4, False), (src, w))
     torch.autograd.gradcheck(lambda a, b: conv_relu(a, b, slot, tile_pos, 4, True), (image, w))
     torch.autograd.gradcheck(lambda a: max_blur_pool(a, slot, tile_pos), (act,))
-    # the fused stage: through the pooled output alone (its act gradient stays None), and through both
-    torch.autograd.gradcheck(lambda a, b: conv_relu_pool(a, b, slot, tile_pos, 4, False)[0], (src, w))
-    torch.autograd.gradcheck(lambda a, b: conv_relu_pool(a, b, slot, tile_pos, 4, False), (src, w))
-    torch.autograd.gradcheck(lambda a, b: conv_relu_pool(a, b, slot, tile_pos, 4, True)[0], (image, w))
+    # a tokenizer stage, compact and image sources (the ReLU in the pool)
+    stage = lambda a, b, image_src: max_blur_pool(conv_relu(a, b, slot, tile_pos, 4, image_src, None, False), slot,
+                                                  tile_pos, True)
+    torch.autograd.gradcheck(lambda a, b: stage(a, b, False), (src, w))
+    torch.autograd.gradcheck(lambda a, b: stage(a, b, True), (image, w))
 
 
 def test_ops_reject_bad_input():
@@ -457,7 +460,7 @@ def test_implicit_twin_ops_match_gather_ops():
         use_implicit_gemm(implicit)
         try:
             out = conv_relu(src, w, bad_slot, tile_pos, 8, False)
-            grad = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
+            grad = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
             results.append((out, conv_relu_wgrad(grad, out, src, w, bad_slot, tile_pos, 8, False),
                             conv_relu_dgrad(grad, out, w, bad_slot, tile_pos, 8)))
         finally:
@@ -661,6 +664,12 @@ def test_tiled_pool_kernels_gpu(dtype, case):
     (out_t, din_t, masked_t), (out_e, din_e, masked_e) = _both_pool_paths(act, grad, slot, tile_pos)
     assert torch.equal(out_t, out_e) and torch.equal(din_t, din_e) and torch.equal(masked_t, masked_e)
     assert torch.equal(masked_t, torch.where(act > 0, din_t, torch.zeros_like(din_t)))
+    for tiled in (True, False):  # the pool of relu(act): relu on the window maxima, the same bits
+        use_tiled_pool(tiled)
+        try:
+            assert torch.equal(max_blur_pool(act, slot, tile_pos, True), max_blur_pool(act.relu(), slot, tile_pos))
+        finally:
+            use_tiled_pool(True)
     out64 = max_blur_pool(act.double().cpu(), slot.cpu(), tile_pos.cpu())
     din64 = max_blur_pool_backward(grad.double().cpu(), act.double().cpu(), slot.cpu(), tile_pos.cpu())
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
@@ -715,3 +724,47 @@ def test_pool_ops_match_torch_autograd_with_ties(device, dtype, case):
         torch.testing.assert_close(out.double().cpu(), want_out, **tol)
         torch.testing.assert_close(din.double().cpu(), want_din, **tol)
         torch.testing.assert_close(masked.double().cpu(), want_masked, **tol)
+
+
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit", "gather"])
+def test_relu_flags_move_the_relu_exactly(implicit):
+    """conv(relu=False) then relu equals conv(relu=True), and the pool with relu equals the pool of
+    relu(act), bit for bit, on every GEMM path and pool path of the twin (compact and image
+    sources, float and uint8 images), with the gradients of a stage either way equal too."""
+    gen = torch.Generator().manual_seed(11)
+    keep = torch.rand(2, 12, generator=gen) >= 0.4
+    keep[0, 5] = True
+    slot, tile_pos = visible_tables(keep, 2, 3, 4, torch.device("cpu"))
+    M = tile_pos.shape[0]
+    table = torch.tensor([[120.0, 110.0, 100.0], [1 / 60, 1 / 55, 1 / 50]], dtype=torch.float64)
+    images = [(torch.randn(2, 3, 48, 64, generator=gen, dtype=torch.float64), None),
+              (torch.randint(0, 256, (2, 3, 48, 64), generator=gen, dtype=torch.uint8), table)]
+    w0 = torch.randn(8, 3, 7, 7, generator=gen, dtype=torch.float64)
+    src = torch.randn(M, 8, 8, 16, generator=gen, dtype=torch.float64)
+    w1 = torch.randn(24, 16, 7, 7, generator=gen, dtype=torch.float64)
+    use_implicit_gemm(implicit)
+    try:
+        for x, norm in images:
+            plain = conv_relu(x, w0, slot, tile_pos, 16, True, norm, False)
+            assert (plain < 0).any()
+            assert torch.equal(plain.clamp_min(0), conv_relu(x, w0, slot, tile_pos, 16, True, norm))
+        plain = conv_relu(src, w1, slot, tile_pos, 8, False, None, False)
+        assert torch.equal(plain.clamp_min(0), conv_relu(src, w1, slot, tile_pos, 8, False))
+    finally:
+        use_implicit_gemm(True)
+    for tiled in (True, False):
+        use_tiled_pool(tiled)
+        try:
+            assert torch.equal(max_blur_pool(plain, slot, tile_pos, True), max_blur_pool(plain.relu(), slot, tile_pos))
+        finally:
+            use_tiled_pool(True)
+    # a stage's weight and input gradients with the ReLU in the pool or in the conv
+    probe = torch.randn(M, 2, 2, 24, generator=gen, dtype=torch.float64)
+    grads = []
+    for in_pool in (True, False):
+        s, w = src.clone().requires_grad_(), w1.clone().requires_grad_()
+        act = conv_relu(s, w, slot, tile_pos, 8, False, None, not in_pool)
+        pooled = max_blur_pool(act, slot, tile_pos, in_pool)
+        grads.append(torch.autograd.grad((pooled * probe).sum(), (s, w)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -7,12 +7,14 @@ import ast
 import contextlib
 import inspect
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
 import scott_kernels
-from scott_kernels import _device, sparse_conv_tokenize
+from scott_kernels import _device, functional, sparse_conv_tokenize
+from scott_kernels.cuda_backend import cuda_tokenize
 from scott_kernels.reference import reference_tokenize
 from scott_kernels.triton_configs import triton_supports
 
@@ -79,13 +81,15 @@ def _op_names(module_names):
 
 @pytest.mark.parametrize("backend, modules", [
     ("torch", ["ops"]),
+    ("cuda", ["cuda_backend"]),
     ("triton", ["triton_backend", "triton_conv", "triton_image", "triton_pool"]),
 ])
 def test_each_op_enters_the_guard_for_its_tensors_device(backend, modules):
     if backend == "triton" and not triton_supports(torch.device("cpu")):
         pytest.skip("Triton's interpreter is not active")
-    with _recording_ops() as entered:
-        _run(backend)
+    twin = mock.patch.dict(functional.BACKENDS, {"cuda": (cuda_tokenize, lambda device: True)})
+    with _recording_ops() as entered, (twin if backend == "cuda" else contextlib.nullcontext()):
+        _run(backend)   # backend="cuda" on CPU tensors: the kernels' C++ twin behind the same ops
         if backend == "triton":
             _run(backend, epilogue=True)
     assert entered and all(device == torch.device("cpu") for _, _, device in entered)

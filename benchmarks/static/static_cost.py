@@ -203,7 +203,7 @@ def _group_key(record) -> str:
 # --------------------------------------------------------------------------------------------
 # CUDA module
 # --------------------------------------------------------------------------------------------
-# Per kernel of csrc/tokenizer_cuda.cu (update with the kernels; the host launch code is the truth):
+# Per kernel of csrc/*.cu (update with the kernels; the host launch code is the truth):
 # threads per block, dynamic shared memory per block (the module's resource usage has only the
 # static part; both set occupancy), "mma_step": mma.sync per warp in one K step of the launch
 # geometry's "k", and "loops": the trip count of each loop of the machine code, per run of its
@@ -254,7 +254,7 @@ SMS = 132  # the machine model's GPU (codegen.MACHINE)
 
 
 def _pool_geo(g: dict, stage: int, backward: bool) -> dict:
-    """tiled_pool_plan (csrc/tokenizer.h) and the pool launches: one thread per (tile, pooled pixel,
+    """tiled_pool_plan (csrc/pool_ops.h) and the pool launches: one thread per (tile, pooled pixel,
     8-channel vector), 128 per block; the backward's thread writes the pixel's 2 x 2 input pixels."""
     side, c = (8, g["hidden"]) if stage == 0 else (2, g["dim"])
     rows, pooled_rows = (g["rows0"], g["pool0_rows"]) if stage == 0 else (g["rows1"], g["pool1_rows"])
