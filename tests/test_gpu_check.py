@@ -1,5 +1,5 @@
 """The device check's driver (tests/gpu/check.py): architecture choice, time limits, result
-parsing, the report and its verification. The whole dry walk runs in CI through .ci/run."""
+parsing and the report (tests/gpu/report.py), and its verification. The whole dry walk runs in CI through .ci/run."""
 
 import importlib.util
 import json
@@ -15,6 +15,7 @@ _spec = importlib.util.spec_from_file_location("scott_device_check", _PATH)
 check = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = check          # dataclasses resolve their module through sys.modules
 _spec.loader.exec_module(check)
+report = sys.modules["report"]           # its result parsing and report writing, loaded by check.py
 
 
 def test_arch_for_capability():
@@ -45,11 +46,11 @@ def test_parse_junit(tmp_path):
       <testcase classname="tests.test_b" name="test_s1"><skipped message="needs a CUDA GPU"/></testcase>
       <testcase classname="tests.test_b" name="test_s2"><skipped message="needs a CUDA GPU"/></testcase>
     </testsuite></testsuites>""")
-    r = check.parse_junit(xml)
+    r = report.parse_junit(xml)
     assert (r["passed"], r["failed"], r["errors"], r["skipped"]) == (1, 1, 1, 2)
     assert r["failures"][0] == "tests.test_a::test_bad[cuda]: AssertionError: 3 != 4"
     assert r["skip_reasons"] == {"needs a CUDA GPU": 2}
-    assert check.parse_junit(tmp_path / "absent.xml")["passed"] == 0
+    assert report.parse_junit(tmp_path / "absent.xml")["passed"] == 0
 
 
 def test_parse_pytest_log_serial_and_xdist():
@@ -59,10 +60,10 @@ def test_parse_pytest_log_serial_and_xdist():
         "tests/test_a.py::test_z SKIPPED (needs a CUDA GPU)          [ 75%]",
         "FAILED tests/test_a.py::test_y[cuda] - AssertionError",     # the -rfE summary repeats it
     ])
-    r = check.parse_pytest_log(serial)
+    r = report.parse_pytest_log(serial)
     assert (r["passed"], r["failed"], r["skipped"]) == (1, 1, 1) and r["failures"] == ["tests/test_a.py::test_y[cuda]"]
     xdist = "[gw0] [ 50%] PASSED tests/test_a.py::test_x[cuda] \n[gw1] [100%] ERROR tests/test_b.py::test_w "
-    r = check.parse_pytest_log(xdist)
+    r = report.parse_pytest_log(xdist)
     assert (r["passed"], r["errors"]) == (1, 1)
 
 
@@ -82,11 +83,11 @@ def test_tokenizer_tables_flag_backends_slower_than_the_compiled_reference(tmp_p
                      dict(common, event_median_ms=ms, first_call_s=1.5, peak_mem_mib=100.0)))
     rows.append(({"backend": "torch", "direction": "fwd", "mask_ratio": None, "shape": [64, 384]}, 0.004, {}))
     _bench_json(tmp_path / "t.json", rows)
-    parsed = check.parse_benchmarks(tmp_path / "t.json")
+    parsed = report.parse_benchmarks(tmp_path / "t.json")
     assert parsed[0]["median_ms"] == 7.0 and parsed[0]["timer"] == "CUDA events"
     assert parsed[-1]["median_ms"] == pytest.approx(4.0) and parsed[-1]["timer"] == "wall clock"
     cold = [dict(parsed[0], extra=dict(parsed[0]["extra"], first_call_s=42.0))]
-    lines, slower = check.tokenizer_tables(parsed, cold)
+    lines, slower = report.tokenizer_tables(parsed, cold)
     text = "\n".join(lines)
     assert "| reference | reference_compiled | torch | triton | cuda |" in text   # reference first
     assert "2.00 (1.75×)" in text and "5.00 (0.70×)" in text
@@ -99,7 +100,7 @@ def test_train_step_table_speedups(tmp_path):
     rows = [({"backend": b, "mode": m}, s, {"event_median_ms": s * 1e3})
             for b, s in (("reference", 0.040), ("triton", 0.032)) for m in ("mask_tokens", "visible_only")]
     _bench_json(tmp_path / "s.json", rows)
-    text = "\n".join(check.train_step_table(check.parse_benchmarks(tmp_path / "s.json")))
+    text = "\n".join(report.train_step_table(report.parse_benchmarks(tmp_path / "s.json")))
     assert "| triton | 32.00 (1.25×) | 32.00 (1.25×) |" in text
 
 
@@ -114,7 +115,7 @@ def _doc(statuses):
 def test_render_and_verify(tmp_path):
     doc = _doc({"memcheck": "unavailable", "racecheck": "unavailable"})
     (tmp_path / "check.json").write_text(json.dumps(doc))
-    (tmp_path / "summary.md").write_text(check.render_markdown(doc))
+    (tmp_path / "summary.md").write_text(report.render_markdown(doc))
     assert check.verify(tmp_path) == []
     assert "| memcheck | unavailable |" in (tmp_path / "summary.md").read_text()
     # a stage missing from the JSON, and too many files, are both reported
