@@ -55,9 +55,11 @@ _IGNORE = shutil.ignore_patterns("__pycache__", "*.py[cod]", "*.so", "*.pyd", "*
 # Modules that must never ship, named so a failure says which; any other module that nothing in
 # the wheel imports fails the reachability check below as well.
 _DEVELOPMENT = {"codegen", "static_cost", "conftest"}
-# Modules users run as commands (`python -m ...`, documented in the README), besides the console
+# Modules users run as commands (`python -m ...`, documented in the README) or import by name, besides the console
 # scripts the wheel's entry_points.txt names: run-time entry points that nothing needs to import.
-_COMMANDS = {"scott_kernels.compare"}
+_COMMANDS = {"scott_kernels.compare",
+             # imported by name: by users (README) and by the registration hook once timm is imported
+             "scott_kernels.timm_models"}
 
 
 def _missing_build_tools() -> list[str]:
