@@ -87,7 +87,9 @@ tiny CPU tensors (one 64x64 image, 6 of 16 patches visible, 64 channels, the hea
 patches and 7x7 kernels), every GPU launch a no-op (Triton: the stand-in driver's launcher
 returns at once; cuda: the native calls are counters), median of ``--host-repeats`` (40) after 5
 warm-up calls: Python, the torch dispatcher, the custom-op and autograd layers, the Triton JIT's
-binding and cache/autotuner look-ups. Not included: the driver's own launch call (cuLaunchKernel
+binding and cache/autotuner look-ups. The figure is the process's CPU time (what the dispatch costs
+a core of its own); the report also gives the wall time, which on a shared machine adds the waits
+for a core. Not included: the driver's own launch call (cuLaunchKernel
 or cudaLaunchKernel), so it is a floor of the host time on a GPU machine. Eager time on a GPU is
 at best the larger of this and the GPU estimate.
 
@@ -684,10 +686,19 @@ def _every_launch_section(name: str, totals: dict, extras: dict, gap: float) -> 
             out.append(f"| {p} | {o['op']}{' (sync)' if o['sync'] else ''} | {shapes} | {o['bytes'] / 1e6:.2f} |")
     host = extras.get("host") or {}
     if host:
-        out.append(f"\nHost dispatch (this CPU, launches stubbed, tiny tensors, median of {args_repeats(extras)} "
-                   f"after warm-up): forward {host['fwd'] * 1e3:.3f} ms, forward+backward "
-                   f"{host['fwd_bwd'] * 1e3:.3f} ms.\n")
+        w = lambda k: host.get(k, float("nan")) * 1e3
+        out.append(f"\nHost dispatch (this CPU, launches stubbed, tiny tensors, {args_repeats(extras)} repetitions "
+                   f"after warm-up): median CPU time forward {host['fwd'] * 1e3:.3f} ms, forward+backward "
+                   f"{host['fwd_bwd'] * 1e3:.3f} ms (median wall time {w('fwd_wall'):.3f} / {w('fwd_bwd_wall'):.3f} "
+                   f"ms, fastest {w('fwd_min'):.3f} / {w('fwd_bwd_min'):.3f} ms; load average {_load()}).\n")
     return out
+
+
+def _load() -> str:
+    try:
+        return " / ".join(f"{x:.1f}" for x in os.getloadavg()) + f" on {os.cpu_count()} CPUs"
+    except OSError:
+        return "unknown"
 
 
 def args_repeats(extras: dict) -> int:
