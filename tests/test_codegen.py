@@ -232,3 +232,85 @@ def test_shared_memory_pruning():
     assert keep_fitting([big], lambda c: gemm_shared_bytes(c, args), limit=1) == [big]
     prune = prune_hook(lambda cs, named, **kw: cs[::-1], shared_fits(limit=227 * 1024))
     assert prune([small, big], args) == [small]
+
+
+# ---- every launch, per-class tensor rates, the closing lines ---------------------------------
+def test_tensor_rate_per_instruction_class():
+    """A kernel's tensor time uses its instruction class's rate on the target: on sm_90 mma.sync
+    (HMMA) is not credited with wgmma's (HGMMA) rate; TF32 runs at half."""
+    import static_cost
+
+    machine = static_cost.machine_for(type("A", (), {"arch": 90, "hbm": 3.3e12})())
+    rates = static_cost.TENSOR_RATES[90]
+    assert rates["HMMA"] < rates["HGMMA"]
+    assert codegen.tensor_rate(machine, ["HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24"]) == rates["HGMMA"]
+    assert codegen.tensor_rate(machine, ["HMMA.16816.F32.BF16 R4, R8, R12, R4"]) == rates["HMMA"]
+    assert codegen.tensor_rate(machine, ["HMMA.1684.F32.TF32 R4, R8, R12, R4"]) == rates["HMMA"] / 2
+    assert static_cost.floor_rate(90) == rates["HGMMA"]
+    for arch in (80, 86, 89):
+        assert set(static_cost.TENSOR_RATES[arch]) == {"HMMA"}, "no wgmma before sm_90"
+    assert codegen.TARGETS[86]["max_shared"] == codegen.TARGETS[89]["max_shared"] == 99 * 1024
+
+
+def test_torch_launch_classification():
+    """Views and allocations launch nothing; wrappers count the copies and fills they make."""
+    import launches
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    a = torch.randn(64, 32, dtype=torch.bfloat16)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        a.view(32, 64).t().unsqueeze(0)  # views: nothing
+        torch.empty(10)  # allocation: nothing
+        a.contiguous()  # already contiguous: nothing
+        a.float()  # one copy: 64*32*(2 + 4) bytes
+        torch.zeros(100)  # one fill
+        a.t().contiguous()  # one copy
+        a.float().sum(0)  # a copy and a reduction
+    ops = launches.torch_launches(prof.events())
+    assert [o["op"] for o in ops] == ["copy_", "zero_", "copy_", "copy_", "sum"], ops
+    assert ops[0]["bytes"] == 64 * 32 * (2 + 4)
+    assert ops[1]["bytes"] == 100 * 4
+
+
+@needs_tools
+def test_report_counts_every_launch(tmp_path_factory):
+    """The report's triton run counts its Triton launches and the torch ops between them per
+    phase, adds them to the kernels' sum, times the host dispatch, and ends with the closing line."""
+    import static_cost
+
+    report = _compile(90, "bfloat16", tmp_path_factory)
+    extras = report["triton_extras"]
+    kernels, ops = extras["kernel_launches"], extras["torch_ops"]
+    assert all(kernels[p] > 0 for p in ("masked_fwd", "masked_bwd", "dense_fwd")), kernels
+    assert ops.get("masked_bwd"), "the backward's torch ops (weight-gradient partial sums, casts) were not seen"
+    (line,) = [c for c in report["closing"] if c["backend"] == "triton"]
+    expected = sum(kernels[p] + len(ops.get(p, [])) for p in ("masked_fwd", "masked_bwd"))
+    assert line["launches"] == expected
+    kernels_only = sum(k["estimate_s"] for k in report["kernels"] if k["phase"] in ("masked_fwd", "masked_bwd"))
+    assert line["train_ms"] > kernels_only * 1e3, "launch gaps and torch ops add to the kernels' sum"
+    assert line["host_ms"] and line["host_ms"] > 0
+    totals = {"train": {"total_s": 4.5e-4, "launches": 40}, "dense_fwd": {"total_s": 2.8e-4}}
+    text = static_cost.closing_line("triton", totals, {"fwd_bwd": 2.5e-3})
+    assert text == "static estimate triton: fwd+bwd mask 0.6 0.450 ms, dense fwd 0.280 ms, launches 40, host 2.500 ms"
+    assert static_cost.CLOSING.match(text)
+    wgmma = [k for k in report["kernels"] if k["mma"] == "wgmma (HGMMA)"]
+    assert wgmma and all(abs(k["mma_s"] * static_cost.TENSOR_RATES[90]["HGMMA"] / k["mma_flops"] - 1) < 1e-9
+                         for k in wgmma)
+
+
+def test_cuda_every_launch():
+    """The cuda backend's Python path (native kernels replaced by counters) makes the launches
+    CUDA_LAUNCHES lists, and its torch ops are counted per phase."""
+    usage = _cuda_usage()
+    if not any(u.get("arch") in ("sm_90a", "sm_90") for u in usage):
+        pytest.skip("the native module has no sm_90a code (SCOTT_CUDA_ARCHS)")
+    import static_cost
+    from argparse import Namespace
+
+    extras = static_cost.cuda_extras(Namespace(dtype="bfloat16", batch=None, no_host=True, host_repeats=1))
+    assert not extras["errors"], extras["errors"]
+    table = {p: sum(1 for q, *_ in static_cost.CUDA_LAUNCHES if q == p) for p in ("masked_fwd", "masked_bwd")}
+    assert {p: extras["native_launches"][p] for p in table} == table
+    assert extras["native_launches"]["dense_fwd"] == table["masked_fwd"]
+    assert extras["torch_ops"].get("masked_fwd") and extras["torch_ops"].get("masked_bwd")

@@ -54,7 +54,7 @@ _IGNORE = shutil.ignore_patterns("__pycache__", "*.py[cod]", "*.so", "*.pyd", "*
                                  ".benchmarks", "build", "dist")
 # Modules that must never ship, named so a failure says which; any other module that nothing in
 # the wheel imports fails the reachability check below as well.
-_DEVELOPMENT = {"codegen", "static_cost", "conftest"}
+_DEVELOPMENT = {"codegen", "static_cost", "launches", "conftest"}
 # Modules users run as commands (`python -m ...`, documented in the README) or import by name, besides the console
 # scripts the wheel's entry_points.txt names: run-time entry points that nothing needs to import.
 _COMMANDS = {"scott_kernels.compare",

@@ -74,6 +74,7 @@ class Launch:
     scalars: dict[str, Any]  # the launch's non-tensor, non-constexpr arguments by name
     phase: str  # which part of the workload launched it
     tensor_bytes: float = 0.0  # bytes of the distinct tensors passed (each read or written once)
+    trial: bool = False  # launched by the autotuner's benchmark of a config, not by the code path
 
 
 @dataclasses.dataclass
@@ -188,6 +189,8 @@ class Recorder:
         self._by_metadata: dict[int, KernelRecord] = {}
         self._bench_calls = 0
         self.loading = ""
+        self.in_bench = False  # inside the autotuner's benchmark of a config
+        self.lean = False  # launches return at once, unrecorded (host-time measurements)
 
     # compile wrapper: times every compile and keeps the CompiledKernel
     def wrap_compile(self, compile_fn):
@@ -223,7 +226,7 @@ class Recorder:
         recorder = self
 
         def launch(gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter, exit_, *args):
-            if rec is None:
+            if rec is None or recorder.lean:
                 return
             scalars, tensors = {}, {}
             for name, value in zip(names, args):
@@ -233,13 +236,14 @@ class Recorder:
                     tensors[value.data_ptr()] = max(tensors.get(value.data_ptr(), 0),
                                                     value.numel() * value.element_size())
             rec.launches.append(Launch((int(gx), int(gy), int(gz)), scalars, recorder.phase,
-                                       float(sum(tensors.values()))))
+                                       float(sum(tensors.values())), recorder.in_bench))
         return launch
 
     def bench(self, kernel_call, quantiles=None, **kwargs):
         """The autotuner's benchmark: compile and launch the config once. A failing config is
         recorded and ranks last; configs rank in list order otherwise, so the first kept wins."""
         self._bench_calls += 1
+        self.in_bench = True
         try:
             kernel_call()
         except Exception as e:  # the autotuner itself only tolerates resource/ptxas errors
@@ -247,6 +251,8 @@ class Recorder:
             t = float("inf")
         else:
             t = float(self._bench_calls)
+        finally:
+            self.in_bench = False
         return [t, t, t] if quantiles else t
 
 
@@ -430,14 +436,21 @@ HEADLINE = {"batch": 64, "image": 224, "patch": 16, "visible": 78, "dim": 384, "
             "in_chans": 3}
 
 
-def run_workload(recorder: Recorder, dtype_name: str = "bfloat16", batch: int | None = None,
-                 phases: Iterable[str] = ("masked_fwd", "masked_bwd", "dense_fwd")) -> None:
-    """Runs the triton backend's forward (+ backward) at the headline workload; every launch is
+def run_workload(recorder: Recorder | None, dtype_name: str = "bfloat16", batch: int | None = None,
+                 phases: Iterable[str] = ("masked_fwd", "masked_bwd", "dense_fwd"), backend: str = "triton",
+                 phase_context: Callable[[str], Any] | None = None) -> None:
+    """Runs a backend's forward (+ backward) at the headline workload; every launch is
     recorded under its phase: masked_fwd, masked_bwd (mask 0.6: 78 of 196 patches visible per
-    image), dense_fwd (keep=None)."""
+    image), dense_fwd (keep=None). ``phase_context(phase)``, when given, is a context manager
+    entered around each phase's calls into the backend (and nothing else)."""
     import torch
     from scott_kernels import sparse_conv_tokenize
 
+    class _NoRecorder:
+        phase = ""
+
+    recorder = recorder if recorder is not None else _NoRecorder()
+    around = phase_context or (lambda phase: contextlib.nullcontext())
     h = HEADLINE
     dtype = getattr(torch, dtype_name)
     B = batch or h["batch"]
@@ -453,15 +466,19 @@ def run_workload(recorder: Recorder, dtype_name: str = "bfloat16", batch: int | 
     phases = list(phases)
     if "masked_fwd" in phases or "masked_bwd" in phases:
         recorder.phase = "masked_fwd"
-        tokens = sparse_conv_tokenize(x, weights, keep, patch_size=h["patch"], backend="triton",
-                                      num_visible=h["visible"])
+        with around("masked_fwd"):
+            tokens = sparse_conv_tokenize(x, weights, keep, patch_size=h["patch"], backend=backend,
+                                          num_visible=h["visible"])
         if "masked_bwd" in phases:
+            grad = torch.ones_like(tokens)  # the caller's gradient, not the backend's work
             recorder.phase = "masked_bwd"
-            torch.autograd.grad(tokens, weights, grad_outputs=torch.ones_like(tokens))
+            with around("masked_bwd"):
+                torch.autograd.grad(tokens, weights, grad_outputs=grad)
     if "dense_fwd" in phases:
+        detached = [w.detach() for w in weights]
         recorder.phase = "dense_fwd"
-        with torch.no_grad():
-            sparse_conv_tokenize(x, [w.detach() for w in weights], None, patch_size=h["patch"], backend="triton")
+        with torch.no_grad(), around("dense_fwd"):
+            sparse_conv_tokenize(x, detached, None, patch_size=h["patch"], backend=backend)
     recorder.phase = ""
 
 
@@ -788,6 +805,18 @@ MACHINE = {"name": "H200 (132 SMs, 1.98 GHz)", "sms": 132, "schedulers": 4, "clo
            "tensor_flops": 790e12, "hbm": 3.3e12}
 
 
+def tensor_rate(machine: dict, texts: Iterable[str]) -> float:
+    """Dense tensor-core FLOP/s for a kernel's tensor-core instructions: the machine's per-class
+    rate (``machine["tensor_rates"]``, keyed by SASS class: HGMMA = wgmma, HMMA = mma.sync), else
+    its single ``tensor_flops``; TF32 runs at half the 16-bit rate."""
+    ops = [opcode(t) for t in texts if _is_mma(t)]
+    classes = {op.split(".")[0] for op in ops}
+    rates = machine.get("tensor_rates") or {}
+    kind = "HGMMA" if "HGMMA" in classes else "HMMA" if "HMMA" in classes else next(iter(sorted(classes)), "")
+    rate = rates.get(kind, machine["tensor_flops"])
+    return rate / (2 if any("TF32" in op for op in ops) else 1)
+
+
 def mma_flops(text: str, num_warps: int) -> float:
     """FLOPs one warp's issue of this tensor-core instruction performs (a wgmma is issued by each
     of the 4 warps of its warpgroup, so a quarter of the instruction's work is counted per warp)."""
@@ -896,8 +925,7 @@ def analyze(record: KernelRecord, launches: list[Launch], arch: int = 90, machin
         per_wave_cycles = max(per_warp, occupancy * record.num_warps * per_warp / machine["schedulers"])
         issue_s += waves * per_wave_cycles / machine["clock"]
     nbytes = sum(tensor_bytes(l) if tensor_bytes else l.tensor_bytes for l in launches)
-    tf = machine["tensor_flops"] / (2 if "TF32" in " ".join(t for t in texts if _is_mma(t)) else 1)
-    mma_s = mma_flop_total / tf
+    mma_s = mma_flop_total / tensor_rate(machine, texts)
     memory_s = nbytes / machine["hbm"]
     return KernelCost(
         name=record.name, config=record.config, registers=res.get("REG", 0),
