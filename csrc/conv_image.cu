@@ -88,14 +88,13 @@ __device__ __forceinline__ void stage_group_windows(const ImageConv& g, const S*
   }
 }
 
-// s_pair entries of the image forward: the staged pixel of a tap pair, and whether the first and
-// the second pair of its K step have a padded tap
-constexpr int32_t kPadLo = 1 << 30, kPadHi = 1 << 29, kPairPixel = kPadHi - 1;
-
 template <typename T, typename S>
 __global__ void __launch_bounds__(ImTile::kThreads, 4) scott_conv_image_igemm(ImageArgs<T, S> p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr int BN = IM_BN, NT = ImTile::kThreads;
+  // s_pair entries: the staged pixel of a tap pair, and whether the first and the second pair of
+  // its K step have a padded tap
+  constexpr int32_t kPadLo = 1 << 30, kPadHi = 1 << 29, kPairPixel = kPadHi - 1;
   extern __shared__ __align__(128) unsigned char smem[];
   const ImageConv& g = p.g;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
