@@ -7,7 +7,11 @@ what GPU build hosts already have (setuptools, cmake, ninja, pybind11):
 `pip install --no-build-isolation -e .` and `python setup.py build_ext --inplace` there.
 
 Environment variables:
-  SCOTT_CUDA_ARCHS   CUDA architectures, CMake syntax (default "80;90a": sm_80 SASS+PTX, sm_90a SASS)
+  SCOTT_CUDA_ARCHS   CUDA architectures, CMake syntax (default DEFAULT_CUDA_ARCHS: SASS for sm_75
+                     (T4), sm_80 (A100), sm_86 (RTX 30xx, A6000), sm_89 (RTX 40xx, L4) and sm_90a
+                     (H100/H200), and compute_90 PTX that newer GPUs compile when they load it).
+                     Targets the nvcc found cannot build are left out, with a printed line;
+                     scott_kernels.build_info()["cuda_archs"] lists what was built.
   SCOTT_REQUIRE_CUDA=1  fail the build when nvcc is not found (default: build the C++ part only)
   SCOTT_NO_CUDA=1    never compile the CUDA sources
   CUDA_HOME          where to find nvcc (else CUDA_PATH, PATH, /usr/local/cuda)
@@ -27,7 +31,9 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_CUDA_ARCHS = "80;90a"
+DEFAULT_CUDA_ARCHS = "75-real;80-real;86-real;89-real;90a-real;90-virtual"
+# CUDA release that first compiles each suffixed (architecture-specific) variant of a target
+_SUFFIX_SINCE = {"a": (12, 0), "f": (12, 9)}
 
 
 def _truthy(name: str) -> bool:
@@ -65,6 +71,45 @@ EXTRAS = {
 }
 
 
+def _nvcc_targets(nvcc: str):
+    """(SASS targets, PTX targets, release) that this nvcc compiles: {"75", "90", ...}, {...},
+    (major, minor); None when nvcc cannot be asked."""
+    import re
+
+    try:
+        code = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True, check=True).stdout
+        arch = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, check=True).stdout
+        version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    release = re.search(r"release (\d+)\.(\d+)", version)
+    return (set(re.findall(r"sm_(\d+)", code)), set(re.findall(r"compute_(\d+)", arch)),
+            (int(release.group(1)), int(release.group(2))) if release else (0, 0))
+
+
+def supported_archs(archs: str, targets) -> tuple[str, list[str]]:
+    """The entries of a CMake CUDA_ARCHITECTURES list (``75-real``, ``90a-real``, ``90-virtual``,
+    ``80`` = SASS + PTX) that an nvcc with ``targets`` (``_nvcc_targets``) compiles, and the entries
+    left out. Keywords (all, all-major, native) and entries it cannot read pass through."""
+    import re
+
+    if targets is None:
+        return archs, []
+    sass, ptx, release = targets
+    kept, dropped = [], []
+    for entry in [a.strip() for a in archs.split(";") if a.strip()]:
+        m = re.fullmatch(r"(\d+)([af]?)(?:-(real|virtual))?", entry)
+        if m is None:
+            kept.append(entry)
+            continue
+        number, suffix, kind = m.groups()
+        ok = (kind == "virtual" or number in sass) and (kind == "real" or number in ptx)
+        if suffix:
+            ok = ok and release >= _SUFFIX_SINCE[suffix]
+        (kept if ok else dropped).append(entry)
+    return ";".join(kept), dropped
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         super().__init__(name, sources=[])
@@ -99,6 +144,15 @@ class CMakeBuild(build_ext):
                 "(set CUDA_HOME or put nvcc on PATH)"
             )
         archs = os.environ.get("SCOTT_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+        if nvcc:
+            archs, dropped = supported_archs(archs, _nvcc_targets(nvcc))
+            for entry in dropped:
+                print(f"scott_kernels: {nvcc} cannot compile CUDA architecture {entry}; leaving it out")
+            if not archs:
+                if _truthy("SCOTT_REQUIRE_CUDA"):
+                    raise RuntimeError(f"scott_kernels: {nvcc} compiles none of the requested CUDA architectures")
+                print("scott_kernels: no requested CUDA architecture can be built; building the C++ kernels only")
+                nvcc = None
         tools = _toolchain(nvcc, archs)
         if tools["cmake"] is None or tools["ninja"] is None:
             raise RuntimeError("scott_kernels: building needs cmake and ninja on PATH "

@@ -211,7 +211,7 @@ std::string pool_path(const PoolGeometry& g, int dtype, bool on_cuda) {
   if (const char* why = scott::pool_refusal(g)) return std::string("elementwise: ") + why;
   if (on_cuda) {
 #ifdef SCOTT_WITH_CUDA
-    if (!scott::cuda_tiled_pool(g, dt)) return "elementwise: the tiled pool kernels run float16/bfloat16";
+    if (!scott::cuda_tiled_pool(g, dt)) return "elementwise: the tiled pool kernels run float16/bfloat16, from sm_80 code";
 #else
     return "elementwise: built without CUDA";
 #endif
@@ -232,7 +232,7 @@ std::string conv_gemm_path(const StageGeometry& g, int dtype, int64_t splits, bo
   if (on_cuda) {
 #ifdef SCOTT_WITH_CUDA
     if (!scott::cuda_implicit_conv(g, dt, splits, cop))
-      return "gather: the implicit GEMM runs float16/bfloat16 on tensor cores (sm_80+)";
+      return "gather: the implicit GEMM runs float16/bfloat16 on tensor cores, from sm_80 code";
 #else
     return "gather: built without CUDA";
 #endif
@@ -331,7 +331,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("max_blur_pool", &max_blur_pool,
         "MaxBlurPool of compact activations (M, s/2, s/2, C); relu: of relu(act), applied to the window maxima");
   m.def("max_blur_pool_backward", &max_blur_pool_backward,
-        "gradient of max_blur_pool (M, s, s, C); relu_mask: times (act > 0), the gradient before the ReLU");
+        "gradient of max_blur_pool (M, s, s, C); relu_mask: times relu'(act) (0 where act <= 0), the gradient before the ReLU");
   m.def(
       "set_tensor_cores",
       [](bool enabled) {
@@ -386,5 +386,18 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dtype"), py::arg("src_dtype"),
       "whether the image weight gradient runs as clusters of two blocks (one partial per cluster) on the "
       "current CUDA device: sm_90 code on a GPU that launches clusters");
+  m.def(
+      "cuda_code_arch",
+      [](int device) {
+#ifdef SCOTT_WITH_CUDA
+        return scott::module_code_arch(device);
+#else
+        (void)device;
+        return -1;
+#endif
+      },
+      py::arg("device"),
+      "the architecture (major * 10 + minor) of the code this module runs on CUDA device `device`: 0 when "
+      "it holds none the device can run, -1 when built without CUDA");
   m.def("build_info", &build_info, "what this build compiled");
 }

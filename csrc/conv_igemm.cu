@@ -251,7 +251,7 @@ __global__ void __launch_bounds__(FwdBlock<T>::TL::kThreads, 2) scott_conv_fwd_i
   blk.for_each(acc, [&](int32_t m, int32_t n, float v0, float v1) {
     if (m < p.rows && n < g.c_out)
       *reinterpret_cast<decltype(Pack2<T>::make(0.f, 0.f))*>(p.out + m * g.c_out + n) =
-          p.relu ? Pack2<T>::make(fmaxf(v0, 0.f), fmaxf(v1, 0.f)) : Pack2<T>::make(v0, v1);
+          p.relu ? Pack2<T>::make(relu_of(v0), relu_of(v1)) : Pack2<T>::make(v0, v1);
   });
 #else
   __trap();
@@ -388,7 +388,7 @@ __global__ void scott_neighbour_table(const int32_t* slot, const int64_t* tile_p
   if (t < num_tiles) tile_neighbours(slot, tile_pos, t, batch, grid_h, grid_w, num_tiles, nbr + t * kNeighbours);
 }
 
-// g' = grad * (out > 0), 8 elements (16 bytes) per thread.
+// g' = grad * relu'(out) (relu_passes), 8 elements (16 bytes) per thread.
 template <typename T>
 __global__ void scott_relu_grad_mask(const T* grad, const T* out, T* gmask, int32_t vectors) {
   const int32_t v = blockIdx.x * blockDim.x + threadIdx.x;

@@ -92,6 +92,9 @@ template <typename T, typename S>
 __global__ void __launch_bounds__(ImTile::kThreads, 4) scott_conv_image_igemm(ImageArgs<T, S> p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr int BN = IM_BN, NT = ImTile::kThreads;
+  // s_pair entries: the staged pixel of a tap pair, and whether the first and the second pair of
+  // its K step have a padded tap
+  constexpr int32_t kPadLo = 1 << 30, kPadHi = 1 << 29, kPairPixel = kPadHi - 1;
   extern __shared__ __align__(128) unsigned char smem[];
   const ImageConv& g = p.g;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -116,7 +119,11 @@ __global__ void __launch_bounds__(ImTile::kThreads, 4) scott_conv_image_igemm(Im
                col < g.c_out);
   }
   cp_async_commit();
-  for (int i = tid; i < g.k * g.pairs; i += NT) s_pair[i] = staged_pair_pixel(g, 0, 0, i);
+  // each entry also flags the padded taps (image_pair_padded) of both pairs of its K step
+  for (int i = tid; i < g.k * g.pairs; i += NT)
+    s_pair[i] = staged_pair_pixel(g, 0, 0, i) | (image_pair_padded(g, i & ~1) ? kPadLo : 0) |
+                (image_pair_padded(g, i | 1) ? kPadHi : 0);
+  const bool pad_lane = lane % 4 >= 2;  // holds K rows 4..7 of a pair: the second pixel's
 
   // per lane: the staged pixel its A rows start at (for tap pair 0), for its 4 row fragments
   int32_t a_pix[4];
@@ -148,10 +155,21 @@ __global__ void __launch_bounds__(ImTile::kThreads, 4) scott_conv_image_igemm(Im
 
     float acc[4][4][4] = {};
     for (int32_t ks = 0; ks < k_rows / 16; ++ks) {
-      const int32_t pair = s_pair[2 * ks + lane / 16];  // = staged_pair_pixel(g, 0, 0, 2 ks + lane / 16)
+      const int32_t entry = s_pair[2 * ks + lane / 16];
+      const int32_t pair = entry & kPairPixel;  // = staged_pair_pixel(g, 0, 0, 2 ks + lane / 16)
       uint32_t af[4][4], bf[4][2];
 #pragma unroll
       for (int mi = 0; mi < 4; ++mi) ldmatrix_x4(af[mi], sx_u32 + (a_pix[mi] + pair) * kImageChannels * 2);
+      // a padded tap (image_pair_padded): its pixel (K rows 4..7 of the pair, in the lanes with
+      // lane % 4 >= 2: fragments 0, 1 for pair 2 ks, 2, 3 for pair 2 ks + 1) multiplies as 0
+      if (pad_lane && (entry & kPadLo)) {
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi) af[mi][0] = af[mi][1] = 0u;
+      }
+      if (pad_lane && (entry & kPadHi)) {
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi) af[mi][2] = af[mi][3] = 0u;
+      }
       ldmatrix_b<2>(bf, sb_u32, b_off, ks * 16 * (BN + PAD));
       mma_tiles<T>(acc, af, bf);
     }
@@ -166,7 +184,7 @@ __global__ void __launch_bounds__(ImTile::kThreads, 4) scott_conv_image_igemm(Im
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni)
           *reinterpret_cast<P2*>(s_out + (h * 8 + lane / 4) * IM_OUT_LD + ni * 8 + (lane % 4) * 2) =
-              p.relu ? Pack2<T>::make(fmaxf(acc[mi][ni][2 * h], 0.f), fmaxf(acc[mi][ni][2 * h + 1], 0.f))
+              p.relu ? Pack2<T>::make(relu_of(acc[mi][ni][2 * h]), relu_of(acc[mi][ni][2 * h + 1]))
                      : Pack2<T>::make(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
       __syncwarp();
 #pragma unroll

@@ -67,7 +67,7 @@ struct ReluGrad {
   int64_t c_out;
   SCOTT_HD A operator()(int64_t r, int64_t co) const {  // out == nullptr: grad comes already masked
     const int64_t i = r * c_out + co;
-    return out == nullptr || to_acc<A>(out[i]) > A(0) ? to_acc<A>(grad[i]) : A(0);
+    return out == nullptr || relu_passes(to_acc<A>(out[i])) ? to_acc<A>(grad[i]) : A(0);
   }
 };
 
@@ -127,7 +127,7 @@ struct ReluGradWindow {
     const int64_t off = compact_offset(slot, b, ny / 2, nx / 2, co, g.grid_h, g.grid_w, g.out_side(), g.c_out,
                                        g.num_tiles);
     if (off < 0) return A(0);
-    return out == nullptr || to_acc<A>(out[off]) > A(0) ? to_acc<A>(grad[off]) : A(0);
+    return out == nullptr || relu_passes(to_acc<A>(out[off])) ? to_acc<A>(grad[off]) : A(0);
   }
 };
 
@@ -399,6 +399,14 @@ SCOTT_HD A staged_value(const ImageConv& g, const S* img, const PixelNorm<A>& n,
   return (to_acc<A>(img[off + c * g.s_c]) - n.mean[c]) * n.inv_std[c];
 }
 
+// Whether tap pair p's second column is the padding of an odd k (its weight is 0). Its staged pixel
+// is a real one (another output's tap), so the GEMMs must not multiply it by that 0: a NaN or Inf
+// there would give NaN (0 * Inf) where the convolution reads nothing. The twin skips the term, the
+// tensor-core kernel zeroes the pixel's A fragment values.
+SCOTT_HD bool image_pair_padded(const ImageConv& g, int32_t p) {
+  return 2 * (p % g.pairs) + 1 >= g.k;
+}
+
 // Staged pixel index that tap pair p (row ky = p / KP, columns 2 (p % KP) + {0, 1}) of output pixel
 // (oy, ox) starts at: its 8 values are K rows 8p .. 8p + 7 (kx parity, channel).
 SCOTT_HD int32_t staged_pair_pixel(const ImageConv& g, int32_t oy, int32_t ox, int32_t p) {
@@ -423,11 +431,11 @@ inline const char* implicit_image_wgrad_plan(const StageGeometry& g, ImageConv& 
   return nullptr;
 }
 
-// g' = grad * (out > 0), element i: the masked output gradient both backward GEMMs read (out ==
+// g' = grad * relu'(out) (relu_passes), element i: the masked output gradient both backward GEMMs read (out ==
 // nullptr: grad is g' already, as the MaxBlurPool backward writes it with relu_mask).
 template <typename T, typename A>
 SCOTT_HD T relu_grad_value(const T* grad, const T* out, int64_t i) {
-  return out == nullptr || to_acc<A>(out[i]) > A(0) ? grad[i] : from_acc<T>(A(0));
+  return out == nullptr || relu_passes(to_acc<A>(out[i])) ? grad[i] : from_acc<T>(A(0));
 }
 
 }  // namespace scott

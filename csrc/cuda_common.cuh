@@ -27,12 +27,11 @@ inline void check_launch(const char* kernel) {
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
 
-inline bool device_has_tensor_cores() {
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
-  return major >= 8;
-}
+// Whether the module's code for the current device holds the sm_80 kernels (tensor-core GEMMs,
+// tiled pools): code compiled for sm_80 or later. A GPU below sm_80, or running code compiled for
+// an older target (an sm_75 build's PTX on a newer GPU), has only their empty bodies and takes the
+// CUDA-core gather GEMM and the per-element pools.
+inline bool device_has_tensor_cores() { return module_code_arch() >= 80; }
 
 template <typename T> struct IsTensorCoreType { static constexpr bool value = false; };
 template <> struct IsTensorCoreType<__half> { static constexpr bool value = true; };

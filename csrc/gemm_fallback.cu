@@ -192,7 +192,7 @@ void launch_gemm_for(const char* name, int64_t M, int64_t N, int64_t K, int64_t 
 }
 
 // The forward's store: relu_of(acc) with the ReLU, else acc. The float epilogue masks the bits of
-// a non-positive (or NaN) accumulator with `negatives` (0: +0, relu_of's value; ~0: acc as it is),
+// a non-positive accumulator with `negatives` (0: +0, relu_of's value; ~0: acc as it is),
 // an operand the instruction reads from the kernel's parameters: no branch, no extra register.
 template <typename T, typename A>
 struct StoreRelu {
@@ -201,7 +201,7 @@ struct StoreRelu {
   uint32_t negatives;  // 0 with the ReLU, ~0 without
   __device__ A prepare(A acc) const {
     if constexpr (std::is_same<A, float>::value)
-      return acc > 0.f ? acc : __uint_as_float(__float_as_uint(acc) & negatives);
+      return relu_passes(acc) ? acc : __uint_as_float(__float_as_uint(acc) & negatives);
     else
       return negatives == 0 ? relu_of(acc) : acc;
   }

@@ -145,6 +145,13 @@ void scatter_tiles_cuda(const TileGeometry& g, DType dtype, const void* grad_til
                         const int64_t* slot, const int64_t* slot_pos, const int64_t* tile_of,
                         void* grad_src, void* stream);
 int cuda_runtime_version();
+// The architecture (major * 10 + minor) of the code this module runs on a device (the current one
+// without an argument): the __CUDA_ARCH__ / 10 its kernels were compiled for, which can be below
+// the device's own (an sm_80 build on an sm_86 GPU, or older PTX compiled by the driver of a
+// newer one); 0 when the module holds no code the device can run. Kernels that need sm_80 code
+// (tensor-core GEMMs, tiled pools) or sm_90 code (clusters) run only where this says so.
+int module_code_arch(int device);
+int module_code_arch();
 #endif
 
 }  // namespace scott

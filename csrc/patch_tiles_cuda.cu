@@ -1,6 +1,7 @@
 // CUDA gather/scatter of patch tiles: one thread per output element, 64-bit indices, every
 // launch checked. The scatter pulls (each source value sums its readers), so it needs no atomics
 // and is deterministic; it accumulates in float (double for float64).
+#include <atomic>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -123,6 +124,42 @@ int cuda_runtime_version() {
   int v = 0;
   cudaRuntimeGetVersion(&v);
   return v;
+}
+
+// Compiled for every target of the module like each kernel: its attributes say which of the
+// module's codes the driver loads on a device.
+__global__ void scott_code_probe() {}
+
+int module_code_arch(int device) {
+  constexpr int kDevices = 64;
+  static std::atomic<int> known[kDevices];  // 0: not asked yet, else the answer + 1
+  if (device < 0 || device >= kDevices) return 0;
+  const int cached = known[device].load(std::memory_order_relaxed);
+  if (cached != 0) return cached - 1;
+  int current = 0;
+  int arch = 0;
+  cudaFuncAttributes attr;
+  if (cudaGetDevice(&current) == cudaSuccess) {
+    const bool other = current != device;
+    if ((!other || cudaSetDevice(device) == cudaSuccess)) {
+      // ptxVersion: the virtual architecture the loaded code was compiled from (__CUDA_ARCH__ / 10),
+      // for SASS built for this GPU and for PTX its driver compiles alike; an error: no code for it
+      if (cudaFuncGetAttributes(&attr, scott_code_probe) == cudaSuccess) arch = attr.ptxVersion;
+      if (other) cudaSetDevice(current);
+    }
+  }
+  cudaGetLastError();  // a failed query is an answer (no code for this device), not a pending error
+  known[device].store(arch + 1, std::memory_order_relaxed);
+  return arch;
+}
+
+int module_code_arch() {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return module_code_arch(device);
 }
 
 }  // namespace scott

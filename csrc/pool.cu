@@ -36,35 +36,15 @@ __device__ __forceinline__ uint4 pack(const float (&r)[8]) {
 }
 
 template <typename T>
-__device__ __forceinline__ uint32_t max2(uint32_t a, uint32_t b) {
-  using T2 = typename std::conditional<std::is_same<T, __nv_bfloat16>::value, __nv_bfloat162, __half2>::type;
-  const T2 m = __hmax2_nan(*reinterpret_cast<const T2*>(&a), *reinterpret_cast<const T2*>(&b));
-  return *reinterpret_cast<const uint32_t*>(&m);
-}
-
-template <typename T>
 __device__ __forceinline__ uint4 max4(const uint4& a, const uint4& b, const uint4& c, const uint4& d) {
-  return make_uint4(max2<T>(max2<T>(a.x, b.x), max2<T>(c.x, d.x)), max2<T>(max2<T>(a.y, b.y), max2<T>(c.y, d.y)),
-                    max2<T>(max2<T>(a.z, b.z), max2<T>(c.z, d.z)), max2<T>(max2<T>(a.w, b.w), max2<T>(c.w, d.w)));
+  return make_uint4(max_of2<T>(max_of2<T>(a.x, b.x), max_of2<T>(c.x, d.x)),
+                    max_of2<T>(max_of2<T>(a.y, b.y), max_of2<T>(c.y, d.y)),
+                    max_of2<T>(max_of2<T>(a.z, b.z), max_of2<T>(c.z, d.z)),
+                    max_of2<T>(max_of2<T>(a.w, b.w), max_of2<T>(c.w, d.w)));
 }
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int q) {
   return q == 0 ? v.x : q == 1 ? v.y : q == 2 ? v.z : v.w;
-}
-
-// Lane-wise a == b of two packed pairs: 0xffff per equal lane (IEEE: a NaN equals nothing).
-template <typename T>
-__device__ __forceinline__ uint32_t eq_mask(uint32_t a, uint32_t b) {
-  using T2 = typename std::conditional<std::is_same<T, __nv_bfloat16>::value, __nv_bfloat162, __half2>::type;
-  return __heq2_mask(*reinterpret_cast<const T2*>(&a), *reinterpret_cast<const T2*>(&b));
-}
-
-// Lane-wise a > 0 of a packed pair: 0xffff per lane.
-template <typename T>
-__device__ __forceinline__ uint32_t gt0_mask(uint32_t a) {
-  using T2 = typename std::conditional<std::is_same<T, __nv_bfloat16>::value, __nv_bfloat162, __half2>::type;
-  const uint32_t zero = 0;
-  return __hgt2_mask(*reinterpret_cast<const T2*>(&a), *reinterpret_cast<const T2*>(&zero));
 }
 
 // The R x R window of 16-byte vectors at the given offsets (pool_window_offsets), 0 where -1.
@@ -104,7 +84,7 @@ __global__ void __launch_bounds__(128) scott_pool_forward(TiledPool g, const T* 
   // the pool of relu(act): relu commutes with max, so it applies to the window maxima
   tiled_pool_values<8, float>(g, pt, k.h, k.w, [&](int i, int j, int e) {
     const float v = lane<T>(wm[i][j], e);
-    return g.relu ? fmaxf(v, 0.f) : v;
+    return g.relu ? relu_of(v) : v;
   }, r);
   reinterpret_cast<uint4*>(out)[task] = pack<T>(r);
 #else
@@ -124,30 +104,17 @@ __global__ void __launch_bounds__(128) scott_pool_backward(TiledPool g, const T*
   int32_t off[4][4], goff[3][3];
   pool_window_offsets<4>(g, pt, g.side, 2 * k.h - 1, 2 * k.w - 1, k.v, off);
   pool_window_offsets<3>(g, pt, g.pooled, k.h - 1, k.w - 1, k.v, goff);
-  uint4 win[4][4], wm[3][3], gq[3][3];
+  uint4 win[4][4], gq[3][3];
   load_window<4>(act, off, win);
   load_window<3>(grad, goff, gq);
-  window_maxima<T>(win, wm);
-  // pool_first_max of every window and place, two channels per instruction: a lane of first[i][j][own][q]
-  // is all ones where the pixel at place `own` of window (i, j) is the first maximum (exact compares
-  // of the same values; a NaN maximum routes nowhere, as in float32)
-  uint32_t first[3][3][4][4];
-#pragma unroll
-  for (int i = 0; i < 3; ++i)
-#pragma unroll
-    for (int j = 0; j < 3; ++j)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const uint32_t m = word(wm[i][j], q);
-        const uint32_t e0 = eq_mask<T>(word(win[i][j], q), m), e1 = eq_mask<T>(word(win[i][j + 1], q), m);
-        const uint32_t e2 = eq_mask<T>(word(win[i + 1][j], q), m), e3 = eq_mask<T>(word(win[i + 1][j + 1], q), m);
-        first[i][j][0][q] = e0;
-        first[i][j][1][q] = e1 & ~e0;
-        first[i][j][2][q] = e2 & ~(e0 | e1);
-        first[i][j][3][q] = e3 & ~(e0 | e1 | e2);
-      }
+  // pool_window_argmax per window, place and pair of channels (route2, two channels per instruction),
+  // taken where the routed gradient is summed: a lane of the mask is all ones where window (i, j)
+  // routes to the pixel at place `own`
   const auto routed = [&](int i, int j, int own, int e, float v) {
-    const uint32_t lanes = __byte_perm(first[i][j][own][e >> 1], 0u, (e & 1) ? 0x3232u : 0x1010u);
+    const int q = e >> 1;
+    const uint32_t mask = route2<T>(word(win[i][j], q), word(win[i][j + 1], q), word(win[i + 1][j], q),
+                                    word(win[i + 1][j + 1], q), own);
+    const uint32_t lanes = __byte_perm(mask, 0u, (e & 1) ? 0x3232u : 0x1010u);
     return __uint_as_float(__float_as_uint(v) & lanes);
   };
   float r[2][2][8];
@@ -158,12 +125,12 @@ __global__ void __launch_bounds__(128) scott_pool_backward(TiledPool g, const T*
 #pragma unroll
     for (int b = 0; b < 2; ++b) {
       uint4 out = pack<T>(r[a][b]);
-      if (relu_mask) {  // g' = g * (act > 0), two channels per instruction, on the rounded values
+      if (relu_mask) {  // g' = g * relu'(act) (relu_passes), two channels per instruction, on the rounded values
         const uint4& own = win[a + 1][b + 1];
-        out.x &= gt0_mask<T>(own.x);
-        out.y &= gt0_mask<T>(own.y);
-        out.z &= gt0_mask<T>(own.z);
-        out.w &= gt0_mask<T>(own.w);
+        out.x &= relu_passes2<T>(own.x);
+        out.y &= relu_passes2<T>(own.y);
+        out.z &= relu_passes2<T>(own.z);
+        out.w &= relu_passes2<T>(own.w);
       }
       const int32_t y = 2 * k.h + a, x = 2 * k.w + b;
       *reinterpret_cast<uint4*>(grad_act + ((k.t * g.side + y) * g.side + x) * g.channels + k.v * 8) = out;

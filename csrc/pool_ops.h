@@ -40,12 +40,9 @@ SCOTT_HD A max_blur_pool_at(const PoolGeometry& g, const T* act, const int32_t* 
       const int64_t my = 2 * py - 1 + dy, mx = 2 * px - 1 + dx;
       if (!max_map_has(g, my, mx)) continue;
       A m = relu_value<T, A>(g, act, slot, b, my, mx, c);
-      A v = relu_value<T, A>(g, act, slot, b, my, mx + 1, c);
-      m = v > m ? v : m;
-      v = relu_value<T, A>(g, act, slot, b, my + 1, mx, c);
-      m = v > m ? v : m;
-      v = relu_value<T, A>(g, act, slot, b, my + 1, mx + 1, c);
-      m = v > m ? v : m;
+      m = max_of(m, relu_value<T, A>(g, act, slot, b, my, mx + 1, c));
+      m = max_of(m, relu_value<T, A>(g, act, slot, b, my + 1, mx, c));
+      m = max_of(m, relu_value<T, A>(g, act, slot, b, my + 1, mx + 1, c));
       if (relu) m = relu_of(m);
       acc += m * A(blur_tap(dy) * blur_tap(dx)) / A(16);
     }
@@ -54,14 +51,14 @@ SCOTT_HD A max_blur_pool_at(const PoolGeometry& g, const T* act, const int32_t* 
 }
 
 // Gradient at conv-output element (row r of (M, s, s, C), channel c): the blurred gradient of
-// every max window whose first (row-major) maximum is this pixel, as torch's max_pool2d routes;
-// with relu_mask, 0 where the element (as the pool reads it) is not positive.
+// every max window whose maximum torch's max_pool2d routes to this pixel (max_takes: the first
+// of the largest, the last NaN); with relu_mask, 0 where ReLU's backward stops it (relu_passes).
 template <typename T, typename A>
 SCOTT_HD A max_blur_pool_grad_at(const PoolGeometry& g, const T* grad, const T* act, const int32_t* slot,
                                  const int64_t* tile_pos, int64_t r, int64_t c, bool relu_mask = false) {
   int64_t b, cy, cx;
   tile_coords(tile_pos, r, g.side, g.batch, g.grid_h, g.grid_w, b, cy, cx);
-  if (relu_mask && !(relu_value<T, A>(g, act, slot, b, cy, cx, c) > A(0))) return A(0);
+  if (relu_mask && !relu_passes(relu_value<T, A>(g, act, slot, b, cy, cx, c))) return A(0);
   const int64_t pooled = g.side / 2;
   A acc = A(0);
   for (int wy = 0; wy < 2; ++wy) {
@@ -72,7 +69,7 @@ SCOTT_HD A max_blur_pool_grad_at(const PoolGeometry& g, const T* grad, const T* 
       int arg = 0;
       for (int i = 1; i < 4; ++i) {
         const A v = relu_value<T, A>(g, act, slot, b, my + i / 2, mx + i % 2, c);
-        if (v > best) { best = v; arg = i; }
+        if (max_takes(best, v)) { best = v; arg = i; }
       }
       if (arg != (1 - wy) * 2 + (1 - wx)) continue;
       A blurred = A(0);  // the blurred pooled gradient at this window, summed before it is routed
@@ -223,13 +220,10 @@ SCOTT_HD bool pool_map_has(int32_t m, int32_t gc, int32_t n, int32_t side) {
   return !(m < 0 && gc == 0) && !(m >= side - 1 && gc == n - 1);
 }
 
-// Maximum of a 2x2 window as max_blur_pool_at takes it: the first of the largest, row-major.
+// Maximum of a 2x2 window as max_blur_pool_at takes it (torch's scan, max_of: NaN if any is NaN).
 template <typename A>
 SCOTT_HD A pool_window_max(A p00, A p01, A p10, A p11) {
-  A m = p00;
-  m = p01 > m ? p01 : m;
-  m = p10 > m ? p10 : m;
-  return p11 > m ? p11 : m;
+  return max_of(max_of(max_of(p00, p01), p10), p11);
 }
 
 // Pooled output (h, w) of a tile, N channels; wmax(i, j, e): channel e of the maximum of the 2x2
@@ -254,15 +248,16 @@ SCOTT_HD void tiled_pool_values(const TiledPool& g, const PoolTile& t, int32_t h
   }
 }
 
-// Whether the pixel at place `own` (row-major) of a 2x2 window p0..p3 is the window's first
-// maximum m, as torch's max_pool2d routes: it equals m and no earlier pixel does.
+// Place (row-major) of the pixel of a 2x2 window p0..p3 that torch's max_pool2d routes the
+// gradient to: its scan (max_takes) picks the first of the largest, or the last NaN.
 template <typename A>
-SCOTT_HD bool pool_first_max(A m, A p0, A p1, A p2, A p3, int own) {
-  bool first = (own == 0 ? p0 : own == 1 ? p1 : own == 2 ? p2 : p3) == m;
-  if (own > 0) first = first && p0 != m;
-  if (own > 1) first = first && p1 != m;
-  if (own > 2) first = first && p2 != m;
-  return first;
+SCOTT_HD int pool_window_argmax(A p0, A p1, A p2, A p3) {
+  A m = p0;
+  int arg = 0;
+  if (max_takes(m, p1)) { m = p1; arg = 1; }
+  if (max_takes(m, p2)) { m = p2; arg = 2; }
+  if (max_takes(m, p3)) arg = 3;
+  return arg;
 }
 
 // Gradient at the four local pixels (2h + a, 2w + b), a, b = 0..1, of a tile, N channels, into
@@ -270,7 +265,7 @@ SCOTT_HD bool pool_first_max(A m, A p0, A p1, A p2, A p3, int own) {
 // pooled gradient once and routes it to the pixels of the four that are its first maximum.
 // Window-local indices, all constants once unrolled: grad(i, j, e) is the pooled gradient at
 // (h - 1 + i, w - 1 + j); routed(i, j, own, e, v) is v when the pixel at place `own` of window (i, j)
-// is its first maximum (pool_first_max) in channel e, else 0. Windows run row-major, so each pixel
+// is the pixel its maximum routes to (pool_window_argmax) in channel e, else 0. Windows run row-major, so each pixel
 // sums its windows in the order of max_blur_pool_grad_at, and each window's blur in its order too
 // (a skipped term adds an exact 0, as does a pooled pixel that reads zero).
 template <int N, typename A, class Routed, class Grad>

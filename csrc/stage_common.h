@@ -57,11 +57,85 @@ SCOTT_HD int64_t compact_offset(const int32_t* slot, int64_t b, int64_t y, int64
   return ((s * side + (y - py * side)) * side + (x - px * side)) * channels + c;
 }
 
-// relu(v) as the kernels take it: v > 0 ? v : 0 (0 for a NaN).
+// ---- ReLU and max as torch computes them, NaN and Inf included ---------------------------------
+// torch.relu: 0 for v <= 0, v otherwise, so a NaN stays NaN (+0 for -0 and negatives, as before).
 template <typename A>
 SCOTT_HD A relu_of(A v) {
-  return v > A(0) ? v : A(0);
+  return v <= A(0) ? A(0) : v;
 }
+
+// Whether ReLU's backward passes the gradient at output v: torch masks it only where v <= 0, so it
+// passes at a NaN.
+template <typename A>
+SCOTT_HD bool relu_passes(A v) {
+  return !(v <= A(0));
+}
+
+// One step of torch's max_pool2d scan: v replaces the running maximum m when v > m or v is NaN.
+// The scan's value is NaN when the window holds a NaN; its index is the first of the largest
+// values, or the last NaN (what F.max_pool2d(return_indices=True) returns and routes to).
+template <typename A>
+SCOTT_HD bool max_takes(A m, A v) {
+  return v > m || v != v;
+}
+
+template <typename A>
+SCOTT_HD A max_of(A m, A v) {
+  return max_takes(m, v) ? v : m;
+}
+
+#if defined(__CUDACC__)
+// The same on packed pairs of float16 / bfloat16 (two channels per instruction, tiled pools):
+// lane-wise max_of's value (NaN when either lane holds one), and 0xffff masks per lane.
+template <typename T> struct Packed2Of;
+template <> struct Packed2Of<__half> { using type = __half2; };
+template <> struct Packed2Of<__nv_bfloat16> { using type = __nv_bfloat162; };
+
+template <typename T>
+__device__ __forceinline__ typename Packed2Of<T>::type as_packed2(uint32_t a) {
+  return *reinterpret_cast<const typename Packed2Of<T>::type*>(&a);
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t max_of2(uint32_t a, uint32_t b) {
+  const typename Packed2Of<T>::type m = __hmax2_nan(as_packed2<T>(a), as_packed2<T>(b));
+  return *reinterpret_cast<const uint32_t*>(&m);
+}
+
+// relu_passes per lane: a > 0 or a NaN (unordered greater-than).
+template <typename T>
+__device__ __forceinline__ uint32_t relu_passes2(uint32_t a) {
+  return __hgtu2_mask(as_packed2<T>(a), as_packed2<T>(0u));
+}
+
+// The route of a packed 2x2 window p0..p3, per lane: all ones where torch's scan
+// (pool_window_argmax) picks the pixel at place `own`: the first pixel equal to the window's
+// maximum (max_of2; no pixel equals a NaN maximum), or in a lane holding a NaN the last NaN.
+template <typename T>
+__device__ __forceinline__ uint32_t route2(uint32_t p0, uint32_t p1, uint32_t p2, uint32_t p3, int own);
+
+// a is NaN per lane (unordered not-equal to itself).
+template <typename T>
+__device__ __forceinline__ uint32_t is_nan2(uint32_t a) {
+  return __hneu2_mask(as_packed2<T>(a), as_packed2<T>(a));
+}
+
+// a == b per lane (ordered: a NaN equals nothing).
+template <typename T>
+__device__ __forceinline__ uint32_t eq2(uint32_t a, uint32_t b) {
+  return __heq2_mask(as_packed2<T>(a), as_packed2<T>(b));
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t route2(uint32_t p0, uint32_t p1, uint32_t p2, uint32_t p3, int own) {
+  const uint32_t m = max_of2<T>(max_of2<T>(p0, p1), max_of2<T>(p2, p3));
+  const uint32_t p[4] = {p0, p1, p2, p3};
+  uint32_t hit = eq2<T>(p[own], m) | is_nan2<T>(p[own]);
+  for (int k = 0; k < own; ++k) hit &= ~eq2<T>(p[k], m);     // an earlier pixel equal to m wins
+  for (int k = own + 1; k < 4; ++k) hit &= ~is_nan2<T>(p[k]);  // a later NaN wins
+  return hit;
+}
+#endif
 
 // ---- neighbour slots and 32-bit row arithmetic (implicit GEMMs and tiled pools) ------------------
 // The fast kernels address a tile's surroundings through its 3 x 3 neighbour slots.

@@ -14,7 +14,7 @@
 // A conv stage (stride 2, pad k/2, input patch side q, output side s = q/2) is three GEMMs:
 //   forward  out[r, co] = relu(sum_kk window(r, kk) * w[kk, co])          r over M*s*s outputs
 //            (the ReLU optional: the tokenizer leaves it to the pool, applied to its window maxima)
-//   wgrad    dw[kk, co] = sum_r window(r, kk) * g'(r, co)                 g' = grad * (out > 0)
+//   wgrad    dw[kk, co] = sum_r window(r, kk) * g'(r, co)                 g' = grad * relu'(out)
 //   dgrad    din[p, ci] = sum_(ky,kx,co) g'(out pixel reading p via (ky,kx), co) * w[ky,kx,co,ci]
 //            (per parity class of p: only a quarter of the taps can read a given pixel)
 // with `window` gathering the input through `slot` (zero outside the image or in masked patches).
@@ -55,7 +55,7 @@ void conv_relu_dgrad_cpu(const StageGeometry& g, DType dtype, const void* grad, 
 // relu: the pool of relu(act), applied to the window maxima.
 void max_blur_pool_cpu(const PoolGeometry& g, DType dtype, const void* act, const int32_t* slot,
                        const int64_t* tile_pos, void* out, bool relu);
-// relu_mask: the gradient comes multiplied by (act > 0), for act = relu(y) the gradient with
+// relu_mask: the gradient comes multiplied by relu'(act) (relu_passes), for act = relu(y) the gradient with
 // respect to y (what both backward GEMMs of the conv before it read).
 void max_blur_pool_backward_cpu(const PoolGeometry& g, DType dtype, const void* grad, const void* act,
                                 const int32_t* slot, const int64_t* tile_pos, void* grad_act, bool relu_mask);

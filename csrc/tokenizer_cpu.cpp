@@ -160,7 +160,8 @@ void implicit_image_forward(const StageGeometry& g, const ImageConv& ic, const S
             std::fill(acc.begin(), acc.end(), T(0));
             for (int32_t p = 0; p < n_pairs; ++p) {
               const T* a = &staged[(tl * window + staged_pair_pixel(ic, oy, ox, p)) * kImageChannels];
-              for (int e = 0; e < 2 * kImageChannels; ++e)
+              const int taps = image_pair_padded(ic, p) ? kImageChannels : 2 * kImageChannels;
+              for (int e = 0; e < taps; ++e)
                 for (int32_t n = 0; n < ic.c_out; ++n) acc[n] += a[e] * w_pad[(p * 2 * kImageChannels + e) * ic.c_out + n];
             }
             const int32_t r = ((grp * tiles + tl) * ic.s + oy) * ic.s + ox;
@@ -425,7 +426,7 @@ void tiled_pool_backward(const TiledPool& tp, const T* grad, const T* act, const
     load_pool_window<T, 3>(grad, goff, gq);
     pool_window_maxima(win, wm);
     const auto routed = [&](int i, int j, int own, int e, T v) {
-      return pool_first_max(wm[i][j][e], win[i][j][e], win[i][j + 1][e], win[i + 1][j][e], win[i + 1][j + 1][e], own)
+      return pool_window_argmax(win[i][j][e], win[i][j + 1][e], win[i + 1][j][e], win[i + 1][j + 1][e]) == own
                  ? v
                  : T(0);
     };
@@ -433,7 +434,7 @@ void tiled_pool_backward(const TiledPool& tp, const T* grad, const T* act, const
     for (int a = 0; a < 2; ++a)
       for (int b = 0; b < 2; ++b) {
         if (relu_mask)
-          for (int e = 0; e < 8; ++e) r[a][b][e] = win[a + 1][b + 1][e] > T(0) ? r[a][b][e] : T(0);
+          for (int e = 0; e < 8; ++e) r[a][b][e] = relu_passes(win[a + 1][b + 1][e]) ? r[a][b][e] : T(0);
         const int32_t y = 2 * k.h + a, x = 2 * k.w + b;
         std::copy(r[a][b], r[a][b] + 8, grad_act + ((k.t * tp.side + y) * tp.side + x) * tp.channels + k.v * 8);
       }

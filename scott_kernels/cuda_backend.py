@@ -37,15 +37,101 @@ from .compact import (_multiprocessors, accumulator_dtype, check_tables, gemm_we
                       reduction_splits, register_stage_autograd, tokenize_compact, weight_from_partials)
 from .ops import _C
 
-__all__ = ["cuda_tokenize", "cuda_supports", "use_tensor_cores", "use_implicit_gemm", "conv_gemm_path"]
+__all__ = ["cuda_tokenize", "cuda_supports", "cuda_refusal", "code_arch", "kernel_paths", "use_tensor_cores",
+           "use_implicit_gemm", "conv_gemm_path"]
 
 _CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _UINT8 = 4
 
 
+def _build_archs() -> str:
+    """The CUDA architectures this build compiled ("" without CUDA)."""
+    return _C.build_info()["cuda_archs"] or ""
+
+
+def code_arch(capability: tuple[int, int], archs: str | None = None) -> int | None:
+    """The architecture (major * 10 + minor) of the code the CUDA driver loads from a module built
+    for ``archs`` (CMake CUDA_ARCHITECTURES entries, ``;`` or ``,`` separated; default: this
+    build's) on a GPU of compute capability ``capability``, or None when it holds none the GPU
+    runs. SASS runs on GPUs of its major version and an equal or higher minor one (an ``a``/``f``
+    target on its own GPU only), and is preferred; else the newest PTX at or below the GPU's, which
+    its driver compiles. The native module asks the driver itself (``_C.cuda_code_arch``); this
+    is the same rule for a GPU that is not there."""
+    if archs is None:
+        archs = _build_archs()
+    major, minor = capability
+    sass, ptx = [], []
+    for entry in archs.replace(",", ";").split(";"):
+        entry = entry.strip()
+        name, _, kind = entry.partition("-")
+        digits = name.rstrip("af")
+        if not digits.isdigit():
+            continue
+        number, exact = int(digits), digits != name
+        if exact:  # arch-specific code runs on its own GPU only
+            sass_runs = ptx_runs = number == 10 * major + minor
+        else:
+            sass_runs = number // 10 == major and number % 10 <= minor
+            ptx_runs = number <= 10 * major + minor
+        if sass_runs and kind in ("", "real"):
+            sass.append(number)
+        if ptx_runs and kind in ("", "virtual"):
+            ptx.append(number)
+    return max(sass) if sass else max(ptx) if ptx else None
+
+
+# What the cuda backend needs of the module's code for a device: its gather GEMM and per-element
+# pools compile for every target from sm_75 on; the sm_80 kernels (tensor-core GEMMs, tiled pools)
+# and clusters (sm_90) are chosen only where the loaded code has them (_C.cuda_code_arch).
+MIN_CODE_ARCH = 75
+TENSOR_CORE_CODE_ARCH = 80
+CLUSTER_CODE_ARCH = 90
+
+
+def cuda_refusal(device: torch.device, capability: tuple[int, int] | None = None) -> str | None:
+    """Why the cuda backend cannot run on ``device`` (optionally as if it had compute capability
+    ``capability``), or None when it can."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"the cuda backend runs on CUDA devices, not {device.type}"
+    if not _C.build_info()["cuda"]:
+        return "scott_kernels was built without CUDA (see scott_kernels.build_info())"
+    if capability is None:
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        capability = torch.cuda.get_device_capability(index)
+        arch = _C.cuda_code_arch(index)
+    else:
+        arch = code_arch(capability) or 0
+    sm = f"sm_{capability[0]}{capability[1]}"
+    if arch <= 0:
+        return (f"this build of scott_kernels holds no CUDA code that a {sm} GPU runs (built for "
+                f"{_C.build_info()['cuda_archs']}); rebuild with SCOTT_CUDA_ARCHS including {capability[0]}{capability[1]}")
+    if arch < MIN_CODE_ARCH:
+        return f"the cuda backend needs code for sm_{MIN_CODE_ARCH} or newer; a {sm} GPU runs sm_{arch} code of this build"
+    return None
+
+
 def cuda_supports(device: torch.device) -> bool:
-    """The CUDA kernels run on CUDA devices when the native module was built with nvcc."""
-    return device.type == "cuda" and bool(_C.build_info()["cuda"]) and torch.cuda.is_available()
+    """The CUDA kernels run on a CUDA device when the native module was built with nvcc and holds
+    code that device runs (``cuda_refusal`` says why not)."""
+    device = torch.device(device)
+    return device.type == "cuda" and bool(_C.build_info()["cuda"]) and torch.cuda.is_available() \
+        and cuda_refusal(device) is None
+
+
+def kernel_paths(capability: tuple[int, int], archs: str | None = None) -> dict[str, bool]:
+    """Which kernel families the cuda backend may choose on a GPU of compute capability
+    ``capability`` with a module built for ``archs`` (default: this build's): the rule the native
+    module applies to the device it runs on."""
+    arch = code_arch(capability, archs) or 0
+    runs = arch >= MIN_CODE_ARCH
+    return {
+        "gather_gemm": runs,                                   # CUDA-core gather GEMM, per-element pools
+        "tensor_cores": runs and arch >= TENSOR_CORE_CODE_ARCH,  # implicit + WMMA GEMMs, tiled pools
+        "clusters": runs and arch >= CLUSTER_CODE_ARCH and capability[0] >= 9,
+    }
 
 
 def use_tensor_cores(enabled: bool = True) -> None:
@@ -65,19 +151,45 @@ def use_tiled_pool(enabled: bool = True) -> None:
     _C.set_tiled_pool(bool(enabled))
 
 
-def pool_path(geometry: "_C.PoolGeometry", dtype: torch.dtype, on_cuda: bool) -> str:
-    """``"tiled"`` or ``"elementwise: <why>"``: which kernels a MaxBlurPool runs on."""
-    return _C.pool_path(geometry, _CODES[dtype], on_cuda)
+def pool_path(geometry: "_C.PoolGeometry", dtype: torch.dtype, on_cuda: bool,
+              capability: tuple[int, int] | None = None) -> str:
+    """``"tiled"`` or ``"elementwise: <why>"``: which kernels a MaxBlurPool runs on; with
+    ``capability``, on a GPU of that compute capability running this build (``kernel_paths``)."""
+    if capability is None:
+        return _C.pool_path(geometry, _CODES[dtype], on_cuda)
+    path = _C.pool_path(geometry, _CODES[dtype], False)
+    if path != "tiled":
+        return path
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "elementwise: the tiled pool kernels run float16/bfloat16, from sm_80 code"
+    if not kernel_paths(capability)["tensor_cores"]:
+        return f"elementwise: the tiled pool kernels need sm_80 code; sm_{capability[0]}{capability[1]} runs {_code_name(capability)}"
+    return "tiled"
+
+
+def _code_name(capability: tuple[int, int]) -> str:
+    arch = code_arch(capability)
+    return f"sm_{arch} code of this build" if arch else "no code of this build"
 
 
 _OPS = {"forward": 0, "wgrad": 1, "dgrad": 2}
 
 
 def conv_gemm_path(geometry: "_C.StageGeometry", dtype: torch.dtype, on_cuda: bool, splits: int = 1,
-                   op: str = "forward") -> str:
+                   op: str = "forward", capability: tuple[int, int] | None = None) -> str:
     """``"implicit"`` or ``"gather: <why>"``: which GEMM a stage's convolution ``op`` (forward,
-    wgrad, dgrad) runs on."""
-    return _C.conv_gemm_path(geometry, _CODES[dtype], splits, on_cuda, _OPS[op])
+    wgrad, dgrad) runs on; with ``capability``, on a GPU of that compute capability running this
+    build (``kernel_paths``: the implicit GEMMs need sm_80 code)."""
+    if capability is None:
+        return _C.conv_gemm_path(geometry, _CODES[dtype], splits, on_cuda, _OPS[op])
+    path = _C.conv_gemm_path(geometry, _CODES[dtype], splits, False, _OPS[op])
+    if path != "implicit":
+        return path
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "gather: the implicit GEMM runs float16/bfloat16 on tensor cores, from sm_80 code"
+    if not kernel_paths(capability)["tensor_cores"]:
+        return f"gather: the implicit GEMM needs sm_80 code; sm_{capability[0]}{capability[1]} runs {_code_name(capability)}"
+    return "implicit"
 
 
 def _implicit(g: "_C.StageGeometry", t: torch.Tensor, splits: int = 1, op: str = "forward") -> bool:

@@ -11,7 +11,7 @@ from .compact import accumulator_dtype, visible_positions
 from .ops import native_supports
 from .reference import reference_tokenize
 from .torch_backend import torch_tokenize
-from .cuda_backend import cuda_supports, cuda_tokenize
+from .cuda_backend import cuda_refusal, cuda_supports, cuda_tokenize
 from .triton_backend import triton_supports, triton_tokenize
 from .spconv_backend import require_spconv, spconv_supports, spconv_tokenize
 
@@ -61,7 +61,9 @@ def select_backend(backend: str, device: torch.device | str) -> str:
     if backend == "spconv":
         require_spconv()   # an optional extra: the error names it
     if not BACKENDS[backend][1](device):
-        raise RuntimeError(f"backend {backend!r} does not run on {device} in this build; "
+        why = cuda_refusal(device) if backend == "cuda" and device.type == "cuda" else None
+        raise RuntimeError(f"backend {backend!r} does not run on {device} in this build"
+                           + (f" ({why})" if why else "") + "; "
                            f"available there: {available_backends(device)} (see scott_kernels.build_info())")
     return backend
 
