@@ -17,7 +17,7 @@ import functools
 import os
 from typing import Any, Callable, Iterable, Sequence
 
-__all__ = ["interpreting", "triton_supports", "single_config", "rows_bucket", "accumulator", "MAX_SHARED", "shared_memory_limit", "gemm_shared_bytes", "keep_fitting", "shared_fits", "prune_hook",
+__all__ = ["interpreting", "MIN_CAPABILITY", "triton_supports", "single_config", "rows_bucket", "accumulator", "MAX_SHARED", "shared_memory_limit", "gemm_shared_bytes", "keep_fitting", "shared_fits", "prune_hook",
            "element_bytes", "pow2", "autotune", "SharedMemoryError", "resource_errors", "conv_fwd_configs", "image_fwd_configs", "conv_wgrad_configs",
            "image_wgrad_configs", "conv_dgrad_configs", "prune_wide", "prune_by_c_out", "prune_by_c_in",
            "prune_image_wgrad", "CONV_KEY", "IMAGE_KEY", "FWD_SHARED", "IMAGE_FWD_SHARED", "WGRAD_SHARED",
@@ -28,10 +28,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Oldest GPU the Triton kernels run on. Compiled for sm_75 (T4, RTX 20xx), Triton 3.8 emits no
+# tensor-core instruction for their dots (fp16, bf16 or fp32 alike: FMA loops) and every GEMM
+# kernel spills registers; bf16 needs sm_80 anyway. Below it the backend is not offered.
+MIN_CAPABILITY = (8, 0)
+
+
 def triton_supports(device) -> bool:
-    """Triton runs on CUDA GPUs, and on the CPU under its interpreter (TRITON_INTERPRET=1).
-    One function for every Triton op's device check, so a tool that compiles the kernels for a
-    GPU target on a CPU (benchmarks/static/codegen.py) has one place to rebind."""
+    """Triton runs on CUDA GPUs of compute capability MIN_CAPABILITY (sm_80) or newer, and on the
+    CPU under its interpreter (TRITON_INTERPRET=1). One function for every Triton op's device
+    check, so a tool that compiles the kernels for a GPU target on a CPU
+    (benchmarks/static/codegen.py) has one place to rebind."""
     try:
         import triton  # noqa: F401
     except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
@@ -39,7 +46,7 @@ def triton_supports(device) -> bool:
     import torch
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_available()
+        return torch.cuda.is_available() and tuple(torch.cuda.get_device_capability(device)) >= MIN_CAPABILITY
     return device.type == "cpu" and interpreting()
 
 
@@ -287,7 +294,8 @@ def _tuner_class():
         def run(self, *args, **kwargs):
             import torch
             key = self._tuning_key(args, kwargs)
-            if torch.are_deterministic_algorithms_enabled():
+            if torch.are_deterministic_algorithms_enabled() or len(self.configs) == 1:
+                # a fixed config: the first kept (the only one, for a single-config kernel)
                 self.nargs = dict(zip(self.arg_names, args))
                 fixed = self._kept(kwargs)[0]
                 fitted = self._fitted()
@@ -308,8 +316,7 @@ def _tuner_class():
                     raise
                 self.nargs = dict(zip(self.arg_names, args))
                 working, ret = self._fall_back(failed, args, kwargs, e)
-                if len(self.configs) > 1:
-                    self.cache[key] = working   # later launches for this key start from it
+                self.cache[key] = working   # later launches for this key start from it
                 return ret
             self.last_config = self.best_config
             return ret

@@ -307,7 +307,7 @@ def _check_tables(name: str, src: torch.Tensor, slot: torch.Tensor, tile_pos: to
     check_tables(name, src, slot, tile_pos)
     if not triton_supports(src.device):
         raise RuntimeError(f"{name}: Triton does not run on {src.device} here "
-                           "(a CUDA GPU, or the CPU with TRITON_INTERPRET=1)")
+                           "(a CUDA GPU of compute capability 8.0 or newer, or the CPU with TRITON_INTERPRET=1)")
 
 
 def _source_geometry(src: torch.Tensor, slot: torch.Tensor, in_side: int, src_is_image: bool) -> int:

@@ -278,12 +278,10 @@ if triton is not None:
         nothing compares greater than NaN)."""
         best = a
         arg = tl.zeros(a.shape, dtype=tl.int32)
-        take = (b > best) | (b != b)
-        arg = tl.where(take, 1, arg)
-        best = tl.where(take, b, best)
-        take = (c > best) | (c != c)
-        arg = tl.where(take, 2, arg)
-        best = tl.where(take, c, best)
+        arg = tl.where((b > best) | (b != b), 1, arg)
+        best = tl.maximum(best, b, propagate_nan=tl.PropagateNan.ALL)
+        arg = tl.where((c > best) | (c != c), 2, arg)
+        best = tl.maximum(best, c, propagate_nan=tl.PropagateNan.ALL)
         arg = tl.where((d > best) | (d != d), 3, arg)
         if HAS00:
             acc00 += tl.where(arg == (1 - A) * 2 + (1 - B), gm, 0.0)
@@ -586,7 +584,7 @@ def _check(name: str, act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Ten
     check_tables(name, act, slot, tile_pos)
     if not triton_supports(act.device):
         raise RuntimeError(f"{name}: Triton does not run on {act.device} here "
-                           "(a CUDA GPU, or the CPU with TRITON_INTERPRET=1)")
+                           "(a CUDA GPU of compute capability 8.0 or newer, or the CPU with TRITON_INTERPRET=1)")
     s = act.shape[1] if act.dim() == 4 else 0
     if act.dim() != 4 or act.shape[2] != s or s < 2 or s & (s - 1) or (side is not None and s != side):
         want = f"side {side}" if side is not None else "s a power of two"

@@ -38,6 +38,13 @@ TARGETS = {
          "max_warps_per_sm": 64},
     80: {"name": "sm_80", "max_shared": 163 * 1024, "sms": 108, "regs_per_sm": 65536, "smem_per_sm": 164 * 1024,
          "max_warps_per_sm": 64},
+    # consumer GPUs: RTX 40xx / L4 / L40 (sm_89), RTX 30xx / A10 (sm_86), T4 / RTX 20xx (sm_75)
+    89: {"name": "sm_89", "max_shared": 99 * 1024, "sms": 128, "regs_per_sm": 65536, "smem_per_sm": 100 * 1024,
+         "max_warps_per_sm": 48},
+    86: {"name": "sm_86", "max_shared": 99 * 1024, "sms": 82, "regs_per_sm": 65536, "smem_per_sm": 100 * 1024,
+         "max_warps_per_sm": 48},
+    75: {"name": "sm_75", "max_shared": 64 * 1024, "sms": 40, "regs_per_sm": 65536, "smem_per_sm": 64 * 1024,
+         "max_warps_per_sm": 32},
 }
 
 

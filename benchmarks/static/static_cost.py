@@ -1,6 +1,6 @@
 """Static machine-code cost report: a STATIC ESTIMATE from compiled code, not a timing.
 
-    python benchmarks/static/static_cost.py [--arch 90|80] [--quick] [--first-config REGEX]
+    python benchmarks/static/static_cost.py [--arch 90|89|86|80|75] [--quick] [--first-config REGEX]
                                             [--dtype bfloat16] [--json OUT.json] [--no-cuda | --no-triton]
 
 Triton backend. The real code path, ``sparse_conv_tokenize(..., backend="triton")`` forward and
@@ -516,7 +516,7 @@ def sums(rows: list[dict]) -> tuple[float, float]:
 def render(args, info, configs, best, errors, cuda_kernels, cuda_launches, cuda_notes) -> str:
     tf = 790e12
     out = []
-    target = {90: "sm_90a", 80: "sm_80"}[args.arch]
+    target = "sm_90a" if args.arch == 90 else f"sm_{args.arch}"
     out.append(f"# Static cost report (static estimate, not a timing)\n")
     out.append(f"Target {target}; dtype {args.dtype}; workload B=64, 224², 78/196 visible (mask 0.6), D=384, "
                f"hidden 64, k=7; dense forward keep=None. Machine model: 132 SMs × 4 schedulers × 1.98 GHz, "
@@ -596,7 +596,7 @@ def render(args, info, configs, best, errors, cuda_kernels, cuda_launches, cuda_
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", type=int, default=90, choices=(90, 80))
+    p.add_argument("--arch", type=int, default=90, choices=(90, 89, 86, 80, 75))
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--quick", action="store_true", help="first kept config of every autotuned kernel")
     p.add_argument("--first-config", default=None, metavar="REGEX",
