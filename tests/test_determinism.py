@@ -55,7 +55,8 @@ def fresh_tuner(monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(_scale_kernel, "cache", {})
     monkeypatch.setattr(_scale_kernel, "_fitted_configs", {}, raising=False)
-    monkeypatch.setattr(_scale_kernel, "_bench", lambda *args, config, **kw: [1.0 if config.kwargs["BLOCK"] == 32 else 2.0] * 3)
+    monkeypatch.setattr(_scale_kernel, "_bench",
+                        lambda *args, config, **kw: [1.0 if config.kwargs["BLOCK"] == 32 else 2.0] * 3)
     return _scale_kernel
 
 
