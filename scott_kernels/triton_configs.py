@@ -17,8 +17,8 @@ import functools
 import os
 from typing import Any, Callable, Iterable, Sequence
 
-__all__ = ["interpreting", "triton_supports", "single_config", "rows_bucket", "accumulator", "MAX_SHARED", "shared_memory_limit", "gemm_shared_bytes", "keep_fitting", "shared_fits", "prune_hook",
-           "element_bytes", "pow2", "autotune", "conv_fwd_configs", "image_fwd_configs", "conv_wgrad_configs",
+__all__ = ["interpreting", "MIN_CAPABILITY", "triton_supports", "single_config", "rows_bucket", "accumulator", "MAX_SHARED", "shared_memory_limit", "gemm_shared_bytes", "keep_fitting", "shared_fits", "prune_hook",
+           "element_bytes", "pow2", "autotune", "SharedMemoryError", "resource_errors", "conv_fwd_configs", "image_fwd_configs", "conv_wgrad_configs",
            "image_wgrad_configs", "conv_dgrad_configs", "prune_wide", "prune_by_c_out", "prune_by_c_in",
            "prune_image_wgrad", "CONV_KEY", "IMAGE_KEY", "FWD_SHARED", "IMAGE_FWD_SHARED", "WGRAD_SHARED",
            "IMAGE_WGRAD_SHARED"]
@@ -28,10 +28,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Oldest GPU the Triton kernels run on. Compiled for sm_75 (T4, RTX 20xx), Triton 3.8 emits no
+# tensor-core instruction for their dots (fp16, bf16 or fp32 alike: FMA loops) and every GEMM
+# kernel spills registers; bf16 needs sm_80 anyway. Below it the backend is not offered.
+MIN_CAPABILITY = (8, 0)
+
+
 def triton_supports(device) -> bool:
-    """Triton runs on CUDA GPUs, and on the CPU under its interpreter (TRITON_INTERPRET=1).
-    One function for every Triton op's device check, so a tool that compiles the kernels for a
-    GPU target on a CPU (benchmarks/static/codegen.py) has one place to rebind."""
+    """Triton runs on CUDA GPUs of compute capability MIN_CAPABILITY (sm_80) or newer, and on the
+    CPU under its interpreter (TRITON_INTERPRET=1). One function for every Triton op's device
+    check, so a tool that compiles the kernels for a GPU target on a CPU
+    (benchmarks/static/codegen.py) has one place to rebind."""
     try:
         import triton  # noqa: F401
     except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
@@ -39,7 +46,7 @@ def triton_supports(device) -> bool:
     import torch
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_available()
+        return torch.cuda.is_available() and tuple(torch.cuda.get_device_capability(device)) >= MIN_CAPABILITY
     return device.type == "cpu" and interpreting()
 
 
@@ -233,13 +240,161 @@ def prune_image_wgrad(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_KY"])]
 
 
-def autotune(configs, key, prune, shared=gemm_shared_bytes):
-    """``triton.autotune`` with results cached on disk; configs whose operand tiles would not fit
-    the device's shared memory are dropped before compiling, then ``prune`` applies."""
+class SharedMemoryError(RuntimeError):
+    """No config of a Triton kernel fits the device: every kept config, down to one pipeline
+    stage, ran out of shared memory (or another per-block resource)."""
+
+
+def resource_errors() -> tuple:
+    """The exceptions Triton raises when a compiled kernel needs more shared memory (or
+    registers) than the device gives one block: ``OutOfResources`` (triton.runtime.errors in
+    3.5-3.8; also looked up in triton.compiler.errors, where other versions keep it)."""
+    import importlib
+    found = []
+    for module in ("triton.runtime.errors", "triton.compiler.errors", "triton.runtime.autotuner"):
+        try:
+            cls = getattr(importlib.import_module(module), "OutOfResources", None)
+        except ImportError:  # pragma: no cover - depends on the Triton version
+            continue
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+def _with_stages(config, stages: int):
+    import copy
+    out = copy.copy(config)
+    out.num_stages = stages
+    return out
+
+
+def _tuner_class():
+    """An ``Autotuner`` whose launch (1) under ``torch.use_deterministic_algorithms(True)``
+    always uses the first config kept after pruning, never a timed choice (whatever the
+    process's or the on-disk cache holds for the key), and (2) when a launch runs out of shared
+    memory retries the same tile with fewer pipeline stages (down to 1), then the next smaller
+    kept configs, and raises :class:`SharedMemoryError` naming the kernel and the device's limit
+    if none fits. ``last_config`` is the config of the latest launch."""
+    from triton.runtime.autotuner import Autotuner
+
+    class Tuner(Autotuner):
+        shared_estimate = None      # (config, named_args) -> bytes, to order the fallbacks
+        last_config = None
+
+        def _tuning_key(self, args, kwargs) -> tuple:
+            # the key Triton's Autotuner.run uses: the key arguments, then every tensor's dtype
+            named = {k: v for k, v in {**dict(zip(self.arg_names, args)), **kwargs}.items() if k in self.arg_names}
+            key = [named[k] for k in self.keys if k in named]
+            key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+            return tuple(key)
+
+        def _kept(self, kwargs) -> list:
+            return list(self.prune_configs(kwargs)) if len(self.configs) > 1 else list(self.configs)
+
+        def run(self, *args, **kwargs):
+            import torch
+            key = self._tuning_key(args, kwargs)
+            if torch.are_deterministic_algorithms_enabled() or len(self.configs) == 1:
+                # a fixed config: the first kept (the only one, for a single-config kernel)
+                self.nargs = dict(zip(self.arg_names, args))
+                fixed = self._kept(kwargs)[0]
+                fitted = self._fitted()
+                if (key, fixed) in fitted:    # this config ran out of resources here before
+                    return self._launch(fitted[(key, fixed)], args, kwargs)
+                try:
+                    return self._launch(fixed, args, kwargs)
+                except resource_errors() as e:
+                    working, ret = self._fall_back(fixed, args, kwargs, e)
+                    fitted[(key, fixed)] = working
+                    return ret
+            self.best_config = None
+            try:
+                ret = super().run(*args, **kwargs)
+            except resource_errors() as e:
+                failed = self.best_config
+                if failed is None:     # raised before a launch: not ours to handle
+                    raise
+                self.nargs = dict(zip(self.arg_names, args))
+                working, ret = self._fall_back(failed, args, kwargs, e)
+                self.cache[key] = working   # later launches for this key start from it
+                return ret
+            self.last_config = self.best_config
+            return ret
+
+        def _fitted(self) -> dict:
+            if "_fitted_configs" not in self.__dict__:
+                self._fitted_configs = {}
+            return self._fitted_configs
+
+        def _fallbacks(self, config, kwargs) -> list:
+            """After ``config``: itself with num_stages down to 1, then the other kept configs that
+            need less shared memory (largest first; without an estimate, those after it in the
+            list), each likewise."""
+            kept = [c for c in self._kept(kwargs) if c is not config]
+            if self.shared_estimate is not None:
+                named = {**self.nargs, **kwargs}
+                need = lambda c: self.shared_estimate(c, named)
+                limit = need(config)
+                kept = sorted((c for c in kept if not limit or need(c) < limit), key=need, reverse=True)
+            elif config in self.configs:
+                at = self.configs.index(config)
+                kept = [c for c in kept if c not in self.configs or self.configs.index(c) > at]
+            out = []
+            for c in [config] + kept:
+                stages = max(1, int(getattr(c, "num_stages", 1) or 1))
+                out += ([] if c is config else [c]) + [_with_stages(c, k) for k in range(stages - 1, 0, -1)]
+            return out
+
+        def _fall_back(self, config, args, kwargs, error):
+            """(the config that ran, its result) for the first fallback of ``config`` that fits."""
+            last = error
+            for c in self._fallbacks(config, kwargs):
+                self.nargs = dict(zip(self.arg_names, args))
+                try:
+                    return c, self._launch(c, args, kwargs)
+                except resource_errors() as e:
+                    last = e
+            self.nargs = None
+            name = getattr(self.base_fn, "__name__", "kernel")
+            raise SharedMemoryError(
+                f"{name}: no config fits this GPU's shared memory ({shared_memory_limit()} bytes per block); "
+                f"tried {config} with num_stages down to 1 and every smaller kept config; last error: {last}") from last
+
+        def _launch(self, config, args, kwargs):
+            self.best_config = config
+            self.last_config = config
+            if config.pre_hook is not None:
+                config.pre_hook({**self.nargs, **kwargs, **config.all_kwargs()})
+            ret = self.fn.run(*args, **kwargs, **config.all_kwargs())
+            self.nargs = None
+            return ret
+
+    return Tuner
+
+
+@functools.lru_cache(maxsize=None)
+def _tuner():
+    return _tuner_class()
+
+
+def autotune(configs, key, prune=None, shared=gemm_shared_bytes):
+    """``triton.autotune`` for every Triton kernel of the package: results cached on disk;
+    configs whose operand tiles would not fit the device's shared memory are dropped before
+    compiling (``shared``: the estimate, None for kernels that stage nothing in shared memory),
+    then ``prune`` applies. The returned autotuner launches a fixed config (the first kept)
+    under ``torch.use_deterministic_algorithms(True)`` and falls back to fewer stages and
+    smaller configs when a launch runs out of shared memory (see ``_tuner_class``)."""
     import triton
-    return triton.autotune(configs=configs, key=key,
-                           prune_configs_by={"early_config_prune": prune_hook(prune, shared_fits(shared))},
-                           cache_results=True)
+    rules = [r for r in (prune, shared_fits(shared) if shared is not None else None) if r is not None]
+    extra = {"prune_configs_by": {"early_config_prune": prune_hook(*rules)}} if rules else {}
+
+    def decorator(fn):
+        tuner = triton.autotune(configs=configs, key=key, cache_results=True, **extra)(fn)
+        # the subclass adds only behaviour: same constructor and state whatever Triton's version
+        tuner.__class__ = _tuner()
+        tuner.shared_estimate = shared
+        return tuner
+    return decorator
 
 
 CONV_KEY = ["C_IN", "C_OUT", "IN_SIDE", "KSIZE", "ROWS_BUCKET"]

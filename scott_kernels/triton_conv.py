@@ -76,11 +76,12 @@ if triton is not None:
 
     @triton.jit
     def _relu_grad(grad_ptr, out_ptr, offs, mask, GRAD_MASKED: tl.constexpr):
-        """grad * relu'(out); with GRAD_MASKED the gradient comes already multiplied."""
+        """grad * relu'(out); with GRAD_MASKED the gradient comes already multiplied. As in torch's
+        ReLU backward, the gradient passes where out is NaN (NaN <= 0 is false)."""
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0)
         if not GRAD_MASKED:
             r = tl.load(out_ptr + offs, mask=mask, other=0.0)
-            g = tl.where(r > 0, g, tl.zeros_like(g))
+            g = tl.where(~(r <= 0), g, tl.zeros_like(g))
         return g
 
     @autotune(conv_fwd_configs(), CONV_KEY, prune_by_c_out, shared=FWD_SHARED)
@@ -123,7 +124,7 @@ if triton is not None:
             w = tl.load(w_ptr + (tap * C_IN + ch)[:, None] * C_OUT + cols[None, :], mask=w_mask, other=0.0)
             acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=ACC)
         if RELU:
-            acc = tl.maximum(acc, 0.0)
+            acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)   # NaN stays NaN, as in torch.relu
         tl.store(out_ptr + rows[:, None] * C_OUT + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
@@ -306,7 +307,7 @@ def _check_tables(name: str, src: torch.Tensor, slot: torch.Tensor, tile_pos: to
     check_tables(name, src, slot, tile_pos)
     if not triton_supports(src.device):
         raise RuntimeError(f"{name}: Triton does not run on {src.device} here "
-                           "(a CUDA GPU, or the CPU with TRITON_INTERPRET=1)")
+                           "(a CUDA GPU of compute capability 8.0 or newer, or the CPU with TRITON_INTERPRET=1)")
 
 
 def _source_geometry(src: torch.Tensor, slot: torch.Tensor, in_side: int, src_is_image: bool) -> int:

@@ -73,13 +73,20 @@ if triton is not None:
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < C_OUT
         kc = tl.arange(0, KROW)
+        # the taps past KSIZE have zero weights but read real pixels, and 0 * Inf or 0 * NaN is
+        # NaN: they load as 0, so a non-finite pixel reaches only the outputs torch's conv feeds
+        TAIL: tl.constexpr = KSIZE * CP < KROW
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         for ky in range(KSIZE):
-            a = tl.load(packed_ptr + (base + ky * ROW_STRIDE)[:, None] + kc[None, :])
+            if TAIL:
+                a = tl.load(packed_ptr + (base + ky * ROW_STRIDE)[:, None] + kc[None, :],
+                            mask=(kc < KSIZE * CP)[None, :], other=0.0)
+            else:
+                a = tl.load(packed_ptr + (base + ky * ROW_STRIDE)[:, None] + kc[None, :])
             w = tl.load(w_ptr + (ky * KROW + kc)[:, None] * C_OUT + cols[None, :], mask=col_ok[None, :], other=0.0)
             acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=ACC)
         if RELU:
-            acc = tl.maximum(acc, 0.0)
+            acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)   # NaN stays NaN, as in torch.relu
         tl.store(out_ptr + rows[:, None] * C_OUT + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 

@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 
 from ._device import custom_op
 from .compact import accumulator_dtype, check_tables
-from .triton_configs import accumulator, interpreting, rows_bucket, single_config, triton_supports
+from .triton_configs import accumulator, autotune, interpreting, rows_bucket, single_config, triton_supports
 
 __all__ = ["max_blur_pool", "max_blur_pool_backward", "pool_tokens", "pool_tokens_backward",
            "pool_tokens_apply"]
@@ -72,8 +72,9 @@ def _prune_channels(configs, named_args, **kwargs):
 
 
 def _autotune(configs, key, prune=None):
-    extra = {"prune_configs_by": {"early_config_prune": prune}} if prune else {}
-    return triton.autotune(configs=configs, key=key, cache_results=True, **extra)
+    """triton_configs.autotune (fixed config under deterministic algorithms, fallback when a
+    launch runs out of resources) without shared-memory pruning: these kernels stage nothing."""
+    return autotune(configs, key, prune, shared=None)
 
 
 _KEY = ["C", "SIDE", "ROWS_BUCKET"]
@@ -202,7 +203,8 @@ if triton is not None:
         """[T, P, BLOCK_C] MaxBlurPool of pooled pixels (py, px): max of each 2x2 window of the
         4 x 4 block, binomial blur of the 3 x 3 windows. Windows outside the map are the blur's
         zero padding (image border only; a masked neighbour's pixels read as 0). With RELU the
-        pool of relu(act): relu commutes with max, so it is applied to the window maxima."""
+        pool of relu(act): relu commutes with max, so it is applied to the window maxima. Every max
+        here propagates NaN, as torch's max_pool2d and relu do (IEEE maxNum would drop it)."""
         # max-map row/column 0 (2 resp.) lies outside the image only at the image's top/left
         # (bottom/right) edge
         ex_top = ~(up & (gy == 0)[:, None])
@@ -224,19 +226,19 @@ if triton is not None:
             v2 = _load_tap(act_ptr, t2, ly, _local(2 * px, left, right, 2, 3, SIDE), c, c_ok, SIDE, C)
             v3 = _load_tap(act_ptr, t3, ly, _local(2 * px, left, right, 3, 3, SIDE), c, c_ok, SIDE, C)
             # max is exact in the storage dtype: convert the three row maxima only
-            h0 = tl.maximum(v0, v1).to(ACC)
-            h1 = tl.maximum(v1, v2).to(ACC)
-            h2 = tl.maximum(v2, v3).to(ACC)
+            h0 = tl.maximum(v0, v1, propagate_nan=tl.PropagateNan.ALL).to(ACC)
+            h1 = tl.maximum(v1, v2, propagate_nan=tl.PropagateNan.ALL).to(ACC)
+            h2 = tl.maximum(v2, v3, propagate_nan=tl.PropagateNan.ALL).to(ACC)
             if i > 0:
                 # max-map row i - 1: weight 1, 2, 1 over rows, the same over columns, / 16
                 row_w = 2.0 / 16.0 if i == 2 else 1.0 / 16.0
-                m0 = tl.maximum(h0p, h0)
-                m1 = tl.maximum(h1p, h1)
-                m2 = tl.maximum(h2p, h2)
+                m0 = tl.maximum(h0p, h0, propagate_nan=tl.PropagateNan.ALL)
+                m1 = tl.maximum(h1p, h1, propagate_nan=tl.PropagateNan.ALL)
+                m2 = tl.maximum(h2p, h2, propagate_nan=tl.PropagateNan.ALL)
                 if RELU:
-                    m0 = tl.maximum(m0, 0.0)
-                    m1 = tl.maximum(m1, 0.0)
-                    m2 = tl.maximum(m2, 0.0)
+                    m0 = tl.maximum(m0, 0.0, propagate_nan=tl.PropagateNan.ALL)
+                    m1 = tl.maximum(m1, 0.0, propagate_nan=tl.PropagateNan.ALL)
+                    m2 = tl.maximum(m2, 0.0, propagate_nan=tl.PropagateNan.ALL)
                 m0 = tl.where(ex_left[:, :, None], m0, 0.0)
                 m2 = tl.where(ex_right[:, :, None], m2, 0.0)
                 row = m0 + 2.0 * m1 + m2
@@ -271,14 +273,16 @@ if triton is not None:
                      HAS00: tl.constexpr, HAS01: tl.constexpr, HAS10: tl.constexpr, HAS11: tl.constexpr):
         """Adds the window (values a b / c d, gradient gm) to each of the block's pixels it holds.
         The block pixel (u, v) sits in the window at (u + 1 - A, v + 1 - B) for window (A, B) of
-        the 3 x 3; torch's max_pool2d gives the gradient to the first maximum in row-major order."""
+        the 3 x 3; torch's max_pool2d gives the gradient to the first maximum in row-major order,
+        or to the last NaN when the window holds one (a NaN replaces the running maximum, and
+        nothing compares greater than NaN)."""
         best = a
         arg = tl.zeros(a.shape, dtype=tl.int32)
-        arg = tl.where(b > best, 1, arg)
-        best = tl.maximum(best, b)
-        arg = tl.where(c > best, 2, arg)
-        best = tl.maximum(best, c)
-        arg = tl.where(d > best, 3, arg)
+        arg = tl.where((b > best) | (b != b), 1, arg)
+        best = tl.maximum(best, b, propagate_nan=tl.PropagateNan.ALL)
+        arg = tl.where((c > best) | (c != c), 2, arg)
+        best = tl.maximum(best, c, propagate_nan=tl.PropagateNan.ALL)
+        arg = tl.where((d > best) | (d != d), 3, arg)
         if HAS00:
             acc00 += tl.where(arg == (1 - A) * 2 + (1 - B), gm, 0.0)
         if HAS01:
@@ -295,7 +299,7 @@ if triton is not None:
                                   ROWS_BUCKET, C: tl.constexpr, SIDE: tl.constexpr, ACC: tl.constexpr,
                                   RELU_MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
         """dact (M, s, s, C) from the pooled gradient (M, s/2, s/2, C), per 2 x 2 block of conv
-        pixels (one per pooled pixel); with RELU_MASK times (act > 0)."""
+        pixels (one per pooled pixel); with RELU_MASK times ReLU' (act > 0, or act NaN)."""
         PS: tl.constexpr = SIDE // 2
         (own, gy, gx, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, py, px, up, down, left, right,
          c, c_ok) = _program_block(tile_pos_ptr, slot_ptr, num_tiles, num_pos, GH, GW, C, SIDE, ROWS, BLOCK_C)
@@ -413,10 +417,11 @@ if triton is not None:
             vp2 = v2
             vp3 = v3
         if RELU_MASK:
-            acc00 = tl.where(own00 > 0, acc00, 0.0)
-            acc01 = tl.where(own01 > 0, acc01, 0.0)
-            acc10 = tl.where(own10 > 0, acc10, 0.0)
-            acc11 = tl.where(own11 > 0, acc11, 0.0)
+            # torch's ReLU' passes the gradient wherever act <= 0 is false: also at NaN
+            acc00 = tl.where(~(own00 <= 0), acc00, 0.0)
+            acc01 = tl.where(~(own01 <= 0), acc01, 0.0)
+            acc10 = tl.where(~(own10 <= 0), acc10, 0.0)
+            acc11 = tl.where(~(own11 <= 0), acc11, 0.0)
         ok = (own >= 0)[:, None, None] & c_ok[None, None, :]
         base = own.to(tl.int64)[:, None] * (SIDE * SIDE * C) + ((2 * py) * SIDE + 2 * px) * C
         ptrs = dact_ptr + base[:, :, None] + c[None, None, :]
@@ -440,9 +445,9 @@ if triton is not None:
             fill += tl.load(mtok_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
         return pe, fill
 
-    @triton.autotune(configs=[triton.Config({"TOKENS": 32})] if _interpreting() else
-                     [triton.Config({"TOKENS": t}, num_warps=w) for t, w in _EPI_TABLE][:1 if single_config() else None],
-                     key=["C", "DENSE", "ROWS_BUCKET"], cache_results=True)
+    @_autotune([triton.Config({"TOKENS": 32})] if _interpreting() else
+               [triton.Config({"TOKENS": t}, num_warps=w) for t, w in _EPI_TABLE][:1 if single_config() else None],
+               ["C", "DENSE", "ROWS_BUCKET"])
     @triton.jit
     def _pool_tokens_fwd_kernel(act_ptr, out_ptr, x_ptr, stats_ptr, slot_ptr, tile_pos_ptr, w_ptr, b_ptr, pos_ptr,
                                 mtok_ptr, num_tiles, num_pos, GH, GW, eps, ROWS_BUCKET,
@@ -579,7 +584,7 @@ def _check(name: str, act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Ten
     check_tables(name, act, slot, tile_pos)
     if not triton_supports(act.device):
         raise RuntimeError(f"{name}: Triton does not run on {act.device} here "
-                           "(a CUDA GPU, or the CPU with TRITON_INTERPRET=1)")
+                           "(a CUDA GPU of compute capability 8.0 or newer, or the CPU with TRITON_INTERPRET=1)")
     s = act.shape[1] if act.dim() == 4 else 0
     if act.dim() != 4 or act.shape[2] != s or s < 2 or s & (s - 1) or (side is not None and s != side):
         want = f"side {side}" if side is not None else "s a power of two"

@@ -1,13 +1,18 @@
 """Kernels compile for real GPUs without one: every Triton kernel the triton backend launches at
-the headline workload (bf16/fp32, stage 0 reading images, stage 1 64 -> 384, forward, backward,
-dense forward) is compiled for sm_90a and sm_80 through the real code path with a stand-in
-driver (benchmarks/static/codegen.py), and the nvcc-built CUDA module's resource usage is read.
+the headline workload (bf16/fp16/fp32, stage 0 reading images, stage 1 64 -> 384, forward,
+backward, dense forward) is compiled for sm_90a, sm_80 and the consumer GPUs' sm_89 and sm_86
+(99 KB of shared memory per block) through the real code path with a stand-in driver
+(benchmarks/static/codegen.py), and the nvcc-built CUDA module's resource usage is read.
 
 Fails on a compile error or shared memory above the target's per-block limit; spills are
-asserted zero for every kernel. CI compiles the first config
-each autotuner keeps (``--quick``) for (sm_90a, bf16) and (sm_80, fp32); set
-SCOTT_CODEGEN_ALL=1 for all four target x dtype pairs and SCOTT_CODEGEN_CONFIGS=all for every
+asserted zero for every kernel. CI compiles the first config each autotuner keeps (``--quick``)
+for (sm_90a, bf16), (sm_80, fp32), (sm_89, bf16) and (sm_86, fp16); set SCOTT_CODEGEN_ALL=1 for
+every target x dtype pair (and the sm_75 check below) and SCOTT_CODEGEN_CONFIGS=all for every
 kept config.
+
+sm_75 (T4, RTX 20xx, 64 KB): Triton compiles the kernels for it, but with no tensor-core
+instruction (FMA dots, in fp16 as in fp32) and with spills in every GEMM kernel, and bf16 needs
+sm_80; so ``triton_supports`` refuses devices below sm_80 and the backend is not listed there.
 """
 
 import json
@@ -34,10 +39,11 @@ HAS_CUOBJDUMP = codegen.triton_bin("cuobjdump") is not None
 needs_tools = pytest.mark.skipif(not (HAS_TRITON and HAS_CUOBJDUMP),
                                  reason="needs triton with its bundled cuobjdump (triton/backends/nvidia/bin)")
 
-LIMITS = {90: 227 * 1024, 80: 163 * 1024}
-COMBOS = [(90, "bfloat16"), (80, "float32")]
-if os.environ.get("SCOTT_CODEGEN_ALL") == "1":
-    COMBOS = [(90, "bfloat16"), (90, "float32"), (80, "bfloat16"), (80, "float32")]
+LIMITS = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024, 86: 99 * 1024, 75: 64 * 1024}
+COMBOS = [(90, "bfloat16"), (80, "float32"), (89, "bfloat16"), (86, "float16")]
+ALL = os.environ.get("SCOTT_CODEGEN_ALL") == "1"
+if ALL:
+    COMBOS = [(arch, dtype) for arch in (90, 80, 89, 86) for dtype in ("bfloat16", "float16", "float32")]
 
 _RESULTS: dict = {}
 
@@ -87,6 +93,28 @@ def test_triton_kernels_do_not_spill(arch, dtype, tmp_path_factory):
     spills = sorted({(c["kernel"], c["config"], c["local_bytes"], c["spill_instructions"]) for c in report["configs"]
                      if "error" not in c and (c["local_bytes"] or c["spill_instructions"])})
     assert not spills, f"register spills (kernel, config, stack+local bytes, STL/LDL count): {spills}"
+
+
+def test_triton_backend_refuses_gpus_below_sm80(monkeypatch):
+    import torch
+    from scott_kernels import functional
+    from scott_kernels.triton_configs import MIN_CAPABILITY, triton_supports
+
+    assert MIN_CAPABILITY == (8, 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, ok in [((7, 5), False), ((7, 0), False), ((8, 0), True), ((8, 6), True), ((9, 0), True)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert triton_supports(torch.device("cuda")) is ok
+        assert ("triton" in functional._auto_candidates(torch.device("cuda"))) is (ok and HAS_TRITON)
+
+
+@needs_tools
+@pytest.mark.skipif(not ALL, reason="SCOTT_CODEGEN_ALL=1: the reason the backend refuses sm_75")
+def test_sm75_has_no_tensor_cores(tmp_path_factory):
+    report = _compile(75, "float16", tmp_path_factory)
+    assert not report["errors"] and not [c for c in report["configs"] if "error" in c]
+    assert all(c["mma"] == "none" for c in report["configs"])
+    assert any(c["local_bytes"] for c in report["configs"])
 
 
 # ---- the nvcc-built CUDA module -------------------------------------------------------------

@@ -149,9 +149,12 @@ def test_bad_num_visible():
     uneven[0] = True
     with pytest.raises(ValueError, match="same number of visible patches"):
         sparse_conv_tokenize(x, weights, uneven, backend="triton", packed=True)
-    # a keep that contradicts num_visible trips the device-side assertion, never reads out of bounds
-    with pytest.raises(RuntimeError, match="num_visible"):
+    # a keep that contradicts num_visible: on a CPU a ValueError naming the row; below the check,
+    # the tables' device-side assertion (what a GPU raises), never a read out of bounds
+    with pytest.raises(ValueError, match="row 0 holds 4 visible patches but num_visible=2"):
         sparse_conv_tokenize(x, weights, uneven, backend="triton", num_visible=2)
+    with pytest.raises(RuntimeError, match="num_visible"):
+        visible_tables(uneven, 2, 2, 2, uneven.device, num_visible=2)
 
 
 def test_visible_tables_without_read_back():

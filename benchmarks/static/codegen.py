@@ -38,6 +38,14 @@ TARGETS = {
          "max_warps_per_sm": 64},
     80: {"name": "sm_80", "max_shared": 163 * 1024, "sms": 108, "regs_per_sm": 65536, "smem_per_sm": 164 * 1024,
          "max_warps_per_sm": 64},
+    # workstation / consumer GPUs, SM counts of the parts whose tensor rates the report uses:
+    # L40S (sm_89; RTX 40xx / L4 alike), RTX A6000 (sm_86; RTX 30xx / A10 alike), T4 (sm_75)
+    89: {"name": "sm_89", "max_shared": 99 * 1024, "sms": 142, "regs_per_sm": 65536, "smem_per_sm": 100 * 1024,
+         "max_warps_per_sm": 48},
+    86: {"name": "sm_86", "max_shared": 99 * 1024, "sms": 84, "regs_per_sm": 65536, "smem_per_sm": 100 * 1024,
+         "max_warps_per_sm": 48},
+    75: {"name": "sm_75", "max_shared": 64 * 1024, "sms": 40, "regs_per_sm": 65536, "smem_per_sm": 64 * 1024,
+         "max_warps_per_sm": 32},
 }
 
 

@@ -1,6 +1,6 @@
 """Static machine-code cost report: a STATIC ESTIMATE from compiled code, not a timing.
 
-    python benchmarks/static/static_cost.py [--arch 90|80|86|89] [--quick] [--first-config REGEX]
+    python benchmarks/static/static_cost.py [--arch 90|89|86|80|75] [--quick] [--first-config REGEX]
                                             [--dtype bfloat16] [--json OUT.json] [--no-cuda | --no-triton]
                                             [--launch-gap SECONDS] [--no-host] [--host-repeats N]
 
@@ -142,13 +142,9 @@ TENSOR_RATES = {
     80: {"HMMA": 312e12},
     86: {"HMMA": 154.8e12},
     89: {"HMMA": 362e12},
+    75: {"HMMA": 65e12},   # T4 datasheet fp16 peak (an assumption like sm_86/89's); the triton backend refuses sm_75
 }
-# Targets beyond codegen's: Ampere GA10x (sm_86) and Ada (sm_89) cap a block's shared memory at
-# 99 KB (100 KB per SM) and an SM at 48 warps.
-for _arch, _sms in ((86, 84), (89, 142)):
-    codegen.TARGETS.setdefault(_arch, {"name": f"sm_{_arch}", "max_shared": 99 * 1024, "sms": _sms,
-                                       "regs_per_sm": 65536, "smem_per_sm": 100 * 1024, "max_warps_per_sm": 48})
-ARCHS = (90, 80, 86, 89)
+ARCHS = (90, 89, 86, 80, 75)   # codegen.TARGETS: sm_86/sm_89 cap a block's shared memory at 99 KB, sm_75 at 64 KB
 LAUNCH_GAP = 2e-6  # seconds of GPU idle per dependent launch (a stated assumption, see the docstring)
 
 
@@ -709,7 +705,7 @@ def render(args, info, configs, best, errors, cuda_kernels, cuda_launches, cuda_
     tf = floor_rate(args.arch)
     rates = TENSOR_RATES.get(args.arch, TENSOR_RATES[90])
     out = []
-    target = {90: "sm_90a", 80: "sm_80", 86: "sm_86", 89: "sm_89"}[args.arch]
+    target = "sm_90a" if args.arch == 90 else f"sm_{args.arch}"
     out.append(f"# Static cost report (static estimate, not a timing)\n")
     out.append(f"Target {target}; dtype {args.dtype}; workload B=64, 224², 78/196 visible (mask 0.6), D=384, "
                f"hidden 64, k=7; dense forward keep=None. Machine model: 132 SMs × 4 schedulers × 1.98 GHz, "
