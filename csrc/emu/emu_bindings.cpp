@@ -1,0 +1,33 @@
+// The emulated module's own functions: the device it emulates, the launches it ran and the
+// checks that failed (scott_kernels._emu only).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+namespace emu {
+void configure(int arch, int sms);
+void reset_stats();
+int device_sms();
+int device_arch();
+const std::map<std::string, long>& launch_counts();
+const std::map<std::string, long>& check_counts();
+const std::vector<std::string>& check_messages();
+}  // namespace emu
+
+void scott_emu_bindings(pybind11::module_& m) {
+  m.def("emu_configure", &emu::configure, pybind11::arg("arch") = 90, pybind11::arg("sms") = 4,
+        "the emulated device: compute capability 80 or 90 and its multiprocessor count");
+  m.def("emu_sms", &emu::device_sms, "the emulated device's multiprocessor count");
+  m.def("emu_arch", &emu::device_arch, "the emulated device's compute capability (80 or 90)");
+  m.def("emu_reset", &emu::reset_stats, "clear the launch counts and failed checks");
+  m.def("emu_stats", []() {
+    pybind11::dict d;
+    d["launches"] = emu::launch_counts();
+    d["checks"] = emu::check_counts();
+    d["messages"] = emu::check_messages();
+    return d;
+  }, "launches per kernel, failed checks per kind and their first messages");
+}
