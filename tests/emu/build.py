@@ -43,6 +43,7 @@ def _commands(src: Path, obj_dir: Path, defines: list[str]) -> list[tuple[list[s
     headers = sorted(src.glob("*.h")) + sorted(src.glob("*.cuh")) + sorted(emu.rglob("*.h"))
     for name in KERNEL_SOURCES:
         out.append((common + kernel, src / name, headers))
+    out.append((common + kernel, emu / "fragment_probe.cu", headers))
     for name in HOST_SOURCES:
         out.append((common + ["-fvisibility=hidden"], src / name, headers))
     out.append((common + ["-DSCOTT_EMU", "-DSCOTT_WITH_CUDA", f"-I{emu / 'include'}", "-fvisibility=hidden"],
