@@ -144,8 +144,8 @@ def _run_compact(dtype, arch, path, c_in=16, c_out=32, side=8, k=3):
         _close("dgrad", ds, conv_relu_dgrad(grad.double(), m64, w.double(), slot, tile_pos, side), dtype)
 
 
-@pytest.mark.parametrize("arch", [90, 80])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", [90, 80], ids=["sm90", "sm80"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_implicit_gemm_kernels(dtype, arch):
     _run_compact(dtype, arch, "implicit")
 
@@ -304,3 +304,20 @@ def test_zz_coverage_line():
     missing = sorted(kernels - LAUNCHED)
     if len(LAUNCHED) > 3:  # the whole file ran
         assert not missing, f"never launched: {missing}"
+
+
+# ---- mutations: broken copies of the kernels must fail these tests -------------------------------
+@pytest.mark.parametrize("name", ["removed_barrier", "off_by_one_index", "swapped_fragment_register"])
+def test_mutation_is_caught(name, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "emu"))
+    from mutations import run_mutation
+
+    result = run_mutation(name, tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, f"mutation {name} went unnoticed:\n{output[-3000:]}"
+    if name == "removed_barrier":
+        assert "race:" in output, output[-3000:]
+    else:
+        assert "max error" in output or "race:" in output, output[-3000:]

@@ -32,9 +32,9 @@
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __restrict__ __restrict
-// static __shared__ arrays: one instance shared by the block's fibers (blocks of a launch run one
-// after another; runtime.cpp poisons nothing here, the kernels that use them are not clustered)
-#define __shared__ static
+// static __shared__ arrays: one instance shared by the block's fibers (the blocks of a launch run
+// one after another; runtime.cpp resets and checks the section like the dynamic window)
+#define __shared__ static __attribute__((section("scott_emu_shared")))
 #define CUDART_VERSION 12080
 
 // ---- vector types ------------------------------------------------------------------------------

@@ -91,11 +91,23 @@ struct WarpState {
   void* slots[2][32] = {};
 };
 
+// Per byte of shared memory: who wrote it last and who read it since, with the block's barrier
+// generation and the warp's collective generation at the time. Two accesses of different threads
+// to a byte, at least one a write, in the same barrier generation, race, unless both threads are
+// in one warp and a warp collective lies between them.
+struct Shadow {
+  int16_t writer = -1, reader = -1;  // thread (linear id); reader -2: several
+  uint32_t wgen = 0, rgen = 0;       // block barrier generation
+  uint32_t wwarp = 0, rwarp = 0;     // the accessing warp's collective generation
+};
+
 struct BlockState {
   Block b{};
   int live = 0, arrived = 0;
   std::vector<WarpState> warps;
   std::vector<unsigned char> saved;  // the block's dynamic shared memory while another block runs
+  std::vector<Shadow> saved_shadow;
+  uint32_t gen = 1;                  // barrier generation
 };
 
 struct Stats {
@@ -116,7 +128,10 @@ std::vector<BlockState> g_blocks;
 int g_cluster_live = 0, g_cluster_arrived = 0;
 Fiber* g_cur = nullptr;
 int g_resident = -1;
-unsigned char g_inflight[kMaxSmem];  // cp.async copies in flight per byte of the window
+unsigned char g_inflight[kMaxSmem];
+Shadow g_shadow[kMaxSmem];           // the resident block's dynamic window
+std::vector<Shadow> g_static_shadow;  // the static __shared__ section
+bool g_check_plain = true;  // cp.async copies in flight per byte of the window
 char* g_stacks = nullptr;
 size_t g_stack_count = 0;
 
@@ -149,11 +164,15 @@ void release(State s, int block, int warp) {
     if (g_fibers[i].st == s) g_fibers[i].st = State::Ready;
 }
 
+void reset_static_shared();
+void shared_access(const void* addr, size_t n, bool write, const char* what);
+
 void land(const Copy& c) {
   unsigned char* dst = g_dyn_smem + c.dst;
   if (c.bytes > 0) std::memcpy(dst, c.src, static_cast<size_t>(c.bytes));
   if (c.bytes < 16) std::memset(dst + c.bytes, 0, static_cast<size_t>(16 - c.bytes));
   for (int i = 0; i < 16; ++i) --g_inflight[c.dst + i];
+  if (g_check_plain) shared_access(dst, 16, true, "cp.async");
 }
 
 void finish_fiber() {
@@ -172,6 +191,7 @@ void finish_fiber() {
   if (b.arrived > 0 && b.arrived == b.live) {
     report("barrier", nullptr, "__syncthreads not reached by every thread of the block (this thread exited)");
     b.arrived = 0;
+    ++b.gen;
     release(State::BlockBar, f.t.block->rank, -1);
   }
   if (w.arrived > 0) {
@@ -213,8 +233,12 @@ void ensure_stacks(size_t n) {
 void swap_in(int rank) {
   if (g_resident == rank) return;
   const size_t n = g_launch->dyn_smem;
-  if (g_resident >= 0) std::memcpy(g_blocks[g_resident].saved.data(), g_dyn_smem, n);
+  if (g_resident >= 0) {
+    std::memcpy(g_blocks[g_resident].saved.data(), g_dyn_smem, n);
+    std::copy(g_shadow, g_shadow + n, g_blocks[g_resident].saved_shadow.begin());
+  }
   std::memcpy(g_dyn_smem, g_blocks[rank].saved.data(), n);
+  std::copy(g_blocks[rank].saved_shadow.begin(), g_blocks[rank].saved_shadow.end(), g_shadow);
   g_resident = rank;
 }
 
@@ -234,7 +258,9 @@ void run_group(const Launch& L, uint3 first) {
     bs.warps.assign(static_cast<size_t>(nwarps), WarpState{});
     for (int w = 0; w < nwarps; ++w) bs.warps[w].expected = std::min(32, nthreads - 32 * w);
     bs.saved.assign(L.dyn_smem, 0xff);  // never-written shared memory reads as NaN / -1
+    bs.saved_shadow.assign(L.dyn_smem, Shadow{});
   }
+  reset_static_shared();
   g_cluster_live = nblocks * nthreads;
   g_cluster_arrived = 0;
   g_resident = -1;
@@ -311,7 +337,110 @@ std::string demangled(const void* fn, const char* fallback) {
   return fallback;
 }
 
+extern "C" char __start_scott_emu_shared[] __attribute__((weak));
+extern "C" char __stop_scott_emu_shared[] __attribute__((weak));
+
+void reset_static_shared() {
+  char* lo = __start_scott_emu_shared;
+  char* hi = __stop_scott_emu_shared;
+  if (lo == nullptr || hi <= lo) return;
+  std::memset(lo, 0xff, static_cast<size_t>(hi - lo));
+  g_static_shadow.assign(static_cast<size_t>(hi - lo), Shadow{});
+}
+
+void check_byte(Shadow& sh, const unsigned char* addr, bool write, const char* what) {
+  Fiber& f = cur();
+  const BlockState& b = g_blocks[f.t.block->rank];
+  const int16_t me = static_cast<int16_t>(f.t.linear);
+  const uint32_t gen = b.gen, wgen = b.warps[f.t.warp].gen;
+  auto synced_in_warp = [&](int16_t other, uint32_t other_warp_gen) {
+    return other >= 0 && other / 32 == me / 32 && other_warp_gen != wgen;
+  };
+  auto say = [&](const char* kind, const std::string& msg) { report(kind, addr, std::string(what) + ": " + msg); };
+  if (sh.writer >= 0 && sh.writer != me && sh.wgen == gen && !synced_in_warp(sh.writer, sh.wwarp)) {
+    say("race", std::string(write ? "write" : "read") + " after thread " + std::to_string(sh.writer) +
+                    "'s write with no barrier between");
+    sh.wgen = 0;  // one report per byte and generation
+  }
+  if (write) {
+    if (sh.reader != -1 && sh.rgen == gen && sh.reader != me && !synced_in_warp(sh.reader, sh.rwarp)) {
+      say("race", sh.reader == -2 ? "write after other threads' reads with no barrier between"
+                                  : "write after thread " + std::to_string(sh.reader) + "'s read with no barrier between");
+    }
+    sh.writer = me;
+    sh.wgen = gen;
+    sh.wwarp = wgen;
+    sh.reader = -1;
+  } else {
+    if (sh.writer == -1) {
+      say("uninitialized", "read of shared memory no thread has written");
+      sh.writer = -3;  // reported once
+    }
+    if (sh.reader == -1 || sh.rgen != gen) {
+      sh.reader = me;
+      sh.rgen = gen;
+      sh.rwarp = wgen;
+    } else if (sh.reader != me) {
+      sh.reader = -2;
+    }
+  }
+}
+
+void shared_access(const void* addr, size_t n, bool write, const char* what) {
+  if (g_cur == nullptr || g_launch == nullptr) return;
+  const unsigned char* p = static_cast<const unsigned char*>(addr);
+  if (p >= g_dyn_smem && p < g_dyn_smem + kMaxSmem) {
+    const size_t off = static_cast<size_t>(p - g_dyn_smem);
+    if (off + n > g_launch->dyn_smem) {
+      report("out-of-bounds", addr, std::string(what) + ": " + std::to_string(n) + " bytes past the block's " +
+                                        std::to_string(g_launch->dyn_smem) + " bytes of dynamic shared memory");
+      return;
+    }
+    if (n > 1 && off % n != 0 && n <= 16) report("misaligned", addr, std::string(what) + ": misaligned access");
+    for (size_t i = 0; i < n; ++i) {
+      if (!write && g_inflight[off + i] != 0 && std::strcmp(what, "cp.async") != 0) {
+        report("race", addr, std::string(what) + ": read of a cp.async destination before its wait_group");
+        break;
+      }
+    }
+    for (size_t i = 0; i < n; ++i) check_byte(g_shadow[off + i], p + i, write, what);
+    return;
+  }
+  const char* lo = __start_scott_emu_shared;
+  const char* hi = __stop_scott_emu_shared;
+  if (lo != nullptr && reinterpret_cast<const char*>(p) >= lo && reinterpret_cast<const char*>(p) < hi) {
+    const size_t off = static_cast<size_t>(reinterpret_cast<const char*>(p) - lo);
+    for (size_t i = 0; i < n && off + i < g_static_shadow.size(); ++i)
+      check_byte(g_static_shadow[off + i], p + i, write, what);
+  }
+}
+
 }  // namespace
+
+// every load and store of the kernels' translation units (compiled with -fsanitize=thread, whose
+// instrumentation calls these; no sanitizer runtime is linked)
+extern "C" {
+#define SCOTT_EMU_HOOKS(N)                                                                          \
+  void __tsan_read##N(void* a) { if (g_check_plain) shared_access(a, N, false, "load"); }          \
+  void __tsan_write##N(void* a) { if (g_check_plain) shared_access(a, N, true, "store"); }         \
+  void __tsan_unaligned_read##N(void* a) { if (g_check_plain) shared_access(a, N, false, "load"); } \
+  void __tsan_unaligned_write##N(void* a) { if (g_check_plain) shared_access(a, N, true, "store"); } \
+  void __tsan_volatile_read##N(void* a) { if (g_check_plain) shared_access(a, N, false, "load"); } \
+  void __tsan_volatile_write##N(void* a) { if (g_check_plain) shared_access(a, N, true, "store"); }
+SCOTT_EMU_HOOKS(1)
+SCOTT_EMU_HOOKS(2)
+SCOTT_EMU_HOOKS(4)
+SCOTT_EMU_HOOKS(8)
+SCOTT_EMU_HOOKS(16)
+#undef SCOTT_EMU_HOOKS
+void __tsan_read_range(void* a, unsigned long n) { if (g_check_plain) shared_access(a, n, false, "load"); }
+void __tsan_write_range(void* a, unsigned long n) { if (g_check_plain) shared_access(a, n, true, "store"); }
+void __tsan_func_entry(void*) {}
+void __tsan_func_exit() {}
+void __tsan_init() {}
+void __tsan_vptr_update(void**, void*) {}
+void __tsan_vptr_read(void**) {}
+}
 
 // the kernel's name without namespaces, template arguments or parameters
 std::string kernel_base_name(const std::string& full) {
@@ -368,6 +497,7 @@ void sync_block() {
   BlockState& b = cur_block();
   if (++b.arrived == b.live) {
     b.arrived = 0;
+    ++b.gen;
     release(State::BlockBar, cur().t.block->rank, -1);
     return;
   }
@@ -396,6 +526,7 @@ void sync_warp() { (void)warp_exchange(nullptr); }
 void sync_cluster() {
   if (++g_cluster_arrived == g_cluster_live) {
     g_cluster_arrived = 0;
+    for (BlockState& b : g_blocks) ++b.gen;
     release(State::ClusterBar, -1, -1);
     return;
   }
@@ -523,6 +654,7 @@ const char* error_text(cudaError_t e) {
 }
 
 // ---- for the module's emulator functions (emu_bindings.cpp) ----
+void check_plain_accesses(bool on) { g_check_plain = on; }
 void configure(int arch, int sms) {
   if (arch != 80 && arch != 90) throw std::invalid_argument("emulated device: arch 80 or 90");
   g_arch = arch;

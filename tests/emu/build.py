@@ -38,7 +38,10 @@ def _commands(src: Path, obj_dir: Path, defines: list[str]) -> list[tuple[list[s
     common += ['-DPYBIND11_BUILD_ABI="_scott_emu"']
     common += [f"-D{d}" for d in defines]
     kernel = ["-x", "c++", "-include", str(emu / "cuda_host.h"), "-D__CUDACC__", "-D__CUDA_ARCH__=900",
-              "-DSCOTT_EMU", "-DSCOTT_WITH_CUDA", f"-I{emu / 'include'}", "-fvisibility=default"]
+              "-DSCOTT_EMU", "-DSCOTT_WITH_CUDA", f"-I{emu / 'include'}", "-fvisibility=default",
+              # every load and store calls a hook (csrc/emu/runtime.cpp checks shared memory; no sanitizer
+              # runtime is linked)
+              "-fsanitize=thread", "-Wno-tsan"]
     out = []
     headers = sorted(src.glob("*.h")) + sorted(src.glob("*.cuh")) + sorted(emu.rglob("*.h"))
     for name in KERNEL_SOURCES:
@@ -52,7 +55,9 @@ def _commands(src: Path, obj_dir: Path, defines: list[str]) -> list[tuple[list[s
     out.append((common + ["-DSCOTT_EMU", "-fvisibility=hidden"], emu / "runtime.cpp", headers))
     result = []
     for cmd, source, deps in out:
-        h = hashlib.sha256(" ".join(cmd + [str(source)]).encode())
+        # (the key names sources relative to src: a copy of csrc/ elsewhere reuses the objects of
+        # the files it did not change)
+        h = hashlib.sha256(" ".join(cmd + [str(source)]).replace(str(src), "<src>").encode())
         for p in [source, *deps]:
             h.update(p.read_bytes())
         obj = obj_dir / f"{source.stem}-{h.hexdigest()[:16]}.o"
