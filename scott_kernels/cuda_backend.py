@@ -152,11 +152,46 @@ def use_emulated_device(enabled: bool = True) -> None:
     if enabled:
         from . import _emu
 
-        _C, _EMULATED = _emu, True
+        _C, _EMULATED = _TrackedModule(_emu), True
     else:
         from .ops import _C as native
 
         _C, _EMULATED = native, False
+
+
+class _TrackedModule:
+    """The emulated module, whose kernel entry points first tell it the memory of every tensor in
+    the calling op's frame: its kernels' global loads and stores anywhere else are reported."""
+
+    ENTRY_POINTS = {"conv_relu", "conv_relu_wgrad", "conv_relu_dgrad", "max_blur_pool", "max_blur_pool_backward",
+                    "gather_tiles", "scatter_tiles"}
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        fn = getattr(self._module, name)
+        if name not in self.ENTRY_POINTS:
+            return fn
+
+        def tracked(*args):
+            import inspect
+
+            frame, ranges = inspect.currentframe().f_back, []
+            for _ in range(2):  # the op, and whatever called it through a wrapper
+                for value in list(frame.f_locals.values()):
+                    if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+                        storage = value.untyped_storage()
+                        ranges.append((storage.data_ptr(), storage.nbytes()))
+                frame = frame.f_back
+            del frame
+            self._module.emu_track(ranges)
+            try:
+                return fn(*args)
+            finally:
+                self._module.emu_track([])
+
+        return tracked
 
 
 def _dev(t: torch.Tensor) -> bool:
@@ -234,6 +269,7 @@ def conv_relu(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_
         nbr = _neighbour_scratch(g, out) if implicit else None
         if implicit and not src_is_image:
             src = _aligned(src)
+        slot, tile_pos = slot.contiguous(), tile_pos.contiguous()  # (kept alive: the kernels read them)
         _C.conv_relu(g, _CODES[weight.dtype], _UINT8 if src.dtype == torch.uint8 else _CODES[weight.dtype],
                      src.data_ptr(), weight_t.data_ptr(), _ptr(norm), slot.contiguous().data_ptr(),
                      tile_pos.contiguous().data_ptr(), out.data_ptr(), bool(relu), _dev(out), _stream(out),
@@ -280,6 +316,7 @@ def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor | None, src: torch.Ten
     else:
         splits = reduction_splits(rows, k_total, g.c_out, weight.device, min_rows=1024)
     result = torch.empty((splits, k_total, g.c_out), dtype=accumulator_dtype(weight.dtype), device=weight.device)
+    slot, tile_pos = slot.contiguous(), tile_pos.contiguous()  # (kept alive: the kernels read them)
     _C.conv_relu_wgrad(g, _CODES[weight.dtype], _UINT8 if src.dtype == torch.uint8 else _CODES[weight.dtype],
                        src.data_ptr(), grad.data_ptr(), _ptr(out), _ptr(norm), slot.contiguous().data_ptr(),
                        tile_pos.contiguous().data_ptr(), result.data_ptr(), splits, _dev(weight), _stream(weight),
@@ -313,6 +350,7 @@ def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor | None, weight: torch.
         if _implicit(g, dsrc, op="dgrad") and _dev(dsrc):
             nbr, gmask = _neighbour_scratch(g, dsrc), (None if out is None else torch.empty_like(grad))
             grad, out = _aligned(grad), None if out is None else _aligned(out)
+        slot, tile_pos = slot.contiguous(), tile_pos.contiguous()  # (kept alive: the kernels read them)
         _C.conv_relu_dgrad(g, _CODES[weight.dtype], grad.data_ptr(), _ptr(out), weight_t.data_ptr(),
                            slot.contiguous().data_ptr(), tile_pos.contiguous().data_ptr(), dsrc.data_ptr(),
                            _dev(dsrc), _stream(dsrc), _ptr(nbr), _ptr(gmask))
@@ -351,6 +389,7 @@ def max_blur_pool(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
     g = _pool("cuda_max_blur_pool", act, slot, tile_pos)
     out = act.new_empty((g.num_tiles, g.side // 2, g.side // 2, g.channels))
     if out.numel():
+        slot, tile_pos = slot.contiguous(), tile_pos.contiguous()  # (kept alive: the kernels read them)
         _C.max_blur_pool(g, _CODES[act.dtype], act.data_ptr(), slot.contiguous().data_ptr(),
                          tile_pos.contiguous().data_ptr(), out.data_ptr(), bool(relu), _dev(out), _stream(out))
     return out
@@ -375,6 +414,7 @@ def max_blur_pool_backward(grad: torch.Tensor, act: torch.Tensor, slot: torch.Te
     grad = grad.to(act.dtype).contiguous()
     dact = torch.empty_like(act)
     if dact.numel():
+        slot, tile_pos = slot.contiguous(), tile_pos.contiguous()  # (kept alive: the kernels read them)
         _C.max_blur_pool_backward(g, _CODES[act.dtype], grad.data_ptr(), act.data_ptr(), slot.contiguous().data_ptr(),
                                   tile_pos.contiguous().data_ptr(), dact.data_ptr(), bool(relu_mask), _dev(dact),
                                   _stream(dact))

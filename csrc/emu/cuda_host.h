@@ -16,6 +16,7 @@
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
@@ -228,8 +229,10 @@ extern const Launch* g_launch;  // the running launch
 extern unsigned char* g_dyn_smem;  // the running block's dynamic shared memory (a fixed window)
 
 // Runs `body` once per thread of every block (clusters of `cluster` blocks along x run together).
-void run_kernel(const char* kernel, dim3 grid, dim3 block, size_t dyn_smem, unsigned cluster,
-                const std::function<void()>& body);
+// (body(ctx) in each thread: a plain function and a pointer into the launching frame, so that the
+// kernel's arguments stay in memory the global-memory check allows)
+void run_kernel(const char* kernel, dim3 grid, dim3 block, size_t dyn_smem, unsigned cluster, void (*body)(void*),
+                void* ctx);
 
 void sync_block();                         // __syncthreads
 void sync_warp();                          // __syncwarp / the entry of a warp collective
@@ -263,7 +266,16 @@ void launch(const char* name, dim3 grid, dim3 block, size_t smem, unsigned clust
     return;
   }
   const std::string full = kernel_name(reinterpret_cast<const void*>(kernel), name);
-  run_kernel(full.c_str(), grid, block, smem, cluster, [&]() { kernel(args...); });
+  struct Call {
+    K* kernel;
+    std::tuple<Args...> args;
+  } call{kernel, std::tuple<Args...>(args...)};
+  run_kernel(full.c_str(), grid, block, smem, cluster,
+             [](void* p) {
+               Call* c = static_cast<Call*>(p);
+               std::apply(c->kernel, c->args);  // each thread its own copies of the parameters
+             },
+             &call);
 }
 
 template <class K>

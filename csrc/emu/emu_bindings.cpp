@@ -5,12 +5,14 @@
 
 #include <cstdint>
 #include <map>
+#include <utility>
 #include <string>
 #include <vector>
 
 namespace emu {
 void configure(int arch, int sms);
 void reset_stats();
+void track(const std::vector<std::pair<uintptr_t, size_t>>& ranges);
 int device_sms();
 int device_arch();
 const std::map<std::string, long>& launch_counts();
@@ -28,6 +30,9 @@ void scott_emu_bindings(pybind11::module_& m) {
         "the emulated device: compute capability 80 or 90 and its multiprocessor count");
   m.def("emu_sms", &emu::device_sms, "the emulated device's multiprocessor count");
   m.def("emu_arch", &emu::device_arch, "the emulated device's compute capability (80 or 90)");
+  m.def("emu_track", &emu::track, pybind11::arg("ranges"),
+        "(address, bytes) of the tensors the next launches may access; global loads and stores "
+        "elsewhere are reported (an empty list: global memory is not checked)");
   m.def("emu_reset", &emu::reset_stats, "clear the launch counts and failed checks");
   m.def(
       "emu_fragment_probe",

@@ -4,6 +4,7 @@
 
 #include <cxxabi.h>
 #include <dlfcn.h>
+#include <link.h>
 #include <sys/mman.h>
 
 #include <cstdio>
@@ -121,7 +122,8 @@ cudaError_t g_error = cudaSuccess;
 std::string g_error_text;
 int g_arch = 90, g_sms = 4;
 std::map<const void*, size_t> g_max_smem;
-const std::function<void()>* g_body = nullptr;
+void (*g_body)(void*) = nullptr;
+void* g_body_ctx = nullptr;
 void* g_sched_sp = nullptr;
 std::vector<Fiber> g_fibers;
 std::vector<BlockState> g_blocks;
@@ -131,7 +133,16 @@ int g_resident = -1;
 unsigned char g_inflight[kMaxSmem];
 Shadow g_shadow[kMaxSmem];           // the resident block's dynamic window
 std::vector<Shadow> g_static_shadow;  // the static __shared__ section
-bool g_check_plain = true;  // cp.async copies in flight per byte of the window
+bool g_check_plain = true;
+
+// Global memory: the ranges of the tensors an op passed (emu_track); empty: not checked. Memory the
+// emulation itself puts kernels' locals and parameters in (fiber stacks, the launching frame, the
+// thread records, the module's own image) is allowed.
+struct Range {
+  uintptr_t lo, hi;
+};
+std::vector<Range> g_tracked;
+std::vector<Range> g_allowed;  // cp.async copies in flight per byte of the window
 char* g_stacks = nullptr;
 size_t g_stack_count = 0;
 
@@ -210,7 +221,7 @@ void finish_fiber() {
 void fiber_main(Fiber* f) {
   (void)f;
   try {
-    (*g_body)();
+    g_body(g_body_ctx);
   } catch (const std::exception& e) {
     report("exception", nullptr, e.what());
   } catch (...) {
@@ -242,6 +253,9 @@ void swap_in(int rank) {
   g_resident = rank;
 }
 
+const void* g_launch_frame = nullptr;
+void allow_launch_memory(const void* frame);
+
 void run_group(const Launch& L, uint3 first) {
   const int nthreads = static_cast<int>(L.block.x * L.block.y * L.block.z);
   const int nblocks = static_cast<int>(L.cluster);
@@ -261,6 +275,7 @@ void run_group(const Launch& L, uint3 first) {
     bs.saved_shadow.assign(L.dyn_smem, Shadow{});
   }
   reset_static_shared();
+  allow_launch_memory(g_launch_frame);
   g_cluster_live = nblocks * nthreads;
   g_cluster_arrived = 0;
   g_resident = -1;
@@ -348,6 +363,58 @@ void reset_static_shared() {
   g_static_shadow.assign(static_cast<size_t>(hi - lo), Shadow{});
 }
 
+int add_image_ranges(dl_phdr_info* info, size_t, void* data) {
+  auto* self = static_cast<Dl_info*>(data);
+  if (reinterpret_cast<void*>(info->dlpi_addr) != self->dli_fbase &&
+      !(info->dlpi_name != nullptr && self->dli_fname != nullptr && std::strcmp(info->dlpi_name, self->dli_fname) == 0))
+    return 0;
+  for (int i = 0; i < info->dlpi_phnum; ++i)
+    if (info->dlpi_phdr[i].p_type == PT_LOAD) {
+      const uintptr_t lo = info->dlpi_addr + info->dlpi_phdr[i].p_vaddr;
+      g_allowed.push_back({lo, lo + info->dlpi_phdr[i].p_memsz});
+    }
+  return 0;
+}
+
+void allow_launch_memory(const void* frame) {
+  g_allowed.clear();
+  if (g_tracked.empty()) return;
+  g_allowed.push_back({reinterpret_cast<uintptr_t>(g_stacks), reinterpret_cast<uintptr_t>(g_stacks) + g_stack_count * kStack});
+  const uintptr_t f = reinterpret_cast<uintptr_t>(frame);
+  g_allowed.push_back({f - 4096, f + (1u << 20)});  // the launching frames: the kernel's arguments
+  g_allowed.push_back({reinterpret_cast<uintptr_t>(g_fibers.data()),
+                       reinterpret_cast<uintptr_t>(g_fibers.data() + g_fibers.size())});
+  g_allowed.push_back({reinterpret_cast<uintptr_t>(g_blocks.data()),
+                       reinterpret_cast<uintptr_t>(g_blocks.data() + g_blocks.size())});
+  for (const BlockState& b : g_blocks) {  // the warps' exchange slots (ldmatrix, mma.sync)
+    g_allowed.push_back({reinterpret_cast<uintptr_t>(b.warps.data()),
+                         reinterpret_cast<uintptr_t>(b.warps.data() + b.warps.size())});
+    if (g_blocks.size() > 1)  // a cluster peer's shared memory, while another block of the cluster runs
+      g_allowed.push_back({reinterpret_cast<uintptr_t>(b.saved.data()),
+                           reinterpret_cast<uintptr_t>(b.saved.data() + b.saved.size())});
+  }
+  Dl_info self;
+  if (dladdr(reinterpret_cast<void*>(&allow_launch_memory), &self) != 0) dl_iterate_phdr(add_image_ranges, &self);
+}
+
+bool in_ranges(const std::vector<Range>& rs, uintptr_t lo, uintptr_t hi) {
+  for (const Range& r : rs)
+    if (lo >= r.lo && hi <= r.hi) return true;
+  return false;
+}
+
+void check_global(const void* addr, size_t n, bool write, const char* what) {
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(addr), hi = lo + n;
+  if (in_ranges(g_tracked, lo, hi) || in_ranges(g_allowed, lo, hi)) return;
+  if (std::getenv("SCOTT_EMU_DEBUG_RANGES") != nullptr) {
+    std::fprintf(stderr, "bad %#lx\n", (unsigned long)lo);
+    for (const Range& r : g_tracked) std::fprintf(stderr, "tracked %#lx..%#lx\n", (unsigned long)r.lo, (unsigned long)r.hi);
+    for (const Range& r : g_allowed) std::fprintf(stderr, "allowed %#lx..%#lx\n", (unsigned long)r.lo, (unsigned long)r.hi);
+  }
+  report("out-of-bounds", addr, std::string(what) + ": " + std::to_string(n) + "-byte global " +
+                                    (write ? "store" : "load") + " outside every tensor the op passed");
+}
+
 void check_byte(Shadow& sh, const unsigned char* addr, bool write, const char* what) {
   Fiber& f = cur();
   const BlockState& b = g_blocks[f.t.block->rank];
@@ -412,7 +479,9 @@ void shared_access(const void* addr, size_t n, bool write, const char* what) {
     const size_t off = static_cast<size_t>(reinterpret_cast<const char*>(p) - lo);
     for (size_t i = 0; i < n && off + i < g_static_shadow.size(); ++i)
       check_byte(g_static_shadow[off + i], p + i, write, what);
+    return;
   }
+  if (!g_tracked.empty()) check_global(addr, n, write, what);
 }
 
 }  // namespace
@@ -461,8 +530,8 @@ std::string kernel_base_name(const std::string& full) {
 
 std::string kernel_name(const void* fn, const char* fallback) { return demangled(fn, fallback); }
 
-void run_kernel(const char* kernel, dim3 grid, dim3 block, size_t dyn_smem, unsigned cluster,
-                const std::function<void()>& body) {
+void run_kernel(const char* kernel, dim3 grid, dim3 block, size_t dyn_smem, unsigned cluster, void (*body)(void*),
+                void* ctx) {
   if (g_launch != nullptr) throw std::runtime_error("emulated device: a kernel launched from a kernel");
   const std::string name = kernel_base_name(kernel);
   const unsigned threads = block.x * block.y * block.z;
@@ -477,8 +546,10 @@ void run_kernel(const char* kernel, dim3 grid, dim3 block, size_t dyn_smem, unsi
   }
   ++g_stats.launches[name];
   Launch L{name.c_str(), grid, block, dyn_smem, cluster};
+  g_launch_frame = &L;
   g_launch = &L;
-  g_body = &body;
+  g_body = body;
+  g_body_ctx = ctx;
   scott_emu_grid_dim = {grid.x, grid.y, grid.z};
   scott_emu_block_dim = {block.x, block.y, block.z};
   try {
@@ -609,6 +680,7 @@ void cp_async(uint32_t dst, const void* src, int src_bytes) {
       break;
     }
   }
+  if (src_bytes > 0 && !g_tracked.empty()) check_global(src, static_cast<size_t>(src_bytes), false, "cp.async");
   for (int i = 0; i < 16; ++i) ++g_inflight[dst + i];
   cur().open.push_back({dst, src, src_bytes});
 }
@@ -655,6 +727,10 @@ const char* error_text(cudaError_t e) {
 
 // ---- for the module's emulator functions (emu_bindings.cpp) ----
 void check_plain_accesses(bool on) { g_check_plain = on; }
+void track(const std::vector<std::pair<uintptr_t, size_t>>& ranges) {
+  g_tracked.clear();
+  for (const auto& r : ranges) g_tracked.push_back({r.first, r.first + r.second});
+}
 void configure(int arch, int sms) {
   if (arch != 80 && arch != 90) throw std::invalid_argument("emulated device: arch 80 or 90");
   g_arch = arch;
