@@ -173,6 +173,25 @@ def test_gather_gemm_kernels(dtype, tensor_cores):
         cb._C.set_tensor_cores(True)
 
 
+def test_32bit_offset_guard_on_the_device():
+    """The launch code's 32-bit offset rule on the emulated device: a stage just under 2^31 elements
+    (or weight-gradient partials) takes the implicit kernels, one just over the gather GEMM."""
+    def geometry(num_tiles, c_in=64, c_out=64, grid=(2 ** 15, 2 ** 10)):
+        g = _emu.StageGeometry()
+        g.num_tiles, g.batch, (g.grid_h, g.grid_w) = num_tiles, 64, grid
+        g.in_side, g.ksize, g.c_in, g.c_out, g.src_image = 4, 7, c_in, c_out, False
+        return g
+
+    with Emulated():
+        fits = (2 ** 31 - 1) // (4 * 4 * 64)
+        for dtype in (2, 3):
+            assert _emu.conv_gemm_path(geometry(fits), dtype, 1, True, 0) == "implicit"
+            assert "2^31" in _emu.conv_gemm_path(geometry(fits + 1), dtype, 1, True, 0)
+            wide = geometry(6, c_in=512, c_out=512, grid=(2, 3))
+            assert _emu.conv_gemm_path(wide, dtype, 167, True, 1) == "implicit"
+            assert "2^31" in _emu.conv_gemm_path(wide, dtype, 168, True, 1)
+
+
 # ---- the image stage (clusters on sm_90, none on sm_80) -----------------------------------------------
 @pytest.mark.parametrize("arch", [90, 80])
 @pytest.mark.parametrize("dtype,uint8", [(torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)])
