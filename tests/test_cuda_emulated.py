@@ -157,7 +157,8 @@ def test_implicit_gemm_wide_kernel_and_channels():
 
 @pytest.mark.parametrize("dtype,tensor_cores", [(torch.bfloat16, True), (torch.float16, True),
                                                 (torch.bfloat16, False), (torch.float32, True),
-                                                (torch.float64, True)])
+                                                (torch.float64, True)],
+                         ids=["bf16-wmma", "fp16-wmma", "bf16-simt", "fp32", "fp64"])
 def test_gather_gemm_kernels(dtype, tensor_cores):
     """The gather GEMM: WMMA for 16-bit types on sm_80+, the CUDA-core kernel otherwise."""
     cb.use_implicit_gemm(False)
@@ -326,7 +327,8 @@ def test_zz_coverage_line():
 
 
 # ---- mutations: broken copies of the kernels must fail these tests -------------------------------
-@pytest.mark.parametrize("name", ["removed_barrier", "off_by_one_index", "swapped_fragment_register"])
+@pytest.mark.parametrize("name", ["removed_barrier", "off_by_one_index", "swapped_fragment_register",
+                                  "divergent_barrier", "removed_static_barrier"])
 def test_mutation_is_caught(name, tmp_path):
     import sys
 
@@ -336,8 +338,10 @@ def test_mutation_is_caught(name, tmp_path):
     result = run_mutation(name, tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode != 0, f"mutation {name} went unnoticed:\n{output[-3000:]}"
-    if name == "removed_barrier":
+    if name in ("removed_barrier", "removed_static_barrier"):
         assert "race:" in output, output[-3000:]
+    elif name == "divergent_barrier":  # thread 0 runs on and reads tiles no thread has written yet
+        assert "uninitialized:" in output or "barrier:" in output, output[-3000:]
     elif name == "off_by_one_index":  # the last thread reads 16 bytes past the forward's output
         assert "out-of-bounds:" in output, output[-3000:]
     else:

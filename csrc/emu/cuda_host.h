@@ -34,8 +34,10 @@
 #define __align__(n) __attribute__((aligned(n)))
 #define __restrict__ __restrict
 // static __shared__ arrays: one instance shared by the block's fibers (the blocks of a launch run
-// one after another; runtime.cpp resets and checks the section like the dynamic window)
-#define __shared__ static __attribute__((section("scott_emu_shared")))
+// one after another on one OS thread). thread_local puts them, and nothing else of the kernels'
+// files, in the module's TLS block, which runtime.cpp resets per block and checks like the dynamic
+// window (a section attribute would be dropped for statics of templates).
+#define __shared__ static thread_local
 #define CUDART_VERSION 12080
 
 // ---- vector types ------------------------------------------------------------------------------
@@ -234,7 +236,7 @@ extern unsigned char* g_dyn_smem;  // the running block's dynamic shared memory 
 void run_kernel(const char* kernel, dim3 grid, dim3 block, size_t dyn_smem, unsigned cluster, void (*body)(void*),
                 void* ctx);
 
-void sync_block();                         // __syncthreads
+void sync_block(const char* site = "");     // __syncthreads at `site`
 void sync_warp();                          // __syncwarp / the entry of a warp collective
 void* const* warp_exchange(void* mine);    // all 32 lanes' pointers, after all lanes arrived
 void sync_cluster();                       // cluster.sync()
@@ -304,7 +306,10 @@ extern uint3 scott_emu_block_dim, scott_emu_grid_dim;
 #define gridDim scott_emu_grid_dim
 #define warpSize 32
 
-inline void __syncthreads() { emu::sync_block(); }
+// (each call site names itself: threads of a block waiting at different barriers are reported)
+#define SCOTT_EMU_STR2(x) #x
+#define SCOTT_EMU_STR(x) SCOTT_EMU_STR2(x)
+#define __syncthreads() ::emu::sync_block(__FILE__ ":" SCOTT_EMU_STR(__LINE__))
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::sync_warp(); }
 inline void __threadfence() {}
 inline void __threadfence_block() {}

@@ -100,6 +100,7 @@ struct Shadow {
   int16_t writer = -1, reader = -1;  // thread (linear id); reader -2: several
   uint32_t wgen = 0, rgen = 0;       // block barrier generation
   uint32_t wwarp = 0, rwarp = 0;     // the accessing warp's collective generation
+  uint32_t serial = 0;               // static section: the block group it describes (older: stale)
 };
 
 struct BlockState {
@@ -109,6 +110,7 @@ struct BlockState {
   std::vector<unsigned char> saved;  // the block's dynamic shared memory while another block runs
   std::vector<Shadow> saved_shadow;
   uint32_t gen = 1;                  // barrier generation
+  const char* site = "";             // where the threads waiting now called __syncthreads
 };
 
 struct Stats {
@@ -352,15 +354,37 @@ std::string demangled(const void* fn, const char* fallback) {
   return fallback;
 }
 
-extern "C" char __start_scott_emu_shared[] __attribute__((weak));
-extern "C" char __stop_scott_emu_shared[] __attribute__((weak));
+// The static __shared__ arrays: this module's TLS block on the one thread that runs the fibers.
+char* g_static_lo = nullptr;
+char* g_static_hi = nullptr;
+thread_local char g_tls_anchor;
+uint32_t g_serial = 1;  // makes the block exist on this thread before it is asked for
+
+int tls_size(dl_phdr_info* info, size_t, void* data) {
+  auto* self = static_cast<std::pair<Dl_info*, size_t>*>(data);
+  if (reinterpret_cast<void*>(info->dlpi_addr) != self->first->dli_fbase) return 0;
+  for (int i = 0; i < info->dlpi_phnum; ++i)
+    if (info->dlpi_phdr[i].p_type == PT_TLS) self->second = info->dlpi_phdr[i].p_memsz;
+  return 0;
+}
 
 void reset_static_shared() {
-  char* lo = __start_scott_emu_shared;
-  char* hi = __stop_scott_emu_shared;
-  if (lo == nullptr || hi <= lo) return;
-  std::memset(lo, 0xff, static_cast<size_t>(hi - lo));
-  g_static_shadow.assign(static_cast<size_t>(hi - lo), Shadow{});
+  if (g_static_lo == nullptr) {
+    g_tls_anchor = 1;
+    Dl_info self;
+    if (dladdr(reinterpret_cast<void*>(&reset_static_shared), &self) == 0) return;
+    void* handle = dlopen(self.dli_fname, RTLD_NOW | RTLD_NOLOAD);
+    void* block = nullptr;
+    if (handle == nullptr || dlinfo(handle, RTLD_DI_TLS_DATA, &block) != 0 || block == nullptr) return;
+    std::pair<Dl_info*, size_t> found{&self, 0};
+    dl_iterate_phdr(tls_size, &found);
+    g_static_lo = static_cast<char*>(block);
+    g_static_hi = g_static_lo + found.second;
+  }
+  // entries of earlier blocks read as never written (see shared_access): nothing to clear here
+  ++g_serial;
+  if (g_static_shadow.size() != static_cast<size_t>(g_static_hi - g_static_lo))
+    g_static_shadow.assign(static_cast<size_t>(g_static_hi - g_static_lo), Shadow{});
 }
 
 int add_image_ranges(dl_phdr_info* info, size_t, void* data) {
@@ -473,12 +497,18 @@ void shared_access(const void* addr, size_t n, bool write, const char* what) {
     for (size_t i = 0; i < n; ++i) check_byte(g_shadow[off + i], p + i, write, what);
     return;
   }
-  const char* lo = __start_scott_emu_shared;
-  const char* hi = __stop_scott_emu_shared;
+  const char* lo = g_static_lo;
+  const char* hi = g_static_hi;
   if (lo != nullptr && reinterpret_cast<const char*>(p) >= lo && reinterpret_cast<const char*>(p) < hi) {
     const size_t off = static_cast<size_t>(reinterpret_cast<const char*>(p) - lo);
-    for (size_t i = 0; i < n && off + i < g_static_shadow.size(); ++i)
-      check_byte(g_static_shadow[off + i], p + i, write, what);
+    for (size_t i = 0; i < n && off + i < g_static_shadow.size(); ++i) {
+      Shadow& sh = g_static_shadow[off + i];
+      if (sh.serial != g_serial) {
+        sh = Shadow{};
+        sh.serial = g_serial;
+      }
+      check_byte(sh, p + i, write, what);
+    }
     return;
   }
   if (!g_tracked.empty()) check_global(addr, n, write, what);
@@ -564,8 +594,14 @@ void run_kernel(const char* kernel, dim3 grid, dim3 block, size_t dyn_smem, unsi
   g_body = nullptr;
 }
 
-void sync_block() {
+void sync_block(const char* site) {
   BlockState& b = cur_block();
+  if (b.arrived == 0) {
+    b.site = site;
+  } else if (std::strcmp(b.site, site) != 0) {
+    report("barrier", nullptr, std::string("__syncthreads at ") + site + " while other threads of the block wait at " +
+                                   b.site);
+  }
   if (++b.arrived == b.live) {
     b.arrived = 0;
     ++b.gen;

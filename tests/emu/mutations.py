@@ -28,6 +28,16 @@ MUTATIONS = {
                                   "    bf[2 * nj][1] = r[1];\n    bf[2 * nj + 1][0] = r[2];",
                                   "    bf[2 * nj][1] = r[2];\n    bf[2 * nj + 1][0] = r[1];",
                                   "test_implicit_gemm_kernels and bf16 and sm90"),
+    # a barrier of the CUDA-core gather GEMM that thread 0 skips
+    "divergent_barrier": ("gemm_fallback.cu",
+                          "      b_tile[kk][nn] = (n < N && k < k_end) ? load_b(k, n) : A(0);\n    }\n    __syncthreads();",
+                          "      b_tile[kk][nn] = (n < N && k < k_end) ? load_b(k, n) : A(0);\n    }\n    if (tid != 0) __syncthreads();",
+                          "test_gather_gemm_kernels and fp32"),
+    # the gather GEMM's barrier before the next K step overwrites its static __shared__ tiles
+    "removed_static_barrier": ("gemm_fallback.cu",
+                               "        for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];\n    }\n    __syncthreads();",
+                               "        for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];\n    }",
+                               "test_gather_gemm_kernels and fp32"),
 }
 
 _RUN = """
