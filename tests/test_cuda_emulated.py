@@ -194,8 +194,9 @@ def test_32bit_offset_guard_on_the_device():
 
 
 # ---- the image stage (clusters on sm_90, none on sm_80) -----------------------------------------------
-@pytest.mark.parametrize("arch", [90, 80])
-@pytest.mark.parametrize("dtype,uint8", [(torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("arch", [90, 80], ids=["sm90", "sm80"])
+@pytest.mark.parametrize("dtype,uint8", [(torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)],
+                         ids=["bf16", "fp16", "uint8-bf16"])
 def test_image_stage_kernels(dtype, uint8, arch):
     g = torch.Generator().manual_seed(3)
     slot, tile_pos = _tables(B=2, grid=(3, 3))
@@ -328,7 +329,7 @@ def test_zz_coverage_line():
 
 # ---- mutations: broken copies of the kernels must fail these tests -------------------------------
 @pytest.mark.parametrize("name", ["removed_barrier", "off_by_one_index", "swapped_fragment_register",
-                                  "divergent_barrier", "removed_static_barrier"])
+                                  "divergent_barrier", "removed_static_barrier", "removed_syncwarp"])
 def test_mutation_is_caught(name, tmp_path):
     import sys
 
@@ -338,7 +339,9 @@ def test_mutation_is_caught(name, tmp_path):
     result = run_mutation(name, tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode != 0, f"mutation {name} went unnoticed:\n{output[-3000:]}"
-    if name in ("removed_barrier", "removed_static_barrier"):
+    if name == "removed_syncwarp":  # lanes read what other lanes of the warp have not stored yet
+        assert "race:" in output or "uninitialized:" in output, output[-3000:]
+    elif name in ("removed_barrier", "removed_static_barrier"):
         assert "race:" in output, output[-3000:]
     elif name == "divergent_barrier":  # thread 0 runs on and reads tiles no thread has written yet
         assert "uninitialized:" in output or "barrier:" in output, output[-3000:]
