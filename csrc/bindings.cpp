@@ -266,7 +266,14 @@ py::dict build_info() {
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+#ifdef SCOTT_EMU
+void scott_emu_bindings(py::module_& m);  // csrc/emu/emu_bindings.cpp
+#define SCOTT_MODULE_NAME _emu
+#else
+#define SCOTT_MODULE_NAME _C
+#endif
+
+PYBIND11_MODULE(SCOTT_MODULE_NAME, m) {
   m.doc() = "scott_kernels native kernels (C++ CPU and, when built with nvcc, CUDA)";
 
   py::class_<TileGeometry>(m, "TileGeometry")
@@ -400,4 +407,7 @@ PYBIND11_MODULE(_C, m) {
       "the architecture (major * 10 + minor) of the code this module runs on CUDA device `device`: 0 when "
       "it holds none the device can run, -1 when built without CUDA");
   m.def("build_info", &build_info, "what this build compiled");
+#ifdef SCOTT_EMU
+  scott_emu_bindings(m);
+#endif
 }

@@ -99,7 +99,7 @@ struct Rings {
 
 template <typename T, class TL>
 __device__ __forceinline__ Rings<T, TL> carve_rings() {
-  extern __shared__ __align__(128) unsigned char smem[];
+  SCOTT_DYNAMIC_SMEM(smem);
   T* a = reinterpret_cast<T*>(smem);
   T* b = a + STAGES * TL::kAStage;
   return {a, b, reinterpret_cast<int32_t*>(b + STAGES * TL::kBStage)};
@@ -405,7 +405,7 @@ __global__ void scott_relu_grad_mask(const T* grad, const T* out, T* gmask, int3
 void launch_neighbours(const StageGeometry& g, const int32_t* slot, const int64_t* tile_pos, int32_t* nbr,
                        cudaStream_t stream) {
   const int threads = 256;
-  scott_neighbour_table<<<static_cast<unsigned>((g.num_tiles + threads - 1) / threads), threads, 0, stream>>>(
+  SCOTT_LAUNCH(static_cast<unsigned>((g.num_tiles + threads - 1) / threads), threads, 0, stream, scott_neighbour_table)(
       slot, tile_pos, g.batch, g.grid_h, g.grid_w, static_cast<int32_t>(g.num_tiles), nbr);
   check_launch("scott_neighbour_table");
 }
@@ -414,7 +414,7 @@ template <typename T>
 void launch_relu_grad_mask(const StageGeometry& g, const T* grad, const T* out, T* gmask, cudaStream_t stream) {
   const int32_t vectors = static_cast<int32_t>(g.out_rows() * g.c_out / 8);
   const int threads = 256;
-  scott_relu_grad_mask<T><<<static_cast<unsigned>((vectors + threads - 1) / threads), threads, 0, stream>>>(
+  SCOTT_LAUNCH(static_cast<unsigned>((vectors + threads - 1) / threads), threads, 0, stream, scott_relu_grad_mask<T>)(
       grad, out, gmask, vectors);
   check_launch("scott_relu_grad_mask");
 }
@@ -443,7 +443,7 @@ void forward_on(const StageGeometry& g, const ImplicitConv& ic, const void* src,
   using B = FwdBlock<T>;
   const dim3 grid((args.rows + B::kBM - 1) / B::kBM, (ic.c_out + B::kBN - 1) / B::kBN);
   allow_smem(scott_conv_fwd_igemm<T>, B::kSmem);
-  scott_conv_fwd_igemm<T><<<grid, B::TL::kThreads, B::kSmem, stream>>>(args);
+  SCOTT_LAUNCH(grid, B::TL::kThreads, B::kSmem, stream, scott_conv_fwd_igemm<T>)(args);
   check_launch("scott_conv_fwd_igemm");
 }
 
@@ -457,7 +457,7 @@ void wgrad_on(const StageGeometry& g, const ImplicitConv& ic, const void* src, c
   const dim3 grid(ic.k * ic.k * ((ic.c_in + WG_BM - 1) / WG_BM), (ic.c_out + WG_BN - 1) / WG_BN,
                   static_cast<unsigned>(splits));
   allow_smem(scott_conv_wgrad_igemm<T>, WG_SMEM);
-  scott_conv_wgrad_igemm<T><<<grid, WgTile::kThreads, WG_SMEM, stream>>>(args);
+  SCOTT_LAUNCH(grid, WgTile::kThreads, WG_SMEM, stream, scott_conv_wgrad_igemm<T>)(args);
   check_launch("scott_conv_wgrad_igemm");
 }
 
@@ -469,7 +469,7 @@ void dgrad_on(const StageGeometry& g, const ImplicitConv& ic, const void* gm, co
   using B = DgradBlock<T>;
   const dim3 grid((args.rows + B::kBM - 1) / B::kBM, (ic.c_in + B::kBN - 1) / B::kBN, 4);
   allow_smem(scott_conv_dgrad_igemm<T>, B::kSmem);
-  scott_conv_dgrad_igemm<T><<<grid, B::TL::kThreads, B::kSmem, stream>>>(args);
+  SCOTT_LAUNCH(grid, B::TL::kThreads, B::kSmem, stream, scott_conv_dgrad_igemm<T>)(args);
   check_launch("scott_conv_dgrad_igemm");
 }
 

@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(ImTile::kThreads, 4) scott_conv_image_igemm(Im
   // s_pair entries: the staged pixel of a tap pair, and whether the first and the second pair of
   // its K step have a padded tap
   constexpr int32_t kPadLo = 1 << 30, kPadHi = 1 << 29, kPairPixel = kPadHi - 1;
-  extern __shared__ __align__(128) unsigned char smem[];
+  SCOTT_DYNAMIC_SMEM(smem);
   const ImageConv& g = p.g;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int wm = warp / (BN / 32), wn = warp % (BN / 32);
@@ -258,7 +258,7 @@ template <typename T, typename S>
 __global__ void __launch_bounds__(IW_MAX_WARPS * 32) scott_conv_image_wgrad_igemm(ImageWgradArgs<T, S> p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr int BN = IW_BN, WN = IW_WN;
-  extern __shared__ __align__(128) unsigned char smem[];
+  SCOTT_DYNAMIC_SMEM(smem);
   const ImageConv& g = p.g;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, nt = blockDim.x;
   const int wk = warp / (BN / WN), wn = warp % (BN / WN);  // 32 K rows x 32 channels per warp
@@ -387,7 +387,7 @@ void image_on(const ImageConv& ic, const void* src, const void* weight_pad, cons
                   static_cast<unsigned>((ic.c_out + IM_BN - 1) / IM_BN));
   const int bytes = image_smem_bytes(ic);
   allow_smem(scott_conv_image_igemm<T, S>, bytes);
-  scott_conv_image_igemm<T, S><<<grid, ImTile::kThreads, bytes, stream>>>(args);
+  SCOTT_LAUNCH(grid, ImTile::kThreads, bytes, stream, scott_conv_image_igemm<T, S>)(args);
   check_launch("scott_conv_image_igemm");
 }
 

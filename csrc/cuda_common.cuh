@@ -14,6 +14,7 @@
 #include <string>
 #include <type_traits>
 
+#include "cuda_launch.h"
 #include "tokenizer.h"
 
 namespace scott {
@@ -75,6 +76,9 @@ namespace ig {
 constexpr int BK = 32, STAGES = 4, PAD = 8;
 constexpr int A_VPT = 2, A_TPR = BK / 8 / A_VPT;  // gathered A: 16-byte vectors per thread and row; threads per row
 
+#ifdef SCOTT_EMU
+#include "emu/ptx_host.h"  // the same wrappers on the emulated device
+#else
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -110,6 +114,7 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
 }
+#endif
 
 template <typename T> struct Pack2;
 template <> struct Pack2<__nv_bfloat16> {

@@ -79,7 +79,7 @@ void launch_gemm(const char* name, int64_t M, int64_t N, int64_t K, int64_t spli
                   static_cast<unsigned>(splits));
   if ((M + BM - 1) / BM > 0x7fffffffLL || (N + BN - 1) / BN > 65535 || splits > 65535)
     throw std::invalid_argument(std::string(name) + ": problem too large for one launch");
-  gather_gemm_kernel<A><<<grid, kThreads, 0, stream>>>(M, N, K, k_chunk, a, b, s);
+  SCOTT_LAUNCH(grid, kThreads, 0, stream, gather_gemm_kernel<A, LoadA, LoadB, Store>)(M, N, K, k_chunk, a, b, s);
   check_launch(name);
 }
 
@@ -183,7 +183,7 @@ void launch_gemm_for(const char* name, int64_t M, int64_t N, int64_t K, int64_t 
         throw std::invalid_argument(std::string(name) + ": problem too large for one launch");
       const dim3 grid(static_cast<unsigned>((M + TC_BM - 1) / TC_BM), static_cast<unsigned>((N + TC_BN - 1) / TC_BN),
                       static_cast<unsigned>(splits));
-      wmma_gemm_kernel<T><<<grid, TC_THREADS, 0, stream>>>(M, N, K, k_chunk, a, b, s);
+      SCOTT_LAUNCH(grid, TC_THREADS, 0, stream, wmma_gemm_kernel<T, LoadA, LoadB, Store>)(M, N, K, k_chunk, a, b, s);
       check_launch(name);
       return;
     }

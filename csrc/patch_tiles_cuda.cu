@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda_launch.h"
 #include "patch_tiles.h"
 
 namespace scott {
@@ -74,15 +75,15 @@ void gather_tiles_cuda(const TileGeometry& g, DType dtype, const void* src, cons
   auto s = static_cast<cudaStream_t>(stream);
   switch (element_size(dtype)) {
     case 2:
-      gather_tiles_kernel<<<grid_for(total), kThreads, 0, s>>>(
+      SCOTT_LAUNCH(grid_for(total), kThreads, 0, s, gather_tiles_kernel<uint16_t>)(
           g, static_cast<const uint16_t*>(src), slot, tile_pos, static_cast<uint16_t*>(tiles), total);
       break;
     case 4:
-      gather_tiles_kernel<<<grid_for(total), kThreads, 0, s>>>(
+      SCOTT_LAUNCH(grid_for(total), kThreads, 0, s, gather_tiles_kernel<uint32_t>)(
           g, static_cast<const uint32_t*>(src), slot, tile_pos, static_cast<uint32_t*>(tiles), total);
       break;
     case 8:
-      gather_tiles_kernel<<<grid_for(total), kThreads, 0, s>>>(
+      SCOTT_LAUNCH(grid_for(total), kThreads, 0, s, gather_tiles_kernel<uint64_t>)(
           g, static_cast<const uint64_t*>(src), slot, tile_pos, static_cast<uint64_t*>(tiles), total);
       break;
     default:
@@ -100,19 +101,19 @@ void scatter_tiles_cuda(const TileGeometry& g, DType dtype, const void* grad_til
   const unsigned blocks = grid_for(total);
   switch (dtype) {
     case DType::kFloat32:
-      scatter_tiles_kernel<<<blocks, kThreads, 0, s>>>(g, static_cast<const float*>(grad_tiles), slot,
+      SCOTT_LAUNCH(blocks, kThreads, 0, s, scatter_tiles_kernel<float>)(g, static_cast<const float*>(grad_tiles), slot,
                                                        slot_pos, tile_of, static_cast<float*>(grad_src), total);
       break;
     case DType::kFloat64:
-      scatter_tiles_kernel<<<blocks, kThreads, 0, s>>>(g, static_cast<const double*>(grad_tiles), slot,
+      SCOTT_LAUNCH(blocks, kThreads, 0, s, scatter_tiles_kernel<double>)(g, static_cast<const double*>(grad_tiles), slot,
                                                        slot_pos, tile_of, static_cast<double*>(grad_src), total);
       break;
     case DType::kFloat16:
-      scatter_tiles_kernel<<<blocks, kThreads, 0, s>>>(g, static_cast<const __half*>(grad_tiles), slot,
+      SCOTT_LAUNCH(blocks, kThreads, 0, s, scatter_tiles_kernel<__half>)(g, static_cast<const __half*>(grad_tiles), slot,
                                                        slot_pos, tile_of, static_cast<__half*>(grad_src), total);
       break;
     case DType::kBFloat16:
-      scatter_tiles_kernel<<<blocks, kThreads, 0, s>>>(g, static_cast<const __nv_bfloat16*>(grad_tiles), slot,
+      SCOTT_LAUNCH(blocks, kThreads, 0, s, scatter_tiles_kernel<__nv_bfloat16>)(g, static_cast<const __nv_bfloat16*>(grad_tiles), slot,
                                                        slot_pos, tile_of, static_cast<__nv_bfloat16*>(grad_src),
                                                        total);
       break;

@@ -149,7 +149,7 @@ bool launch_forward(const PoolGeometry& geo, DType dtype, const void* act, const
     return false;
   g.relu = relu;
   if (g.tasks == 0) return true;
-  scott_pool_forward<T><<<static_cast<unsigned>((g.tasks + 127) / 128), 128, 0, stream>>>(
+  SCOTT_LAUNCH(static_cast<unsigned>((g.tasks + 127) / 128), 128, 0, stream, scott_pool_forward<T>)(
       g, static_cast<const T*>(act), slot, tile_pos, static_cast<T*>(out));
   check_launch("scott_pool_forward");
   return true;
@@ -163,7 +163,7 @@ bool launch_backward(const PoolGeometry& geo, DType dtype, const void* grad, con
       !aligned16(act) || !aligned16(grad_act))
     return false;
   if (g.tasks == 0) return true;
-  scott_pool_backward<T><<<static_cast<unsigned>((g.tasks + 127) / 128), 128, 0, stream>>>(
+  SCOTT_LAUNCH(static_cast<unsigned>((g.tasks + 127) / 128), 128, 0, stream, scott_pool_backward<T>)(
       g, static_cast<const T*>(grad), static_cast<const T*>(act), slot, tile_pos, static_cast<T*>(grad_act),
       relu_mask);
   check_launch("scott_pool_backward");
@@ -189,7 +189,7 @@ void launch_elementwise(const char* name, int64_t rows, int64_t channels, T* out
   if (total == 0) return;
   const int threads = 256;
   const int64_t blocks = (total + threads - 1) / threads;
-  elementwise_kernel<T, A><<<static_cast<unsigned>(blocks < 65535 * 64 ? blocks : 65535 * 64), threads, 0, stream>>>(
+  SCOTT_LAUNCH(static_cast<unsigned>(blocks < 65535 * 64 ? blocks : 65535 * 64), threads, 0, stream, elementwise_kernel<T, A, F>)(
       rows, channels, out, f);
   check_launch(name);
 }

@@ -193,7 +193,7 @@ def conv_gemm_path(geometry: "_C.StageGeometry", dtype: torch.dtype, on_cuda: bo
 
 
 def _implicit(g: "_C.StageGeometry", t: torch.Tensor, splits: int = 1, op: str = "forward") -> bool:
-    return conv_gemm_path(g, t.dtype, t.is_cuda, splits, op) == "implicit"
+    return conv_gemm_path(g, t.dtype, _dev(t), splits, op) == "implicit"
 
 
 def _image_gemm_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -208,12 +208,12 @@ def _image_gemm_weight(weight: torch.Tensor) -> torch.Tensor:
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """t, or a copy of it when its data does not start on a 16-byte boundary (the implicit kernels
     read 16-byte vectors)."""
-    return t if not t.is_cuda or t.data_ptr() % 16 == 0 else t.clone()
+    return t if not _dev(t) or t.data_ptr() % 16 == 0 else t.clone()
 
 
 def _neighbour_scratch(g: "_C.StageGeometry", like: torch.Tensor) -> torch.Tensor | None:
     """(M, 9) int32 neighbour table the implicit CUDA kernels fill and read (the twin keeps its own)."""
-    return torch.empty((g.num_tiles, 9), dtype=torch.int32, device=like.device) if like.is_cuda else None
+    return torch.empty((g.num_tiles, 9), dtype=torch.int32, device=like.device) if _dev(like) else None
 
 
 def _implicit_wgrad_splits(g: "_C.StageGeometry", rows: int, device: torch.device, dtype: torch.dtype,
@@ -226,9 +226,10 @@ def _implicit_wgrad_splits(g: "_C.StageGeometry", rows: int, device: torch.devic
     there are half as many partials as SMs. The kernel's own test decides, not the GPU's compute
     capability: code from sm_80 (an sm_80-only build, or its PTX on a newer GPU) runs without
     clusters, and half as many partials would leave half the SMs idle."""
-    if device.type != "cuda":
+    if device.type != "cuda" and not _EMULATED:
         return 1
-    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    sms = (_C.emu_sms() if _EMULATED else
+           _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()))
     if g.src_image:
         pairs = 2 if _C.image_wgrad_clusters(_CODES[dtype], src_dtype) else 1
         return max(1, min(-(-rows // (128 * pairs)), sms // pairs, 65535))
@@ -237,7 +238,7 @@ def _implicit_wgrad_splits(g: "_C.StageGeometry", rows: int, device: torch.devic
 
 
 def _runs_on(name: str, t: torch.Tensor) -> None:
-    if t.is_cuda:
+    if _dev(t):
         if not _C.build_info()["cuda"]:
             raise RuntimeError(f"{name}: scott_kernels was built without CUDA (see scott_kernels.build_info())")
     elif t.device.type != "cpu":
@@ -248,6 +249,66 @@ def _runs_on(name: str, t: torch.Tensor) -> None:
 
 def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+# The emulated device (tests): CPU tensors run the CUDA kernels themselves, compiled as C++ into
+# scott_kernels._emu (tests/emu/build.py), instead of their C++ twin.
+_EMULATED = False
+
+
+def use_emulated_device(enabled: bool = True) -> None:
+    """Route this backend's ops on CPU tensors through ``scott_kernels._emu``, the CUDA kernels
+    built for the CPU's emulated device (tests only; ``tests/emu/build.py`` builds it), or back
+    to ``_C`` and the C++ twin."""
+    global _C, _EMULATED
+    if enabled:
+        from . import _emu
+
+        _C, _EMULATED = _TrackedModule(_emu), True
+    else:
+        from .ops import _C as native
+
+        _C, _EMULATED = native, False
+
+
+class _TrackedModule:
+    """The emulated module, whose kernel entry points first tell it the memory of every tensor in
+    the calling op's frame: its kernels' global loads and stores anywhere else are reported."""
+
+    ENTRY_POINTS = {"conv_relu", "conv_relu_wgrad", "conv_relu_dgrad", "max_blur_pool", "max_blur_pool_backward",
+                    "gather_tiles", "scatter_tiles"}
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        fn = getattr(self._module, name)
+        if name not in self.ENTRY_POINTS:
+            return fn
+
+        def tracked(*args):
+            import inspect
+
+            frame, ranges = inspect.currentframe().f_back, []
+            for _ in range(2):  # the op, and whatever called it through a wrapper
+                for value in list(frame.f_locals.values()):
+                    if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+                        storage = value.untyped_storage()
+                        ranges.append((storage.data_ptr(), storage.nbytes()))
+                frame = frame.f_back
+            del frame
+            self._module.emu_track(ranges)
+            try:
+                return fn(*args)
+            finally:
+                self._module.emu_track([])
+
+        return tracked
+
+
+def _dev(t: torch.Tensor) -> bool:
+    """Whether t's op runs the CUDA kernels: a CUDA tensor, or any tensor on the emulated device."""
+    return t.is_cuda or _EMULATED
 
 
 def _stage(name: str, src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
@@ -320,9 +381,10 @@ def conv_relu(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_
         nbr = _neighbour_scratch(g, out) if implicit else None
         if implicit and not src_is_image:
             src = _aligned(src)
+        slot, tile_pos = slot.contiguous(), tile_pos.contiguous()  # (kept alive: the kernels read them)
         _C.conv_relu(g, _CODES[weight.dtype], _UINT8 if src.dtype == torch.uint8 else _CODES[weight.dtype],
                      src.data_ptr(), weight_t.data_ptr(), _ptr(norm), slot.contiguous().data_ptr(),
-                     tile_pos.contiguous().data_ptr(), out.data_ptr(), bool(relu), out.is_cuda, _stream(out),
+                     tile_pos.contiguous().data_ptr(), out.data_ptr(), bool(relu), _dev(out), _stream(out),
                      _ptr(nbr))
     return out
 
@@ -359,16 +421,17 @@ def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor | None, src: torch.Ten
         splits = _implicit_wgrad_splits(g, rows, weight.device, weight.dtype,
                                         _UINT8 if src.dtype == torch.uint8 else _CODES[weight.dtype])
         nbr = _neighbour_scratch(g, weight)
-        gmask = torch.empty_like(grad) if weight.is_cuda and out is not None else None
+        gmask = torch.empty_like(grad) if _dev(weight) and out is not None else None
         grad, out = _aligned(grad), None if out is None else _aligned(out)
         if not src_is_image:
             src = _aligned(src)
     else:
         splits = reduction_splits(rows, k_total, g.c_out, weight.device, min_rows=1024)
     result = torch.empty((splits, k_total, g.c_out), dtype=accumulator_dtype(weight.dtype), device=weight.device)
+    slot, tile_pos = slot.contiguous(), tile_pos.contiguous()  # (kept alive: the kernels read them)
     _C.conv_relu_wgrad(g, _CODES[weight.dtype], _UINT8 if src.dtype == torch.uint8 else _CODES[weight.dtype],
                        src.data_ptr(), grad.data_ptr(), _ptr(out), _ptr(norm), slot.contiguous().data_ptr(),
-                       tile_pos.contiguous().data_ptr(), result.data_ptr(), splits, weight.is_cuda, _stream(weight),
+                       tile_pos.contiguous().data_ptr(), result.data_ptr(), splits, _dev(weight), _stream(weight),
                        _ptr(nbr), _ptr(gmask))
     return weight_from_partials(result, weight)
 
@@ -396,12 +459,13 @@ def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor | None, weight: torch.
     dsrc = torch.empty_like(fake_src)
     if dsrc.numel():
         nbr = gmask = None
-        if _implicit(g, dsrc, op="dgrad") and dsrc.is_cuda:
+        if _implicit(g, dsrc, op="dgrad") and _dev(dsrc):
             nbr, gmask = _neighbour_scratch(g, dsrc), (None if out is None else torch.empty_like(grad))
             grad, out = _aligned(grad), None if out is None else _aligned(out)
+        slot, tile_pos = slot.contiguous(), tile_pos.contiguous()  # (kept alive: the kernels read them)
         _C.conv_relu_dgrad(g, _CODES[weight.dtype], grad.data_ptr(), _ptr(out), weight_t.data_ptr(),
                            slot.contiguous().data_ptr(), tile_pos.contiguous().data_ptr(), dsrc.data_ptr(),
-                           dsrc.is_cuda, _stream(dsrc), _ptr(nbr), _ptr(gmask))
+                           _dev(dsrc), _stream(dsrc), _ptr(nbr), _ptr(gmask))
     return dsrc
 
 
@@ -437,8 +501,9 @@ def max_blur_pool(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
     g = _pool("cuda_max_blur_pool", act, slot, tile_pos)
     out = act.new_empty((g.num_tiles, g.side // 2, g.side // 2, g.channels))
     if out.numel():
+        slot, tile_pos = slot.contiguous(), tile_pos.contiguous()  # (kept alive: the kernels read them)
         _C.max_blur_pool(g, _CODES[act.dtype], act.data_ptr(), slot.contiguous().data_ptr(),
-                         tile_pos.contiguous().data_ptr(), out.data_ptr(), bool(relu), out.is_cuda, _stream(out))
+                         tile_pos.contiguous().data_ptr(), out.data_ptr(), bool(relu), _dev(out), _stream(out))
     return out
 
 
@@ -461,8 +526,9 @@ def max_blur_pool_backward(grad: torch.Tensor, act: torch.Tensor, slot: torch.Te
     grad = grad.to(act.dtype).contiguous()
     dact = torch.empty_like(act)
     if dact.numel():
+        slot, tile_pos = slot.contiguous(), tile_pos.contiguous()  # (kept alive: the kernels read them)
         _C.max_blur_pool_backward(g, _CODES[act.dtype], grad.data_ptr(), act.data_ptr(), slot.contiguous().data_ptr(),
-                                  tile_pos.contiguous().data_ptr(), dact.data_ptr(), bool(relu_mask), dact.is_cuda,
+                                  tile_pos.contiguous().data_ptr(), dact.data_ptr(), bool(relu_mask), _dev(dact),
                                   _stream(dact))
     return dact
 

@@ -1,0 +1,785 @@
+// The emulated device: fibers, barriers, warp collectives, clusters, cp.async groups, the checks
+// and their reports (see cuda_host.h). Single-threaded: one fiber runs at a time.
+#include "cuda_host.h"
+
+#include <cxxabi.h>
+#include <dlfcn.h>
+#include <link.h>
+#include <sys/mman.h>
+
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <vector>
+
+#if !defined(__x86_64__)
+#error "the emulated device's fibers switch x86-64 register state"
+#endif
+
+// switch stacks: saves callee-saved registers and the SSE/x87 control words on the current stack,
+// stores its pointer in *from, continues on `to`
+extern "C" void scott_emu_switch(void** from, void* to);
+extern "C" void scott_emu_start();
+asm(R"(
+  .text
+  .globl scott_emu_switch
+  .type scott_emu_switch, @function
+scott_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size scott_emu_switch, .-scott_emu_switch
+  .globl scott_emu_start
+  .type scott_emu_start, @function
+scott_emu_start:
+  movq %r12, %rdi
+  andq $-16, %rsp
+  callq *%r13
+  ud2
+  .size scott_emu_start, .-scott_emu_start
+)");
+
+uint3 scott_emu_block_dim{1, 1, 1}, scott_emu_grid_dim{1, 1, 1};
+
+namespace emu {
+
+Thread* g_thread = nullptr;
+const Launch* g_launch = nullptr;
+alignas(128) static unsigned char g_smem_window[kMaxSmem];
+unsigned char* g_dyn_smem = g_smem_window;
+
+namespace {
+
+constexpr size_t kStack = 128 * 1024;
+
+enum class State { Ready, BlockBar, WarpBar, ClusterBar, Done };
+
+struct Copy {
+  uint32_t dst;
+  const void* src;
+  int bytes;
+};
+
+struct Fiber {
+  void* sp = nullptr;
+  Thread t{};
+  State st = State::Ready;
+  std::vector<Copy> open;
+  std::vector<std::vector<Copy>> groups;  // committed, oldest first
+};
+
+struct WarpState {
+  int arrived = 0, expected = 0;
+  unsigned gen = 0;
+  void* slots[2][32] = {};
+};
+
+// Per byte of shared memory: who wrote it last and who read it since, with the block's barrier
+// generation and the warp's collective generation at the time. Two accesses of different threads
+// to a byte, at least one a write, in the same barrier generation, race, unless both threads are
+// in one warp and a warp collective lies between them.
+struct Shadow {
+  int16_t writer = -1, reader = -1;  // thread (linear id); reader -2: several
+  uint32_t wgen = 0, rgen = 0;       // block barrier generation
+  uint32_t wwarp = 0, rwarp = 0;     // the accessing warp's collective generation
+  uint32_t serial = 0;               // static section: the block group it describes (older: stale)
+};
+
+struct BlockState {
+  Block b{};
+  int live = 0, arrived = 0;
+  std::vector<WarpState> warps;
+  std::vector<unsigned char> saved;  // the block's dynamic shared memory while another block runs
+  std::vector<Shadow> saved_shadow;
+  uint32_t gen = 1;                  // barrier generation
+  const char* site = "";             // where the threads waiting now called __syncthreads
+};
+
+struct Stats {
+  std::map<std::string, long> launches;
+  std::map<std::string, long> counts;  // failed checks by kind
+  std::vector<std::string> messages;
+};
+
+Stats g_stats;
+cudaError_t g_error = cudaSuccess;
+std::string g_error_text;
+int g_arch = 90, g_sms = 4;
+std::map<const void*, size_t> g_max_smem;
+void (*g_body)(void*) = nullptr;
+void* g_body_ctx = nullptr;
+void* g_sched_sp = nullptr;
+std::vector<Fiber> g_fibers;
+std::vector<BlockState> g_blocks;
+int g_cluster_live = 0, g_cluster_arrived = 0;
+Fiber* g_cur = nullptr;
+int g_resident = -1;
+unsigned char g_inflight[kMaxSmem];
+Shadow g_shadow[kMaxSmem];           // the resident block's dynamic window
+std::vector<Shadow> g_static_shadow;  // the static __shared__ section
+bool g_check_plain = true;
+
+// Global memory: the ranges of the tensors an op passed (emu_track); empty: not checked. Memory the
+// emulation itself puts kernels' locals and parameters in (fiber stacks, the launching frame, the
+// thread records, the module's own image) is allowed.
+struct Range {
+  uintptr_t lo, hi;
+};
+std::vector<Range> g_tracked;
+std::vector<Range> g_allowed;  // cp.async copies in flight per byte of the window
+char* g_stacks = nullptr;
+size_t g_stack_count = 0;
+
+Fiber& cur() { return *g_cur; }
+BlockState& cur_block() { return g_blocks[g_cur->t.block->rank]; }
+
+std::string where() {
+  char buf[256];
+  if (g_cur == nullptr || g_launch == nullptr) return "(host)";
+  std::snprintf(buf, sizeof(buf), "%s block (%u,%u,%u) thread (%u,%u,%u)", g_launch->kernel, g_cur->t.block->idx.x,
+                g_cur->t.block->idx.y, g_cur->t.block->idx.z, g_cur->t.idx.x, g_cur->t.idx.y, g_cur->t.idx.z);
+  return buf;
+}
+
+void yield_to_scheduler() { scott_emu_switch(&g_cur->sp, g_sched_sp); }
+
+int g_nthreads = 0;
+
+void release(State s, int block, int warp) {
+  size_t lo = 0, hi = g_fibers.size();
+  if (block >= 0) {
+    lo = static_cast<size_t>(block) * g_nthreads;
+    hi = lo + g_nthreads;
+    if (warp >= 0) {
+      lo += static_cast<size_t>(warp) * 32;
+      hi = std::min(hi, lo + 32);
+    }
+  }
+  for (size_t i = lo; i < hi; ++i)
+    if (g_fibers[i].st == s) g_fibers[i].st = State::Ready;
+}
+
+void reset_static_shared();
+void shared_access(const void* addr, size_t n, bool write, const char* what);
+
+void land(const Copy& c) {
+  unsigned char* dst = g_dyn_smem + c.dst;
+  if (c.bytes > 0) std::memcpy(dst, c.src, static_cast<size_t>(c.bytes));
+  if (c.bytes < 16) std::memset(dst + c.bytes, 0, static_cast<size_t>(16 - c.bytes));
+  for (int i = 0; i < 16; ++i) --g_inflight[c.dst + i];
+  if (g_check_plain) shared_access(dst, 16, true, "cp.async");
+}
+
+void finish_fiber() {
+  Fiber& f = cur();
+  for (auto& grp : f.groups)
+    for (const Copy& c : grp) land(c);
+  for (const Copy& c : f.open) land(c);
+  f.groups.clear();
+  f.open.clear();
+  f.st = State::Done;
+  BlockState& b = cur_block();
+  --b.live;
+  --g_cluster_live;
+  WarpState& w = b.warps[f.t.warp];
+  --w.expected;
+  if (b.arrived > 0 && b.arrived == b.live) {
+    report("barrier", nullptr, "__syncthreads not reached by every thread of the block (this thread exited)");
+    b.arrived = 0;
+    ++b.gen;
+    release(State::BlockBar, f.t.block->rank, -1);
+  }
+  if (w.arrived > 0) {
+    report("barrier", nullptr, "warp collective not reached by every lane (this lane exited)");
+    w.arrived = 0;
+    ++w.gen;
+    release(State::WarpBar, f.t.block->rank, f.t.warp);
+  }
+  if (g_cluster_arrived > 0 && g_cluster_arrived == g_cluster_live) {
+    report("barrier", nullptr, "cluster barrier not reached by every thread of the cluster (this thread exited)");
+    g_cluster_arrived = 0;
+    release(State::ClusterBar, -1, -1);
+  }
+}
+
+void fiber_main(Fiber* f) {
+  (void)f;
+  try {
+    g_body(g_body_ctx);
+  } catch (const std::exception& e) {
+    report("exception", nullptr, e.what());
+  } catch (...) {
+    report("exception", nullptr, "unknown exception");
+  }
+  finish_fiber();
+  yield_to_scheduler();
+  std::abort();  // a finished fiber is never resumed
+}
+
+void ensure_stacks(size_t n) {
+  if (n <= g_stack_count) return;
+  if (g_stacks != nullptr) munmap(g_stacks, g_stack_count * kStack);
+  void* p = mmap(nullptr, n * kStack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) throw std::runtime_error("emulated device: cannot map fiber stacks");
+  g_stacks = static_cast<char*>(p);
+  g_stack_count = n;
+}
+
+void swap_in(int rank) {
+  if (g_resident == rank) return;
+  const size_t n = g_launch->dyn_smem;
+  if (g_resident >= 0) {
+    std::memcpy(g_blocks[g_resident].saved.data(), g_dyn_smem, n);
+    std::copy(g_shadow, g_shadow + n, g_blocks[g_resident].saved_shadow.begin());
+  }
+  std::memcpy(g_dyn_smem, g_blocks[rank].saved.data(), n);
+  std::copy(g_blocks[rank].saved_shadow.begin(), g_blocks[rank].saved_shadow.end(), g_shadow);
+  g_resident = rank;
+}
+
+const void* g_launch_frame = nullptr;
+void allow_launch_memory(const void* frame);
+
+void run_group(const Launch& L, uint3 first) {
+  const int nthreads = static_cast<int>(L.block.x * L.block.y * L.block.z);
+  const int nblocks = static_cast<int>(L.cluster);
+  g_nthreads = nthreads;
+  g_blocks.assign(static_cast<size_t>(nblocks), BlockState{});
+  g_fibers.assign(static_cast<size_t>(nblocks * nthreads), Fiber{});
+  ensure_stacks(g_fibers.size());
+  const int nwarps = (nthreads + 31) / 32;
+  for (int b = 0; b < nblocks; ++b) {
+    BlockState& bs = g_blocks[b];
+    bs.b.idx = {first.x + static_cast<unsigned>(b), first.y, first.z};
+    bs.b.rank = b;
+    bs.live = nthreads;
+    bs.warps.assign(static_cast<size_t>(nwarps), WarpState{});
+    for (int w = 0; w < nwarps; ++w) bs.warps[w].expected = std::min(32, nthreads - 32 * w);
+    bs.saved.assign(L.dyn_smem, 0xff);  // never-written shared memory reads as NaN / -1
+    bs.saved_shadow.assign(L.dyn_smem, Shadow{});
+  }
+  reset_static_shared();
+  allow_launch_memory(g_launch_frame);
+  g_cluster_live = nblocks * nthreads;
+  g_cluster_arrived = 0;
+  g_resident = -1;
+  std::memset(g_inflight, 0, L.dyn_smem);
+  for (int b = 0; b < nblocks; ++b)
+    for (int i = 0; i < nthreads; ++i) {
+      Fiber& f = g_fibers[static_cast<size_t>(b * nthreads + i)];
+      f.t.idx = {static_cast<unsigned>(i) % L.block.x, static_cast<unsigned>(i) / L.block.x % L.block.y,
+                 static_cast<unsigned>(i) / (L.block.x * L.block.y)};
+      f.t.linear = i;
+      f.t.lane = i % 32;
+      f.t.warp = i / 32;
+      f.t.block = &g_blocks[b].b;
+      char* top = g_stacks + (static_cast<size_t>(b * nthreads + i) + 1) * kStack;
+      uint64_t* sp = reinterpret_cast<uint64_t*>(top) - 8;
+      sp[0] = 0x1f80ull | (0x37full << 32);  // mxcsr, x87 control word
+      sp[1] = sp[2] = 0;                     // r15, r14
+      sp[3] = reinterpret_cast<uint64_t>(&fiber_main);  // r13: entry
+      sp[4] = reinterpret_cast<uint64_t>(&f);           // r12: its argument
+      sp[5] = sp[6] = 0;                                // rbx, rbp
+      sp[7] = reinterpret_cast<uint64_t>(&scott_emu_start);
+      f.sp = sp;
+    }
+  for (;;) {
+    bool ran = false, alive = false;
+    for (int b = 0; b < nblocks; ++b) {
+      bool more = true;
+      while (more) {
+        more = false;
+        for (int i = 0; i < nthreads; ++i) {
+          Fiber& f = g_fibers[static_cast<size_t>(b * nthreads + i)];
+          if (f.st != State::Ready) continue;
+          swap_in(b);
+          g_cur = &f;
+          g_thread = &f.t;
+          scott_emu_switch(&g_sched_sp, f.sp);
+          g_cur = nullptr;
+          ran = more = true;
+        }
+      }
+    }
+    for (const Fiber& f : g_fibers) alive |= f.st != State::Done;
+    if (!alive) break;
+    if (!ran) {  // every live thread waits: a barrier some thread never reaches
+      int waiting[5] = {};
+      for (const Fiber& f : g_fibers) ++waiting[static_cast<int>(f.st)];
+      char buf[200];
+      std::snprintf(buf, sizeof(buf),
+                    "%s block (%u,%u,%u): deadlock, threads waiting at __syncthreads %d, warp collectives %d, "
+                    "cluster barrier %d, exited %d",
+                    L.kernel, first.x, first.y, first.z, waiting[1], waiting[2], waiting[3], waiting[4]);
+      g_cur = nullptr;
+      report("barrier", nullptr, buf);
+      break;  // the fibers are abandoned; their stacks are reused
+    }
+  }
+  if (g_resident >= 0 && nblocks > 1) g_resident = -1;
+  g_cur = nullptr;
+  g_thread = nullptr;
+}
+
+std::string demangled(const void* fn, const char* fallback) {
+  Dl_info info;
+  if (fn != nullptr && dladdr(fn, &info) != 0 && info.dli_sname != nullptr) {
+    int status = 0;
+    char* d = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
+    if (status == 0 && d != nullptr) {
+      std::string s(d);
+      std::free(d);
+      return s;
+    }
+    return info.dli_sname;
+  }
+  return fallback;
+}
+
+// The static __shared__ arrays: this module's TLS block on the one thread that runs the fibers.
+char* g_static_lo = nullptr;
+char* g_static_hi = nullptr;
+thread_local char g_tls_anchor;
+uint32_t g_serial = 1;  // makes the block exist on this thread before it is asked for
+
+int tls_size(dl_phdr_info* info, size_t, void* data) {
+  auto* self = static_cast<std::pair<Dl_info*, size_t>*>(data);
+  if (reinterpret_cast<void*>(info->dlpi_addr) != self->first->dli_fbase) return 0;
+  for (int i = 0; i < info->dlpi_phnum; ++i)
+    if (info->dlpi_phdr[i].p_type == PT_TLS) self->second = info->dlpi_phdr[i].p_memsz;
+  return 0;
+}
+
+void reset_static_shared() {
+  if (g_static_lo == nullptr) {
+    g_tls_anchor = 1;
+    Dl_info self;
+    if (dladdr(reinterpret_cast<void*>(&reset_static_shared), &self) == 0) return;
+    void* handle = dlopen(self.dli_fname, RTLD_NOW | RTLD_NOLOAD);
+    void* block = nullptr;
+    if (handle == nullptr || dlinfo(handle, RTLD_DI_TLS_DATA, &block) != 0 || block == nullptr) return;
+    std::pair<Dl_info*, size_t> found{&self, 0};
+    dl_iterate_phdr(tls_size, &found);
+    g_static_lo = static_cast<char*>(block);
+    g_static_hi = g_static_lo + found.second;
+  }
+  // entries of earlier blocks read as never written (see shared_access): nothing to clear here
+  ++g_serial;
+  if (g_static_shadow.size() != static_cast<size_t>(g_static_hi - g_static_lo))
+    g_static_shadow.assign(static_cast<size_t>(g_static_hi - g_static_lo), Shadow{});
+}
+
+int add_image_ranges(dl_phdr_info* info, size_t, void* data) {
+  auto* self = static_cast<Dl_info*>(data);
+  if (reinterpret_cast<void*>(info->dlpi_addr) != self->dli_fbase &&
+      !(info->dlpi_name != nullptr && self->dli_fname != nullptr && std::strcmp(info->dlpi_name, self->dli_fname) == 0))
+    return 0;
+  for (int i = 0; i < info->dlpi_phnum; ++i)
+    if (info->dlpi_phdr[i].p_type == PT_LOAD) {
+      const uintptr_t lo = info->dlpi_addr + info->dlpi_phdr[i].p_vaddr;
+      g_allowed.push_back({lo, lo + info->dlpi_phdr[i].p_memsz});
+    }
+  return 0;
+}
+
+void allow_launch_memory(const void* frame) {
+  g_allowed.clear();
+  if (g_tracked.empty()) return;
+  g_allowed.push_back({reinterpret_cast<uintptr_t>(g_stacks), reinterpret_cast<uintptr_t>(g_stacks) + g_stack_count * kStack});
+  const uintptr_t f = reinterpret_cast<uintptr_t>(frame);
+  g_allowed.push_back({f - 4096, f + (1u << 20)});  // the launching frames: the kernel's arguments
+  g_allowed.push_back({reinterpret_cast<uintptr_t>(g_fibers.data()),
+                       reinterpret_cast<uintptr_t>(g_fibers.data() + g_fibers.size())});
+  g_allowed.push_back({reinterpret_cast<uintptr_t>(g_blocks.data()),
+                       reinterpret_cast<uintptr_t>(g_blocks.data() + g_blocks.size())});
+  for (const BlockState& b : g_blocks) {  // the warps' exchange slots (ldmatrix, mma.sync)
+    g_allowed.push_back({reinterpret_cast<uintptr_t>(b.warps.data()),
+                         reinterpret_cast<uintptr_t>(b.warps.data() + b.warps.size())});
+    if (g_blocks.size() > 1)  // a cluster peer's shared memory, while another block of the cluster runs
+      g_allowed.push_back({reinterpret_cast<uintptr_t>(b.saved.data()),
+                           reinterpret_cast<uintptr_t>(b.saved.data() + b.saved.size())});
+  }
+  Dl_info self;
+  if (dladdr(reinterpret_cast<void*>(&allow_launch_memory), &self) != 0) dl_iterate_phdr(add_image_ranges, &self);
+}
+
+bool in_ranges(const std::vector<Range>& rs, uintptr_t lo, uintptr_t hi) {
+  for (const Range& r : rs)
+    if (lo >= r.lo && hi <= r.hi) return true;
+  return false;
+}
+
+void check_global(const void* addr, size_t n, bool write, const char* what) {
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(addr), hi = lo + n;
+  if (in_ranges(g_tracked, lo, hi) || in_ranges(g_allowed, lo, hi)) return;
+  if (std::getenv("SCOTT_EMU_DEBUG_RANGES") != nullptr) {
+    std::fprintf(stderr, "bad %#lx\n", (unsigned long)lo);
+    for (const Range& r : g_tracked) std::fprintf(stderr, "tracked %#lx..%#lx\n", (unsigned long)r.lo, (unsigned long)r.hi);
+    for (const Range& r : g_allowed) std::fprintf(stderr, "allowed %#lx..%#lx\n", (unsigned long)r.lo, (unsigned long)r.hi);
+  }
+  report("out-of-bounds", addr, std::string(what) + ": " + std::to_string(n) + "-byte global " +
+                                    (write ? "store" : "load") + " outside every tensor the op passed");
+}
+
+void check_byte(Shadow& sh, const unsigned char* addr, bool write, const char* what) {
+  Fiber& f = cur();
+  const BlockState& b = g_blocks[f.t.block->rank];
+  const int16_t me = static_cast<int16_t>(f.t.linear);
+  const uint32_t gen = b.gen, wgen = b.warps[f.t.warp].gen;
+  auto synced_in_warp = [&](int16_t other, uint32_t other_warp_gen) {
+    return other >= 0 && other / 32 == me / 32 && other_warp_gen != wgen;
+  };
+  auto say = [&](const char* kind, const std::string& msg) { report(kind, addr, std::string(what) + ": " + msg); };
+  if (sh.writer >= 0 && sh.writer != me && sh.wgen == gen && !synced_in_warp(sh.writer, sh.wwarp)) {
+    say("race", std::string(write ? "write" : "read") + " after thread " + std::to_string(sh.writer) +
+                    "'s write with no barrier between");
+    sh.wgen = 0;  // one report per byte and generation
+  }
+  if (write) {
+    if (sh.reader != -1 && sh.rgen == gen && sh.reader != me && !synced_in_warp(sh.reader, sh.rwarp)) {
+      say("race", sh.reader == -2 ? "write after other threads' reads with no barrier between"
+                                  : "write after thread " + std::to_string(sh.reader) + "'s read with no barrier between");
+    }
+    sh.writer = me;
+    sh.wgen = gen;
+    sh.wwarp = wgen;
+    sh.reader = -1;
+  } else {
+    if (sh.writer == -1) {
+      say("uninitialized", "read of shared memory no thread has written");
+      sh.writer = -3;  // reported once
+    }
+    if (sh.reader == -1 || sh.rgen != gen) {
+      sh.reader = me;
+      sh.rgen = gen;
+      sh.rwarp = wgen;
+    } else if (sh.reader != me) {
+      sh.reader = -2;
+    }
+  }
+}
+
+void shared_access(const void* addr, size_t n, bool write, const char* what) {
+  if (g_cur == nullptr || g_launch == nullptr) return;
+  const unsigned char* p = static_cast<const unsigned char*>(addr);
+  if (p >= g_dyn_smem && p < g_dyn_smem + kMaxSmem) {
+    const size_t off = static_cast<size_t>(p - g_dyn_smem);
+    if (off + n > g_launch->dyn_smem) {
+      report("out-of-bounds", addr, std::string(what) + ": " + std::to_string(n) + " bytes past the block's " +
+                                        std::to_string(g_launch->dyn_smem) + " bytes of dynamic shared memory");
+      return;
+    }
+    if (n > 1 && off % n != 0 && n <= 16) report("misaligned", addr, std::string(what) + ": misaligned access");
+    for (size_t i = 0; i < n; ++i) {
+      if (!write && g_inflight[off + i] != 0 && std::strcmp(what, "cp.async") != 0) {
+        report("race", addr, std::string(what) + ": read of a cp.async destination before its wait_group");
+        break;
+      }
+    }
+    for (size_t i = 0; i < n; ++i) check_byte(g_shadow[off + i], p + i, write, what);
+    return;
+  }
+  const char* lo = g_static_lo;
+  const char* hi = g_static_hi;
+  if (lo != nullptr && reinterpret_cast<const char*>(p) >= lo && reinterpret_cast<const char*>(p) < hi) {
+    const size_t off = static_cast<size_t>(reinterpret_cast<const char*>(p) - lo);
+    for (size_t i = 0; i < n && off + i < g_static_shadow.size(); ++i) {
+      Shadow& sh = g_static_shadow[off + i];
+      if (sh.serial != g_serial) {
+        sh = Shadow{};
+        sh.serial = g_serial;
+      }
+      check_byte(sh, p + i, write, what);
+    }
+    return;
+  }
+  if (!g_tracked.empty()) check_global(addr, n, write, what);
+}
+
+}  // namespace
+
+// every load and store of the kernels' translation units (compiled with -fsanitize=thread, whose
+// instrumentation calls these; no sanitizer runtime is linked)
+extern "C" {
+#define SCOTT_EMU_HOOKS(N)                                                                          \
+  void __tsan_read##N(void* a) { if (g_check_plain) shared_access(a, N, false, "load"); }          \
+  void __tsan_write##N(void* a) { if (g_check_plain) shared_access(a, N, true, "store"); }         \
+  void __tsan_unaligned_read##N(void* a) { if (g_check_plain) shared_access(a, N, false, "load"); } \
+  void __tsan_unaligned_write##N(void* a) { if (g_check_plain) shared_access(a, N, true, "store"); } \
+  void __tsan_volatile_read##N(void* a) { if (g_check_plain) shared_access(a, N, false, "load"); } \
+  void __tsan_volatile_write##N(void* a) { if (g_check_plain) shared_access(a, N, true, "store"); }
+SCOTT_EMU_HOOKS(1)
+SCOTT_EMU_HOOKS(2)
+SCOTT_EMU_HOOKS(4)
+SCOTT_EMU_HOOKS(8)
+SCOTT_EMU_HOOKS(16)
+#undef SCOTT_EMU_HOOKS
+void __tsan_read_range(void* a, unsigned long n) { if (g_check_plain) shared_access(a, n, false, "load"); }
+void __tsan_write_range(void* a, unsigned long n) { if (g_check_plain) shared_access(a, n, true, "store"); }
+void __tsan_func_entry(void*) {}
+void __tsan_func_exit() {}
+void __tsan_init() {}
+void __tsan_vptr_update(void**, void*) {}
+void __tsan_vptr_read(void**) {}
+}
+
+// the kernel's name without namespaces, template arguments or parameters
+std::string kernel_base_name(const std::string& full) {
+  std::string s = full;
+  // drop a leading return type ("void ")
+  if (s.rfind("void ", 0) == 0) s = s.substr(5);
+  int depth = 0;
+  size_t end = s.size();
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == '<' || s[i] == '(') {
+      if (depth == 0) { end = i; break; }
+    }
+  }
+  s = s.substr(0, end);
+  const size_t colon = s.rfind("::");
+  return colon == std::string::npos ? s : s.substr(colon + 2);
+}
+
+std::string kernel_name(const void* fn, const char* fallback) { return demangled(fn, fallback); }
+
+void run_kernel(const char* kernel, dim3 grid, dim3 block, size_t dyn_smem, unsigned cluster, void (*body)(void*),
+                void* ctx) {
+  if (g_launch != nullptr) throw std::runtime_error("emulated device: a kernel launched from a kernel");
+  const std::string name = kernel_base_name(kernel);
+  const unsigned threads = block.x * block.y * block.z;
+  std::string bad;
+  if (threads == 0 || threads > 1024) bad = "block of " + std::to_string(threads) + " threads";
+  else if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) bad = "grid out of range";
+  else if (dyn_smem > kMaxSmem) bad = "dynamic shared memory over the device's limit";
+  else if (cluster == 0 || grid.x % cluster != 0 || cluster > 8) bad = "cluster size";
+  if (!bad.empty()) {
+    report("launch", nullptr, name + ": invalid launch: " + bad);
+    return;
+  }
+  ++g_stats.launches[name];
+  Launch L{name.c_str(), grid, block, dyn_smem, cluster};
+  g_launch_frame = &L;
+  g_launch = &L;
+  g_body = body;
+  g_body_ctx = ctx;
+  scott_emu_grid_dim = {grid.x, grid.y, grid.z};
+  scott_emu_block_dim = {block.x, block.y, block.z};
+  try {
+    for (unsigned z = 0; z < grid.z; ++z)
+      for (unsigned y = 0; y < grid.y; ++y)
+        for (unsigned x = 0; x < grid.x; x += cluster) run_group(L, {x, y, z});
+  } catch (...) {
+    g_launch = nullptr;
+    throw;
+  }
+  g_launch = nullptr;
+  g_body = nullptr;
+}
+
+void sync_block(const char* site) {
+  BlockState& b = cur_block();
+  if (b.arrived == 0) {
+    b.site = site;
+  } else if (std::strcmp(b.site, site) != 0) {
+    report("barrier", nullptr, std::string("__syncthreads at ") + site + " while other threads of the block wait at " +
+                                   b.site);
+  }
+  if (++b.arrived == b.live) {
+    b.arrived = 0;
+    ++b.gen;
+    release(State::BlockBar, cur().t.block->rank, -1);
+    return;
+  }
+  cur().st = State::BlockBar;
+  yield_to_scheduler();
+}
+
+void* const* warp_exchange(void* mine) {
+  Fiber& f = cur();
+  WarpState& w = cur_block().warps[f.t.warp];
+  const unsigned ph = w.gen & 1u;
+  w.slots[ph][f.t.lane] = mine;
+  if (++w.arrived == w.expected) {
+    w.arrived = 0;
+    ++w.gen;
+    release(State::WarpBar, f.t.block->rank, f.t.warp);
+  } else {
+    f.st = State::WarpBar;
+    yield_to_scheduler();
+  }
+  return w.slots[ph];
+}
+
+void sync_warp() { (void)warp_exchange(nullptr); }
+
+void sync_cluster() {
+  if (++g_cluster_arrived == g_cluster_live) {
+    g_cluster_arrived = 0;
+    for (BlockState& b : g_blocks) ++b.gen;
+    release(State::ClusterBar, -1, -1);
+    return;
+  }
+  cur().st = State::ClusterBar;
+  yield_to_scheduler();
+}
+
+unsigned cluster_rank() { return static_cast<unsigned>(cur().t.block->rank); }
+
+void* map_cluster_shared(void* p, unsigned rank) {
+  const size_t off = smem_offset(p, 0, "mapa");
+  if (rank >= g_blocks.size()) {
+    report("out-of-bounds", p, "map_shared_rank: no block of rank " + std::to_string(rank) + " in the cluster");
+    return p;
+  }
+  if (static_cast<int>(rank) == cur().t.block->rank) return p;
+  return g_blocks[rank].saved.data() + off;
+}
+
+void trap(const char* why) {
+  report("trap", nullptr, why);
+  finish_fiber();
+  yield_to_scheduler();
+  std::abort();
+}
+
+void report(const char* kind, const void* addr, const std::string& what) {
+  ++g_stats.counts[kind];
+  char buf[64] = "";
+  if (addr != nullptr) {
+    if (g_launch != nullptr && addr >= g_dyn_smem && addr < g_dyn_smem + kMaxSmem)
+      std::snprintf(buf, sizeof(buf), " at shared offset %zu", static_cast<size_t>(static_cast<const unsigned char*>(addr) - g_dyn_smem));
+    else
+      std::snprintf(buf, sizeof(buf), " at address %p", addr);
+  }
+  const std::string msg = std::string(kind) + ": " + where() + ": " + what + buf;
+  if (g_stats.messages.size() < 50) g_stats.messages.push_back(msg);
+  if (g_error == cudaSuccess) {
+    g_error = cudaErrorLaunchFailure;
+    g_error_text = msg;
+  }
+}
+
+size_t smem_offset(const void* p, size_t bytes, const char* op) {
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  const size_t limit = g_launch != nullptr ? g_launch->dyn_smem : 0;
+  if (c < g_dyn_smem || c + bytes > g_dyn_smem + limit || (bytes == 0 && c > g_dyn_smem + limit)) {
+    report("out-of-bounds", p, std::string(op) + ": outside the block's " + std::to_string(limit) +
+                                   " bytes of dynamic shared memory");
+    return 0;
+  }
+  return static_cast<size_t>(c - g_dyn_smem);
+}
+
+void smem_check_read(size_t off, size_t bytes, const char* op) {
+  const size_t limit = g_launch != nullptr ? g_launch->dyn_smem : 0;
+  if (off + bytes > limit) {
+    report("out-of-bounds", g_dyn_smem + off, std::string(op) + ": read past the block's dynamic shared memory");
+    return;
+  }
+  for (size_t i = 0; i < bytes; ++i)
+    if (g_inflight[off + i] != 0) {
+      report("race", g_dyn_smem + off + i, std::string(op) + ": read of a cp.async destination before its wait_group");
+      return;
+    }
+}
+
+void cp_async(uint32_t dst, const void* src, int src_bytes) {
+  const size_t limit = g_launch->dyn_smem;
+  if (dst % 16 != 0) report("misaligned", g_dyn_smem + dst, "cp.async destination not 16-byte aligned");
+  if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0)
+    report("misaligned", src, "cp.async source not 16-byte aligned");
+  if (dst + 16 > limit) {
+    report("out-of-bounds", g_dyn_smem + dst, "cp.async destination outside the block's dynamic shared memory");
+    return;
+  }
+  for (int i = 0; i < 16; ++i) {
+    if (g_inflight[dst + i] != 0) {
+      report("race", g_dyn_smem + dst + i, "cp.async to a destination with a copy still in flight");
+      break;
+    }
+  }
+  if (src_bytes > 0 && !g_tracked.empty()) check_global(src, static_cast<size_t>(src_bytes), false, "cp.async");
+  for (int i = 0; i < 16; ++i) ++g_inflight[dst + i];
+  cur().open.push_back({dst, src, src_bytes});
+}
+
+void cp_async_commit() {
+  Fiber& f = cur();
+  f.groups.push_back(std::move(f.open));
+  f.open.clear();
+}
+
+void cp_async_wait(int pending) {
+  Fiber& f = cur();
+  while (static_cast<int>(f.groups.size()) > pending) {
+    for (const Copy& c : f.groups.front()) land(c);
+    f.groups.erase(f.groups.begin());
+  }
+}
+
+int device_arch() { return g_arch; }
+int device_sms() { return g_sms; }
+
+bool set_max_dyn_smem(const void* kernel, int bytes) {
+  const int limit = g_arch >= 90 ? 232448 : 166912;
+  if (bytes < 0 || bytes > limit) return false;
+  g_max_smem[kernel] = static_cast<size_t>(bytes);
+  return true;
+}
+size_t max_dyn_smem(const void* kernel) {
+  auto it = g_max_smem.find(kernel);
+  return it == g_max_smem.end() ? 48 * 1024 : it->second;
+}
+
+cudaError_t take_error() {
+  const cudaError_t e = g_error;
+  g_error = cudaSuccess;
+  return e;
+}
+cudaError_t peek_error() { return g_error; }
+const char* error_text(cudaError_t e) {
+  if (e == cudaSuccess) return "no error";
+  if (!g_error_text.empty()) return g_error_text.c_str();
+  return "emulated launch failure";
+}
+
+// ---- for the module's emulator functions (emu_bindings.cpp) ----
+void check_plain_accesses(bool on) { g_check_plain = on; }
+void track(const std::vector<std::pair<uintptr_t, size_t>>& ranges) {
+  g_tracked.clear();
+  for (const auto& r : ranges) g_tracked.push_back({r.first, r.first + r.second});
+}
+void configure(int arch, int sms) {
+  if (arch != 80 && arch != 90) throw std::invalid_argument("emulated device: arch 80 or 90");
+  g_arch = arch;
+  g_sms = sms < 1 ? 1 : sms;
+  g_max_smem.clear();
+}
+void reset_stats() {
+  g_stats = Stats{};
+  g_error = cudaSuccess;
+  g_error_text.clear();
+}
+const std::map<std::string, long>& launch_counts() { return g_stats.launches; }
+const std::map<std::string, long>& check_counts() { return g_stats.counts; }
+const std::vector<std::string>& check_messages() { return g_stats.messages; }
+
+}  // namespace emu

@@ -1,0 +1,107 @@
+"""Builds scott_kernels._emu: the CUDA sources in csrc/ compiled as C++ for the emulated device
+(csrc/emu/), with bindings.cpp and the C++ twin, into a module beside scott_kernels/_C.
+
+    python tests/emu/build.py [--jobs N] [--out DIR] [--define NAME[=VALUE] ...] [--src DIR]
+
+--src builds from another copy of csrc/ (the mutation tests build deliberately broken copies);
+--out puts the module (a scott_kernels/ folder holding _emu) elsewhere. Objects are cached
+under build/emu/ by the hash of their command line and sources.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+KERNEL_SOURCES = ["conv_igemm.cu", "conv_image.cu", "gemm_fallback.cu", "pool.cu", "patch_tiles_cuda.cu"]
+HOST_SOURCES = ["tokenizer_cpu.cpp", "patch_tiles_cpu.cpp"]
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
+def _commands(src: Path, obj_dir: Path, defines: list[str]) -> list[tuple[list[str], Path, list[Path]]]:
+    import pybind11
+
+    emu = src / "emu"
+    common = [_compiler(), "-std=c++17", "-O2", "-fno-strict-aliasing", "-fPIC", "-g0", "-Wno-attributes", "-Wno-ignored-attributes",
+              f"-I{src}", f"-I{sysconfig.get_paths()['include']}", f"-I{pybind11.get_include()}"]
+    # its own pybind11 internals: _C and _emu register the same C++ types
+    common += ['-DPYBIND11_BUILD_ABI="_scott_emu"']
+    common += [f"-D{d}" for d in defines]
+    kernel = ["-x", "c++", "-include", str(emu / "cuda_host.h"), "-D__CUDACC__", "-D__CUDA_ARCH__=900",
+              "-DSCOTT_EMU", "-DSCOTT_WITH_CUDA", f"-I{emu / 'include'}", "-fvisibility=default",
+              # every load and store calls a hook (csrc/emu/runtime.cpp checks shared memory; no sanitizer
+              # runtime is linked)
+              "-fsanitize=thread", "-Wno-tsan"]
+    out = []
+    headers = sorted(src.glob("*.h")) + sorted(src.glob("*.cuh")) + sorted(emu.rglob("*.h"))
+    for name in KERNEL_SOURCES:
+        out.append((common + kernel, src / name, headers))
+    out.append((common + kernel, emu / "fragment_probe.cu", headers))
+    for name in HOST_SOURCES:
+        out.append((common + ["-fvisibility=hidden"], src / name, headers))
+    out.append((common + ["-DSCOTT_EMU", "-DSCOTT_WITH_CUDA", f"-I{emu / 'include'}", "-fvisibility=hidden"],
+                src / "bindings.cpp", headers))
+    out.append((common + ["-fvisibility=hidden"], emu / "emu_bindings.cpp", headers))
+    out.append((common + ["-DSCOTT_EMU", "-fvisibility=hidden"], emu / "runtime.cpp", headers))
+    result = []
+    for cmd, source, deps in out:
+        # (the key names sources relative to src: a copy of csrc/ elsewhere reuses the objects of
+        # the files it did not change)
+        h = hashlib.sha256(" ".join(cmd + [str(source)]).replace(str(src), "<src>").encode())
+        for p in [source, *deps]:
+            h.update(p.read_bytes())
+        obj = obj_dir / f"{source.stem}-{h.hexdigest()[:16]}.o"
+        result.append((cmd + ["-c", str(source), "-o", str(obj)], obj, deps))
+    return result
+
+
+def build(src: Path = ROOT / "csrc", out: Path = ROOT / "scott_kernels", jobs: int = 2,
+          defines: list[str] | None = None, quiet: bool = False) -> Path:
+    obj_dir = ROOT / "build" / "emu"
+    obj_dir.mkdir(parents=True, exist_ok=True)
+    cmds = _commands(Path(src).resolve(), obj_dir, defines or [])
+
+    def run(item):
+        cmd, obj, _ = item
+        if obj.is_file():
+            return
+        tmp = obj.with_suffix(".tmp.o")
+        cmd = cmd[:-1] + [str(tmp)]
+        if not quiet:
+            print("compiling", cmd[-3], flush=True)
+        subprocess.run(cmd, check=True)
+        tmp.replace(obj)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(run, cmds))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"_emu{sysconfig.get_config_var('EXT_SUFFIX')}"
+    subprocess.run([_compiler(), "-shared", "-o", str(target), *[str(o) for _, o, _ in cmds], "-ldl"], check=True)
+    if not quiet:
+        print("built", target)
+    return target
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--src", default=str(ROOT / "csrc"))
+    ap.add_argument("--out", default=str(ROOT / "scott_kernels"))
+    ap.add_argument("--define", action="append", default=[])
+    args = ap.parse_args()
+    build(Path(args.src), Path(args.out), args.jobs, args.define)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
