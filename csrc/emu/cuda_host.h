@@ -179,6 +179,13 @@ template <typename H> inline H hmin(H a, H b) {
   }                                                                                                        \
   inline unsigned __hge2_mask(H2 a, H2 b) {                                                              \
     return (__hge(a.x, b.x) ? 0xffffu : 0u) | (__hge(a.y, b.y) ? 0xffff0000u : 0u);                       \
+  }                                                                                                        \
+  /* unordered comparisons: also true where either side is NaN */                                          \
+  inline unsigned __hgtu2_mask(H2 a, H2 b) {                                                             \
+    return (!__hge(b.x, a.x) ? 0xffffu : 0u) | (!__hge(b.y, a.y) ? 0xffff0000u : 0u);                     \
+  }                                                                                                        \
+  inline unsigned __hneu2_mask(H2 a, H2 b) {                                                             \
+    return (!__heq(a.x, b.x) ? 0xffffu : 0u) | (!__heq(a.y, b.y) ? 0xffff0000u : 0u);                     \
   }
 SCOTT_EMU_HALF_OPS(__half, __half2)
 SCOTT_EMU_HALF_OPS(__nv_bfloat16, __nv_bfloat162)

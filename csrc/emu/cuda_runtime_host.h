@@ -48,6 +48,7 @@ inline cudaError_t cudaGetLastError() { return emu::take_error(); }
 inline cudaError_t cudaPeekAtLastError() { return emu::peek_error(); }
 inline const char* cudaGetErrorString(cudaError_t e) { return emu::error_text(e); }
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
+inline cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidValue; }
 inline cudaError_t cudaRuntimeGetVersion(int* v) { *v = CUDART_VERSION; return cudaSuccess; }
 inline cudaError_t cudaDriverGetVersion(int* v) { *v = CUDART_VERSION; return cudaSuccess; }
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {

@@ -539,6 +539,26 @@ void __tsan_func_exit() {}
 void __tsan_init() {}
 void __tsan_vptr_update(void**, void*) {}
 void __tsan_vptr_read(void**) {}
+// host-side atomics in the launch code (e.g. a per-device cache): plain atomic operations, unchecked
+#define SCOTT_EMU_ATOMICS(BITS, T)                                                                  \
+  T __tsan_atomic##BITS##_load(const volatile T* a, int) { return __atomic_load_n(a, __ATOMIC_SEQ_CST); } \
+  void __tsan_atomic##BITS##_store(volatile T* a, T v, int) { __atomic_store_n(a, v, __ATOMIC_SEQ_CST); } \
+  T __tsan_atomic##BITS##_exchange(volatile T* a, T v, int) {                                       \
+    return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);                                             \
+  }                                                                                                 \
+  T __tsan_atomic##BITS##_fetch_add(volatile T* a, T v, int) {                                      \
+    return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST);                                              \
+  }                                                                                                 \
+  int __tsan_atomic##BITS##_compare_exchange_strong(volatile T* a, T* c, T v, int, int) {           \
+    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);          \
+  }
+SCOTT_EMU_ATOMICS(8, char)
+SCOTT_EMU_ATOMICS(16, short)
+SCOTT_EMU_ATOMICS(32, int)
+SCOTT_EMU_ATOMICS(64, long)
+#undef SCOTT_EMU_ATOMICS
+void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+void __tsan_atomic_signal_fence(int) {}
 }
 
 // the kernel's name without namespaces, template arguments or parameters
