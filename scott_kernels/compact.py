@@ -128,14 +128,15 @@ def compact_to_image(dsrc: torch.Tensor, tile_pos: torch.Tensor, shape: Sequence
 def tokenize_compact(conv_relu: Callable, max_blur_pool: Callable, x: torch.Tensor, weights: Sequence[torch.Tensor],
                      keep: torch.Tensor | None, patch_size: int, num_visible: int | None = None,
                      packed: bool = False, pixel_norm: torch.Tensor | None = None,
-                     last_pool: Callable | None = None) -> torch.Tensor:
+                     last_pool: Callable | None = None, tables: Callable = visible_tables) -> torch.Tensor:
     """The tokenizer from a backend's stage ops ``conv_relu(src, weight, slot, tile_pos, in_side,
     src_is_image, pixel_norm)`` and ``max_blur_pool(act, slot, tile_pos)``: (B, N, D) tokens, masked
     ones exactly 0, or with ``packed`` (B, num_visible, D) visible tokens in row-major order. The
     ReLU may sit in either op: the fast backends run the conv without it and the pool of its
     ReLU (see ``register_stage_autograd``). ``last_pool(act, slot, tile_pos)``, when given,
     replaces the last stage's pool and returns the final tokens itself (a pool fused with the
-    token epilogue).
+    token epilogue). ``tables`` builds (slot, tile_pos) with ``visible_tables``'s signature (a
+    backend may build them in one kernel).
 
     Computes in the autocast dtype when autocast is on, else in the images' dtype (the weights'
     for uint8 images). Inputs are assumed validated (see ``scott_kernels.functional``).
@@ -149,7 +150,7 @@ def tokenize_compact(conv_relu: Callable, max_blur_pool: Callable, x: torch.Tens
     weights = [w.to(dtype) for w in weights]
     if x.is_floating_point():
         x = x.to(dtype)
-    slot, tile_pos = visible_tables(keep, B, GH, GW, x.device, num_visible)
+    slot, tile_pos = tables(keep, B, GH, GW, x.device, num_visible)
     act, side = x, patch_size
     for i, weight in enumerate(weights):
         act = conv_relu(act, weight, slot, tile_pos, side, i == 0, pixel_norm if i == 0 else None)

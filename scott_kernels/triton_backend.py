@@ -59,6 +59,7 @@ from .triton_configs import triton_supports
 from .triton_conv import conv_relu_compact, conv_relu_dgrad, conv_relu_wgrad_compact
 from .triton_image import conv_image, conv_image_wgrad, conv_relu_image, conv_relu_wgrad_image  # noqa: F401
 from .triton_pool import max_blur_pool, max_blur_pool_backward, pool_tokens_apply
+from .triton_tables import tables_for
 
 __all__ = ["triton_tokenize", "triton_supports", "visible_tables"]
 # The backend's op set is importable from here: conv_relu, conv_relu_wgrad (below), conv_relu_dgrad,
@@ -138,9 +139,11 @@ def triton_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: torc
 
     Inputs are assumed validated (see ``scott_kernels.functional``).
     """
-    if norm is None and pos_embed is None and mask_token is None:
+    if norm is None and pos_embed is None and mask_token is None and keep is None:
         return tokenize_compact(_stage_conv, _stage_pool, x, weights, keep, patch_size, num_visible, packed,
-                                pixel_norm)
+                                pixel_norm, tables=tables_for)
+    # the last pool writes the tokens in their final layout (masked rows included), so no scatter
+    # or zero fill follows it
     dense = keep is None or not packed
     # under autocast the unfused LayerNorm runs (and returns) float32: so do the fused tokens
     out_dtype = torch.float32 if norm is not None and torch.is_autocast_enabled(x.device.type) else None
@@ -150,4 +153,4 @@ def triton_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: torc
         return pool_tokens_apply(act, slot, tile_pos, norm, pos_embed, fill, dense, out_dtype, relu=True)
 
     return tokenize_compact(_stage_conv, _stage_pool, x, weights, keep, patch_size, num_visible, packed, pixel_norm,
-                            last_pool=last_pool)
+                            last_pool=last_pool, tables=tables_for)

@@ -28,7 +28,8 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 
 from ._device import custom_op
 from . import compact
-from .compact import accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed, weight_from_partials
+from .compact import accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed
+from .triton_tables import neighbour_table
 from .triton_configs import (CONV_KEY, FWD_SHARED, WGRAD_SHARED, accumulator, autotune, conv_dgrad_configs,
                              conv_fwd_configs, conv_wgrad_configs, interpreting, pow2, prune_by_c_in, prune_by_c_out,
                              rows_bucket, triton_supports)
@@ -127,26 +128,6 @@ if triton is not None:
             acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)   # NaN stays NaN, as in torch.relu
         tl.store(out_ptr + rows[:, None] * C_OUT + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
-
-    @triton.jit
-    def _neighbour_table_kernel(slot_ptr, tile_pos_ptr, nbr_ptr, total, num_tiles, num_pos, GH, GW,
-                                R: tl.constexpr, BLOCK: tl.constexpr):
-        """nbr (M, 2R+1, 2R+1) int32: the tile at grid offset (dy - R, dx - R) from each tile, or
-        -1 (masked, outside the image, or a slot naming no tile)."""
-        NB: tl.constexpr = 2 * R + 1
-        e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = e < total
-        tile = e // (NB * NB)
-        d = e % (NB * NB)
-        pos = tl.load(tile_pos_ptr + tile, mask=ok, other=0)
-        pos = tl.minimum(tl.maximum(pos, 0), num_pos - 1)
-        b = pos // (GH * GW)
-        gy = (pos % (GH * GW)) // GW + d // NB - R
-        gx = pos % GW + d % NB - R
-        inside = ok & (gy >= 0) & (gy < GH) & (gx >= 0) & (gx < GW)
-        s = tl.load(slot_ptr + (b * GH + gy) * GW + gx, mask=inside, other=-1)
-        s = tl.where((s >= 0) & (s < num_tiles), s, -1)
-        tl.store(nbr_ptr + e, s.to(tl.int32), mask=ok)
 
     @autotune(conv_wgrad_configs(), CONV_KEY + ["ROWS_PER_CTA", "TAPS"], prune_by_c_out, shared=WGRAD_SHARED)
     @triton.jit
@@ -289,6 +270,28 @@ if triton is not None:
         tl.store(dsrc_ptr + out_rows[:, None] * C_IN + cols[None, :], acc.to(dsrc_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
+    # ---- the weight gradient from its partials --------------------------------------------------
+    @triton.jit
+    def _weight_from_partials_kernel(part_ptr, out_ptr, splits, part_stride, C_OUT: tl.constexpr,
+                                     C_IN: tl.constexpr, KSIZE: tl.constexpr, KXP: tl.constexpr, CIP: tl.constexpr,
+                                     ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr):
+        """out (C_out, C_in, k, k), in its dtype = the sum over ``splits`` of the partials
+        (splits, KYP, KXP, CIP, C_out) (kernel rows, taps and channels padded to KYP, KXP, CIP;
+        only the real ones are read), in split order: the sum, the layout change and the cast of
+        the weight gradient in one pass. A tile is (C_in * k * k columns, C_out rows) of out."""
+        KK: tl.constexpr = KSIZE * KSIZE
+        j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)   # ci * k * k + ky * k + kx
+        co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = (j < C_IN * KK)[:, None] & (co < C_OUT)[None, :]
+        tap = j % KK
+        src = (((tap // KSIZE) * KXP + tap % KSIZE) * CIP + j // KK) * C_OUT
+        ptrs = part_ptr + src[:, None] + co[None, :]
+        acc = tl.zeros([BLOCK_J, BLOCK_N], dtype=ACC)
+        for _ in range(splits):
+            acc += tl.load(ptrs, mask=ok, other=0.0)
+            ptrs += part_stride   # 64-bit pointer arithmetic: no offset overflows
+        tl.store(out_ptr + co[None, :] * (C_IN * KK) + j[:, None], acc.to(out_ptr.dtype.element_ty), mask=ok)
+
 
 # --------------------------------------------------------------------------------------------
 # Launch configuration
@@ -341,17 +344,28 @@ def _radius(in_side: int, k: int) -> int:
     return -(-(k // 2) // in_side)
 
 
-def _neighbour_table(slot: torch.Tensor, tile_pos: torch.Tensor, radius: int) -> torch.Tensor:
-    """(M, 2r+1, 2r+1) int32: each tile's neighbour within ``radius`` patches, or -1."""
-    num_tiles = tile_pos.shape[0]
-    nb = 2 * radius + 1
-    nbr = torch.empty((num_tiles, nb, nb), dtype=torch.int32, device=slot.device)
-    total = nbr.numel()
-    if total:
-        block = 1024
-        _neighbour_table_kernel[(triton.cdiv(total, block),)](
-            slot, tile_pos, nbr, total, num_tiles, slot.numel(), slot.shape[1], slot.shape[2], R=radius, BLOCK=block)
-    return nbr
+def weight_from_partials(partial: torch.Tensor, weight: torch.Tensor, kxp: int | None = None,
+                         cip: int | None = None) -> torch.Tensor:
+    """The (C_out, C_in, k, k) weight gradient, in the weight's dtype, from float32 (float64)
+    partials (splits, KYP * KXP * CIP, C_out) whose taps and channels may be padded (``kxp``,
+    ``cip``; default k and C_in): one launch for the sum, the layout and the cast."""
+    c_out, c_in, k, _ = weight.shape
+    out = torch.empty((c_out, c_in, k, k), dtype=weight.dtype, device=weight.device)
+    block_j, block_n = 64, min(64, pow2(c_out))
+    _weight_from_partials_kernel[(triton.cdiv(c_in * k * k, block_j), triton.cdiv(c_out, block_n))](
+        partial, out, partial.shape[0], partial[0].numel(), C_OUT=c_out, C_IN=c_in, KSIZE=k, KXP=kxp or k,
+        CIP=cip or c_in, ACC=accumulator(partial.dtype), BLOCK_J=block_j, BLOCK_N=block_n)
+    return out
+
+
+def wgrad_operands(grad: torch.Tensor, out: torch.Tensor | None, weight: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(grad, out, GRAD_MASKED) for a weight-gradient kernel: the gradient in the weight's dtype,
+    and the forward's output for the ReLU mask, or the gradient again when already masked."""
+    grad = grad.to(weight.dtype).contiguous()
+    if out is None:
+        return grad, grad, True
+    return grad, out.contiguous(), False
 
 
 def _sm_count(device: torch.device) -> int | None:
@@ -390,7 +404,7 @@ def conv_relu_compact(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tenso
         return out
     slot, tile_pos = slot.contiguous(), tile_pos.contiguous()
     radius = _radius(in_side, k)
-    nbr = _neighbour_table(slot, tile_pos, radius)
+    nbr = neighbour_table(slot, tile_pos, radius)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))
     _conv_relu_fwd_kernel[grid](
         src, gemm_weight(weight), out, nbr, rows, rows_bucket(rows), C_IN=c_in, C_OUT=c_out, IN_SIDE=in_side, KSIZE=k,
@@ -413,13 +427,11 @@ def conv_relu_wgrad_compact(grad: torch.Tensor, out: torch.Tensor | None, src: t
     if rows == 0:
         return torch.zeros_like(weight, memory_format=torch.contiguous_format)
     slot, tile_pos = slot.contiguous(), tile_pos.contiguous()
-    grad = grad.to(weight.dtype).contiguous()
-    masked = out is None
-    out = grad if masked else out.contiguous()
+    grad, out, masked = wgrad_operands(grad, out, weight)
     acc, precision = accumulator(weight.dtype), _precision(weight.dtype)
     part_dtype = accumulator_dtype(weight.dtype)
     radius = _radius(in_side, k)
-    nbr = _neighbour_table(slot, tile_pos, radius)
+    nbr = neighbour_table(slot, tile_pos, radius)
     block_k = _k_block(c_in)
     # two taps per CTA where a tap's channels fit one block (the gradient tile then serves both)
     taps = 2 if c_in <= block_k and k > 1 else 1
@@ -455,7 +467,7 @@ def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor | None, weight: torch.
     masked = out is None
     out = grad if masked else out.contiguous()
     radius = _radius(in_side, k)
-    nbr = _neighbour_table(slot.contiguous(), tile_pos.contiguous(), radius)
+    nbr = neighbour_table(slot.contiguous(), tile_pos.contiguous(), radius)
     class_rows = rows // 4
     grid = lambda meta: (triton.cdiv(class_rows, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]), 4)
     _conv_relu_dgrad_kernel[grid](

@@ -26,7 +26,8 @@ from .compact import accumulator_dtype
 from .triton_configs import (IMAGE_FWD_SHARED, IMAGE_KEY, IMAGE_WGRAD_SHARED, accumulator, autotune,
                              image_fwd_configs, image_wgrad_configs, pow2, prune_by_c_out, prune_image_wgrad,
                              rows_bucket)
-from .triton_conv import _check_tables, _precision, _sm_count, _source_geometry, _wide, conv_relu_dgrad
+from .triton_conv import (_check_tables, _precision, _sm_count, _source_geometry, _wide, conv_relu_dgrad,
+                          weight_from_partials, wgrad_operands)
 
 __all__ = ["conv_image", "conv_image_wgrad", "conv_relu_image", "conv_relu_wgrad_image"]
 
@@ -298,9 +299,7 @@ def _image_wgrad(grad: torch.Tensor, out: torch.Tensor | None, packed: torch.Ten
     if rows == 0:
         return torch.zeros_like(weight, memory_format=torch.contiguous_format)
     slot, tile_pos = slot.contiguous(), tile_pos.contiguous()
-    grad = grad.to(weight.dtype).contiguous()
-    masked = out is None
-    out = grad if masked else out.contiguous()
+    grad, out, masked = wgrad_operands(grad, out, weight)
     kyp, krow = geo["kyp"], geo["krow"]
     # sized for the two-kernel-row tiles that win at C_out = 64
     per_cta = _image_rows_per_cta(rows, max(1, kyp // 2) * triton.cdiv(c_out, 64), packed.device)
@@ -311,8 +310,7 @@ def _image_wgrad(grad: torch.Tensor, out: torch.Tensor | None, packed: torch.Ten
         packed, grad, out, partial, *_image_args(packed, slot, tile_pos, rows, geo), per_cta,
         **_image_consts(slot, geo), C_OUT=c_out, OUT_SIDE=side, KYP=kyp, CP=geo["cp"], KROW=krow, GRAD_MASKED=masked,
         WIDE=_wide(packed, grad), ACC=accumulator(weight.dtype), PRECISION=_precision(weight.dtype))
-    dw = partial.sum(0).view(kyp, geo["kxe"], geo["cp"], c_out)[:k, :k, :c_in]
-    return dw.permute(3, 2, 0, 1).to(weight.dtype).contiguous()
+    return weight_from_partials(partial, weight, geo["kxe"], geo["cp"])
 
 
 @custom_op("scott_kernels::triton_conv_image_wgrad", mutates_args=())

@@ -479,9 +479,9 @@ if triton is not None:
             x = tl.reshape(acc, [TOKENS, BLOCK_D]).to(x_ptr.dtype.element_ty)
             ok = t_ok[:, None] & c_ok[None, :]
             t64 = t.to(tl.int64)
-            tl.store(x_ptr + t64[:, None] * C + c[None, :], x, mask=ok)
             y = x.to(ACC)
             if NORM:
+                tl.store(x_ptr + t64[:, None] * C + c[None, :], x, mask=ok)
                 mean = tl.sum(y, axis=1) / C
                 yc = tl.where(c_ok[None, :], y - mean[:, None], 0.0)
                 rstd = 1.0 / tl.sqrt(tl.sum(yc * yc, axis=1) / C + eps)
@@ -678,8 +678,9 @@ def pool_tokens(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, l
     ``pos_embed`` (N, D) at each token's position; tokens in ``out_dtype``, as (B, N, D) with
     masked positions = ``mask_token`` + pos_embed (or 0) when ``dense``, else packed (B, M/B, D).
 
-    Returns (tokens, x, stats): x (M, D) the pooled tokens before the epilogue and stats (M, 2)
-    their (mean, 1/std), both kept for the backward.
+    Returns (tokens, x, stats): with ``norm``, x (M, D) the pooled tokens before the epilogue and
+    stats (M, 2) their (mean, 1/std), both kept for the backward (without it both are empty: the
+    backward reads neither).
     """
     _check("triton_pool_tokens", act, slot, tile_pos, side=2)
     act = act.contiguous()
@@ -695,8 +696,9 @@ def pool_tokens(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, l
         raise ValueError(f"triton_pool_tokens: packed tokens need the same count per image; {num_tiles} tiles, B={B}")
     rows = B * N if dense else num_tiles
     tokens = torch.empty((B, rows // B, dim), dtype=out_dtype, device=act.device)
-    x = torch.empty((num_tiles, dim), dtype=act.dtype, device=act.device)
-    stats = torch.empty((num_tiles, 2), dtype=accumulator_dtype(act.dtype), device=act.device)
+    saved = num_tiles if norm else 0
+    x = torch.empty((saved, dim), dtype=act.dtype, device=act.device)
+    stats = torch.empty((saved, 2), dtype=accumulator_dtype(act.dtype), device=act.device)
     if rows == 0 or dim == 0:
         return tokens, x, stats
     if dense and num_tiles > B * N:
@@ -705,7 +707,7 @@ def pool_tokens(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, l
     # pooling programs over the tiles, then (dense) filling programs over the positions
     grid = lambda meta: (triton.cdiv(num_tiles, meta["TOKENS"]) + (triton.cdiv(rows, meta["TOKENS"]) if dense else 0),)
     _pool_tokens_fwd_kernel[grid](
-        act, tokens, x, stats, slot.contiguous(), tile_pos.contiguous(),
+        act, tokens, x if norm else any_, stats if norm else any_, slot.contiguous(), tile_pos.contiguous(),
         any_ if ln_weight is None else ln_weight.contiguous(), any_ if ln_bias is None else ln_bias.contiguous(),
         any_ if pos_embed is None else pos_embed.contiguous(), any_ if mask_token is None else mask_token.contiguous(),
         num_tiles, slot.numel(), GH, GW, float(eps), rows_bucket(rows),
@@ -720,8 +722,9 @@ def _(act, slot, tile_pos, ln_weight, ln_bias, pos_embed, mask_token, eps, norm,
     num_tiles, dim = act.shape[0], act.shape[3]
     B, GH, GW = slot.shape
     rows = B * GH * GW if dense else num_tiles
-    return (act.new_empty((B, rows // B, dim), dtype=out_dtype), act.new_empty((num_tiles, dim)),
-            act.new_empty((num_tiles, 2), dtype=accumulator_dtype(act.dtype)))
+    saved = num_tiles if norm else 0
+    return (act.new_empty((B, rows // B, dim), dtype=out_dtype), act.new_empty((saved, dim)),
+            act.new_empty((saved, 2), dtype=accumulator_dtype(act.dtype)))
 
 
 def _splits(batch: int, positions: int, device: torch.device) -> int:
@@ -754,7 +757,8 @@ def pool_tokens_backward(grad: torch.Tensor, act: torch.Tensor, x: torch.Tensor,
     part = torch.zeros((4, splits, N, dim), dtype=acc, device=act.device)
     if rows and dim:
         _pool_tokens_bwd_kernel[(N, splits)](
-            grad.contiguous(), x.contiguous(), stats.contiguous(), dx, part, slot.contiguous(),
+            grad.contiguous(), x.contiguous() if norm else act, stats.contiguous() if norm else act, dx, part,
+            slot.contiguous(),
             act if ln_weight is None else ln_weight.contiguous(), num_tiles, B, N, -(-B // splits),
             C=dim, BLOCK_D=triton.next_power_of_2(dim), DENSE=dense, NORM=norm,
             HAS_W=norm and ln_weight is not None, HAS_POS=has_pos, HAS_MASK_TOKEN=dense and has_mask_token,
@@ -783,6 +787,13 @@ def _tokens_setup(ctx, inputs, output):
 def _tokens_backward(ctx, grad, grad_x, grad_stats):
     act, x, stats, slot, tile_pos, ln_weight = ctx.saved_tensors
     norm, dense, has_pos, has_mask_token, relu = ctx.flags
+    if not (norm or has_pos or has_mask_token):
+        # no epilogue: the tokens are the pool's output, (B, N, D) rows at tile_pos or packed
+        num_tiles, dim = act.shape[0], act.shape[3]
+        grad = grad.reshape(-1, dim)
+        grad = grad.index_select(0, tile_pos) if dense else grad
+        dact = max_blur_pool_backward(grad.view(num_tiles, 1, 1, dim), act, slot, tile_pos, relu)
+        return (dact, *([None] * 11))
     dact, dw, db, dpos, dmask = pool_tokens_backward(grad, act, x, stats, slot, tile_pos, ln_weight, norm, dense,
                                                      has_pos, has_mask_token, relu)
     # parameters the epilogue never uses (no norm: weight/bias; packed: mask_token) get zeros

@@ -545,3 +545,45 @@ def test_token_epilogue_end_to_end_fp32_autocast_dtype():
         tokens = sparse_conv_tokenize(x, weights, keep, backend="torch", packed=packed, num_visible=3)
         expected = token_epilogue(tokens, keep, packed, ln, pos, mtok)
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_visible_tables_one_launch():
+    """The one-launch tables equal compact.visible_tables for random masks (all-visible,
+    all-masked and single-visible rows included, rows longer than a block), and stay inside their
+    tables when a row holds the wrong count."""
+    from scott_kernels.compact import visible_tables as torch_tables
+    from scott_kernels.triton_tables import visible_tables as kernel_tables
+    g = torch.Generator().manual_seed(3)
+    for batch, gh, gw, k in ((3, 4, 4, 16), (3, 4, 4, 0), (2, 3, 5, 1), (2, 2, 3, 4), (2, 40, 30, 700)):
+        keep = torch.zeros(batch, gh * gw, dtype=torch.bool)
+        keep.scatter_(1, torch.rand(batch, gh * gw, generator=g).argsort(1)[:, :k], True)
+        slot, tile_pos = kernel_tables(keep, k, gh, gw)
+        want_slot, want_pos = torch_tables(keep, batch, gh, gw, keep.device, k)
+        assert torch.equal(slot, want_slot) and torch.equal(tile_pos, want_pos), (batch, gh, gw, k)
+    torch.library.opcheck(kernel_tables, (keep, 700, 40, 30))
+    # rows with one patch too many and one too few: the first K numbered, the extra one masked,
+    # the missing tile at the row's first position; on a GPU a device assertion also fires
+    # (compiled in, debug=True: test_codegen; the interpreter skips device assertions)
+    keep = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    slot, tile_pos = kernel_tables(keep, 2, 2, 2)
+    assert slot.flatten().tolist() == [0, 1, -1, -1, 2, -1, -1, -1]
+    assert tile_pos.tolist() == [0, 1, 4, 4]
+
+
+def test_pool_tokens_without_epilogue():
+    """The last pool writing (B, N, D) or packed tokens directly, no epilogue: equal to the pool
+    followed by the scatter, values and gradients; nothing is saved for a LayerNorm."""
+    keep = torch.tensor([[True, False, True, True], [False, True, False, False]])
+    slot, tile_pos = visible_tables(keep, 2, 2, 2, keep.device)
+    act = (torch.rand(4, 2, 2, 3, dtype=torch.float64) - 0.3).requires_grad_(True)
+    for dense in (True, False):
+        tokens, x, stats = pool_tokens(act, slot, tile_pos, None, None, None, None, 0.0, False, dense,
+                                       torch.float64, True)
+        assert x.shape == (0, 3) and stats.shape == (0, 2)
+        pooled = max_blur_pool(act, slot, tile_pos, True).reshape(4, 3)
+        want = pooled.new_zeros(8, 3).index_copy(0, tile_pos, pooled).view(2, 4, 3) if dense else pooled.view(2, 2, 3)
+        torch.testing.assert_close(tokens, want, rtol=0, atol=0)
+        g = torch.randn_like(tokens)
+        got, = torch.autograd.grad(tokens, act, g)
+        ref, = torch.autograd.grad(want, act, g)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)

@@ -248,7 +248,12 @@ def host_time(backend: str, dtype_name: str = "bfloat16", geometry: dict | None 
         return sparse_conv_tokenize(x, weights, keep, patch_size=h["patch"], backend=backend,
                                     num_visible=h["visible"])
 
-    with gpu_paths():
+    # one intra-op thread: the tensors are tiny, and idle pool threads spinning after an op would
+    # count as the process's CPU time
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with gpu_paths(), contextlib.ExitStack() as undo:
+        undo.callback(torch.set_num_threads, threads)
         tokens = forward()
         grad = torch.ones_like(tokens)
 

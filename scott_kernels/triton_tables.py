@@ -1,0 +1,126 @@
+"""The compact layout's tables on the GPU, in one Triton launch each (see compact.py for the
+layout): the visible tables ``slot``/``tile_pos`` from the mask, and each tile's neighbour table.
+
+Built by torch ops, the visible tables take a dozen launches (cumulative sum, comparisons,
+selections, a scatter, the row-count assertion); here one program per image reads its mask row,
+numbers its visible patches and writes both tables, and checks the row's count with a device
+assertion. Without ``num_visible`` the tile count must be read back first, and the torch ops of
+``compact.visible_tables`` build the tables instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+    triton = None
+
+from ._device import custom_op
+from . import compact
+from .triton_configs import triton_supports
+
+__all__ = ["visible_tables", "tables_for", "neighbour_table"]
+
+
+if triton is not None:
+
+    # debug=True keeps the device assertion (Triton compiles tl.device_assert away otherwise)
+    @triton.jit(debug=True)
+    def _visible_tables_kernel(keep_ptr, slot_ptr, tile_pos_ptr, N, num_visible, BLOCK: tl.constexpr):
+        """Row b = program_id(0) of keep (B, N): slot[b, n] = b * K + (visible patches before n), or
+        -1, and tile_pos of those tiles = b * N + n, for K = num_visible. A row holding more than
+        K visible patches numbers its first K; one with fewer gives its missing tiles the row's
+        first position; either fails the device assertion, and no index leaves its table."""
+        b = tl.program_id(0).to(tl.int64)
+        row = b * N
+        first_tile = b * num_visible
+        seen = tl.full((), 0, tl.int32)
+        for start in range(0, N, BLOCK):
+            n = start + tl.arange(0, BLOCK)
+            ok = n < N
+            kept = (tl.load(keep_ptr + row + n, mask=ok, other=0) != 0).to(tl.int32)
+            index = seen + tl.cumsum(kept, 0) - 1
+            visible = ok & (kept != 0) & (index < num_visible)
+            tile = first_tile + index
+            tl.store(slot_ptr + row + n, tl.where(visible, tile, -1).to(tl.int32), mask=ok)
+            tl.store(tile_pos_ptr + tile, row + n, mask=visible)
+            seen += tl.sum(kept, 0)
+        tl.device_assert(seen == num_visible, "keep: every row must hold exactly num_visible visible patches")
+        for start in range(0, num_visible, BLOCK):
+            j = start + tl.arange(0, BLOCK)
+            tl.store(tile_pos_ptr + first_tile + j, row + tl.zeros_like(j).to(tl.int64),
+                     mask=(j >= seen) & (j < num_visible))
+
+    @triton.jit
+    def _neighbour_table_kernel(slot_ptr, tile_pos_ptr, nbr_ptr, total, num_tiles, num_pos, GH, GW,
+                                R: tl.constexpr, BLOCK: tl.constexpr):
+        """nbr (M, 2R+1, 2R+1) int32: the tile at grid offset (dy - R, dx - R) from each tile, or
+        -1 (masked, outside the image, or a slot naming no tile)."""
+        NB: tl.constexpr = 2 * R + 1
+        e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = e < total
+        tile = e // (NB * NB)
+        d = e % (NB * NB)
+        pos = tl.load(tile_pos_ptr + tile, mask=ok, other=0)
+        pos = tl.minimum(tl.maximum(pos, 0), num_pos - 1)
+        b = pos // (GH * GW)
+        gy = (pos % (GH * GW)) // GW + d // NB - R
+        gx = pos % GW + d % NB - R
+        inside = ok & (gy >= 0) & (gy < GH) & (gx >= 0) & (gx < GW)
+        s = tl.load(slot_ptr + (b * GH + gy) * GW + gx, mask=inside, other=-1)
+        s = tl.where((s >= 0) & (s < num_tiles), s, -1)
+        tl.store(nbr_ptr + e, s.to(tl.int32), mask=ok)
+
+
+@custom_op("scott_kernels::triton_visible_tables", mutates_args=())
+def visible_tables(keep: torch.Tensor, num_visible: int, grid_h: int, grid_w: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot (B, GH, GW) int32, tile_pos (B * num_visible,) int64) of a (B, GH * GW) bool mask
+    whose rows each hold ``num_visible`` visible patches (a device assertion checks it), in one
+    launch and with no host synchronisation; the same tables as ``compact.visible_tables``."""
+    if keep.dtype != torch.bool or keep.dim() != 2 or keep.shape[1] != grid_h * grid_w:
+        raise ValueError(f"triton_visible_tables: keep must be a (B, {grid_h * grid_w}) bool tensor, "
+                         f"got {tuple(keep.shape)} {keep.dtype}")
+    if not 0 <= num_visible <= keep.shape[1]:
+        raise ValueError(f"triton_visible_tables: num_visible must be in [0, {keep.shape[1]}], got {num_visible}")
+    if not triton_supports(keep.device):
+        raise RuntimeError(f"triton_visible_tables: Triton does not run on {keep.device} here")
+    batch, positions = keep.shape
+    slot = torch.empty((batch, grid_h, grid_w), dtype=torch.int32, device=keep.device)
+    tile_pos = torch.empty((batch * num_visible,), dtype=torch.int64, device=keep.device)
+    if batch and positions:
+        block = min(1024, triton.next_power_of_2(positions))
+        _visible_tables_kernel[(batch,)](keep.contiguous(), slot, tile_pos, positions, num_visible, BLOCK=block,
+                                         num_warps=4 if block >= 512 else 1)
+    return slot, tile_pos
+
+
+@visible_tables.register_fake
+def _(keep, num_visible, grid_h, grid_w):
+    batch = keep.shape[0]
+    return (keep.new_empty((batch, grid_h, grid_w), dtype=torch.int32),
+            keep.new_empty((batch * num_visible,), dtype=torch.int64))
+
+
+def tables_for(keep: torch.Tensor | None, batch: int, grid_h: int, grid_w: int, device: torch.device,
+               num_visible: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``compact.visible_tables`` in one launch where the visible count is given."""
+    if keep is None or num_visible is None:
+        return compact.visible_tables(keep, batch, grid_h, grid_w, device, num_visible)
+    return visible_tables(keep.reshape(batch, grid_h * grid_w), num_visible, grid_h, grid_w)
+
+
+def neighbour_table(slot: torch.Tensor, tile_pos: torch.Tensor, radius: int) -> torch.Tensor:
+    """(M, 2r+1, 2r+1) int32: each tile's neighbour within ``radius`` patches, or -1."""
+    num_tiles = tile_pos.shape[0]
+    nb = 2 * radius + 1
+    nbr = torch.empty((num_tiles, nb, nb), dtype=torch.int32, device=slot.device)
+    total = nbr.numel()
+    if total:
+        block = 1024
+        _neighbour_table_kernel[(triton.cdiv(total, block),)](
+            slot, tile_pos, nbr, total, num_tiles, slot.numel(), slot.shape[1], slot.shape[2], R=radius, BLOCK=block)
+    return nbr
