@@ -176,10 +176,11 @@ def register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blu
 
     Ops may take trailing inputs after the common ones: a conv's first one, when present, is
     ``relu`` (False: the plain convolution, whose gradient the gradient ops get as it is, with
-    ``out=None``); a pool's are passed on to ``max_blur_pool_backward``. A tokenizer stage runs
-    conv(relu=False) -> max_blur_pool(relu=True): the pool's backward, which reads the conv
-    output anyway, returns the gradient already multiplied by relu' (``relu_mask``), so no pass
-    applies the ReLU mask. A conv called with relu=True masks its gradient here: once, with the
+    ``out=None``), and any after it (a backend's tables for the stage, e.g. a neighbour table)
+    are passed on to both gradient ops as trailing inputs; a pool's are passed on to
+    ``max_blur_pool_backward``. A tokenizer stage runs conv(relu=False) ->
+    max_blur_pool(relu=True): the pool's backward, which reads the conv output anyway, returns the
+    gradient already multiplied by relu' (``relu_mask``), so no pass applies the ReLU mask. A conv called with relu=True masks its gradient here: once, with the
     gradient ops getting ``out=None`` (both reread it), for a compact source; for an image source
     the ops get the forward's output and mask it as they read it (images seldom need a gradient,
     so usually only the weight gradient reads it). The gradient ops must accept ``out=None`` for
@@ -189,15 +190,17 @@ def register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blu
         src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm, *flags = inputs
         ctx.relu = bool(flags[0]) if flags else True
         ctx.extra = len(flags)
-        ctx.save_for_backward(src, weight, slot, tile_pos, output if ctx.relu else None, pixel_norm)
+        # inputs after relu (a backend's tables for the stage) go to both gradient ops as they are
+        ctx.save_for_backward(src, weight, slot, tile_pos, output if ctx.relu else None, pixel_norm, *flags[1:])
         ctx.in_side, ctx.src_is_image = in_side, src_is_image
         ctx.src_shape = tuple(src.shape)
 
     def conv_backward(ctx, grad):
-        src, weight, slot, tile_pos, out, pixel_norm = ctx.saved_tensors
+        src, weight, slot, tile_pos, out, pixel_norm, *tables = ctx.saved_tensors
         if ctx.relu and not ctx.src_is_image:
             grad, out = torch.where(out > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)), None
-        grads = _conv_grads(ctx, conv_relu_wgrad, conv_relu_dgrad, grad, out, src, weight, slot, tile_pos, pixel_norm)
+        grads = _conv_grads(ctx, conv_relu_wgrad, conv_relu_dgrad, grad, out, src, weight, slot, tile_pos, pixel_norm,
+                            tables)
         return *grads, *([None] * ctx.extra)
 
     def pool_setup(ctx, inputs, output):
@@ -213,15 +216,17 @@ def register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blu
     max_blur_pool.register_autograd(pool_backward, setup_context=pool_setup)
 
 
-def _conv_grads(ctx, conv_relu_wgrad, conv_relu_dgrad, grad, out, src, weight, slot, tile_pos, pixel_norm):
+def _conv_grads(ctx, conv_relu_wgrad, conv_relu_dgrad, grad, out, src, weight, slot, tile_pos, pixel_norm,
+                tables=()):
     """(grad_src, grad_weight, None x 5) of a conv + ReLU stage from its output gradient (``out``
     None: ``grad`` already multiplied by relu'); image sources get their gradient scattered back and
-    scaled by the fused normalisation."""
+    scaled by the fused normalisation. ``tables``: the forward's trailing table inputs."""
     grad_src = grad_w = None
     if ctx.needs_input_grad[1]:
-        grad_w = conv_relu_wgrad(grad, out, src, weight, slot, tile_pos, ctx.in_side, ctx.src_is_image, pixel_norm)
+        grad_w = conv_relu_wgrad(grad, out, src, weight, slot, tile_pos, ctx.in_side, ctx.src_is_image, pixel_norm,
+                                 *tables)
     if ctx.needs_input_grad[0]:
-        grad_src = conv_relu_dgrad(grad, out, weight, slot, tile_pos, ctx.in_side)
+        grad_src = conv_relu_dgrad(grad, out, weight, slot, tile_pos, ctx.in_side, *tables)
         if ctx.src_is_image:
             grad_src = compact_to_image(grad_src, tile_pos, ctx.src_shape)
             if pixel_norm is not None:

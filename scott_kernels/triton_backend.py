@@ -56,10 +56,10 @@ import torch
 from ._device import custom_op
 from .compact import register_stage_autograd, tokenize_compact, visible_tables
 from .triton_configs import triton_supports
-from .triton_conv import conv_relu_compact, conv_relu_dgrad, conv_relu_wgrad_compact
+from .triton_conv import conv_radius, conv_relu_compact, conv_relu_dgrad, conv_relu_wgrad_compact
 from .triton_image import conv_image, conv_image_wgrad, conv_relu_image, conv_relu_wgrad_image  # noqa: F401
 from .triton_pool import max_blur_pool, max_blur_pool_backward, pool_tokens_apply
-from .triton_tables import tables_for
+from .triton_tables import neighbour_table, tables_for
 
 __all__ = ["triton_tokenize", "triton_supports", "visible_tables"]
 # The backend's op set is importable from here: conv_relu, conv_relu_wgrad (below), conv_relu_dgrad,
@@ -72,20 +72,22 @@ __all__ = ["triton_tokenize", "triton_supports", "visible_tables"]
 @custom_op("scott_kernels::triton_conv_relu", mutates_args=())
 def conv_relu(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
               in_side: int, src_is_image: bool, pixel_norm: torch.Tensor | None = None,
-              relu: bool = True) -> torch.Tensor:
+              relu: bool = True, nbr: torch.Tensor | None = None) -> torch.Tensor:
     """relu(conv(src, weight, stride 2, pad k//2)) at the visible patches -> (M, q/2, q/2, C_out);
     the plain convolution with ``relu=False``.
 
     Computes in ``weight.dtype``; ``src`` is the images (B, C, H, W), of that dtype or, with
     ``pixel_norm`` (mean, 1/std per channel), uint8, or a compact (M, q, q, C) activation.
+    ``nbr``: a compact source's neighbour table (``triton_tables.neighbour_table``), which the
+    autograd keeps for both gradients; built inside when not given.
     """
     if src_is_image:
         return conv_relu_image(src, weight, slot, tile_pos, in_side, pixel_norm, relu)[0]
-    return conv_relu_compact(src, weight, slot, tile_pos, in_side, relu)
+    return conv_relu_compact(src, weight, slot, tile_pos, in_side, relu, nbr)
 
 
 @conv_relu.register_fake
-def _(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=None, relu=True):
+def _(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=None, relu=True, nbr=None):
     c_out = weight.shape[0]
     return weight.new_empty((tile_pos.shape[0], in_side // 2, in_side // 2, c_out))
 
@@ -93,16 +95,16 @@ def _(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=None, relu=
 @custom_op("scott_kernels::triton_conv_relu_wgrad", mutates_args=())
 def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor | None, src: torch.Tensor, weight: torch.Tensor,
                     slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int, src_is_image: bool,
-                    pixel_norm: torch.Tensor | None = None) -> torch.Tensor:
+                    pixel_norm: torch.Tensor | None = None, nbr: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient of conv_relu with respect to its (C_out, C_in, k, k) weight. ``out`` is the
     forward's output (for the ReLU mask), or None when ``grad`` is already masked by it."""
     if src_is_image:
         return conv_relu_wgrad_image(grad, out, src, weight, slot, tile_pos, in_side, pixel_norm)
-    return conv_relu_wgrad_compact(grad, out, src, weight, slot, tile_pos, in_side)
+    return conv_relu_wgrad_compact(grad, out, src, weight, slot, tile_pos, in_side, nbr)
 
 
 @conv_relu_wgrad.register_fake
-def _(grad, out, src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=None):
+def _(grad, out, src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=None, nbr=None):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
@@ -119,7 +121,9 @@ register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blur_po
 def _stage_conv(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm):
     if src_is_image:
         return conv_image(src, weight, slot, tile_pos, in_side, pixel_norm, False)[0]
-    return conv_relu(src, weight, slot, tile_pos, in_side, False, pixel_norm, False)
+    # one neighbour table for the stage's forward and both gradients
+    nbr = neighbour_table(slot, tile_pos, conv_radius(in_side, weight.shape[-1]))
+    return conv_relu(src, weight, slot, tile_pos, in_side, False, pixel_norm, False, nbr)
 
 
 def _stage_pool(act, slot, tile_pos):

@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 from ._device import custom_op
 from . import compact
 from .compact import accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed
-from .triton_tables import neighbour_table
+from .triton_tables import check_neighbours, neighbour_table
 from .triton_configs import (CONV_KEY, FWD_SHARED, WGRAD_SHARED, accumulator, autotune, conv_dgrad_configs,
                              conv_fwd_configs, conv_wgrad_configs, interpreting, pow2, prune_by_c_in, prune_by_c_out,
                              rows_bucket, triton_supports)
@@ -339,12 +339,12 @@ def _k_block(channels: int) -> int:
     return min(64, max(16, pow2(channels)))
 
 
-def _radius(in_side: int, k: int) -> int:
+def conv_radius(in_side: int, k: int) -> int:
     """How many patches away a stride-2 k x k window (or its transpose) reaches."""
     return -(-(k // 2) // in_side)
 
 
-def weight_from_partials(partial: torch.Tensor, weight: torch.Tensor, kxp: int | None = None,
+def reduce_weight_partials(partial: torch.Tensor, weight: torch.Tensor, kxp: int | None = None,
                          cip: int | None = None) -> torch.Tensor:
     """The (C_out, C_in, k, k) weight gradient, in the weight's dtype, from float32 (float64)
     partials (splits, KYP * KXP * CIP, C_out) whose taps and channels may be padded (``kxp``,
@@ -368,6 +368,14 @@ def wgrad_operands(grad: torch.Tensor, out: torch.Tensor | None, weight: torch.T
     return grad, out.contiguous(), False
 
 
+def _stage_neighbours(name: str, nbr: torch.Tensor | None, slot: torch.Tensor, tile_pos: torch.Tensor,
+                      radius: int) -> torch.Tensor:
+    """The stage's neighbour table: the one given (checked), or built now."""
+    if nbr is None:
+        return neighbour_table(slot, tile_pos, radius)
+    return check_neighbours(name, nbr, tile_pos, radius)
+
+
 def _sm_count(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
@@ -387,9 +395,10 @@ def _rows_per_cta(rows: int, tiles: int, device: torch.device) -> int:
 # conv + ReLU of a compact source (the ops in triton_backend take images too)
 # --------------------------------------------------------------------------------------------
 def conv_relu_compact(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
-                      in_side: int, relu: bool = True) -> torch.Tensor:
+                      in_side: int, relu: bool = True, nbr: torch.Tensor | None = None) -> torch.Tensor:
     """relu(conv(src, weight, stride 2, pad k//2)) of a compact (M, q, q, C) source at the visible
-    patches -> (M, q/2, q/2, C_out); the plain convolution with ``relu=False``."""
+    patches -> (M, q/2, q/2, C_out); the plain convolution with ``relu=False``. ``nbr``: the
+    stage's neighbour table (triton_tables.neighbour_table), built here when not given."""
     _check_tables("triton_conv_relu", src, slot, tile_pos)
     src = src.contiguous()
     c_in = _source_geometry(src, slot, in_side, False)
@@ -403,8 +412,8 @@ def conv_relu_compact(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tenso
     if rows == 0:
         return out
     slot, tile_pos = slot.contiguous(), tile_pos.contiguous()
-    radius = _radius(in_side, k)
-    nbr = neighbour_table(slot, tile_pos, radius)
+    radius = conv_radius(in_side, k)
+    nbr = _stage_neighbours("triton_conv_relu", nbr, slot, tile_pos, radius)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))
     _conv_relu_fwd_kernel[grid](
         src, gemm_weight(weight), out, nbr, rows, rows_bucket(rows), C_IN=c_in, C_OUT=c_out, IN_SIDE=in_side, KSIZE=k,
@@ -414,7 +423,8 @@ def conv_relu_compact(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tenso
 
 
 def conv_relu_wgrad_compact(grad: torch.Tensor, out: torch.Tensor | None, src: torch.Tensor, weight: torch.Tensor,
-                            slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int) -> torch.Tensor:
+                            slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int,
+                            nbr: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient of conv_relu_compact with respect to its (C_out, C_in, k, k) weight. ``out`` is the
     forward's output (for the ReLU mask), or None when ``grad`` is already masked by it."""
     _check_tables("triton_conv_relu_wgrad", src, slot, tile_pos)
@@ -430,8 +440,8 @@ def conv_relu_wgrad_compact(grad: torch.Tensor, out: torch.Tensor | None, src: t
     grad, out, masked = wgrad_operands(grad, out, weight)
     acc, precision = accumulator(weight.dtype), _precision(weight.dtype)
     part_dtype = accumulator_dtype(weight.dtype)
-    radius = _radius(in_side, k)
-    nbr = neighbour_table(slot, tile_pos, radius)
+    radius = conv_radius(in_side, k)
+    nbr = _stage_neighbours("triton_conv_relu_wgrad", nbr, slot, tile_pos, radius)
     block_k = _k_block(c_in)
     # two taps per CTA where a tap's channels fit one block (the gradient tile then serves both)
     taps = 2 if c_in <= block_k and k > 1 else 1
@@ -444,12 +454,12 @@ def conv_relu_wgrad_compact(grad: torch.Tensor, out: torch.Tensor | None, src: t
         src, grad, out, partial, nbr, rows, rows_bucket(rows), C_IN=c_in, C_OUT=c_out, IN_SIDE=in_side, KSIZE=k,
         R=radius, BLOCK_K=block_k, TAPS=taps, ROWS_PER_CTA=per_cta, GRAD_MASKED=masked, WIDE=_wide(src, grad), ACC=acc,
         PRECISION=precision)
-    return weight_from_partials(partial, weight)
+    return reduce_weight_partials(partial, weight)
 
 
 @custom_op("scott_kernels::triton_conv_relu_dgrad", mutates_args=())
 def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor | None, weight: torch.Tensor, slot: torch.Tensor,
-                    tile_pos: torch.Tensor, in_side: int) -> torch.Tensor:
+                    tile_pos: torch.Tensor, in_side: int, nbr: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient of conv_relu with respect to a compact source -> (M, q, q, C_in). ``out`` is the
     forward's output (for the ReLU mask), or None when ``grad`` is already masked by it."""
     _check_tables("triton_conv_relu_dgrad", grad, slot, tile_pos)
@@ -466,8 +476,8 @@ def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor | None, weight: torch.
     grad = grad.contiguous()
     masked = out is None
     out = grad if masked else out.contiguous()
-    radius = _radius(in_side, k)
-    nbr = neighbour_table(slot.contiguous(), tile_pos.contiguous(), radius)
+    radius = conv_radius(in_side, k)
+    nbr = _stage_neighbours("triton_conv_relu_dgrad", nbr, slot, tile_pos, radius)
     class_rows = rows // 4
     grid = lambda meta: (triton.cdiv(class_rows, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]), 4)
     _conv_relu_dgrad_kernel[grid](
@@ -478,5 +488,5 @@ def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor | None, weight: torch.
 
 
 @conv_relu_dgrad.register_fake
-def _(grad, out, weight, slot, tile_pos, in_side):
+def _(grad, out, weight, slot, tile_pos, in_side, nbr=None):
     return grad.new_empty((tile_pos.shape[0], in_side, in_side, weight.shape[1]))

@@ -27,7 +27,7 @@ from .triton_configs import (IMAGE_FWD_SHARED, IMAGE_KEY, IMAGE_WGRAD_SHARED, ac
                              image_fwd_configs, image_wgrad_configs, pow2, prune_by_c_out, prune_image_wgrad,
                              rows_bucket)
 from .triton_conv import (_check_tables, _precision, _sm_count, _source_geometry, _wide, conv_relu_dgrad,
-                          weight_from_partials, wgrad_operands)
+                          reduce_weight_partials, wgrad_operands)
 
 __all__ = ["conv_image", "conv_image_wgrad", "conv_relu_image", "conv_relu_wgrad_image"]
 
@@ -310,7 +310,7 @@ def _image_wgrad(grad: torch.Tensor, out: torch.Tensor | None, packed: torch.Ten
         packed, grad, out, partial, *_image_args(packed, slot, tile_pos, rows, geo), per_cta,
         **_image_consts(slot, geo), C_OUT=c_out, OUT_SIDE=side, KYP=kyp, CP=geo["cp"], KROW=krow, GRAD_MASKED=masked,
         WIDE=_wide(packed, grad), ACC=accumulator(weight.dtype), PRECISION=_precision(weight.dtype))
-    return weight_from_partials(partial, weight, geo["kxe"], geo["cp"])
+    return reduce_weight_partials(partial, weight, geo["kxe"], geo["cp"])
 
 
 @custom_op("scott_kernels::triton_conv_image_wgrad", mutates_args=())

@@ -779,6 +779,8 @@ def _(grad, act, x, stats, slot, tile_pos, ln_weight, norm, dense, has_pos, has_
 def _tokens_setup(ctx, inputs, output):
     act, slot, tile_pos, ln_weight, ln_bias, pos_embed, mask_token, eps, norm, dense, out_dtype, relu = inputs
     _, x, stats = output
+    ctx.mark_non_differentiable(x, stats)
+    ctx.set_materialize_grads(False)   # x and stats get no gradient: no zero tensors for them
     ctx.save_for_backward(act, x, stats, slot, tile_pos, ln_weight)
     ctx.flags = (norm, dense, pos_embed is not None, mask_token is not None, relu)
     ctx.dtypes = tuple(None if t is None else t.dtype for t in (ln_weight, ln_bias, pos_embed, mask_token))
@@ -787,6 +789,8 @@ def _tokens_setup(ctx, inputs, output):
 def _tokens_backward(ctx, grad, grad_x, grad_stats):
     act, x, stats, slot, tile_pos, ln_weight = ctx.saved_tensors
     norm, dense, has_pos, has_mask_token, relu = ctx.flags
+    if grad is None:
+        return (None,) * 12
     if not (norm or has_pos or has_mask_token):
         # no epilogue: the tokens are the pool's output, (B, N, D) rows at tile_pos or packed
         num_tiles, dim = act.shape[0], act.shape[3]

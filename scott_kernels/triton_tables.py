@@ -22,7 +22,7 @@ from ._device import custom_op
 from . import compact
 from .triton_configs import triton_supports
 
-__all__ = ["visible_tables", "tables_for", "neighbour_table"]
+__all__ = ["visible_tables", "tables_for", "neighbour_table", "check_neighbours"]
 
 
 if triton is not None:
@@ -93,8 +93,9 @@ def visible_tables(keep: torch.Tensor, num_visible: int, grid_h: int, grid_w: in
     tile_pos = torch.empty((batch * num_visible,), dtype=torch.int64, device=keep.device)
     if batch and positions:
         block = min(1024, triton.next_power_of_2(positions))
+        # debug for the assertion alone: no overflow checks on every integer op (4x the code)
         _visible_tables_kernel[(batch,)](keep.contiguous(), slot, tile_pos, positions, num_visible, BLOCK=block,
-                                         num_warps=4 if block >= 512 else 1)
+                                         num_warps=4, sanitize_overflow=False)
     return slot, tile_pos
 
 
@@ -113,8 +114,14 @@ def tables_for(keep: torch.Tensor | None, batch: int, grid_h: int, grid_w: int, 
     return visible_tables(keep.reshape(batch, grid_h * grid_w), num_visible, grid_h, grid_w)
 
 
+@custom_op("scott_kernels::triton_neighbour_table", mutates_args=())
 def neighbour_table(slot: torch.Tensor, tile_pos: torch.Tensor, radius: int) -> torch.Tensor:
-    """(M, 2r+1, 2r+1) int32: each tile's neighbour within ``radius`` patches, or -1."""
+    """(M, 2r+1, 2r+1) int32: each tile's neighbour within ``radius`` patches, or -1. Built once
+    per stage: the conv's forward and both its gradients gather through the same table."""
+    compact.check_tables("triton_neighbour_table", slot, slot, tile_pos)
+    if radius < 0:
+        raise ValueError(f"triton_neighbour_table: radius must be >= 0, got {radius}")
+    slot, tile_pos = slot.contiguous(), tile_pos.contiguous()
     num_tiles = tile_pos.shape[0]
     nb = 2 * radius + 1
     nbr = torch.empty((num_tiles, nb, nb), dtype=torch.int32, device=slot.device)
@@ -124,3 +131,19 @@ def neighbour_table(slot: torch.Tensor, tile_pos: torch.Tensor, radius: int) -> 
         _neighbour_table_kernel[(triton.cdiv(total, block),)](
             slot, tile_pos, nbr, total, num_tiles, slot.numel(), slot.shape[1], slot.shape[2], R=radius, BLOCK=block)
     return nbr
+
+
+@neighbour_table.register_fake
+def _(slot, tile_pos, radius):
+    nb = 2 * radius + 1
+    return slot.new_empty((tile_pos.shape[0], nb, nb), dtype=torch.int32)
+
+
+def check_neighbours(name: str, nbr: torch.Tensor, tile_pos: torch.Tensor, radius: int) -> torch.Tensor:
+    """Raises unless ``nbr`` is the (M, 2r+1, 2r+1) int32 table for these tiles; returns it contiguous."""
+    nb = 2 * radius + 1
+    want = (tile_pos.shape[0], nb, nb)
+    if nbr.dtype != torch.int32 or tuple(nbr.shape) != want or nbr.device != tile_pos.device:
+        raise ValueError(f"{name}: nbr must be an int32 {want} neighbour table on {tile_pos.device}, "
+                         f"got {tuple(nbr.shape)} {nbr.dtype} on {nbr.device}")
+    return nbr.contiguous()

@@ -194,6 +194,9 @@ class Recorder:
         recorder = self
 
         def launch(gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter, exit_, *args):
+            effect = HOST_EFFECTS.get(getattr(metadata, "name", ""))
+            if effect is not None:
+                effect(dict(zip(names, args)))
             if rec is None or recorder.lean:
                 return
             scalars, tensors = {}, {}
@@ -222,6 +225,27 @@ class Recorder:
         finally:
             self.in_bench = False
         return [t, t, t] if quantiles else t
+
+
+def _visible_tables_on_host(args: dict) -> None:
+    """What ``_visible_tables_kernel`` writes, computed in numpy (no torch op, so the profiler
+    counts none): the host path reads the tables it builds (tile counts, the token rows)."""
+    import numpy as np
+    n, k = int(args["N"]), int(args["num_visible"])
+    keep = args["keep_ptr"].numpy().reshape(-1, n)
+    slot = args["slot_ptr"].numpy().reshape(-1, n)
+    tile_pos = args["tile_pos_ptr"].numpy().reshape(-1, k) if k else None
+    for b, row in enumerate(keep):
+        index = np.cumsum(row) - 1
+        visible = row & (index < k)
+        slot[b] = np.where(visible, b * k + index, -1)
+        if k:
+            tile_pos[b] = b * n
+            tile_pos[b, index[visible]] = b * n + np.flatnonzero(visible)
+
+
+# Kernels whose outputs the host path reads, by compiled name: run on the host as they launch
+HOST_EFFECTS: dict[str, Callable[[dict], None]] = {"_visible_tables_kernel": _visible_tables_on_host}
 
 
 def _constexprs(src) -> dict[str, Any]:

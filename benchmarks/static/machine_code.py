@@ -500,7 +500,9 @@ def analyze(record, launches: list, arch: int = 90, machine: dict = MACHINE,
         warp_instr_per_warp_total += per_warp * record.num_warps * programs
         mma_flop_total += flops * record.num_warps * programs
         waves = -(-programs // (machine["sms"] * occupancy))
-        per_wave_cycles = max(per_warp, occupancy * record.num_warps * per_warp / machine["schedulers"])
+        # programs sharing an SM's schedulers: as many as fit, or as the grid gives each SM
+        resident = min(occupancy, -(-programs // machine["sms"]))
+        per_wave_cycles = max(per_warp, resident * record.num_warps * per_warp / machine["schedulers"])
         issue_s += waves * per_wave_cycles / machine["clock"]
     nbytes = sum(tensor_bytes(l) if tensor_bytes else l.tensor_bytes for l in launches)
     mma_s = mma_flop_total / tensor_rate(machine, texts)
