@@ -38,10 +38,10 @@ reaches 2^30 elements.
 
 Every kernel sits behind a ``torch.library.custom_op`` with a fake implementation and autograd,
 so the backend traces under torch.compile. With ``num_visible`` (visible patches per row) given,
-the tables are built without a host synchronisation.
+the tables are built in one launch, without a host synchronisation.
 
-Modules: triton_conv (the compact-source conv kernels, the neighbour table, the input gradient
-op), triton_image (the image stage: packing, forward, weight gradient, ``conv_image`` ops),
+Modules: triton_tables (the visible and neighbour tables), triton_conv (the compact-source conv
+kernels, the weight-gradient reduction, the input gradient op), triton_image (the image stage: packing, forward, weight gradient, ``conv_image`` ops),
 triton_pool (MaxBlurPool and the fused token epilogue), triton_configs (autotune configs and
 their pruning). This module holds the stage ops that take either source (``conv_relu``,
 ``conv_relu_wgrad``), their autograd wiring and the tokenizer.
