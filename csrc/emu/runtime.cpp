@@ -16,6 +16,22 @@
 #error "the emulated device's fibers switch x86-64 register state"
 #endif
 
+// The AddressSanitizer variant (tests/emu/build.py --asan): every stack switch is announced to ASan
+// (__sanitizer_start_switch_fiber before, __sanitizer_finish_switch_fiber after), so that it knows
+// which stack runs: its unpoisoning of the current stack before a throw or a noreturn call
+// (__trap), and its stack reports, use the fiber's bounds, not the OS thread's.
+#if defined(__SANITIZE_ADDRESS__)
+#define SCOTT_EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define SCOTT_EMU_ASAN 1
+#endif
+#endif
+#ifdef SCOTT_EMU_ASAN
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 // switch stacks: saves callee-saved registers and the SSE/x87 control words on the current stack,
 // stores its pointer in *from, continues on `to`
 extern "C" void scott_emu_switch(void** from, void* to);
@@ -80,6 +96,7 @@ struct Copy {
 
 struct Fiber {
   void* sp = nullptr;
+  void* fake_stack = nullptr;  // ASan's fake stack of the fiber while it is switched out
   Thread t{};
   State st = State::Ready;
   std::vector<Copy> open;
@@ -147,6 +164,8 @@ std::vector<Range> g_tracked;
 std::vector<Range> g_allowed;  // cp.async copies in flight per byte of the window
 char* g_stacks = nullptr;
 size_t g_stack_count = 0;
+const void* g_sched_stack = nullptr;  // the scheduler's stack (ASan's bounds of it)
+size_t g_sched_stack_size = 0;
 
 Fiber& cur() { return *g_cur; }
 BlockState& cur_block() { return g_blocks[g_cur->t.block->rank]; }
@@ -159,7 +178,47 @@ std::string where() {
   return buf;
 }
 
-void yield_to_scheduler() { scott_emu_switch(&g_cur->sp, g_sched_sp); }
+#ifdef SCOTT_EMU_ASAN
+// An ASan report during a launch ends with the kernel, block and thread it came from (its stack
+// trace need not say: the kernels' device functions are inlined, and a fiber's stack begins at the
+// launch's body). Called while ASan reports: no allocation here.
+void name_the_thread(const char*) {
+  if (g_launch == nullptr) return;
+  if (g_cur == nullptr) {
+    std::fprintf(stderr, "emulated device: AddressSanitizer's report came from a launch of %s (the scheduler)\n",
+                 g_launch->kernel);
+    return;
+  }
+  std::fprintf(stderr,
+               "emulated device: AddressSanitizer's report came from kernel %s block (%u,%u,%u) thread (%u,%u,%u)\n",
+               g_launch->kernel, g_cur->t.block->idx.x, g_cur->t.block->idx.y, g_cur->t.block->idx.z, g_cur->t.idx.x,
+               g_cur->t.idx.y, g_cur->t.idx.z);
+}
+const bool g_asan_callback = (__asan_set_error_report_callback(name_the_thread), true);
+#endif
+
+// from the running fiber to the scheduler; a fiber that is done (`last`) is never resumed
+void yield_to_scheduler(bool last = false) {
+#ifdef SCOTT_EMU_ASAN
+  __sanitizer_start_switch_fiber(last ? nullptr : &g_cur->fake_stack, g_sched_stack, g_sched_stack_size);
+#endif
+  scott_emu_switch(&g_cur->sp, g_sched_sp);
+#ifdef SCOTT_EMU_ASAN
+  __sanitizer_finish_switch_fiber(g_cur->fake_stack, &g_sched_stack, &g_sched_stack_size);
+#endif
+}
+
+// from the scheduler to fiber i (its stack: g_stacks + i * kStack)
+void switch_to_fiber(size_t i) {
+#ifdef SCOTT_EMU_ASAN
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(&fake, g_stacks + i * kStack, kStack);
+#endif
+  scott_emu_switch(&g_sched_sp, g_fibers[i].sp);
+#ifdef SCOTT_EMU_ASAN
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+}
 
 int g_nthreads = 0;
 
@@ -222,6 +281,9 @@ void finish_fiber() {
 
 void fiber_main(Fiber* f) {
   (void)f;
+#ifdef SCOTT_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &g_sched_stack, &g_sched_stack_size);
+#endif
   try {
     g_body(g_body_ctx);
   } catch (const std::exception& e) {
@@ -230,17 +292,32 @@ void fiber_main(Fiber* f) {
     report("exception", nullptr, "unknown exception");
   }
   finish_fiber();
-  yield_to_scheduler();
+  yield_to_scheduler(true);
   std::abort();  // a finished fiber is never resumed
 }
 
+// ASan: a fiber never returns from its first frame (nor from its barrier's frames, if a deadlock
+// abandons it), so its frames' redzones stay poisoned on its stack: the next fibers on those stacks
+// start on clean memory, as does whatever the address space holds there after an unmap. (Zeroing a
+// large shadow range gives its pages back to the OS: cheap.)
+void unpoison_stacks() {
+#ifdef SCOTT_EMU_ASAN
+  if (g_stacks != nullptr) ASAN_UNPOISON_MEMORY_REGION(g_stacks, g_stack_count * kStack);
+#endif
+}
+
 void ensure_stacks(size_t n) {
-  if (n <= g_stack_count) return;
-  if (g_stacks != nullptr) munmap(g_stacks, g_stack_count * kStack);
-  void* p = mmap(nullptr, n * kStack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (p == MAP_FAILED) throw std::runtime_error("emulated device: cannot map fiber stacks");
-  g_stacks = static_cast<char*>(p);
-  g_stack_count = n;
+  if (n > g_stack_count) {
+    if (g_stacks != nullptr) {
+      unpoison_stacks();
+      munmap(g_stacks, g_stack_count * kStack);
+    }
+    void* p = mmap(nullptr, n * kStack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) throw std::runtime_error("emulated device: cannot map fiber stacks");
+    g_stacks = static_cast<char*>(p);
+    g_stack_count = n;
+  }
+  unpoison_stacks();
 }
 
 void swap_in(int rank) {
@@ -313,7 +390,7 @@ void run_group(const Launch& L, uint3 first) {
           swap_in(b);
           g_cur = &f;
           g_thread = &f.t;
-          scott_emu_switch(&g_sched_sp, f.sp);
+          switch_to_fiber(static_cast<size_t>(b * nthreads + i));
           g_cur = nullptr;
           ran = more = true;
         }
@@ -676,7 +753,7 @@ void* map_cluster_shared(void* p, unsigned rank) {
 void trap(const char* why) {
   report("trap", nullptr, why);
   finish_fiber();
-  yield_to_scheduler();
+  yield_to_scheduler(true);
   std::abort();
 }
 

@@ -1,6 +1,7 @@
 """Deliberately broken copies of csrc/ for the emulated tests to catch: each mutation is one textual
 replacement in one file, and the tests that must fail on it."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -43,6 +44,13 @@ MUTATIONS = {
                          "                     : Pack2<T>::make(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);\n      __syncwarp();",
                          "                     : Pack2<T>::make(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);",
                          "test_image_stage_kernels and sm90"),
+    # an off-by-one channel vector in the tiled pool's window: the last pixel's last vector reads the
+    # 16 bytes past the end of act (tests/test_cuda_emulated_asan.py: ASan reports it; the access hooks
+    # do not where the op's next tensor lies there, see probe_pool_layouts)
+    "vector_past_the_end": ("pool.cu",
+                            "  int32_t off[4][4];\n  pool_window_offsets<4>(g, pt, g.side, 2 * k.h - 1, 2 * k.w - 1, k.v, off);",
+                            "  int32_t off[4][4];\n  pool_window_offsets<4>(g, pt, g.side, 2 * k.h - 1, 2 * k.w - 1, k.v + 1, off);",
+                            "test_pool_kernels and dtype0-True"),
 }
 
 _RUN = """
@@ -56,15 +64,88 @@ sys.exit(pytest.main(["-q", "-x", "-p", "no:cacheprovider", sys.argv[2], "-k", s
 """
 
 
-def run_mutation(name: str, workdir: Path) -> subprocess.CompletedProcess:
-    """Builds csrc/ with mutation `name` into workdir and runs its tests there on that module."""
-    file, old, new, selection = MUTATIONS[name]
+def mutated_copy(name: str, workdir: Path) -> Path:
+    """A copy of csrc/ with mutation `name`, in workdir (once)."""
+    file, old, new, _ = MUTATIONS[name]
     src = workdir / "csrc"
+    if src.exists():
+        return src
     shutil.copytree(ROOT / "csrc", src)
     text = (src / file).read_text()
     if text.count(old) != 1:
         raise AssertionError(f"mutation {name}: the text to replace is not in {file} exactly once")
     (src / file).write_text(text.replace(old, new))
-    module = build(src, workdir / "out", jobs=2, quiet=True)
-    return subprocess.run([sys.executable, "-c", _RUN, str(module), str(ROOT / "tests" / "test_cuda_emulated.py"),
-                           selection], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return src
+
+
+def build_mutation(name: str, workdir: Path, asan: bool = False) -> Path:
+    """The emulated module (or its ASan variant) of csrc/ with mutation `name`, built in workdir."""
+    return build(mutated_copy(name, workdir), workdir / ("out-asan" if asan else "out"), jobs=2, quiet=True,
+                 asan=asan)
+
+
+def run_mutation(name: str, workdir: Path, asan: bool = False) -> subprocess.CompletedProcess:
+    """Builds csrc/ with mutation `name` into workdir and runs its tests there on that module (under
+    AddressSanitizer with `asan`: tests/emu/asan.py)."""
+    module = build_mutation(name, workdir, asan)
+    selection = MUTATIONS[name][3]
+    tests = ROOT / "tests" / "test_cuda_emulated.py"
+    if asan:
+        from asan import run_tests
+
+        return run_tests(module, selection, tests)
+    return subprocess.run([sys.executable, "-c", _RUN, str(module), str(tests), selection], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+
+_POOL_LAYOUTS = """
+import ctypes, importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("scott_kernels._emu", sys.argv[1])
+emu = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(emu)
+sys.modules["scott_kernels._emu"] = emu
+import torch
+from scott_kernels import cuda_backend as cb
+from scott_kernels.compact import visible_tables
+
+
+def pool(gap):
+    # act, `gap` bytes no tensor owns, then tile_pos and slot: three tensors (storages) of their own,
+    # side by side in one arena as an allocator may place them
+    slot, tile_pos = visible_tables(torch.ones(2, 9, dtype=torch.bool), 2, 3, 3, torch.device("cpu"))
+    act = torch.randn(tile_pos.shape[0], 8, 8, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    offsets = [0, act.nbytes + gap, act.nbytes + gap + tile_pos.nbytes]
+    arena = torch.zeros(offsets[-1] + slot.nbytes + 64, dtype=torch.uint8)
+    raw = (ctypes.c_char * arena.numel()).from_address(arena.data_ptr())
+    placed = []
+    for t, off in zip((act, tile_pos, slot), offsets):
+        placed.append(torch.frombuffer(raw, dtype=t.dtype, count=t.numel(), offset=off).view(t.shape))
+        placed[-1].copy_(t)
+    cb.use_emulated_device(True)
+    emu.emu_configure(90, 2)
+    emu.emu_reset()
+    error = None
+    try:
+        cb.max_blur_pool(placed[0], placed[2], placed[1], False)
+    except RuntimeError as e:  # a failed check fails the launch
+        error = str(e)
+    finally:
+        stats = emu.emu_stats()
+        cb.use_emulated_device(False)
+    return {"launches": stats["launches"], "checks": stats["checks"], "messages": stats["messages"][:3],
+            "error": error}
+
+
+print(json.dumps({"adjacent": pool(0), "gap": pool(64)}))
+"""
+
+
+def probe_pool_layouts(module: Path) -> dict:
+    """max_blur_pool (bf16, the tiled kernel) on the emulated `module` (the access hooks' build),
+    with act followed in memory by the op's tile_pos ("adjacent") or by 64 bytes no tensor owns
+    ("gap"): per layout the launches, the failed checks by kind and their first messages."""
+    result = subprocess.run([sys.executable, "-c", _POOL_LAYOUTS, str(module)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=900)
+    if result.returncode != 0:
+        raise AssertionError(f"the layout probe failed:\n{(result.stdout + result.stderr)[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
