@@ -120,6 +120,20 @@ if triton is not None:
         dst = packed_ptr + (prow.to(tl.int64) * WP + xp)[:, None] * CP + c[None, :]
         tl.store(dst, v.to(packed_ptr.dtype.element_ty), mask=(xp < WP)[:, None])
 
+    @triton.jit
+    def _image_weight_kernel(w_ptr, out_ptr, total, C_OUT: tl.constexpr, C_IN: tl.constexpr, KSIZE: tl.constexpr,
+                             KXE: tl.constexpr, CP: tl.constexpr, BLOCK: tl.constexpr):
+        """out (k, KXE, CP, C_out) = weight (C_out, C_in, k, k) at (ky, kx, ci, co), 0 at the
+        padded taps (kx >= k) and channels (ci >= C_in): the image GEMM's weight in one pass."""
+        e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        co = e % C_OUT
+        ci = (e // C_OUT) % CP
+        kx = (e // (C_OUT * CP)) % KXE
+        ky = e // (C_OUT * CP * KXE)
+        real = (e < total) & (ci < C_IN) & (kx < KSIZE)
+        v = tl.load(w_ptr + ((co * C_IN + ci) * KSIZE + ky) * KSIZE + kx, mask=real, other=0.0)
+        tl.store(out_ptr + e, v, mask=e < total)
+
     @autotune(image_wgrad_configs(), IMAGE_KEY, prune_image_wgrad, shared=IMAGE_WGRAD_SHARED)
     @triton.jit
     def _conv_relu_image_wgrad_kernel(packed_ptr, grad_ptr, out_ptr, partial_ptr, tile_pos_ptr, rows_total, num_pos,
@@ -201,9 +215,12 @@ def _pack_image(x: torch.Tensor, slot: torch.Tensor, num_tiles: int, in_side: in
 def _image_weight(weight: torch.Tensor, geo: dict) -> torch.Tensor:
     """(C_out, C_in, k, k) -> (k * KROW, C_out), zero at the padded taps and channels."""
     c_out, c_in, k, _ = weight.shape
-    w = weight.new_zeros((k, geo["kxe"], geo["cp"], c_out))
-    w[:, :k, :c_in] = weight.permute(2, 3, 1, 0)
-    return w.reshape(k * geo["krow"], c_out)
+    out = torch.empty((k * geo["krow"], c_out), dtype=weight.dtype, device=weight.device)
+    total, block = out.numel(), 1024
+    if total:
+        _image_weight_kernel[(triton.cdiv(total, block),)](
+            weight.contiguous(), out, total, C_OUT=c_out, C_IN=c_in, KSIZE=k, KXE=geo["kxe"], CP=geo["cp"], BLOCK=block)
+    return out
 
 
 def _image_args(packed: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, rows: int, geo: dict) -> tuple:

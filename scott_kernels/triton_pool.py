@@ -297,10 +297,14 @@ if triton is not None:
     @triton.jit
     def _max_blur_pool_bwd_kernel(grad_ptr, act_ptr, dact_ptr, slot_ptr, tile_pos_ptr, num_tiles, num_pos, GH, GW,
                                   ROWS_BUCKET, C: tl.constexpr, SIDE: tl.constexpr, ACC: tl.constexpr,
-                                  RELU_MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+                                  RELU_MASK: tl.constexpr, GRAD_AT_POS: tl.constexpr, ROWS: tl.constexpr,
+                                  BLOCK_C: tl.constexpr):
         """dact (M, s, s, C) from the pooled gradient (M, s/2, s/2, C), per 2 x 2 block of conv
-        pixels (one per pooled pixel); with RELU_MASK times ReLU' (act > 0, or act NaN)."""
+        pixels (one per pooled pixel); with RELU_MASK times ReLU' (act > 0, or act NaN). With
+        GRAD_AT_POS (s = 2) the gradient is the tokens' (B * GH * GW, C), a tile's row at its grid
+        position, so the token gradient needs no gather first."""
         PS: tl.constexpr = SIDE // 2
+        tl.static_assert(not GRAD_AT_POS or SIDE == 2)
         (own, gy, gx, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, py, px, up, down, left, right,
          c, c_ok) = _program_block(tile_pos_ptr, slot_ptr, num_tiles, num_pos, GH, GW, C, SIDE, ROWS, BLOCK_C)
         # the window gradients: the 3 x 3 pooled gradients around (py, px) blurred back onto the
@@ -320,6 +324,10 @@ if triton is not None:
             t0 = _pick(own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, up, down, left, right, i, 0, 2)
             t1 = _pick(own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, up, down, left, right, i, 1, 2)
             t2 = _pick(own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, up, down, left, right, i, 2, 2)
+            if GRAD_AT_POS:   # tile -> its grid position: the token row holding its gradient
+                t0 = tl.load(tile_pos_ptr + t0, mask=t0 >= 0, other=-1)
+                t1 = tl.load(tile_pos_ptr + t1, mask=t1 >= 0, other=-1)
+                t2 = tl.load(tile_pos_ptr + t2, mask=t2 >= 0, other=-1)
             g0 = _load_tap(grad_ptr, t0, ly, _local(px, left, right, 0, 2, PS), c, c_ok, PS, C).to(ACC)
             g1 = _load_tap(grad_ptr, t1, ly, _local(px, left, right, 1, 2, PS), c, c_ok, PS, C).to(ACC)
             g2 = _load_tap(grad_ptr, t2, ly, _local(px, left, right, 2, 2, PS), c, c_ok, PS, C).to(ACC)
@@ -633,27 +641,32 @@ def _(act, slot, tile_pos, relu=False):
 
 @custom_op("scott_kernels::triton_max_blur_pool_backward", mutates_args=())
 def max_blur_pool_backward(grad: torch.Tensor, act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
-                           relu_mask: bool = False) -> torch.Tensor:
+                           relu_mask: bool = False, grad_at_positions: bool = False) -> torch.Tensor:
     """Gradient of max_blur_pool with respect to its (M, s, s, C) input. With ``relu_mask`` the
-    gradient comes multiplied by (act > 0): for act = relu(y), the gradient with respect to y."""
+    gradient comes multiplied by (act > 0): for act = relu(y), the gradient with respect to y.
+    With ``grad_at_positions`` (s = 2 only), ``grad`` is the (B, GH * GW, C) gradient of tokens at
+    every grid position (the masked rows are not read)."""
     _check("triton_max_blur_pool_backward", act, slot, tile_pos)
     act = act.contiguous()
     num_tiles, side, _, channels = act.shape
-    if tuple(grad.shape) != (num_tiles, side // 2, side // 2, channels):
-        raise ValueError(f"triton_max_blur_pool_backward: grad must be {(num_tiles, side // 2, side // 2, channels)}, "
-                         f"got {tuple(grad.shape)}")
+    want = (slot.shape[0], slot.shape[1] * slot.shape[2], channels) if grad_at_positions else \
+        (num_tiles, side // 2, side // 2, channels)
+    if grad_at_positions and side != 2:
+        raise ValueError(f"triton_max_blur_pool_backward: grad_at_positions needs 2 x 2 tiles, got side {side}")
+    if tuple(grad.shape) != want:
+        raise ValueError(f"triton_max_blur_pool_backward: grad must be {want}, got {tuple(grad.shape)}")
     dact = torch.empty_like(act)
     if num_tiles == 0 or channels == 0:
         return dact
     _max_blur_pool_bwd_kernel[_pool_grid(num_tiles, side, channels)](
         grad.to(act.dtype).contiguous(), act, dact, slot.contiguous(), tile_pos.contiguous(), num_tiles, slot.numel(),
         slot.shape[1], slot.shape[2], rows_bucket(num_tiles), C=channels, SIDE=side, ACC=accumulator(act.dtype),
-        RELU_MASK=relu_mask)
+        RELU_MASK=relu_mask, GRAD_AT_POS=grad_at_positions)
     return dact
 
 
 @max_blur_pool_backward.register_fake
-def _(grad, act, slot, tile_pos, relu_mask=False):
+def _(grad, act, slot, tile_pos, relu_mask=False, grad_at_positions=False):
     return torch.empty_like(act, memory_format=torch.contiguous_format)
 
 
@@ -794,9 +807,10 @@ def _tokens_backward(ctx, grad, grad_x, grad_stats):
     if not (norm or has_pos or has_mask_token):
         # no epilogue: the tokens are the pool's output, (B, N, D) rows at tile_pos or packed
         num_tiles, dim = act.shape[0], act.shape[3]
-        grad = grad.reshape(-1, dim)
-        grad = grad.index_select(0, tile_pos) if dense else grad
-        dact = max_blur_pool_backward(grad.view(num_tiles, 1, 1, dim), act, slot, tile_pos, relu)
+        if dense:   # the pool's backward reads each tile's row of the (B, N, D) gradient
+            dact = max_blur_pool_backward(grad, act, slot, tile_pos, relu, True)
+        else:
+            dact = max_blur_pool_backward(grad.reshape(num_tiles, 1, 1, dim), act, slot, tile_pos, relu)
         return (dact, *([None] * 11))
     dact, dw, db, dpos, dmask = pool_tokens_backward(grad, act, x, stats, slot, tile_pos, ln_weight, norm, dense,
                                                      has_pos, has_mask_token, relu)

@@ -587,3 +587,8 @@ def test_pool_tokens_without_epilogue():
         got, = torch.autograd.grad(tokens, act, g)
         ref, = torch.autograd.grad(want, act, g)
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    # the dense token gradient read in place by the pool's backward
+    g = torch.randn(2, 4, 3, dtype=torch.float64)
+    torch.library.opcheck(max_blur_pool_backward, (g, act.detach(), slot, tile_pos, True, True))
+    with pytest.raises(ValueError, match="grad must be"):
+        max_blur_pool_backward(g[:, :3], act.detach(), slot, tile_pos, True, True)
