@@ -118,16 +118,37 @@ register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blur_po
 # backward, which reads the conv output anyway, returns the gradient already multiplied by ReLU',
 # so the conv gradients read neither a mask nor the conv output. The image stage keeps its packed
 # images for the weight gradient.
-def _stage_conv(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm):
+def _stage_conv(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm, nbr=None):
     if src_is_image:
         return conv_image(src, weight, slot, tile_pos, in_side, pixel_norm, False)[0]
     # one neighbour table for the stage's forward and both gradients
-    nbr = neighbour_table(slot, tile_pos, conv_radius(in_side, weight.shape[-1]))
+    if nbr is None:
+        nbr = neighbour_table(slot, tile_pos, conv_radius(in_side, weight.shape[-1]))
     return conv_relu(src, weight, slot, tile_pos, in_side, False, pixel_norm, False, nbr)
 
 
 def _stage_pool(act, slot, tile_pos):
     return max_blur_pool(act, slot, tile_pos, True)
+
+
+def _stages(weights: Sequence[torch.Tensor], patch_size: int) -> tuple:
+    """(tables, conv): the table builder and stage conv of a tokenize_compact run. The tables
+    launch also builds the first compact stage's neighbour table (the second conv's, reading the
+    first pool's output: patches of side patch_size / 4), which that stage's conv then uses."""
+    if len(weights) < 2:
+        return (lambda *args: tables_for(*args)[:2]), _stage_conv
+    radius = conv_radius(patch_size // 4, weights[1].shape[-1])
+    built = {}
+
+    def tables(keep, batch, grid_h, grid_w, device, num_visible=None):
+        slot, tile_pos, built["nbr"] = tables_for(keep, batch, grid_h, grid_w, device, num_visible, radius)
+        return slot, tile_pos
+
+    def conv(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm):
+        nbr = built.pop("nbr", None) if not src_is_image and in_side == patch_size // 4 else None
+        return _stage_conv(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm, nbr)
+
+    return tables, conv
 
 
 def triton_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: torch.Tensor | None,
@@ -143,9 +164,10 @@ def triton_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: torc
 
     Inputs are assumed validated (see ``scott_kernels.functional``).
     """
+    tables, stage_conv = _stages(weights, patch_size)
     if norm is None and pos_embed is None and mask_token is None and keep is None:
-        return tokenize_compact(_stage_conv, _stage_pool, x, weights, keep, patch_size, num_visible, packed,
-                                pixel_norm, tables=tables_for)
+        return tokenize_compact(stage_conv, _stage_pool, x, weights, keep, patch_size, num_visible, packed,
+                                pixel_norm, tables=tables)
     # the last pool writes the tokens in their final layout (masked rows included), so no scatter
     # or zero fill follows it
     dense = keep is None or not packed
@@ -156,5 +178,5 @@ def triton_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: torc
     def last_pool(act, slot, tile_pos):
         return pool_tokens_apply(act, slot, tile_pos, norm, pos_embed, fill, dense, out_dtype, relu=True)
 
-    return tokenize_compact(_stage_conv, _stage_pool, x, weights, keep, patch_size, num_visible, packed, pixel_norm,
-                            last_pool=last_pool, tables=tables_for)
+    return tokenize_compact(stage_conv, _stage_pool, x, weights, keep, patch_size, num_visible, packed, pixel_norm,
+                            last_pool=last_pool, tables=tables)

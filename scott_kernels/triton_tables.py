@@ -29,11 +29,14 @@ if triton is not None:
 
     # debug=True keeps the device assertion (Triton compiles tl.device_assert away otherwise)
     @triton.jit(debug=True)
-    def _visible_tables_kernel(keep_ptr, slot_ptr, tile_pos_ptr, N, num_visible, BLOCK: tl.constexpr):
+    def _visible_tables_kernel(keep_ptr, slot_ptr, tile_pos_ptr, nbr_ptr, N, num_visible, GW,
+                               R: tl.constexpr, BLOCK: tl.constexpr):
         """Row b = program_id(0) of keep (B, N): slot[b, n] = b * K + (visible patches before n), or
         -1, and tile_pos of those tiles = b * N + n, for K = num_visible. A row holding more than
         K visible patches numbers its first K; one with fewer gives its missing tiles the row's
-        first position; either fails the device assertion, and no index leaves its table."""
+        first position; either fails the device assertion, and no index leaves its table.
+        With R >= 0 also the neighbour table of the row's tiles (see _neighbour_table_kernel):
+        neighbours are in the same image, whose slots this program has just written."""
         b = tl.program_id(0).to(tl.int64)
         row = b * N
         first_tile = b * num_visible
@@ -53,6 +56,20 @@ if triton is not None:
             j = start + tl.arange(0, BLOCK)
             tl.store(tile_pos_ptr + first_tile + j, row + tl.zeros_like(j).to(tl.int64),
                      mask=(j >= seen) & (j < num_visible))
+        if R >= 0:
+            NB: tl.constexpr = 2 * R + 1
+            GH = N // GW
+            tl.debug_barrier()   # the row's slot and tile_pos, written above, read back below
+            for start in range(0, num_visible * NB * NB, BLOCK):
+                e = start + tl.arange(0, BLOCK)
+                ok = e < num_visible * NB * NB
+                d = e % (NB * NB)
+                n = tl.load(tile_pos_ptr + first_tile + e // (NB * NB), mask=ok, other=row) - row
+                gy = n // GW + d // NB - R
+                gx = n % GW + d % NB - R
+                inside = ok & (gy >= 0) & (gy < GH) & (gx >= 0) & (gx < GW)
+                s = tl.load(slot_ptr + row + gy * GW + gx, mask=inside, other=-1)
+                tl.store(nbr_ptr + first_tile * (NB * NB) + e, s, mask=ok)
 
     @triton.jit
     def _neighbour_table_kernel(slot_ptr, tile_pos_ptr, nbr_ptr, total, num_tiles, num_pos, GH, GW,
@@ -76,11 +93,12 @@ if triton is not None:
 
 
 @custom_op("scott_kernels::triton_visible_tables", mutates_args=())
-def visible_tables(keep: torch.Tensor, num_visible: int, grid_h: int, grid_w: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(slot (B, GH, GW) int32, tile_pos (B * num_visible,) int64) of a (B, GH * GW) bool mask
-    whose rows each hold ``num_visible`` visible patches (a device assertion checks it), in one
-    launch and with no host synchronisation; the same tables as ``compact.visible_tables``."""
+def visible_tables(keep: torch.Tensor, num_visible: int, grid_h: int, grid_w: int, radius: int = -1
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(slot (B, GH, GW) int32, tile_pos (B * num_visible,) int64, nbr) of a (B, GH * GW) bool
+    mask whose rows each hold ``num_visible`` visible patches (a device assertion checks it), in
+    one launch and with no host synchronisation; the same tables as ``compact.visible_tables``,
+    and with ``radius`` >= 0 the tiles' neighbour table (``neighbour_table``; else nbr is empty)."""
     if keep.dtype != torch.bool or keep.dim() != 2 or keep.shape[1] != grid_h * grid_w:
         raise ValueError(f"triton_visible_tables: keep must be a (B, {grid_h * grid_w}) bool tensor, "
                          f"got {tuple(keep.shape)} {keep.dtype}")
@@ -91,27 +109,35 @@ def visible_tables(keep: torch.Tensor, num_visible: int, grid_h: int, grid_w: in
     batch, positions = keep.shape
     slot = torch.empty((batch, grid_h, grid_w), dtype=torch.int32, device=keep.device)
     tile_pos = torch.empty((batch * num_visible,), dtype=torch.int64, device=keep.device)
+    nb = 2 * radius + 1 if radius >= 0 else 0
+    nbr = torch.empty((batch * num_visible if nb else 0, nb, nb), dtype=torch.int32, device=keep.device)
     if batch and positions:
-        block = min(1024, triton.next_power_of_2(positions))
+        block = min(1024, triton.next_power_of_2(max(positions, num_visible * nb * nb)))
         # debug for the assertion alone: no overflow checks on every integer op (4x the code)
-        _visible_tables_kernel[(batch,)](keep.contiguous(), slot, tile_pos, positions, num_visible, BLOCK=block,
-                                         num_warps=4, sanitize_overflow=False)
-    return slot, tile_pos
+        _visible_tables_kernel[(batch,)](keep.contiguous(), slot, tile_pos, nbr if nb else slot, positions, num_visible,
+                                         grid_w, R=radius if nb else -1, BLOCK=block, num_warps=4,
+                                         sanitize_overflow=False)
+    return slot, tile_pos, nbr
 
 
 @visible_tables.register_fake
-def _(keep, num_visible, grid_h, grid_w):
+def _(keep, num_visible, grid_h, grid_w, radius=-1):
     batch = keep.shape[0]
+    nb = 2 * radius + 1 if radius >= 0 else 0
     return (keep.new_empty((batch, grid_h, grid_w), dtype=torch.int32),
-            keep.new_empty((batch * num_visible,), dtype=torch.int64))
+            keep.new_empty((batch * num_visible,), dtype=torch.int64),
+            keep.new_empty((batch * num_visible if nb else 0, nb, nb), dtype=torch.int32))
 
 
 def tables_for(keep: torch.Tensor | None, batch: int, grid_h: int, grid_w: int, device: torch.device,
-               num_visible: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``compact.visible_tables`` in one launch where the visible count is given."""
+               num_visible: int | None = None, radius: int = -1
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(slot, tile_pos, nbr): ``compact.visible_tables``, in one launch where the visible count is
+    given, which then also builds the neighbour table of ``radius`` (>= 0; else nbr is None)."""
     if keep is None or num_visible is None:
-        return compact.visible_tables(keep, batch, grid_h, grid_w, device, num_visible)
-    return visible_tables(keep.reshape(batch, grid_h * grid_w), num_visible, grid_h, grid_w)
+        return (*compact.visible_tables(keep, batch, grid_h, grid_w, device, num_visible), None)
+    slot, tile_pos, nbr = visible_tables(keep.reshape(batch, grid_h * grid_w), num_visible, grid_h, grid_w, radius)
+    return slot, tile_pos, nbr if radius >= 0 else None
 
 
 @custom_op("scott_kernels::triton_neighbour_table", mutates_args=())

@@ -552,20 +552,27 @@ def test_visible_tables_one_launch():
     all-masked and single-visible rows included, rows longer than a block), and stay inside their
     tables when a row holds the wrong count."""
     from scott_kernels.compact import visible_tables as torch_tables
-    from scott_kernels.triton_tables import visible_tables as kernel_tables
+    from scott_kernels.triton_tables import neighbour_table, visible_tables as kernel_tables
     g = torch.Generator().manual_seed(3)
     for batch, gh, gw, k in ((3, 4, 4, 16), (3, 4, 4, 0), (2, 3, 5, 1), (2, 2, 3, 4), (2, 40, 30, 700)):
         keep = torch.zeros(batch, gh * gw, dtype=torch.bool)
         keep.scatter_(1, torch.rand(batch, gh * gw, generator=g).argsort(1)[:, :k], True)
-        slot, tile_pos = kernel_tables(keep, k, gh, gw)
         want_slot, want_pos = torch_tables(keep, batch, gh, gw, keep.device, k)
-        assert torch.equal(slot, want_slot) and torch.equal(tile_pos, want_pos), (batch, gh, gw, k)
+        for radius in (-1, 0, 1, 2):
+            slot, tile_pos, nbr = kernel_tables(keep, k, gh, gw, radius)
+            assert torch.equal(slot, want_slot) and torch.equal(tile_pos, want_pos), (batch, gh, gw, k)
+            if radius < 0:
+                assert nbr.numel() == 0
+            else:   # the neighbour table built in the same launch
+                assert torch.equal(nbr, neighbour_table(want_slot, want_pos, radius)), (batch, gh, gw, k, radius)
     torch.library.opcheck(kernel_tables, (keep, 700, 40, 30))
+    torch.library.opcheck(kernel_tables, (keep, 700, 40, 30, 1))
+    torch.library.opcheck(neighbour_table, (want_slot, want_pos, 1))
     # rows with one patch too many and one too few: the first K numbered, the extra one masked,
     # the missing tile at the row's first position; on a GPU a device assertion also fires
     # (compiled in, debug=True: test_codegen; the interpreter skips device assertions)
     keep = torch.tensor([[True, True, True, False], [True, False, False, False]])
-    slot, tile_pos = kernel_tables(keep, 2, 2, 2)
+    slot, tile_pos, _ = kernel_tables(keep, 2, 2, 2)
     assert slot.flatten().tolist() == [0, 1, -1, -1, 2, -1, -1, -1]
     assert tile_pos.tolist() == [0, 1, 4, 4]
 
