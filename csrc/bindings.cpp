@@ -253,6 +253,7 @@ py::dict build_info() {
   info["cuda_version"] = py::none();
   info["cuda_archs"] = "";
 #endif
+  info["offset_limit"] = scott::kOffsetLimit;  // the 32-bit kernels' tensor size limit (stage_common.h)
   info["compiler"] =
 #if defined(__clang__)
       std::string("clang ") + __clang_version__;

@@ -453,7 +453,7 @@ bool launch_image_wgrad(const StageGeometry& g, DType dtype, int src_dtype, cons
                         void* partial, int64_t splits, int32_t* nbr, void* gmask, cudaStream_t stream) {
   ImageConv ic;
   if (!g.src_image || !cuda_implicit_conv(g, dtype, splits, ConvOp::kWeightGrad)) return false;
-  implicit_image_wgrad_plan(g, ic);
+  implicit_image_wgrad_plan(g, splits, ic);
   // `splits` partials: the caller sizes them (conv_gemm_path says this path applies)
   if (nbr == nullptr || (out != nullptr && gmask == nullptr) || splits < 1 || splits > 65535 ||
       (g.normalize && norm == nullptr) || !aligned16(grad) || !aligned16(out) || !aligned16(gmask) ||

@@ -153,7 +153,8 @@ struct ClassWeights {
 //     window origin; the K loop runs over (tap, 8-channel vector), so one neighbour lookup serves
 //     8 channels, and every offset is a 32-bit expression of small integers with no division.
 // Valid when the conv's reach stays within one neighbouring patch (pad <= in_side), channels are
-// multiples of 8 (16-byte vectors) and every tensor offset fits in 31 bits (`implicit_conv_plan`).
+// multiples of 8 (16-byte vectors) and every tensor offset fits in 31 bits (`implicit_conv_plan`,
+// kOffsetLimit).
 
 // 32-bit geometry of one conv stage on the implicit path (from StageGeometry, checked on the host).
 struct ImplicitConv {
@@ -168,12 +169,12 @@ inline const char* implicit_conv_plan(const StageGeometry& g, int64_t splits, Im
   if (g.c_in % 8 || g.c_out % 8) return "channels must be multiples of 8 (16-byte vectors)";
   if (g.pad() > g.in_side) return "the kernel reaches beyond the neighbouring patches (pad > in_side)";
   // every offset the kernels form is bounded by one of these element counts
-  const int64_t limit = int64_t(1) << 31;
+  const int64_t limit = kOffsetLimit;
   const int64_t widest = g.c_in > g.c_out ? g.c_in : g.c_out;
   const int64_t weights = g.ksize * g.ksize * g.c_in * g.c_out;
   if (g.num_tiles * g.in_side * g.in_side * widest >= limit || g.num_tiles * kNeighbours >= limit ||
       (splits < 1 ? 1 : splits) * weights >= limit)
-    return "a tensor passes 2^31 elements (32-bit offsets)";
+    return kOffsetRefusal;
   ic.num_tiles = static_cast<int32_t>(g.num_tiles);
   ic.q = static_cast<int32_t>(g.in_side);
   ic.s = static_cast<int32_t>(g.out_side());
@@ -299,14 +300,14 @@ inline const char* implicit_image_plan(const StageGeometry& g, ImageConv& ic) {
   // shared memory: the padded weight slice (64 columns + 8 of padding) and the staged windows
   if (g.ksize * pairs * 2 * kImageChannels * 72 * 2 + (128 / (s * s)) * rows * width * kImageChannels * 2 > 96 * 1024)
     return "kernel or staged image window too large for shared memory";
-  const int64_t limit = int64_t(1) << 31;
+  const int64_t limit = kOffsetLimit;
   const int64_t H = g.grid_h * g.in_side, W = g.grid_w * g.in_side;
   const auto span = [](int64_t n, int64_t stride) { return (n - 1) * (stride < 0 ? -stride : stride); };
   if (g.s_b < 0 || g.s_c < 0 || g.s_h < 0 || g.s_w < 0 ||
       span(g.batch, g.s_b) + span(g.c_in, g.s_c) + span(H, g.s_h) + span(W, g.s_w) >= limit ||
       g.num_tiles * s * s * g.c_out >= limit || g.num_tiles * kNeighbours >= limit ||
       g.batch * g.grid_h * g.grid_w >= limit)
-    return "a tensor passes 2^31 elements (32-bit offsets)";
+    return kOffsetRefusal;
   ic.num_tiles = static_cast<int32_t>(g.num_tiles);
   ic.q = static_cast<int32_t>(g.in_side);
   ic.s = static_cast<int32_t>(s);
@@ -422,9 +423,11 @@ SCOTT_HD int32_t image_k_to_weight_row(const ImageConv& g, int32_t m) {
   return kx < g.k && c < g.c_in ? (ky * g.k + kx) * g.c_in + c : -1;
 }
 
-// The image stage's weight gradient on the implicit path.
-inline const char* implicit_image_wgrad_plan(const StageGeometry& g, ImageConv& ic) {
+// The image stage's weight gradient on the implicit path, into `splits` (k*k*C_in, C_out) partials.
+inline const char* implicit_image_wgrad_plan(const StageGeometry& g, int64_t splits, ImageConv& ic) {
   if (const char* why = implicit_image_plan(g, ic)) return why;
+  // the partials' offsets (split * k*k*C_in * C_out + ...) are 32-bit too
+  if ((splits < 1 ? 1 : splits) * g.ksize * g.ksize * g.c_in * g.c_out >= kOffsetLimit) return kOffsetRefusal;
   // one warp per 32 padded K rows and 32 output channels, at most 16 warps
   if (ic.k_rows() % 32 || ic.k_rows() > 256)
     return "the image weight gradient takes kernels whose padded tap rows are a multiple of 32, at most 256 (k = 7)";

@@ -111,16 +111,16 @@ struct TiledPool {
 inline const char* tiled_pool_plan(const PoolGeometry& g, TiledPool& tp) {
   if (g.channels % 8) return "channels must be multiples of 8 (16-byte vectors)";
   if (g.side % 2 || g.side < 2) return "the side must be even";
-  const int64_t limit = int64_t(1) << 31;
+  const int64_t limit = kOffsetLimit;
   if (g.num_tiles * g.side * g.side * g.channels >= limit || g.batch * g.grid_h * g.grid_w >= limit ||
       g.num_tiles >= limit / kNeighbours)
-    return "a tensor passes 2^31 elements (32-bit offsets)";
+    return kOffsetRefusal;
   tp.num_tiles = static_cast<int32_t>(g.num_tiles);
   tp.side = static_cast<int32_t>(g.side);
   tp.pooled = tp.side / 2;
   tp.channels = static_cast<int32_t>(g.channels);
   tp.vectors = tp.channels / 8;
-  tp.tasks = tp.num_tiles * tp.pooled * tp.pooled * tp.vectors;  // < 2^31 / 32 by the test above
+  tp.tasks = tp.num_tiles * tp.pooled * tp.pooled * tp.vectors;  // < kOffsetLimit / 32 by the test above
   tp.batch = static_cast<int32_t>(g.batch);
   tp.grid_h = static_cast<int32_t>(g.grid_h);
   tp.grid_w = static_cast<int32_t>(g.grid_w);

@@ -137,6 +137,26 @@ __device__ __forceinline__ uint32_t route2(uint32_t p0, uint32_t p1, uint32_t p2
 }
 #endif
 
+// ---- the 32-bit offset rule ------------------------------------------------------------------------
+// The kernels that form 32-bit element offsets (the implicit GEMMs, the tiled pools) take a stage
+// only while every tensor they address holds fewer than SCOTT_OFFSET_LIMIT elements: the plans
+// (implicit_conv_plan, implicit_image_plan, implicit_image_wgrad_plan, tiled_pool_plan) refuse it
+// otherwise with kOffsetRefusal, and the 64-bit kernels run it (the gather GEMM, the per-element
+// pools). 2^31 by default; a build may lower it (-DSCOTT_OFFSET_LIMIT=N, 1024 <= N: the emulated
+// tests run both sides of the rule at small shapes). build_info()["offset_limit"] reports it.
+#ifndef SCOTT_OFFSET_LIMIT
+#define SCOTT_OFFSET_LIMIT 2147483648
+#define SCOTT_OFFSET_LIMIT_TEXT "2^31"
+#endif
+#ifndef SCOTT_OFFSET_LIMIT_TEXT
+#define SCOTT_OFFSET_LIMIT_STR2(x) #x
+#define SCOTT_OFFSET_LIMIT_STR(x) SCOTT_OFFSET_LIMIT_STR2(x)
+#define SCOTT_OFFSET_LIMIT_TEXT SCOTT_OFFSET_LIMIT_STR(SCOTT_OFFSET_LIMIT)
+#endif
+constexpr int64_t kOffsetLimit = SCOTT_OFFSET_LIMIT;
+static_assert(kOffsetLimit >= 1024 && kOffsetLimit <= (int64_t(1) << 31), "SCOTT_OFFSET_LIMIT: 1024 .. 2^31");
+constexpr const char* kOffsetRefusal = "a tensor passes " SCOTT_OFFSET_LIMIT_TEXT " elements (32-bit offsets)";
+
 // ---- neighbour slots and 32-bit row arithmetic (implicit GEMMs and tiled pools) ------------------
 // The fast kernels address a tile's surroundings through its 3 x 3 neighbour slots.
 constexpr int kNeighbours = 9;

@@ -291,7 +291,7 @@ const char* conv_gemm_refusal(const StageGeometry& g, int64_t splits, ConvOp op)
   if (g.src_image) {
     ImageConv ic;
     if (op == ConvOp::kInputGrad) return "images get their gradient from the gather GEMM";
-    return op == ConvOp::kWeightGrad ? implicit_image_wgrad_plan(g, ic) : implicit_image_plan(g, ic);
+    return op == ConvOp::kWeightGrad ? implicit_image_wgrad_plan(g, splits, ic) : implicit_image_plan(g, ic);
   }
   ImplicitConv ic;
   return implicit_conv_plan(g, splits, ic);
@@ -330,7 +330,7 @@ void conv_relu_wgrad_cpu(const StageGeometry& g, DType dtype, int src_dtype, con
   const bool implicit = conv_gemm_refusal(g, 1, ConvOp::kWeightGrad) == nullptr;
   SCOTT_CPU_DISPATCH(dtype, "conv_relu_wgrad", {
     if (implicit && g.src_image) {
-      implicit_image_wgrad_plan(g, image);
+      implicit_image_wgrad_plan(g, 1, image);
       if (src_dtype == kUInt8)
         implicit_image_wgrad<T, uint8_t>(g, image, static_cast<const uint8_t*>(src), static_cast<const T*>(norm),
                                          static_cast<const T*>(grad), static_cast<const T*>(out), slot, tile_pos,

@@ -256,15 +256,17 @@ def _stream(t: torch.Tensor) -> int:
 _EMULATED = False
 
 
-def use_emulated_device(enabled: bool = True) -> None:
+def use_emulated_device(enabled: bool = True, module=None) -> None:
     """Route this backend's ops on CPU tensors through ``scott_kernels._emu``, the CUDA kernels
-    built for the CPU's emulated device (tests only; ``tests/emu/build.py`` builds it), or back
-    to ``_C`` and the C++ twin."""
+    built for the CPU's emulated device (tests only; ``tests/emu/build.py`` builds it), or through
+    ``module``, another build of it (``--define`` values of its own), or back to ``_C`` and the
+    C++ twin."""
     global _C, _EMULATED
     if enabled:
-        from . import _emu
+        if module is None:
+            from . import _emu as module
 
-        _C, _EMULATED = _TrackedModule(_emu), True
+        _C, _EMULATED = _TrackedModule(module), True
     else:
         from .ops import _C as native
 

@@ -35,3 +35,30 @@ def random_keep(batch, num_patches, ratio, device="cpu", generator=None):
     """Bool (B, N) with roughly `ratio` of each row masked, plus the edge cases mixed in."""
     keep = torch.rand(batch, num_patches, generator=generator).to(device) >= ratio
     return keep
+
+
+# ---- the emulated device's summary line (tests/test_cuda_emulated.py) ----------------------------
+# What the session's emulated runs found, filled by tests/test_cuda_emulated.py: the kernels that ran
+# (launched, or only queried for their attributes) of every __global__ kernel in csrc/*.cu, the
+# value mismatches its comparisons detected, and the races and out-of-bounds accesses the emulated
+# device reported in its runs. What is counted: every run of the main suite, whether or not its
+# test passed. What is not: the reports a test provokes on purpose and requires (the checks' own
+# tests, Emulated(expect=...)), and the mutation runs (broken copies of the kernels, built and run
+# in a subprocess of their own, whose expected failures are that subprocess's).
+EMULATED = {"collected": False, "built": False, "kernels": set(), "ran": set(), "mismatches": 0, "races": 0,
+            "out-of-bounds": 0}
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line in the summary of any run that collected tests/test_cuda_emulated.py."""
+    e = EMULATED
+    if not e["collected"]:
+        return
+    if not e["built"]:
+        line = "emulated kernels: not run, scott_kernels._emu is not built (python tests/emu/build.py builds it)"
+    else:
+        line = (f"emulated kernels {len(e['ran'] & e['kernels'])}/{len(e['kernels'])}, mismatches {e['mismatches']}, "
+                f"races {e['races']}, out-of-bounds {e['out-of-bounds']}")
+    if os.environ.get("SCOTT_EMU_MUTATION"):
+        line += f" (mutation {os.environ['SCOTT_EMU_MUTATION']}: a deliberately broken build)"
+    terminalreporter.write_line(line)

@@ -22,6 +22,9 @@ const std::vector<std::string>& check_messages();
 namespace scott {
 namespace emu_probe {
 void fragment_probe(const uint16_t* a, const uint16_t* b, uint32_t* regs, float* d, bool bf16);
+void wmma_probe(const uint16_t* a, const uint16_t* b, float c0, float* d, int ld_d, bool d_col, bool bf16, bool a_col,
+                bool b_col);
+void cluster_probe(int mode, float* out);
 }
 }  // namespace scott
 
@@ -42,6 +45,25 @@ void scott_emu_bindings(pybind11::module_& m) {
       },
       "one warp: ldmatrix.x4 of A (16x16 row-major 16-bit), ldmatrix.x4.trans of B (16x8), mma.sync m16n8k16; "
       "regs (32 lanes x 8: A's 4 then B's 4), d (32 lanes x 4)");
+  m.def(
+      "emu_wmma_probe",
+      [](uintptr_t a, uintptr_t b, float c0, uintptr_t d, int ld_d, bool d_col, bool bf16, bool a_col, bool b_col) {
+        scott::emu_probe::wmma_probe(reinterpret_cast<const uint16_t*>(a), reinterpret_cast<const uint16_t*>(b), c0,
+                                     reinterpret_cast<float*>(d), ld_d, d_col, bf16, a_col, b_col);
+      },
+      pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("c0"), pybind11::arg("d"), pybind11::arg("ld_d"),
+      pybind11::arg("d_col"), pybind11::arg("bf16"), pybind11::arg("a_col"), pybind11::arg("b_col"),
+      "one warp: nvcuda::wmma 16x16x16 from shared memory, D = A B + (A B + c0) through two mma_sync; a, b: 16x16 "
+      "16-bit values in memory order of their layout (row- or column-major); d: 16 x ld_d floats, stored row- or "
+      "column-major");
+  m.def(
+      "emu_cluster_probe",
+      [](int mode, uintptr_t out) { scott::emu_probe::cluster_probe(mode, reinterpret_cast<float*>(out)); },
+      pybind11::arg("mode"), pybind11::arg("out"),
+      "a cluster of two blocks of 64 threads exchanging words through distributed shared memory (out: 2 x 64 "
+      "floats, each thread's read of its peer's word); mode 0 correct, 1 no cluster barrier before the reads, 2 "
+      "none after them, 3 __syncthreads instead of the first, 4 a read past the peer's window, 5 a read of a word "
+      "the peer never wrote (sm_90 only)");
   m.def("emu_stats", []() {
     pybind11::dict d;
     d["launches"] = emu::launch_counts();

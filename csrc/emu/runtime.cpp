@@ -86,7 +86,10 @@ namespace {
 
 constexpr size_t kStack = 128 * 1024;
 
-enum class State { Ready, BlockBar, WarpBar, ClusterBar, Done };
+// Parked: released from a block barrier in a clustered launch, waiting for its block's next turn
+// (the blocks of a cluster advance one barrier phase at a time, in turn, so that each block's
+// accesses to a peer's shared memory meet the peer's accesses of the same phase)
+enum class State { Ready, BlockBar, WarpBar, ClusterBar, Done, Parked };
 
 struct Copy {
   uint32_t dst;
@@ -109,14 +112,22 @@ struct WarpState {
   void* slots[2][32] = {};
 };
 
-// Per byte of shared memory: who wrote it last and who read it since, with the block's barrier
-// generation and the warp's collective generation at the time. Two accesses of different threads
-// to a byte, at least one a write, in the same barrier generation, race, unless both threads are
-// in one warp and a warp collective lies between them.
+// Per byte of shared memory: who wrote it last and who read it since, each access with its
+// block's rank in the cluster, that block's barrier generation, the warp's collective generation
+// and the cluster barrier generation at the time. Two accesses of different threads to a byte, at
+// least one a write, race unless something orders them: for threads of one block a __syncthreads
+// (or a cluster barrier) between them, or a warp collective when both are in one warp; for threads
+// of different blocks of a cluster (distributed shared memory, map_shared_rank) only a cluster
+// barrier. Reads are kept in two slots: the owning block's and the other blocks'.
 struct Shadow {
-  int16_t writer = -1, reader = -1;  // thread (linear id); reader -2: several
-  uint32_t wgen = 0, rgen = 0;       // block barrier generation
-  uint32_t wwarp = 0, rwarp = 0;     // the accessing warp's collective generation
+  int16_t writer = -1;               // thread (linear id); -1: never written, -3: reported unwritten,
+                                     // -4: read by another block before any write (see settle_peer_reads)
+  int16_t reader = -1;               // a thread of the owning block that read it since; -2: several
+  int16_t xreader = -1;              // a thread of another block that read it since; -2: several
+  int8_t wrank = 0, xrank = 0;       // the writer's and xreader's block rank; xrank -2: several blocks
+  uint32_t wgen = 0, rgen = 0, xgen = 0;     // the accessing block's barrier generation
+  uint32_t wwarp = 0, rwarp = 0, xwarp = 0;  // the accessing warp's collective generation
+  uint32_t wcgen = 0, rcgen = 0, xcgen = 0;  // the cluster barrier generation
   uint32_t serial = 0;               // static section: the block group it describes (older: stale)
 };
 
@@ -124,10 +135,14 @@ struct BlockState {
   Block b{};
   int live = 0, arrived = 0;
   std::vector<WarpState> warps;
-  std::vector<unsigned char> saved;  // the block's dynamic shared memory while another block runs
-  std::vector<Shadow> saved_shadow;
+  unsigned char* saved = nullptr;    // the block's dynamic shared memory while another block of its
+                                     // cluster runs (g_windows; what map_shared_rank points into)
+  std::vector<Shadow> saved_shadow;  // and its shadow and cp.async counts (clusters only)
+  std::vector<unsigned char> saved_inflight;
   uint32_t gen = 1;                  // barrier generation
   const char* site = "";             // where the threads waiting now called __syncthreads
+  bool peer_accessed = false;        // another block of the cluster accessed its shared memory
+  bool exit_reported = false;        // an access after its exit was reported
 };
 
 struct Stats {
@@ -147,10 +162,16 @@ void* g_sched_sp = nullptr;
 std::vector<Fiber> g_fibers;
 std::vector<BlockState> g_blocks;
 int g_cluster_live = 0, g_cluster_arrived = 0;
+uint32_t g_cluster_gen = 1;  // cluster barrier generation
+bool g_peer_read_unwritten = false;  // some Shadow::writer is -4
 Fiber* g_cur = nullptr;
 int g_resident = -1;
 unsigned char g_inflight[kMaxSmem];
 Shadow g_shadow[kMaxSmem];           // the resident block's dynamic window
+// the dynamic shared memory of the blocks of a cluster that are not resident, one window each
+// at a fixed place, so that an address map_shared_rank gives names its block and offset
+constexpr size_t kMaxCluster = 8;
+alignas(128) unsigned char g_windows[kMaxCluster][kMaxSmem];
 std::vector<Shadow> g_static_shadow;  // the static __shared__ section
 bool g_check_plain = true;
 
@@ -222,7 +243,7 @@ void switch_to_fiber(size_t i) {
 
 int g_nthreads = 0;
 
-void release(State s, int block, int warp) {
+void release(State s, int block, int warp, State to = State::Ready) {
   size_t lo = 0, hi = g_fibers.size();
   if (block >= 0) {
     lo = static_cast<size_t>(block) * g_nthreads;
@@ -233,11 +254,16 @@ void release(State s, int block, int warp) {
     }
   }
   for (size_t i = lo; i < hi; ++i)
-    if (g_fibers[i].st == s) g_fibers[i].st = State::Ready;
+    if (g_fibers[i].st == s) g_fibers[i].st = to;
 }
+
+// the state of threads a block barrier releases: in a clustered launch they wait for their block's
+// next turn (see State::Parked)
+State released() { return g_blocks.size() > 1 ? State::Parked : State::Ready; }
 
 void reset_static_shared();
 void shared_access(const void* addr, size_t n, bool write, const char* what);
+void block_exit(BlockState& b);
 
 void land(const Copy& c) {
   unsigned char* dst = g_dyn_smem + c.dst;
@@ -264,8 +290,9 @@ void finish_fiber() {
     report("barrier", nullptr, "__syncthreads not reached by every thread of the block (this thread exited)");
     b.arrived = 0;
     ++b.gen;
-    release(State::BlockBar, f.t.block->rank, -1);
+    release(State::BlockBar, f.t.block->rank, -1, released());
   }
+  if (b.live == 0 && g_blocks.size() > 1) block_exit(b);
   if (w.arrived > 0) {
     report("barrier", nullptr, "warp collective not reached by every lane (this lane exited)");
     w.arrived = 0;
@@ -324,11 +351,15 @@ void swap_in(int rank) {
   if (g_resident == rank) return;
   const size_t n = g_launch->dyn_smem;
   if (g_resident >= 0) {
-    std::memcpy(g_blocks[g_resident].saved.data(), g_dyn_smem, n);
-    std::copy(g_shadow, g_shadow + n, g_blocks[g_resident].saved_shadow.begin());
+    BlockState& out = g_blocks[g_resident];
+    std::memcpy(out.saved, g_dyn_smem, n);
+    std::copy(g_shadow, g_shadow + n, out.saved_shadow.begin());
+    std::memcpy(out.saved_inflight.data(), g_inflight, n);
   }
-  std::memcpy(g_dyn_smem, g_blocks[rank].saved.data(), n);
-  std::copy(g_blocks[rank].saved_shadow.begin(), g_blocks[rank].saved_shadow.end(), g_shadow);
+  BlockState& in = g_blocks[rank];
+  std::memcpy(g_dyn_smem, in.saved, n);
+  std::copy(in.saved_shadow.begin(), in.saved_shadow.end(), g_shadow);
+  std::memcpy(g_inflight, in.saved_inflight.data(), n);
   g_resident = rank;
 }
 
@@ -350,15 +381,24 @@ void run_group(const Launch& L, uint3 first) {
     bs.live = nthreads;
     bs.warps.assign(static_cast<size_t>(nwarps), WarpState{});
     for (int w = 0; w < nwarps; ++w) bs.warps[w].expected = std::min(32, nthreads - 32 * w);
-    bs.saved.assign(L.dyn_smem, 0xff);  // never-written shared memory reads as NaN / -1
-    bs.saved_shadow.assign(L.dyn_smem, Shadow{});
+    bs.saved = g_windows[b];
+    if (nblocks > 1) {  // (a lone block stays resident: its window is set up in place below)
+      std::memset(bs.saved, 0xff, L.dyn_smem);  // never-written shared memory reads as NaN / -1
+      bs.saved_shadow.assign(L.dyn_smem, Shadow{});
+      bs.saved_inflight.assign(L.dyn_smem, 0);
+    }
   }
   reset_static_shared();
   allow_launch_memory(g_launch_frame);
   g_cluster_live = nblocks * nthreads;
   g_cluster_arrived = 0;
   g_resident = -1;
-  std::memset(g_inflight, 0, L.dyn_smem);
+  if (nblocks == 1) {
+    std::memset(g_dyn_smem, 0xff, L.dyn_smem);
+    std::fill(g_shadow, g_shadow + L.dyn_smem, Shadow{});
+    std::memset(g_inflight, 0, L.dyn_smem);
+    g_resident = 0;
+  }
   for (int b = 0; b < nblocks; ++b)
     for (int i = 0; i < nthreads; ++i) {
       Fiber& f = g_fibers[static_cast<size_t>(b * nthreads + i)];
@@ -381,6 +421,7 @@ void run_group(const Launch& L, uint3 first) {
   for (;;) {
     bool ran = false, alive = false;
     for (int b = 0; b < nblocks; ++b) {
+      if (nblocks > 1) release(State::Parked, b, -1);  // the block's next barrier phase
       bool more = true;
       while (more) {
         more = false;
@@ -399,7 +440,7 @@ void run_group(const Launch& L, uint3 first) {
     for (const Fiber& f : g_fibers) alive |= f.st != State::Done;
     if (!alive) break;
     if (!ran) {  // every live thread waits: a barrier some thread never reaches
-      int waiting[5] = {};
+      int waiting[6] = {};
       for (const Fiber& f : g_fibers) ++waiting[static_cast<int>(f.st)];
       char buf[200];
       std::snprintf(buf, sizeof(buf),
@@ -487,13 +528,9 @@ void allow_launch_memory(const void* frame) {
                        reinterpret_cast<uintptr_t>(g_fibers.data() + g_fibers.size())});
   g_allowed.push_back({reinterpret_cast<uintptr_t>(g_blocks.data()),
                        reinterpret_cast<uintptr_t>(g_blocks.data() + g_blocks.size())});
-  for (const BlockState& b : g_blocks) {  // the warps' exchange slots (ldmatrix, mma.sync)
+  for (const BlockState& b : g_blocks)  // the warps' exchange slots (ldmatrix, mma.sync)
     g_allowed.push_back({reinterpret_cast<uintptr_t>(b.warps.data()),
                          reinterpret_cast<uintptr_t>(b.warps.data() + b.warps.size())});
-    if (g_blocks.size() > 1)  // a cluster peer's shared memory, while another block of the cluster runs
-      g_allowed.push_back({reinterpret_cast<uintptr_t>(b.saved.data()),
-                           reinterpret_cast<uintptr_t>(b.saved.data() + b.saved.size())});
-  }
   Dl_info self;
   if (dladdr(reinterpret_cast<void*>(&allow_launch_memory), &self) != 0) dl_iterate_phdr(add_image_ranges, &self);
 }
@@ -516,41 +553,158 @@ void check_global(const void* addr, size_t n, bool write, const char* what) {
                                     (write ? "store" : "load") + " outside every tensor the op passed");
 }
 
-void check_byte(Shadow& sh, const unsigned char* addr, bool write, const char* what) {
-  Fiber& f = cur();
+// "block (x,y,z)" of cluster rank `rank` (-2: several blocks)
+std::string block_name(int rank) {
+  if (rank < 0 || static_cast<size_t>(rank) >= g_blocks.size()) return "other blocks";
+  const uint3 i = g_blocks[rank].b.idx;
+  return "block (" + std::to_string(i.x) + "," + std::to_string(i.y) + "," + std::to_string(i.z) + ")";
+}
+
+// The accessing thread, for the race checks.
+struct Accessor {
+  int rank;           // its block's rank in the cluster
+  int16_t thread;     // linear id
+  uint32_t gen, warp_gen, cluster_gen;
+};
+
+Accessor accessor() {
+  const Fiber& f = cur();
   const BlockState& b = g_blocks[f.t.block->rank];
-  const int16_t me = static_cast<int16_t>(f.t.linear);
-  const uint32_t gen = b.gen, wgen = b.warps[f.t.warp].gen;
-  auto synced_in_warp = [&](int16_t other, uint32_t other_warp_gen) {
-    return other >= 0 && other / 32 == me / 32 && other_warp_gen != wgen;
+  return {f.t.block->rank, static_cast<int16_t>(f.t.linear), b.gen, b.warps[f.t.warp].gen, g_cluster_gen};
+}
+
+// Whether an earlier access (by `thread` of block `rank`, at those generations) happens before
+// `me`'s: for one block, the same thread, a barrier of the block between them, or a warp
+// collective between two threads of one warp; for two blocks (rank -2: several) a cluster barrier.
+bool ordered(const Accessor& me, int rank, int16_t thread, uint32_t gen, uint32_t warp_gen, uint32_t cluster_gen) {
+  if (rank != me.rank) return cluster_gen != me.cluster_gen;
+  if (thread == me.thread || gen != me.gen) return true;
+  return thread >= 0 && thread / 32 == me.thread / 32 && warp_gen != me.warp_gen;
+}
+
+std::string thread_name(const Accessor& me, int rank, int16_t thread) {
+  std::string t = thread == -2 ? "other threads" : "thread " + std::to_string(thread);
+  if (rank == me.rank) return t;
+  return rank == -2 ? "threads of other blocks" : block_name(rank) + " " + t;
+}
+
+const char* no_barrier(const Accessor& me, int rank) {
+  return rank == me.rank ? " with no barrier between" : " with no cluster barrier between";
+}
+
+// One byte of shared memory owned by the block of cluster rank `owner`. (said: whether this access
+// has reported a failure at an earlier byte already; one report per access)
+void check_byte(Shadow& sh, int owner, const unsigned char* addr, bool write, const char* what, bool& said) {
+  const Accessor me = accessor();
+  auto say = [&](const char* kind, const std::string& msg) {
+    if (!said) report(kind, addr, std::string(what) + ": " + msg);
+    said = true;
   };
-  auto say = [&](const char* kind, const std::string& msg) { report(kind, addr, std::string(what) + ": " + msg); };
-  if (sh.writer >= 0 && sh.writer != me && sh.wgen == gen && !synced_in_warp(sh.writer, sh.wwarp)) {
-    say("race", std::string(write ? "write" : "read") + " after thread " + std::to_string(sh.writer) +
-                    "'s write with no barrier between");
-    sh.wgen = 0;  // one report per byte and generation
+  if (sh.writer >= 0 && !ordered(me, sh.wrank, sh.writer, sh.wgen, sh.wwarp, sh.wcgen)) {
+    say("race", std::string(write ? "write" : "read") + " after " + thread_name(me, sh.wrank, sh.writer) + "'s write" +
+                    no_barrier(me, sh.wrank));
+    sh.wgen = sh.wcgen = 0;  // one report per byte and generation
   }
   if (write) {
-    if (sh.reader != -1 && sh.rgen == gen && sh.reader != me && !synced_in_warp(sh.reader, sh.rwarp)) {
-      say("race", sh.reader == -2 ? "write after other threads' reads with no barrier between"
-                                  : "write after thread " + std::to_string(sh.reader) + "'s read with no barrier between");
-    }
-    sh.writer = me;
-    sh.wgen = gen;
-    sh.wwarp = wgen;
-    sh.reader = -1;
-  } else {
-    if (sh.writer == -1) {
-      say("uninitialized", "read of shared memory no thread has written");
-      sh.writer = -3;  // reported once
-    }
-    if (sh.reader == -1 || sh.rgen != gen) {
-      sh.reader = me;
-      sh.rgen = gen;
-      sh.rwarp = wgen;
-    } else if (sh.reader != me) {
+    if (sh.reader != -1 && !ordered(me, owner, sh.reader, sh.rgen, sh.rwarp, sh.rcgen))
+      say("race", "write after " + thread_name(me, owner, sh.reader) + (sh.reader == -2 ? "' reads" : "'s read") +
+                      no_barrier(me, owner));
+    if (sh.xreader != -1 && !ordered(me, sh.xrank, sh.xreader, sh.xgen, sh.xwarp, sh.xcgen))
+      say("race", "write after " + thread_name(me, sh.xrank, sh.xreader) + (sh.xreader == -2 ? "' reads" : "'s read") +
+                      no_barrier(me, sh.xrank));
+    sh.writer = me.thread;
+    sh.wrank = static_cast<int8_t>(me.rank);
+    sh.wgen = me.gen;
+    sh.wwarp = me.warp_gen;
+    sh.wcgen = me.cluster_gen;
+    sh.reader = sh.xreader = -1;
+    return;
+  }
+  if (sh.writer == -1 && me.rank != owner) {
+    // another block's byte nobody has written yet: if its block writes it before the next cluster
+    // barrier, that is a race (reported by the write); otherwise it is unwritten (settle_peer_reads)
+    sh.writer = -4;
+    g_peer_read_unwritten = true;
+  } else if (sh.writer == -1 || (sh.writer == -4 && me.rank == owner)) {
+    say("uninitialized", "read of shared memory no thread has written");
+    sh.writer = -3;  // reported once
+  }
+  if (me.rank == owner) {
+    if (sh.reader == -1 || sh.rgen != me.gen) {
+      sh.reader = me.thread;
+      sh.rgen = me.gen;
+      sh.rwarp = me.warp_gen;
+      sh.rcgen = me.cluster_gen;
+    } else if (sh.reader != me.thread) {
       sh.reader = -2;
     }
+  } else if (sh.xreader == -1 || sh.xcgen != me.cluster_gen || (sh.xrank == me.rank && sh.xgen != me.gen)) {
+    // (the latest read of a block stands for its earlier ones: they are ordered before it, and no
+    // later than it against the other blocks)
+    sh.xreader = me.thread;
+    sh.xrank = static_cast<int8_t>(me.rank);
+    sh.xgen = me.gen;
+    sh.xwarp = me.warp_gen;
+    sh.xcgen = me.cluster_gen;
+  } else if (sh.xrank != me.rank) {
+    sh.xrank = -2;
+    sh.xreader = -2;
+  } else if (sh.xreader != me.thread) {
+    sh.xreader = -2;
+  }
+}
+
+// Bytes of block b's shared memory (shadow: its shadow, window: where its bytes are now) that
+// another block read before any thread wrote them, and that nothing wrote up to the cluster
+// barrier or block exit that ends the phase now: reads of unwritten shared memory.
+void settle_peer_reads(BlockState& b, Shadow* shadow, const unsigned char* window) {
+  bool reported = false;
+  for (size_t off = 0; off < g_launch->dyn_smem; ++off) {
+    Shadow& sh = shadow[off];
+    if (sh.writer != -4) continue;
+    if (!reported)  // one report per block and phase
+      report("uninitialized", window + off,
+             "read by " + block_name(sh.xrank) +
+                 (sh.xreader == -2 ? std::string(" threads") : " thread " + std::to_string(sh.xreader)) + " of " +
+                 block_name(b.b.rank) + "'s shared memory, which no thread wrote before the cluster barrier or exit");
+    reported = true;
+    sh.writer = -3;
+  }
+}
+
+void settle_all_peer_reads() {
+  if (!g_peer_read_unwritten) return;
+  g_peer_read_unwritten = false;
+  for (BlockState& b : g_blocks) {
+    if (!b.peer_accessed) continue;
+    if (b.b.rank == g_resident)
+      settle_peer_reads(b, g_shadow, g_dyn_smem);
+    else
+      settle_peer_reads(b, b.saved_shadow.data(), b.saved);
+  }
+}
+
+// A block of a clustered launch exits (its last thread): the other blocks' accesses to its shared
+// memory must be ordered before that by a cluster barrier (after it the memory is gone).
+void block_exit(BlockState& b) {
+  if (!b.peer_accessed) return;
+  settle_peer_reads(b, g_shadow, g_dyn_smem);
+  const Accessor me = accessor();
+  const size_t n = g_launch->dyn_smem;
+  for (size_t off = 0; off < n; ++off) {
+    const Shadow& sh = g_shadow[off];
+    int rank = -1;
+    int16_t thread = -1;
+    const char* access = "";
+    if (sh.writer >= 0 && sh.wrank != me.rank && sh.wcgen == me.cluster_gen) {
+      rank = sh.wrank, thread = sh.writer, access = "write to";
+    } else if (sh.xreader != -1 && sh.xcgen == me.cluster_gen) {
+      rank = sh.xrank, thread = sh.xreader, access = "read of";
+    }
+    if (rank == -1) continue;
+    report("race", g_dyn_smem + off, "block exit: after " + thread_name(me, rank, thread) + "'s " + access +
+                                         " this block's shared memory with no cluster barrier between");
+    return;  // one report per block
   }
 }
 
@@ -571,20 +725,63 @@ void shared_access(const void* addr, size_t n, bool write, const char* what) {
         break;
       }
     }
-    for (size_t i = 0; i < n; ++i) check_byte(g_shadow[off + i], p + i, write, what);
+    const int rank = cur().t.block->rank;
+    bool said = false;
+    for (size_t i = 0; i < n; ++i) check_byte(g_shadow[off + i], rank, p + i, write, what, said);
+    return;
+  }
+  if (p >= g_windows[0] && p < g_windows[0] + sizeof(g_windows)) {  // another block's, by map_shared_rank
+    const size_t at = static_cast<size_t>(p - g_windows[0]);
+    const size_t rank = at / kMaxSmem, off = at % kMaxSmem;
+    const std::string peer = block_name(static_cast<int>(rank));
+    if (rank >= g_blocks.size() || static_cast<int>(rank) == cur().t.block->rank) {
+      report("out-of-bounds", addr, std::string(what) + ": distributed shared memory of no other block of the cluster");
+      return;
+    }
+    BlockState& b = g_blocks[rank];
+    if (off + n > g_launch->dyn_smem) {
+      report("out-of-bounds", addr, std::string(what) + ": " + std::to_string(n) + " bytes past " + peer + "'s " +
+                                        std::to_string(g_launch->dyn_smem) + " bytes of dynamic shared memory");
+      return;
+    }
+    if (n > 1 && off % n != 0 && n <= 16) report("misaligned", addr, std::string(what) + ": misaligned access");
+    if (b.live == 0) {
+      if (!b.exit_reported)
+        report("race", addr, std::string(what) + ": access to the shared memory of " + peer +
+                                 ", which has exited (no cluster barrier kept it)");
+      b.exit_reported = true;
+      return;
+    }
+    for (size_t i = 0; i < n; ++i) {
+      if (!write && b.saved_inflight[off + i] != 0) {
+        report("race", addr, std::string(what) + ": read of a cp.async destination of " + peer +
+                                 " before its wait_group");
+        break;
+      }
+    }
+    b.peer_accessed = true;
+    bool said = false;
+    for (size_t i = 0; i < n; ++i)
+      check_byte(b.saved_shadow[off + i], static_cast<int>(rank), p + i, write, what, said);
     return;
   }
   const char* lo = g_static_lo;
   const char* hi = g_static_hi;
   if (lo != nullptr && reinterpret_cast<const char*>(p) >= lo && reinterpret_cast<const char*>(p) < hi) {
+    if (g_blocks.size() > 1) {  // one TLS instance: the blocks of a cluster would share it
+      report("unsupported", addr,
+             std::string(what) + ": static __shared__ memory in a clustered launch is not emulated");
+      return;
+    }
     const size_t off = static_cast<size_t>(reinterpret_cast<const char*>(p) - lo);
+    bool said = false;
     for (size_t i = 0; i < n && off + i < g_static_shadow.size(); ++i) {
       Shadow& sh = g_static_shadow[off + i];
       if (sh.serial != g_serial) {
         sh = Shadow{};
         sh.serial = g_serial;
       }
-      check_byte(sh, p + i, write, what);
+      check_byte(sh, 0, p + i, write, what, said);
     }
     return;
   }
@@ -702,7 +899,11 @@ void sync_block(const char* site) {
   if (++b.arrived == b.live) {
     b.arrived = 0;
     ++b.gen;
-    release(State::BlockBar, cur().t.block->rank, -1);
+    release(State::BlockBar, cur().t.block->rank, -1, released());
+    if (g_blocks.size() > 1) {  // this thread, too, runs on in the block's next turn
+      cur().st = State::Parked;
+      yield_to_scheduler();
+    }
     return;
   }
   cur().st = State::BlockBar;
@@ -730,6 +931,8 @@ void sync_warp() { (void)warp_exchange(nullptr); }
 void sync_cluster() {
   if (++g_cluster_arrived == g_cluster_live) {
     g_cluster_arrived = 0;
+    settle_all_peer_reads();
+    ++g_cluster_gen;
     for (BlockState& b : g_blocks) ++b.gen;
     release(State::ClusterBar, -1, -1);
     return;
@@ -747,7 +950,7 @@ void* map_cluster_shared(void* p, unsigned rank) {
     return p;
   }
   if (static_cast<int>(rank) == cur().t.block->rank) return p;
-  return g_blocks[rank].saved.data() + off;
+  return g_blocks[rank].saved + off;  // (checked by shared_access like the block's own window)
 }
 
 void trap(const char* why) {
@@ -759,10 +962,14 @@ void trap(const char* why) {
 
 void report(const char* kind, const void* addr, const std::string& what) {
   ++g_stats.counts[kind];
-  char buf[64] = "";
+  char buf[128] = "";
+  const unsigned char* a = static_cast<const unsigned char*>(addr);
   if (addr != nullptr) {
-    if (g_launch != nullptr && addr >= g_dyn_smem && addr < g_dyn_smem + kMaxSmem)
-      std::snprintf(buf, sizeof(buf), " at shared offset %zu", static_cast<size_t>(static_cast<const unsigned char*>(addr) - g_dyn_smem));
+    if (g_launch != nullptr && a >= g_dyn_smem && a < g_dyn_smem + kMaxSmem)
+      std::snprintf(buf, sizeof(buf), " at shared offset %zu", static_cast<size_t>(a - g_dyn_smem));
+    else if (g_launch != nullptr && a >= g_windows[0] && a < g_windows[0] + sizeof(g_windows))
+      std::snprintf(buf, sizeof(buf), " at shared offset %zu of %s", static_cast<size_t>(a - g_windows[0]) % kMaxSmem,
+                    block_name(static_cast<int>(static_cast<size_t>(a - g_windows[0]) / kMaxSmem)).c_str());
     else
       std::snprintf(buf, sizeof(buf), " at address %p", addr);
   }

@@ -45,8 +45,10 @@ def _commands(src: Path, obj_dir: Path, defines: list[str],
     emu = src / "emu"
     common = [_compiler(), "-std=c++17", "-O2", "-fno-strict-aliasing", "-fPIC", "-g0", "-Wno-attributes", "-Wno-ignored-attributes",
               f"-I{src}", f"-I{sysconfig.get_paths()['include']}", f"-I{pybind11.get_include()}"]
-    # its own pybind11 internals: _C and _emu register the same C++ types
-    common += ['-DPYBIND11_BUILD_ABI="_scott_emu"']
+    # its own pybind11 internals: _C and _emu register the same C++ types (and so does an _emu built
+    # with other --define values, which a test loads beside the normal one)
+    abi = "_scott_emu" + ("_" + hashlib.sha256(" ".join(defines).encode()).hexdigest()[:8] if defines else "")
+    common += [f'-DPYBIND11_BUILD_ABI="{abi}"']
     common += [f"-D{d}" for d in defines]
     kernel = ["-x", "c++", "-include", str(emu / "cuda_host.h"), "-D__CUDACC__", "-D__CUDA_ARCH__=900",
               "-DSCOTT_EMU", "-DSCOTT_WITH_CUDA", f"-I{emu / 'include'}", "-fvisibility=default"]

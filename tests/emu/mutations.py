@@ -2,6 +2,7 @@
 replacement in one file, and the tests that must fail on it."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -39,6 +40,17 @@ MUTATIONS = {
                                "        for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];\n    }\n    __syncthreads();",
                                "        for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];\n    }",
                                "test_gather_gemm_kernels and fp32"),
+    # the cluster barrier between the image weight gradient's stores of its accumulators and the
+    # peer block's reads of them through distributed shared memory
+    "removed_cluster_sync": ("conv_image.cu",
+                             "    cluster.sync();  // both blocks' accumulators are in shared memory\n",
+                             "\n",
+                             "test_image_stage_kernels and bf16 and sm90"),
+    # the cluster barrier that keeps each block's shared memory until its peer has read it
+    "removed_exit_cluster_sync": ("conv_image.cu",
+                                  "    cluster.sync();  // the peer has read this block's shared memory before either exits\n",
+                                  "\n",
+                                  "test_image_stage_kernels and bf16 and sm90"),
     # the warp barrier between the image epilogue's per-lane stores and the lanes' 16-byte reads
     "removed_syncwarp": ("conv_image.cu",
                          "                     : Pack2<T>::make(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);\n      __syncwarp();",
@@ -94,8 +106,10 @@ def run_mutation(name: str, workdir: Path, asan: bool = False) -> subprocess.Com
         from asan import run_tests
 
         return run_tests(module, selection, tests)
+    # (its summary line names the mutation: its checks' reports are that run's, not the main suite's)
     return subprocess.run([sys.executable, "-c", _RUN, str(module), str(tests), selection], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, SCOTT_EMU_MUTATION=name))
 
 
 _POOL_LAYOUTS = """

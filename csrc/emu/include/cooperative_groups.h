@@ -1,5 +1,7 @@
 // cooperative_groups' cluster API on the emulated device (blocks of a cluster run as one group of
-// fibers; another block's shared memory is its saved window, see runtime.cpp).
+// fibers, one barrier phase of a block at a time; map_shared_rank gives another block's shared
+// memory in its window of runtime.cpp, whose accesses are checked like the block's own: bounds,
+// never written, and races, which only a cluster barrier orders across blocks).
 #pragma once
 #include "../cuda_host.h"
 namespace cooperative_groups {
