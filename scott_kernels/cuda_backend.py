@@ -151,20 +151,27 @@ def use_tiled_pool(enabled: bool = True) -> None:
     _C.set_tiled_pool(bool(enabled))
 
 
+def _on_capability(path: str, fast: str, what: str, slow: str, dtype: torch.dtype,
+                   capability: tuple[int, int]) -> str:
+    """``path`` (the module's choice off the GPU) on a GPU of ``capability``: ``fast`` (the tiled /
+    implicit kernels) needs float16/bfloat16 and sm_80 code of this build, else ``slow: why``."""
+    if path != fast:
+        return path
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"{slow}: {what} float16/bfloat16 only, from sm_80 code"
+    if not kernel_paths(capability)["tensor_cores"]:
+        return f"{slow}: {what} from sm_80 code only; sm_{capability[0]}{capability[1]} runs {_code_name(capability)}"
+    return fast
+
+
 def pool_path(geometry: "_C.PoolGeometry", dtype: torch.dtype, on_cuda: bool,
               capability: tuple[int, int] | None = None) -> str:
     """``"tiled"`` or ``"elementwise: <why>"``: which kernels a MaxBlurPool runs on; with
     ``capability``, on a GPU of that compute capability running this build (``kernel_paths``)."""
     if capability is None:
         return _C.pool_path(geometry, _CODES[dtype], on_cuda)
-    path = _C.pool_path(geometry, _CODES[dtype], False)
-    if path != "tiled":
-        return path
-    if dtype not in (torch.float16, torch.bfloat16):
-        return "elementwise: the tiled pool kernels run float16/bfloat16, from sm_80 code"
-    if not kernel_paths(capability)["tensor_cores"]:
-        return f"elementwise: the tiled pool kernels need sm_80 code; sm_{capability[0]}{capability[1]} runs {_code_name(capability)}"
-    return "tiled"
+    return _on_capability(_C.pool_path(geometry, _CODES[dtype], False), "tiled", "the tiled pool kernels run",
+                          "elementwise", dtype, capability)
 
 
 def _code_name(capability: tuple[int, int]) -> str:
@@ -182,14 +189,8 @@ def conv_gemm_path(geometry: "_C.StageGeometry", dtype: torch.dtype, on_cuda: bo
     build (``kernel_paths``: the implicit GEMMs need sm_80 code)."""
     if capability is None:
         return _C.conv_gemm_path(geometry, _CODES[dtype], splits, on_cuda, _OPS[op])
-    path = _C.conv_gemm_path(geometry, _CODES[dtype], splits, False, _OPS[op])
-    if path != "implicit":
-        return path
-    if dtype not in (torch.float16, torch.bfloat16):
-        return "gather: the implicit GEMM runs float16/bfloat16 on tensor cores, from sm_80 code"
-    if not kernel_paths(capability)["tensor_cores"]:
-        return f"gather: the implicit GEMM needs sm_80 code; sm_{capability[0]}{capability[1]} runs {_code_name(capability)}"
-    return "implicit"
+    return _on_capability(_C.conv_gemm_path(geometry, _CODES[dtype], splits, False, _OPS[op]), "implicit",
+                          "the implicit GEMM runs", "gather", dtype, capability)
 
 
 def _implicit(g: "_C.StageGeometry", t: torch.Tensor, splits: int = 1, op: str = "forward") -> bool:

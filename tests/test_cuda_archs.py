@@ -86,9 +86,9 @@ def test_paths_exist_on_every_capability(capability):
         for dtype in (torch.float16, torch.bfloat16):
             for op in ("forward", "wgrad", "dgrad"):
                 path = conv_gemm_path(g, dtype, True, op=op, capability=capability)
-                assert path == "implicit" if capability >= (8, 0) else path.startswith("gather: the implicit GEMM needs sm_80")
+                assert path == "implicit" if capability >= (8, 0) else path.startswith("gather: the implicit GEMM runs from sm_80 code only")
             path = pool_path(p, dtype, True, capability=capability)
-            assert path == "tiled" if capability >= (8, 0) else path.startswith("elementwise: the tiled pool kernels need sm_80")
+            assert path == "tiled" if capability >= (8, 0) else path.startswith("elementwise: the tiled pool kernels run from sm_80 code only")
         # float32/float64 never run the tensor-core kernels
         assert conv_gemm_path(g, torch.float32, True, capability=capability).startswith("gather")
         assert pool_path(p, torch.float32, True, capability=capability).startswith("elementwise")

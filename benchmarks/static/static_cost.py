@@ -280,6 +280,18 @@ def args_repeats(extras: dict) -> int:
     return extras.get("host_repeats", 0)
 
 
+def _instr_per_mma(r: dict) -> str:
+    return f"{r['instructions_per_mma']:.0f}" if r["instructions_per_mma"] else "-"
+
+
+def _cost_cells(r: dict, floor_rate: float) -> str:
+    """The issue | memory | MMA | tensor floor | estimate | est/floor cells of a kernel row."""
+    floor = r["useful_flops"] / floor_rate
+    ratio = f"{r['estimate_s'] / floor:.1f}×" if floor else "-"
+    return (f"{_us(r['issue_s'])} | {_us(r['memory_s'])} | {_us(r['mma_s'])} | {_us(floor) if floor else '-'} | "
+            f"**{_us(r['estimate_s'])}** | {ratio}")
+
+
 def render(args, info, configs, best, errors, cuda_kernels, cuda_launches, cuda_notes) -> str:
     tf = floor_rate(args.arch)
     rates = TENSOR_RATES.get(args.arch, TENSOR_RATES[90])
@@ -303,13 +315,9 @@ def render(args, info, configs, best, errors, cuda_kernels, cuda_launches, cuda_
                    "instr/MMA | trips | issue µs | memory µs | MMA µs | tensor floor µs | estimate µs | est/floor |")
         out.append("|" + "---|" * 18)
         for r in best:
-            floor = r["useful_flops"] / tf
-            ratio = f"{r['estimate_s'] / floor:.1f}×" if floor else "-"
-            ipm = f"{r['instructions_per_mma']:.0f}" if r["instructions_per_mma"] else "-"
             out.append(f"| {r['phase']} | {r['kernel']} | {r['role']} | {r['configs_kept']} | {r['config']} | "
                        f"{r['registers']} | {r['local_bytes']} | {r['shared'] / 1024:.0f} | {r['mma']} | "
-                       f"{_loads(r['loop_loads'])} | {ipm} | {r['trips']} | {_us(r['issue_s'])} | {_us(r['memory_s'])} | "
-                       f"{_us(r['mma_s'])} | {_us(floor) if floor else '-'} | **{_us(r['estimate_s'])}** | {ratio} |")
+                       f"{_loads(r['loop_loads'])} | {_instr_per_mma(r)} | {r['trips']} | {_cost_cells(r, tf)} |")
         train, dense = sums(best)
         out.append(f"\nSum of kernels: fwd+bwd mask 0.6 **{train * 1e3:.3f} ms**, dense fwd **{dense * 1e3:.3f} ms**.\n")
         extras = getattr(args, "triton_extras", {})
@@ -325,10 +333,9 @@ def render(args, info, configs, best, errors, cuda_kernels, cuda_launches, cuda_
                 out.append(f"| - | {r['kernel']} | - | {r['config']} | {r['compile_s']:.1f} | compile error: "
                            f"{r['error'][:200]} |||||||")
                 continue
-            ipm = f"{r['instructions_per_mma']:.0f}" if r["instructions_per_mma"] else "-"
             out.append(f"| {r['phase']} | {r['kernel']} | {r['role']} | {r['config']} | {r['compile_s']:.1f} | "
                        f"{r['registers']} | {r['local_bytes']} | {r['spill_instructions']} | {r['shared'] / 1024:.0f} | "
-                       f"{r['mma']} | {ipm} | {_us(r['estimate_s'])} |")
+                       f"{r['mma']} | {_instr_per_mma(r)} | {_us(r['estimate_s'])} |")
         if errors:
             out.append("\nErrors:\n" + "\n".join(f"- {e}" for e in errors))
         out.append("")
@@ -347,14 +354,9 @@ def render(args, info, configs, best, errors, cuda_kernels, cuda_launches, cuda_
                    "issue µs | memory µs | MMA µs | tensor floor µs | estimate µs | est/floor |")
         out.append("|" + "---|" * 16)
         for r in cuda_launches:
-            floor = r["useful_flops"] / tf
-            ipm = f"{r['instructions_per_mma']:.0f}" if r["instructions_per_mma"] else "-"
-            ratio = f"{r['estimate_s'] / floor:.1f}×" if floor else "-"
             out.append(f"| {r['phase']} | {r['role']} | {r['kernel'][:60]} | {r['registers']} | "
                        f"{r['shared'] / 1024:.1f} | {r['occupancy']} | {r['programs']} | {r['trips']} | "
-                       f"{_loads(r['loop_loads'])} | {ipm} | {_us(r['issue_s'])} | {_us(r['memory_s'])} | "
-                       f"{_us(r['mma_s'])} | "
-                       f"{_us(floor) if floor else '-'} | **{_us(r['estimate_s'])}** | {ratio} |")
+                       f"{_loads(r['loop_loads'])} | {_instr_per_mma(r)} | {_cost_cells(r, tf)} |")
         cuda_train, cuda_dense = sums(cuda_launches)
         out.append(f"\nSum: fwd+bwd mask 0.6 **{cuda_train * 1e3:.3f} ms**, dense fwd **{cuda_dense * 1e3:.3f} ms**.\n")
         extras = getattr(args, "cuda_extras", {})
