@@ -35,18 +35,22 @@ Tensor rates (dense 16-bit inputs, FP32 accumulate; TENSOR_RATES, per target and
   sm_90 HGMMA (wgmma)    790e12  a plain bf16 GEMM measured at 780 TFLOP/s on an H100 (the
                                  project's own measurement, design notes section 3; cuBLAS issues
                                  wgmma there); NVIDIA's dense peak is 989.5e12.
-  sm_90 HMMA (mma.sync)  395e12  half the wgmma rate: a STATED ASSUMPTION, not a measurement.
-                                 Luo, Fan, Li, Du, Wang, Chu, "Benchmarking and Dissecting the
-                                 Nvidia Hopper GPU Architecture" (IPDPS 2024, arXiv:2402.13499) and
-                                 Luo, Fan, Li, Du, Liu, Wang, Chu, "Dissecting the NVIDIA Hopper
-                                 Architecture through Microbenchmarking and Multiple Level Analysis"
-                                 (arXiv:2501.12084, 2025) measure mma against wgmma on an H800 and
-                                 conclude that Hopper's tensor cores reach their throughput only
-                                 through wgmma; the copies readable here held their abstracts and
-                                 summaries, not their tables, so no mma.sync figure is taken from
-                                 them. The factor 0.5 matches an unrefereed report (r/CUDA, "Since
-                                 WGMMA has 2x throughput of WMMA in H100 GPU...") of WMMA reaching
-                                 about 50% of H100's FP16 peak. A GPU measurement should replace it.
+  sm_90 HMMA (mma.sync)  540e12  0.684 x the wgmma rate: the ratio of two runs of the published
+                                 microbenchmarks of Luo, Fan, Li, Du, Wang, Chu, "Benchmarking and
+                                 Dissecting the Nvidia Hopper GPU Architecture" (IPDPS 2024,
+                                 arXiv:2402.13499; code HPMLL/NVIDIA-Hopper-Benchmark) on an H100
+                                 SXM5 (CUDA 12.9; raw logs in github.com/Johnsonms/NVIDIA-Hopper-
+                                 Benchmark, reproduction/H100-dapperdingo/raw, a third party's run,
+                                 not refereed): mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32
+                                 at ILP 4, 8-32 warps per SM, "Throughput(whole kernel) : 668.011
+                                 TFLOPS" (mma_m16n8k16.log), against wgmma SM90_64xNx16_F32F16F16,
+                                 N = 256, "976.599TFLOPS" (zero operands, A in registers; 901.9
+                                 with random operands, wgmma_fp16.log): 668 / 976.6 = 0.684, applied
+                                 to the 790e12 wgmma rate above. The paper itself (H800 PCIe) puts
+                                 mma at 62.9% of peak on average (read in two summaries of it, not in
+                                 the paper's tables), 0.65 x wgmma's 96%: the same range. Earlier
+                                 reports used 0.5 (an assumption), which was harsher on the cuda
+                                 backend's mma.sync GEMMs.
   sm_80 HMMA             312e12  A100 dense peak (NVIDIA A100 whitepaper: 108 SMs x 2048
                                  FLOP/clock x 1.41 GHz, as derived by R. Crovella in the NVIDIA
                                  forum thread "How to calculate the Tensor Core FP16 performance of

@@ -22,7 +22,7 @@ PHASES = ("masked_fwd", "masked_bwd", "dense_fwd")
 # Dense 16-bit tensor-core FLOP/s per target and SASS instruction class (HGMMA = wgmma, HMMA =
 # mma.sync); TF32 runs at half. Sources and assumptions in the module docstring ("Tensor rates").
 TENSOR_RATES = {
-    90: {"HGMMA": 790e12, "HMMA": 395e12},
+    90: {"HGMMA": 790e12, "HMMA": 540e12},   # mma.sync at 0.684 x wgmma (a published benchmark run on an H100; see the docstring)
     80: {"HMMA": 312e12},
     86: {"HMMA": 154.8e12},
     89: {"HMMA": 362e12},
