@@ -62,9 +62,10 @@ def _failure(result) -> str:
 
 
 def test_emulated_kernels_under_asan(asan_module):
-    """tests/test_cuda_emulated.py, all but its mutation tests, on the ASan build: no report, and
-    every test passes (its last one: every kernel launched)."""
-    result = asan.run_tests(asan_module, "not mutation")
+    """tests/test_cuda_emulated.py, all but its mutation tests and the probes that expect the
+    shared-memory checks' reports (this build has no access hooks; the normal build runs them), on
+    the ASan build: no report, and every test passes (its last one: every kernel launched)."""
+    result = asan.run_tests(asan_module, "not mutation and not (cluster_shared_memory_checks and not ordered)")
     output = result.stdout + result.stderr
     assert result.returncode == 0 and "AddressSanitizer" not in output, _failure(result)
     assert " passed" in output and "deselected" in output, output[-3000:]
