@@ -56,7 +56,7 @@ import torch
 from ._device import custom_op
 from .compact import register_stage_autograd, tokenize_compact, visible_tables
 from .triton_configs import triton_supports
-from .triton_conv import conv_radius, conv_relu_compact, conv_relu_dgrad, conv_relu_wgrad_compact
+from .triton_conv import conv_radius, conv_relu_compact, conv_relu_dgrad, conv_relu_wgrad_compact, weight_layouts
 from .triton_image import conv_image, conv_image_wgrad, conv_relu_image, conv_relu_wgrad_image  # noqa: F401
 from .triton_pool import max_blur_pool, max_blur_pool_backward, pool_tokens_apply
 from .triton_tables import neighbour_table, tables_for
@@ -72,22 +72,26 @@ __all__ = ["triton_tokenize", "triton_supports", "visible_tables"]
 @custom_op("scott_kernels::triton_conv_relu", mutates_args=())
 def conv_relu(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
               in_side: int, src_is_image: bool, pixel_norm: torch.Tensor | None = None,
-              relu: bool = True, nbr: torch.Tensor | None = None) -> torch.Tensor:
+              relu: bool = True, nbr: torch.Tensor | None = None, w_gemm: torch.Tensor | None = None,
+              w_t: torch.Tensor | None = None) -> torch.Tensor:
     """relu(conv(src, weight, stride 2, pad k//2)) at the visible patches -> (M, q/2, q/2, C_out);
     the plain convolution with ``relu=False``.
 
     Computes in ``weight.dtype``; ``src`` is the images (B, C, H, W), of that dtype or, with
     ``pixel_norm`` (mean, 1/std per channel), uint8, or a compact (M, q, q, C) activation.
-    ``nbr``: a compact source's neighbour table (``triton_tables.neighbour_table``), which the
-    autograd keeps for both gradients; built inside when not given.
+    A compact source's tables and weight layouts, which the autograd keeps for the gradients
+    (each built inside when not given): ``nbr`` its neighbour table
+    (``triton_tables.neighbour_table``), ``w_gemm`` and ``w_t`` the weight's forward and
+    input-gradient GEMM layouts (``triton_conv.weight_layouts``).
     """
     if src_is_image:
         return conv_relu_image(src, weight, slot, tile_pos, in_side, pixel_norm, relu)[0]
-    return conv_relu_compact(src, weight, slot, tile_pos, in_side, relu, nbr)
+    return conv_relu_compact(src, weight, slot, tile_pos, in_side, relu, nbr, w_gemm)
 
 
 @conv_relu.register_fake
-def _(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=None, relu=True, nbr=None):
+def _(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=None, relu=True, nbr=None, w_gemm=None,
+      w_t=None):
     c_out = weight.shape[0]
     return weight.new_empty((tile_pos.shape[0], in_side // 2, in_side // 2, c_out))
 
@@ -95,16 +99,19 @@ def _(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=None, relu=
 @custom_op("scott_kernels::triton_conv_relu_wgrad", mutates_args=())
 def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor | None, src: torch.Tensor, weight: torch.Tensor,
                     slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int, src_is_image: bool,
-                    pixel_norm: torch.Tensor | None = None, nbr: torch.Tensor | None = None) -> torch.Tensor:
+                    pixel_norm: torch.Tensor | None = None, nbr: torch.Tensor | None = None,
+                    w_gemm: torch.Tensor | None = None, w_t: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient of conv_relu with respect to its (C_out, C_in, k, k) weight. ``out`` is the
-    forward's output (for the ReLU mask), or None when ``grad`` is already masked by it."""
+    forward's output (for the ReLU mask), or None when ``grad`` is already masked by it. ``nbr``:
+    the forward's neighbour table, if it had one (the weight layouts are not read)."""
     if src_is_image:
         return conv_relu_wgrad_image(grad, out, src, weight, slot, tile_pos, in_side, pixel_norm)
     return conv_relu_wgrad_compact(grad, out, src, weight, slot, tile_pos, in_side, nbr)
 
 
 @conv_relu_wgrad.register_fake
-def _(grad, out, src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=None, nbr=None):
+def _(grad, out, src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm=None, nbr=None, w_gemm=None,
+      w_t=None):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
@@ -121,10 +128,13 @@ register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blur_po
 def _stage_conv(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm, nbr=None):
     if src_is_image:
         return conv_image(src, weight, slot, tile_pos, in_side, pixel_norm, False)[0]
-    # one neighbour table for the stage's forward and both gradients
+    # one neighbour table for the stage's forward and both gradients, and the weight's two GEMM
+    # layouts in one launch (the input gradient's kept for the backward; made from the weight's
+    # value: the weight's own gradient comes from conv_relu's backward)
     if nbr is None:
         nbr = neighbour_table(slot, tile_pos, conv_radius(in_side, weight.shape[-1]))
-    return conv_relu(src, weight, slot, tile_pos, in_side, False, pixel_norm, False, nbr)
+    w_gemm, w_t = weight_layouts(weight.detach())
+    return conv_relu(src, weight, slot, tile_pos, in_side, False, pixel_norm, False, nbr, w_gemm, w_t)
 
 
 def _stage_pool(act, slot, tile_pos):

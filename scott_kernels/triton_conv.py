@@ -34,7 +34,7 @@ from .triton_configs import (CONV_KEY, FWD_SHARED, WGRAD_SHARED, accumulator, au
                              conv_fwd_configs, conv_wgrad_configs, interpreting, pow2, prune_by_c_in, prune_by_c_out,
                              rows_bucket, triton_supports)
 
-__all__ = ["conv_relu_compact", "conv_relu_wgrad_compact", "conv_relu_dgrad"]
+__all__ = ["conv_relu_compact", "conv_relu_wgrad_compact", "conv_relu_dgrad", "weight_layouts"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -270,6 +270,23 @@ if triton is not None:
         tl.store(dsrc_ptr + out_rows[:, None] * C_IN + cols[None, :], acc.to(dsrc_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
+    # ---- the weight's GEMM layouts ----------------------------------------------------------------
+    @triton.jit
+    def _weight_layouts_kernel(w_ptr, gemm_ptr, t_ptr, total, C_OUT: tl.constexpr, C_IN: tl.constexpr,
+                               KK: tl.constexpr, CW: tl.constexpr, BLOCK: tl.constexpr):
+        """From weight (C_out, C_in, k, k): the forward GEMM's (k*k*C_in, C_out) operand and the
+        input gradient's (k*k*C_out, CW) one (channels padded to CW with zeros), in one pass
+        over the latter's elements (tap, co, cw)."""
+        e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = e < total
+        cw = e % CW
+        co = (e // CW) % C_OUT
+        tap = e // (CW * C_OUT)
+        real = ok & (cw < C_IN)
+        v = tl.load(w_ptr + (co * C_IN + cw) * KK + tap, mask=real, other=0.0)
+        tl.store(t_ptr + e, v, mask=ok)
+        tl.store(gemm_ptr + (tap * C_IN + cw) * C_OUT + co, v, mask=real)
+
     # ---- the weight gradient from its partials --------------------------------------------------
     @triton.jit
     def _weight_from_partials_kernel(part_ptr, out_ptr, splits, part_stride, C_OUT: tl.constexpr,
@@ -358,6 +375,47 @@ def reduce_weight_partials(partial: torch.Tensor, weight: torch.Tensor, kxp: int
     return out
 
 
+def _padded_channels(c_in: int) -> int:
+    """The input gradient's weight rows: whole 16-byte vectors of channels."""
+    return -(-c_in // 8) * 8
+
+
+@custom_op("scott_kernels::triton_conv_weight_layouts", mutates_args=())
+def weight_layouts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A compact stage's weight (C_out, C_in, k, k) in its two GEMM layouts, in one launch: the
+    forward's (k*k*C_in, C_out) and the input gradient's (k*k*C_out, CW), CW = C_in rounded up to
+    a multiple of 8 (zeros). The forward makes them once; the autograd keeps the second for the
+    input gradient."""
+    if weight.dim() != 4 or weight.shape[2] != weight.shape[3] or not weight.is_floating_point():
+        raise ValueError(f"triton_conv_weight_layouts: weight must be a floating (C_out, C_in, k, k) tensor, "
+                         f"got {tuple(weight.shape)} {weight.dtype}")
+    c_out, c_in, k, _ = weight.shape
+    c_w = _padded_channels(c_in)
+    w_gemm = torch.empty((k * k * c_in, c_out), dtype=weight.dtype, device=weight.device)
+    w_t = torch.empty((k * k * c_out, c_w), dtype=weight.dtype, device=weight.device)
+    total, block = w_t.numel(), 1024
+    if total:
+        _weight_layouts_kernel[(triton.cdiv(total, block),)](weight.contiguous(), w_gemm, w_t, total, C_OUT=c_out,
+                                                             C_IN=c_in, KK=k * k, CW=c_w, BLOCK=block)
+    return w_gemm, w_t
+
+
+@weight_layouts.register_fake
+def _(weight):
+    c_out, c_in, k, _ = weight.shape
+    return (weight.new_empty((k * k * c_in, c_out)), weight.new_empty((k * k * c_out, _padded_channels(c_in))))
+
+
+def _layout(name: str, given: torch.Tensor | None, weight: torch.Tensor, shape: tuple) -> torch.Tensor | None:
+    """A weight layout the caller made (checked), or None."""
+    if given is None:
+        return None
+    if tuple(given.shape) != shape or given.dtype != weight.dtype or given.device != weight.device:
+        raise ValueError(f"{name}: expected a {weight.dtype} {shape} weight layout on {weight.device} "
+                         f"(weight_layouts), got {tuple(given.shape)} {given.dtype} on {given.device}")
+    return given.contiguous()
+
+
 def wgrad_operands(grad: torch.Tensor, out: torch.Tensor | None, weight: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(grad, out, GRAD_MASKED) for a weight-gradient kernel: the gradient in the weight's dtype,
@@ -395,10 +453,12 @@ def _rows_per_cta(rows: int, tiles: int, device: torch.device) -> int:
 # conv + ReLU of a compact source (the ops in triton_backend take images too)
 # --------------------------------------------------------------------------------------------
 def conv_relu_compact(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
-                      in_side: int, relu: bool = True, nbr: torch.Tensor | None = None) -> torch.Tensor:
+                      in_side: int, relu: bool = True, nbr: torch.Tensor | None = None,
+                      w_gemm: torch.Tensor | None = None) -> torch.Tensor:
     """relu(conv(src, weight, stride 2, pad k//2)) of a compact (M, q, q, C) source at the visible
     patches -> (M, q/2, q/2, C_out); the plain convolution with ``relu=False``. ``nbr``: the
-    stage's neighbour table (triton_tables.neighbour_table), built here when not given."""
+    stage's neighbour table (triton_tables.neighbour_table), built here when not given; ``w_gemm``
+    the weight's forward layout (weight_layouts), likewise."""
     _check_tables("triton_conv_relu", src, slot, tile_pos)
     src = src.contiguous()
     c_in = _source_geometry(src, slot, in_side, False)
@@ -414,9 +474,12 @@ def conv_relu_compact(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tenso
     slot, tile_pos = slot.contiguous(), tile_pos.contiguous()
     radius = conv_radius(in_side, k)
     nbr = _stage_neighbours("triton_conv_relu", nbr, slot, tile_pos, radius)
+    w_gemm = _layout("triton_conv_relu", w_gemm, weight, (k * k * c_in, c_out))
+    if w_gemm is None:
+        w_gemm = gemm_weight(weight)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))
     _conv_relu_fwd_kernel[grid](
-        src, gemm_weight(weight), out, nbr, rows, rows_bucket(rows), C_IN=c_in, C_OUT=c_out, IN_SIDE=in_side, KSIZE=k,
+        src, w_gemm, out, nbr, rows, rows_bucket(rows), C_IN=c_in, C_OUT=c_out, IN_SIDE=in_side, KSIZE=k,
         R=radius, BLOCK_K=_k_block(c_in), WIDE=_wide(src, out), RELU=relu, ACC=accumulator(weight.dtype),
         PRECISION=_precision(weight.dtype))
     return out
@@ -459,15 +522,20 @@ def conv_relu_wgrad_compact(grad: torch.Tensor, out: torch.Tensor | None, src: t
 
 @custom_op("scott_kernels::triton_conv_relu_dgrad", mutates_args=())
 def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor | None, weight: torch.Tensor, slot: torch.Tensor,
-                    tile_pos: torch.Tensor, in_side: int, nbr: torch.Tensor | None = None) -> torch.Tensor:
+                    tile_pos: torch.Tensor, in_side: int, nbr: torch.Tensor | None = None,
+                    w_gemm: torch.Tensor | None = None, w_t: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient of conv_relu with respect to a compact source -> (M, q, q, C_in). ``out`` is the
-    forward's output (for the ReLU mask), or None when ``grad`` is already masked by it."""
+    forward's output (for the ReLU mask), or None when ``grad`` is already masked by it. ``nbr``
+    and ``w_t`` (the weight's input-gradient layout, weight_layouts) are the forward's, when it
+    made them; ``w_gemm`` (its forward layout) is not read."""
     _check_tables("triton_conv_relu_dgrad", grad, slot, tile_pos)
     c_out, c_in, k, _ = weight.shape
-    weight_t = gemm_weight_transposed(weight.to(grad.dtype))
-    c_w = -(-c_in // 8) * 8   # weight rows of whole 16-byte vectors
-    if c_w != c_in:
-        weight_t = torch.nn.functional.pad(weight_t, (0, c_w - c_in))
+    c_w = _padded_channels(c_in)   # weight rows of whole 16-byte vectors
+    weight_t = _layout("triton_conv_relu_dgrad", w_t, weight, (k * k * c_out, c_w))
+    if weight_t is None or weight.dtype != grad.dtype:
+        weight_t = gemm_weight_transposed(weight.to(grad.dtype))
+        if c_w != c_in:
+            weight_t = torch.nn.functional.pad(weight_t, (0, c_w - c_in))
     num_tiles = tile_pos.shape[0]
     dsrc = torch.empty((num_tiles, in_side, in_side, c_in), dtype=grad.dtype, device=grad.device)
     rows = num_tiles * in_side * in_side
@@ -488,5 +556,5 @@ def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor | None, weight: torch.
 
 
 @conv_relu_dgrad.register_fake
-def _(grad, out, weight, slot, tile_pos, in_side, nbr=None):
+def _(grad, out, weight, slot, tile_pos, in_side, nbr=None, w_gemm=None, w_t=None):
     return grad.new_empty((tile_pos.shape[0], in_side, in_side, weight.shape[1]))

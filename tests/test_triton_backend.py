@@ -599,3 +599,27 @@ def test_pool_tokens_without_epilogue():
     torch.library.opcheck(max_blur_pool_backward, (g, act.detach(), slot, tile_pos, True, True))
     with pytest.raises(ValueError, match="grad must be"):
         max_blur_pool_backward(g[:, :3], act.detach(), slot, tile_pos, True, True)
+
+
+def test_weight_layouts_one_launch():
+    """Both GEMM layouts of a weight from one kernel equal the torch layouts (channels padded to 8
+    with zeros for the input gradient), and the input gradient computed from them equals the one
+    that lays the weight out itself."""
+    from scott_kernels.compact import gemm_weight, gemm_weight_transposed
+    from scott_kernels.triton_conv import weight_layouts
+    for c_out, c_in, k in ((6, 5, 5), (16, 8, 7), (3, 1, 3)):
+        w = torch.randn(c_out, c_in, k, k, dtype=torch.float64)
+        w_gemm, w_t = weight_layouts(w)
+        assert torch.equal(w_gemm, gemm_weight(w))
+        c_w = -(-c_in // 8) * 8
+        assert torch.equal(w_t, torch.nn.functional.pad(gemm_weight_transposed(w), (0, c_w - c_in)))
+    torch.library.opcheck(weight_layouts, (w,))
+    s = _op_samples()
+    g = torch.randn_like(s["a2"])
+    w2 = s["w2"].detach()
+    w_gemm, w_t = weight_layouts(w2)
+    want = conv_relu_dgrad(g, None, w2, s["slot"], s["tile_pos"], 4)
+    got = conv_relu_dgrad(g, None, w2, s["slot"], s["tile_pos"], 4, None, w_gemm, w_t)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="weight layout"):
+        conv_relu_dgrad(g, None, w2, s["slot"], s["tile_pos"], 4, None, w_gemm, w_t[:-1])
