@@ -344,3 +344,26 @@ def test_cuda_every_launch():
     assert {p: extras["native_launches"][p] for p in table} == table
     assert extras["native_launches"]["dense_fwd"] == table["masked_fwd"]
     assert extras["torch_ops"].get("masked_fwd") and extras["torch_ops"].get("masked_bwd")
+
+
+@needs_tools
+def test_tables_kernel_keeps_its_device_assertion():
+    """The visible-tables kernel compiles for sm_90a with its row-count assertion (debug=True) and
+    without the integer-overflow checks that debug mode would otherwise add to every operation."""
+    code = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(STATIC)!r})\n"
+        "import codegen\n"
+        "with codegen.fake_gpu(90) as rec:\n"
+        "    from scott_kernels.triton_tables import visible_tables\n"
+        "    visible_tables(torch.ones(2, 4, dtype=torch.bool), 4, 2, 2, 1)\n"
+        "    (kernel,) = [r.kernel for r in rec.records if r.name == '_visible_tables_kernel']\n"
+        "    ptx = kernel.asm['ptx']\n"
+        "    print('assert' if '__assertfail' in ptx else 'no-assert', ptx.count('\\n'))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    verdict, lines = proc.stdout.split()[-2:]
+    assert verdict == "assert", "the row-count assertion was compiled out"
+    assert int(lines) < 800, f"{lines} PTX lines (618 without, 1057 with overflow checks in Triton 3.8)"
