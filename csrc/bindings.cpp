@@ -203,6 +203,34 @@ void max_blur_pool_backward(const PoolGeometry& g, int dtype, std::uintptr_t gra
                                     ptr<const int64_t>(tile_pos), ptr<void>(grad_act), relu_mask);
 }
 
+// The compact layout's tables (tokenizer.h): on the CPU the number of rows whose visible count is not
+// num_visible (their tables still in range), on CUDA 0 (the kernel checks the rows on the device).
+int64_t visible_tables(std::uintptr_t keep, int64_t batch, int64_t positions, int64_t num_visible, int64_t grid_w,
+                       int radius, std::uintptr_t slot, std::uintptr_t tile_pos, std::uintptr_t nbr, bool on_cuda,
+                       std::uintptr_t stream) {
+  auto require = [](bool ok, const char* what) {
+    if (!ok) throw std::invalid_argument(std::string("visible_tables: ") + what);
+  };
+  require(batch >= 0 && positions >= 0 && grid_w > 0 && positions % grid_w == 0,
+          "batch >= 0 and a (grid_h, grid_w) grid of positions expected");
+  require(num_visible >= 0 && num_visible <= positions, "num_visible must be in [0, positions]");
+  require(radius >= -1 && radius < 1024, "radius must be -1 (no neighbour table) or in [0, 1024)");
+  require(batch < (int64_t(1) << 31) && batch * positions < (int64_t(1) << 31), "int32 slots: under 2^31 positions");
+  require(radius < 0 || num_visible == 0 || nbr != 0, "a neighbour table needs its buffer");
+  if (on_cuda) {
+#ifdef SCOTT_WITH_CUDA
+    scott::visible_tables_cuda(ptr<const uint8_t>(keep), batch, positions, num_visible, grid_w, radius,
+                               ptr<int32_t>(slot), ptr<int64_t>(tile_pos), ptr<int32_t>(nbr), ptr<void>(stream));
+    return 0;
+#else
+    throw std::runtime_error("visible_tables: scott_kernels was built without CUDA");
+#endif
+  }
+  py::gil_scoped_release nogil;
+  return scott::visible_tables_cpu(ptr<const uint8_t>(keep), batch, positions, num_visible, grid_w, radius,
+                                   ptr<int32_t>(slot), ptr<int64_t>(tile_pos), ptr<int32_t>(nbr));
+}
+
 // Which MaxBlurPool kernels a pool runs on: "tiled" or "elementwise: <why>" (on_cuda adds the
 // GPU's dtype rule: the tiled kernels move float16/bfloat16 vectors; the twin runs them in any dtype).
 std::string pool_path(const PoolGeometry& g, int dtype, bool on_cuda) {
@@ -340,6 +368,11 @@ PYBIND11_MODULE(SCOTT_MODULE_NAME, m) {
         "MaxBlurPool of compact activations (M, s/2, s/2, C); relu: of relu(act), applied to the window maxima");
   m.def("max_blur_pool_backward", &max_blur_pool_backward,
         "gradient of max_blur_pool (M, s, s, C); relu_mask: times relu'(act) (0 where act <= 0), the gradient before the ReLU");
+  m.def("visible_tables", &visible_tables, py::arg("keep"), py::arg("batch"), py::arg("positions"),
+        py::arg("num_visible"), py::arg("grid_w"), py::arg("radius"), py::arg("slot"), py::arg("tile_pos"),
+        py::arg("nbr"), py::arg("on_cuda"), py::arg("stream"),
+        "slot (B, N) int32, tile_pos (B*K,) int64 and, radius >= 0, the (B*K, 2r+1, 2r+1) neighbour table of a "
+        "(B, N) keep mask with K visible patches per row; on the CPU returns the rows with another count");
   m.def(
       "set_tensor_cores",
       [](bool enabled) {

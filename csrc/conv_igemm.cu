@@ -3,6 +3,8 @@
 // through a per-tile 3x3 neighbour table with per-row set-up once per block; fragments by
 // ldmatrix, math on mma.sync m16n8k16 with float32 accumulation; 32-bit offsets (the host checks
 // that they fit).
+// Also the layout kernels every compact stage starts from: the visible tables of the keep mask (one
+// block per image row) and the per-tile neighbour table.
 //
 // Hand-written rather than built on CUTLASS/CuTe: the operand gather (neighbour table, parity-class
 // taps) is the whole difficulty and CuTe would need it written as custom gather layouts anyway; the
@@ -388,6 +390,60 @@ __global__ void scott_neighbour_table(const int32_t* slot, const int64_t* tile_p
   if (t < num_tiles) tile_neighbours(slot, tile_pos, t, batch, grid_h, grid_w, num_tiles, nbr + t * kNeighbours);
 }
 
+// The compact layout's visible tables (row_neighbour in stage_common.h describes them), one block
+// per image row: the row's keep mask in chunks of one patch per thread, numbered by a block-wide
+// inclusive scan in shared memory (double-buffered, one barrier per step); then the missing tiles of
+// a row with too few visible patches, and with radius >= 0 the neighbour table of the row's tiles,
+// read back from the slot/tile_pos entries the block has just written. A row whose count is not
+// num_visible traps at the end (a device-side failure of the launch, like an assertion), once every
+// table has been written in range.
+constexpr int kTableThreads = 256;
+
+__global__ void __launch_bounds__(kTableThreads) scott_visible_tables(const uint8_t* keep, int64_t positions,
+                                                                      int64_t num_visible, int64_t grid_w,
+                                                                      int32_t radius, int32_t* slot,
+                                                                      int64_t* tile_pos, int32_t* nbr) {
+  __shared__ int32_t scan[2][kTableThreads];
+  const int tid = threadIdx.x;
+  const int64_t b = blockIdx.x;
+  const int64_t row = b * positions, first_tile = b * num_visible;
+  int64_t seen = 0;  // visible patches of the row before the current chunk (the same in every thread)
+#pragma unroll 1
+  for (int64_t start = 0; start < positions; start += kTableThreads) {
+    const int64_t n = start + tid;
+    const bool ok = n < positions;
+    const int32_t kept = ok && keep[row + n] != 0;
+    scan[0][tid] = kept;
+    __syncthreads();
+    int src = 0;
+#pragma unroll
+    for (int off = 1; off < kTableThreads; off *= 2) {
+      int32_t v = scan[src][tid];
+      if (tid >= off) v += scan[src][tid - off];
+      scan[src ^ 1][tid] = v;
+      src ^= 1;
+      __syncthreads();
+    }
+    const int64_t index = seen + scan[src][tid] - 1;
+    const bool visible = kept && index < num_visible;
+    if (ok) slot[row + n] = visible ? static_cast<int32_t>(first_tile + index) : -1;
+    if (visible) tile_pos[first_tile + index] = row + n;
+    seen += scan[src][kTableThreads - 1];
+    __syncthreads();  // every thread has read the scan before the next chunk overwrites it
+  }
+  // (loops kept rolled: neither runs at all in the usual call, a full row and no neighbour table)
+#pragma unroll 1
+  for (int64_t j = seen + tid; j < num_visible; j += kTableThreads) tile_pos[first_tile + j] = row;
+  if (radius >= 0) {
+    __syncthreads();  // the row's slot and tile_pos entries, written by other threads, are read below
+    const int64_t nb2 = (2 * radius + 1) * (2 * radius + 1);
+#pragma unroll 1
+    for (int64_t e = tid; e < num_visible * nb2; e += kTableThreads)
+      nbr[first_tile * nb2 + e] = row_neighbour(slot, tile_pos, b, positions, num_visible, grid_w, radius, e);
+  }
+  if (tid == 0 && seen != num_visible) __trap();  // keep: a row does not hold exactly num_visible patches
+}
+
 // g' = grad * relu'(out) (relu_passes), 8 elements (16 bytes) per thread.
 template <typename T>
 __global__ void scott_relu_grad_mask(const T* grad, const T* out, T* gmask, int32_t vectors) {
@@ -528,4 +584,13 @@ bool launch_dgrad(const StageGeometry& g, DType dtype, const void* grad, const v
 }
 
 }  // namespace ig
+
+void visible_tables_cuda(const uint8_t* keep, int64_t batch, int64_t positions, int64_t num_visible, int64_t grid_w,
+                         int32_t radius, int32_t* slot, int64_t* tile_pos, int32_t* nbr, void* stream) {
+  if (batch <= 0 || positions <= 0) return;
+  SCOTT_LAUNCH(static_cast<unsigned>(batch), ig::kTableThreads, 0, static_cast<cudaStream_t>(stream),
+               ig::scott_visible_tables)(keep, positions, num_visible, grid_w, radius, slot, tile_pos, nbr);
+  check_launch("scott_visible_tables");
+}
+
 }  // namespace scott

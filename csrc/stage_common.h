@@ -180,6 +180,24 @@ SCOTT_HD void tile_neighbours(const int32_t* slot, const int64_t* tile_pos, int6
   }
 }
 
+// ---- the visible tables of one image row (scott_visible_tables and its twin) --------------------
+// Row b of a (batch, N) keep mask numbers its visible patches: slot[b * N + n] = b * K + (visible
+// patches before n), or -1, and tile_pos of that tile = b * N + n, for K visible patches per row. A
+// row holding more than K numbers its first K (the others read as masked); one holding fewer gives
+// its missing tiles the row's first position. Either is an error the caller reports, and no index
+// leaves its table. The optional neighbour table (K tiles x (2R+1)^2 per row) is built from the
+// row's own slots: entry e of the row is the tile at offset (d / nb - R, d % nb - R), d = e % nb^2,
+// from the row's tile e / nb^2, or -1 (masked or outside the image).
+SCOTT_HD int32_t row_neighbour(const int32_t* slot, const int64_t* tile_pos, int64_t b, int64_t positions,
+                               int64_t num_visible, int64_t grid_w, int32_t radius, int64_t e) {
+  const int64_t nb = 2 * radius + 1, row = b * positions;
+  const int64_t n = tile_pos[b * num_visible + e / (nb * nb)] - row;  // in [0, N): the row's own position
+  const int64_t d = e % (nb * nb);
+  const int64_t gy = n / grid_w + d / nb - radius, gx = n % grid_w + d % nb - radius;
+  if (gy < 0 || gx < 0 || gy >= positions / grid_w || gx >= grid_w) return -1;
+  return slot[row + gy * grid_w + gx];
+}
+
 // n / d for 0 <= n < 2^31 by a multiply-high and a shift (d >= 1 fixed for a launch), so that row
 // decompositions inside loops cost no division.
 struct FastDiv {

@@ -44,6 +44,14 @@ const char* pool_refusal(const PoolGeometry& g);
 enum class ConvOp : int { kForward = 0, kWeightGrad = 1, kInputGrad = 2 };
 const char* conv_gemm_refusal(const StageGeometry& g, int64_t splits, ConvOp op);
 
+// The compact layout's tables from a (batch, positions) keep mask (bytes, nonzero = visible) of rows
+// holding num_visible visible patches each: slot (batch, positions) int32, tile_pos (batch *
+// num_visible) int64 and, with radius >= 0, the neighbour table (batch * num_visible, 2r+1, 2r+1)
+// int32 (row_neighbour in stage_common.h). Rows with another count still get in-range tables; the
+// twin returns how many there are, the CUDA kernel fails the launch on the device (a trap).
+int64_t visible_tables_cpu(const uint8_t* keep, int64_t batch, int64_t positions, int64_t num_visible,
+                           int64_t grid_w, int32_t radius, int32_t* slot, int64_t* tile_pos, int32_t* nbr);
+
 // relu: out = relu(conv), else the conv alone (then the pool after it takes the ReLU).
 void conv_relu_cpu(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* weight_t,
                    const void* norm, const int32_t* slot, const int64_t* tile_pos, void* out, bool relu);
@@ -61,6 +69,8 @@ void max_blur_pool_backward_cpu(const PoolGeometry& g, DType dtype, const void* 
                                 const int32_t* slot, const int64_t* tile_pos, void* grad_act, bool relu_mask);
 
 #ifdef SCOTT_WITH_CUDA
+void visible_tables_cuda(const uint8_t* keep, int64_t batch, int64_t positions, int64_t num_visible, int64_t grid_w,
+                         int32_t radius, int32_t* slot, int64_t* tile_pos, int32_t* nbr, void* stream);
 void conv_relu_cuda(const StageGeometry& g, DType dtype, int src_dtype, const void* src, const void* weight_t,
                     const void* norm, const int32_t* slot, const int64_t* tile_pos, void* out, bool relu,
                     int32_t* nbr, void* stream);

@@ -267,6 +267,30 @@ void for_each_element(int64_t rows, int64_t channels, const F& f) {
 
 }  // namespace
 
+int64_t visible_tables_cpu(const uint8_t* keep, int64_t batch, int64_t positions, int64_t num_visible,
+                           int64_t grid_w, int32_t radius, int32_t* slot, int64_t* tile_pos, int32_t* nbr) {
+  int64_t wrong = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t row = b * positions, first_tile = b * num_visible;
+    int64_t seen = 0;
+    for (int64_t n = 0; n < positions; ++n) {
+      const int64_t index = keep[row + n] != 0 ? seen++ : -1;
+      const bool visible = index >= 0 && index < num_visible;
+      slot[row + n] = visible ? static_cast<int32_t>(first_tile + index) : -1;
+      if (visible) tile_pos[first_tile + index] = row + n;
+    }
+    for (int64_t j = seen; j < num_visible; ++j) tile_pos[first_tile + j] = row;
+    wrong += seen != num_visible;
+  }
+  if (radius >= 0) {
+    const int64_t nb2 = (2 * radius + 1) * (2 * radius + 1);
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t e = 0; e < num_visible * nb2; ++e)
+        nbr[b * num_visible * nb2 + e] = row_neighbour(slot, tile_pos, b, positions, num_visible, grid_w, radius, e);
+  }
+  return wrong;
+}
+
 #define SCOTT_CPU_DISPATCH(dtype, name, ...)                                   \
   do {                                                                         \
     if ((dtype) == DType::kFloat32) {                                          \

@@ -24,6 +24,9 @@ functions. The tokenizer runs each stage as conv (``relu=False``) -> MaxBlurPool
 backend (``compact.register_stage_autograd``): the pool's backward kernel writes the gradient
 before the ReLU (``relu_mask``), which both conv gradient kernels read as it is (``out=None``), so
 no separate relu' pass runs. float16/bfloat16/float32 accumulate in float32, float64 in float64.
+With ``num_visible`` given, the tokenizer builds its tables (``slot``, ``tile_pos``) from the mask in
+one launch (``visible_tables``: one block per image row, the row's count checked on the device);
+without it, by the torch ops of ``compact.visible_tables``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import torch
 from ._device import custom_op
 from .compact import (_multiprocessors, accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed,
                       reduction_splits, register_stage_autograd, tokenize_compact, weight_from_partials)
+from .compact import visible_tables as compact_visible_tables
 from .ops import _C
 
 __all__ = ["cuda_tokenize", "cuda_supports", "cuda_refusal", "code_arch", "kernel_paths", "use_tensor_cores",
@@ -279,7 +283,7 @@ class _TrackedModule:
     the calling op's frame: its kernels' global loads and stores anywhere else are reported."""
 
     ENTRY_POINTS = {"conv_relu", "conv_relu_wgrad", "conv_relu_dgrad", "max_blur_pool", "max_blur_pool_backward",
-                    "gather_tiles", "scatter_tiles"}
+                    "gather_tiles", "scatter_tiles", "visible_tables"}
 
     def __init__(self, module):
         self._module = module
@@ -545,6 +549,67 @@ register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blur_po
 
 
 # --------------------------------------------------------------------------------------------
+# The visible tables
+# --------------------------------------------------------------------------------------------
+_COUNT_ERROR = "keep: every row must hold exactly num_visible visible patches"
+
+
+@custom_op("scott_kernels::cuda_visible_tables", mutates_args=())
+def visible_tables(keep: torch.Tensor, num_visible: int, grid_h: int, grid_w: int, radius: int = -1
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(slot (B, GH, GW) int32, tile_pos (B * num_visible,) int64, nbr) of a (B, GH * GW) bool mask
+    whose rows each hold ``num_visible`` visible patches, in one launch (``scott_visible_tables``,
+    one block per row) and with no host synchronisation: the tables of ``compact.visible_tables``,
+    and with ``radius`` >= 0 the tiles' (B * num_visible, 2r+1, 2r+1) neighbour table (else nbr is
+    empty). A row with another count gets in-range tables (its first ``num_visible`` patches, or
+    missing tiles at the row's first position) and fails the launch on the device; on a CPU tensor
+    (the C++ twin) it raises RuntimeError."""
+    if keep.dtype != torch.bool or keep.dim() != 2 or keep.shape[1] != grid_h * grid_w:
+        raise ValueError(f"cuda_visible_tables: keep must be a (B, {grid_h * grid_w}) bool tensor, "
+                         f"got {tuple(keep.shape)} {keep.dtype}")
+    if not 0 <= num_visible <= keep.shape[1]:
+        raise ValueError(f"cuda_visible_tables: num_visible must be in [0, {keep.shape[1]}], got {num_visible}")
+    if radius < -1:
+        raise ValueError(f"cuda_visible_tables: radius must be -1 (no neighbour table) or >= 0, got {radius}")
+    if _dev(keep) and not _C.build_info()["cuda"]:
+        raise RuntimeError("cuda_visible_tables: scott_kernels was built without CUDA (see scott_kernels.build_info())")
+    if not _dev(keep) and keep.device.type != "cpu":
+        raise RuntimeError(f"cuda_visible_tables: runs on CUDA tensors (or CPU tensors, through its C++ twin), "
+                           f"got {keep.device}")
+    batch, positions = keep.shape
+    slot = torch.empty((batch, grid_h, grid_w), dtype=torch.int32, device=keep.device)
+    tile_pos = torch.empty((batch * num_visible,), dtype=torch.int64, device=keep.device)
+    nb = 2 * radius + 1 if radius >= 0 else 0
+    nbr = torch.empty((batch * num_visible if nb else 0, nb, nb), dtype=torch.int32, device=keep.device)
+    if batch and positions:
+        keep = keep.contiguous()
+        wrong = _C.visible_tables(keep.data_ptr(), batch, positions, num_visible, grid_w, radius, slot.data_ptr(),
+                                  tile_pos.data_ptr(), nbr.data_ptr(), _dev(keep), _stream(keep))
+        if wrong:
+            raise RuntimeError(f"{_COUNT_ERROR} ({wrong} of {batch} rows do not hold {num_visible})")
+    return slot, tile_pos, nbr
+
+
+@visible_tables.register_fake
+def _(keep, num_visible, grid_h, grid_w, radius=-1):
+    batch = keep.shape[0]
+    nb = 2 * radius + 1 if radius >= 0 else 0
+    return (keep.new_empty((batch, grid_h, grid_w), dtype=torch.int32),
+            keep.new_empty((batch * num_visible,), dtype=torch.int64),
+            keep.new_empty((batch * num_visible if nb else 0, nb, nb), dtype=torch.int32))
+
+
+def tables_for(keep: torch.Tensor | None, batch: int, grid_h: int, grid_w: int, device: torch.device,
+               num_visible: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot, tile_pos) with ``compact.visible_tables``'s signature: one ``scott_visible_tables``
+    launch where the visible count is given, else the torch ops of ``compact.visible_tables``."""
+    if keep is None or num_visible is None:
+        return compact_visible_tables(keep, batch, grid_h, grid_w, device, num_visible)
+    slot, tile_pos, _ = visible_tables(keep.reshape(batch, grid_h * grid_w), num_visible, grid_h, grid_w)
+    return slot, tile_pos
+
+
+# --------------------------------------------------------------------------------------------
 # The tokenizer
 # --------------------------------------------------------------------------------------------
 def _stage_conv(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm):
@@ -560,4 +625,5 @@ def cuda_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: torch.
                   pixel_norm: torch.Tensor | None = None) -> torch.Tensor:
     """The tokenizer through the native kernels (see ``compact.tokenize_compact``); on a CPU
     tensor it runs their C++ twin (float32/float64)."""
-    return tokenize_compact(_stage_conv, _stage_pool, x, weights, keep, patch_size, num_visible, packed, pixel_norm)
+    return tokenize_compact(_stage_conv, _stage_pool, x, weights, keep, patch_size, num_visible, packed, pixel_norm,
+                            tables=tables_for)

@@ -334,6 +334,144 @@ def test_tile_neighbours_table():
         assert got == want, t
 
 
+# ---- the visible tables in one launch (scott_visible_tables, its twin on CPU tensors) ----------------
+def _row_tables(keep, k, grid_w, radius=-1):
+    """The tables scott_visible_tables writes, in plain Python: per row its first k visible patches,
+    missing tiles at the row's first position; the neighbour table from the row's own slots."""
+    B, N = keep.shape
+    grid_h = N // grid_w
+    slot = torch.full((B, N), -1, dtype=torch.int32)
+    tile_pos = torch.empty(B * k, dtype=torch.int64)
+    for b in range(B):
+        seen = 0
+        for n in range(N):
+            if keep[b, n]:
+                if seen < k:
+                    slot[b, n] = b * k + seen
+                    tile_pos[b * k + seen] = b * N + n
+                seen += 1
+        for j in range(seen, k):
+            tile_pos[b * k + j] = b * N
+    nb = 2 * radius + 1 if radius >= 0 else 0
+    nbr = torch.full((B * k if nb else 0, nb, nb), -1, dtype=torch.int32)
+    for t in range(nbr.shape[0]):
+        b = t // k
+        n = int(tile_pos[t]) - b * N
+        for dy in range(nb):
+            for dx in range(nb):
+                y, x = n // grid_w + dy - radius, n % grid_w + dx - radius
+                if 0 <= y < grid_h and 0 <= x < grid_w:
+                    nbr[t, dy, dx] = slot[b, y * grid_w + x]
+    return slot, tile_pos, nbr
+
+
+def _tables_cases():
+    """(keep, k, grid_h, grid_w): fixed-count random masks, all visible, all masked (k = 0), a single
+    visible patch, one patch per row, long rows (several chunks of the kernel's 256 threads)."""
+    cases = [(_fixed_count_keep(3, 12, 5), 5, 3, 4),
+             (torch.ones(2, 12, dtype=torch.bool), 12, 3, 4),
+             (torch.zeros(2, 12, dtype=torch.bool), 0, 4, 3),
+             (_fixed_count_keep(4, 20, 1, seed=1), 1, 4, 5),
+             (torch.ones(3, 1, dtype=torch.bool), 1, 1, 1),
+             (_fixed_count_keep(2, 1500, 611, seed=2), 611, 30, 50),
+             (_fixed_count_keep(2, 1024, 1024, seed=3), 1024, 32, 32),
+             (_fixed_count_keep(1, 1025, 257, seed=4), 257, 25, 41)]
+    return cases
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_visible_tables_op_matches_torch_tables(case):
+    """One launch's (slot, tile_pos) equal compact.visible_tables' (the torch ops), and its neighbour
+    tables of radius 0..2 the tiles' neighbours (radius 1: the conv kernels' 3x3 tile_neighbours)."""
+    from scott_kernels.cuda_backend import visible_tables as one_launch
+
+    keep, k, gh, gw = _tables_cases()[case]
+    B = keep.shape[0]
+    want_slot, want_pos = visible_tables(keep, B, gh, gw, keep.device, k)
+    for radius in (-1, 0, 1, 2):
+        slot, tile_pos, nbr = one_launch(keep, k, gh, gw, radius)
+        assert slot.dtype == torch.int32 and tile_pos.dtype == torch.int64 and nbr.dtype == torch.int32
+        assert torch.equal(slot, want_slot) and torch.equal(tile_pos, want_pos)
+        nb = 2 * radius + 1 if radius >= 0 else 0
+        assert nbr.shape == (B * k if nb else 0, nb, nb)
+        if radius >= 0 and B * gh * gw <= 64:
+            assert torch.equal(nbr, _row_tables(keep, k, gw, radius)[2])
+        if radius == 1:
+            M = tile_pos.shape[0]
+            for t in range(0, M, max(1, M // 40)):
+                assert nbr[t].view(-1).tolist() == _C.tile_neighbours(slot.data_ptr(), tile_pos.data_ptr(), t, B, gh,
+                                                                      gw, M), t
+
+
+def test_visible_tables_wrong_counts_stay_in_range():
+    """Rows holding more or fewer than k visible patches: the op raises (on a GPU the launch fails
+    on the device), and the tables it wrote are the kernel's: each row's first k patches, missing
+    tiles at the row's first position, every index inside its table."""
+    from scott_kernels.cuda_backend import visible_tables as one_launch
+
+    g = torch.Generator().manual_seed(5)
+    for B, gh, gw, k in [(4, 3, 4, 5), (3, 30, 40, 400), (2, 2, 2, 0), (2, 2, 3, 6)]:
+        N = gh * gw
+        keep = torch.rand(B, N, generator=g) < torch.rand(B, 1, generator=g)
+        keep[0] = True   # too many (unless k = N)
+        keep[-1] = False  # too few (unless k = 0)
+        with pytest.raises(RuntimeError, match="every row must hold exactly num_visible"):
+            one_launch(keep, k, gh, gw, 1)
+        want = _row_tables(keep, k, gw, 1 if B * N <= 64 else -1)
+        slot = torch.empty(B, gh, gw, dtype=torch.int32)
+        tile_pos = torch.empty(B * k, dtype=torch.int64)
+        nbr = torch.empty(B * k, 3, 3, dtype=torch.int32)
+        wrong = _C.visible_tables(keep.data_ptr(), B, N, k, gw, 1, slot.data_ptr(), tile_pos.data_ptr(),
+                                  nbr.data_ptr(), False, 0)
+        counts = keep.sum(1)
+        assert wrong == int((counts != k).sum()) > 0
+        assert torch.equal(slot.view(B, N), want[0]) and torch.equal(tile_pos, want[1])
+        if B * N <= 64:
+            assert torch.equal(nbr, want[2])
+        assert ((slot >= -1) & (slot < B * k)).all() and ((tile_pos >= 0) & (tile_pos < B * N)).all()
+        assert ((nbr >= -1) & (nbr < B * k)).all()
+        # every tile's position lies in its own row
+        rows = torch.arange(B * k) // max(k, 1)
+        assert torch.equal(tile_pos // N, rows)
+
+
+def test_visible_tables_op_checks_and_opcheck():
+    from scott_kernels.cuda_backend import visible_tables as one_launch
+
+    keep = _fixed_count_keep(3, 12, 5)
+    for radius in (-1, 0, 1):
+        torch.library.opcheck(one_launch, (keep, 5, 3, 4, radius))
+    torch.library.opcheck(one_launch, (torch.zeros(2, 6, dtype=torch.bool), 0, 2, 3))
+    with pytest.raises(ValueError, match="bool tensor"):
+        one_launch(keep.int(), 5, 3, 4)
+    with pytest.raises(ValueError, match="bool tensor"):
+        one_launch(keep, 5, 4, 4)
+    with pytest.raises(ValueError, match="num_visible"):
+        one_launch(keep, 13, 3, 4)
+    with pytest.raises(ValueError, match="radius"):
+        one_launch(keep, 5, 3, 4, -2)
+    empty = one_launch(torch.zeros(0, 12, dtype=torch.bool), 5, 3, 4, 1)
+    assert [tuple(t.shape) for t in empty] == [(0, 3, 4), (0,), (0, 3, 3)]
+
+
+def test_tokenizer_builds_its_tables_in_one_launch(monkeypatch):
+    """With num_visible the tokenizer takes its tables from the one-launch op (the torch ops of
+    compact.visible_tables are not called), and the tokens are those of the read-back path."""
+    from scott_kernels import cuda_backend as cb
+
+    weights = random_weights(3, (6, 10), (7, 7))
+    x = torch.randn(3, 3, 48, 64, dtype=torch.float64)
+    keep = _fixed_count_keep(3, 12, 5)
+    want = cuda_tokenize(x, weights, keep, 16)
+
+    def torch_tables(*args):
+        raise AssertionError("compact.visible_tables called")
+
+    monkeypatch.setattr(cb, "compact_visible_tables", torch_tables)
+    got = cuda_tokenize(x, weights, keep, 16, num_visible=5)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 IMPLICIT_CONFIGS = [
     (2, 64, 48, 16, (7, 7), (8, 16)),      # SCOTT stack shape, stage 1 on the implicit path
     (3, 32, 32, 16, (3, 9), (16, 24)),     # pad 4 == in_side: the widest reach the path takes

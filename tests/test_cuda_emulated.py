@@ -542,6 +542,46 @@ def test_tokenizer_forward_backward(dtype):
         _mismatch(o <= 2 * t + 1e-3 * s, f"{name}: error {o:.3e} vs the reference in {dtype}: {t:.3e} (scale {s:.3e})")
 
 
+# ---- the visible tables: one block per image row -------------------------------------------------------
+@pytest.mark.parametrize("case", [(3, (3, 4), 5), (2, (3, 4), 12), (2, (4, 3), 0), (4, (4, 5), 1), (2, (30, 50), 611),
+                                  (1, (25, 41), 257)], ids=str)
+def test_visible_tables_kernel(case):
+    """scott_visible_tables (a block-wide scan over chunks of 256 patches) against its C++ twin, with
+    and without the neighbour table; a row with the wrong count traps on the device after writing
+    the same in-range tables as the twin."""
+    from scott_kernels.cuda_backend import visible_tables as one_launch
+
+    batch, (gh, gw), k = case
+    n = gh * gw
+    g = torch.Generator().manual_seed(k)
+    keep = torch.zeros(batch, n, dtype=torch.bool)
+    keep.scatter_(1, torch.rand(batch, n, generator=g).argsort(1)[:, :k], True)
+    for radius in (-1, 1, 2):
+        want = one_launch(keep, k, gh, gw, radius)
+        with Emulated():
+            got = one_launch(keep, k, gh, gw, radius)
+        for name, a, b in zip(("slot", "tile_pos", "nbr"), got, want):
+            _mismatch(torch.equal(a, b), f"visible tables {case} radius {radius}: {name} differs from the twin")
+    if 0 < k < n:
+        bad = keep.clone()
+        bad[0] = True           # too many
+        bad[-1, :] = False      # too few
+        bad[-1, 1] = True
+        # (named locals: the tracked module lets the kernel access the tensors of its caller's frame)
+        slot = torch.full((batch, gh, gw), -7, dtype=torch.int32)
+        tile_pos = torch.full((batch * k,), -7, dtype=torch.int64)
+        nbr = torch.full((batch * k, 3, 3), -7, dtype=torch.int32)
+        tables = (slot, tile_pos, nbr)
+        twin = [t.clone() for t in tables]
+        args = lambda ts: (bad.data_ptr(), batch, n, k, gw, 1, *(t.data_ptr() for t in ts))
+        assert _emu.visible_tables(*args(twin), False, 0) > 0
+        with Emulated(expect={"trap"}):
+            with pytest.raises(RuntimeError, match="trap"):
+                cb._TrackedModule(_emu).visible_tables(*args(tables), True, 0)
+        for name, a, b in zip(("slot", "tile_pos", "nbr"), tables, twin):
+            _mismatch(torch.equal(a, b), f"visible tables {case}, wrong counts: {name} differs from the twin")
+
+
 def test_code_probe_is_queried():
     """scott_code_probe is never launched: the launch code asks its attributes which of the module's
     codes the driver loads on the device (module_code_arch), which decides whether the tensor-core

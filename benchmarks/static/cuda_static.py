@@ -63,6 +63,9 @@ CUDA_TILES = {
                                                  8 * 16 * 448),
                                      "mma_step": 8, "loops": [1, 1, "groups", "g_rows", "tables", "stage_rows", "k"]},
     "scott_neighbour_table": {"threads": 256, "smem": 0, "loops": []},
+    # one block per image row: chunks of 256 patches (the scan's 8 steps unrolled in each), then the
+    # missing tiles of a short row and the optional neighbour table (neither runs at the workload)
+    "scott_visible_tables": {"threads": 256, "smem": 0, "loops": ["chunks", "fill", "nbr"]},
     "scott_relu_grad_mask": {"threads": 256, "smem": 0, "loops": []},  # only for a standalone gradient op
     # MaxBlurPool: one thread per (tile, pooled pixel, 8-channel vector), fully unrolled: no loops
     "scott_pool_forward": {"threads": 128, "smem": 0, "loops": []},
@@ -86,6 +89,16 @@ def _pool_geo(g: dict, stage: int, backward: bool) -> dict:
 def _neighbours(g: dict) -> dict:
     # one thread per tile: tile_pos (int64) and the slot table in, 3 x 3 neighbour slots (int32) out
     return {"blocks": -(-g["tiles"] // 256), "bytes": g["tiles"] * (8 + 4 + 9 * 4)}
+
+
+def _visible_tables(g: dict) -> dict:
+    # one block per image: the row's keep mask (bytes) in, its slots (int32) and tile positions
+    # (int64) out; every row holds num_visible patches, so no missing tile is filled, and the
+    # tokenizer asks for no neighbour table
+    h = codegen.HEADLINE
+    n = (h["image"] // h["patch"]) ** 2
+    return {"blocks": h["batch"], "chunks": -(-n // 256), "fill": 0, "nbr": 0,
+            "bytes": h["batch"] * n * (1 + 4) + g["tiles"] * 8}
 
 
 def _strided_trips(items: int, threads: int) -> tuple[int, float]:
@@ -131,6 +144,8 @@ def _wgrad_splits(g: dict) -> int:
 # the gradients read g' = relu'(out) * grad as the pool backward before them wrote it (relu_mask), so
 # no separate masking launch runs (scott_relu_grad_mask serves only a gradient op called with out).
 CUDA_LAUNCHES = [
+    # the tables from the mask, given num_visible (a dense forward has none: MASKED_ONLY)
+    ("masked_fwd", "tables visible", r"scott::ig::scott_visible_tables", _visible_tables),
     ("masked_fwd", "conv0 nbr", r"scott::ig::scott_neighbour_table", _neighbours),
     ("masked_fwd", "conv0 fwd", r"scott_conv_image_igemm<__nv_bfloat16, __nv_bfloat16>",
      lambda g: {**_persistent(g, 4, 224 // 16, 128),
@@ -164,6 +179,9 @@ CUDA_LAUNCHES = [
                 "bytes": g["image"] + 2 * g["rows0"] * g["hidden"]
                 + 4 * (_persistent(g, 1, 8, 448)["blocks"] // 2) * g["k0"] * g["hidden"]}),
 ]
+
+# the roles of CUDA_LAUNCHES's masked forward that a dense forward (keep=None) does not launch
+MASKED_ONLY = {"tables visible"}
 
 
 def cuda_module() -> Path | None:
@@ -214,7 +232,7 @@ def cuda_rows(args) -> tuple[list[dict], list[dict], list[str]]:
     for phase_list, dense in (((("masked_fwd", "masked_bwd")), False), ((("masked_fwd",)), True)):
         g = workload_geometry(196 if dense else None)
         for phase, role, pattern, geometry in CUDA_LAUNCHES:
-            if phase not in phase_list:
+            if phase not in phase_list or (dense and role in MASKED_ONLY):
                 continue
             match = [k for k in kernels if re.search(pattern, k["demangled"])]
             if not match:
@@ -259,9 +277,10 @@ def cuda_extras(args) -> dict:
                 out["host"] = launch_count.host_time("cuda", args.dtype, repeats=args.host_repeats)
             except Exception as e:
                 out["errors"].append(f"cuda host timing failed: {type(e).__name__}: {str(e).strip()[:500]}")
-    # each conv call launches its neighbour table and its GEMM, each pool call one kernel
+    # each conv call launches its neighbour table and its GEMM, each pool call one kernel, the
+    # tables one
     per_call = {"conv_relu": 2, "conv_relu_wgrad": 2, "conv_relu_dgrad": 2, "max_blur_pool": 1,
-                "max_blur_pool_backward": 1}
+                "max_blur_pool_backward": 1, "visible_tables": 1}
     out["native_calls"] = {p: [n for ph, n in calls if ph == p] for p in PHASES}
     out["native_launches"] = {p: sum(per_call[n] for n in names) for p, names in out["native_calls"].items()}
     return out

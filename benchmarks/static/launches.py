@@ -157,12 +157,14 @@ def gpu_paths():
 # ------------------------------------------------------------------------------------------------
 # The cuda backend's Python path on CPU tensors, its native kernels replaced by counters
 # ------------------------------------------------------------------------------------------------
-NATIVE_COMPUTE = ("conv_relu", "conv_relu_wgrad", "conv_relu_dgrad", "max_blur_pool", "max_blur_pool_backward")
+NATIVE_COMPUTE = ("conv_relu", "conv_relu_wgrad", "conv_relu_dgrad", "max_blur_pool", "max_blur_pool_backward",
+                  "visible_tables")
 
 
 class _NativeStub:
-    """Stands for scott_kernels._C: the compute entry points record their call and return; the
-    rest (geometry structs, path queries) is the real module's."""
+    """Stands for scott_kernels._C: the compute entry points record their call and return (the
+    visible tables, which the torch ops after them index with, are built by the C++ twin); the rest
+    (geometry structs, path queries) is the real module's."""
 
     def __init__(self, real, sms: int):
         self._real = real
@@ -171,6 +173,11 @@ class _NativeStub:
         self.sms = sms
 
     def __getattr__(self, name):
+        if name == "visible_tables":  # the later ops index through these tables: built by the C++ twin
+            def tables(*args):
+                self.calls.append((self.phase, name))
+                return self._real.visible_tables(*args[:-2], False, 0)
+            return tables
         if name in NATIVE_COMPUTE:
             return lambda *args, **kwargs: self.calls.append((self.phase, name))
         if name == "image_wgrad_clusters":  # sm_90 code on a GPU that launches clusters

@@ -349,7 +349,8 @@ def render(args, info, configs, best, errors, cuda_kernels, cuda_launches, cuda_
         out.append("| kernel | regs | local B | spill instr | static smem B | MMA |")
         out.append("|---|---|---|---|---|---|")
         for k in cuda_kernels:
-            if "bfloat16" in k["demangled"] or "tiles" in k["demangled"] or "scott_neighbour" in k["demangled"]:
+            if "bfloat16" in k["demangled"] or "tiles" in k["demangled"] or "scott_neighbour" in k["demangled"] \
+                    or "scott_visible" in k["demangled"]:
                 out.append(f"| {k['demangled'][:110]} | {k['registers']} | {k['local_bytes']} | "
                            f"{k['spill_instructions']} | {k['shared']} | {k['mma']} |")
         out.append("\n(bf16 and layout kernels shown; every kernel is checked in tests/test_codegen.py.)\n")
