@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["visible_tables", "visible_positions", "tokenize_compact", "compact_to_image",
+__all__ = ["visible_tables", "new_tables", "visible_positions", "tokenize_compact", "compact_to_image",
            "register_stage_autograd", "accumulator_dtype", "gemm_weight",
            "gemm_weight_transposed", "weight_from_partials", "reduction_splits", "check_tables"]
 
@@ -49,6 +49,26 @@ def visible_tables(keep: torch.Tensor | None, batch: int, grid_h: int, grid_w: i
     tile_pos.scatter_(0, torch.where(index >= 0, index, num_tiles),
                       torch.arange(positions, dtype=torch.int64, device=device))
     return index.to(torch.int32).view(batch, grid_h, grid_w), tile_pos[:num_tiles]
+
+
+def new_tables(name: str, keep: torch.Tensor, num_visible: int, grid_h: int, grid_w: int, radius: int = -1
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checks the arguments of a one-launch tables op (a (B, GH * GW) bool ``keep``, ``num_visible``
+    per row, ``radius`` -1 or >= 0) and returns its uninitialised outputs: slot (B, GH, GW) int32,
+    tile_pos (B * num_visible,) int64 and the (B * num_visible, 2r+1, 2r+1) int32 neighbour table
+    (empty without a radius). Serves the ops and their fake implementations."""
+    if keep.dtype != torch.bool or keep.dim() != 2 or keep.shape[1] != grid_h * grid_w:
+        raise ValueError(f"{name}: keep must be a (B, {grid_h * grid_w}) bool tensor, "
+                         f"got {tuple(keep.shape)} {keep.dtype}")
+    if not 0 <= num_visible <= keep.shape[1]:
+        raise ValueError(f"{name}: num_visible must be in [0, {keep.shape[1]}], got {num_visible}")
+    if radius < -1:
+        raise ValueError(f"{name}: radius must be -1 (no neighbour table) or >= 0, got {radius}")
+    batch = keep.shape[0]
+    nb = 2 * radius + 1 if radius >= 0 else 0
+    return (keep.new_empty((batch, grid_h, grid_w), dtype=torch.int32),
+            keep.new_empty((batch * num_visible,), dtype=torch.int64),
+            keep.new_empty((batch * num_visible if nb else 0, nb, nb), dtype=torch.int32))
 
 
 def check_tables(name: str, like: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor) -> None:
@@ -176,15 +196,15 @@ def register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blu
 
     Ops may take trailing inputs after the common ones: a conv's first one, when present, is
     ``relu`` (False: the plain convolution, whose gradient the gradient ops get as it is, with
-    ``out=None``), and any after it (a backend's tables for the stage, e.g. a neighbour table)
-    are passed on to both gradient ops as trailing inputs; a pool's are passed on to
-    ``max_blur_pool_backward``. A tokenizer stage runs conv(relu=False) ->
-    max_blur_pool(relu=True): the pool's backward, which reads the conv output anyway, returns the
-    gradient already multiplied by relu' (``relu_mask``), so no pass applies the ReLU mask. A conv called with relu=True masks its gradient here: once, with the
-    gradient ops getting ``out=None`` (both reread it), for a compact source; for an image source
-    the ops get the forward's output and mask it as they read it (images seldom need a gradient,
-    so usually only the weight gradient reads it). The gradient ops must accept ``out=None`` for
-    an already-masked gradient."""
+    ``out=None``), and any after it (what a backend builds once per stage: a neighbour table,
+    weight layouts) are passed on to both gradient ops as trailing inputs; a pool's are passed on to
+    ``max_blur_pool_backward``. A tokenizer stage runs conv(relu=False) -> max_blur_pool(relu=True):
+    the pool's backward, which reads the conv output anyway, returns the gradient already multiplied
+    by relu' (``relu_mask``), so no pass applies the ReLU mask. A conv called with relu=True masks
+    its gradient here: once, with the gradient ops getting ``out=None`` (both reread it), for a
+    compact source; for an image source the ops get the forward's output and mask it as they read it
+    (images seldom need a gradient, so usually only the weight gradient reads it). The gradient ops
+    must accept ``out=None`` for an already-masked gradient."""
 
     def conv_setup(ctx, inputs, output):
         src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm, *flags = inputs

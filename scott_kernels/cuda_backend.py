@@ -37,7 +37,7 @@ import torch
 
 from ._device import custom_op
 from .compact import (_multiprocessors, accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed,
-                      reduction_splits, register_stage_autograd, tokenize_compact, weight_from_partials)
+                      new_tables, reduction_splits, register_stage_autograd, tokenize_compact, weight_from_partials)
 from .compact import visible_tables as compact_visible_tables
 from .ops import _C
 
@@ -564,23 +564,13 @@ def visible_tables(keep: torch.Tensor, num_visible: int, grid_h: int, grid_w: in
     empty). A row with another count gets in-range tables (its first ``num_visible`` patches, or
     missing tiles at the row's first position) and fails the launch on the device; on a CPU tensor
     (the C++ twin) it raises RuntimeError."""
-    if keep.dtype != torch.bool or keep.dim() != 2 or keep.shape[1] != grid_h * grid_w:
-        raise ValueError(f"cuda_visible_tables: keep must be a (B, {grid_h * grid_w}) bool tensor, "
-                         f"got {tuple(keep.shape)} {keep.dtype}")
-    if not 0 <= num_visible <= keep.shape[1]:
-        raise ValueError(f"cuda_visible_tables: num_visible must be in [0, {keep.shape[1]}], got {num_visible}")
-    if radius < -1:
-        raise ValueError(f"cuda_visible_tables: radius must be -1 (no neighbour table) or >= 0, got {radius}")
+    slot, tile_pos, nbr = new_tables("cuda_visible_tables", keep, num_visible, grid_h, grid_w, radius)
     if _dev(keep) and not _C.build_info()["cuda"]:
         raise RuntimeError("cuda_visible_tables: scott_kernels was built without CUDA (see scott_kernels.build_info())")
     if not _dev(keep) and keep.device.type != "cpu":
         raise RuntimeError(f"cuda_visible_tables: runs on CUDA tensors (or CPU tensors, through its C++ twin), "
                            f"got {keep.device}")
     batch, positions = keep.shape
-    slot = torch.empty((batch, grid_h, grid_w), dtype=torch.int32, device=keep.device)
-    tile_pos = torch.empty((batch * num_visible,), dtype=torch.int64, device=keep.device)
-    nb = 2 * radius + 1 if radius >= 0 else 0
-    nbr = torch.empty((batch * num_visible if nb else 0, nb, nb), dtype=torch.int32, device=keep.device)
     if batch and positions:
         keep = keep.contiguous()
         wrong = _C.visible_tables(keep.data_ptr(), batch, positions, num_visible, grid_w, radius, slot.data_ptr(),
@@ -592,11 +582,7 @@ def visible_tables(keep: torch.Tensor, num_visible: int, grid_h: int, grid_w: in
 
 @visible_tables.register_fake
 def _(keep, num_visible, grid_h, grid_w, radius=-1):
-    batch = keep.shape[0]
-    nb = 2 * radius + 1 if radius >= 0 else 0
-    return (keep.new_empty((batch, grid_h, grid_w), dtype=torch.int32),
-            keep.new_empty((batch * num_visible,), dtype=torch.int64),
-            keep.new_empty((batch * num_visible if nb else 0, nb, nb), dtype=torch.int32))
+    return new_tables("cuda_visible_tables", keep, num_visible, grid_h, grid_w, radius)
 
 
 def tables_for(keep: torch.Tensor | None, batch: int, grid_h: int, grid_w: int, device: torch.device,

@@ -99,18 +99,11 @@ def visible_tables(keep: torch.Tensor, num_visible: int, grid_h: int, grid_w: in
     mask whose rows each hold ``num_visible`` visible patches (a device assertion checks it), in
     one launch and with no host synchronisation; the same tables as ``compact.visible_tables``,
     and with ``radius`` >= 0 the tiles' neighbour table (``neighbour_table``; else nbr is empty)."""
-    if keep.dtype != torch.bool or keep.dim() != 2 or keep.shape[1] != grid_h * grid_w:
-        raise ValueError(f"triton_visible_tables: keep must be a (B, {grid_h * grid_w}) bool tensor, "
-                         f"got {tuple(keep.shape)} {keep.dtype}")
-    if not 0 <= num_visible <= keep.shape[1]:
-        raise ValueError(f"triton_visible_tables: num_visible must be in [0, {keep.shape[1]}], got {num_visible}")
+    slot, tile_pos, nbr = compact.new_tables("triton_visible_tables", keep, num_visible, grid_h, grid_w, radius)
     if not triton_supports(keep.device):
         raise RuntimeError(f"triton_visible_tables: Triton does not run on {keep.device} here")
     batch, positions = keep.shape
-    slot = torch.empty((batch, grid_h, grid_w), dtype=torch.int32, device=keep.device)
-    tile_pos = torch.empty((batch * num_visible,), dtype=torch.int64, device=keep.device)
-    nb = 2 * radius + 1 if radius >= 0 else 0
-    nbr = torch.empty((batch * num_visible if nb else 0, nb, nb), dtype=torch.int32, device=keep.device)
+    nb = nbr.shape[1]
     if batch and positions:
         block = min(1024, triton.next_power_of_2(max(positions, num_visible * nb * nb)))
         # debug for the assertion alone: no overflow checks on every integer op (4x the code)
@@ -122,11 +115,7 @@ def visible_tables(keep: torch.Tensor, num_visible: int, grid_h: int, grid_w: in
 
 @visible_tables.register_fake
 def _(keep, num_visible, grid_h, grid_w, radius=-1):
-    batch = keep.shape[0]
-    nb = 2 * radius + 1 if radius >= 0 else 0
-    return (keep.new_empty((batch, grid_h, grid_w), dtype=torch.int32),
-            keep.new_empty((batch * num_visible,), dtype=torch.int64),
-            keep.new_empty((batch * num_visible if nb else 0, nb, nb), dtype=torch.int32))
+    return compact.new_tables("triton_visible_tables", keep, num_visible, grid_h, grid_w, radius)
 
 
 def tables_for(keep: torch.Tensor | None, batch: int, grid_h: int, grid_w: int, device: torch.device,
