@@ -58,7 +58,7 @@ def _configs(table) -> list:
 
 
 _FWD_TABLE = [(32, 64, 4), (16, 64, 4), (16, 128, 4)]
-_BWD_TABLE = [(16, 64, 4), (32, 64, 8), (16, 128, 8)]
+_BWD_TABLE = [(32, 64, 8), (16, 64, 4), (16, 128, 8)]
 _EPI_TABLE = [(4, 4), (8, 8), (2, 2)]    # (tokens per program, warps): a program holds all of D
 
 
@@ -269,29 +269,62 @@ if triton is not None:
         tl.store(out_ptr + base[:, :, None] + c[None, None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _window_grad(a, b, c, d, gm, A: tl.constexpr, B: tl.constexpr, acc00, acc01, acc10, acc11,
-                     HAS00: tl.constexpr, HAS01: tl.constexpr, HAS10: tl.constexpr, HAS11: tl.constexpr):
-        """Adds the window (values a b / c d, gradient gm) to each of the block's pixels it holds.
-        The block pixel (u, v) sits in the window at (u + 1 - A, v + 1 - B) for window (A, B) of
-        the 3 x 3; torch's max_pool2d gives the gradient to the first maximum in row-major order,
-        or to the last NaN when the window holds one (a NaN replaces the running maximum, and
-        nothing compares greater than NaN)."""
-        best = a
-        arg = tl.zeros(a.shape, dtype=tl.int32)
-        arg = tl.where((b > best) | (b != b), 1, arg)
-        best = tl.maximum(best, b, propagate_nan=tl.PropagateNan.ALL)
-        arg = tl.where((c > best) | (c != c), 2, arg)
-        best = tl.maximum(best, c, propagate_nan=tl.PropagateNan.ALL)
-        arg = tl.where((d > best) | (d != d), 3, arg)
-        if HAS00:
-            acc00 += tl.where(arg == (1 - A) * 2 + (1 - B), gm, 0.0)
-        if HAS01:
-            acc01 += tl.where(arg == (1 - A) * 2 + (2 - B), gm, 0.0)
-        if HAS10:
-            acc10 += tl.where(arg == (2 - A) * 2 + (1 - B), gm, 0.0)
-        if HAS11:
-            acc11 += tl.where(arg == (2 - A) * 2 + (2 - B), gm, 0.0)
-        return acc00, acc01, acc10, acc11
+    def _act_tap(act_ptr, own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, py, px, up, down, left, right,
+                 c, c_ok, I: tl.constexpr, J: tl.constexpr, SIDE: tl.constexpr, C: tl.constexpr):
+        """[T, P, BLOCK_C] activation at row I, column J of pooled pixel (py, px)'s 4 x 4 block."""
+        tile = _pick(own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, up, down, left, right, I, J, 3)
+        return _load_tap(act_ptr, tile, _local(2 * py, up, down, I, 3, SIDE), _local(2 * px, left, right, J, 3, SIDE),
+                         c, c_ok, SIDE, C)
+
+    # Max, min and <= in the operands' own dtype. tl.maximum / tl.minimum compute bfloat16 in
+    # float32 (a conversion per element, and no packed bf16x2 instruction), and Triton's
+    # interpreter compares bfloat16 tensors by their bits. Compiled, these are the semantic's
+    # operations on the operands as they are; interpreted (no _semantic), tl's on float32 copies
+    # of bfloat16 operands: the same values, as every bfloat16 is a float32.
+    def _in_own_dtype(op):
+        def fn(x, y, nan=False, _semantic=None):
+            mode = tl.PropagateNan.ALL if tl.core._unwrap_if_constexpr(nan) else tl.PropagateNan.NONE
+            if _semantic is None:
+                wide = tl.float32 if x.dtype == tl.bfloat16 else x.dtype
+                y = y.to(wide) if isinstance(y, tl.tensor) else y
+                if op == "less_equal":
+                    return x.to(wide) <= y
+                return getattr(tl, op)(x.to(wide), y, propagate_nan=mode).to(x.dtype)
+            if not isinstance(y, tl.tensor):
+                y = _semantic.scalar_constant(tl.core._unwrap_if_constexpr(y), x.dtype)
+            if op == "less_equal":
+                return _semantic.less_equal(x, y)
+            return getattr(_semantic, op)(x, y, mode)
+        setattr(fn, tl.core.TRITON_BUILTIN, True)
+        return fn
+
+    _max = _in_own_dtype("maximum")
+    _min = _in_own_dtype("minimum")
+    _le = _in_own_dtype("less_equal")
+
+    @triton.jit
+    def _min_inf(x):
+        """x with NaN read as +inf (minimum drops NaN), in x's dtype."""
+        return _min(x, float("inf"), False)
+
+    @triton.jit
+    def _first_win(acc, x, earlier, gm, ok):
+        """acc + gm where x, a window's last member, won it (beats every earlier member;
+        ``earlier`` = their maximum with NaN read as +inf) and the window lies in the image
+        (``ok``), else acc."""
+        return tl.where(~_le(x, earlier) & ok, acc + gm, acc)
+
+    @triton.jit
+    def _mid_win(acc, x, fx, earlier, later, gm, ok):
+        """acc + gm where x (fx: x with NaN read as +inf) beats every earlier member and no later
+        one (``later`` = their NaN-propagating maximum) beats x, in a window in the image."""
+        return tl.where(~_le(x, earlier) & ok & _le(later, fx), acc + gm, acc)
+
+    @triton.jit
+    def _last_win(acc, fx, later, gm, ok):
+        """acc + gm where no later member beats x, a window's first member, in a window in the
+        image."""
+        return tl.where(_le(later, fx) & ok, acc + gm, acc)
 
     @_autotune(_configs(_BWD_TABLE), _KEY, _prune_channels)
     @triton.jit
@@ -310,15 +343,6 @@ if triton is not None:
         # the window gradients: the 3 x 3 pooled gradients around (py, px) blurred back onto the
         # 3 x 3 windows; window row 0 (odd) gets pooled rows py - 1 and py, row 1 (even) twice
         # row py, row 2 rows py and py + 1 (the same over columns), / 16
-        r0c0 = tl.zeros([own.shape[0], py.shape[1], BLOCK_C], dtype=ACC)
-        r0c1 = r0c0
-        r0c2 = r0c0
-        r1c0 = r0c0
-        r1c1 = r0c0
-        r1c2 = r0c0
-        r2c0 = r0c0
-        r2c1 = r0c0
-        r2c2 = r0c0
         for i in tl.static_range(3):
             ly = _local(py, up, down, i, 2, PS)
             t0 = _pick(own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, up, down, left, right, i, 0, 2)
@@ -335,101 +359,119 @@ if triton is not None:
             w0 = (g0 + g1) * (1.0 / 16.0)
             w1 = g1 * (2.0 / 16.0)
             w2 = (g1 + g2) * (1.0 / 16.0)
+            # a window's sum starts at its first row's term (not at +0: the sign of a zero
+            # gradient is lost at the accumulators below anyway)
             if i == 0:
-                r0c0 += w0
-                r0c1 += w1
-                r0c2 += w2
+                r0c0 = w0
+                r0c1 = w1
+                r0c2 = w2
             elif i == 1:
                 r0c0 += w0
                 r0c1 += w1
                 r0c2 += w2
-                r1c0 += 2.0 * w0
-                r1c1 += 2.0 * w1
-                r1c2 += 2.0 * w2
-                r2c0 += w0
-                r2c1 += w1
-                r2c2 += w2
+                r1c0 = 2.0 * w0
+                r1c1 = 2.0 * w1
+                r1c2 = 2.0 * w2
+                r2c0 = w0
+                r2c1 = w1
+                r2c2 = w2
             else:
                 r2c0 += w0
                 r2c1 += w1
                 r2c2 += w2
-        # windows of the max map outside the image (image border) have no gradient
+        # windows of the max map outside the image (image border) have no gradient: the
+        # window's mask, broadcast over channels, joins its win conditions below
         ex_top = ~(up & (gy == 0)[:, None])[:, :, None]
         ex_bottom = ~(down & (gy == GH - 1)[:, None])[:, :, None]
         ex_left = ~(left & (gx == 0)[:, None])[:, :, None]
         ex_right = ~(right & (gx == GW - 1)[:, None])[:, :, None]
-        r0c0 = tl.where(ex_top & ex_left, r0c0, 0.0)
-        r0c1 = tl.where(ex_top, r0c1, 0.0)
-        r0c2 = tl.where(ex_top & ex_right, r0c2, 0.0)
-        r1c0 = tl.where(ex_left, r1c0, 0.0)
-        r1c2 = tl.where(ex_right, r1c2, 0.0)
-        r2c0 = tl.where(ex_bottom & ex_left, r2c0, 0.0)
-        r2c1 = tl.where(ex_bottom, r2c1, 0.0)
-        r2c2 = tl.where(ex_bottom & ex_right, r2c2, 0.0)
-        acc00 = tl.zeros([own.shape[0], py.shape[1], BLOCK_C], dtype=ACC)
-        acc01 = acc00
-        acc10 = acc00
-        acc11 = acc00
-        # the 4 x 4 activations, one row at a time: window row A uses rows A and A + 1
-        vp0 = _load_tap(act_ptr, _pick(own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, up, down, left, right,
-                                       0, 0, 3), _local(2 * py, up, down, 0, 3, SIDE),
-                        _local(2 * px, left, right, 0, 3, SIDE), c, c_ok, SIDE, C)
-        vp1 = _load_tap(act_ptr, _pick(own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, up, down, left, right,
-                                       0, 1, 3), _local(2 * py, up, down, 0, 3, SIDE),
-                        _local(2 * px, left, right, 1, 3, SIDE), c, c_ok, SIDE, C)
-        vp2 = _load_tap(act_ptr, _pick(own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, up, down, left, right,
-                                       0, 2, 3), _local(2 * py, up, down, 0, 3, SIDE),
-                        _local(2 * px, left, right, 2, 3, SIDE), c, c_ok, SIDE, C)
-        vp3 = _load_tap(act_ptr, _pick(own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, up, down, left, right,
-                                       0, 3, 3), _local(2 * py, up, down, 0, 3, SIDE),
-                        _local(2 * px, left, right, 3, 3, SIDE), c, c_ok, SIDE, C)
-        own00 = vp1
-        own01 = vp1
-        own10 = vp1
-        own11 = vp1
-        for i in tl.static_range(1, 4):
-            ly = _local(2 * py, up, down, i, 3, SIDE)
-            v0 = _load_tap(act_ptr, _pick(own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, up, down, left, right,
-                                          i, 0, 3), ly, _local(2 * px, left, right, 0, 3, SIDE), c, c_ok, SIDE, C)
-            v1 = _load_tap(act_ptr, _pick(own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, up, down, left, right,
-                                          i, 1, 3), ly, _local(2 * px, left, right, 1, 3, SIDE), c, c_ok, SIDE, C)
-            v2 = _load_tap(act_ptr, _pick(own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, up, down, left, right,
-                                          i, 2, 3), ly, _local(2 * px, left, right, 2, 3, SIDE), c, c_ok, SIDE, C)
-            v3 = _load_tap(act_ptr, _pick(own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, up, down, left, right,
-                                          i, 3, 3), ly, _local(2 * px, left, right, 3, 3, SIDE), c, c_ok, SIDE, C)
-            A = i - 1
-            if A == 0:
-                g_0, g_1, g_2 = r0c0, r0c1, r0c2
-            elif A == 1:
-                g_0, g_1, g_2 = r1c0, r1c1, r1c2
-            else:
-                g_0, g_1, g_2 = r2c0, r2c1, r2c2
-            # window (A, B) holds block pixel (u, v) when A in {u, u + 1} and B in {v, v + 1}
-            acc00, acc01, acc10, acc11 = _window_grad(vp0, vp1, v0, v1, g_0, A, 0,
-                                                      acc00, acc01, acc10, acc11,
-                                                      A <= 1, False, A >= 1, False)
-            acc00, acc01, acc10, acc11 = _window_grad(vp1, vp2, v1, v2, g_1, A, 1,
-                                                      acc00, acc01, acc10, acc11,
-                                                      A <= 1, True, A >= 1, True)
-            acc00, acc01, acc10, acc11 = _window_grad(vp2, vp3, v2, v3, g_2, A, 2,
-                                                      acc00, acc01, acc10, acc11,
-                                                      False, A <= 1, False, A >= 1)
-            if i == 1:
-                own00 = v1
-                own01 = v2
-            if i == 2:
-                own10 = v1
-                own11 = v2
-            vp0 = v0
-            vp1 = v1
-            vp2 = v2
-            vp3 = v3
+        in00 = ex_top & ex_left
+        in02 = ex_top & ex_right
+        in20 = ex_bottom & ex_left
+        in22 = ex_bottom & ex_right
+        in11 = ex_top | True   # the centre window always lies in the image
+        # the 4 x 4 activations, row-major v<row><column>
+        v00 = _act_tap(act_ptr, own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, py, px, up, down, left, right,
+                       c, c_ok, 0, 0, SIDE, C)
+        v01 = _act_tap(act_ptr, own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, py, px, up, down, left, right,
+                       c, c_ok, 0, 1, SIDE, C)
+        v02 = _act_tap(act_ptr, own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, py, px, up, down, left, right,
+                       c, c_ok, 0, 2, SIDE, C)
+        v03 = _act_tap(act_ptr, own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, py, px, up, down, left, right,
+                       c, c_ok, 0, 3, SIDE, C)
+        v10 = _act_tap(act_ptr, own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, py, px, up, down, left, right,
+                       c, c_ok, 1, 0, SIDE, C)
+        v11 = _act_tap(act_ptr, own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, py, px, up, down, left, right,
+                       c, c_ok, 1, 1, SIDE, C)
+        v12 = _act_tap(act_ptr, own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, py, px, up, down, left, right,
+                       c, c_ok, 1, 2, SIDE, C)
+        v13 = _act_tap(act_ptr, own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, py, px, up, down, left, right,
+                       c, c_ok, 1, 3, SIDE, C)
+        v20 = _act_tap(act_ptr, own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, py, px, up, down, left, right,
+                       c, c_ok, 2, 0, SIDE, C)
+        v21 = _act_tap(act_ptr, own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, py, px, up, down, left, right,
+                       c, c_ok, 2, 1, SIDE, C)
+        v22 = _act_tap(act_ptr, own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, py, px, up, down, left, right,
+                       c, c_ok, 2, 2, SIDE, C)
+        v23 = _act_tap(act_ptr, own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, py, px, up, down, left, right,
+                       c, c_ok, 2, 3, SIDE, C)
+        v30 = _act_tap(act_ptr, own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, py, px, up, down, left, right,
+                       c, c_ok, 3, 0, SIDE, C)
+        v31 = _act_tap(act_ptr, own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, py, px, up, down, left, right,
+                       c, c_ok, 3, 1, SIDE, C)
+        v32 = _act_tap(act_ptr, own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, py, px, up, down, left, right,
+                       c, c_ok, 3, 2, SIDE, C)
+        v33 = _act_tap(act_ptr, own, n_ul, n_u, n_ur, n_l, n_r, n_dl, n_d, n_dr, py, px, up, down, left, right,
+                       c, c_ok, 3, 3, SIDE, C)
+        # A pixel x wins window W when it beats every earlier member and no later member beats
+        # it (torch's max_pool2d: the first maximum in row-major order, or the last NaN when the
+        # window holds one). With f(q) = minimum(q, inf), q's NaN read as +inf:
+        #   x beats every earlier q  <=>  not x <= max f(earlier)   (NaN x beats all)
+        #   no later q beats x       <=>  maxNaN(later) <= f(x)     (a later NaN beats x)
+        # the maxima in the storage dtype (exact), NaN-propagating for the later members
+        f00 = _min_inf(v00)
+        f01 = _min_inf(v01)
+        f02 = _min_inf(v02)
+        f03 = _min_inf(v03)
+        f10 = _min_inf(v10)
+        f11 = _min_inf(v11)
+        f12 = _min_inf(v12)
+        f13 = _min_inf(v13)
+        f20 = _min_inf(v20)
+        f21 = _min_inf(v21)
+        f22 = _min_inf(v22)
+        e0102 = _max(f01, f02, False)
+        e1112 = _max(f11, f12, False)
+        l2122 = _max(v21, v22, True)
+        l3132 = _max(v31, v32, True)
+        # each block pixel's accumulator takes its windows' gradients in row-major window order
+        # from +0, gm where it won and +0 elsewhere (an accumulator that starts at +0 never
+        # becomes -0, so adding +0 leaves it as it is)
+        zero = tl.zeros([own.shape[0], py.shape[1], BLOCK_C], dtype=ACC)
+        # block pixel (0, 0) = v11: last member of window (0, 0), third of (0, 1), second of
+        # (1, 0), first of (1, 1); the others likewise
+        acc00 = _first_win(zero, v11, _max(_max(f00, f01, False), f10, False), r0c0, in00)
+        acc00 = _mid_win(acc00, v11, f11, e0102, v12, r0c1, ex_top)
+        acc00 = _mid_win(acc00, v11, f11, f10, _max(v20, v21, True), r1c0, ex_left)
+        acc00 = _last_win(acc00, f11, _max(v12, l2122, True), r1c1, in11)
+        acc01 = _first_win(zero, v12, _max(e0102, f11, False), r0c1, ex_top)
+        acc01 = _mid_win(acc01, v12, f12, _max(f02, f03, False), v13, r0c2, in02)
+        acc01 = _mid_win(acc01, v12, f12, f11, l2122, r1c1, in11)
+        acc01 = _last_win(acc01, f12, _max(_max(v13, v22, True), v23, True), r1c2, ex_right)
+        acc10 = _first_win(zero, v21, _max(_max(f10, f11, False), f20, False), r1c0, ex_left)
+        acc10 = _mid_win(acc10, v21, f21, e1112, v22, r1c1, in11)
+        acc10 = _mid_win(acc10, v21, f21, f20, _max(v30, v31, True), r2c0, in20)
+        acc10 = _last_win(acc10, f21, _max(v22, l3132, True), r2c1, ex_bottom)
+        acc11 = _first_win(zero, v22, _max(e1112, f21, False), r1c1, in11)
+        acc11 = _mid_win(acc11, v22, f22, _max(f12, f13, False), v23, r1c2, ex_right)
+        acc11 = _mid_win(acc11, v22, f22, f21, l3132, r2c1, ex_bottom)
+        acc11 = _last_win(acc11, f22, _max(_max(v23, v32, True), v33, True), r2c2, in22)
         if RELU_MASK:
             # torch's ReLU' passes the gradient wherever act <= 0 is false: also at NaN
-            acc00 = tl.where(~(own00 <= 0), acc00, 0.0)
-            acc01 = tl.where(~(own01 <= 0), acc01, 0.0)
-            acc10 = tl.where(~(own10 <= 0), acc10, 0.0)
-            acc11 = tl.where(~(own11 <= 0), acc11, 0.0)
+            acc00 = tl.where(~_le(v11, 0.0), acc00, 0.0)
+            acc01 = tl.where(~_le(v12, 0.0), acc01, 0.0)
+            acc10 = tl.where(~_le(v21, 0.0), acc10, 0.0)
+            acc11 = tl.where(~_le(v22, 0.0), acc11, 0.0)
         ok = (own >= 0)[:, None, None] & c_ok[None, None, :]
         base = own.to(tl.int64)[:, None] * (SIDE * SIDE * C) + ((2 * py) * SIDE + 2 * px) * C
         ptrs = dact_ptr + base[:, :, None] + c[None, None, :]
