@@ -228,20 +228,13 @@ class Recorder:
 
 
 def _visible_tables_on_host(args: dict) -> None:
-    """What ``_visible_tables_kernel`` writes, computed in numpy (no torch op, so the profiler
-    counts none): the host path reads the tables it builds (tile counts, the token rows)."""
-    import numpy as np
-    n, k = int(args["N"]), int(args["num_visible"])
-    keep = args["keep_ptr"].numpy().reshape(-1, n)
-    slot = args["slot_ptr"].numpy().reshape(-1, n)
-    tile_pos = args["tile_pos_ptr"].numpy().reshape(-1, k) if k else None
-    for b, row in enumerate(keep):
-        index = np.cumsum(row) - 1
-        visible = row & (index < k)
-        slot[b] = np.where(visible, b * k + index, -1)
-        if k:
-            tile_pos[b] = b * n
-            tile_pos[b, index[visible]] = b * n + np.flatnonzero(visible)
+    """What ``_visible_tables_kernel`` writes to slot and tile_pos, built by the C++ twin of the
+    cuda backend's tables kernel (a native call, not a torch op, so the profiler counts none): the
+    host path reads these tables (tile counts, the token rows); it never reads the neighbour table."""
+    from scott_kernels.ops import _C
+    keep, n = args["keep_ptr"], int(args["N"])
+    _C.visible_tables(keep.data_ptr(), keep.numel() // n, n, int(args["num_visible"]), int(args["GW"]), -1,
+                      args["slot_ptr"].data_ptr(), args["tile_pos_ptr"].data_ptr(), 0, False, 0)
 
 
 # Kernels whose outputs the host path reads, by compiled name: run on the host as they launch
