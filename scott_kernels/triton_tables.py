@@ -27,6 +27,16 @@ __all__ = ["visible_tables", "tables_for", "neighbour_table", "check_neighbours"
 
 if triton is not None:
 
+    @triton.jit
+    def _neighbour_slot(slot_ptr, image, n, d, ok, GH, GW, R: tl.constexpr):
+        """The slot of neighbour d (offset (d // NB - R, d % NB - R), NB = 2R + 1) of in-image
+        position n of the image whose slots start at ``image``, or -1 outside the image."""
+        NB: tl.constexpr = 2 * R + 1
+        gy = n // GW + d // NB - R
+        gx = n % GW + d % NB - R
+        inside = ok & (gy >= 0) & (gy < GH) & (gx >= 0) & (gx < GW)
+        return tl.load(slot_ptr + image + gy * GW + gx, mask=inside, other=-1)
+
     # debug=True keeps the device assertion (Triton compiles tl.device_assert away otherwise)
     @triton.jit(debug=True)
     def _visible_tables_kernel(keep_ptr, slot_ptr, tile_pos_ptr, nbr_ptr, N, num_visible, GW,
@@ -63,12 +73,8 @@ if triton is not None:
             for start in range(0, num_visible * NB * NB, BLOCK):
                 e = start + tl.arange(0, BLOCK)
                 ok = e < num_visible * NB * NB
-                d = e % (NB * NB)
                 n = tl.load(tile_pos_ptr + first_tile + e // (NB * NB), mask=ok, other=row) - row
-                gy = n // GW + d // NB - R
-                gx = n % GW + d % NB - R
-                inside = ok & (gy >= 0) & (gy < GH) & (gx >= 0) & (gx < GW)
-                s = tl.load(slot_ptr + row + gy * GW + gx, mask=inside, other=-1)
+                s = _neighbour_slot(slot_ptr, row, n, e % (NB * NB), ok, GH, GW, R)
                 tl.store(nbr_ptr + first_tile * (NB * NB) + e, s, mask=ok)
 
     @triton.jit
@@ -79,15 +85,10 @@ if triton is not None:
         NB: tl.constexpr = 2 * R + 1
         e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = e < total
-        tile = e // (NB * NB)
-        d = e % (NB * NB)
-        pos = tl.load(tile_pos_ptr + tile, mask=ok, other=0)
+        pos = tl.load(tile_pos_ptr + e // (NB * NB), mask=ok, other=0)
         pos = tl.minimum(tl.maximum(pos, 0), num_pos - 1)
-        b = pos // (GH * GW)
-        gy = (pos % (GH * GW)) // GW + d // NB - R
-        gx = pos % GW + d % NB - R
-        inside = ok & (gy >= 0) & (gy < GH) & (gx >= 0) & (gx < GW)
-        s = tl.load(slot_ptr + (b * GH + gy) * GW + gx, mask=inside, other=-1)
+        image = pos - pos % (GH * GW)
+        s = _neighbour_slot(slot_ptr, image, pos - image, e % (NB * NB), ok, GH, GW, R)
         s = tl.where((s >= 0) & (s < num_tiles), s, -1)
         tl.store(nbr_ptr + e, s.to(tl.int32), mask=ok)
 
