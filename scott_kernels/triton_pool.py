@@ -504,17 +504,32 @@ if triton is not None:
                                 C: tl.constexpr, BLOCK_D: tl.constexpr, DENSE: tl.constexpr, NORM: tl.constexpr,
                                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_POS: tl.constexpr,
                                 HAS_MASK_TOKEN: tl.constexpr, ACC: tl.constexpr, RELU: tl.constexpr,
-                                TOKENS: tl.constexpr):
+                                FILL_ROWS: tl.constexpr, TOKENS: tl.constexpr):
         """The last MaxBlurPool (side 2 -> 1: one token per tile; of relu(act) with RELU) and the
-        token epilogue in one pass: LayerNorm over D, + pos_embed[n]. The first cdiv(M, TOKENS)
-        programs pool TOKENS tiles each and store their tokens at row b * N + n (DENSE, (B, N, D) out) or at the
-        tile's row (packed (B, K, D)); with DENSE the remaining programs write the masked rows
-        (mask_token + pos_embed[n], or 0), so no program pools a masked patch. Saves each token's
-        pooled value (x, in the compute dtype) and (mean, rstd) for the backward."""
+        token epilogue in one pass: LayerNorm over D, + pos_embed[n]. Program p pools tiles
+        [p * TOKENS, (p + 1) * TOKENS) and stores their tokens at row b * N + n (DENSE, (B, N, D)
+        out) or at the tile's row (packed (B, K, D)); with DENSE it also writes the masked rows
+        (mask_token + pos_embed[n], or 0) among its share of the B * N rows (_fill_programs), so
+        no program pools a masked patch and every program runs the same code (a grid split into
+        pooling and filling programs would leave most programs idle in one branch). Saves each
+        token's pooled value (x, in the compute dtype) and (mean, rstd) for the backward."""
         pid = tl.program_id(0)
         c = tl.arange(0, BLOCK_D)
         c_ok = c < C
         pool_programs = tl.cdiv(num_tiles, TOKENS)
+        if DENSE:
+            # this program's share of the rows: the grid is max(pool programs, num_pos / FILL_ROWS)
+            share = tl.cdiv(num_pos, tl.maximum(pool_programs, tl.cdiv(num_pos, FILL_ROWS)))
+            first = pid * share
+            for r0 in range(first, first + share, TOKENS):
+                row = r0 + tl.arange(0, TOKENS)
+                row_ok = (row < num_pos) & (row < first + share)
+                tile = tl.load(slot_ptr + row, mask=row_ok, other=0)
+                masked = row_ok & ((tile < 0) | (tile >= num_tiles))
+                pe, fill = _epilogue_fill(pos_ptr, mtok_ptr, row % (GH * GW), masked, c, c_ok, ACC, TOKENS, BLOCK_D,
+                                          C, HAS_POS and HAS_MASK_TOKEN, HAS_MASK_TOKEN)
+                tl.store(out_ptr + row.to(tl.int64)[:, None] * C + c[None, :], fill.to(out_ptr.dtype.element_ty),
+                         mask=masked[:, None] & c_ok[None, :])
         if pid < pool_programs:
             t = pid * TOKENS + tl.arange(0, TOKENS)
             t_ok = t < num_tiles
@@ -547,15 +562,6 @@ if triton is not None:
             y = y + pe
             out_row = pos if DENSE else t64
             tl.store(out_ptr + out_row[:, None] * C + c[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
-        else:
-            row = (pid - pool_programs) * TOKENS + tl.arange(0, TOKENS)
-            row_ok = row < num_pos
-            tile = tl.load(slot_ptr + row, mask=row_ok, other=0)
-            masked = row_ok & ((tile < 0) | (tile >= num_tiles))
-            pe, fill = _epilogue_fill(pos_ptr, mtok_ptr, row % (GH * GW), masked, c, c_ok, ACC, TOKENS, BLOCK_D,
-                                      C, HAS_POS and HAS_MASK_TOKEN, HAS_MASK_TOKEN)
-            tl.store(out_ptr + row.to(tl.int64)[:, None] * C + c[None, :], fill.to(out_ptr.dtype.element_ty),
-                     mask=masked[:, None] & c_ok[None, :])
 
     @triton.jit
     def _pool_tokens_bwd_kernel(grad_ptr, x_ptr, stats_ptr, dx_ptr, part_ptr, slot_ptr, w_ptr, num_tiles,
@@ -715,6 +721,17 @@ def _(grad, act, slot, tile_pos, relu_mask=False, grad_at_positions=False):
 # --------------------------------------------------------------------------------------------
 # The last pool fused with the token epilogue
 # --------------------------------------------------------------------------------------------
+# the most (B, N, D) rows one program of the fused last pool scans for masked ones: with few
+# visible patches the grid grows past the pooling programs so that the fill stays parallel
+FILL_ROWS = 64
+
+
+def _fill_programs(num_tiles: int, rows: int, tokens: int) -> int:
+    """Programs of the dense fused last pool: one per ``tokens`` tiles to pool, at least one per
+    FILL_ROWS rows to fill; each scans cdiv(rows, programs) rows (the kernel's ``share``)."""
+    return max(triton.cdiv(num_tiles, tokens), triton.cdiv(rows, FILL_ROWS))
+
+
 def _vector(name: str, t: torch.Tensor | None, dim: int, device) -> torch.Tensor | None:
     if t is not None and (t.dim() != 1 or t.shape[0] != dim or t.device != device or not t.is_floating_point()):
         raise ValueError(f"triton_pool_tokens: {name} must be a floating ({dim},) tensor on {device}, "
@@ -759,8 +776,7 @@ def pool_tokens(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, l
     if dense and num_tiles > B * N:
         raise ValueError(f"triton_pool_tokens: {num_tiles} tiles for {B * N} positions")
     any_ = act   # any tensor stands for an absent optional pointer (never read)
-    # pooling programs over the tiles, then (dense) filling programs over the positions
-    grid = lambda meta: (triton.cdiv(num_tiles, meta["TOKENS"]) + (triton.cdiv(rows, meta["TOKENS"]) if dense else 0),)
+    grid = lambda meta: (_fill_programs(num_tiles, rows, meta["TOKENS"]) if dense else triton.cdiv(num_tiles, meta["TOKENS"]),)
     _pool_tokens_fwd_kernel[grid](
         act, tokens, x if norm else any_, stats if norm else any_, slot.contiguous(), tile_pos.contiguous(),
         any_ if ln_weight is None else ln_weight.contiguous(), any_ if ln_bias is None else ln_bias.contiguous(),
@@ -768,7 +784,7 @@ def pool_tokens(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, l
         num_tiles, slot.numel(), GH, GW, float(eps), rows_bucket(rows),
         C=dim, BLOCK_D=triton.next_power_of_2(dim), DENSE=dense, NORM=norm, HAS_W=norm and ln_weight is not None,
         HAS_B=norm and ln_bias is not None, HAS_POS=pos_embed is not None,
-        HAS_MASK_TOKEN=dense and mask_token is not None, ACC=accumulator(act.dtype), RELU=relu)
+        HAS_MASK_TOKEN=dense and mask_token is not None, ACC=accumulator(act.dtype), RELU=relu, FILL_ROWS=FILL_ROWS)
     return tokens, x, stats
 
 

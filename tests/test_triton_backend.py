@@ -486,6 +486,31 @@ def test_pool_tokens_matches_composition(parts, mask_kind, packed):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("fill_rows", [3, 64])
+def test_pool_tokens_fill_shares(monkeypatch, fill_rows):
+    """The dense fused last pool: every program pools its tiles and fills the masked rows of its
+    share of the (B, N) rows. With few visible patches the grid grows past the pooling programs
+    (FILL_ROWS 3: shares of 1-2 rows, most programs pool nothing; 64: shares longer than a row
+    block, several loop trips). Every row is written once, equal to the composition."""
+    from scott_kernels import triton_pool
+    monkeypatch.setattr(triton_pool, "FILL_ROWS", fill_rows)
+    g = torch.Generator().manual_seed(11)
+    B, GH, GW, D = 3, 5, 7, 5
+    N = GH * GW
+    for k in (0, 1, 17, N):
+        keep = torch.zeros(B, N, dtype=torch.bool)
+        keep.scatter_(1, torch.rand(B, N, generator=g).argsort(1)[:, :k], True)
+        slot, tile_pos = visible_tables(keep, B, GH, GW, torch.device("cpu"))
+        act = torch.randn(B * k, 2, 2, D, dtype=torch.float64, generator=g)
+        pos, mtok = torch.randn(N, D, dtype=torch.float64, generator=g), torch.randn(D, dtype=torch.float64, generator=g)
+        out = pool_tokens_apply(act, slot, tile_pos, None, pos, mtok, True)
+        grid = act.new_zeros((B * N, 2, 2, D)).index_copy(0, tile_pos, act)
+        image = grid.view(B, GH, GW, 2, 2, D).permute(0, 5, 1, 3, 2, 4).reshape(B, D, 2 * GH, 2 * GW)
+        tokens = dense_max_blur_pool(image).flatten(2).transpose(1, 2) * keep.unsqueeze(-1)
+        expected = token_epilogue(tokens, keep, False, None, pos, mtok)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_pool_tokens_opcheck():
     """The fused op and its backward as custom ops: schema, fake tensors, autograd registration.
     (Gradient exactness is checked against float64 autograd of the composition above.)"""
