@@ -293,9 +293,9 @@ def _tuner_class():
 
         def run(self, *args, **kwargs):
             import torch
-            key = self._tuning_key(args, kwargs)
             if torch.are_deterministic_algorithms_enabled() or len(self.configs) == 1:
                 # a fixed config: the first kept (the only one, for a single-config kernel)
+                key = self._tuning_key(args, kwargs)
                 self.nargs = dict(zip(self.arg_names, args))
                 fixed = self._kept(kwargs)[0]
                 fitted = self._fitted()
@@ -316,7 +316,9 @@ def _tuner_class():
                     raise
                 self.nargs = dict(zip(self.arg_names, args))
                 working, ret = self._fall_back(failed, args, kwargs, e)
-                self.cache[key] = working   # later launches for this key start from it
+                # later launches for this key start from it (the key is built only here: it
+                # costs host time on every launch otherwise)
+                self.cache[self._tuning_key(args, kwargs)] = working
                 return ret
             self.last_config = self.best_config
             return ret
