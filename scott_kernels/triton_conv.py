@@ -131,13 +131,15 @@ if triton is not None:
 
     @autotune(conv_wgrad_configs(), CONV_KEY + ["ROWS_PER_CTA", "TAPS"], prune_by_c_out, shared=WGRAD_SHARED)
     @triton.jit
-    def _conv_relu_wgrad_kernel(src_ptr, grad_ptr, out_ptr, partial_ptr, nbr_ptr, rows_total, ROWS_BUCKET,
-                                C_IN: tl.constexpr, C_OUT: tl.constexpr, IN_SIDE: tl.constexpr,
+    def _conv_relu_wgrad_kernel(src_ptr, grad_ptr, out_ptr, partial_ptr, nbr_ptr, w_out_ptr, counter_ptr, rows_total,
+                                splits, ROWS_BUCKET, C_IN: tl.constexpr, C_OUT: tl.constexpr, IN_SIDE: tl.constexpr,
                                 KSIZE: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr, TAPS: tl.constexpr,
                                 ROWS_PER_CTA: tl.constexpr, GRAD_MASKED: tl.constexpr, WIDE: tl.constexpr,
-                                ACC: tl.constexpr, PRECISION: tl.constexpr,
+                                ACC: tl.constexpr, PRECISION: tl.constexpr, EPI_ROWS: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-        """partial[split] (k*k*C_in, C_out) = im2col(rows of this split)^T @ (grad * relu').
+        """partial[split] (k*k*C_in, C_out) = im2col(rows of this split)^T @ (grad * relu'); the
+        split that finishes a tile last sums the tile's partials into w_out (C_out, C_in, k, k),
+        in its dtype (_last_arrival, _sum_splits).
 
         A CTA owns TAPS (1 or 2) taps' block of BLOCK_K channels: each step does one neighbour
         lookup per row and tap, gathers contiguous channels, and loads the gradient once for
@@ -177,12 +179,26 @@ if triton is not None:
                 offs, mask = _neighbour_offsets(nbr_row, oy2 + dy2, ox2 + dx2, ch, IN_SIDE, C_IN, NB, CH_MASK, WIDE)
                 a2 = tl.load(src_ptr + offs, mask=mask & has2, other=0.0)
                 acc2 = tl.dot(tl.trans(a2), g, acc2, input_precision=PRECISION, out_dtype=ACC)
-        k_rows = tap * C_IN + ch
-        dst = partial_ptr + (split * (KSIZE * KSIZE * C_IN) + k_rows[:, None]) * C_OUT + cols[None, :]
+        KK: tl.constexpr = KSIZE * KSIZE
+        part_offs = (tap * C_IN + ch)[:, None] * C_OUT + cols[None, :]
+        split_stride = KK * C_IN * C_OUT
         ok = (ch < C_IN)[:, None] & col_ok[None, :]
-        tl.store(dst, acc.to(partial_ptr.dtype.element_ty), mask=ok)
+        tl.store(partial_ptr + split * split_stride + part_offs, acc.to(partial_ptr.dtype.element_ty), mask=ok)
         if TAPS == 2:
-            tl.store(dst + C_IN * C_OUT, acc2.to(partial_ptr.dtype.element_ty), mask=ok & has2)
+            tl.store(partial_ptr + split * split_stride + part_offs + C_IN * C_OUT,
+                     acc2.to(partial_ptr.dtype.element_ty), mask=ok & has2)
+        counter = counter_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        if _last_arrival(counter, splits):
+            # EPI_ROWS channels at a time: the accumulators' registers are not needed twice
+            for t in tl.static_range(TAPS):
+                for c0 in range(0, BLOCK_K, EPI_ROWS):
+                    chs = (tl.program_id(0) % CB) * BLOCK_K + c0 + tl.arange(0, EPI_ROWS)
+                    k_ok = (chs < C_IN)[:, None] & col_ok[None, :] & (tap + t < KK)
+                    w = _sum_splits(partial_ptr, split_stride, splits,
+                                    ((tap + t) * C_IN + chs)[:, None] * C_OUT + cols[None, :], k_ok)
+                    tl.store(w_out_ptr + cols[None, :] * (C_IN * KK) + chs[:, None] * KK + (tap + t),
+                             w.to(w_out_ptr.dtype.element_ty), mask=k_ok)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")   # zero again for the next launch
 
     @triton.jit
     def _dgrad_step(grad_ptr, out_ptr, w_ptr, nbr_row, ly, lx, it, ky0, kx0, n_kx, n_iter, kc, cols, col_ok,
@@ -287,27 +303,27 @@ if triton is not None:
         tl.store(t_ptr + e, v, mask=ok)
         tl.store(gemm_ptr + (tap * C_IN + cw) * C_OUT + co, v, mask=real)
 
-    # ---- the weight gradient from its partials --------------------------------------------------
+    # ---- the weight gradient from its partials, in the split that finishes a tile last -------------
     @triton.jit
-    def _weight_from_partials_kernel(part_ptr, out_ptr, splits, part_stride, C_OUT: tl.constexpr,
-                                     C_IN: tl.constexpr, KSIZE: tl.constexpr, KXP: tl.constexpr, CIP: tl.constexpr,
-                                     ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr):
-        """out (C_out, C_in, k, k), in its dtype = the sum over ``splits`` of the partials
-        (splits, KYP, KXP, CIP, C_out) (kernel rows, taps and channels padded to KYP, KXP, CIP;
-        only the real ones are read), in split order: the sum, the layout change and the cast of
-        the weight gradient in one pass. A tile is (C_in * k * k columns, C_out rows) of out."""
-        KK: tl.constexpr = KSIZE * KSIZE
-        j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)   # ci * k * k + ky * k + kx
-        co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ok = (j < C_IN * KK)[:, None] & (co < C_OUT)[None, :]
-        tap = j % KK
-        src = (((tap // KSIZE) * KXP + tap % KSIZE) * CIP + j // KK) * C_OUT
-        ptrs = part_ptr + src[:, None] + co[None, :]
-        acc = tl.zeros([BLOCK_J, BLOCK_N], dtype=ACC)
-        for _ in range(splits):
-            acc += tl.load(ptrs, mask=ok, other=0.0)
-            ptrs += part_stride   # 64-bit pointer arithmetic: no offset overflows
-        tl.store(out_ptr + co[None, :] * (C_IN * KK) + j[:, None], acc.to(out_ptr.dtype.element_ty), mask=ok)
+    def _last_arrival(counter_ptr, splits):
+        """Whether this CTA is the last of the ``splits`` CTAs that share an output tile (and its
+        zeroed counter) to finish: their partials are then all in memory. Every thread's partial
+        store precedes the CTA's arrival (the barrier), the arrival releases them and the last
+        one acquires the others' (acq_rel at GPU scope): the pattern of a serial split-K
+        semaphore, no spinning."""
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+        return arrived == splits - 1
+
+    @triton.jit
+    def _sum_splits(part_ptr, split_stride, splits, offs, ok):
+        """The sum over ``splits`` of the partials at ``offs``, in split order whichever CTA sums
+        them (deterministic). The loads bypass L1 (.cg): other SMs wrote them."""
+        total = tl.load(part_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
+        for _ in range(1, splits):
+            part_ptr += split_stride   # 64-bit pointer arithmetic: no offset overflows
+            total += tl.load(part_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
+        return total
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,18 +377,24 @@ def conv_radius(in_side: int, k: int) -> int:
     return -(-(k // 2) // in_side)
 
 
-def reduce_weight_partials(partial: torch.Tensor, weight: torch.Tensor, kxp: int | None = None,
-                         cip: int | None = None) -> torch.Tensor:
-    """The (C_out, C_in, k, k) weight gradient, in the weight's dtype, from float32 (float64)
-    partials (splits, KYP * KXP * CIP, C_out) whose taps and channels may be padded (``kxp``,
-    ``cip``; default k and C_in): one launch for the sum, the layout and the cast."""
-    c_out, c_in, k, _ = weight.shape
-    out = torch.empty((c_out, c_in, k, k), dtype=weight.dtype, device=weight.device)
-    block_j, block_n = 64, min(64, pow2(c_out))
-    _weight_from_partials_kernel[(triton.cdiv(c_in * k * k, block_j), triton.cdiv(c_out, block_n))](
-        partial, out, partial.shape[0], partial[0].numel(), C_OUT=c_out, C_IN=c_in, KSIZE=k, KXP=kxp or k,
-        CIP=cip or c_in, ACC=accumulator(partial.dtype), BLOCK_J=block_j, BLOCK_N=block_n)
-    return out
+# one zeroed int32 counter per output tile of a split weight gradient, per device and stream: the
+# kernels leave every counter at zero, and launches on one stream run in order
+_ARRIVAL_COUNTERS: dict = {}
+
+
+def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    """At least ``count`` zeroed counters for a weight-gradient launch on ``device``'s current
+    stream (see _last_arrival). Kept between launches, so a backward costs no fill launch; under
+    CUDA graph capture the graph gets counters of its own (its replays, on any stream, never share
+    them with eager launches)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(count, dtype=torch.int32, device=device)
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    counters = _ARRIVAL_COUNTERS.get(key)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        _ARRIVAL_COUNTERS[key] = counters
+    return counters
 
 
 def _padded_channels(c_in: int) -> int:
@@ -512,12 +534,14 @@ def conv_relu_wgrad_compact(grad: torch.Tensor, out: torch.Tensor | None, src: t
     per_cta = _rows_per_cta(rows, k_tiles * triton.cdiv(c_out, 128), src.device)
     splits = triton.cdiv(rows, per_cta)
     partial = torch.empty((splits, k * k * c_in, c_out), dtype=part_dtype, device=src.device)
+    w_grad = torch.empty((c_out, c_in, k, k), dtype=weight.dtype, device=src.device)
+    counters = arrival_counters(src.device, k_tiles * triton.cdiv(c_out, 16))   # BLOCK_N >= 16
     grid = lambda meta: (k_tiles, triton.cdiv(c_out, meta["BLOCK_N"]), splits)
     _conv_relu_wgrad_kernel[grid](
-        src, grad, out, partial, nbr, rows, rows_bucket(rows), C_IN=c_in, C_OUT=c_out, IN_SIDE=in_side, KSIZE=k,
-        R=radius, BLOCK_K=block_k, TAPS=taps, ROWS_PER_CTA=per_cta, GRAD_MASKED=masked, WIDE=_wide(src, grad), ACC=acc,
-        PRECISION=precision)
-    return reduce_weight_partials(partial, weight)
+        src, grad, out, partial, nbr, w_grad, counters, rows, splits, rows_bucket(rows), C_IN=c_in, C_OUT=c_out,
+        IN_SIDE=in_side, KSIZE=k, R=radius, BLOCK_K=block_k, TAPS=taps, ROWS_PER_CTA=per_cta, GRAD_MASKED=masked,
+        WIDE=_wide(src, grad), ACC=acc, PRECISION=precision, EPI_ROWS=16)
+    return w_grad
 
 
 @custom_op("scott_kernels::triton_conv_relu_dgrad", mutates_args=())

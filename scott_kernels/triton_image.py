@@ -26,8 +26,8 @@ from .compact import accumulator_dtype
 from .triton_configs import (IMAGE_FWD_SHARED, IMAGE_KEY, IMAGE_WGRAD_SHARED, accumulator, autotune,
                              image_fwd_configs, image_wgrad_configs, pow2, prune_by_c_out, prune_image_wgrad,
                              rows_bucket)
-from .triton_conv import (_check_tables, _precision, _sm_count, _source_geometry, _wide, conv_relu_dgrad,
-                          reduce_weight_partials, wgrad_operands)
+from .triton_conv import (_check_tables, _precision, _sm_count, _source_geometry, _wide, arrival_counters,
+                          conv_relu_dgrad, wgrad_operands)
 
 __all__ = ["conv_image", "conv_image_wgrad", "conv_relu_image", "conv_relu_wgrad_image"]
 
@@ -36,6 +36,7 @@ __all__ = ["conv_image", "conv_image_wgrad", "conv_relu_image", "conv_relu_wgrad
 # Kernels
 # --------------------------------------------------------------------------------------------
 if triton is not None:
+    from .triton_conv import _last_arrival, _sum_splits
     from .triton_conv import _relu_grad, _row_block
 
     @triton.jit
@@ -92,12 +93,29 @@ if triton is not None:
                  mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
-    def _pack_image_kernel(x_ptr, packed_ptr, slot_ptr, norm_ptr, num_tiles, GH, GW, H, W, HP, WP,
-                           s_b, s_c, s_h, s_w, C: tl.constexpr, CP: tl.constexpr, P: tl.constexpr,
-                           PAD: tl.constexpr, NORMALIZE: tl.constexpr, ACC: tl.constexpr, BLOCK_W: tl.constexpr):
+    def _pack_image_kernel(x_ptr, packed_ptr, slot_ptr, norm_ptr, w_ptr, w_out_ptr, num_tiles, GH, GW, H, W, HP, WP,
+                           s_b, s_c, s_h, s_w, w_total, w_share, C: tl.constexpr, CP: tl.constexpr, P: tl.constexpr,
+                           PAD: tl.constexpr, NORMALIZE: tl.constexpr, ACC: tl.constexpr, BLOCK_W: tl.constexpr,
+                           WEIGHT: tl.constexpr, C_OUT: tl.constexpr, KSIZE: tl.constexpr, KXE: tl.constexpr,
+                           W_BLOCK: tl.constexpr):
         """packed (B, HP, WP, CP)[b, y + PAD, x + PAD, c] = image[b, c, y, x] (normalised with
         NORMALIZE) where (y, x) is in the image and its patch visible, else 0: the image stage's
-        masking, padding and normalisation, done once."""
+        masking, padding and normalisation, done once. With WEIGHT each program also writes its
+        share (w_share elements) of the GEMM's weight: w_out (k, KXE, CP, C_out) = weight
+        (C_out, C_in, k, k) at (ky, kx, ci, co), 0 at the padded taps (kx >= k) and channels
+        (ci >= C_in); one launch instead of two."""
+        if WEIGHT:
+            first = (tl.program_id(0) * tl.cdiv(WP, BLOCK_W) + tl.program_id(1)) * w_share
+            for e0 in range(first, first + w_share, W_BLOCK):
+                e = e0 + tl.arange(0, W_BLOCK)
+                co = e % C_OUT
+                ci = (e // C_OUT) % CP
+                kx = (e // (C_OUT * CP)) % KXE
+                ky = e // (C_OUT * CP * KXE)
+                mine = (e < w_total) & (e < first + w_share)
+                real = mine & (ci < C) & (kx < KSIZE)
+                w = tl.load(w_ptr + ((co * C + ci) * KSIZE + ky) * KSIZE + kx, mask=real, other=0.0)
+                tl.store(w_out_ptr + e, w, mask=mine)
         prow = tl.program_id(0)
         b = prow // HP
         y = prow % HP - PAD
@@ -120,33 +138,21 @@ if triton is not None:
         dst = packed_ptr + (prow.to(tl.int64) * WP + xp)[:, None] * CP + c[None, :]
         tl.store(dst, v.to(packed_ptr.dtype.element_ty), mask=(xp < WP)[:, None])
 
-    @triton.jit
-    def _image_weight_kernel(w_ptr, out_ptr, total, C_OUT: tl.constexpr, C_IN: tl.constexpr, KSIZE: tl.constexpr,
-                             KXE: tl.constexpr, CP: tl.constexpr, BLOCK: tl.constexpr):
-        """out (k, KXE, CP, C_out) = weight (C_out, C_in, k, k) at (ky, kx, ci, co), 0 at the
-        padded taps (kx >= k) and channels (ci >= C_in): the image GEMM's weight in one pass."""
-        e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        co = e % C_OUT
-        ci = (e // C_OUT) % CP
-        kx = (e // (C_OUT * CP)) % KXE
-        ky = e // (C_OUT * CP * KXE)
-        real = (e < total) & (ci < C_IN) & (kx < KSIZE)
-        v = tl.load(w_ptr + ((co * C_IN + ci) * KSIZE + ky) * KSIZE + kx, mask=real, other=0.0)
-        tl.store(out_ptr + e, v, mask=e < total)
-
     @autotune(image_wgrad_configs(), IMAGE_KEY, prune_image_wgrad, shared=IMAGE_WGRAD_SHARED)
     @triton.jit
     def _conv_relu_image_wgrad_kernel(packed_ptr, grad_ptr, out_ptr, partial_ptr, tile_pos_ptr, rows_total, num_pos,
-                                      ROWS_BUCKET, rows_per_cta,
+                                      ROWS_BUCKET, rows_per_cta, w_out_ptr, counter_ptr, splits,
                                       CELLS: tl.constexpr, GW: tl.constexpr, ROW_STRIDE: tl.constexpr,
                                       IMG_STRIDE: tl.constexpr, C_OUT: tl.constexpr, OUT_SIDE: tl.constexpr,
                                       KYP: tl.constexpr, CP: tl.constexpr, KROW: tl.constexpr,
+                                      C_IN: tl.constexpr, KSIZE: tl.constexpr,
                                       GRAD_MASKED: tl.constexpr, WIDE: tl.constexpr, ACC: tl.constexpr,
-                                      PRECISION: tl.constexpr,
+                                      PRECISION: tl.constexpr, EPI_ROWS: tl.constexpr,
                                       BLOCK_KY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
         """partial[split] (KYP * KROW, C_out): the image stage's weight gradient over the packed
-        image's kernel rows (the host keeps the rows of real taps and channels), over rows_per_cta
-        output pixels (a multiple of BLOCK_R) per split."""
+        image's kernel rows, over rows_per_cta output pixels (a multiple of BLOCK_R) per split; the
+        split that finishes a tile last sums the tile's partials at the real taps and channels
+        into w_out (C_out, C_in, k, k), in its dtype (triton_conv._last_arrival, _sum_splits)."""
         BK: tl.constexpr = BLOCK_KY * KROW
         # the gradient's loads are masked by row only where the channel blocks tile C_out
         COL_MASK: tl.constexpr = C_OUT % BLOCK_N != 0
@@ -168,8 +174,24 @@ if triton is not None:
             g = _relu_grad(grad_ptr, out_ptr, rows[:, None] * C_OUT + cols[None, :], g_mask, GRAD_MASKED)
             acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION, out_dtype=ACC)
         k_rows = tl.program_id(0) * BK + j
-        tl.store(partial_ptr + (split * (KYP * KROW) + k_rows[:, None]) * C_OUT + cols[None, :],
-                 acc.to(partial_ptr.dtype.element_ty), mask=col_ok[None, :])
+        part_offs = k_rows[:, None] * C_OUT + cols[None, :]
+        split_stride = KYP * KROW * C_OUT
+        tl.store(partial_ptr + split * split_stride + part_offs, acc.to(partial_ptr.dtype.element_ty),
+                 mask=col_ok[None, :])
+        counter = counter_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        if _last_arrival(counter, splits):
+            # EPI_ROWS rows at a time (the accumulator's registers are not needed twice); a packed
+            # kernel row is KROW // CP taps of CP channels, and only the real ones are weights
+            for r0 in range(0, BK, EPI_ROWS):
+                w_rows = tl.program_id(0) * BK + r0 + tl.arange(0, EPI_ROWS)
+                ky = w_rows // KROW
+                kx = (w_rows % KROW) // CP
+                ci = w_rows % CP
+                ok = ((ky < KSIZE) & (kx < KSIZE) & (ci < C_IN))[:, None] & col_ok[None, :]
+                w = _sum_splits(partial_ptr, split_stride, splits, w_rows[:, None] * C_OUT + cols[None, :], ok)
+                w_offs = cols[None, :] * (C_IN * KSIZE * KSIZE) + ((ci * KSIZE + ky) * KSIZE + kx)[:, None]
+                tl.store(w_out_ptr + w_offs, w.to(w_out_ptr.dtype.element_ty), mask=ok)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")   # zero again for the next launch
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,26 +223,28 @@ def _packed_geometry(height: int, width: int, k: int, c_in: int) -> dict:
 
 
 def _pack_image(x: torch.Tensor, slot: torch.Tensor, num_tiles: int, in_side: int, k: int,
-                norm: torch.Tensor, normalize: bool, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
+                norm: torch.Tensor, normalize: bool, dtype: torch.dtype, weight: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+    """(packed images, their geometry, the GEMM's (k * KROW, C_out) weight, zero at the padded
+    taps and channels, when ``weight`` is given: written by the same launch)."""
     B, C, H, W = x.shape
     geo = _packed_geometry(H, W, k, C)
     packed = torch.empty((B, geo["hp"], geo["wp"], geo["cp"]), dtype=dtype, device=x.device)
     block = min(256, triton.next_power_of_2(geo["wp"]))   # a packed row per program: few, busy programs
-    _pack_image_kernel[(B * geo["hp"], triton.cdiv(geo["wp"], block))](
-        x, packed, slot, norm, num_tiles, slot.shape[1], slot.shape[2], H, W, geo["hp"], geo["wp"], *x.stride(),
-        C=C, CP=geo["cp"], P=in_side, PAD=geo["pad"], NORMALIZE=normalize, ACC=accumulator(dtype), BLOCK_W=block)
-    return packed, geo
-
-
-def _image_weight(weight: torch.Tensor, geo: dict) -> torch.Tensor:
-    """(C_out, C_in, k, k) -> (k * KROW, C_out), zero at the padded taps and channels."""
-    c_out, c_in, k, _ = weight.shape
-    out = torch.empty((k * geo["krow"], c_out), dtype=weight.dtype, device=weight.device)
-    total, block = out.numel(), 1024
-    if total:
-        _image_weight_kernel[(triton.cdiv(total, block),)](
-            weight.contiguous(), out, total, C_OUT=c_out, C_IN=c_in, KSIZE=k, KXE=geo["kxe"], CP=geo["cp"], BLOCK=block)
-    return out
+    grid = (B * geo["hp"], triton.cdiv(geo["wp"], block))
+    w_out, w_total, w_share, w_block = None, 0, 0, 64
+    if weight is not None:
+        c_out = weight.shape[0]
+        w_out = torch.empty((k * geo["krow"], c_out), dtype=weight.dtype, device=weight.device)
+        w_total = w_out.numel()
+        w_share = -(-w_total // (grid[0] * grid[1] * w_block)) * w_block   # whole W_BLOCKs per program
+    _pack_image_kernel[grid](
+        x, packed, slot, norm, packed if weight is None else weight.contiguous(), packed if w_out is None else w_out,
+        num_tiles, slot.shape[1], slot.shape[2], H, W, geo["hp"], geo["wp"], *x.stride(), w_total, w_share,
+        C=C, CP=geo["cp"], P=in_side, PAD=geo["pad"], NORMALIZE=normalize, ACC=accumulator(dtype), BLOCK_W=block,
+        WEIGHT=weight is not None, C_OUT=1 if weight is None else weight.shape[0], KSIZE=k, KXE=geo["kxe"],
+        W_BLOCK=w_block)
+    return packed, geo, w_out
 
 
 def _image_args(packed: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, rows: int, geo: dict) -> tuple:
@@ -275,13 +299,13 @@ def conv_relu_image(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor,
     rows = num_tiles * side * side
     slot, tile_pos = slot.contiguous(), tile_pos.contiguous()
     norm, normalize = _norm_args(pixel_norm, src, c_in, weight)
-    packed, geo = _pack_image(src, slot, num_tiles, in_side, k, norm, normalize, weight.dtype)
+    packed, geo, w_image = _pack_image(src, slot, num_tiles, in_side, k, norm, normalize, weight.dtype, weight)
     out = torch.empty((num_tiles, side, side, c_out), dtype=weight.dtype, device=src.device)
     if rows == 0:
         return out, packed
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))
     _conv_relu_image_fwd_kernel[grid](
-        packed, _image_weight(weight, geo), out, *_image_args(packed, slot, tile_pos, rows, geo),
+        packed, w_image, out, *_image_args(packed, slot, tile_pos, rows, geo),
         **_image_consts(slot, geo), C_OUT=c_out, OUT_SIDE=side, KSIZE=k, CP=geo["cp"], KROW=geo["krow"], WIDE=_wide(packed, out), RELU=relu,
         ACC=accumulator(weight.dtype), PRECISION=_precision(weight.dtype))
     return out, packed
@@ -322,12 +346,15 @@ def _image_wgrad(grad: torch.Tensor, out: torch.Tensor | None, packed: torch.Ten
     per_cta = _image_rows_per_cta(rows, max(1, kyp // 2) * triton.cdiv(c_out, 64), packed.device)
     splits = triton.cdiv(rows, per_cta)
     partial = torch.empty((splits, kyp * krow, c_out), dtype=accumulator_dtype(weight.dtype), device=packed.device)
+    w_grad = torch.empty((c_out, c_in, k, k), dtype=weight.dtype, device=packed.device)
+    counters = arrival_counters(packed.device, kyp * triton.cdiv(c_out, 16))   # BLOCK_KY >= 1, BLOCK_N >= 16
     grid = lambda meta: (kyp // meta["BLOCK_KY"], triton.cdiv(c_out, meta["BLOCK_N"]), splits)
     _conv_relu_image_wgrad_kernel[grid](
-        packed, grad, out, partial, *_image_args(packed, slot, tile_pos, rows, geo), per_cta,
-        **_image_consts(slot, geo), C_OUT=c_out, OUT_SIDE=side, KYP=kyp, CP=geo["cp"], KROW=krow, GRAD_MASKED=masked,
-        WIDE=_wide(packed, grad), ACC=accumulator(weight.dtype), PRECISION=_precision(weight.dtype))
-    return reduce_weight_partials(partial, weight, geo["kxe"], geo["cp"])
+        packed, grad, out, partial, *_image_args(packed, slot, tile_pos, rows, geo), per_cta, w_grad, counters, splits,
+        **_image_consts(slot, geo), C_OUT=c_out, OUT_SIDE=side, KYP=kyp, CP=geo["cp"], KROW=krow, C_IN=c_in, KSIZE=k,
+        GRAD_MASKED=masked, WIDE=_wide(packed, grad), ACC=accumulator(weight.dtype), PRECISION=_precision(weight.dtype),
+        EPI_ROWS=16)
+    return w_grad
 
 
 @custom_op("scott_kernels::triton_conv_image_wgrad", mutates_args=())
@@ -389,5 +416,5 @@ def conv_relu_wgrad_image(grad: torch.Tensor, out: torch.Tensor | None, src: tor
         return torch.zeros_like(weight, memory_format=torch.contiguous_format)
     slot, tile_pos = slot.contiguous(), tile_pos.contiguous()
     norm, normalize = _norm_args(pixel_norm, src, c_in, weight)
-    packed, geo = _pack_image(src, slot, num_tiles, in_side, k, norm, normalize, weight.dtype)
+    packed, geo, _ = _pack_image(src, slot, num_tiles, in_side, k, norm, normalize, weight.dtype)
     return _image_wgrad(grad, out, packed, geo, weight, slot, tile_pos, in_side)

@@ -648,3 +648,58 @@ def test_weight_layouts_one_launch():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="weight layout"):
         conv_relu_dgrad(g, None, w2, s["slot"], s["tile_pos"], 4, None, w_gemm, w_t[:-1])
+
+
+@pytest.mark.parametrize("sms", [None, 64])
+def test_weight_gradient_split_sums(monkeypatch, sms):
+    """The weight gradients split over output pixels into partials that the split finishing each
+    output tile last sums (one launch, no reduction kernel): with ``sms`` set, the splits a GPU of
+    that many SMs gets (several per tile), else one. Equal to float64 autograd of the dense
+    convolution of the masked source, for an image and a compact source; the arrival counters are
+    all zero again afterwards, and a second call gives the same bits."""
+    import torch.nn.functional as F
+    from scott_kernels import compact, triton_conv, triton_image
+    from scott_kernels.triton_image import conv_relu_wgrad_image
+
+    if sms is not None:
+        for module in (triton_conv, triton_image):
+            monkeypatch.setattr(module, "_sm_count", lambda device: sms)
+    g = torch.Generator().manual_seed(5)
+    B, GH, GW = 2, 4, 4
+    keep = torch.zeros(B, GH * GW, dtype=torch.bool)
+    keep.scatter_(1, torch.rand(B, GH * GW, generator=g).argsort(1)[:, :12], True)
+    slot, tile_pos = visible_tables(keep, B, GH, GW, keep.device)
+    M = tile_pos.shape[0]
+
+    def dense_wgrad(image, weight, grad):
+        """d/dw <grad, conv(image, w) at the visible patches> in float64 (grad compact)."""
+        w = weight.detach().clone().requires_grad_(True)
+        out = F.conv2d(image, w, stride=2, padding=w.shape[-1] // 2)
+        side = out.shape[-1] // GW
+        tiles = out.view(B, w.shape[0], GH, side, GW, side).permute(0, 2, 4, 3, 5, 1).reshape(-1, side, side,
+                                                                                                w.shape[0])
+        return torch.autograd.grad((tiles[tile_pos] * grad).sum(), w)[0]
+
+    # compact source (M, 8, 8, 5), 5x5 kernel: 384 output pixels; image source (B, 3, 64, 64), 7x7: 1536
+    src = torch.randn(M, 8, 8, 5, dtype=torch.float64, generator=g)
+    w2 = torch.randn(6, 5, 5, 5, dtype=torch.float64, generator=g)
+    grad2 = torch.randn(M, 4, 4, 6, dtype=torch.float64, generator=g)
+    x = torch.randn(B, 3, 16 * GH, 16 * GW, dtype=torch.float64, generator=g)
+    w1 = torch.randn(4, 3, 7, 7, dtype=torch.float64, generator=g)
+    grad1 = torch.randn(M, 8, 8, 4, dtype=torch.float64, generator=g)
+    pixels = keep.view(B, 1, GH, 1, GW, 1).expand(B, 1, GH, 16, GW, 16).reshape(B, 1, 16 * GH, 16 * GW)
+    cases = [
+        (lambda: conv_relu_wgrad(grad2, None, src, w2, slot, tile_pos, 8, False),
+         dense_wgrad(compact.compact_to_image(src, tile_pos, (B, 5, 8 * GH, 8 * GW)), w2, grad2)),
+        (lambda: conv_relu_wgrad_image(grad1, None, x, w1, slot, tile_pos, 16),
+         dense_wgrad(x * pixels, w1, grad1)),
+    ]
+    for run, want in cases:
+        got = run()
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        assert torch.equal(run(), got)
+        counters = triton_conv._ARRIVAL_COUNTERS[(torch.device("cpu"), 0)]
+        assert not counters.any()
+    if sms is not None:   # the case is the one it says: several splits per tile
+        assert triton_conv._rows_per_cta(384, 13 * 1, torch.device("cpu")) < 384
+        assert triton_image._image_rows_per_cta(1536, 4, torch.device("cpu")) < 1536
