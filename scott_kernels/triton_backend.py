@@ -25,7 +25,7 @@ Per stage (input patch side q, conv output side s = q / 2, pooled side s / 2):
 Backward: max_blur_pool_backward gives each conv pixel the gradient of every max window it won
 (argmax recomputed, first maximum in row-major order as torch's max_pool2d); conv wgrad is a
 split-K GEMM over output pixels into float32 partials, with output tiles of one or two taps'
-channels (or kernel rows of the packed image); conv dgrad is an implicit GEMM over input pixels
+channels (or kernel rows of the packed image), summed by the split that finishes each tile last; conv dgrad is an implicit GEMM over input pixels
 that gathers the output gradient through the neighbour table, run per parity class of input
 pixel (a stride-2 conv reads a pixel only through taps of one parity, so each class loops over
 its own taps only). The gradient ops take the forward's output for the ReLU mask, or None for a

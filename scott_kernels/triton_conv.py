@@ -7,7 +7,8 @@ gradient and its input gradient, and the per-tile neighbour table they gather th
            a row's neighbour lookup is one small load per step and each step loads contiguous
            channels.
   wgrad    split-K GEMM over output pixels into float32 partials, with output tiles of one or two
-           taps' channels.
+           taps' channels; the split that finishes a tile last sums its partials (in split order)
+           into the (C_out, C_in, k, k) gradient, so no reduction launch follows.
   dgrad    implicit GEMM over input pixels that gathers the output gradient through the
            neighbour table, run per parity class of input pixel (a stride-2 conv reads a pixel
            only through taps of one parity, so each class loops over its own taps only).
@@ -465,7 +466,8 @@ def _sm_count(device: torch.device) -> int | None:
 def _rows_per_cta(rows: int, tiles: int, device: torch.device) -> int:
     """Output pixels each weight-gradient CTA reduces over: a power of two (one compiled variant
     per size class), enough parts to give every SM about two CTAs. Each part writes its own
-    float32 partial, summed afterwards: deterministic, no atomics. One part off the GPU."""
+    float32 partial; the last part to finish a tile sums them in part order: deterministic (the
+    only atomic is the arrival count). One part off the GPU."""
     sms = _sm_count(device)
     parts = 1 if sms is None else max(1, -(-2 * sms // tiles))
     return max(128, pow2(-(-rows // parts)))

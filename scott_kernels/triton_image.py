@@ -6,8 +6,10 @@ of two, zero border) into (B, H + 2p, W', CP), so a kernel row of a window is on
 of elements. The forward is an implicit GEMM whose K step is one kernel row of the packed image,
 ReLU in the epilogue (unless relu=False); ``conv_image`` returns the packed copy too, and its
 autograd keeps it (not the images) for the weight gradient, a split-K GEMM over output pixels into
-float32 partials with output tiles of kernel rows of the packed image. The input gradient (of
-float images) is the compact one (triton_conv.conv_relu_dgrad), scattered back to the images.
+float32 partials with output tiles of kernel rows of the packed image (the split that finishes a
+tile last sums them into the gradient). The packing launch also writes the GEMM's weight. The
+input gradient (of float images) is the compact one (triton_conv.conv_relu_dgrad), scattered back
+to the images.
 """
 
 from __future__ import annotations

@@ -650,6 +650,41 @@ def test_weight_layouts_one_launch():
         conv_relu_dgrad(g, None, w2, s["slot"], s["tile_pos"], 4, None, w_gemm, w_t[:-1])
 
 
+def _wgrad_cases(device, dtype, B, GH, GW, visible, patch, hidden, dim, g):
+    """[(run, float64 reference)] for the compact and the image weight gradient ops at a random
+    mask with ``visible`` patches per image: the reference is float64 autograd of the dense
+    convolution of the masked source at the visible patches (the gradients are compact)."""
+    import torch.nn.functional as F
+    from scott_kernels import compact
+    from scott_kernels.triton_image import conv_relu_wgrad_image
+
+    keep = torch.zeros(B, GH * GW, dtype=torch.bool)
+    keep.scatter_(1, torch.rand(B, GH * GW, generator=g).argsort(1)[:, :visible], True)
+    slot, tile_pos = (t.to(device) for t in visible_tables(keep, B, GH, GW, keep.device))
+    M = tile_pos.shape[0]
+    q, side = patch // 2, patch // 4   # the compact source's side (a pooled stage), its conv's output side
+    rand = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=g).to(device)
+
+    def dense_wgrad(image, weight, grad):
+        w = weight.detach().double().clone().requires_grad_(True)
+        out = F.conv2d(image.double(), w, stride=2, padding=w.shape[-1] // 2)
+        s = out.shape[-1] // GW
+        tiles = out.view(B, w.shape[0], GH, s, GW, s).permute(0, 2, 4, 3, 5, 1).reshape(-1, s, s, w.shape[0])
+        return torch.autograd.grad((tiles[tile_pos] * grad.double()).sum(), w)[0]
+
+    src, w2, grad2 = rand(M, q, q, hidden).to(dtype), rand(dim, hidden, 5, 5).to(dtype), rand(M, side, side, dim).to(dtype)
+    x, w1, grad1 = rand(B, 3, patch * GH, patch * GW).to(dtype), rand(hidden, 3, 7, 7).to(dtype), \
+        rand(M, q, q, hidden).to(dtype)
+    pixels = keep.to(device).view(B, 1, GH, 1, GW, 1).expand(B, 1, GH, patch, GW, patch).reshape(
+        B, 1, patch * GH, patch * GW)
+    return [
+        (lambda: conv_relu_wgrad(grad2, None, src, w2, slot, tile_pos, q, False),
+         dense_wgrad(compact.compact_to_image(src, tile_pos, (B, hidden, q * GH, q * GW)), w2, grad2)),
+        (lambda: conv_relu_wgrad_image(grad1, None, x, w1, slot, tile_pos, patch),
+         dense_wgrad(x * pixels, w1, grad1)),
+    ]
+
+
 @pytest.mark.parametrize("sms", [None, 64])
 def test_weight_gradient_split_sums(monkeypatch, sms):
     """The weight gradients split over output pixels into partials that the split finishing each
@@ -657,49 +692,58 @@ def test_weight_gradient_split_sums(monkeypatch, sms):
     that many SMs gets (several per tile), else one. Equal to float64 autograd of the dense
     convolution of the masked source, for an image and a compact source; the arrival counters are
     all zero again afterwards, and a second call gives the same bits."""
-    import torch.nn.functional as F
-    from scott_kernels import compact, triton_conv, triton_image
-    from scott_kernels.triton_image import conv_relu_wgrad_image
+    from scott_kernels import triton_conv, triton_image
 
     if sms is not None:
         for module in (triton_conv, triton_image):
             monkeypatch.setattr(module, "_sm_count", lambda device: sms)
-    g = torch.Generator().manual_seed(5)
-    B, GH, GW = 2, 4, 4
-    keep = torch.zeros(B, GH * GW, dtype=torch.bool)
-    keep.scatter_(1, torch.rand(B, GH * GW, generator=g).argsort(1)[:, :12], True)
-    slot, tile_pos = visible_tables(keep, B, GH, GW, keep.device)
-    M = tile_pos.shape[0]
-
-    def dense_wgrad(image, weight, grad):
-        """d/dw <grad, conv(image, w) at the visible patches> in float64 (grad compact)."""
-        w = weight.detach().clone().requires_grad_(True)
-        out = F.conv2d(image, w, stride=2, padding=w.shape[-1] // 2)
-        side = out.shape[-1] // GW
-        tiles = out.view(B, w.shape[0], GH, side, GW, side).permute(0, 2, 4, 3, 5, 1).reshape(-1, side, side,
-                                                                                                w.shape[0])
-        return torch.autograd.grad((tiles[tile_pos] * grad).sum(), w)[0]
-
-    # compact source (M, 8, 8, 5), 5x5 kernel: 384 output pixels; image source (B, 3, 64, 64), 7x7: 1536
-    src = torch.randn(M, 8, 8, 5, dtype=torch.float64, generator=g)
-    w2 = torch.randn(6, 5, 5, 5, dtype=torch.float64, generator=g)
-    grad2 = torch.randn(M, 4, 4, 6, dtype=torch.float64, generator=g)
-    x = torch.randn(B, 3, 16 * GH, 16 * GW, dtype=torch.float64, generator=g)
-    w1 = torch.randn(4, 3, 7, 7, dtype=torch.float64, generator=g)
-    grad1 = torch.randn(M, 8, 8, 4, dtype=torch.float64, generator=g)
-    pixels = keep.view(B, 1, GH, 1, GW, 1).expand(B, 1, GH, 16, GW, 16).reshape(B, 1, 16 * GH, 16 * GW)
-    cases = [
-        (lambda: conv_relu_wgrad(grad2, None, src, w2, slot, tile_pos, 8, False),
-         dense_wgrad(compact.compact_to_image(src, tile_pos, (B, 5, 8 * GH, 8 * GW)), w2, grad2)),
-        (lambda: conv_relu_wgrad_image(grad1, None, x, w1, slot, tile_pos, 16),
-         dense_wgrad(x * pixels, w1, grad1)),
-    ]
+    # compact source (M, 8, 8, 5), 5x5 kernel: 384 output pixels; images (2, 3, 64, 64), 7x7: 1536
+    cases = _wgrad_cases("cpu", torch.float64, 2, 4, 4, 12, 16, 5, 6, torch.Generator().manual_seed(5))
     for run, want in cases:
         got = run()
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
         assert torch.equal(run(), got)
-        counters = triton_conv._ARRIVAL_COUNTERS[(torch.device("cpu"), 0)]
-        assert not counters.any()
+        assert not triton_conv._ARRIVAL_COUNTERS[(torch.device("cpu"), 0)].any()
     if sms is not None:   # the case is the one it says: several splits per tile
-        assert triton_conv._rows_per_cta(384, 13 * 1, torch.device("cpu")) < 384
+        assert triton_conv._rows_per_cta(384, 13, torch.device("cpu")) < 384
         assert triton_image._image_rows_per_cta(1536, 4, torch.device("cpu")) < 1536
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_weight_gradient_split_sums_gpu(dtype):
+    """On the GPU, where the splits' CTAs run concurrently and the last to arrive sums: the weight
+    gradients at headline-like shapes (several splits per tile) against float64, bit-identical
+    run to run, the counters back at zero, the same bits from two streams at once and from a
+    CUDA graph's replays (which get counters of their own)."""
+    from scott_kernels import triton_conv
+
+    device = torch.device("cuda")
+    cases = _wgrad_cases(device, dtype, 16, 14, 14, 78, 16, 64, 192, torch.Generator().manual_seed(9))
+    for run, want in cases:
+        got = run()
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * scale)
+        for _ in range(3):
+            assert torch.equal(run(), got)
+        torch.cuda.synchronize()
+        assert not any(c.any() for c in triton_conv._ARRIVAL_COUNTERS.values())
+        streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+        outs = [None, None]
+        torch.cuda.synchronize()
+        for i, stream in enumerate(streams):
+            with torch.cuda.stream(stream):
+                outs[i] = run()
+        torch.cuda.synchronize()
+        assert all(torch.equal(o, got) for o in outs)
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            run()                     # warm-up on the capture stream (compiles, tunes)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            captured = run()
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(captured, got)
