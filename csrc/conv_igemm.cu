@@ -395,8 +395,8 @@ __global__ void scott_neighbour_table(const int32_t* slot, const int64_t* tile_p
 // inclusive scan in shared memory (double-buffered, one barrier per step); then the missing tiles of
 // a row with too few visible patches, and with radius >= 0 the neighbour table of the row's tiles,
 // read back from the slot/tile_pos entries the block has just written. A row whose count is not
-// num_visible traps at the end (a device-side failure of the launch, like an assertion), once every
-// table has been written in range.
+// num_visible fails a device-side assertion at the end (SCOTT_DEVICE_ASSERT), once every table has
+// been written in range.
 constexpr int kTableThreads = 256;
 
 __global__ void __launch_bounds__(kTableThreads) scott_visible_tables(const uint8_t* keep, int64_t positions,
@@ -441,7 +441,8 @@ __global__ void __launch_bounds__(kTableThreads) scott_visible_tables(const uint
     for (int64_t e = tid; e < num_visible * nb2; e += kTableThreads)
       nbr[first_tile * nb2 + e] = row_neighbour(slot, tile_pos, b, positions, num_visible, grid_w, radius, e);
   }
-  if (tid == 0 && seen != num_visible) __trap();  // keep: a row does not hold exactly num_visible patches
+  if (tid == 0)
+    SCOTT_DEVICE_ASSERT(seen == num_visible, "keep: every row must hold exactly num_visible visible patches");
 }
 
 // g' = grad * relu'(out) (relu_passes), 8 elements (16 bytes) per thread.

@@ -55,6 +55,24 @@ void allow_smem(Kernel kernel, int bytes) {
 
 inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
+// A device-side check that stops the kernel with ``message``: CUDA's own assertion (printed with the
+// kernel, block and thread; the next synchronisation fails with "device-side assert triggered"),
+// kept whatever NDEBUG says, as torch's CUDA_KERNEL_ASSERT; on the emulated device, a trap naming it.
+#ifdef SCOTT_EMU
+#define SCOTT_DEVICE_ASSERT(cond, message) \
+  do {                                     \
+    if (!(cond)) ::emu::trap(message);     \
+  } while (0)
+#else
+// declared here as torch does: a Release build's NDEBUG hides the declaration in assert.h
+extern "C" __host__ __device__ void __assert_fail(const char* assertion, const char* file, unsigned int line,
+                                                  const char* function) noexcept __attribute__((__noreturn__));
+#define SCOTT_DEVICE_ASSERT(cond, message)                                        \
+  do {                                                                            \
+    if (!(cond)) __assert_fail(message, __FILE__, __LINE__, __func__);            \
+  } while (0)
+#endif
+
 #define SCOTT_CUDA_DISPATCH(dtype, ...)                        \
   do {                                                         \
     switch (dtype) {                                           \

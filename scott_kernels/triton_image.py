@@ -239,7 +239,7 @@ def _pack_image(x: torch.Tensor, slot: torch.Tensor, num_tiles: int, in_side: in
         c_out = weight.shape[0]
         w_out = torch.empty((k * geo["krow"], c_out), dtype=weight.dtype, device=weight.device)
         w_total = w_out.numel()
-        w_share = -(-w_total // (grid[0] * grid[1] * w_block)) * w_block   # whole W_BLOCKs per program
+        w_share = -(-w_total // (max(1, grid[0] * grid[1]) * w_block)) * w_block   # whole W_BLOCKs per program
     _pack_image_kernel[grid](
         x, packed, slot, norm, packed if weight is None else weight.contiguous(), packed if w_out is None else w_out,
         num_tiles, slot.shape[1], slot.shape[2], H, W, geo["hp"], geo["wp"], *x.stride(), w_total, w_share,
