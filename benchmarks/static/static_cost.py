@@ -30,6 +30,10 @@ the launch's scalar arguments. Per kernel:
            instruction class on the target (TENSOR_RATES; tf32: half)
   estimate = max(issue, memory, mma); the kernel's tensor floor is the useful FLOPs of the
            convolution it computes / the target's best rate (sm_90: wgmma's).
+Every program of a launch is charged program (0, 0, 0)'s loop trips and the instructions of both
+sides of every branch: a kernel whose programs do different work is overcharged (the weight
+gradients' last-split sums, for one, are charged to every split), so the kernels are written with
+programs that run the same code where that costs the GPU nothing (the fused last pool).
 
 Tensor rates (dense 16-bit inputs, FP32 accumulate; TENSOR_RATES, per target and SASS class):
   sm_90 HGMMA (wgmma)    790e12  a plain bf16 GEMM measured at 780 TFLOP/s on an H100 (the
