@@ -371,3 +371,50 @@ def test_tables_kernel_keeps_its_device_assertion():
     verdict, lines = proc.stdout.split()[-2:]
     assert verdict == "assert", "the row-count assertion was compiled out"
     assert int(lines) < 800, f"{lines} PTX lines (618 without, 1057 with overflow checks in Triton 3.8)"
+
+
+@needs_tools
+def test_weight_gradient_split_sums_are_ordered():
+    """What the GPU runs for the weight gradients' last-split sums (sm_90a PTX of both kernels):
+    every partial store precedes a CTA barrier, then one thread's arrival (atom.add acq_rel at GPU
+    scope), whose count every thread reads after a second barrier; the partials are then read past
+    L1 (ld.global.cg) and the counter zeroed last. The interpreter cannot check this ordering."""
+    code = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(STATIC)!r})\n"
+        "import codegen\n"
+        "with codegen.fake_gpu(90) as rec:\n"
+        "    from scott_kernels.compact import visible_tables\n"
+        "    from scott_kernels.triton_backend import conv_relu_wgrad\n"
+        "    from scott_kernels.triton_image import conv_relu_wgrad_image\n"
+        "    b = torch.bfloat16\n"
+        "    keep = torch.ones(2, 4, dtype=torch.bool)\n"
+        "    slot, pos = visible_tables(keep, 2, 2, 2, keep.device)\n"
+        "    conv_relu_wgrad(torch.randn(8, 4, 4, 16, dtype=b), None, torch.randn(8, 8, 8, 32, dtype=b),\n"
+        "                    torch.randn(16, 32, 5, 5, dtype=b), slot, pos, 8, False)\n"
+        "    conv_relu_wgrad_image(torch.randn(8, 8, 8, 16, dtype=b), None, torch.randn(2, 3, 32, 32, dtype=b),\n"
+        "                          torch.randn(16, 3, 7, 7, dtype=b), slot, pos, 16)\n"
+        "    for name in ('_conv_relu_wgrad_kernel', '_conv_relu_image_wgrad_kernel'):\n"
+        "        ptx = [r.kernel for r in rec.records if r.name == name and r.kernel is not None][0].asm['ptx']\n"
+        "        print('PTX', name, '|'.join(l.strip() for l in ptx.splitlines()\n"
+        "                                    if l.strip() and not l.strip().startswith(('.loc', '//', '$'))))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    found = [line.split(" ", 2)[1:] for line in proc.stdout.splitlines() if line.startswith("PTX ")]
+    assert len(found) == 2, proc.stdout[-2000:]
+    for name, text in found:
+        ins = text.split("|")
+        (arrive,) = [i for i, l in enumerate(ins) if "atom.global.gpu.acq_rel.add" in l]
+        stores = [i for i, l in enumerate(ins) if "st.global" in l]
+        assert stores and max(i for i in stores if i < arrive) < max(
+            i for i, l in enumerate(ins[:arrive]) if l.startswith("bar.sync")), f"{name}: no barrier after the stores"
+        after = ins[arrive + 1:]
+        broadcast = next(i for i, l in enumerate(after) if l.startswith("bar.sync"))
+        assert any("st.shared" in l for l in after[:broadcast]), f"{name}: the count is not shared with the CTA"
+        loads = [i for i, l in enumerate(after) if "ld.global" in l]
+        assert loads and all(".cg" in after[i] for i in loads), f"{name}: partials read through L1"
+        assert min(loads) > broadcast, f"{name}: partials read before the count is known"
+        (reset,) = [i for i, l in enumerate(after) if "atom.global" in l and "exch" in l]
+        assert reset > max(loads), f"{name}: counter zeroed before the sums"
