@@ -130,12 +130,12 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * C_OUT + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
-    @autotune(conv_wgrad_configs(), CONV_KEY + ["ROWS_PER_CTA", "TAPS"], prune_by_c_out, shared=WGRAD_SHARED)
+    @autotune(conv_wgrad_configs(), CONV_KEY + ["TAPS"], prune_by_c_out, shared=WGRAD_SHARED)
     @triton.jit
     def _conv_relu_wgrad_kernel(src_ptr, grad_ptr, out_ptr, partial_ptr, nbr_ptr, w_out_ptr, counter_ptr, rows_total,
-                                splits, ROWS_BUCKET, C_IN: tl.constexpr, C_OUT: tl.constexpr, IN_SIDE: tl.constexpr,
+                                rows_per_cta, splits, ROWS_BUCKET, C_IN: tl.constexpr, C_OUT: tl.constexpr, IN_SIDE: tl.constexpr,
                                 KSIZE: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr, TAPS: tl.constexpr,
-                                ROWS_PER_CTA: tl.constexpr, GRAD_MASKED: tl.constexpr, WIDE: tl.constexpr,
+                                GRAD_MASKED: tl.constexpr, WIDE: tl.constexpr,
                                 ACC: tl.constexpr, PRECISION: tl.constexpr, EPI_ROWS: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
         """partial[split] (k*k*C_in, C_out) = im2col(rows of this split)^T @ (grad * relu'); the
@@ -164,8 +164,9 @@ if triton is not None:
         split = tl.program_id(2)
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=ACC)
         acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=ACC)
-        for r0 in range(0, ROWS_PER_CTA, BLOCK_R):
-            rows, row_ok = _row_block(split * (ROWS_PER_CTA // BLOCK_R) + r0 // BLOCK_R, rows_total, BLOCK_R, WIDE)
+        blocks = rows_per_cta // BLOCK_R   # rows_per_cta: a multiple of every BLOCK_R
+        for r0 in range(0, blocks):
+            rows, row_ok = _row_block(split * blocks + r0, rows_total, BLOCK_R, WIDE)
             tile = rows // (OUT_SIDE * OUT_SIDE)
             rem = rows % (OUT_SIDE * OUT_SIDE)
             oy2 = 2 * (rem // OUT_SIDE)
@@ -464,13 +465,14 @@ def _sm_count(device: torch.device) -> int | None:
 
 
 def _rows_per_cta(rows: int, tiles: int, device: torch.device) -> int:
-    """Output pixels each weight-gradient CTA reduces over: a power of two (one compiled variant
-    per size class), enough parts to give every SM about two CTAs. Each part writes its own
+    """Output pixels each weight-gradient CTA reduces over: a multiple of 128 (every BLOCK_R),
+    as many parts as keep ``tiles`` x parts CTAs within one wave at two per SM, with the rows
+    spread evenly over them (the wave lasts as long as its longest CTA). Each part writes its own
     float32 partial; the last part to finish a tile sums them in part order: deterministic (the
     only atomic is the arrival count). One part off the GPU."""
     sms = _sm_count(device)
-    parts = 1 if sms is None else max(1, -(-2 * sms // tiles))
-    return max(128, pow2(-(-rows // parts)))
+    parts = 1 if sms is None else max(1, 2 * sms // tiles)
+    return max(128, -(-(-(-rows // parts)) // 128) * 128)
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,8 +542,8 @@ def conv_relu_wgrad_compact(grad: torch.Tensor, out: torch.Tensor | None, src: t
     counters = arrival_counters(src.device, k_tiles * triton.cdiv(c_out, 16))   # BLOCK_N >= 16
     grid = lambda meta: (k_tiles, triton.cdiv(c_out, meta["BLOCK_N"]), splits)
     _conv_relu_wgrad_kernel[grid](
-        src, grad, out, partial, nbr, w_grad, counters, rows, splits, rows_bucket(rows), C_IN=c_in, C_OUT=c_out,
-        IN_SIDE=in_side, KSIZE=k, R=radius, BLOCK_K=block_k, TAPS=taps, ROWS_PER_CTA=per_cta, GRAD_MASKED=masked,
+        src, grad, out, partial, nbr, w_grad, counters, rows, per_cta, splits, rows_bucket(rows), C_IN=c_in, C_OUT=c_out,
+        IN_SIDE=in_side, KSIZE=k, R=radius, BLOCK_K=block_k, TAPS=taps, GRAD_MASKED=masked,
         WIDE=_wide(src, grad), ACC=acc, PRECISION=precision, EPI_ROWS=16)
     return w_grad
 

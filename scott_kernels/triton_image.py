@@ -28,7 +28,7 @@ from .compact import accumulator_dtype
 from .triton_configs import (IMAGE_FWD_SHARED, IMAGE_KEY, IMAGE_WGRAD_SHARED, accumulator, autotune,
                              image_fwd_configs, image_wgrad_configs, pow2, prune_by_c_out, prune_image_wgrad,
                              rows_bucket)
-from .triton_conv import (_check_tables, _precision, _sm_count, _source_geometry, _wide, arrival_counters,
+from .triton_conv import (_check_tables, _precision, _rows_per_cta, _source_geometry, _wide, arrival_counters,
                           conv_relu_dgrad, wgrad_operands)
 
 __all__ = ["conv_image", "conv_image_wgrad", "conv_relu_image", "conv_relu_wgrad_image"]
@@ -199,15 +199,6 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------
 # Launch configuration
 # --------------------------------------------------------------------------------------------
-def _image_rows_per_cta(rows: int, tiles: int, device: torch.device) -> int:
-    """Output pixels each image weight-gradient CTA reduces over: a multiple of 128 (the largest
-    BLOCK_R), as few parts as fill one wave of ``tiles`` x parts CTAs at two per SM, since every
-    part writes (and the sum reads) a float32 partial. One part off the GPU."""
-    sms = _sm_count(device)
-    parts = 1 if sms is None else max(1, 2 * sms // tiles)
-    return max(128, -(-(-(-rows // parts)) // 128) * 128)
-
-
 # ---- the image stage: a packed, padded, masked copy of the images ----------------------------
 def _packed_geometry(height: int, width: int, k: int, c_in: int) -> dict:
     """Layout of the packed images (B, HP, WP, CP): channels padded to CP (a power of two), a
@@ -345,7 +336,7 @@ def _image_wgrad(grad: torch.Tensor, out: torch.Tensor | None, packed: torch.Ten
     grad, out, masked = wgrad_operands(grad, out, weight)
     kyp, krow = geo["kyp"], geo["krow"]
     # sized for the two-kernel-row tiles that win at C_out = 64
-    per_cta = _image_rows_per_cta(rows, max(1, kyp // 2) * triton.cdiv(c_out, 64), packed.device)
+    per_cta = _rows_per_cta(rows, max(1, kyp // 2) * triton.cdiv(c_out, 64), packed.device)
     splits = triton.cdiv(rows, per_cta)
     partial = torch.empty((splits, kyp * krow, c_out), dtype=accumulator_dtype(weight.dtype), device=packed.device)
     w_grad = torch.empty((c_out, c_in, k, k), dtype=weight.dtype, device=packed.device)

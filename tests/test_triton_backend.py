@@ -692,11 +692,10 @@ def test_weight_gradient_split_sums(monkeypatch, sms):
     that many SMs gets (several per tile), else one. Equal to float64 autograd of the dense
     convolution of the masked source, for an image and a compact source; the arrival counters are
     all zero again afterwards, and a second call gives the same bits."""
-    from scott_kernels import triton_conv, triton_image
+    from scott_kernels import triton_conv
 
     if sms is not None:
-        for module in (triton_conv, triton_image):
-            monkeypatch.setattr(module, "_sm_count", lambda device: sms)
+        monkeypatch.setattr(triton_conv, "_sm_count", lambda device: sms)
     # compact source (M, 8, 8, 5), 5x5 kernel: 384 output pixels; images (2, 3, 64, 64), 7x7: 1536
     cases = _wgrad_cases("cpu", torch.float64, 2, 4, 4, 12, 16, 5, 6, torch.Generator().manual_seed(5))
     for run, want in cases:
@@ -706,7 +705,7 @@ def test_weight_gradient_split_sums(monkeypatch, sms):
         assert not triton_conv._ARRIVAL_COUNTERS[(torch.device("cpu"), 0)].any()
     if sms is not None:   # the case is the one it says: several splits per tile
         assert triton_conv._rows_per_cta(384, 13, torch.device("cpu")) < 384
-        assert triton_image._image_rows_per_cta(1536, 4, torch.device("cpu")) < 1536
+        assert triton_conv._rows_per_cta(1536, 4, torch.device("cpu")) < 1536
 
 
 @needs_gpu
