@@ -382,6 +382,7 @@ def conv_radius(in_side: int, k: int) -> int:
 # one zeroed int32 counter per output tile of a split weight gradient, per device and stream: the
 # kernels leave every counter at zero, and launches on one stream run in order
 _ARRIVAL_COUNTERS: dict = {}
+_MAX_COUNTER_BUFFERS = 64
 
 
 def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
@@ -394,6 +395,10 @@ def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
     key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     counters = _ARRIVAL_COUNTERS.get(key)
     if counters is None or counters.numel() < count:
+        if counters is None and len(_ARRIVAL_COUNTERS) >= _MAX_COUNTER_BUFFERS:
+            # a program that makes streams without end: forget the oldest buffer (its memory
+            # returns to the allocator in its stream's order, after the launches that use it)
+            del _ARRIVAL_COUNTERS[next(iter(_ARRIVAL_COUNTERS))]
         counters = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
         _ARRIVAL_COUNTERS[key] = counters
     return counters

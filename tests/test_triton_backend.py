@@ -708,6 +708,23 @@ def test_weight_gradient_split_sums(monkeypatch, sms):
         assert triton_conv._rows_per_cta(1536, 4, torch.device("cpu")) < 1536
 
 
+def test_arrival_counter_buffers(monkeypatch):
+    """One zeroed counter buffer per device and stream, reused while large enough, grown when a
+    launch needs more, and at most _MAX_COUNTER_BUFFERS of them (the oldest forgotten)."""
+    from scott_kernels import triton_conv
+
+    monkeypatch.setattr(triton_conv, "_ARRIVAL_COUNTERS", {("other", i): torch.zeros(1) for i in range(3)})
+    monkeypatch.setattr(triton_conv, "_MAX_COUNTER_BUFFERS", 3)
+    cpu = torch.device("cpu")
+    counters = triton_conv.arrival_counters(cpu, 10)
+    assert list(triton_conv._ARRIVAL_COUNTERS) == [("other", 1), ("other", 2), (cpu, 0)]
+    assert counters.dtype == torch.int32 and counters.numel() >= 10 and not counters.any()
+    assert triton_conv.arrival_counters(cpu, 5) is counters
+    bigger = triton_conv.arrival_counters(cpu, counters.numel() + 1)
+    assert bigger.numel() > counters.numel() and not bigger.any()
+    assert len(triton_conv._ARRIVAL_COUNTERS) == 3
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_weight_gradient_split_sums_gpu(dtype):
