@@ -133,7 +133,8 @@ if triton is not None:
     @autotune(conv_wgrad_configs(), CONV_KEY + ["TAPS"], prune_by_c_out, shared=WGRAD_SHARED)
     @triton.jit
     def _conv_relu_wgrad_kernel(src_ptr, grad_ptr, out_ptr, partial_ptr, nbr_ptr, w_out_ptr, counter_ptr, rows_total,
-                                rows_per_cta, splits, ROWS_BUCKET, C_IN: tl.constexpr, C_OUT: tl.constexpr, IN_SIDE: tl.constexpr,
+                                rows_per_cta, splits, ROWS_BUCKET,
+                                C_IN: tl.constexpr, C_OUT: tl.constexpr, IN_SIDE: tl.constexpr,
                                 KSIZE: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr, TAPS: tl.constexpr,
                                 GRAD_MASKED: tl.constexpr, WIDE: tl.constexpr,
                                 ACC: tl.constexpr, PRECISION: tl.constexpr, EPI_ROWS: tl.constexpr,
@@ -547,7 +548,8 @@ def conv_relu_wgrad_compact(grad: torch.Tensor, out: torch.Tensor | None, src: t
     counters = arrival_counters(src.device, k_tiles * triton.cdiv(c_out, 16))   # BLOCK_N >= 16
     grid = lambda meta: (k_tiles, triton.cdiv(c_out, meta["BLOCK_N"]), splits)
     _conv_relu_wgrad_kernel[grid](
-        src, grad, out, partial, nbr, w_grad, counters, rows, per_cta, splits, rows_bucket(rows), C_IN=c_in, C_OUT=c_out,
+        src, grad, out, partial, nbr, w_grad, counters, rows, per_cta, splits, rows_bucket(rows),
+        C_IN=c_in, C_OUT=c_out,
         IN_SIDE=in_side, KSIZE=k, R=radius, BLOCK_K=block_k, TAPS=taps, GRAD_MASKED=masked,
         WIDE=_wide(src, grad), ACC=acc, PRECISION=precision, EPI_ROWS=16)
     return w_grad

@@ -776,7 +776,8 @@ def pool_tokens(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, l
     if dense and num_tiles > B * N:
         raise ValueError(f"triton_pool_tokens: {num_tiles} tiles for {B * N} positions")
     any_ = act   # any tensor stands for an absent optional pointer (never read)
-    grid = lambda meta: (_fill_programs(num_tiles, rows, meta["TOKENS"]) if dense else triton.cdiv(num_tiles, meta["TOKENS"]),)
+    grid = lambda meta: ((_fill_programs(num_tiles, rows, meta["TOKENS"]) if dense
+                          else triton.cdiv(num_tiles, meta["TOKENS"])),)
     _pool_tokens_fwd_kernel[grid](
         act, tokens, x if norm else any_, stats if norm else any_, slot.contiguous(), tile_pos.contiguous(),
         any_ if ln_weight is None else ln_weight.contiguous(), any_ if ln_bias is None else ln_bias.contiguous(),

@@ -350,25 +350,30 @@ def test_cuda_every_launch():
     assert extras["torch_ops"].get("masked_fwd") and extras["torch_ops"].get("masked_bwd")
 
 
+def _on_stand_in_gpu(body: str, timeout: int = 900) -> str:
+    """Runs ``body`` (lines indented under ``with codegen.fake_gpu(90) as rec:``, ``torch``
+    imported) in a fresh process without TRITON_INTERPRET, so that Triton compiles for sm_90a;
+    returns its standard output."""
+    code = (f"import sys, torch\nsys.path.insert(0, {str(STATIC)!r})\nimport codegen\n"
+            f"with codegen.fake_gpu(90) as rec:\n{body}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
 @needs_tools
 def test_tables_kernel_keeps_its_device_assertion():
     """The visible-tables kernel compiles for sm_90a with its row-count assertion (debug=True) and
     without the integer-overflow checks that debug mode would otherwise add to every operation."""
-    code = (
-        "import sys, torch\n"
-        f"sys.path.insert(0, {str(STATIC)!r})\n"
-        "import codegen\n"
-        "with codegen.fake_gpu(90) as rec:\n"
+    stdout = _on_stand_in_gpu(
         "    from scott_kernels.triton_tables import visible_tables\n"
         "    visible_tables(torch.ones(2, 4, dtype=torch.bool), 4, 2, 2, 1)\n"
         "    (kernel,) = [r.kernel for r in rec.records if r.name == '_visible_tables_kernel']\n"
         "    ptx = kernel.asm['ptx']\n"
         "    print('assert' if '__assertfail' in ptx else 'no-assert', ptx.count('\\n'))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    verdict, lines = proc.stdout.split()[-2:]
+    verdict, lines = stdout.split()[-2:]
     assert verdict == "assert", "the row-count assertion was compiled out"
     assert int(lines) < 800, f"{lines} PTX lines (618 without, 1057 with overflow checks in Triton 3.8)"
 
@@ -379,11 +384,7 @@ def test_weight_gradient_split_sums_are_ordered():
     every partial store precedes a CTA barrier, then one thread's arrival (atom.add acq_rel at GPU
     scope), whose count every thread reads after a second barrier; the partials are then read past
     L1 (ld.global.cg) and the counter zeroed last. The interpreter cannot check this ordering."""
-    code = (
-        "import sys, torch\n"
-        f"sys.path.insert(0, {str(STATIC)!r})\n"
-        "import codegen\n"
-        "with codegen.fake_gpu(90) as rec:\n"
+    stdout = _on_stand_in_gpu(
         "    from scott_kernels.compact import visible_tables\n"
         "    from scott_kernels.triton_backend import conv_relu_wgrad\n"
         "    from scott_kernels.triton_image import conv_relu_wgrad_image\n"
@@ -398,12 +399,8 @@ def test_weight_gradient_split_sums_are_ordered():
         "        ptx = [r.kernel for r in rec.records if r.name == name and r.kernel is not None][0].asm['ptx']\n"
         "        print('PTX', name, '|'.join(l.strip() for l in ptx.splitlines()\n"
         "                                    if l.strip() and not l.strip().startswith(('.loc', '//', '$'))))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    found = [line.split(" ", 2)[1:] for line in proc.stdout.splitlines() if line.startswith("PTX ")]
-    assert len(found) == 2, proc.stdout[-2000:]
+    found = [line.split(" ", 2)[1:] for line in stdout.splitlines() if line.startswith("PTX ")]
+    assert len(found) == 2, stdout[-2000:]
     for name, text in found:
         ins = text.split("|")
         (arrive,) = [i for i, l in enumerate(ins) if "atom.global.gpu.acq_rel.add" in l]

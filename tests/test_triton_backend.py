@@ -502,7 +502,8 @@ def test_pool_tokens_fill_shares(monkeypatch, fill_rows):
         keep.scatter_(1, torch.rand(B, N, generator=g).argsort(1)[:, :k], True)
         slot, tile_pos = visible_tables(keep, B, GH, GW, torch.device("cpu"))
         act = torch.randn(B * k, 2, 2, D, dtype=torch.float64, generator=g)
-        pos, mtok = torch.randn(N, D, dtype=torch.float64, generator=g), torch.randn(D, dtype=torch.float64, generator=g)
+        pos = torch.randn(N, D, dtype=torch.float64, generator=g)
+        mtok = torch.randn(D, dtype=torch.float64, generator=g)
         out = pool_tokens_apply(act, slot, tile_pos, None, pos, mtok, True)
         grid = act.new_zeros((B * N, 2, 2, D)).index_copy(0, tile_pos, act)
         image = grid.view(B, GH, GW, 2, 2, D).permute(0, 5, 1, 3, 2, 4).reshape(B, D, 2 * GH, 2 * GW)
@@ -672,7 +673,8 @@ def _wgrad_cases(device, dtype, B, GH, GW, visible, patch, hidden, dim, g):
         tiles = out.view(B, w.shape[0], GH, s, GW, s).permute(0, 2, 4, 3, 5, 1).reshape(-1, s, s, w.shape[0])
         return torch.autograd.grad((tiles[tile_pos] * grad.double()).sum(), w)[0]
 
-    src, w2, grad2 = rand(M, q, q, hidden).to(dtype), rand(dim, hidden, 5, 5).to(dtype), rand(M, side, side, dim).to(dtype)
+    src, w2 = rand(M, q, q, hidden).to(dtype), rand(dim, hidden, 5, 5).to(dtype)
+    grad2 = rand(M, side, side, dim).to(dtype)
     x, w1, grad1 = rand(B, 3, patch * GH, patch * GW).to(dtype), rand(hidden, 3, 7, 7).to(dtype), \
         rand(M, q, q, hidden).to(dtype)
     pixels = keep.to(device).view(B, 1, GH, 1, GW, 1).expand(B, 1, GH, patch, GW, patch).reshape(
