@@ -549,8 +549,7 @@ def conv_relu_wgrad_compact(grad: torch.Tensor, out: torch.Tensor | None, src: t
     grid = lambda meta: (k_tiles, triton.cdiv(c_out, meta["BLOCK_N"]), splits)
     _conv_relu_wgrad_kernel[grid](
         src, grad, out, partial, nbr, w_grad, counters, rows, per_cta, splits, rows_bucket(rows),
-        C_IN=c_in, C_OUT=c_out,
-        IN_SIDE=in_side, KSIZE=k, R=radius, BLOCK_K=block_k, TAPS=taps, GRAD_MASKED=masked,
+        C_IN=c_in, C_OUT=c_out, IN_SIDE=in_side, KSIZE=k, R=radius, BLOCK_K=block_k, TAPS=taps, GRAD_MASKED=masked,
         WIDE=_wide(src, grad), ACC=acc, PRECISION=precision, EPI_ROWS=16)
     return w_grad
 
