@@ -1,9 +1,9 @@
 // What the CUDA kernel files share: launch checks, dtype dispatch, device queries, the PTX wrappers
 // of the tensor-core kernels (cp.async, ldmatrix, mma.sync) and their tile constants, and the host
 // entry points one file offers another. Kernels per family: conv_igemm.cu (implicit conv GEMMs of
-// compact stages, the visible tables and the neighbour table, the ReLU mask of a standalone gradient op), conv_image.cu
-// (the image stage), gemm_fallback.cu (the gather GEMM on WMMA / CUDA cores and the conv entry
-// points), pool.cu (MaxBlurPool). float32/float16/bfloat16 accumulate in float32, float64 in
+// compact stages, the visible tables and the neighbour table, the ReLU mask of a standalone
+// gradient op), conv_image.cu (the image stage), gemm_fallback.cu (the gather GEMM on WMMA / CUDA
+// cores and the conv entry points), pool.cu (MaxBlurPool). float32/float16/bfloat16 accumulate in float32, float64 in
 // float64; every launch is checked.
 #pragma once
 

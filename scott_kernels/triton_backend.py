@@ -25,10 +25,10 @@ Per stage (input patch side q, conv output side s = q / 2, pooled side s / 2):
 Backward: max_blur_pool_backward gives each conv pixel the gradient of every max window it won
 (argmax recomputed, first maximum in row-major order as torch's max_pool2d); conv wgrad is a
 split-K GEMM over output pixels into float32 partials, with output tiles of one or two taps'
-channels (or kernel rows of the packed image), summed by the split that finishes each tile last; conv dgrad is an implicit GEMM over input pixels
-that gathers the output gradient through the neighbour table, run per parity class of input
-pixel (a stride-2 conv reads a pixel only through taps of one parity, so each class loops over
-its own taps only). The gradient ops take the forward's output for the ReLU mask, or None for a
+channels (or kernel rows of the packed image), summed by the split that finishes each tile last;
+conv dgrad is an implicit GEMM over input pixels that gathers the output gradient through the
+neighbour table, run per parity class of input pixel (a stride-2 conv reads a pixel only through
+taps of one parity, so each class loops over its own taps only). The gradient ops take the forward's output for the ReLU mask, or None for a
 gradient already masked. The tokenizer runs each stage as conv (``relu=False``) -> pool of
 relu(conv) (``max_blur_pool(..., relu=True)``; the last one fused with the token epilogue): the
 same function, but the pool's backward multiplies by ReLU' as it writes the conv gradient, so the
@@ -41,10 +41,11 @@ so the backend traces under torch.compile. With ``num_visible`` (visible patches
 the tables are built in one launch, without a host synchronisation.
 
 Modules: triton_tables (the visible and neighbour tables), triton_conv (the compact-source conv
-kernels, the weight-gradient reduction, the input gradient op), triton_image (the image stage:
-packing, forward, weight gradient, ``conv_image`` ops), triton_pool (MaxBlurPool and the fused token
-epilogue), triton_configs (autotune configs and their pruning). This module holds the stage ops that
-take either source (``conv_relu``, ``conv_relu_wgrad``), their autograd wiring and the tokenizer.
+kernels, the weight gradient's split sums and their arrival counters, the input gradient op),
+triton_image (the image stage: packing, forward, weight gradient, ``conv_image`` ops), triton_pool
+(MaxBlurPool and the fused token epilogue), triton_configs (autotune configs and their pruning).
+This module holds the stage ops that take either source (``conv_relu``, ``conv_relu_wgrad``), their
+autograd wiring and the tokenizer.
 """
 
 from __future__ import annotations

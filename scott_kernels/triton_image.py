@@ -38,8 +38,7 @@ __all__ = ["conv_image", "conv_image_wgrad", "conv_relu_image", "conv_relu_wgrad
 # Kernels
 # --------------------------------------------------------------------------------------------
 if triton is not None:
-    from .triton_conv import _last_arrival, _sum_splits
-    from .triton_conv import _relu_grad, _row_block
+    from .triton_conv import _last_arrival, _relu_grad, _row_block, _sum_splits
 
     @triton.jit
     def _image_row_offsets(rows, tile_pos_ptr, num_pos, CELLS: tl.constexpr, GW: tl.constexpr,
