@@ -274,12 +274,16 @@ def _tuner_class():
     process's or the on-disk cache holds for the key), and (2) when a launch runs out of shared
     memory retries the same tile with fewer pipeline stages (down to 1), then the next smaller
     kept configs, and raises :class:`SharedMemoryError` naming the kernel and the device's limit
-    if none fits. ``last_config`` is the config of the latest launch."""
+    if none fits. A launch whose key arguments, tensor dtypes and mode match an earlier one's reuses
+    that launch's config directly (``forget_choices`` drops them all). ``last_config`` is the
+    config of the latest launch."""
+    import torch
     from triton.runtime.autotuner import Autotuner
 
     class Tuner(Autotuner):
         shared_estimate = None      # (config, named_args) -> bytes, to order the fallbacks
         last_config = None
+        _tensor_type = torch.Tensor
 
         def _tuning_key(self, args, kwargs) -> tuple:
             # the key Triton's Autotuner.run uses: the key arguments, then every tensor's dtype
@@ -292,8 +296,54 @@ def _tuner_class():
             return list(self.prune_configs(kwargs)) if len(self.configs) > 1 else list(self.configs)
 
         def run(self, *args, **kwargs):
-            import torch
-            if torch.are_deterministic_algorithms_enabled() or len(self.configs) == 1:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+            # a launch like an earlier one (same key arguments, tensor dtypes, argument layout and
+            # deterministic mode) reuses its config without Triton's key and pruning, which cost
+            # more host time than the launch itself
+            launches = self._launches()
+            fast = self._launch_key(deterministic, args, kwargs)
+            known = launches.get(fast)
+            if known is not None:
+                config, config_kwargs = known
+                self.best_config = self.last_config = config
+                try:
+                    return self.fn.run(*args, **kwargs, **config_kwargs)
+                except resource_errors():  # it fitted another device of this process: choose again
+                    launches.pop(fast, None)
+            ret = self._choose_and_run(deterministic, args, kwargs)
+            config = self.last_config
+            if config is not None and config.pre_hook is None:
+                launches[fast] = (config, config.all_kwargs())
+            return ret
+
+        def _launches(self) -> dict:
+            if "_launch_configs" not in self.__dict__:
+                self._launch_configs = {}
+            return self._launch_configs
+
+        def _launch_key(self, deterministic: bool, args, kwargs) -> tuple:
+            # everything Triton's tuning key reads (the key arguments' values, every tensor's
+            # dtype), keyed by position and name, so equal keys here mean equal Triton keys
+            names = self.__dict__.get("_key_positions")
+            if names is None:
+                position = {name: i for i, name in enumerate(self.arg_names)}
+                names = self._key_positions = [(position[k], k) for k in self.keys if k in position]
+            key = [deterministic, len(args), *kwargs]
+            for i, name in names:
+                key.append(args[i] if i < len(args) else kwargs.get(name))
+            tensor = self._tensor_type
+            for value in (*args, *kwargs.values()):
+                key.append(value.dtype if isinstance(value, tensor) else None)
+            return tuple(key)
+
+        def forget_choices(self) -> None:
+            """Drops every config chosen so far in this process (timed, fitted and reused)."""
+            self.cache.clear()
+            self._fitted().clear()
+            self._launches().clear()
+
+        def _choose_and_run(self, deterministic, args, kwargs):
+            if deterministic or len(self.configs) == 1:
                 # a fixed config: the first kept (the only one, for a single-config kernel)
                 key = self._tuning_key(args, kwargs)
                 self.nargs = dict(zip(self.arg_names, args))

@@ -55,6 +55,7 @@ def fresh_tuner(monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(_scale_kernel, "cache", {})
     monkeypatch.setattr(_scale_kernel, "_fitted_configs", {}, raising=False)
+    monkeypatch.setattr(_scale_kernel, "_launch_configs", {}, raising=False)
     monkeypatch.setattr(_scale_kernel, "_bench",
                         lambda *args, config, **kw: [1.0 if config.kwargs["BLOCK"] == 32 else 2.0] * 3)
     return _scale_kernel
@@ -151,3 +152,62 @@ def test_no_config_fits_is_a_clear_error(monkeypatch, fresh_tuner, deterministic
     with pytest.raises(SharedMemoryError, match=r"_scale_kernel: no config fits this GPU's shared memory \(\d+ bytes"):
         _scale(torch.arange(100, dtype=torch.float32, device=DEVICE))
     assert tried == [(64, 3), (64, 2), (64, 1), (32, 2), (32, 1)]
+
+
+def _counting_prune(monkeypatch, tuner):
+    """Counts the tuner's config choices (each one prunes its config list)."""
+    calls, prune = [], type(tuner).prune_configs
+
+    def counted(self, kwargs):
+        calls.append(1)
+        return prune(self, kwargs)
+
+    monkeypatch.setattr(type(tuner), "prune_configs", counted)
+    return calls
+
+
+def test_a_repeated_launch_reuses_its_config(monkeypatch, fresh_tuner, deterministic):
+    # a fixed-config launch prunes the config list each time it chooses
+    chosen = _counting_prune(monkeypatch, fresh_tuner)
+    x = torch.arange(100, dtype=torch.float32, device=DEVICE)
+    assert torch.equal(_scale(x), 2 * x)
+    assert len(chosen) == 1 and fresh_tuner.last_config is CONFIGS[0]
+    # same key and dtypes: the same config, without choosing
+    fresh_tuner.last_config = None
+    assert torch.equal(_scale(x + 1), 2 * (x + 1))
+    assert len(chosen) == 1 and fresh_tuner.last_config is CONFIGS[0]
+    # another key value, another dtype: each chooses once
+    assert torch.equal(_scale(x[:50]), 2 * x[:50])
+    assert len(chosen) == 2
+    assert torch.equal(_scale(x.double()), 2 * x.double())
+    assert len(chosen) == 3
+    _scale(x.double())
+    assert len(chosen) == 3
+    # the other mode chooses for itself: the timed choice, then reused
+    torch.use_deterministic_algorithms(False)
+    _scale(x)
+    _scale(x)
+    assert len(chosen) == 4 and fresh_tuner.last_config.kwargs["BLOCK"] == 32
+    torch.use_deterministic_algorithms(True)
+    _scale(x)
+    assert len(chosen) == 4 and fresh_tuner.last_config is CONFIGS[0]
+    # forgetting the choices chooses again
+    fresh_tuner.forget_choices()
+    assert not fresh_tuner.cache
+    _scale(x)
+    assert len(chosen) == 5
+
+
+def test_a_reused_config_that_does_not_fit_is_chosen_again(monkeypatch, fresh_tuner, deterministic):
+    x = torch.arange(100, dtype=torch.float32, device=DEVICE)
+    _scale(x)
+    assert fresh_tuner.last_config is CONFIGS[0]
+    # the reused config now runs out of shared memory (as on a smaller GPU of the same process):
+    # the launch falls back as a first launch would
+    tried = _failing(monkeypatch, fresh_tuner, lambda block, stages: block == 64 and stages > 2)
+    assert torch.equal(_scale(x), 2 * x)
+    assert tried == [(64, 3), (64, 3), (64, 2)]
+    assert fresh_tuner.last_config.num_stages == 2
+    tried.clear()
+    _scale(x)
+    assert tried == [(64, 2)]

@@ -405,7 +405,8 @@ def _jit_functions():
             if isinstance(fn, JITFunction) and fn not in seen:
                 seen.append(fn)
             if isinstance(value, Autotuner):
-                value.cache.clear()
+                forget = getattr(value, "forget_choices", value.cache.clear)
+                forget()
     return seen
 
 

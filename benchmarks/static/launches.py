@@ -18,6 +18,7 @@ Development tooling next to static_cost.py; not part of the installed package.
 from __future__ import annotations
 
 import contextlib
+import gc
 import statistics
 import time
 from typing import Any, Callable
@@ -226,15 +227,21 @@ def stub_native(sms: int = 132):
 HOST_GEOMETRY = {"image": 64, "visible": 6, "hidden": 64, "dim": 64, "batch": 1}
 
 
-def host_time(backend: str, dtype_name: str = "bfloat16", geometry: dict | None = None, repeats: int = 40,
-              warmup: int = 5) -> dict[str, float]:
-    """Median host CPU seconds (``fwd``, ``fwd_bwd``; ``*_wall``: median wall time, ``*_min``: the
-    fastest wall time) of one masked forward (weights requiring grad, as in training) and of
-    one masked forward+backward through ``sparse_conv_tokenize(..., backend=backend,
+def host_time(backend: str, dtype_name: str = "bfloat16", geometry: dict | None = None, repeats: int = 20,
+              warmup: int = 5, blocks: int = 10, pause: float = 0.3) -> dict[str, float]:
+    """Host CPU seconds of one masked forward (weights requiring grad, as in training) and of one
+    masked forward+backward through ``sparse_conv_tokenize(..., backend=backend,
     num_visible=...)`` on tiny tensors (:data:`HOST_GEOMETRY`: the headline's patch and kernel
     sizes, one 64x64 image, 6 of 16 patches visible, 64 channels), so that what is timed is the
     dispatch, not the CPU's arithmetic; the caller has made every GPU launch a no-op
-    (codegen.fake_gpu with the recorder ``lean``, or :func:`stub_native`)."""
+    (codegen.fake_gpu with the recorder ``lean``, or :func:`stub_native`).
+
+    Each is timed in ``blocks`` blocks of ``repeats`` calls, ``pause`` seconds apart (both in each
+    block). ``fwd`` / ``fwd_bwd``: the lowest block median of the process's CPU time (timeit's
+    practice: on this shared machine other work slows every call for seconds at a time, by up to
+    2x, so the blocks are spread over a few seconds and the least disturbed one is reported);
+    ``*_median``: the median over every call; ``*_wall``: the median wall time; ``*_min``: the
+    fastest wall time."""
     import torch
     import codegen
     from scott_kernels import sparse_conv_tokenize
@@ -268,18 +275,33 @@ def host_time(backend: str, dtype_name: str = "bfloat16", geometry: dict | None 
             torch.autograd.grad(forward(), weights, grad_outputs=grad)
 
         out = {}
-        for name, fn in (("fwd", forward), ("fwd_bwd", train)):
+        # as timeit does: no garbage collection inside the timed calls (a full collection of a
+        # large process, such as the static report's own, would land in a few of them)
+        if gc.isenabled():
+            gc.disable()
+            undo.callback(gc.enable)
+        calls = (("fwd", forward), ("fwd_bwd", train))
+        for _, fn in calls:
             for _ in range(warmup):
                 fn()
-            wall, cpu = [], []
-            for _ in range(repeats):
-                t0, c0 = time.perf_counter(), time.process_time()
-                fn()
-                cpu.append(time.process_time() - c0)
-                wall.append(time.perf_counter() - t0)
+        gc.collect()
+        cpu: dict[str, list[list[float]]] = {name: [] for name, _ in calls}
+        wall: dict[str, list[float]] = {name: [] for name, _ in calls}
+        for block in range(max(1, blocks)):
+            if block:
+                time.sleep(pause)
+            for name, fn in calls:
+                cpu[name].append([])
+                for _ in range(repeats):
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    fn()
+                    cpu[name][-1].append(time.process_time() - c0)
+                    wall[name].append(time.perf_counter() - t0)
+        for name, _ in calls:
             # the process's CPU time: what the dispatch costs a core of its own; on a shared
             # machine the wall time adds the waits for a core
-            out[name] = statistics.median(cpu)
-            out[name + "_wall"] = statistics.median(wall)
-            out[name + "_min"] = min(wall)
+            out[name] = min(statistics.median(b) for b in cpu[name])
+            out[name + "_median"] = statistics.median(t for b in cpu[name] for t in b)
+            out[name + "_wall"] = statistics.median(wall[name])
+            out[name + "_min"] = min(wall[name])
     return out
