@@ -274,9 +274,9 @@ def _tuner_class():
     process's or the on-disk cache holds for the key), and (2) when a launch runs out of shared
     memory retries the same tile with fewer pipeline stages (down to 1), then the next smaller
     kept configs, and raises :class:`SharedMemoryError` naming the kernel and the device's limit
-    if none fits. A launch whose key arguments, tensor dtypes and mode match an earlier one's reuses
-    that launch's config directly (``forget_choices`` drops them all). ``last_config`` is the
-    config of the latest launch."""
+    if none fits. A launch whose key arguments, tensor dtypes, device and mode match an earlier
+    one's reuses that launch's config directly (``forget_choices`` drops them all).
+    ``last_config`` is the config of the latest launch."""
     import torch
     from triton.runtime.autotuner import Autotuner
 
@@ -297,9 +297,9 @@ def _tuner_class():
 
         def run(self, *args, **kwargs):
             deterministic = torch.are_deterministic_algorithms_enabled()
-            # a launch like an earlier one (same key arguments, tensor dtypes, argument layout and
-            # deterministic mode) reuses its config without Triton's key and pruning, which cost
-            # more host time than the launch itself
+            # a launch like an earlier one (same key arguments, tensor dtypes, device, argument
+            # layout and deterministic mode) reuses its config without Triton's key and pruning,
+            # which cost about as much host time as the launch itself
             launches = self._launches()
             fast = self._launch_key(deterministic, args, kwargs)
             known = launches.get(fast)
@@ -323,7 +323,8 @@ def _tuner_class():
 
         def _launch_key(self, deterministic: bool, args, kwargs) -> tuple:
             # everything Triton's tuning key reads (the key arguments' values, every tensor's
-            # dtype), keyed by position and name, so equal keys here mean equal Triton keys
+            # dtype), keyed by position and name, so equal keys here mean equal Triton keys; and
+            # the first tensor's device, whose shared memory the pruning reads
             names = self.__dict__.get("_key_positions")
             if names is None:
                 position = {name: i for i, name in enumerate(self.arg_names)}
@@ -331,9 +332,15 @@ def _tuner_class():
             key = [deterministic, len(args), *kwargs]
             for i, name in names:
                 key.append(args[i] if i < len(args) else kwargs.get(name))
-            tensor = self._tensor_type
+            tensor, device = self._tensor_type, None
             for value in (*args, *kwargs.values()):
-                key.append(value.dtype if isinstance(value, tensor) else None)
+                if isinstance(value, tensor):
+                    key.append(value.dtype)
+                    if device is None:
+                        device = value.device
+                else:
+                    key.append(None)
+            key.append(device)
             return tuple(key)
 
         def forget_choices(self) -> None:
