@@ -284,6 +284,7 @@ def _tuner_class():
         shared_estimate = None      # (config, named_args) -> bytes, to order the fallbacks
         last_config = None
         _tensor_type = torch.Tensor
+        _plain_types = (int, float, bool, str, type(None))
 
         def _tuning_key(self, args, kwargs) -> tuple:
             # the key Triton's Autotuner.run uses: the key arguments, then every tensor's dtype
@@ -308,11 +309,10 @@ def _tuner_class():
                 self.best_config = self.last_config = config
                 try:
                     return self.fn.run(*args, **kwargs, **config_kwargs)
-                except resource_errors():  # it fitted another device of this process: choose again
+                except resource_errors():  # not expected (the key names the device): choose again
                     launches.pop(fast, None)
-            ret = self._choose_and_run(deterministic, args, kwargs)
-            config = self.last_config
-            if config is not None and config.pre_hook is None:
+            config, ret = self._choose_and_run(deterministic, args, kwargs)
+            if config.pre_hook is None:
                 launches[fast] = (config, config.all_kwargs())
             return ret
 
@@ -322,9 +322,9 @@ def _tuner_class():
             return self._launch_configs
 
         def _launch_key(self, deterministic: bool, args, kwargs) -> tuple:
-            # everything Triton's tuning key reads (the key arguments' values, every tensor's
-            # dtype), keyed by position and name, so equal keys here mean equal Triton keys; and
-            # the first tensor's device, whose shared memory the pruning reads
+            # everything Triton's tuning key reads (the key arguments' values, the dtype of every
+            # argument that has one), keyed by position and name, so equal keys here mean equal
+            # Triton keys; and the first tensor's device, whose shared memory the pruning reads
             names = self.__dict__.get("_key_positions")
             if names is None:
                 position = {name: i for i, name in enumerate(self.arg_names)}
@@ -332,38 +332,33 @@ def _tuner_class():
             key = [deterministic, len(args), *kwargs]
             for i, name in names:
                 key.append(args[i] if i < len(args) else kwargs.get(name))
-            tensor, device = self._tensor_type, None
+            tensor, plain, device = self._tensor_type, self._plain_types, None
             for value in (*args, *kwargs.values()):
                 if isinstance(value, tensor):
                     key.append(value.dtype)
                     if device is None:
                         device = value.device
                 else:
-                    key.append(None)
+                    key.append(None if type(value) in plain else getattr(value, "dtype", None))
             key.append(device)
             return tuple(key)
 
         def forget_choices(self) -> None:
             """Drops every config chosen so far in this process (timed, fitted and reused)."""
             self.cache.clear()
-            self._fitted().clear()
             self._launches().clear()
 
-        def _choose_and_run(self, deterministic, args, kwargs):
+        def _choose_and_run(self, deterministic, args, kwargs) -> tuple:
+            """(the config launched, the launch's result) of a launch with no earlier like it."""
             if deterministic or len(self.configs) == 1:
-                # a fixed config: the first kept (the only one, for a single-config kernel)
-                key = self._tuning_key(args, kwargs)
+                # a fixed config: the first kept (the only one, for a single-config kernel); one
+                # that runs out of resources falls back, and ``run`` keeps the one that fitted
                 self.nargs = dict(zip(self.arg_names, args))
                 fixed = self._kept(kwargs)[0]
-                fitted = self._fitted()
-                if (key, fixed) in fitted:    # this config ran out of resources here before
-                    return self._launch(fitted[(key, fixed)], args, kwargs)
                 try:
-                    return self._launch(fixed, args, kwargs)
+                    return fixed, self._launch(fixed, args, kwargs)
                 except resource_errors() as e:
-                    working, ret = self._fall_back(fixed, args, kwargs, e)
-                    fitted[(key, fixed)] = working
-                    return ret
+                    return self._fall_back(fixed, args, kwargs, e)
             self.best_config = None
             try:
                 ret = super().run(*args, **kwargs)
@@ -376,14 +371,12 @@ def _tuner_class():
                 # later launches for this key start from it (the key is built only here: it
                 # costs host time on every launch otherwise)
                 self.cache[self._tuning_key(args, kwargs)] = working
-                return ret
-            self.last_config = self.best_config
-            return ret
-
-        def _fitted(self) -> dict:
-            if "_fitted_configs" not in self.__dict__:
-                self._fitted_configs = {}
-            return self._fitted_configs
+                return working, ret
+            # the config Triton chose for this key, from its own cache: best_config may hold
+            # another thread's by now
+            config = self.cache.get(self._tuning_key(args, kwargs), self.best_config)
+            self.last_config = config
+            return config, ret
 
         def _fallbacks(self, config, kwargs) -> list:
             """After ``config``: itself with num_stages down to 1, then the other kept configs that

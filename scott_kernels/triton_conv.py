@@ -27,7 +27,7 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
-from ._device import custom_op
+from ._device import custom_op, on_input_device
 from . import compact
 from .compact import accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed
 from .triton_tables import check_neighbours, neighbour_table
@@ -380,28 +380,24 @@ def conv_radius(in_side: int, k: int) -> int:
     return -(-(k // 2) // in_side)
 
 
-# one zeroed int32 counter per output tile of a split weight gradient, per device and stream: the
-# kernels leave every counter at zero, and launches on one stream run in order
+# one zeroed int32 counter per output tile of a split weight gradient, per device, for launches
+# on its default stream: the kernels leave every counter at zero, and those launches run in order
 _ARRIVAL_COUNTERS: dict = {}
-_MAX_COUNTER_BUFFERS = 64
 
 
 def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
     """At least ``count`` zeroed counters for a weight-gradient launch on ``device``'s current
-    stream (see _last_arrival). Kept between launches, so a backward costs no fill launch; under
-    CUDA graph capture the graph gets counters of its own (its replays, on any stream, never share
-    them with eager launches)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    stream (see _last_arrival). On the default stream one buffer is kept between launches, so a
+    backward costs no fill launch. On any other stream each launch gets fresh zeros: that is where
+    CUDA graph capture and torch.compile's CUDA-graph warm-up run, with their allocations in a
+    graph's private memory pool, and a buffer kept from there could be handed to another of the
+    pool's tensors (a capture's own counters are replayed with it)."""
+    if device.type == "cuda" and torch.cuda.current_stream(device) != torch.cuda.default_stream(device):
         return torch.zeros(count, dtype=torch.int32, device=device)
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    counters = _ARRIVAL_COUNTERS.get(key)
+    counters = _ARRIVAL_COUNTERS.get(device)
     if counters is None or counters.numel() < count:
-        if counters is None and len(_ARRIVAL_COUNTERS) >= _MAX_COUNTER_BUFFERS:
-            # a program that makes streams without end: forget the oldest buffer (its memory
-            # returns to the allocator in its stream's order, after the launches that use it)
-            del _ARRIVAL_COUNTERS[next(iter(_ARRIVAL_COUNTERS))]
         counters = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-        _ARRIVAL_COUNTERS[key] = counters
+        _ARRIVAL_COUNTERS[device] = counters
     return counters
 
 
@@ -484,6 +480,7 @@ def _rows_per_cta(rows: int, tiles: int, device: torch.device) -> int:
 # --------------------------------------------------------------------------------------------
 # conv + ReLU of a compact source (the ops in triton_backend take images too)
 # --------------------------------------------------------------------------------------------
+@on_input_device   # exported: launches on its inputs' device when called directly too
 def conv_relu_compact(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
                       in_side: int, relu: bool = True, nbr: torch.Tensor | None = None,
                       w_gemm: torch.Tensor | None = None) -> torch.Tensor:
@@ -517,6 +514,7 @@ def conv_relu_compact(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tenso
     return out
 
 
+@on_input_device   # exported: launches on its inputs' device when called directly too
 def conv_relu_wgrad_compact(grad: torch.Tensor, out: torch.Tensor | None, src: torch.Tensor, weight: torch.Tensor,
                             slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int,
                             nbr: torch.Tensor | None = None) -> torch.Tensor:

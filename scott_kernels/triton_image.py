@@ -22,7 +22,7 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
-from ._device import custom_op
+from ._device import custom_op, on_input_device
 from . import compact
 from .compact import accumulator_dtype
 from .triton_configs import (IMAGE_FWD_SHARED, IMAGE_KEY, IMAGE_WGRAD_SHARED, accumulator, autotune,
@@ -278,6 +278,7 @@ def _image_geometry(name: str, slot: torch.Tensor, in_side: int, weight: torch.T
     return geo
 
 
+@on_input_device   # exported: launches on its inputs' device when called directly too
 def conv_relu_image(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
                     in_side: int, pixel_norm: torch.Tensor | None, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The image stage: packs the images, then the conv (+ ReLU) GEMM -> (out, packed)."""
@@ -392,6 +393,7 @@ def _conv_image_backward(ctx, grad, grad_packed):
 conv_image.register_autograd(_conv_image_backward, setup_context=_conv_image_setup)
 
 
+@on_input_device   # exported: launches on its inputs' device when called directly too
 def conv_relu_wgrad_image(grad: torch.Tensor, out: torch.Tensor | None, src: torch.Tensor, weight: torch.Tensor,
                           slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int,
                           pixel_norm: torch.Tensor | None = None) -> torch.Tensor:

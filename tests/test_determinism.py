@@ -54,7 +54,6 @@ def fresh_tuner(monkeypatch, tmp_path):
     and a benchmark that times the second config (BLOCK 32) fastest."""
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(_scale_kernel, "cache", {})
-    monkeypatch.setattr(_scale_kernel, "_fitted_configs", {}, raising=False)
     monkeypatch.setattr(_scale_kernel, "_launch_configs", {}, raising=False)
     monkeypatch.setattr(_scale_kernel, "_bench",
                         lambda *args, config, **kw: [1.0 if config.kwargs["BLOCK"] == 32 else 2.0] * 3)
@@ -211,3 +210,30 @@ def test_a_reused_config_that_does_not_fit_is_chosen_again(monkeypatch, fresh_tu
     tried.clear()
     _scale(x)
     assert tried == [(64, 2)]
+
+
+@pytest.mark.parametrize("fixed", [True, False], ids=["deterministic", "timed"])
+def test_the_reused_config_is_the_one_launched(monkeypatch, fresh_tuner, fixed):
+    # another thread's launch of the same kernel rewrites the tuner's last/best config while this
+    # launch runs: what is kept for the key must still be the config this launch ran
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(fixed)
+    try:
+        chosen = CONFIGS[0] if fixed else CONFIGS[1]
+        other = CONFIGS[1] if fixed else CONFIGS[0]
+        tried, run = [], fresh_tuner.fn.run
+
+        def launch(*args, **kwargs):
+            tried.append(kwargs["BLOCK"])
+            ret = run(*args, **kwargs)
+            fresh_tuner.last_config = fresh_tuner.best_config = other
+            return ret
+
+        monkeypatch.setattr(fresh_tuner.fn, "run", launch)
+        x = torch.arange(100, dtype=torch.float32, device=DEVICE)
+        _scale(x)
+        tried.clear()
+        assert torch.equal(_scale(x), 2 * x)
+        assert tried == [chosen.kwargs["BLOCK"]]
+    finally:
+        torch.use_deterministic_algorithms(was)

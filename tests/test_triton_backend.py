@@ -344,6 +344,38 @@ def test_cuda_graph_capture():
     torch.testing.assert_close(static, out, rtol=0, atol=0)
 
 
+@needs_gpu
+def test_reduce_overhead_compile_across_shapes(monkeypatch):
+    """The README's capture recipe, torch.compile(mode="reduce-overhead") (CUDA graph trees), with
+    two batch sizes in turn: each shape's warm-up and capture allocate from the graphs' private
+    pool, where no weight-gradient counter buffer may be kept between calls. Values and weight
+    gradients equal the float64 reference on every call of either shape."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)   # float32 GEMMs in IEEE float32
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    tok = SparseConvTokenizer(img_size=64, embed_dim=64, hidden_channels=32, backend="triton").cuda()
+    weights = [tok.convs[0].weight, tok.convs[1].weight]
+
+    def step(x, keep):
+        out = tok(x, keep, num_visible=6, packed=True)
+        return out, torch.autograd.grad(out.square().sum(), weights)
+
+    compiled = torch.compile(step, mode="reduce-overhead")
+    for _ in range(3):
+        for batch in (4, 2):
+            x = torch.randn(batch, 3, 64, 64, device="cuda")
+            keep = _fixed_count_keep(batch, 16, 6, "cuda")
+            out, grads = compiled(x, keep)
+            out, grads = out.clone(), [g.clone() for g in grads]
+            ref_weights = [w.detach().double().requires_grad_(True) for w in weights]
+            ref = reference_tokenize(x.double(), ref_weights, keep, 16)[keep].view(batch, 6, 64)
+            ref_grads = torch.autograd.grad(ref.square().sum(), ref_weights)
+            torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+            for g, r in zip(grads, ref_grads):
+                torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5 * r.abs().max().item())
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 @pytest.mark.parametrize("image_dtype", [torch.uint8, torch.float64])
 def test_fused_pixel_normalisation(backend, image_dtype):
@@ -704,27 +736,46 @@ def test_weight_gradient_split_sums(monkeypatch, sms):
         got = run()
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
         assert torch.equal(run(), got)
-        assert not triton_conv._ARRIVAL_COUNTERS[(torch.device("cpu"), 0)].any()
+        assert not triton_conv._ARRIVAL_COUNTERS[torch.device("cpu")].any()
     if sms is not None:   # the case is the one it says: several splits per tile
         assert triton_conv._rows_per_cta(384, 13, torch.device("cpu")) < 384
         assert triton_conv._rows_per_cta(1536, 4, torch.device("cpu")) < 1536
 
 
 def test_arrival_counter_buffers(monkeypatch):
-    """One zeroed counter buffer per device and stream, reused while large enough, grown when a
-    launch needs more, and at most _MAX_COUNTER_BUFFERS of them (the oldest forgotten)."""
+    """One zeroed counter buffer per device (for its default stream), reused while large enough,
+    grown when a launch needs more."""
     from scott_kernels import triton_conv
 
-    monkeypatch.setattr(triton_conv, "_ARRIVAL_COUNTERS", {("other", i): torch.zeros(1) for i in range(3)})
-    monkeypatch.setattr(triton_conv, "_MAX_COUNTER_BUFFERS", 3)
+    monkeypatch.setattr(triton_conv, "_ARRIVAL_COUNTERS", {})
     cpu = torch.device("cpu")
     counters = triton_conv.arrival_counters(cpu, 10)
-    assert list(triton_conv._ARRIVAL_COUNTERS) == [("other", 1), ("other", 2), (cpu, 0)]
+    assert list(triton_conv._ARRIVAL_COUNTERS) == [cpu]
     assert counters.dtype == torch.int32 and counters.numel() >= 10 and not counters.any()
     assert triton_conv.arrival_counters(cpu, 5) is counters
     bigger = triton_conv.arrival_counters(cpu, counters.numel() + 1)
     assert bigger.numel() > counters.numel() and not bigger.any()
-    assert len(triton_conv._ARRIVAL_COUNTERS) == 3
+    assert list(triton_conv._ARRIVAL_COUNTERS.values()) == [bigger]
+
+
+@needs_gpu
+def test_arrival_counters_off_the_default_stream(monkeypatch):
+    """Only the default stream's launches share a kept buffer: a side stream (where CUDA graph
+    capture and torch.compile's CUDA-graph warm-up allocate from a graph's private pool) gets
+    fresh zeros every time, and keeps nothing."""
+    from scott_kernels import triton_conv
+
+    monkeypatch.setattr(triton_conv, "_ARRIVAL_COUNTERS", {})
+    device = torch.device("cuda", torch.cuda.current_device())
+    kept = triton_conv.arrival_counters(device, 8)
+    assert triton_conv.arrival_counters(device, 8) is kept
+    with torch.cuda.stream(torch.cuda.Stream()):
+        first = triton_conv.arrival_counters(device, 8)
+        second = triton_conv.arrival_counters(device, 8)
+    assert first is not kept and second is not first
+    torch.cuda.synchronize()
+    assert not first.any() and not second.any()
+    assert list(triton_conv._ARRIVAL_COUNTERS.values()) == [kept]
 
 
 @needs_gpu
