@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["visible_tables", "new_tables", "visible_positions", "tokenize_compact", "compact_to_image",
+__all__ = ["visible_tables", "new_tables", "visible_positions", "compute_dtype", "tokenize_compact", "compact_to_image",
            "register_stage_autograd", "accumulator_dtype", "gemm_weight",
            "gemm_weight_transposed", "weight_from_partials", "reduction_splits", "check_tables"]
 
@@ -145,6 +145,14 @@ def compact_to_image(dsrc: torch.Tensor, tile_pos: torch.Tensor, shape: Sequence
     return dense.view(B, GH, GW, P, P, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
 
 
+def compute_dtype(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype a tokenizer computes in: the autocast dtype when autocast is on, else the images'
+    (the weights' for uint8 images)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype if x.is_floating_point() else weights[0].dtype
+
+
 def tokenize_compact(conv_relu: Callable, max_blur_pool: Callable, x: torch.Tensor, weights: Sequence[torch.Tensor],
                      keep: torch.Tensor | None, patch_size: int, num_visible: int | None = None,
                      packed: bool = False, pixel_norm: torch.Tensor | None = None,
@@ -163,10 +171,7 @@ def tokenize_compact(conv_relu: Callable, max_blur_pool: Callable, x: torch.Tens
     """
     B, _, H, W = x.shape
     GH, GW = H // patch_size, W // patch_size
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-    else:
-        dtype = x.dtype if x.is_floating_point() else weights[0].dtype
+    dtype = compute_dtype(x, weights)
     weights = [w.to(dtype) for w in weights]
     if x.is_floating_point():
         x = x.to(dtype)

@@ -38,9 +38,10 @@ reaches 2^30 elements.
 
 Every kernel sits behind a ``torch.library.custom_op`` with a fake implementation and autograd,
 so the backend traces under torch.compile. With ``num_visible`` (visible patches per row) given,
-the tables are built in one launch, without a host synchronisation.
+the tables are built in one launch, without a host synchronisation, which also builds the first
+compact stage's neighbour table and lays out its weight.
 
-Modules: triton_tables (the visible and neighbour tables), triton_conv (the compact-source conv
+Modules: triton_tables (the visible and neighbour tables, the weight layout pass), triton_conv (the compact-source conv
 kernels, the weight gradient's split sums and their arrival counters, the input gradient op),
 triton_image (the image stage: packing, forward, weight gradient, ``conv_image`` ops), triton_pool
 (MaxBlurPool and the fused token epilogue), triton_configs (autotune configs and their pruning).
@@ -55,7 +56,7 @@ from typing import Sequence
 import torch
 
 from ._device import custom_op
-from .compact import register_stage_autograd, tokenize_compact, visible_tables
+from .compact import compute_dtype, register_stage_autograd, tokenize_compact, visible_tables
 from .triton_configs import triton_supports
 from .triton_conv import conv_radius, conv_relu_compact, conv_relu_dgrad, conv_relu_wgrad_compact, weight_layouts
 from .triton_image import conv_image, conv_image_wgrad, conv_relu_image, conv_relu_wgrad_image  # noqa: F401
@@ -126,15 +127,16 @@ register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blur_po
 # backward, which reads the conv output anyway, returns the gradient already multiplied by ReLU',
 # so the conv gradients read neither a mask nor the conv output. The image stage keeps its packed
 # images for the weight gradient.
-def _stage_conv(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm, nbr=None):
+def _stage_conv(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm, nbr=None, layouts=None):
     if src_is_image:
         return conv_image(src, weight, slot, tile_pos, in_side, pixel_norm, False)[0]
     # one neighbour table for the stage's forward and both gradients, and the weight's two GEMM
     # layouts in one launch (the input gradient's kept for the backward; made from the weight's
-    # value: the weight's own gradient comes from conv_relu's backward)
+    # value: the weight's own gradient comes from conv_relu's backward), unless the tables
+    # launch built them
     if nbr is None:
         nbr = neighbour_table(slot, tile_pos, conv_radius(in_side, weight.shape[-1]))
-    w_gemm, w_t = weight_layouts(weight.detach())
+    w_gemm, w_t = layouts if layouts is not None else weight_layouts(weight.detach())
     return conv_relu(src, weight, slot, tile_pos, in_side, False, pixel_norm, False, nbr, w_gemm, w_t)
 
 
@@ -142,22 +144,27 @@ def _stage_pool(act, slot, tile_pos):
     return max_blur_pool(act, slot, tile_pos, True)
 
 
-def _stages(weights: Sequence[torch.Tensor], patch_size: int) -> tuple:
-    """(tables, conv): the table builder and stage conv of a tokenize_compact run. The tables
-    launch also builds the first compact stage's neighbour table (the second conv's, reading the
-    first pool's output: patches of side patch_size / 4), which that stage's conv then uses."""
+def _stages(weights: Sequence[torch.Tensor], patch_size: int, dtype: torch.dtype) -> tuple:
+    """(tables, conv): the table builder and stage conv of a tokenize_compact run computing in
+    ``dtype``. With the visible count given, the tables launch also builds the first compact
+    stage's neighbour table (the second conv's, reading the first pool's output: patches of side
+    patch_size / 4) and lays out its weight in ``dtype`` for both GEMMs, which that stage's conv
+    then uses: one launch fewer than building them apart."""
     if len(weights) < 2:
         return (lambda *args: tables_for(*args)[:2]), _stage_conv
     radius = conv_radius(patch_size // 4, weights[1].shape[-1])
     built = {}
 
     def tables(keep, batch, grid_h, grid_w, device, num_visible=None):
-        slot, tile_pos, built["nbr"] = tables_for(keep, batch, grid_h, grid_w, device, num_visible, radius)
+        slot, tile_pos, built["nbr"], built["layouts"] = tables_for(keep, batch, grid_h, grid_w, device, num_visible,
+                                                                    radius, weights[1].detach(), dtype)
         return slot, tile_pos
 
     def conv(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm):
-        nbr = built.pop("nbr", None) if not src_is_image and in_side == patch_size // 4 else None
-        return _stage_conv(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm, nbr)
+        first = not src_is_image and in_side == patch_size // 4
+        nbr = built.pop("nbr", None) if first else None
+        layouts = built.pop("layouts", None) if first else None
+        return _stage_conv(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm, nbr, layouts)
 
     return tables, conv
 
@@ -175,7 +182,7 @@ def triton_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: torc
 
     Inputs are assumed validated (see ``scott_kernels.functional``).
     """
-    tables, stage_conv = _stages(weights, patch_size)
+    tables, stage_conv = _stages(weights, patch_size, compute_dtype(x, weights))
     if norm is None and pos_embed is None and mask_token is None and keep is None:
         return tokenize_compact(stage_conv, _stage_pool, x, weights, keep, patch_size, num_visible, packed,
                                 pixel_norm, tables=tables)

@@ -17,7 +17,7 @@ import functools
 import os
 from typing import Any, Callable, Iterable, Sequence
 
-__all__ = ["interpreting", "MIN_CAPABILITY", "triton_supports", "single_config", "rows_bucket", "accumulator", "MAX_SHARED", "shared_memory_limit", "gemm_shared_bytes", "keep_fitting", "shared_fits", "prune_hook",
+__all__ = ["interpreting", "MIN_CAPABILITY", "triton_supports", "check_interpretable", "single_config", "rows_bucket", "accumulator", "MAX_SHARED", "shared_memory_limit", "gemm_shared_bytes", "keep_fitting", "shared_fits", "prune_hook",
            "element_bytes", "pow2", "autotune", "SharedMemoryError", "resource_errors", "conv_fwd_configs", "image_fwd_configs", "conv_wgrad_configs",
            "image_wgrad_configs", "conv_dgrad_configs", "prune_wide", "prune_by_c_out", "prune_by_c_in",
            "prune_image_wgrad", "CONV_KEY", "IMAGE_KEY", "FWD_SHARED", "IMAGE_FWD_SHARED", "WGRAD_SHARED",
@@ -48,6 +48,15 @@ def triton_supports(device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and tuple(torch.cuda.get_device_capability(device)) >= MIN_CAPABILITY
     return device.type == "cpu" and interpreting()
+
+
+def check_interpretable(name: str, *dtypes) -> None:
+    """Raises where Triton's CPU interpreter cannot compute: it runs on NumPy arrays, which have no
+    bfloat16 (its arithmetic there fails or silently reads the raw bits)."""
+    import torch
+    if interpreting() and torch.bfloat16 in dtypes:
+        raise TypeError(f"{name}: bfloat16 does not run under Triton's CPU interpreter (TRITON_INTERPRET=1: "
+                        "NumPy has no bfloat16); use float16, float32 or float64 there, or a CUDA GPU")
 
 
 def single_config() -> bool:

@@ -30,8 +30,9 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 from ._device import custom_op, on_input_device
 from . import compact
 from .compact import accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed
-from .triton_tables import check_neighbours, neighbour_table
-from .triton_configs import (CONV_KEY, FWD_SHARED, WGRAD_SHARED, accumulator, autotune, conv_dgrad_configs,
+from .triton_tables import _padded_channels, check_neighbours, layouts_args, neighbour_table, new_weight_layouts
+from .triton_configs import (CONV_KEY, FWD_SHARED, WGRAD_SHARED, accumulator, autotune, check_interpretable,
+                             conv_dgrad_configs,
                              conv_fwd_configs, conv_wgrad_configs, interpreting, pow2, prune_by_c_in, prune_by_c_out,
                              rows_bucket, triton_supports)
 
@@ -44,6 +45,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Kernels
 # --------------------------------------------------------------------------------------------
 if triton is not None:
+    from .triton_tables import _weight_layouts_block
+
 
     # ---- conv GEMMs --------------------------------------------------------------------------
     # Offsets are 32-bit (the host checks every tensor's size) unless WIDE, where the tile index is
@@ -296,15 +299,8 @@ if triton is not None:
         """From weight (C_out, C_in, k, k): the forward GEMM's (k*k*C_in, C_out) operand and the
         input gradient's (k*k*C_out, CW) one (channels padded to CW with zeros), in one pass
         over the latter's elements (tap, co, cw)."""
-        e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = e < total
-        cw = e % CW
-        co = (e // CW) % C_OUT
-        tap = e // (CW * C_OUT)
-        real = ok & (cw < C_IN)
-        v = tl.load(w_ptr + (co * C_IN + cw) * KK + tap, mask=real, other=0.0)
-        tl.store(t_ptr + e, v, mask=ok)
-        tl.store(gemm_ptr + (tap * C_IN + cw) * C_OUT + co, v, mask=real)
+        _weight_layouts_block(w_ptr, gemm_ptr, t_ptr, tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), total,
+                              C_OUT, C_IN, KK, CW)
 
     # ---- the weight gradient from its partials, in the split that finishes a tile last -------------
     @triton.jit
@@ -343,6 +339,7 @@ def _check_tables(name: str, src: torch.Tensor, slot: torch.Tensor, tile_pos: to
                   image: bool = False) -> None:
     if src.dtype not in _DTYPES and not (image and src.dtype == torch.uint8):
         raise TypeError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got {src.dtype}")
+    check_interpretable(name, src.dtype)
     check_tables(name, src, slot, tile_pos)
     if not triton_supports(src.device):
         raise RuntimeError(f"{name}: Triton does not run on {src.device} here "
@@ -401,35 +398,24 @@ def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
     return counters
 
 
-def _padded_channels(c_in: int) -> int:
-    """The input gradient's weight rows: whole 16-byte vectors of channels."""
-    return -(-c_in // 8) * 8
-
-
 @custom_op("scott_kernels::triton_conv_weight_layouts", mutates_args=())
 def weight_layouts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A compact stage's weight (C_out, C_in, k, k) in its two GEMM layouts, in one launch: the
-    forward's (k*k*C_in, C_out) and the input gradient's (k*k*C_out, CW), CW = C_in rounded up to
-    a multiple of 8 (zeros). The forward makes them once; the autograd keeps the second for the
-    input gradient."""
-    if weight.dim() != 4 or weight.shape[2] != weight.shape[3] or not weight.is_floating_point():
-        raise ValueError(f"triton_conv_weight_layouts: weight must be a floating (C_out, C_in, k, k) tensor, "
-                         f"got {tuple(weight.shape)} {weight.dtype}")
-    c_out, c_in, k, _ = weight.shape
-    c_w = _padded_channels(c_in)
-    w_gemm = torch.empty((k * k * c_in, c_out), dtype=weight.dtype, device=weight.device)
-    w_t = torch.empty((k * k * c_out, c_w), dtype=weight.dtype, device=weight.device)
+    """A compact stage's weight (C_out, C_in, k, k) in its two GEMM layouts (``new_weight_layouts``),
+    in one launch. The forward makes them once; the autograd keeps the second for the input
+    gradient. (With ``num_visible``, the tables launch lays out the first compact stage's weight
+    instead: ``triton_tables.visible_tables``.)"""
+    w_gemm, w_t = new_weight_layouts("triton_conv_weight_layouts", weight)
+    check_interpretable("triton_conv_weight_layouts", weight.dtype)
     total, block = w_t.numel(), 1024
     if total:
-        _weight_layouts_kernel[(triton.cdiv(total, block),)](weight.contiguous(), w_gemm, w_t, total, C_OUT=c_out,
-                                                             C_IN=c_in, KK=k * k, CW=c_w, BLOCK=block)
+        _weight_layouts_kernel[(triton.cdiv(total, block),)](weight.contiguous(), w_gemm, w_t, total, BLOCK=block,
+                                                             **layouts_args(weight))
     return w_gemm, w_t
 
 
 @weight_layouts.register_fake
 def _(weight):
-    c_out, c_in, k, _ = weight.shape
-    return (weight.new_empty((k * k * c_in, c_out)), weight.new_empty((k * k * c_out, _padded_channels(c_in))))
+    return new_weight_layouts("triton_conv_weight_layouts", weight)
 
 
 def _layout(name: str, given: torch.Tensor | None, weight: torch.Tensor, shape: tuple) -> torch.Tensor | None:

@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 from ._device import custom_op, on_input_device
 from . import compact
 from .compact import accumulator_dtype
-from .triton_configs import (IMAGE_FWD_SHARED, IMAGE_KEY, IMAGE_WGRAD_SHARED, accumulator, autotune,
+from .triton_configs import (IMAGE_FWD_SHARED, IMAGE_KEY, IMAGE_WGRAD_SHARED, accumulator, autotune, check_interpretable,
                              image_fwd_configs, image_wgrad_configs, pow2, prune_by_c_out, prune_image_wgrad,
                              rows_bucket)
 from .triton_conv import (_check_tables, _precision, _rows_per_cta, _source_geometry, _wide, arrival_counters,
@@ -287,6 +287,7 @@ def conv_relu_image(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor,
     c_out, _, k, _ = weight.shape
     if src.dtype != weight.dtype and src.dtype != torch.uint8:
         raise TypeError(f"triton_conv_image: src is {src.dtype} but weight is {weight.dtype}")
+    check_interpretable("triton_conv_image", weight.dtype)
     num_tiles = tile_pos.shape[0]
     side = in_side // 2
     rows = num_tiles * side * side
@@ -401,6 +402,7 @@ def conv_relu_wgrad_image(grad: torch.Tensor, out: torch.Tensor | None, src: tor
     again (``conv_image_wgrad`` reuses the forward's packed copy instead). ``out`` is the
     forward's output (for the ReLU mask), or None when ``grad`` is already masked by it."""
     _check_tables("triton_conv_relu_wgrad", src, slot, tile_pos, image=True)
+    check_interpretable("triton_conv_relu_wgrad", weight.dtype)
     c_in = _source_geometry(src, slot, in_side, True)
     c_out, _, k, _ = weight.shape
     num_tiles = tile_pos.shape[0]

@@ -32,7 +32,8 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 
 from ._device import custom_op
 from .compact import accumulator_dtype, check_tables
-from .triton_configs import accumulator, autotune, interpreting, rows_bucket, single_config, triton_supports
+from .triton_configs import (accumulator, autotune, check_interpretable, interpreting, rows_bucket, single_config,
+                             triton_supports)
 
 __all__ = ["max_blur_pool", "max_blur_pool_backward", "pool_tokens", "pool_tokens_backward",
            "pool_tokens_apply"]
@@ -637,6 +638,7 @@ if triton is not None:
 def _check(name: str, act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, side: int | None = None) -> None:
     if act.dtype not in _DTYPES:
         raise TypeError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got {act.dtype}")
+    check_interpretable(name, act.dtype)
     check_tables(name, act, slot, tile_pos)
     if not triton_supports(act.device):
         raise RuntimeError(f"{name}: Triton does not run on {act.device} here "

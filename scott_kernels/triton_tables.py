@@ -1,5 +1,8 @@
 """The compact layout's tables on the GPU, in one Triton launch each (see compact.py for the
 layout): the visible tables ``slot``/``tile_pos`` from the mask, and each tile's neighbour table.
+The visible tables' launch can also build the first compact stage's neighbour table and lay out
+its weight for both GEMMs (the layout pass itself lives here so that triton_conv's own layout
+launch shares it).
 
 Built by torch ops, the visible tables take a dozen launches (cumulative sum, comparisons,
 selections, a scatter, the row-count assertion); here one program per image reads its mask row,
@@ -20,9 +23,9 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 
 from ._device import custom_op
 from . import compact
-from .triton_configs import triton_supports
+from .triton_configs import check_interpretable, triton_supports
 
-__all__ = ["visible_tables", "tables_for", "neighbour_table", "check_neighbours"]
+__all__ = ["visible_tables", "tables_for", "neighbour_table", "check_neighbours", "new_weight_layouts"]
 
 
 if triton is not None:
@@ -39,43 +42,66 @@ if triton is not None:
 
     # debug=True keeps the device assertion (Triton compiles tl.device_assert away otherwise)
     @triton.jit(debug=True)
-    def _visible_tables_kernel(keep_ptr, slot_ptr, tile_pos_ptr, nbr_ptr, N, num_visible, GW,
-                               R: tl.constexpr, BLOCK: tl.constexpr):
-        """Row b = program_id(0) of keep (B, N): slot[b, n] = b * K + (visible patches before n), or
-        -1, and tile_pos of those tiles = b * N + n, for K = num_visible. A row holding more than
-        K visible patches numbers its first K; one with fewer gives its missing tiles the row's
-        first position; either fails the device assertion, and no index leaves its table.
+    def _visible_tables_kernel(keep_ptr, slot_ptr, tile_pos_ptr, nbr_ptr, N, num_visible, GW, batch,
+                               w_ptr, gemm_ptr, t_ptr, w_total, R: tl.constexpr, BLOCK: tl.constexpr,
+                               C_OUT: tl.constexpr, C_IN: tl.constexpr, KK: tl.constexpr, CW: tl.constexpr,
+                               BLOCK_W: tl.constexpr):
+        """Row b = program_id(0) < batch of keep (B, N): slot[b, n] = b * K + (visible patches
+        before n), or -1, and tile_pos of those tiles = b * N + n, for K = num_visible. A row holding
+        more than K visible patches numbers its first K; one with fewer gives its missing tiles the
+        row's first position; either fails the device assertion, and no index leaves its table.
         With R >= 0 also the neighbour table of the row's tiles (see _neighbour_table_kernel):
-        neighbours are in the same image, whose slots this program has just written."""
+        neighbours are in the same image, whose slots this program has just written. With
+        BLOCK_W > 0, every program also lays out every num_programs-th block of BLOCK_W elements
+        of a stage's weight from block b on (see triton_conv._weight_layouts_kernel)."""
         b = tl.program_id(0).to(tl.int64)
-        row = b * N
-        first_tile = b * num_visible
-        seen = tl.full((), 0, tl.int32)
-        for start in range(0, N, BLOCK):
-            n = start + tl.arange(0, BLOCK)
-            ok = n < N
-            kept = (tl.load(keep_ptr + row + n, mask=ok, other=0) != 0).to(tl.int32)
-            index = seen + tl.cumsum(kept, 0) - 1
-            visible = ok & (kept != 0) & (index < num_visible)
-            tile = first_tile + index
-            tl.store(slot_ptr + row + n, tl.where(visible, tile, -1).to(tl.int32), mask=ok)
-            tl.store(tile_pos_ptr + tile, row + n, mask=visible)
-            seen += tl.sum(kept, 0)
-        tl.device_assert(seen == num_visible, "keep: every row must hold exactly num_visible visible patches")
-        for start in range(0, num_visible, BLOCK):
-            j = start + tl.arange(0, BLOCK)
-            tl.store(tile_pos_ptr + first_tile + j, row + tl.zeros_like(j).to(tl.int64),
-                     mask=(j >= seen) & (j < num_visible))
-        if R >= 0:
-            NB: tl.constexpr = 2 * R + 1
-            GH = N // GW
-            tl.debug_barrier()   # the row's slot and tile_pos, written above, read back below
-            for start in range(0, num_visible * NB * NB, BLOCK):
-                e = start + tl.arange(0, BLOCK)
-                ok = e < num_visible * NB * NB
-                n = tl.load(tile_pos_ptr + first_tile + e // (NB * NB), mask=ok, other=row) - row
-                s = _neighbour_slot(slot_ptr, row, n, e % (NB * NB), ok, GH, GW, R)
-                tl.store(nbr_ptr + first_tile * (NB * NB) + e, s, mask=ok)
+        if b < batch:
+            row = b * N
+            first_tile = b * num_visible
+            seen = tl.full((), 0, tl.int32)
+            for start in range(0, N, BLOCK):
+                n = start + tl.arange(0, BLOCK)
+                ok = n < N
+                kept = (tl.load(keep_ptr + row + n, mask=ok, other=0) != 0).to(tl.int32)
+                index = seen + tl.cumsum(kept, 0) - 1
+                visible = ok & (kept != 0) & (index < num_visible)
+                tile = first_tile + index
+                tl.store(slot_ptr + row + n, tl.where(visible, tile, -1).to(tl.int32), mask=ok)
+                tl.store(tile_pos_ptr + tile, row + n, mask=visible)
+                seen += tl.sum(kept, 0)
+            tl.device_assert(seen == num_visible, "keep: every row must hold exactly num_visible visible patches")
+            for start in range(0, num_visible, BLOCK):
+                j = start + tl.arange(0, BLOCK)
+                tl.store(tile_pos_ptr + first_tile + j, row + tl.zeros_like(j).to(tl.int64),
+                         mask=(j >= seen) & (j < num_visible))
+            if R >= 0:
+                NB: tl.constexpr = 2 * R + 1
+                GH = N // GW
+                tl.debug_barrier()   # the row's slot and tile_pos, written above, read back below
+                for start in range(0, num_visible * NB * NB, BLOCK):
+                    e = start + tl.arange(0, BLOCK)
+                    ok = e < num_visible * NB * NB
+                    n = tl.load(tile_pos_ptr + first_tile + e // (NB * NB), mask=ok, other=row) - row
+                    s = _neighbour_slot(slot_ptr, row, n, e % (NB * NB), ok, GH, GW, R)
+                    tl.store(nbr_ptr + first_tile * (NB * NB) + e, s, mask=ok)
+        if BLOCK_W > 0:
+            for start in range(b * BLOCK_W, w_total, tl.num_programs(0) * BLOCK_W):
+                _weight_layouts_block(w_ptr, gemm_ptr, t_ptr, start + tl.arange(0, BLOCK_W), w_total,
+                                      C_OUT, C_IN, KK, CW)
+
+    @triton.jit
+    def _weight_layouts_block(w_ptr, gemm_ptr, t_ptr, e, total, C_OUT: tl.constexpr, C_IN: tl.constexpr,
+                              KK: tl.constexpr, CW: tl.constexpr):
+        """Elements ``e`` of _weight_layouts_kernel's pass; each store casts to its layout's dtype."""
+        ok = e < total
+        cw = e % CW
+        co = (e // CW) % C_OUT
+        tap = e // (CW * C_OUT)
+        real = ok & (cw < C_IN)
+        v = tl.load(w_ptr + (co * C_IN + cw) * KK + tap, mask=real, other=0.0)
+        tl.store(t_ptr + e, v.to(t_ptr.dtype.element_ty), mask=ok)
+        tl.store(gemm_ptr + (tap * C_IN + cw) * C_OUT + co, v.to(gemm_ptr.dtype.element_ty), mask=real)
+
 
     @triton.jit
     def _neighbour_table_kernel(slot_ptr, tile_pos_ptr, nbr_ptr, total, num_tiles, num_pos, GH, GW,
@@ -93,41 +119,98 @@ if triton is not None:
         tl.store(nbr_ptr + e, s.to(tl.int32), mask=ok)
 
 
+_LAYOUT_PROGRAMS = 256
+
+
+def _padded_channels(c_in: int) -> int:
+    """The input gradient's weight rows: whole 16-byte vectors of channels."""
+    return -(-c_in // 8) * 8
+
+
+def new_weight_layouts(name: str, weight: torch.Tensor, dtype: torch.dtype | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks a compact stage's (C_out, C_in, k, k) weight and returns its two GEMM layouts,
+    uninitialised, in ``dtype`` (default: the weight's): the forward's (k*k*C_in, C_out) and the
+    input gradient's (k*k*C_out, CW), CW = C_in rounded up to a multiple of 8 (zeros)."""
+    if weight.dim() != 4 or weight.shape[2] != weight.shape[3] or not weight.is_floating_point():
+        raise ValueError(f"{name}: weight must be a floating (C_out, C_in, k, k) tensor, "
+                         f"got {tuple(weight.shape)} {weight.dtype}")
+    c_out, c_in, k, _ = weight.shape
+    dtype = dtype or weight.dtype
+    return (weight.new_empty((k * k * c_in, c_out), dtype=dtype),
+            weight.new_empty((k * k * c_out, _padded_channels(c_in)), dtype=dtype))
+
+
+def layouts_args(weight: torch.Tensor) -> dict:
+    """The layout pass's compile-time geometry for ``weight``."""
+    c_out, c_in, k, _ = weight.shape
+    return {"C_OUT": c_out, "C_IN": c_in, "KK": k * k, "CW": _padded_channels(c_in)}
+
+
+
 @custom_op("scott_kernels::triton_visible_tables", mutates_args=())
-def visible_tables(keep: torch.Tensor, num_visible: int, grid_h: int, grid_w: int, radius: int = -1
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(slot (B, GH, GW) int32, tile_pos (B * num_visible,) int64, nbr) of a (B, GH * GW) bool
-    mask whose rows each hold ``num_visible`` visible patches (a device assertion checks it), in
-    one launch and with no host synchronisation; the same tables as ``compact.visible_tables``,
-    and with ``radius`` >= 0 the tiles' neighbour table (``neighbour_table``; else nbr is empty)."""
+def visible_tables(keep: torch.Tensor, num_visible: int, grid_h: int, grid_w: int, radius: int = -1,
+                   weight: torch.Tensor | None = None, layout_dtype: torch.dtype | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(slot (B, GH, GW) int32, tile_pos (B * num_visible,) int64, nbr, w_gemm, w_t) of a
+    (B, GH * GW) bool mask whose rows each hold ``num_visible`` visible patches (a device assertion
+    checks it), in one launch and with no host synchronisation: the tables of
+    ``compact.visible_tables``; with ``radius`` >= 0 the tiles' neighbour table
+    (``neighbour_table``; else nbr is empty); with a compact stage's ``weight`` its two GEMM
+    layouts (``triton_conv.weight_layouts``) in ``layout_dtype`` (default: the weight's; else
+    w_gemm and w_t are empty). One launch builds everything the first compact stage needs before
+    its activations exist."""
     slot, tile_pos, nbr = compact.new_tables("triton_visible_tables", keep, num_visible, grid_h, grid_w, radius)
+    w_gemm, w_t = _layouts_or_empty(keep, weight, layout_dtype)
     if not triton_supports(keep.device):
         raise RuntimeError(f"triton_visible_tables: Triton does not run on {keep.device} here")
+    if weight is not None:
+        if weight.device != keep.device:
+            raise ValueError(f"triton_visible_tables: weight is on {weight.device}, expected {keep.device}")
+        check_interpretable("triton_visible_tables", weight.dtype, w_t.dtype)
     batch, positions = keep.shape
     nb = nbr.shape[1]
-    if batch and positions:
-        block = min(1024, triton.next_power_of_2(max(positions, num_visible * nb * nb)))
+    w_total, block_w = w_t.numel(), 1024
+    rows = batch if positions else 0
+    # the rows, or enough programs to keep the layout pass's loads in flight (a few per SM)
+    programs = max(rows, min(triton.cdiv(w_total, block_w), _LAYOUT_PROGRAMS))
+    if programs:
+        block = min(1024, triton.next_power_of_2(max(positions, num_visible * nb * nb, 1)))
+        geometry = layouts_args(weight) if w_total else {"C_OUT": 1, "C_IN": 1, "KK": 1, "CW": 1}
         # debug for the assertion alone: no overflow checks on every integer op (4x the code)
-        _visible_tables_kernel[(batch,)](keep.contiguous(), slot, tile_pos, nbr if nb else slot, positions, num_visible,
-                                         grid_w, R=radius if nb else -1, BLOCK=block, num_warps=4,
-                                         sanitize_overflow=False)
-    return slot, tile_pos, nbr
+        _visible_tables_kernel[(programs,)](
+            keep.contiguous(), slot, tile_pos, nbr if nb else slot, positions, num_visible, grid_w, rows,
+            weight.contiguous() if w_total else slot, w_gemm if w_total else slot, w_t if w_total else slot,
+            w_total, R=radius if nb else -1, BLOCK=block, BLOCK_W=block_w if w_total else 0, num_warps=4,
+            sanitize_overflow=False, **geometry)
+    return slot, tile_pos, nbr, w_gemm, w_t
+
+
+def _layouts_or_empty(keep: torch.Tensor, weight: torch.Tensor | None, dtype: torch.dtype | None):
+    if weight is None:
+        empty = keep.new_empty((0, 0), dtype=dtype or torch.float32)
+        return empty, empty.new_empty((0, 0))
+    return new_weight_layouts("triton_visible_tables", weight, dtype)
 
 
 @visible_tables.register_fake
-def _(keep, num_visible, grid_h, grid_w, radius=-1):
-    return compact.new_tables("triton_visible_tables", keep, num_visible, grid_h, grid_w, radius)
+def _(keep, num_visible, grid_h, grid_w, radius=-1, weight=None, layout_dtype=None):
+    return (*compact.new_tables("triton_visible_tables", keep, num_visible, grid_h, grid_w, radius),
+            *_layouts_or_empty(keep, weight, layout_dtype))
 
 
 def tables_for(keep: torch.Tensor | None, batch: int, grid_h: int, grid_w: int, device: torch.device,
-               num_visible: int | None = None, radius: int = -1
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(slot, tile_pos, nbr): ``compact.visible_tables``, in one launch where the visible count is
-    given, which then also builds the neighbour table of ``radius`` (>= 0; else nbr is None)."""
+               num_visible: int | None = None, radius: int = -1, weight: torch.Tensor | None = None,
+               layout_dtype: torch.dtype | None = None) -> tuple:
+    """(slot, tile_pos, nbr, layouts): ``compact.visible_tables``, in one launch where the visible
+    count is given, which then also builds the neighbour table of ``radius`` (>= 0; else nbr is
+    None) and ``weight``'s two GEMM layouts in ``layout_dtype`` (a (w_gemm, w_t) pair; else
+    None)."""
     if keep is None or num_visible is None:
-        return (*compact.visible_tables(keep, batch, grid_h, grid_w, device, num_visible), None)
-    slot, tile_pos, nbr = visible_tables(keep.reshape(batch, grid_h * grid_w), num_visible, grid_h, grid_w, radius)
-    return slot, tile_pos, nbr if radius >= 0 else None
+        return (*compact.visible_tables(keep, batch, grid_h, grid_w, device, num_visible), None, None)
+    slot, tile_pos, nbr, w_gemm, w_t = visible_tables(keep.reshape(batch, grid_h * grid_w), num_visible, grid_h,
+                                                      grid_w, radius, weight, layout_dtype)
+    return slot, tile_pos, nbr if radius >= 0 else None, (w_gemm, w_t) if weight is not None else None
 
 
 @custom_op("scott_kernels::triton_neighbour_table", mutates_args=())

@@ -2,8 +2,10 @@
 layouts, the custom ops (opcheck), torch.compile; real shapes and bf16 on a GPU.
 
 Without a GPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py) at small shapes;
-bf16 ``tl.dot`` is wrong in the interpreter, so bf16 runs only on a GPU.
+the interpreter has no bf16 (NumPy has none; the ops refuse it there), so bf16 runs only on a GPU.
 """
+
+import os
 
 import pytest
 import torch
@@ -344,6 +346,26 @@ def test_cuda_graph_capture():
     torch.testing.assert_close(static, out, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="only Triton's CPU interpreter lacks bfloat16")
+def test_bfloat16_under_the_interpreter_is_refused():
+    """Triton's CPU interpreter computes on NumPy arrays, which have no bfloat16: its results there
+    were silently wrong (errors of 1e11 against the reference), so every op refuses bfloat16 there
+    with an error naming the op, and the tokenizer (autocast to bfloat16 included) raises it."""
+    weights = random_weights(3, (8, 16), (7, 7), dtype=torch.float32)
+    x = torch.randn(2, 3, 32, 48)
+    keep = _fixed_count_keep(2, 6, 3)
+    for num_visible in (3, None):
+        with pytest.raises(TypeError, match=r"triton_\w+: bfloat16 does not run under Triton's CPU interpreter"):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                sparse_conv_tokenize(x, weights, keep, backend="triton", num_visible=num_visible)
+        with pytest.raises(TypeError, match="bfloat16 does not run under Triton's CPU interpreter"):
+            sparse_conv_tokenize(x.bfloat16(), [w.bfloat16() for w in weights], keep, backend="triton",
+                                 num_visible=num_visible)
+    s = _op_samples()
+    with pytest.raises(TypeError, match="triton_max_blur_pool: bfloat16 does not run"):
+        max_blur_pool(s["a2"].detach().bfloat16(), s["slot"], s["tile_pos"])
+
+
 @needs_gpu
 def test_reduce_overhead_compile_across_shapes(monkeypatch):
     """The README's capture recipe, torch.compile(mode="reduce-overhead") (CUDA graph trees), with
@@ -605,34 +627,52 @@ def test_token_epilogue_end_to_end_fp32_autocast_dtype():
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_visible_tables_one_launch():
+def test_visible_tables_one_launch(monkeypatch):
     """The one-launch tables equal compact.visible_tables for random masks (all-visible,
-    all-masked and single-visible rows included, rows longer than a block), and stay inside their
-    tables when a row holds the wrong count."""
+    all-masked and single-visible rows included, rows longer than a block), with the neighbour
+    table and a weight's two GEMM layouts built in the same launch (more layout blocks than rows,
+    and fewer; several blocks per program; cast to the layout dtype), and stay inside their tables
+    when a row holds the wrong count."""
+    from scott_kernels import triton_tables
     from scott_kernels.compact import visible_tables as torch_tables
+    from scott_kernels.triton_conv import weight_layouts
     from scott_kernels.triton_tables import neighbour_table, visible_tables as kernel_tables
+    monkeypatch.setattr(triton_tables, "_LAYOUT_PROGRAMS", 5)   # 16 layout blocks: up to 4 per program
     g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(6, 5, 3, 3, dtype=torch.float64, generator=g),       # 1 block of 1024
+               torch.randn(40, 12, 5, 5, generator=g)]                           # 16 blocks, float32
     for batch, gh, gw, k in ((3, 4, 4, 16), (3, 4, 4, 0), (2, 3, 5, 1), (2, 2, 3, 4), (2, 40, 30, 700)):
         keep = torch.zeros(batch, gh * gw, dtype=torch.bool)
         keep.scatter_(1, torch.rand(batch, gh * gw, generator=g).argsort(1)[:, :k], True)
         want_slot, want_pos = torch_tables(keep, batch, gh, gw, keep.device, k)
         for radius in (-1, 0, 1, 2):
-            slot, tile_pos, nbr = kernel_tables(keep, k, gh, gw, radius)
+            weight = weights[radius % 2] if radius >= 0 else None
+            slot, tile_pos, nbr, w_gemm, w_t = kernel_tables(keep, k, gh, gw, radius, weight, torch.float64)
             assert torch.equal(slot, want_slot) and torch.equal(tile_pos, want_pos), (batch, gh, gw, k)
             if radius < 0:
-                assert nbr.numel() == 0
-            else:   # the neighbour table built in the same launch
+                assert nbr.numel() == 0 and w_gemm.numel() == 0 and w_t.numel() == 0
+            else:   # the neighbour table and the weight layouts built in the same launch
                 assert torch.equal(nbr, neighbour_table(want_slot, want_pos, radius)), (batch, gh, gw, k, radius)
+                want = weight_layouts(weight.double())
+                assert w_gemm.dtype == w_t.dtype == torch.float64
+                assert torch.equal(w_gemm, want[0]) and torch.equal(w_t, want[1]), (batch, gh, gw, k, radius)
+    # a float32 weight laid out in float16 (as under autocast): the same rounding as torch's cast
+    _, _, _, w_gemm, w_t = kernel_tables(keep, k, gh, gw, 1, weights[1], torch.float16)
+    want = weight_layouts(weights[1].half())
+    assert w_gemm.dtype == torch.float16 and torch.equal(w_gemm, want[0]) and torch.equal(w_t, want[1])
     torch.library.opcheck(kernel_tables, (keep, 700, 40, 30))
     torch.library.opcheck(kernel_tables, (keep, 700, 40, 30, 1))
+    torch.library.opcheck(kernel_tables, (keep, 700, 40, 30, 1, weights[1], torch.float64))
     torch.library.opcheck(neighbour_table, (want_slot, want_pos, 1))
     # rows with one patch too many and one too few: the first K numbered, the extra one masked,
     # the missing tile at the row's first position; on a GPU a device assertion also fires
     # (compiled in, debug=True: test_codegen; the interpreter skips device assertions)
     keep = torch.tensor([[True, True, True, False], [True, False, False, False]])
-    slot, tile_pos, _ = kernel_tables(keep, 2, 2, 2)
+    slot, tile_pos, *_ = kernel_tables(keep, 2, 2, 2)
     assert slot.flatten().tolist() == [0, 1, -1, -1, 2, -1, -1, -1]
     assert tile_pos.tolist() == [0, 1, 4, 4]
+    with pytest.raises(ValueError, match="weight must be a floating"):
+        kernel_tables(keep, 2, 2, 2, 1, torch.ones(4, 4))
 
 
 def test_pool_tokens_without_epilogue():
