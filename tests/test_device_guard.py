@@ -54,15 +54,15 @@ def _recording_ops():
         _device.device_guard = original_guard
 
 
-def _run(backend, epilogue=False):
+def _run(backend, epilogue=False, num_visible=3, dense=False):
     weights = random_weights(3, (8, 8), (7, 7))
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
-    keep = torch.tensor([[True, False, True, True], [True, True, False, True]])
+    keep = None if dense else torch.tensor([[True, False, True, True], [True, True, False, True]])
     kwargs = {}
     if epilogue:
         kwargs = dict(norm=(torch.ones(8, dtype=torch.float64, requires_grad=True), None, 1e-5),
                       pos_embed=torch.randn(4, 8, dtype=torch.float64), mask_token=torch.zeros(8, dtype=torch.float64))
-    out = sparse_conv_tokenize(x, weights, keep, backend=backend, num_visible=3, **kwargs)
+    out = sparse_conv_tokenize(x, weights, keep, backend=backend, num_visible=None if dense else num_visible, **kwargs)
     out.sum().backward()
 
 
@@ -82,7 +82,7 @@ def _op_names(module_names):
 @pytest.mark.parametrize("backend, modules", [
     ("torch", ["ops"]),
     ("cuda", ["cuda_backend"]),
-    ("triton", ["triton_backend", "triton_conv", "triton_image", "triton_pool"]),
+    ("triton", ["triton_backend", "triton_conv", "triton_image", "triton_pool", "triton_tables"]),
 ])
 def test_each_op_enters_the_guard_for_its_tensors_device(backend, modules):
     if backend == "triton" and not triton_supports(torch.device("cpu")):
@@ -90,8 +90,10 @@ def test_each_op_enters_the_guard_for_its_tensors_device(backend, modules):
     twin = mock.patch.dict(functional.BACKENDS, {"cuda": (cuda_tokenize, lambda device: True)})
     with _recording_ops() as entered, (twin if backend == "cuda" else contextlib.nullcontext()):
         _run(backend)   # backend="cuda" on CPU tensors: the kernels' C++ twin behind the same ops
-        if backend == "triton":
+        if backend == "triton":   # every path: the tables launch's, the read-back's, the dense one's
             _run(backend, epilogue=True)
+            _run(backend, num_visible=None)
+            _run(backend, dense=True)
     assert entered and all(device == torch.device("cpu") for _, _, device in entered)
     seen = {(module.rsplit(".", 1)[-1], name) for name, module, _ in entered}
     missing = _op_names(modules) - seen
