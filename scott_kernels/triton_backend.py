@@ -41,11 +41,11 @@ so the backend traces under torch.compile. With ``num_visible`` (visible patches
 the tables are built in one launch, without a host synchronisation, which also builds the first
 compact stage's neighbour table and lays out its weight.
 
-Modules: triton_tables (the visible and neighbour tables, the weight layout pass), triton_conv (the compact-source conv
-kernels, the weight gradient's split sums and their arrival counters, the input gradient op),
-triton_image (the image stage: packing, forward, weight gradient, ``conv_image`` ops), triton_pool
-(MaxBlurPool and the fused token epilogue), triton_configs (autotune configs and their pruning).
-This module holds the stage ops that take either source (``conv_relu``, ``conv_relu_wgrad``), their
+Modules: triton_tables (the visible and neighbour tables, the weight layout pass), triton_conv (the
+compact-source conv kernels, the weight gradient's split sums and their arrival counters, the
+input gradient op), triton_image (the image stage: packing, forward, weight gradient,
+``conv_image`` ops), triton_pool (MaxBlurPool and the fused token epilogue), triton_configs
+(autotune configs and their pruning). This module holds the stage ops that take either source (``conv_relu``, ``conv_relu_wgrad``), their
 autograd wiring and the tokenizer.
 """
 

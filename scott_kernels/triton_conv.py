@@ -32,9 +32,8 @@ from . import compact
 from .compact import accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed
 from .triton_tables import _padded_channels, check_neighbours, layouts_args, neighbour_table, new_weight_layouts
 from .triton_configs import (CONV_KEY, FWD_SHARED, WGRAD_SHARED, accumulator, autotune, check_interpretable,
-                             conv_dgrad_configs,
-                             conv_fwd_configs, conv_wgrad_configs, interpreting, pow2, prune_by_c_in, prune_by_c_out,
-                             rows_bucket, triton_supports)
+                             conv_dgrad_configs, conv_fwd_configs, conv_wgrad_configs, interpreting, pow2,
+                             prune_by_c_in, prune_by_c_out, rows_bucket, triton_supports)
 
 __all__ = ["conv_relu_compact", "conv_relu_wgrad_compact", "conv_relu_dgrad", "weight_layouts"]
 
@@ -46,7 +45,6 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # --------------------------------------------------------------------------------------------
 if triton is not None:
     from .triton_tables import _weight_layouts_block
-
 
     # ---- conv GEMMs --------------------------------------------------------------------------
     # Offsets are 32-bit (the host checks every tensor's size) unless WIDE, where the tile index is
