@@ -28,11 +28,12 @@ split-K GEMM over output pixels into float32 partials, with output tiles of one 
 channels (or kernel rows of the packed image), summed by the split that finishes each tile last;
 conv dgrad is an implicit GEMM over input pixels that gathers the output gradient through the
 neighbour table, run per parity class of input pixel (a stride-2 conv reads a pixel only through
-taps of one parity, so each class loops over its own taps only). The gradient ops take the forward's output for the ReLU mask, or None for a
-gradient already masked. The tokenizer runs each stage as conv (``relu=False``) -> pool of
-relu(conv) (``max_blur_pool(..., relu=True)``; the last one fused with the token epilogue): the
-same function, but the pool's backward multiplies by ReLU' as it writes the conv gradient, so the
-conv gradients take it as masked and never read the conv output.
+taps of one parity, so each class loops over its own taps only). The gradient ops take the
+forward's output for the ReLU mask, or None for a gradient already masked. The tokenizer runs each
+stage as conv (``relu=False``) -> pool of relu(conv) (``max_blur_pool(..., relu=True)``; the last
+one fused with the token epilogue): the same function, but the pool's backward multiplies by ReLU'
+as it writes the conv gradient, so the conv gradients take it as masked and never read the conv
+output.
 Geometry (channels, sides, kernel size) is compile-time; offsets are 32-bit unless a tensor
 reaches 2^30 elements.
 
@@ -45,8 +46,8 @@ Modules: triton_tables (the visible and neighbour tables, the weight layout pass
 compact-source conv kernels, the weight gradient's split sums and their arrival counters, the
 input gradient op), triton_image (the image stage: packing, forward, weight gradient,
 ``conv_image`` ops), triton_pool (MaxBlurPool and the fused token epilogue), triton_configs
-(autotune configs and their pruning). This module holds the stage ops that take either source (``conv_relu``, ``conv_relu_wgrad``), their
-autograd wiring and the tokenizer.
+(autotune configs and their pruning). This module holds the stage ops that take either source
+(``conv_relu``, ``conv_relu_wgrad``), their autograd wiring and the tokenizer.
 """
 
 from __future__ import annotations

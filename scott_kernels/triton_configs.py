@@ -310,7 +310,7 @@ def _tuner_class():
             # a launch like an earlier one (same key arguments, tensor dtypes, device, argument
             # layout and deterministic mode) reuses its config without Triton's key and pruning,
             # which cost about as much host time as the launch itself
-            launches = self._launches()
+            launches = self._launch_configs
             fast = self._launch_key(deterministic, args, kwargs)
             known = launches.get(fast)
             if known is not None:
@@ -325,21 +325,12 @@ def _tuner_class():
                 launches[fast] = (config, config.all_kwargs())
             return ret
 
-        def _launches(self) -> dict:
-            if "_launch_configs" not in self.__dict__:
-                self._launch_configs = {}
-            return self._launch_configs
-
         def _launch_key(self, deterministic: bool, args, kwargs) -> tuple:
             # everything Triton's tuning key reads (the key arguments' values, the dtype of every
             # argument that has one), keyed by position and name, so equal keys here mean equal
             # Triton keys; and the first tensor's device, whose shared memory the pruning reads
-            names = self.__dict__.get("_key_positions")
-            if names is None:
-                position = {name: i for i, name in enumerate(self.arg_names)}
-                names = self._key_positions = [(position[k], k) for k in self.keys if k in position]
             key = [deterministic, len(args), *kwargs]
-            for i, name in names:
+            for i, name in self._key_positions:
                 key.append(args[i] if i < len(args) else kwargs.get(name))
             tensor, plain, device = self._tensor_type, self._plain_types, None
             for value in (*args, *kwargs.values()):
@@ -355,7 +346,7 @@ def _tuner_class():
         def forget_choices(self) -> None:
             """Drops every config chosen so far in this process (timed, fitted and reused)."""
             self.cache.clear()
-            self._launches().clear()
+            self._launch_configs.clear()
 
         def _choose_and_run(self, deterministic, args, kwargs) -> tuple:
             """(the config launched, the launch's result) of a launch with no earlier like it."""
@@ -454,6 +445,10 @@ def autotune(configs, key, prune=None, shared=gemm_shared_bytes):
         # the subclass adds only behaviour: same constructor and state whatever Triton's version
         tuner.__class__ = _tuner()
         tuner.shared_estimate = shared
+        # the reused launches' configs, and where the key arguments sit among the positional ones
+        tuner._launch_configs = {}
+        position = {name: i for i, name in enumerate(tuner.arg_names)}
+        tuner._key_positions = [(position[k], k) for k in tuner.keys if k in position]
         return tuner
     return decorator
 

@@ -54,7 +54,7 @@ def fresh_tuner(monkeypatch, tmp_path):
     and a benchmark that times the second config (BLOCK 32) fastest."""
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(_scale_kernel, "cache", {})
-    monkeypatch.setattr(_scale_kernel, "_launch_configs", {}, raising=False)
+    monkeypatch.setattr(_scale_kernel, "_launch_configs", {})
     monkeypatch.setattr(_scale_kernel, "_bench",
                         lambda *args, config, **kw: [1.0 if config.kwargs["BLOCK"] == 32 else 2.0] * 3)
     return _scale_kernel
