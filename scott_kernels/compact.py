@@ -23,10 +23,11 @@ __all__ = ["visible_tables", "new_tables", "visible_positions", "compute_dtype",
 
 
 def visible_tables(keep: torch.Tensor | None, batch: int, grid_h: int, grid_w: int, device: torch.device,
-                   num_visible: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   num_visible: int | None = None, num_tiles: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(slot, tile_pos) for ``keep``; see the module docstring.
 
-    Without ``num_visible`` the tile count is read back from the device (one synchronisation);
+    Without ``num_visible`` the tile count is ``num_tiles`` when given (the caller has read it),
+    else read back from the device (one synchronisation);
     with it the tables come from a cumulative sum and a scatter. A ``keep`` whose rows do not
     each hold ``num_visible`` patches fails an asynchronous device assertion; tile indices past
     the end are marked masked in ``slot``, so the kernels never address outside their tensors.
@@ -38,7 +39,7 @@ def visible_tables(keep: torch.Tensor | None, batch: int, grid_h: int, grid_w: i
     flat = keep.reshape(-1)
     index = torch.cumsum(flat, 0, dtype=torch.int64) - 1
     if num_visible is None:
-        num_tiles = int(flat.sum())
+        num_tiles = int(flat.sum()) if num_tiles is None else num_tiles
     else:
         num_tiles = batch * num_visible
         torch._assert_async((keep.sum(1) == num_visible).all(),

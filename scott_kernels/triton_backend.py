@@ -38,35 +38,41 @@ Geometry (channels, sides, kernel size) is compile-time; offsets are 32-bit unle
 reaches 2^30 elements.
 
 Every kernel sits behind a ``torch.library.custom_op`` with a fake implementation and autograd,
-so the backend traces under torch.compile. With ``num_visible`` (visible patches per row) given,
-the tables are built in one launch, without a host synchronisation, which also builds the first
-compact stage's neighbour table and lays out its weight.
+so the backend traces under torch.compile. The tokenizer itself is one op per direction
+(``tokenizer``, ``tokenizer_backward``), which call the stage bodies directly; the stage ops stay
+for callers that compose stages. With ``num_visible`` (visible patches per row) given, the tables
+are built in one launch, without a host synchronisation, which also builds the first compact
+stage's neighbour table and lays out its weight.
 
 Modules: triton_tables (the visible and neighbour tables, the weight layout pass), triton_conv (the
 compact-source conv kernels, the weight gradient's split sums and their arrival counters, the
 input gradient op), triton_image (the image stage: packing, forward, weight gradient,
 ``conv_image`` ops), triton_pool (MaxBlurPool and the fused token epilogue), triton_configs
 (autotune configs and their pruning). This module holds the stage ops that take either source
-(``conv_relu``, ``conv_relu_wgrad``), their autograd wiring and the tokenizer.
+(``conv_relu``, ``conv_relu_wgrad``), their autograd wiring and the tokenizer's two ops.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 
 from ._device import custom_op
-from .compact import compute_dtype, register_stage_autograd, tokenize_compact, visible_tables
+from .compact import accumulator_dtype, compact_to_image, compute_dtype, register_stage_autograd, visible_tables
 from .triton_configs import triton_supports
-from .triton_conv import conv_radius, conv_relu_compact, conv_relu_dgrad, conv_relu_wgrad_compact, weight_layouts
-from .triton_image import conv_image, conv_image_wgrad, conv_relu_image, conv_relu_wgrad_image  # noqa: F401
-from .triton_pool import max_blur_pool, max_blur_pool_backward, pool_tokens_apply
-from .triton_tables import neighbour_table, tables_for
+from .triton_conv import (_conv_relu_compact, _conv_relu_dgrad, _conv_relu_wgrad_compact, _weight_layouts, conv_radius,
+                          conv_relu_dgrad)
+from .triton_image import (_conv_relu_image, _conv_relu_wgrad_image, _image_geometry, _image_wgrad, _packed_geometry,
+                           conv_image, conv_image_wgrad)
+from .triton_pool import (_max_blur_pool, _max_blur_pool_backward, _pool_tokens, _pool_tokens_backward, max_blur_pool,
+                          max_blur_pool_backward)
+from .triton_tables import _neighbour_table, _padded_channels, tables_for
 
-__all__ = ["triton_tokenize", "triton_supports", "visible_tables"]
-# The backend's op set is importable from here: conv_relu, conv_relu_wgrad (below), conv_relu_dgrad,
-# conv_image, conv_image_wgrad, max_blur_pool, max_blur_pool_backward.
+__all__ = ["triton_tokenize", "triton_supports", "visible_tables", "tokenizer", "tokenizer_backward", "conv_relu",
+           "conv_relu_wgrad", "conv_relu_dgrad", "conv_image", "conv_image_wgrad", "max_blur_pool",
+           "max_blur_pool_backward"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,8 +94,8 @@ def conv_relu(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_
     input-gradient GEMM layouts (``triton_conv.weight_layouts``).
     """
     if src_is_image:
-        return conv_relu_image(src, weight, slot, tile_pos, in_side, pixel_norm, relu)[0]
-    return conv_relu_compact(src, weight, slot, tile_pos, in_side, relu, nbr, w_gemm)
+        return _conv_relu_image(src, weight, slot, tile_pos, in_side, pixel_norm, relu)[0]
+    return _conv_relu_compact(src, weight, slot, tile_pos, in_side, relu, nbr, w_gemm)
 
 
 @conv_relu.register_fake
@@ -108,8 +114,8 @@ def conv_relu_wgrad(grad: torch.Tensor, out: torch.Tensor | None, src: torch.Ten
     forward's output (for the ReLU mask), or None when ``grad`` is already masked by it. ``nbr``:
     the forward's neighbour table, if it had one (the weight layouts are not read)."""
     if src_is_image:
-        return conv_relu_wgrad_image(grad, out, src, weight, slot, tile_pos, in_side, pixel_norm)
-    return conv_relu_wgrad_compact(grad, out, src, weight, slot, tile_pos, in_side, nbr)
+        return _conv_relu_wgrad_image(grad, out, src, weight, slot, tile_pos, in_side, pixel_norm)
+    return _conv_relu_wgrad_compact(grad, out, src, weight, slot, tile_pos, in_side, nbr)
 
 
 @conv_relu_wgrad.register_fake
@@ -122,52 +128,223 @@ register_stage_autograd(conv_relu, conv_relu_wgrad, conv_relu_dgrad, max_blur_po
 
 
 # --------------------------------------------------------------------------------------------
-# The tokenizer
+# The tokenizer: one op per direction
 # --------------------------------------------------------------------------------------------
-# Each stage runs as conv (no ReLU) -> pool of relu(conv): the same function, but the pool's
-# backward, which reads the conv output anyway, returns the gradient already multiplied by ReLU',
-# so the conv gradients read neither a mask nor the conv output. The image stage keeps its packed
-# images for the weight gradient.
-def _stage_conv(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm, nbr=None, layouts=None):
-    if src_is_image:
-        return conv_image(src, weight, slot, tile_pos, in_side, pixel_norm, False)[0]
-    # one neighbour table for the stage's forward and both gradients, and the weight's two GEMM
-    # layouts in one launch (the input gradient's kept for the backward; made from the weight's
-    # value: the weight's own gradient comes from conv_relu's backward), unless the tables
-    # launch built them
-    if nbr is None:
-        nbr = neighbour_table(slot, tile_pos, conv_radius(in_side, weight.shape[-1]))
-    w_gemm, w_t = layouts if layouts is not None else weight_layouts(weight.detach())
-    return conv_relu(src, weight, slot, tile_pos, in_side, False, pixel_norm, False, nbr, w_gemm, w_t)
+# The whole forward is one custom op and the whole backward another, each calling the stage
+# bodies directly: an op per stage would pay the dispatcher's custom-op and autograd layers
+# (about 25 us of host time each on a CPU core) ten times per training step, more than the GPU
+# work of a small batch. The forward returns, after the tokens, what the backward reads:
+#   slot, tile_pos, packed images, the L conv outputs (before ReLU), the L - 1 pooled
+#   activations, per compact stage its neighbour table and input-gradient weight layout, and
+#   the LayerNorm's input and (mean, 1/std) (empty without a norm).
+# Each stage runs as conv (no ReLU) -> pool of relu(conv): the pool's backward, which reads the
+# conv output anyway, returns the gradient already multiplied by ReLU', so the conv gradients
+# read neither a mask nor the conv output.
+def _stage_sides(patch_size: int, stages: int) -> list[int]:
+    """Each stage's input patch side: the patch, then a quarter of it per stage."""
+    return [patch_size // 4 ** i for i in range(stages)]
 
 
-def _stage_pool(act, slot, tile_pos):
-    return max_blur_pool(act, slot, tile_pos, True)
+def _unpack_saved(saved: Sequence[torch.Tensor], stages: int) -> tuple:
+    slot, tile_pos, packed_images = saved[:3]
+    convs = saved[3:3 + stages]
+    pooled = saved[3 + stages:2 + 2 * stages]
+    tables = saved[2 + 2 * stages:2 * stages + 2 * stages]
+    ln_x, stats = saved[4 * stages:4 * stages + 2]
+    nbrs, w_ts = [None, *tables[0::2]], [None, *tables[1::2]]
+    return slot, tile_pos, packed_images, convs, pooled, nbrs, w_ts, ln_x, stats
 
 
-def _stages(weights: Sequence[torch.Tensor], patch_size: int, dtype: torch.dtype) -> tuple:
-    """(tables, conv): the table builder and stage conv of a tokenize_compact run computing in
-    ``dtype``. With the visible count given, the tables launch also builds the first compact
-    stage's neighbour table (the second conv's, reading the first pool's output: patches of side
-    patch_size / 4) and lays out its weight in ``dtype`` for both GEMMs, which that stage's conv
-    then uses: one launch fewer than building them apart."""
-    if len(weights) < 2:
-        return (lambda *args: tables_for(*args)[:2]), _stage_conv
-    radius = conv_radius(patch_size // 4, weights[1].shape[-1])
-    built = {}
+def _tokenize_forward(x, weights, keep, pixel_norm, ln_weight, ln_bias, pos_embed, mask_token, patch_size, num_tiles,
+                      num_visible, dense, eps, dtype, out_dtype) -> list[torch.Tensor]:
+    B, _, H, W = x.shape
+    GH, GW = H // patch_size, W // patch_size
+    sides = _stage_sides(patch_size, len(weights))
+    first = None
+    if len(weights) > 1:   # the tables launch also builds the first compact stage's tables
+        first = (conv_radius(sides[1], weights[1].shape[-1]), weights[1].detach(), dtype)
+    slot, tile_pos, first_nbr, first_layouts = tables_for(keep, B, GH, GW, x.device, num_visible,
+                                                          *(first or ()), num_tiles=num_tiles)
+    weights = [w.to(dtype) for w in weights]
+    act = x.to(dtype) if x.is_floating_point() else x
+    convs, pooled, tables = [], [], []
+    for i, (weight, side) in enumerate(zip(weights, sides)):
+        if i == 0:
+            out, packed_images = _conv_relu_image(act, weight, slot, tile_pos, side, pixel_norm, False)
+        else:
+            nbr, layouts = (first_nbr, first_layouts) if i == 1 else (None, None)
+            if nbr is None:
+                nbr = _neighbour_table(slot, tile_pos, conv_radius(side, weight.shape[-1]))
+            if layouts is None:
+                layouts = _weight_layouts(weight.detach())
+            out = _conv_relu_compact(act, weight, slot, tile_pos, side, False, nbr, layouts[0])
+            tables += [nbr, layouts[1]]
+        convs.append(out)
+        if i < len(weights) - 1:
+            act = _max_blur_pool(out, slot, tile_pos, True)
+            pooled.append(act)
+    norm = eps is not None
+    tokens, ln_x, stats = _pool_tokens(convs[-1], slot, tile_pos, ln_weight, ln_bias, pos_embed, mask_token,
+                                       eps if norm else 0.0, norm, dense, out_dtype, True)
+    return [tokens, slot, tile_pos, packed_images, *convs, *pooled, *tables, ln_x, stats]
 
-    def tables(keep, batch, grid_h, grid_w, device, num_visible=None):
-        slot, tile_pos, built["nbr"], built["layouts"] = tables_for(keep, batch, grid_h, grid_w, device, num_visible,
-                                                                    radius, weights[1].detach(), dtype)
-        return slot, tile_pos
 
-    def conv(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm):
-        first = not src_is_image and in_side == patch_size // 4
-        nbr = built.pop("nbr", None) if first else None
-        layouts = built.pop("layouts", None) if first else None
-        return _stage_conv(src, weight, slot, tile_pos, in_side, src_is_image, pixel_norm, nbr, layouts)
+@custom_op("scott_kernels::triton_tokenizer", mutates_args=())
+def tokenizer(x: torch.Tensor, weights: list[torch.Tensor], keep: torch.Tensor | None,
+              pixel_norm: torch.Tensor | None, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
+              pos_embed: torch.Tensor | None, mask_token: torch.Tensor | None, patch_size: int, num_tiles: int,
+              num_visible: int | None, dense: bool, eps: float | None, dtype: torch.dtype,
+              out_dtype: torch.dtype) -> list[torch.Tensor]:
+    """The triton tokenizer's forward in one op: [tokens, what its backward reads...] (see above).
 
-    return tables, conv
+    ``keep`` (B, N) bool or None (all visible), with ``num_tiles`` visible patches in all and, when
+    given, ``num_visible`` in every row (then the tables take one launch and no host
+    synchronisation). The token epilogue: a LayerNorm over D of epsilon ``eps`` (None: none; its
+    weight and bias optional), ``pos_embed`` (N, D), ``mask_token`` (D,) filling the masked rows.
+    Tokens (B, N, D) when ``dense``, else (B, num_visible, D), in ``out_dtype``; the convolutions
+    compute in ``dtype``."""
+    return _tokenize_forward(x, weights, keep, pixel_norm, ln_weight, ln_bias, pos_embed, mask_token, patch_size,
+                             num_tiles, num_visible, dense, eps, dtype, out_dtype)
+
+
+@tokenizer.register_fake
+def _(x, weights, keep, pixel_norm, ln_weight, ln_bias, pos_embed, mask_token, patch_size, num_tiles, num_visible,
+      dense, eps, dtype, out_dtype):
+    B, C, H, W = x.shape
+    GH, GW = H // patch_size, W // patch_size
+    M, D = num_tiles, weights[-1].shape[0]
+    sides = _stage_sides(patch_size, len(weights))
+    new = functools.partial(x.new_empty, dtype=dtype)
+    geo = _packed_geometry(H, W, weights[0].shape[-1], C)
+    rows = B * GH * GW if dense else M
+    convs = [new((M, s // 2, s // 2, w.shape[0])) for w, s in zip(weights, sides)]
+    pooled = [new((M, s // 4, s // 4, w.shape[0])) for w, s in zip(weights[:-1], sides)]
+    tables = []
+    for w, s in zip(weights[1:], sides[1:]):
+        nb = 2 * conv_radius(s, w.shape[-1]) + 1
+        c_out, c_in, k, _ = w.shape
+        tables += [x.new_empty((M, nb, nb), dtype=torch.int32), new((k * k * c_out, _padded_channels(c_in)))]
+    saved = M if eps is not None else 0
+    return [x.new_empty((B, rows // B, D), dtype=out_dtype), x.new_empty((B, GH, GW), dtype=torch.int32),
+            x.new_empty((M,), dtype=torch.int64), new((B, geo["hp"], geo["wp"], geo["cp"])), *convs, *pooled, *tables,
+            new((saved, D)), x.new_empty((saved, 2), dtype=accumulator_dtype(dtype))]
+
+
+def _tokenize_backward(grad, saved, x, weights, pixel_norm, epilogue, patch_size, dense, norm, dtype, needs):
+    stages = len(weights)
+    slot, tile_pos, packed_images, convs, pooled, nbrs, w_ts, ln_x, stats = _unpack_saved(saved, stages)
+    ln_weight, _, pos_embed, mask_token = epilogue
+    sides = _stage_sides(patch_size, stages)
+    need_x, need_w, need_epilogue = needs[0], needs[1:1 + stages], needs[1 + stages:]
+    def empty():   # a fresh one each: an op's outputs may not alias one another
+        return grad.new_empty((0,))
+
+    epilogue_grads = [empty() for _ in range(4)]
+    last = convs[-1]
+    if norm or pos_embed is not None or mask_token is not None:
+        dact, *parts = _pool_tokens_backward(grad, last, ln_x, stats, slot, tile_pos, ln_weight, norm, dense,
+                                             pos_embed is not None, mask_token is not None, True)
+        epilogue_grads = [g.to(p.dtype) if p is not None and need else empty()
+                          for g, p, need in zip(parts, epilogue, need_epilogue)]
+    elif dense:   # the pool's backward reads each tile's row of the (B, N, D) gradient
+        dact = _max_blur_pool_backward(grad, last, slot, tile_pos, True, True)
+    else:
+        dact = _max_blur_pool_backward(grad.reshape(last.shape[0], 1, 1, last.shape[3]), last, slot, tile_pos, True)
+    grad_x, grad_w = empty(), [empty() for _ in range(stages)]
+    for i in reversed(range(stages)):
+        weight = weights[i].to(dtype)
+        if need_w[i] and i == 0:
+            geo = _image_geometry("triton_tokenizer_backward", slot, sides[0], weight, packed_images)
+            grad_w[0] = _image_wgrad(dact, None, packed_images, geo, weight, slot, tile_pos, sides[0])
+        elif need_w[i]:
+            grad_w[i] = _conv_relu_wgrad_compact(dact, None, pooled[i - 1], weight, slot, tile_pos, sides[i], nbrs[i])
+        grad_w[i] = grad_w[i].to(weights[i].dtype)
+        if i and (need_x or any(need_w[:i])):
+            dsrc = _conv_relu_dgrad(dact, None, weight, slot, tile_pos, sides[i], nbrs[i], None, w_ts[i])
+            dact = _max_blur_pool_backward(dsrc, convs[i - 1], slot, tile_pos, True)
+        elif not i and need_x:
+            grad_x = compact_to_image(_conv_relu_dgrad(dact, None, weight, slot, tile_pos, sides[0]), tile_pos,
+                                      x.shape)
+            if pixel_norm is not None:
+                grad_x = grad_x * pixel_norm[1].view(1, -1, 1, 1).to(grad_x.dtype)
+            grad_x = grad_x.to(x.dtype)
+    return [grad_x, *grad_w, *epilogue_grads]
+
+
+@custom_op("scott_kernels::triton_tokenizer_backward", mutates_args=())
+def tokenizer_backward(grad: torch.Tensor, saved: list[torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor],
+                       pixel_norm: torch.Tensor | None, epilogue: list[torch.Tensor | None], patch_size: int,
+                       dense: bool, norm: bool, dtype: torch.dtype, needs: list[bool]) -> list[torch.Tensor]:
+    """Gradients of ``tokenizer`` from the tokens' gradient and its saved outputs: [images,
+    *weights, LayerNorm weight, bias, pos_embed, mask token], each in its input's dtype, or an
+    empty tensor where ``needs`` (one flag per gradient) says it is not wanted."""
+    return _tokenize_backward(grad, saved, x, weights, pixel_norm, epilogue, patch_size, dense, norm, dtype, needs)
+
+
+@tokenizer_backward.register_fake
+def _(grad, saved, x, weights, pixel_norm, epilogue, patch_size, dense, norm, dtype, needs):
+    like = [x, *weights, *epilogue]
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) if need and t is not None else grad.new_empty((0,))
+            for t, need in zip(like, needs)]
+
+
+def _tokenizer_setup(ctx, inputs, output):
+    x, weights, keep, pixel_norm, ln_weight, ln_bias, pos_embed, mask_token, patch_size, _, _, dense, eps, dtype, \
+        _ = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    _save(ctx, x, pixel_norm, weights, (ln_weight, ln_bias, pos_embed, mask_token), output, patch_size, dense, eps,
+          dtype)
+
+
+def _save(ctx, x, pixel_norm, weights, epilogue, output, patch_size, dense, eps, dtype):
+    ctx.save_for_backward(x, pixel_norm, *weights, *epilogue, *output[1:])
+    ctx.geometry = (len(weights), patch_size, dense, eps is not None, dtype)
+
+
+def _grads(ctx, grad, needs_x, needs_w, needs_epilogue) -> tuple:
+    """(d images, [d weights], [d epilogue tensors]) through the backward op; None where not wanted."""
+    if grad is None or not (needs_x or any(needs_w) or any(needs_epilogue)):
+        return None, [None] * len(needs_w), [None] * 4
+    stages, patch_size, dense, norm, dtype = ctx.geometry
+    x, pixel_norm, *rest = ctx.saved_tensors
+    weights, epilogue, saved = rest[:stages], rest[stages:stages + 4], rest[stages + 4:]
+    needs = [bool(needs_x), *map(bool, needs_w), *map(bool, needs_epilogue)]
+    out = tokenizer_backward(grad, saved, x, weights, pixel_norm, epilogue, patch_size, dense, norm, dtype, needs)
+    out = [g if need else None for g, need in zip(out, needs)]
+    return out[0], out[1:1 + stages], out[1 + stages:]
+
+
+def _tokenizer_grads(ctx, grads):
+    needs_x, needs_w, _, _, *needs_epilogue = ctx.needs_input_grad[:8]
+    grad_x, grad_w, grad_epilogue = _grads(ctx, grads[0], needs_x, needs_w, needs_epilogue)
+    return grad_x, grad_w, None, None, *grad_epilogue, *([None] * 7)
+
+
+tokenizer.register_autograd(_tokenizer_grads, setup_context=_tokenizer_setup)
+
+
+class _Tokenize(torch.autograd.Function):
+    """The tokenizer's autograd for the package's eager calls: the forward op with grad off, then the
+    backward op, the same wiring as the op's registered autograd (which torch.compile traces, and
+    callers of the op get). The registered one flattens the weight list and refills default
+    arguments on every call, tens of microseconds of host time per step; this takes the weights as
+    separate inputs."""
+
+    @staticmethod
+    def forward(ctx, x, keep, pixel_norm, ln_weight, ln_bias, pos_embed, mask_token, options, *weights):
+        out = tokenizer(x, list(weights), keep, pixel_norm, ln_weight, ln_bias, pos_embed, mask_token, *options)
+        patch_size, _, _, dense, eps, dtype, _ = options
+        ctx.set_materialize_grads(False)
+        _save(ctx, x, pixel_norm, weights, (ln_weight, ln_bias, pos_embed, mask_token), out, patch_size, dense, eps,
+              dtype)
+        return out[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        needs = ctx.needs_input_grad
+        grad_x, grad_w, grad_epilogue = _grads(ctx, grad, needs[0], needs[8:], needs[3:7])
+        return grad_x, None, None, *grad_epilogue, None, *grad_w
 
 
 def triton_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: torch.Tensor | None,
@@ -181,21 +358,27 @@ def triton_tokenize(x: torch.Tensor, weights: Sequence[torch.Tensor], keep: torc
     LayerNorm over D), ``pos_embed`` (N, D) and ``mask_token`` (D,): the token epilogue (see
     ``functional.token_epilogue``), computed by the last pool kernel as it stores the tokens.
 
-    Inputs are assumed validated (see ``scott_kernels.functional``).
+    Computes in the autocast dtype when autocast is on, else in the images' dtype (the weights'
+    for uint8 images). Inputs are assumed validated (see ``scott_kernels.functional``).
     """
-    tables, stage_conv = _stages(weights, patch_size, compute_dtype(x, weights))
-    if norm is None and pos_embed is None and mask_token is None and keep is None:
-        return tokenize_compact(stage_conv, _stage_pool, x, weights, keep, patch_size, num_visible, packed,
-                                pixel_norm, tables=tables)
-    # the last pool writes the tokens in their final layout (masked rows included), so no scatter
-    # or zero fill follows it
-    dense = keep is None or not packed
+    B, _, H, W = x.shape
+    positions = (H // patch_size) * (W // patch_size)
+    keep = None if keep is None else keep.reshape(B, positions)
+    if keep is None:
+        num_tiles = B * positions
+    elif num_visible is not None:
+        num_tiles = B * num_visible
+    else:   # read back once, as the tables would
+        num_tiles = int(keep.sum())
+    dtype = compute_dtype(x, weights)
     # under autocast the unfused LayerNorm runs (and returns) float32: so do the fused tokens
-    out_dtype = torch.float32 if norm is not None and torch.is_autocast_enabled(x.device.type) else None
+    out_dtype = torch.float32 if norm is not None and torch.is_autocast_enabled(x.device.type) else dtype
+    ln_weight, ln_bias, eps = norm if norm is not None else (None, None, None)
+    # the mask token fills the masked rows of (B, N, D) tokens; packed tokens have none
     fill = mask_token if keep is not None and not packed else None
-
-    def last_pool(act, slot, tile_pos):
-        return pool_tokens_apply(act, slot, tile_pos, norm, pos_embed, fill, dense, out_dtype, relu=True)
-
-    return tokenize_compact(stage_conv, _stage_pool, x, weights, keep, patch_size, num_visible, packed, pixel_norm,
-                            last_pool=last_pool, tables=tables)
+    # with every patch visible, the packed token layout is the (B, N, D) one: no masked rows to fill
+    options = (patch_size, num_tiles, num_visible, keep is not None and not packed,
+               None if eps is None else float(eps), dtype, out_dtype)
+    if torch.compiler.is_compiling():   # traced once: the op's registered autograd costs nothing per step
+        return tokenizer(x, list(weights), keep, pixel_norm, ln_weight, ln_bias, pos_embed, fill, *options)[0]
+    return _Tokenize.apply(x, keep, pixel_norm, ln_weight, ln_bias, pos_embed, fill, options, *weights)

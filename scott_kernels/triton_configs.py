@@ -17,7 +17,7 @@ import functools
 import os
 from typing import Any, Callable, Iterable, Sequence
 
-__all__ = ["interpreting", "MIN_CAPABILITY", "triton_supports", "check_interpretable", "single_config", "rows_bucket", "accumulator", "MAX_SHARED", "shared_memory_limit", "gemm_shared_bytes", "keep_fitting", "shared_fits", "prune_hook",
+__all__ = ["cdiv", "interpreting", "MIN_CAPABILITY", "triton_supports", "check_interpretable", "single_config", "rows_bucket", "accumulator", "MAX_SHARED", "shared_memory_limit", "gemm_shared_bytes", "keep_fitting", "shared_fits", "prune_hook",
            "element_bytes", "pow2", "autotune", "SharedMemoryError", "resource_errors", "conv_fwd_configs", "image_fwd_configs", "conv_wgrad_configs",
            "image_wgrad_configs", "conv_dgrad_configs", "prune_wide", "prune_by_c_out", "prune_by_c_in",
            "prune_image_wgrad", "CONV_KEY", "IMAGE_KEY", "FWD_SHARED", "IMAGE_FWD_SHARED", "WGRAD_SHARED",
@@ -166,6 +166,11 @@ def prune_hook(*rules: Callable) -> Callable:
 # side, kernel size and the row count's power of two; results are kept per process and in
 # Triton's on-disk cache (cache_results).
 # --------------------------------------------------------------------------------------------
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code (triton.cdiv is a constexpr function: a few µs per call there)."""
+    return -(-a // b)
+
+
 def pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(int(n) - 1, 0).bit_length()

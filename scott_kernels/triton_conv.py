@@ -30,8 +30,8 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 from ._device import custom_op, on_input_device
 from . import compact
 from .compact import accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed
-from .triton_tables import _padded_channels, check_neighbours, layouts_args, neighbour_table, new_weight_layouts
-from .triton_configs import (CONV_KEY, FWD_SHARED, WGRAD_SHARED, accumulator, autotune, check_interpretable,
+from .triton_tables import _neighbour_table, _padded_channels, check_neighbours, layouts_args, new_weight_layouts
+from .triton_configs import (CONV_KEY, FWD_SHARED, WGRAD_SHARED, accumulator, autotune, cdiv, check_interpretable,
                              conv_dgrad_configs, conv_fwd_configs, conv_wgrad_configs, interpreting, pow2,
                              prune_by_c_in, prune_by_c_out, rows_bucket, triton_supports)
 
@@ -396,19 +396,24 @@ def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
     return counters
 
 
+def _weight_layouts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The body of ``weight_layouts``, for callers already inside an op."""
+    w_gemm, w_t = new_weight_layouts("triton_conv_weight_layouts", weight)
+    check_interpretable("triton_conv_weight_layouts", weight.dtype)
+    total, block = w_t.numel(), 1024
+    if total:
+        _weight_layouts_kernel[(cdiv(total, block),)](weight.contiguous(), w_gemm, w_t, total, BLOCK=block,
+                                                             **layouts_args(weight))
+    return w_gemm, w_t
+
+
 @custom_op("scott_kernels::triton_conv_weight_layouts", mutates_args=())
 def weight_layouts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A compact stage's weight (C_out, C_in, k, k) in its two GEMM layouts (``new_weight_layouts``),
     in one launch. The forward makes them once; the autograd keeps the second for the input
     gradient. (With ``num_visible``, the tables launch lays out the first compact stage's weight
     instead: ``triton_tables.visible_tables``.)"""
-    w_gemm, w_t = new_weight_layouts("triton_conv_weight_layouts", weight)
-    check_interpretable("triton_conv_weight_layouts", weight.dtype)
-    total, block = w_t.numel(), 1024
-    if total:
-        _weight_layouts_kernel[(triton.cdiv(total, block),)](weight.contiguous(), w_gemm, w_t, total, BLOCK=block,
-                                                             **layouts_args(weight))
-    return w_gemm, w_t
+    return _weight_layouts(weight)
 
 
 @weight_layouts.register_fake
@@ -440,7 +445,7 @@ def _stage_neighbours(name: str, nbr: torch.Tensor | None, slot: torch.Tensor, t
                       radius: int) -> torch.Tensor:
     """The stage's neighbour table: the one given (checked), or built now."""
     if nbr is None:
-        return neighbour_table(slot, tile_pos, radius)
+        return _neighbour_table(slot, tile_pos, radius)
     return check_neighbours(name, nbr, tile_pos, radius)
 
 
@@ -464,10 +469,9 @@ def _rows_per_cta(rows: int, tiles: int, device: torch.device) -> int:
 # --------------------------------------------------------------------------------------------
 # conv + ReLU of a compact source (the ops in triton_backend take images too)
 # --------------------------------------------------------------------------------------------
-@on_input_device   # exported: launches on its inputs' device when called directly too
-def conv_relu_compact(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
-                      in_side: int, relu: bool = True, nbr: torch.Tensor | None = None,
-                      w_gemm: torch.Tensor | None = None) -> torch.Tensor:
+def _conv_relu_compact(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
+                       in_side: int, relu: bool = True, nbr: torch.Tensor | None = None,
+                       w_gemm: torch.Tensor | None = None) -> torch.Tensor:
     """relu(conv(src, weight, stride 2, pad k//2)) of a compact (M, q, q, C) source at the visible
     patches -> (M, q/2, q/2, C_out); the plain convolution with ``relu=False``. ``nbr``: the
     stage's neighbour table (triton_tables.neighbour_table), built here when not given; ``w_gemm``
@@ -490,7 +494,7 @@ def conv_relu_compact(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tenso
     w_gemm = _layout("triton_conv_relu", w_gemm, weight, (k * k * c_in, c_out))
     if w_gemm is None:
         w_gemm = gemm_weight(weight)
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))
+    grid = lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(c_out, meta["BLOCK_N"]))
     _conv_relu_fwd_kernel[grid](
         src, w_gemm, out, nbr, rows, rows_bucket(rows), C_IN=c_in, C_OUT=c_out, IN_SIDE=in_side, KSIZE=k,
         R=radius, BLOCK_K=_k_block(c_in), WIDE=_wide(src, out), RELU=relu, ACC=accumulator(weight.dtype),
@@ -498,10 +502,13 @@ def conv_relu_compact(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tenso
     return out
 
 
-@on_input_device   # exported: launches on its inputs' device when called directly too
-def conv_relu_wgrad_compact(grad: torch.Tensor, out: torch.Tensor | None, src: torch.Tensor, weight: torch.Tensor,
-                            slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int,
-                            nbr: torch.Tensor | None = None) -> torch.Tensor:
+# exported: launches on its inputs' device when called directly too
+conv_relu_compact = on_input_device(_conv_relu_compact)
+
+
+def _conv_relu_wgrad_compact(grad: torch.Tensor, out: torch.Tensor | None, src: torch.Tensor, weight: torch.Tensor,
+                             slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int,
+                             nbr: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient of conv_relu_compact with respect to its (C_out, C_in, k, k) weight. ``out`` is the
     forward's output (for the ReLU mask), or None when ``grad`` is already masked by it."""
     _check_tables("triton_conv_relu_wgrad", src, slot, tile_pos)
@@ -522,13 +529,13 @@ def conv_relu_wgrad_compact(grad: torch.Tensor, out: torch.Tensor | None, src: t
     block_k = _k_block(c_in)
     # two taps per CTA where a tap's channels fit one block (the gradient tile then serves both)
     taps = 2 if c_in <= block_k and k > 1 else 1
-    k_tiles = triton.cdiv(k * k, taps) * triton.cdiv(c_in, block_k)
-    per_cta = _rows_per_cta(rows, k_tiles * triton.cdiv(c_out, 128), src.device)
-    splits = triton.cdiv(rows, per_cta)
+    k_tiles = cdiv(k * k, taps) * cdiv(c_in, block_k)
+    per_cta = _rows_per_cta(rows, k_tiles * cdiv(c_out, 128), src.device)
+    splits = cdiv(rows, per_cta)
     partial = torch.empty((splits, k * k * c_in, c_out), dtype=part_dtype, device=src.device)
     w_grad = torch.empty((c_out, c_in, k, k), dtype=weight.dtype, device=src.device)
-    counters = arrival_counters(src.device, k_tiles * triton.cdiv(c_out, 16))   # BLOCK_N >= 16
-    grid = lambda meta: (k_tiles, triton.cdiv(c_out, meta["BLOCK_N"]), splits)
+    counters = arrival_counters(src.device, k_tiles * cdiv(c_out, 16))   # BLOCK_N >= 16
+    grid = lambda meta: (k_tiles, cdiv(c_out, meta["BLOCK_N"]), splits)
     _conv_relu_wgrad_kernel[grid](
         src, grad, out, partial, nbr, w_grad, counters, rows, per_cta, splits, rows_bucket(rows),
         C_IN=c_in, C_OUT=c_out, IN_SIDE=in_side, KSIZE=k, R=radius, BLOCK_K=block_k, TAPS=taps, GRAD_MASKED=masked,
@@ -536,14 +543,14 @@ def conv_relu_wgrad_compact(grad: torch.Tensor, out: torch.Tensor | None, src: t
     return w_grad
 
 
-@custom_op("scott_kernels::triton_conv_relu_dgrad", mutates_args=())
-def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor | None, weight: torch.Tensor, slot: torch.Tensor,
-                    tile_pos: torch.Tensor, in_side: int, nbr: torch.Tensor | None = None,
-                    w_gemm: torch.Tensor | None = None, w_t: torch.Tensor | None = None) -> torch.Tensor:
-    """Gradient of conv_relu with respect to a compact source -> (M, q, q, C_in). ``out`` is the
-    forward's output (for the ReLU mask), or None when ``grad`` is already masked by it. ``nbr``
-    and ``w_t`` (the weight's input-gradient layout, weight_layouts) are the forward's, when it
-    made them; ``w_gemm`` (its forward layout) is not read."""
+# exported: launches on its inputs' device when called directly too
+conv_relu_wgrad_compact = on_input_device(_conv_relu_wgrad_compact)
+
+
+def _conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor | None, weight: torch.Tensor, slot: torch.Tensor,
+                     tile_pos: torch.Tensor, in_side: int, nbr: torch.Tensor | None = None,
+                     w_gemm: torch.Tensor | None = None, w_t: torch.Tensor | None = None) -> torch.Tensor:
+    """The body of ``conv_relu_dgrad``, for callers already inside an op."""
     _check_tables("triton_conv_relu_dgrad", grad, slot, tile_pos)
     c_out, c_in, k, _ = weight.shape
     c_w = _padded_channels(c_in)   # weight rows of whole 16-byte vectors
@@ -563,12 +570,23 @@ def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor | None, weight: torch.
     radius = conv_radius(in_side, k)
     nbr = _stage_neighbours("triton_conv_relu_dgrad", nbr, slot, tile_pos, radius)
     class_rows = rows // 4
-    grid = lambda meta: (triton.cdiv(class_rows, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]), 4)
+    grid = lambda meta: (cdiv(class_rows, meta["BLOCK_M"]), cdiv(c_in, meta["BLOCK_N"]), 4)
     _conv_relu_dgrad_kernel[grid](
         grad, out, weight_t, dsrc, nbr, class_rows, rows_bucket(rows), C_IN=c_in, CW=c_w, C_OUT=c_out, IN_SIDE=in_side,
         KSIZE=k, R=radius, GRAD_MASKED=masked, WIDE=_wide(grad, dsrc), INTERPRET=interpreting(),
         ACC=accumulator(grad.dtype), PRECISION=_precision(grad.dtype))
     return dsrc
+
+
+@custom_op("scott_kernels::triton_conv_relu_dgrad", mutates_args=())
+def conv_relu_dgrad(grad: torch.Tensor, out: torch.Tensor | None, weight: torch.Tensor, slot: torch.Tensor,
+                    tile_pos: torch.Tensor, in_side: int, nbr: torch.Tensor | None = None,
+                    w_gemm: torch.Tensor | None = None, w_t: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient of conv_relu with respect to a compact source -> (M, q, q, C_in). ``out`` is the
+    forward's output (for the ReLU mask), or None when ``grad`` is already masked by it. ``nbr``
+    and ``w_t`` (the weight's input-gradient layout, weight_layouts) are the forward's, when it
+    made them; ``w_gemm`` (its forward layout) is not read."""
+    return _conv_relu_dgrad(grad, out, weight, slot, tile_pos, in_side, nbr, w_gemm, w_t)
 
 
 @conv_relu_dgrad.register_fake

@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 from ._device import custom_op, on_input_device
 from . import compact
 from .compact import accumulator_dtype
-from .triton_configs import (IMAGE_FWD_SHARED, IMAGE_KEY, IMAGE_WGRAD_SHARED, accumulator, autotune, check_interpretable,
+from .triton_configs import (IMAGE_FWD_SHARED, IMAGE_KEY, IMAGE_WGRAD_SHARED, accumulator, autotune, cdiv, check_interpretable,
                              image_fwd_configs, image_wgrad_configs, pow2, prune_by_c_out, prune_image_wgrad,
                              rows_bucket)
 from .triton_conv import (_check_tables, _precision, _rows_per_cta, _source_geometry, _wide, arrival_counters,
@@ -222,8 +222,8 @@ def _pack_image(x: torch.Tensor, slot: torch.Tensor, num_tiles: int, in_side: in
     B, C, H, W = x.shape
     geo = _packed_geometry(H, W, k, C)
     packed = torch.empty((B, geo["hp"], geo["wp"], geo["cp"]), dtype=dtype, device=x.device)
-    block = min(256, triton.next_power_of_2(geo["wp"]))   # a packed row per program: few, busy programs
-    grid = (B * geo["hp"], triton.cdiv(geo["wp"], block))
+    block = min(256, pow2(geo["wp"]))   # a packed row per program: few, busy programs
+    grid = (B * geo["hp"], cdiv(geo["wp"], block))
     w_out, w_total, w_share, w_block = None, 0, 0, 64
     if weight is not None:
         c_out = weight.shape[0]
@@ -278,9 +278,8 @@ def _image_geometry(name: str, slot: torch.Tensor, in_side: int, weight: torch.T
     return geo
 
 
-@on_input_device   # exported: launches on its inputs' device when called directly too
-def conv_relu_image(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
-                    in_side: int, pixel_norm: torch.Tensor | None, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _conv_relu_image(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
+                     in_side: int, pixel_norm: torch.Tensor | None, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The image stage: packs the images, then the conv (+ ReLU) GEMM -> (out, packed)."""
     _check_tables("triton_conv_image", src, slot, tile_pos, image=True)
     c_in = _source_geometry(src, slot, in_side, True)
@@ -297,12 +296,16 @@ def conv_relu_image(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor,
     out = torch.empty((num_tiles, side, side, c_out), dtype=weight.dtype, device=src.device)
     if rows == 0:
         return out, packed
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))
+    grid = lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(c_out, meta["BLOCK_N"]))
     _conv_relu_image_fwd_kernel[grid](
         packed, w_image, out, *_image_args(packed, slot, tile_pos, rows, geo),
         **_image_consts(slot, geo), C_OUT=c_out, OUT_SIDE=side, KSIZE=k, CP=geo["cp"], KROW=geo["krow"], WIDE=_wide(packed, out), RELU=relu,
         ACC=accumulator(weight.dtype), PRECISION=_precision(weight.dtype))
     return out, packed
+
+
+# exported: launches on its inputs' device when called directly too
+conv_relu_image = on_input_device(_conv_relu_image)
 
 
 @custom_op("scott_kernels::triton_conv_image", mutates_args=())
@@ -311,7 +314,7 @@ def conv_image(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor, tile
     """conv_relu of the images (B, C, H, W) -> (out, packed): ``packed`` (B, HP, WP, CP) is the
     masked, normalised, zero-padded copy of the images the kernels read, kept by the autograd for
     the weight gradient so that the backward does not pack the images again."""
-    return conv_relu_image(src, weight, slot, tile_pos, in_side, pixel_norm, relu)
+    return _conv_relu_image(src, weight, slot, tile_pos, in_side, pixel_norm, relu)
 
 
 @conv_image.register_fake
@@ -337,12 +340,12 @@ def _image_wgrad(grad: torch.Tensor, out: torch.Tensor | None, packed: torch.Ten
     grad, out, masked = wgrad_operands(grad, out, weight)
     kyp, krow = geo["kyp"], geo["krow"]
     # sized for the two-kernel-row tiles that win at C_out = 64
-    per_cta = _rows_per_cta(rows, max(1, kyp // 2) * triton.cdiv(c_out, 64), packed.device)
-    splits = triton.cdiv(rows, per_cta)
+    per_cta = _rows_per_cta(rows, max(1, kyp // 2) * cdiv(c_out, 64), packed.device)
+    splits = cdiv(rows, per_cta)
     partial = torch.empty((splits, kyp * krow, c_out), dtype=accumulator_dtype(weight.dtype), device=packed.device)
     w_grad = torch.empty((c_out, c_in, k, k), dtype=weight.dtype, device=packed.device)
-    counters = arrival_counters(packed.device, kyp * triton.cdiv(c_out, 16))   # BLOCK_KY >= 1, BLOCK_N >= 16
-    grid = lambda meta: (kyp // meta["BLOCK_KY"], triton.cdiv(c_out, meta["BLOCK_N"]), splits)
+    counters = arrival_counters(packed.device, kyp * cdiv(c_out, 16))   # BLOCK_KY >= 1, BLOCK_N >= 16
+    grid = lambda meta: (kyp // meta["BLOCK_KY"], cdiv(c_out, meta["BLOCK_N"]), splits)
     _conv_relu_image_wgrad_kernel[grid](
         packed, grad, out, partial, *_image_args(packed, slot, tile_pos, rows, geo), per_cta, w_grad, counters, splits,
         **_image_consts(slot, geo), C_OUT=c_out, OUT_SIDE=side, KYP=kyp, CP=geo["cp"], KROW=krow, C_IN=c_in, KSIZE=k,
@@ -394,10 +397,9 @@ def _conv_image_backward(ctx, grad, grad_packed):
 conv_image.register_autograd(_conv_image_backward, setup_context=_conv_image_setup)
 
 
-@on_input_device   # exported: launches on its inputs' device when called directly too
-def conv_relu_wgrad_image(grad: torch.Tensor, out: torch.Tensor | None, src: torch.Tensor, weight: torch.Tensor,
-                          slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int,
-                          pixel_norm: torch.Tensor | None = None) -> torch.Tensor:
+def _conv_relu_wgrad_image(grad: torch.Tensor, out: torch.Tensor | None, src: torch.Tensor, weight: torch.Tensor,
+                           slot: torch.Tensor, tile_pos: torch.Tensor, in_side: int,
+                           pixel_norm: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient of conv_relu_image with respect to its weight, packing the images (B, C, H, W)
     again (``conv_image_wgrad`` reuses the forward's packed copy instead). ``out`` is the
     forward's output (for the ReLU mask), or None when ``grad`` is already masked by it."""
@@ -414,3 +416,7 @@ def conv_relu_wgrad_image(grad: torch.Tensor, out: torch.Tensor | None, src: tor
     norm, normalize = _norm_args(pixel_norm, src, c_in, weight)
     packed, geo, _ = _pack_image(src, slot, num_tiles, in_side, k, norm, normalize, weight.dtype)
     return _image_wgrad(grad, out, packed, geo, weight, slot, tile_pos, in_side)
+
+
+# exported: launches on its inputs' device when called directly too
+conv_relu_wgrad_image = on_input_device(_conv_relu_wgrad_image)

@@ -32,8 +32,8 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 
 from ._device import custom_op
 from .compact import accumulator_dtype, check_tables
-from .triton_configs import (accumulator, autotune, check_interpretable, interpreting, rows_bucket, single_config,
-                             triton_supports)
+from .triton_configs import (accumulator, autotune, cdiv, check_interpretable, interpreting, pow2, rows_bucket,
+                             single_config, triton_supports)
 
 __all__ = ["max_blur_pool", "max_blur_pool_backward", "pool_tokens", "pool_tokens_backward",
            "pool_tokens_apply"]
@@ -67,7 +67,7 @@ def _prune_channels(configs, named_args, **kwargs):
     """Drops channel blocks wider than the channel count's power of two (masked lanes cost
     issue slots in a memory-bound kernel); keeps at least one config."""
     c = {**named_args, **kwargs}["C"]   # C is a constexpr: the autotuner passes it by keyword
-    limit = max(16, triton.next_power_of_2(c))
+    limit = max(16, pow2(c))
     kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_C"] <= limit]
     return kept or [min(configs, key=lambda cfg: cfg.kwargs["BLOCK_C"])]
 
@@ -657,21 +657,18 @@ def _pool_grid(num_tiles: int, side: int, channels: int):
     def grid(meta):
         rows = meta["ROWS"]
         if pixels_per_tile <= rows:
-            programs = triton.cdiv(num_tiles, rows // pixels_per_tile)
+            programs = cdiv(num_tiles, rows // pixels_per_tile)
         else:
             programs = num_tiles * (pixels_per_tile // rows)
-        return programs, triton.cdiv(channels, meta["BLOCK_C"])
+        return programs, cdiv(channels, meta["BLOCK_C"])
     return grid
 
 
 # --------------------------------------------------------------------------------------------
 # MaxBlurPool ops
 # --------------------------------------------------------------------------------------------
-@custom_op("scott_kernels::triton_max_blur_pool", mutates_args=())
-def max_blur_pool(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, relu: bool = False) -> torch.Tensor:
-    """MaxBlurPool of compact (M, s, s, C) activations (s a power of two) -> (M, s/2, s/2, C); with
-    ``relu`` of relu(act), whose gradient (max_blur_pool_backward with ``relu_mask``) then carries
-    the ReLU's mask: the conv before it needs no ReLU of its own, nor a mask pass in the backward."""
+def _max_blur_pool(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    """The body of ``max_blur_pool``, for callers already inside an op."""
     _check("triton_max_blur_pool", act, slot, tile_pos)
     act = act.contiguous()
     num_tiles, side, _, channels = act.shape
@@ -684,18 +681,22 @@ def max_blur_pool(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
     return out
 
 
+@custom_op("scott_kernels::triton_max_blur_pool", mutates_args=())
+def max_blur_pool(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    """MaxBlurPool of compact (M, s, s, C) activations (s a power of two) -> (M, s/2, s/2, C); with
+    ``relu`` of relu(act), whose gradient (max_blur_pool_backward with ``relu_mask``) then carries
+    the ReLU's mask: the conv before it needs no ReLU of its own, nor a mask pass in the backward."""
+    return _max_blur_pool(act, slot, tile_pos, relu)
+
+
 @max_blur_pool.register_fake
 def _(act, slot, tile_pos, relu=False):
     return act.new_empty((act.shape[0], act.shape[1] // 2, act.shape[2] // 2, act.shape[3]))
 
 
-@custom_op("scott_kernels::triton_max_blur_pool_backward", mutates_args=())
-def max_blur_pool_backward(grad: torch.Tensor, act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
-                           relu_mask: bool = False, grad_at_positions: bool = False) -> torch.Tensor:
-    """Gradient of max_blur_pool with respect to its (M, s, s, C) input. With ``relu_mask`` the
-    gradient comes multiplied by (act > 0): for act = relu(y), the gradient with respect to y.
-    With ``grad_at_positions`` (s = 2 only), ``grad`` is the (B, GH * GW, C) gradient of tokens at
-    every grid position (the masked rows are not read)."""
+def _max_blur_pool_backward(grad: torch.Tensor, act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
+                            relu_mask: bool = False, grad_at_positions: bool = False) -> torch.Tensor:
+    """The body of ``max_blur_pool_backward``, for callers already inside an op."""
     _check("triton_max_blur_pool_backward", act, slot, tile_pos)
     act = act.contiguous()
     num_tiles, side, _, channels = act.shape
@@ -715,6 +716,16 @@ def max_blur_pool_backward(grad: torch.Tensor, act: torch.Tensor, slot: torch.Te
     return dact
 
 
+@custom_op("scott_kernels::triton_max_blur_pool_backward", mutates_args=())
+def max_blur_pool_backward(grad: torch.Tensor, act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor,
+                           relu_mask: bool = False, grad_at_positions: bool = False) -> torch.Tensor:
+    """Gradient of max_blur_pool with respect to its (M, s, s, C) input. With ``relu_mask`` the
+    gradient comes multiplied by (act > 0): for act = relu(y), the gradient with respect to y.
+    With ``grad_at_positions`` (s = 2 only), ``grad`` is the (B, GH * GW, C) gradient of tokens at
+    every grid position (the masked rows are not read)."""
+    return _max_blur_pool_backward(grad, act, slot, tile_pos, relu_mask, grad_at_positions)
+
+
 @max_blur_pool_backward.register_fake
 def _(grad, act, slot, tile_pos, relu_mask=False, grad_at_positions=False):
     return torch.empty_like(act, memory_format=torch.contiguous_format)
@@ -731,7 +742,7 @@ FILL_ROWS = 64
 def _fill_programs(num_tiles: int, rows: int, tokens: int) -> int:
     """Programs of the dense fused last pool: one per ``tokens`` tiles to pool, at least one per
     FILL_ROWS rows to fill; each scans cdiv(rows, programs) rows (the kernel's ``share``)."""
-    return max(triton.cdiv(num_tiles, tokens), triton.cdiv(rows, FILL_ROWS))
+    return max(cdiv(num_tiles, tokens), cdiv(rows, FILL_ROWS))
 
 
 def _vector(name: str, t: torch.Tensor | None, dim: int, device) -> torch.Tensor | None:
@@ -741,21 +752,11 @@ def _vector(name: str, t: torch.Tensor | None, dim: int, device) -> torch.Tensor
     return None if t is None else t.contiguous()
 
 
-@custom_op("scott_kernels::triton_pool_tokens", mutates_args=())
-def pool_tokens(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, ln_weight: torch.Tensor | None,
-                ln_bias: torch.Tensor | None, pos_embed: torch.Tensor | None, mask_token: torch.Tensor | None,
-                eps: float, norm: bool, dense: bool, out_dtype: torch.dtype, relu: bool = False
+def _pool_tokens(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, ln_weight: torch.Tensor | None,
+                 ln_bias: torch.Tensor | None, pos_embed: torch.Tensor | None, mask_token: torch.Tensor | None,
+                 eps: float, norm: bool, dense: bool, out_dtype: torch.dtype, relu: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The last MaxBlurPool (compact (M, 2, 2, D) -> one token per tile; of relu(act) with
-    ``relu``, as max_blur_pool) with the token epilogue:
-    with ``norm`` a LayerNorm over D (``ln_weight``/``ln_bias`` optional, ``eps``), then
-    ``pos_embed`` (N, D) at each token's position; tokens in ``out_dtype``, as (B, N, D) with
-    masked positions = ``mask_token`` + pos_embed (or 0) when ``dense``, else packed (B, M/B, D).
-
-    Returns (tokens, x, stats): with ``norm``, x (M, D) the pooled tokens before the epilogue and
-    stats (M, 2) their (mean, 1/std), both kept for the backward (without it both are empty: the
-    backward reads neither).
-    """
+    """The body of ``pool_tokens``, for callers already inside an op."""
     _check("triton_pool_tokens", act, slot, tile_pos, side=2)
     act = act.contiguous()
     num_tiles, _, _, dim = act.shape
@@ -779,16 +780,34 @@ def pool_tokens(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, l
         raise ValueError(f"triton_pool_tokens: {num_tiles} tiles for {B * N} positions")
     any_ = act   # any tensor stands for an absent optional pointer (never read)
     grid = lambda meta: ((_fill_programs(num_tiles, rows, meta["TOKENS"]) if dense
-                          else triton.cdiv(num_tiles, meta["TOKENS"])),)
+                          else cdiv(num_tiles, meta["TOKENS"])),)
     _pool_tokens_fwd_kernel[grid](
         act, tokens, x if norm else any_, stats if norm else any_, slot.contiguous(), tile_pos.contiguous(),
         any_ if ln_weight is None else ln_weight.contiguous(), any_ if ln_bias is None else ln_bias.contiguous(),
         any_ if pos_embed is None else pos_embed.contiguous(), any_ if mask_token is None else mask_token.contiguous(),
         num_tiles, slot.numel(), GH, GW, float(eps), rows_bucket(rows),
-        C=dim, BLOCK_D=triton.next_power_of_2(dim), DENSE=dense, NORM=norm, HAS_W=norm and ln_weight is not None,
+        C=dim, BLOCK_D=pow2(dim), DENSE=dense, NORM=norm, HAS_W=norm and ln_weight is not None,
         HAS_B=norm and ln_bias is not None, HAS_POS=pos_embed is not None,
         HAS_MASK_TOKEN=dense and mask_token is not None, ACC=accumulator(act.dtype), RELU=relu, FILL_ROWS=FILL_ROWS)
     return tokens, x, stats
+
+
+@custom_op("scott_kernels::triton_pool_tokens", mutates_args=())
+def pool_tokens(act: torch.Tensor, slot: torch.Tensor, tile_pos: torch.Tensor, ln_weight: torch.Tensor | None,
+                ln_bias: torch.Tensor | None, pos_embed: torch.Tensor | None, mask_token: torch.Tensor | None,
+                eps: float, norm: bool, dense: bool, out_dtype: torch.dtype, relu: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The last MaxBlurPool (compact (M, 2, 2, D) -> one token per tile; of relu(act) with
+    ``relu``, as max_blur_pool) with the token epilogue:
+    with ``norm`` a LayerNorm over D (``ln_weight``/``ln_bias`` optional, ``eps``), then
+    ``pos_embed`` (N, D) at each token's position; tokens in ``out_dtype``, as (B, N, D) with
+    masked positions = ``mask_token`` + pos_embed (or 0) when ``dense``, else packed (B, M/B, D).
+
+    Returns (tokens, x, stats): with ``norm``, x (M, D) the pooled tokens before the epilogue and
+    stats (M, 2) their (mean, 1/std), both kept for the backward (without it both are empty: the
+    backward reads neither).
+    """
+    return _pool_tokens(act, slot, tile_pos, ln_weight, ln_bias, pos_embed, mask_token, eps, norm, dense, out_dtype, relu)
 
 
 @pool_tokens.register_fake
@@ -811,13 +830,11 @@ def _splits(batch: int, positions: int, device: torch.device) -> int:
     return max(1, min(batch, -(-2 * sms // max(positions, 1))))
 
 
-@custom_op("scott_kernels::triton_pool_tokens_backward", mutates_args=())
-def pool_tokens_backward(grad: torch.Tensor, act: torch.Tensor, x: torch.Tensor, stats: torch.Tensor,
-                         slot: torch.Tensor, tile_pos: torch.Tensor, ln_weight: torch.Tensor | None, norm: bool,
-                         dense: bool, has_pos: bool, has_mask_token: bool, relu_mask: bool = False
+def _pool_tokens_backward(grad: torch.Tensor, act: torch.Tensor, x: torch.Tensor, stats: torch.Tensor,
+                          slot: torch.Tensor, tile_pos: torch.Tensor, ln_weight: torch.Tensor | None, norm: bool,
+                          dense: bool, has_pos: bool, has_mask_token: bool, relu_mask: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of pool_tokens: (d act, d ln_weight, d ln_bias, d pos_embed (N, D), d mask_token),
-    the last four in the accumulator dtype. With ``relu_mask``, d act comes multiplied by (act > 0)."""
+    """The body of ``pool_tokens_backward``, for callers already inside an op."""
     _check("triton_pool_tokens_backward", act, slot, tile_pos, side=2)
     num_tiles, _, _, dim = act.shape
     B, GH, GW = slot.shape
@@ -834,11 +851,21 @@ def pool_tokens_backward(grad: torch.Tensor, act: torch.Tensor, x: torch.Tensor,
             grad.contiguous(), x.contiguous() if norm else act, stats.contiguous() if norm else act, dx, part,
             slot.contiguous(),
             act if ln_weight is None else ln_weight.contiguous(), num_tiles, B, N, -(-B // splits),
-            C=dim, BLOCK_D=triton.next_power_of_2(dim), DENSE=dense, NORM=norm,
+            C=dim, BLOCK_D=pow2(dim), DENSE=dense, NORM=norm,
             HAS_W=norm and ln_weight is not None, HAS_POS=has_pos, HAS_MASK_TOKEN=dense and has_mask_token,
             ACC=accumulator(act.dtype), ROWS=32 if _interpreting() else 8, num_warps=8 if dim > 256 else 4)
-    dact = max_blur_pool_backward(dx, act, slot, tile_pos, relu_mask)
+    dact = _max_blur_pool_backward(dx, act, slot, tile_pos, relu_mask)
     return dact, part[0].sum((0, 1)), part[1].sum((0, 1)), part[2].sum(0), part[3].sum((0, 1))
+
+
+@custom_op("scott_kernels::triton_pool_tokens_backward", mutates_args=())
+def pool_tokens_backward(grad: torch.Tensor, act: torch.Tensor, x: torch.Tensor, stats: torch.Tensor,
+                         slot: torch.Tensor, tile_pos: torch.Tensor, ln_weight: torch.Tensor | None, norm: bool,
+                         dense: bool, has_pos: bool, has_mask_token: bool, relu_mask: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of pool_tokens: (d act, d ln_weight, d ln_bias, d pos_embed (N, D), d mask_token),
+    the last four in the accumulator dtype. With ``relu_mask``, d act comes multiplied by (act > 0)."""
+    return _pool_tokens_backward(grad, act, x, stats, slot, tile_pos, ln_weight, norm, dense, has_pos, has_mask_token, relu_mask)
 
 
 @pool_tokens_backward.register_fake

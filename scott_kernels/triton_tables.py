@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 
 from ._device import custom_op
 from . import compact
-from .triton_configs import check_interpretable, triton_supports
+from .triton_configs import cdiv, check_interpretable, pow2, triton_supports
 
 __all__ = ["visible_tables", "tables_for", "neighbour_table", "check_neighbours", "new_weight_layouts"]
 
@@ -148,18 +148,10 @@ def layouts_args(weight: torch.Tensor) -> dict:
 
 
 
-@custom_op("scott_kernels::triton_visible_tables", mutates_args=())
-def visible_tables(keep: torch.Tensor, num_visible: int, grid_h: int, grid_w: int, radius: int = -1,
-                   weight: torch.Tensor | None = None, layout_dtype: torch.dtype | None = None
+def _visible_tables(keep: torch.Tensor, num_visible: int, grid_h: int, grid_w: int, radius: int = -1,
+                    weight: torch.Tensor | None = None, layout_dtype: torch.dtype | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(slot (B, GH, GW) int32, tile_pos (B * num_visible,) int64, nbr, w_gemm, w_t) of a
-    (B, GH * GW) bool mask whose rows each hold ``num_visible`` visible patches (a device assertion
-    checks it), in one launch and with no host synchronisation: the tables of
-    ``compact.visible_tables``; with ``radius`` >= 0 the tiles' neighbour table
-    (``neighbour_table``; else nbr is empty); with a compact stage's ``weight`` its two GEMM
-    layouts (``triton_conv.weight_layouts``) in ``layout_dtype`` (default: the weight's; else
-    w_gemm and w_t are empty). One launch builds everything the first compact stage needs before
-    its activations exist."""
+    """The body of ``visible_tables``, for callers already inside an op."""
     slot, tile_pos, nbr = compact.new_tables("triton_visible_tables", keep, num_visible, grid_h, grid_w, radius)
     w_gemm, w_t = _layouts_or_empty(keep, weight, layout_dtype)
     if not triton_supports(keep.device):
@@ -173,9 +165,9 @@ def visible_tables(keep: torch.Tensor, num_visible: int, grid_h: int, grid_w: in
     w_total, block_w = w_t.numel(), 1024
     rows = batch if positions else 0
     # the rows, or enough programs to keep the layout pass's loads in flight (a few per SM)
-    programs = max(rows, min(triton.cdiv(w_total, block_w), _LAYOUT_PROGRAMS))
+    programs = max(rows, min(cdiv(w_total, block_w), _LAYOUT_PROGRAMS))
     if programs:
-        block = min(1024, triton.next_power_of_2(max(positions, num_visible * nb * nb, 1)))
+        block = min(1024, pow2(max(positions, num_visible * nb * nb, 1)))
         geometry = layouts_args(weight) if w_total else {"C_OUT": 1, "C_IN": 1, "KK": 1, "CW": 1}
         # debug for the assertion alone: no overflow checks on every integer op (4x the code)
         _visible_tables_kernel[(programs,)](
@@ -184,6 +176,21 @@ def visible_tables(keep: torch.Tensor, num_visible: int, grid_h: int, grid_w: in
             w_total, R=radius if nb else -1, BLOCK=block, BLOCK_W=block_w if w_total else 0, num_warps=4,
             sanitize_overflow=False, **geometry)
     return slot, tile_pos, nbr, w_gemm, w_t
+
+
+@custom_op("scott_kernels::triton_visible_tables", mutates_args=())
+def visible_tables(keep: torch.Tensor, num_visible: int, grid_h: int, grid_w: int, radius: int = -1,
+                   weight: torch.Tensor | None = None, layout_dtype: torch.dtype | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(slot (B, GH, GW) int32, tile_pos (B * num_visible,) int64, nbr, w_gemm, w_t) of a
+    (B, GH * GW) bool mask whose rows each hold ``num_visible`` visible patches (a device assertion
+    checks it), in one launch and with no host synchronisation: the tables of
+    ``compact.visible_tables``; with ``radius`` >= 0 the tiles' neighbour table
+    (``neighbour_table``; else nbr is empty); with a compact stage's ``weight`` its two GEMM
+    layouts (``triton_conv.weight_layouts``) in ``layout_dtype`` (default: the weight's; else
+    w_gemm and w_t are empty). One launch builds everything the first compact stage needs before
+    its activations exist."""
+    return _visible_tables(keep, num_visible, grid_h, grid_w, radius, weight, layout_dtype)
 
 
 def _layouts_or_empty(keep: torch.Tensor, weight: torch.Tensor | None, dtype: torch.dtype | None):
@@ -201,22 +208,21 @@ def _(keep, num_visible, grid_h, grid_w, radius=-1, weight=None, layout_dtype=No
 
 def tables_for(keep: torch.Tensor | None, batch: int, grid_h: int, grid_w: int, device: torch.device,
                num_visible: int | None = None, radius: int = -1, weight: torch.Tensor | None = None,
-               layout_dtype: torch.dtype | None = None) -> tuple:
+               layout_dtype: torch.dtype | None = None, num_tiles: int | None = None) -> tuple:
     """(slot, tile_pos, nbr, layouts): ``compact.visible_tables``, in one launch where the visible
     count is given, which then also builds the neighbour table of ``radius`` (>= 0; else nbr is
     None) and ``weight``'s two GEMM layouts in ``layout_dtype`` (a (w_gemm, w_t) pair; else
-    None)."""
+    None). ``num_tiles``: the visible count without ``num_visible``, when the caller has it
+    (else it is read back from the device)."""
     if keep is None or num_visible is None:
-        return (*compact.visible_tables(keep, batch, grid_h, grid_w, device, num_visible), None, None)
-    slot, tile_pos, nbr, w_gemm, w_t = visible_tables(keep.reshape(batch, grid_h * grid_w), num_visible, grid_h,
+        return (*compact.visible_tables(keep, batch, grid_h, grid_w, device, num_visible, num_tiles), None, None)
+    slot, tile_pos, nbr, w_gemm, w_t = _visible_tables(keep.reshape(batch, grid_h * grid_w), num_visible, grid_h,
                                                       grid_w, radius, weight, layout_dtype)
     return slot, tile_pos, nbr if radius >= 0 else None, (w_gemm, w_t) if weight is not None else None
 
 
-@custom_op("scott_kernels::triton_neighbour_table", mutates_args=())
-def neighbour_table(slot: torch.Tensor, tile_pos: torch.Tensor, radius: int) -> torch.Tensor:
-    """(M, 2r+1, 2r+1) int32: each tile's neighbour within ``radius`` patches, or -1. Built once
-    per stage: the conv's forward and both its gradients gather through the same table."""
+def _neighbour_table(slot: torch.Tensor, tile_pos: torch.Tensor, radius: int) -> torch.Tensor:
+    """The body of ``neighbour_table``, for callers already inside an op."""
     compact.check_tables("triton_neighbour_table", slot, slot, tile_pos)
     if radius < 0:
         raise ValueError(f"triton_neighbour_table: radius must be >= 0, got {radius}")
@@ -227,9 +233,16 @@ def neighbour_table(slot: torch.Tensor, tile_pos: torch.Tensor, radius: int) -> 
     total = nbr.numel()
     if total:
         block = 1024
-        _neighbour_table_kernel[(triton.cdiv(total, block),)](
+        _neighbour_table_kernel[(cdiv(total, block),)](
             slot, tile_pos, nbr, total, num_tiles, slot.numel(), slot.shape[1], slot.shape[2], R=radius, BLOCK=block)
     return nbr
+
+
+@custom_op("scott_kernels::triton_neighbour_table", mutates_args=())
+def neighbour_table(slot: torch.Tensor, tile_pos: torch.Tensor, radius: int) -> torch.Tensor:
+    """(M, 2r+1, 2r+1) int32: each tile's neighbour within ``radius`` patches, or -1. Built once
+    per stage: the conv's forward and both its gradients gather through the same table."""
+    return _neighbour_table(slot, tile_pos, radius)
 
 
 @neighbour_table.register_fake

@@ -66,6 +66,24 @@ def _run(backend, epilogue=False, num_visible=3, dense=False):
     out.sum().backward()
 
 
+def _run_triton_stage_ops():
+    """The triton stage ops, which the tokenizer (one op per direction) does not call: each once,
+    forward and backward."""
+    from scott_kernels import triton_backend, triton_conv, triton_pool, triton_tables
+    keep = torch.tensor([[True, False, True, True], [True, True, False, True]])
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    w1, w2 = random_weights(3, (8, 8), (7, 7))
+    slot, tile_pos, *_ = triton_tables.visible_tables(keep, 3, 2, 2, 1, w2.detach())
+    triton_tables.neighbour_table(slot, tile_pos, 1)
+    triton_conv.weight_layouts(w2.detach())
+    out, _ = triton_backend.conv_image(x, w1, slot, tile_pos, 16)   # backward: conv_image_wgrad, conv_relu_dgrad
+    pooled = triton_backend.max_blur_pool(out, slot, tile_pos, True)
+    act = triton_backend.conv_relu(pooled, w2, slot, tile_pos, 4, False)   # backward: conv_relu_wgrad, _dgrad
+    norm = (torch.ones(8, dtype=torch.float64, requires_grad=True), None, 1e-5)
+    triton_pool.pool_tokens_apply(act, slot, tile_pos, norm, relu=True).sum().backward()
+    triton_backend.conv_relu(x, w1, slot, tile_pos, 16, True).sum().backward()   # an image source
+
+
 def _op_names(module_names):
     """The op bodies registered in ``module_names``: their function names."""
     names = set()
@@ -94,6 +112,7 @@ def test_each_op_enters_the_guard_for_its_tensors_device(backend, modules):
             _run(backend, epilogue=True)
             _run(backend, num_visible=None)
             _run(backend, dense=True)
+            _run_triton_stage_ops()
     assert entered and all(device == torch.device("cpu") for _, _, device in entered)
     seen = {(module.rsplit(".", 1)[-1], name) for name, module, _ in entered}
     missing = _op_names(modules) - seen

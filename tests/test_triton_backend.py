@@ -856,3 +856,60 @@ def test_weight_gradient_split_sums_gpu(dtype):
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(captured, got)
+
+
+# --- the tokenizer's two ops (what sparse_conv_tokenize runs: one op per direction) -----------------
+from scott_kernels.triton_backend import tokenizer, tokenizer_backward  # noqa: E402
+
+
+def _tokenizer_inputs(keep, num_visible=None, packed=False, epilogue=False, stages=2):
+    """(inputs of the tokenizer op, the tensors to differentiate, the dense reference's tokens)."""
+    patch = 4 ** stages
+    x = torch.randn(2, 3, 2 * patch, 3 * patch, dtype=torch.float64, requires_grad=True)
+    weights = random_weights(3, (5, 6, 4)[:stages], (7, 5, 3)[:stages])
+    D, N = weights[-1].shape[0], 6
+    ln_weight = ln_bias = pos = mask_token = None
+    if epilogue:
+        ln_weight, ln_bias = torch.randn(D, dtype=torch.float64), torch.randn(D, dtype=torch.float64)
+        pos, mask_token = torch.randn(N, D, dtype=torch.float64), torch.randn(D, dtype=torch.float64)
+        for t in (ln_weight, ln_bias, pos, mask_token):
+            t.requires_grad_(True)
+    num_tiles = 2 * N if keep is None else int(keep.sum())
+    fill = mask_token if keep is not None and not packed else None
+    args = (x, weights, keep, None, ln_weight, ln_bias, pos, fill, patch, num_tiles, num_visible,
+            keep is not None and not packed, 1e-5 if epilogue else None, torch.float64, torch.float64)
+    want = reference_tokenize(x, weights, keep, patch)
+    if epilogue or (keep is not None and packed):
+        want = token_epilogue(want if not packed else want[keep].view(2, -1, D), keep, packed,
+                              (ln_weight, ln_bias, 1e-5) if epilogue else None, pos, mask_token if epilogue else None)
+    params = [x, *weights] + ([ln_weight, ln_bias, pos] + ([mask_token] if fill is not None else []) if epilogue else [])
+    return args, params, want
+
+
+_TOKENIZER_CASES = [
+    dict(keep=_fixed_count_keep(2, 6, 3), num_visible=3),
+    dict(keep=_fixed_count_keep(2, 6, 3), num_visible=3, packed=True, epilogue=True),
+    dict(keep=torch.tensor([[True, False, False, True, True, False], [False] * 6]), epilogue=True),
+    dict(keep=None, epilogue=True),
+    dict(keep=_fixed_count_keep(2, 6, 1), num_visible=1, stages=1),
+]
+
+
+@pytest.mark.parametrize("case", range(len(_TOKENIZER_CASES)))
+def test_tokenizer_ops(case):
+    """The forward op's tokens and its registered autograd (what a caller of the op gets) against the
+    float64 reference, values and every gradient; opcheck of both ops (fake shapes and strides,
+    autograd registration, torch.compile)."""
+    args, params, want = _tokenizer_inputs(**_TOKENIZER_CASES[case])
+    out = tokenizer(*args)
+    torch.testing.assert_close(out[0], want, rtol=1e-10, atol=1e-12)
+    g = torch.randn(want.shape, dtype=want.dtype)
+    for got, ref in zip(torch.autograd.grad(out[0], params, g), torch.autograd.grad(want, params, g)):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-11)
+    torch.library.opcheck(tokenizer, args)
+    x, weights, keep, pixel_norm, ln_weight, ln_bias, pos, fill, patch, *_, dense, eps, dtype, _ = args
+    needs = [True] * (1 + len(weights)) + [t is not None for t in (ln_weight, ln_bias, pos, fill)]
+    saved = [t.detach() for t in out[1:]]
+    torch.library.opcheck(tokenizer_backward, (g, saved, x.detach(), [w.detach() for w in weights], pixel_norm,
+                                               [None if t is None else t.detach() for t in (ln_weight, ln_bias, pos, fill)],
+                                               patch, dense, eps is not None, dtype, needs))
