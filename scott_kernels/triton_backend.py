@@ -42,7 +42,8 @@ so the backend traces under torch.compile. The tokenizer itself is one op per di
 (``tokenizer``, ``tokenizer_backward``), which call the stage bodies directly; the stage ops stay
 for callers that compose stages. With ``num_visible`` (visible patches per row) given, the tables
 are built in one launch, without a host synchronisation, which also builds the first compact
-stage's neighbour table and lays out its weight.
+stage's neighbour table, lays out its weight and packs the images for the first stage: ten launches
+per training step.
 
 Modules: triton_tables (the visible and neighbour tables, the weight layout pass), triton_conv (the
 compact-source conv kernels, the weight gradient's split sums and their arrival counters, the
@@ -64,8 +65,8 @@ from .compact import accumulator_dtype, compact_to_image, compute_dtype, registe
 from .triton_configs import triton_supports
 from .triton_conv import (_conv_relu_compact, _conv_relu_dgrad, _conv_relu_wgrad_compact, _weight_layouts, conv_radius,
                           conv_relu_dgrad)
-from .triton_image import (_conv_relu_image, _conv_relu_wgrad_image, _image_geometry, _image_wgrad, _packed_geometry,
-                           conv_image, conv_image_wgrad)
+from .triton_image import (_conv_relu_image, _conv_relu_wgrad_image, _image_forward, _image_geometry, _image_wgrad,
+                           _norm_args, _packed_geometry, conv_image, conv_image_wgrad)
 from .triton_pool import (_max_blur_pool, _max_blur_pool_backward, _pool_tokens, _pool_tokens_backward, max_blur_pool,
                           max_blur_pool_backward)
 from .triton_tables import _neighbour_table, _padded_channels, tables_for
@@ -163,13 +164,21 @@ def _tokenize_forward(x, weights, keep, pixel_norm, ln_weight, ln_bias, pos_embe
     first = None
     if len(weights) > 1:   # the tables launch also builds the first compact stage's tables
         first = (conv_radius(sides[1], weights[1].shape[-1]), weights[1].detach(), dtype)
-    slot, tile_pos, first_nbr, first_layouts = tables_for(keep, B, GH, GW, x.device, num_visible,
-                                                          *(first or ()), num_tiles=num_tiles)
-    weights = [w.to(dtype) for w in weights]
-    act = x.to(dtype) if x.is_floating_point() else x
+    # and packs the images (casting them and the image weight to the compute dtype as it stores)
+    norm_table, normalize = _norm_args(pixel_norm, x, x.shape[1], weights[0])
+    images = (x.detach(), norm_table, normalize, weights[0].detach(), patch_size, dtype)
+    slot, tile_pos, first_nbr, first_layouts, packed = tables_for(keep, B, GH, GW, x.device, num_visible,
+                                                                  *(first or (-1, None, None)), num_tiles=num_tiles,
+                                                                  images=images)
     convs, pooled, tables = [], [], []
     for i, (weight, side) in enumerate(zip(weights, sides)):
-        if i == 0:
+        weight = weight if i == 0 and packed is not None else weight.to(dtype)   # (a no-op unless autocast)
+        if i == 0 and packed is not None:
+            packed_images, w_image = packed
+            geo = _packed_geometry(H, W, weight.shape[-1], x.shape[1])
+            out = _image_forward(packed_images, w_image, geo, slot, tile_pos, side, False)
+        elif i == 0:
+            act = x.to(dtype) if x.is_floating_point() else x
             out, packed_images = _conv_relu_image(act, weight, slot, tile_pos, side, pixel_norm, False)
         else:
             nbr, layouts = (first_nbr, first_layouts) if i == 1 else (None, None)

@@ -30,6 +30,7 @@ from .triton_configs import (IMAGE_FWD_SHARED, IMAGE_KEY, IMAGE_WGRAD_SHARED, ac
                              rows_bucket)
 from .triton_conv import (_check_tables, _precision, _rows_per_cta, _source_geometry, _wide, arrival_counters,
                           conv_relu_dgrad, wgrad_operands)
+from .triton_tables import _packed_geometry
 
 __all__ = ["conv_image", "conv_image_wgrad", "conv_relu_image", "conv_relu_wgrad_image"]
 
@@ -39,6 +40,7 @@ __all__ = ["conv_image", "conv_image_wgrad", "conv_relu_image", "conv_relu_wgrad
 # --------------------------------------------------------------------------------------------
 if triton is not None:
     from .triton_conv import _last_arrival, _relu_grad, _row_block, _sum_splits
+    from .triton_tables import _image_weight_block, _pack_block
 
     @triton.jit
     def _image_row_offsets(rows, tile_pos_ptr, num_pos, CELLS: tl.constexpr, GW: tl.constexpr,
@@ -108,36 +110,10 @@ if triton is not None:
         if WEIGHT:
             first = (tl.program_id(0) * tl.cdiv(WP, BLOCK_W) + tl.program_id(1)) * w_share
             for e0 in range(first, first + w_share, W_BLOCK):
-                e = e0 + tl.arange(0, W_BLOCK)
-                co = e % C_OUT
-                ci = (e // C_OUT) % CP
-                kx = (e // (C_OUT * CP)) % KXE
-                ky = e // (C_OUT * CP * KXE)
-                mine = (e < w_total) & (e < first + w_share)
-                real = mine & (ci < C) & (kx < KSIZE)
-                w = tl.load(w_ptr + ((co * C + ci) * KSIZE + ky) * KSIZE + kx, mask=real, other=0.0)
-                tl.store(w_out_ptr + e, w, mask=mine)
-        prow = tl.program_id(0)
-        b = prow // HP
-        y = prow % HP - PAD
-        xp = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-        x = xp - PAD
-        inside = (y >= 0) & (y < H) & (x >= 0) & (x < W)
-        yc = tl.where(inside, y, 0)
-        xc = tl.where(inside, x, 0)
-        s = tl.load(slot_ptr + (b * GH + yc // P) * GW + xc // P, mask=inside, other=-1)
-        valid = inside & (s >= 0) & (s < num_tiles)
-        c = tl.arange(0, CP)
-        ok = valid[:, None] & (c < C)[None, :]
-        src = x_ptr + b.to(tl.int64) * s_b + c[None, :].to(tl.int64) * s_c + yc.to(tl.int64)[:, None] * s_h \
-            + xc.to(tl.int64)[:, None] * s_w
-        v = tl.load(src, mask=ok, other=0)
-        if NORMALIZE:
-            mean = tl.load(norm_ptr + c, mask=c < C, other=0.0).to(ACC)
-            inv_std = tl.load(norm_ptr + C + c, mask=c < C, other=0.0).to(ACC)
-            v = tl.where(ok, (v.to(ACC) - mean[None, :]) * inv_std[None, :], 0.0)
-        dst = packed_ptr + (prow.to(tl.int64) * WP + xp)[:, None] * CP + c[None, :]
-        tl.store(dst, v.to(packed_ptr.dtype.element_ty), mask=(xp < WP)[:, None])
+                _image_weight_block(w_ptr, w_out_ptr, e0 + tl.arange(0, W_BLOCK), w_total, first + w_share, C, CP,
+                                    C_OUT, KSIZE, KXE)
+        _pack_block(x_ptr, packed_ptr, slot_ptr, norm_ptr, tl.program_id(0), tl.program_id(1) * BLOCK_W, num_tiles,
+                    GH, GW, H, W, HP, WP, s_b, s_c, s_h, s_w, C, CP, P, PAD, NORMALIZE, ACC, BLOCK_W, False)
 
     @autotune(image_wgrad_configs(), IMAGE_KEY, prune_image_wgrad, shared=IMAGE_WGRAD_SHARED)
     @triton.jit
@@ -199,21 +175,6 @@ if triton is not None:
 # Launch configuration
 # --------------------------------------------------------------------------------------------
 # ---- the image stage: a packed, padded, masked copy of the images ----------------------------
-def _packed_geometry(height: int, width: int, k: int, c_in: int) -> dict:
-    """Layout of the packed images (B, HP, WP, CP): channels padded to CP (a power of two), a
-    kernel row read as KROW = KXE * CP contiguous elements (KXE >= k pixels), KYP >= k kernel rows
-    covered by the weight-gradient tiles, rows padded so that every such read stays inside and
-    each packed row is whole 8-element (16-byte in 16 bits) vectors."""
-    pad = k // 2
-    cp = pow2(c_in)
-    kxe = max(pow2(k), -(-16 // cp))
-    kyp = max(2, pow2(k))   # at least the smallest weight-gradient tile (two kernel rows)
-    hp = max(height + 2 * pad, height - 2 + kyp)
-    align = max(1, 8 // cp)
-    wp = -(-max(width + 2 * pad, width - 2 + kxe) // align) * align
-    return dict(pad=pad, cp=cp, kxe=kxe, krow=kxe * cp, kyp=kyp, hp=hp, wp=wp)
-
-
 def _pack_image(x: torch.Tensor, slot: torch.Tensor, num_tiles: int, in_side: int, k: int,
                 norm: torch.Tensor, normalize: bool, dtype: torch.dtype, weight: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
@@ -288,20 +249,28 @@ def _conv_relu_image(src: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor
         raise TypeError(f"triton_conv_image: src is {src.dtype} but weight is {weight.dtype}")
     check_interpretable("triton_conv_image", weight.dtype)
     num_tiles = tile_pos.shape[0]
-    side = in_side // 2
-    rows = num_tiles * side * side
     slot, tile_pos = slot.contiguous(), tile_pos.contiguous()
     norm, normalize = _norm_args(pixel_norm, src, c_in, weight)
     packed, geo, w_image = _pack_image(src, slot, num_tiles, in_side, k, norm, normalize, weight.dtype, weight)
-    out = torch.empty((num_tiles, side, side, c_out), dtype=weight.dtype, device=src.device)
+    return _image_forward(packed, w_image, geo, slot, tile_pos, in_side, relu), packed
+
+
+def _image_forward(packed: torch.Tensor, w_image: torch.Tensor, geo: dict, slot: torch.Tensor, tile_pos: torch.Tensor,
+                   in_side: int, relu: bool) -> torch.Tensor:
+    """The image stage's conv (+ ReLU) GEMM of packed images and the padded weight (in the compute
+    dtype, as ``_pack_image`` writes them) -> (M, s, s, C_out)."""
+    num_tiles, c_out, k = tile_pos.shape[0], w_image.shape[1], w_image.shape[0] // geo["krow"]
+    side = in_side // 2
+    rows = num_tiles * side * side
+    out = torch.empty((num_tiles, side, side, c_out), dtype=w_image.dtype, device=packed.device)
     if rows == 0:
-        return out, packed
+        return out
     grid = lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(c_out, meta["BLOCK_N"]))
     _conv_relu_image_fwd_kernel[grid](
         packed, w_image, out, *_image_args(packed, slot, tile_pos, rows, geo),
-        **_image_consts(slot, geo), C_OUT=c_out, OUT_SIDE=side, KSIZE=k, CP=geo["cp"], KROW=geo["krow"], WIDE=_wide(packed, out), RELU=relu,
-        ACC=accumulator(weight.dtype), PRECISION=_precision(weight.dtype))
-    return out, packed
+        **_image_consts(slot, geo), C_OUT=c_out, OUT_SIDE=side, KSIZE=k, CP=geo["cp"], KROW=geo["krow"],
+        WIDE=_wide(packed, out), RELU=relu, ACC=accumulator(w_image.dtype), PRECISION=_precision(w_image.dtype))
+    return out
 
 
 # exported: launches on its inputs' device when called directly too

@@ -321,6 +321,7 @@ def test_report_counts_every_launch(tmp_path_factory):
     (line,) = [c for c in report["closing"] if c["backend"] == "triton"]
     expected = sum(kernels[p] + len(ops.get(p, [])) for p in ("masked_fwd", "masked_bwd"))
     assert line["launches"] == expected
+    assert line["launches"] <= 10, "a masked forward+backward launches at most 10 kernels"
     kernels_only = sum(k["estimate_s"] for k in report["kernels"] if k["phase"] in ("masked_fwd", "masked_bwd"))
     assert line["train_ms"] > kernels_only * 1e3, "launch gaps and torch ops add to the kernels' sum"
     assert line["host_ms"] and line["host_ms"] > 0
@@ -415,3 +416,49 @@ def test_weight_gradient_split_sums_are_ordered():
         assert min(loads) > broadcast, f"{name}: partials read before the count is known"
         (reset,) = [i for i, l in enumerate(after) if "atom.global" in l and "exch" in l]
         assert reset > max(loads), f"{name}: counter zeroed before the sums"
+
+
+_DIRECT_LAUNCH_SCRIPT = r"""
+import json, sys
+import torch
+import codegen
+from triton.runtime.jit import JITFunction
+
+with codegen.fake_gpu(90, first_config_only=lambda name: True) as rec:
+    runs = []
+    original = JITFunction.run
+    def counted(self, *args, **kwargs):
+        runs.append(self.fn.__name__)
+        return original(self, *args, **kwargs)
+    JITFunction.run = counted
+    out = {}
+    for name, batch in (("first", 2), ("again", 2), ("other", 3)):
+        for r in rec.records:
+            r.launches.clear()
+        runs.clear()
+        codegen.run_workload(rec, "bfloat16", batch=batch, phases=("masked_fwd", "masked_bwd"))
+        out[name] = {"jit": sorted(runs),
+                     "launches": sorted((r.name, l.phase, l.grid, sorted(l.scalars.items()))
+                                        for r in rec.records for l in r.launches if not l.trial)}
+    JITFunction.run = original
+json.dump(out, sys.stdout, default=str)
+"""
+
+
+@needs_tools
+def test_repeated_launches_call_the_compiled_kernel():
+    """An autotuned launch whose arguments all match an earlier one's (only tensor addresses
+    differ) calls that launch's compiled kernel directly, with the same grid and arguments as the
+    JIT's launch; new argument values go through the JIT again."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(STATIC), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _DIRECT_LAUNCH_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    first, again, other = out["first"], out["again"], out["other"]
+    assert again["launches"] == first["launches"] and first["launches"], "a direct launch differs from the JIT's"
+    tuned = {name for name in first["jit"]} - {"_visible_tables_kernel", "_pool_tokens_bwd_kernel"}
+    assert tuned, first["jit"]
+    assert not tuned & set(again["jit"]), f"repeated autotuned launches went through the JIT: {again['jit']}"
+    assert tuned & set(other["jit"]), "launches with new argument values must go through the JIT"

@@ -913,3 +913,37 @@ def test_tokenizer_ops(case):
     torch.library.opcheck(tokenizer_backward, (g, saved, x.detach(), [w.detach() for w in weights], pixel_norm,
                                                [None if t is None else t.detach() for t in (ln_weight, ln_bias, pos, fill)],
                                                patch, dense, eps is not None, dtype, needs))
+
+
+def test_tables_launch_packs_the_images():
+    """The tables launch's packing (every program packing every num_programs-th row, visibility
+    read from keep) writes the packed images and the image GEMM's padded weight exactly as the
+    packing launch does from the slot table: float64, float32 images cast to float16 as they are
+    stored, uint8 images normalised; more rows than programs, and fewer; no visible patch."""
+    from scott_kernels import triton_tables
+    from scott_kernels.triton_image import _pack_image
+    from scott_kernels.triton_tables import _visible_tables
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(5, 3, 7, 7, generator=g)
+    norm = torch.tensor([[120.0, 110.0, 100.0], [1 / 60, 1 / 55, 1 / 50]])
+    cases = [(torch.randn(3, 3, 32, 48, generator=g, dtype=torch.float64), None, torch.float64),
+             (torch.randn(3, 3, 32, 48, generator=g), None, torch.float16),
+             (torch.randint(0, 256, (3, 3, 32, 48), generator=g, dtype=torch.uint8), norm, torch.float32)]
+    for programs in (5, 1024):
+        triton_tables._PACK_PROGRAMS = programs
+        try:
+            for k in (3, 0):
+                keep = _fixed_count_keep(3, 6, k, seed=k)
+                slot, _ = visible_tables(keep, 3, 2, 3, keep.device, k)
+                for x, table, dtype in cases:
+                    normalize = table is not None
+                    table_or_any = table if normalize else weight
+                    *_, packed = _visible_tables(keep, k, 2, 3, -1, None, None,
+                                                 (x, table_or_any, normalize, weight, 16, dtype))
+                    want, _, want_w = _pack_image(x, slot, 3 * k, 16, 7, table_or_any, normalize, dtype,
+                                                  weight.to(dtype))
+                    assert packed[0].dtype == dtype and torch.equal(packed[0], want), (programs, k, dtype)
+                    assert torch.equal(packed[1], want_w), (programs, k, dtype)
+                    assert packed[0].any() == (k > 0)
+        finally:
+            triton_tables._PACK_PROGRAMS = 1024
