@@ -267,7 +267,8 @@ def _tokenize_backward(grad, saved, x, weights, pixel_norm, epilogue, patch_size
             grad_w[0] = _image_wgrad(dact, None, packed_images, geo, weight, slot, tile_pos, sides[0])
         elif need_w[i]:
             grad_w[i] = _conv_relu_wgrad_compact(dact, None, pooled[i - 1], weight, slot, tile_pos, sides[i], nbrs[i])
-        grad_w[i] = grad_w[i].to(weights[i].dtype)
+        if need_w[i]:
+            grad_w[i] = grad_w[i].to(weights[i].dtype)
         if i and (need_x or any(need_w[:i])):
             dsrc = _conv_relu_dgrad(dact, None, weight, slot, tile_pos, sides[i], nbrs[i], None, w_ts[i])
             dact = _max_blur_pool_backward(dsrc, convs[i - 1], slot, tile_pos, True)

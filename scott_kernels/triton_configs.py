@@ -297,17 +297,17 @@ def _tuner_class():
     from triton.runtime import driver
     from triton.runtime.autotuner import Autotuner
     try:
-        from triton import knobs
-        runtime_knobs = knobs.runtime
+        from triton import knobs as triton_knobs
+        triton_knobs.runtime.launch_enter_hook, triton_knobs.runtime.debug, triton_knobs.compilation
     except (ImportError, AttributeError):   # an older Triton: every launch through the JIT
-        runtime_knobs = None
+        triton_knobs = None
 
     class Tuner(Autotuner):
         shared_estimate = None      # (config, named_args) -> bytes, to order the fallbacks
         last_config = None
         _tensor_type = torch.Tensor
         _plain_types = (int, float, bool, str, type(None))
-        _knobs = runtime_knobs
+        _knobs = triton_knobs
         _driver = property(lambda self: driver.active)   # the active one: a test may swap it
 
         def _tuning_key(self, args, kwargs) -> tuple:
@@ -347,22 +347,26 @@ def _tuner_class():
                     return ret
             config, ret = self._choose_and_run(deterministic, args, kwargs)
             if config.pre_hook is None:
+                # (no compiled kernel kept from here: a timed choice's config is read back from a
+                # cache another thread may have written meanwhile; the next launch keeps its own)
                 launches[fast] = (config, config.all_kwargs())
-                self._keep_compiled(direct, ret, args, kwargs, config)
             return ret
 
         # The direct launch: the key holds every argument (a tensor's dtype and 16-byte alignment,
-        # any other value exactly: finer than the JIT's specialisation), the mode and the current
-        # device, so only the tensors' addresses differ from the launch whose compiled kernel it
-        # calls; that skips the JIT's argument binding and cache look-up (about 10 us of host time
-        # per launch here).
+        # any other value and its type exactly: finer than the JIT's specialisation), the mode, the
+        # current device and the knobs the JIT's own cache key reads, so only the tensors'
+        # addresses differ from the launch whose compiled kernel it calls; that skips the JIT's
+        # argument binding and cache look-up (about 10 us of host time per launch here). Pre-run
+        # hooks, which must see every launch, turn it off.
         def _direct_key(self, deterministic: bool, args, kwargs) -> tuple | None:
-            if not self._direct_launches:   # the interpreter (no driver), or an older Triton
+            if not self._direct_launches or getattr(self.fn, "pre_run_hooks", None):   # the interpreter, old Triton
                 return None
-            tensor = self._tensor_type
-            key = (deterministic, self._driver.get_current_device(),
-                   *[(v.dtype, v.data_ptr() & 15) if isinstance(v, tensor) else v for v in args],
-                   *[(k, (v.dtype, v.data_ptr() & 15) if isinstance(v, tensor) else v)
+            tensor, runtime, compilation = self._tensor_type, self._knobs.runtime, self._knobs.compilation
+            key = (deterministic, self._driver.get_current_device(), runtime.debug,
+                   getattr(compilation, "instrumentation_mode", None),
+                   getattr(runtime, "add_stages_inspection_hook", None),
+                   *[(v.dtype, v.data_ptr() & 15) if isinstance(v, tensor) else (type(v), v) for v in args],
+                   *[(k, (v.dtype, v.data_ptr() & 15) if isinstance(v, tensor) else (type(v), v))
                      for k, v in kwargs.items() if k != "grid"])
             try:
                 hash(key)
@@ -372,9 +376,8 @@ def _tuner_class():
 
         def _keep_compiled(self, direct, kernel, args, kwargs, config) -> None:
             fn = self.fn
-            if direct is None or config.pre_hook is not None or not hasattr(kernel, "packed_metadata") \
-                    or getattr(fn, "pre_run_hooks", None):
-                return   # hooks that must see every launch
+            if direct is None or config.pre_hook is not None or not hasattr(kernel, "packed_metadata"):
+                return   # a config hook must see every launch
             given = {**kwargs, **config.all_kwargs()}
             tail = []
             for param in fn.params[len(args):]:
@@ -385,6 +388,8 @@ def _tuner_class():
                 else:
                     return
             meta = {k: v for k, v in given.items() if k not in ("grid", "warmup")}
+            if len(self._compiled) >= _DIRECT_KERNELS:   # bounded: exact values key it (new batch sizes...)
+                self._compiled.clear()
             self._compiled[direct] = (kernel, tuple(tail), meta, config)
 
         def _launch_compiled(self, compiled, args, grid) -> bool:
@@ -396,7 +401,7 @@ def _tuner_class():
             active = self._driver
             stream = active.get_current_stream(active.get_current_device())
             g0, g1, g2 = (*grid, 1, 1)[:3]
-            enter, leave = self._knobs.launch_enter_hook, self._knobs.launch_exit_hook
+            enter, leave = self._knobs.runtime.launch_enter_hook, self._knobs.runtime.launch_exit_hook
             metadata = kernel.launch_metadata(grid, stream, *args, *tail) if enter is not None else None
             kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, metadata, enter, leave, *args,
                        *tail)
@@ -501,6 +506,10 @@ def _tuner_class():
             return ret
 
     return Tuner
+
+
+# compiled kernels kept per autotuned kernel for direct launches (see Tuner._direct_key)
+_DIRECT_KERNELS = 64
 
 
 @functools.lru_cache(maxsize=None)

@@ -915,6 +915,23 @@ def test_tokenizer_ops(case):
                                                patch, dense, eps is not None, dtype, needs))
 
 
+def test_tokenizer_backward_with_a_frozen_weight():
+    """A gradient not asked for is an empty tensor of the gradient's dtype, in the op and in its
+    fake alike, also when the weights' dtype differs from the compute dtype (float32 images,
+    float64 weights; the wanted gradients come in the weights' dtype)."""
+    args, _, _ = _tokenizer_inputs(_fixed_count_keep(2, 6, 3), num_visible=3)
+    x, weights = args[0].detach().float(), [w.detach() for w in args[1]]
+    args = (x, weights, *args[2:13], torch.float32, torch.float32)
+    out = tokenizer(*args)
+    g = torch.randn_like(out[0])
+    needs = [False, False, True, False, False, False, False]
+    bwd_args = (g, [t.detach() for t in out[1:]], x, weights, None, [None] * 4, 16, True, False, torch.float32, needs)
+    grads = tokenizer_backward(*bwd_args)
+    assert grads[0].shape == grads[1].shape == (0,) and grads[0].dtype == grads[1].dtype == torch.float32
+    assert grads[2].dtype == torch.float64 and grads[2].shape == weights[1].shape
+    torch.library.opcheck(tokenizer_backward, bwd_args)
+
+
 def test_tables_launch_packs_the_images():
     """The tables launch's packing (every program packing every num_programs-th row, visibility
     read from keep) writes the packed images and the image GEMM's padded weight exactly as the
