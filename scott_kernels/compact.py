@@ -157,14 +157,12 @@ def compute_dtype(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.dty
 def tokenize_compact(conv_relu: Callable, max_blur_pool: Callable, x: torch.Tensor, weights: Sequence[torch.Tensor],
                      keep: torch.Tensor | None, patch_size: int, num_visible: int | None = None,
                      packed: bool = False, pixel_norm: torch.Tensor | None = None,
-                     last_pool: Callable | None = None, tables: Callable = visible_tables) -> torch.Tensor:
+                     tables: Callable = visible_tables) -> torch.Tensor:
     """The tokenizer from a backend's stage ops ``conv_relu(src, weight, slot, tile_pos, in_side,
     src_is_image, pixel_norm)`` and ``max_blur_pool(act, slot, tile_pos)``: (B, N, D) tokens, masked
     ones exactly 0, or with ``packed`` (B, num_visible, D) visible tokens in row-major order. The
     ReLU may sit in either op: the fast backends run the conv without it and the pool of its
-    ReLU (see ``register_stage_autograd``). ``last_pool(act, slot, tile_pos)``, when given,
-    replaces the last stage's pool and returns the final tokens itself (a pool fused with the
-    token epilogue). ``tables`` builds (slot, tile_pos) with ``visible_tables``'s signature (a
+    ReLU (see ``register_stage_autograd``). ``tables`` builds (slot, tile_pos) with ``visible_tables``'s signature (a
     backend may build them in one kernel).
 
     Computes in the autocast dtype when autocast is on, else in the images' dtype (the weights'
@@ -180,8 +178,6 @@ def tokenize_compact(conv_relu: Callable, max_blur_pool: Callable, x: torch.Tens
     act, side = x, patch_size
     for i, weight in enumerate(weights):
         act = conv_relu(act, weight, slot, tile_pos, side, i == 0, pixel_norm if i == 0 else None)
-        if last_pool is not None and i == len(weights) - 1:
-            return last_pool(act, slot, tile_pos)
         act = max_blur_pool(act, slot, tile_pos)
         side //= 4
     num_tiles, dim = tile_pos.shape[0], act.shape[-1]

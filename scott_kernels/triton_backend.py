@@ -174,8 +174,7 @@ def _tokenize_forward(x, weights, keep, pixel_norm, ln_weight, ln_bias, pos_embe
     for i, (weight, side) in enumerate(zip(weights, sides)):
         weight = weight if i == 0 and packed is not None else weight.to(dtype)   # (a no-op unless autocast)
         if i == 0 and packed is not None:
-            packed_images, w_image = packed
-            geo = _packed_geometry(H, W, weight.shape[-1], x.shape[1])
+            packed_images, w_image, geo = packed
             out = _image_forward(packed_images, w_image, geo, slot, tile_pos, side, False)
         elif i == 0:
             act = x.to(dtype) if x.is_floating_point() else x

@@ -26,11 +26,11 @@ from ._device import custom_op, on_input_device
 from . import compact
 from .compact import accumulator_dtype
 from .triton_configs import (IMAGE_FWD_SHARED, IMAGE_KEY, IMAGE_WGRAD_SHARED, accumulator, autotune, cdiv, check_interpretable,
-                             image_fwd_configs, image_wgrad_configs, pow2, prune_by_c_out, prune_image_wgrad,
+                             image_fwd_configs, image_wgrad_configs, prune_by_c_out, prune_image_wgrad,
                              rows_bucket)
 from .triton_conv import (_check_tables, _precision, _rows_per_cta, _source_geometry, _wide, arrival_counters,
                           conv_relu_dgrad, wgrad_operands)
-from .triton_tables import _packed_geometry
+from .triton_tables import _packed_geometry, new_packed
 
 __all__ = ["conv_image", "conv_image_wgrad", "conv_relu_image", "conv_relu_wgrad_image"]
 
@@ -181,14 +181,11 @@ def _pack_image(x: torch.Tensor, slot: torch.Tensor, num_tiles: int, in_side: in
     """(packed images, their geometry, the GEMM's (k * KROW, C_out) weight, zero at the padded
     taps and channels, when ``weight`` is given: written by the same launch)."""
     B, C, H, W = x.shape
-    geo = _packed_geometry(H, W, k, C)
-    packed = torch.empty((B, geo["hp"], geo["wp"], geo["cp"]), dtype=dtype, device=x.device)
-    block = min(256, pow2(geo["wp"]))   # a packed row per program: few, busy programs
+    # a packed row per program: few, busy programs
+    packed, w_out, geo, block = new_packed(x, k, dtype, None if weight is None else weight.shape[0])
     grid = (B * geo["hp"], cdiv(geo["wp"], block))
-    w_out, w_total, w_share, w_block = None, 0, 0, 64
+    w_total, w_share, w_block = 0, 0, 64
     if weight is not None:
-        c_out = weight.shape[0]
-        w_out = torch.empty((k * geo["krow"], c_out), dtype=weight.dtype, device=weight.device)
         w_total = w_out.numel()
         w_share = -(-w_total // (max(1, grid[0] * grid[1]) * w_block)) * w_block   # whole W_BLOCKs per program
     _pack_image_kernel[grid](

@@ -26,7 +26,7 @@ from ._device import custom_op
 from . import compact
 from .triton_configs import cdiv, check_interpretable, pow2, triton_supports
 
-__all__ = ["visible_tables", "tables_for", "neighbour_table", "check_neighbours", "new_weight_layouts"]
+__all__ = ["visible_tables", "tables_for", "neighbour_table", "check_neighbours", "new_weight_layouts", "new_packed"]
 
 
 if triton is not None:
@@ -237,8 +237,8 @@ def _visible_tables(keep: torch.Tensor, num_visible: int, grid_h: int, grid_w: i
                     images: tuple | None = None) -> tuple:
     """The body of ``visible_tables``, for callers already inside an op: its five tables, then with
     ``images`` = (x, norm, normalize, image weight, patch side, dtype) the image stage's packed
-    images and padded GEMM weight in ``dtype``, written by the same launch (else None; see
-    triton_image._pack_image for the arguments)."""
+    images, padded GEMM weight in ``dtype`` and their geometry, written by the same launch (else
+    None; see triton_image._pack_image for the arguments)."""
     slot, tile_pos, nbr = compact.new_tables("triton_visible_tables", keep, num_visible, grid_h, grid_w, radius)
     w_gemm, w_t = _layouts_or_empty(keep, weight, layout_dtype)
     if not triton_supports(keep.device):
@@ -276,22 +276,32 @@ _NO_PACKING = dict(C0=1, CP=1, P=1, PAD=0, NORMALIZE=False, ACC=None, PACK_W=0, 
                    IW_BLOCK=64)
 
 
+def new_packed(x: torch.Tensor, k: int, dtype: torch.dtype, c_out: int | None = None) -> tuple:
+    """(packed images, the image GEMM's (k * KROW, C_out) weight or None without ``c_out``, their
+    geometry, the packed row block of a program) for images ``x`` (B, C, H, W) and a k x k conv,
+    uninitialised, in ``dtype``: what a packing launch writes."""
+    B, C, H, W = x.shape
+    geo = _packed_geometry(H, W, k, C)
+    packed = torch.empty((B, geo["hp"], geo["wp"], geo["cp"]), dtype=dtype, device=x.device)
+    w_image = None if c_out is None else torch.empty((k * geo["krow"], c_out), dtype=dtype, device=x.device)
+    return packed, w_image, geo, min(256, pow2(geo["wp"]))
+
+
 def _packing(keep: torch.Tensor, x: torch.Tensor, norm: torch.Tensor, normalize: bool, weight: torch.Tensor,
              in_side: int, dtype: torch.dtype) -> tuple:
-    """((packed images, padded image weight), the tables kernel's packing arguments, its packing
-    constants) for images ``x`` (B, C, H, W) and the image stage's ``weight``."""
+    """((packed images, padded image weight, their geometry), the tables kernel's packing
+    arguments, its packing constants) for images ``x`` (B, C, H, W) and the image stage's
+    ``weight``."""
     from .triton_configs import accumulator
     check_interpretable("triton_visible_tables", dtype, *((x.dtype,) if x.is_floating_point() else ()))
     B, C, H, W = x.shape
     c_out, _, k, _ = weight.shape
-    geo = _packed_geometry(H, W, k, C)
-    packed = torch.empty((B, geo["hp"], geo["wp"], geo["cp"]), dtype=dtype, device=x.device)
-    w_image = torch.empty((k * geo["krow"], c_out), dtype=dtype, device=x.device)
+    packed, w_image, geo, block = new_packed(x, k, dtype, c_out)
     args = (x, packed, norm, weight.contiguous(), w_image, H, W, geo["hp"], geo["wp"], *x.stride(),
             B * geo["hp"], w_image.numel())
     consts = dict(C0=C, CP=geo["cp"], P=in_side, PAD=geo["pad"], NORMALIZE=normalize, ACC=accumulator(dtype),
-                  PACK_W=min(256, pow2(geo["wp"])), C_OUT0=c_out, KSIZE0=k, KXE=geo["kxe"], IW_BLOCK=64)
-    return (packed, w_image), args, consts
+                  PACK_W=block, C_OUT0=c_out, KSIZE0=k, KXE=geo["kxe"], IW_BLOCK=64)
+    return (packed, w_image, geo), args, consts
 
 
 @custom_op("scott_kernels::triton_visible_tables", mutates_args=())
@@ -331,7 +341,8 @@ def tables_for(keep: torch.Tensor | None, batch: int, grid_h: int, grid_w: int, 
     None) and ``weight``'s two GEMM layouts in ``layout_dtype`` (a (w_gemm, w_t) pair; else
     None). ``num_tiles``: the visible count without ``num_visible``, when the caller has it
     (else it is read back from the device). ``images``: the image stage's packing, done by the same
-    launch (``_visible_tables``), returned last as (packed images, image weight); else None."""
+    launch (``_visible_tables``), returned last as (packed images, image weight, geometry); else
+    None."""
     if keep is None or num_visible is None:
         return (*compact.visible_tables(keep, batch, grid_h, grid_w, device, num_visible, num_tiles), None, None,
                 None)
