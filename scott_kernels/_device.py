@@ -5,6 +5,9 @@ device: with tensors on ``cuda:1`` while ``cuda:0`` is current, either is wrong 
 launch, or with peer access a silent race). ``on_input_device`` wraps an op body so that it runs
 inside ``torch.cuda.device(t.device)`` for its first tensor argument ``t`` (the pattern of
 FlashAttention's entry points); CPU tensors need no guard.
+
+``dispatch_free`` says when an eager call may run an op's guarded body itself: where the
+dispatcher would do nothing else with the call.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import functools
 
 import torch
 
-__all__ = ["custom_op", "on_input_device", "device_guard", "GUARDED_OPS"]
+__all__ = ["custom_op", "on_input_device", "device_guard", "dispatch_free", "GUARDED_OPS"]
 
 # qualified names of the ops registered through ``custom_op`` below
 GUARDED_OPS: set[str] = set()
@@ -47,6 +50,26 @@ def on_input_device(fn):
             return fn(*args, **kwargs)
 
     return guarded
+
+
+# what the dispatcher treats as a plain tensor (a parameter disables its __torch_function__)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def dispatch_free(*tensors: torch.Tensor | None) -> bool:
+    """True where calling an op with these tensors reaches its body and nothing else: eager (not
+    traced by torch.compile), no dispatch mode (fake tensors, FlopCounterMode...), no torch-function
+    mode, no functorch transform, the profiler off (it records the op's name), and plain tensors or
+    parameters only (no subclass). There a caller may run the op's guarded body directly: a
+    ``torch.library.custom_op`` call costs tens of microseconds of host time in its Python layers
+    (pytorch/pytorch#176592, #177109), and an eager step of a few short kernels is host-bound.
+    Anywhere else the op is called, so modes, subclasses, transforms and traces all see it."""
+    C = torch._C
+    if (torch.compiler.is_compiling() or C._len_torch_dispatch_stack() or C._is_torch_function_mode_enabled()
+            or C._are_functorch_transforms_active() or C._autograd._profiler_enabled()):
+        return False
+    plain = _PLAIN_TENSORS
+    return all(t is None or type(t) in plain for t in tensors)
 
 
 def custom_op(name: str, *, mutates_args=()):

@@ -40,10 +40,11 @@ reaches 2^30 elements.
 Every kernel sits behind a ``torch.library.custom_op`` with a fake implementation and autograd,
 so the backend traces under torch.compile. The tokenizer itself is one op per direction
 (``tokenizer``, ``tokenizer_backward``), which call the stage bodies directly; the stage ops stay
-for callers that compose stages. With ``num_visible`` (visible patches per row) given, the tables
-are built in one launch, without a host synchronisation, which also builds the first compact
-stage's neighbour table, lays out its weight and packs the images for the first stage: ten launches
-per training step.
+for callers that compose stages. A plain eager call (no mode, subclass, transform, trace or
+profiler: ``_device.dispatch_free``) runs the two ops' bodies itself, without their dispatch.
+With ``num_visible`` (visible patches per row) given, the tables are built in one launch, without
+a host synchronisation, which also builds the first compact stage's neighbour table, lays out its
+weight and packs the images for the first stage: ten launches per training step.
 
 Modules: triton_tables (the visible and neighbour tables, the weight layout pass), triton_conv (the
 compact-source conv kernels, the weight gradient's split sums and their arrival counters, the
@@ -60,7 +61,7 @@ from typing import Sequence
 
 import torch
 
-from ._device import custom_op
+from ._device import custom_op, dispatch_free, on_input_device
 from .compact import accumulator_dtype, compact_to_image, compute_dtype, register_stage_autograd, visible_tables
 from .triton_configs import triton_supports
 from .triton_conv import (_conv_relu_compact, _conv_relu_dgrad, _conv_relu_wgrad_compact, _weight_layouts, conv_radius,
@@ -239,26 +240,24 @@ def _(x, weights, keep, pixel_norm, ln_weight, ln_bias, pos_embed, mask_token, p
 
 
 def _tokenize_backward(grad, saved, x, weights, pixel_norm, epilogue, patch_size, dense, norm, dtype, needs):
+    """The body of ``tokenizer_backward``: None where a gradient is not wanted."""
     stages = len(weights)
     slot, tile_pos, packed_images, convs, pooled, nbrs, w_ts, ln_x, stats = _unpack_saved(saved, stages)
     ln_weight, _, pos_embed, mask_token = epilogue
     sides = _stage_sides(patch_size, stages)
     need_x, need_w, need_epilogue = needs[0], needs[1:1 + stages], needs[1 + stages:]
-    def empty():   # a fresh one each: an op's outputs may not alias one another
-        return grad.new_empty((0,))
-
-    epilogue_grads = [empty() for _ in range(4)]
+    epilogue_grads = [None] * 4
     last = convs[-1]
     if norm or pos_embed is not None or mask_token is not None:
         dact, *parts = _pool_tokens_backward(grad, last, ln_x, stats, slot, tile_pos, ln_weight, norm, dense,
                                              pos_embed is not None, mask_token is not None, True)
-        epilogue_grads = [g.to(p.dtype) if p is not None and need else empty()
+        epilogue_grads = [g.to(p.dtype) if p is not None and need else None
                           for g, p, need in zip(parts, epilogue, need_epilogue)]
     elif dense:   # the pool's backward reads each tile's row of the (B, N, D) gradient
         dact = _max_blur_pool_backward(grad, last, slot, tile_pos, True, True)
     else:
         dact = _max_blur_pool_backward(grad.reshape(last.shape[0], 1, 1, last.shape[3]), last, slot, tile_pos, True)
-    grad_x, grad_w = empty(), [empty() for _ in range(stages)]
+    grad_x, grad_w = None, [None] * stages
     for i in reversed(range(stages)):
         weight = weights[i].to(dtype)
         if need_w[i] and i == 0:
@@ -287,7 +286,9 @@ def tokenizer_backward(grad: torch.Tensor, saved: list[torch.Tensor], x: torch.T
     """Gradients of ``tokenizer`` from the tokens' gradient and its saved outputs: [images,
     *weights, LayerNorm weight, bias, pos_embed, mask token], each in its input's dtype, or an
     empty tensor where ``needs`` (one flag per gradient) says it is not wanted."""
-    return _tokenize_backward(grad, saved, x, weights, pixel_norm, epilogue, patch_size, dense, norm, dtype, needs)
+    grads = _tokenize_backward(grad, saved, x, weights, pixel_norm, epilogue, patch_size, dense, norm, dtype, needs)
+    # a fresh empty one each: an op's outputs may not alias one another
+    return [g if g is not None else grad.new_empty((0,)) for g in grads]
 
 
 @tokenizer_backward.register_fake
@@ -319,7 +320,8 @@ def _grads(ctx, grad, needs_x, needs_w, needs_epilogue) -> tuple:
     x, pixel_norm, *rest = ctx.saved_tensors
     weights, epilogue, saved = rest[:stages], rest[stages:stages + 4], rest[stages + 4:]
     needs = [bool(needs_x), *map(bool, needs_w), *map(bool, needs_epilogue)]
-    out = tokenizer_backward(grad, saved, x, weights, pixel_norm, epilogue, patch_size, dense, norm, dtype, needs)
+    backward = _backward_body if dispatch_free(grad, x, pixel_norm, *weights, *epilogue) else tokenizer_backward
+    out = backward(grad, saved, x, weights, pixel_norm, epilogue, patch_size, dense, norm, dtype, needs)
     out = [g if need else None for g, need in zip(out, needs)]
     return out[0], out[1:1 + stages], out[1 + stages:]
 
@@ -333,16 +335,25 @@ def _tokenizer_grads(ctx, grads):
 tokenizer.register_autograd(_tokenizer_grads, setup_context=_tokenizer_setup)
 
 
+# the ops' bodies as the ops run them (under the inputs' device), for calls that need no dispatch
+_forward_body = on_input_device(_tokenize_forward)
+_backward_body = on_input_device(_tokenize_backward)
+
+
 class _Tokenize(torch.autograd.Function):
     """The tokenizer's autograd for the package's eager calls: the forward op with grad off, then the
     backward op, the same wiring as the op's registered autograd (which torch.compile traces, and
     callers of the op get). The registered one flattens the weight list and refills default
     arguments on every call, tens of microseconds of host time per step; this takes the weights as
-    separate inputs."""
+    separate inputs. Where the call needs nothing but the op's body (``dispatch_free``: plain
+    tensors, no mode, transform or profiler), it runs the bodies directly, saving each op's
+    dispatch (about 50 us of host time per op on a 2-core CPU); otherwise it calls the ops."""
 
     @staticmethod
     def forward(ctx, x, keep, pixel_norm, ln_weight, ln_bias, pos_embed, mask_token, options, *weights):
-        out = tokenizer(x, list(weights), keep, pixel_norm, ln_weight, ln_bias, pos_embed, mask_token, *options)
+        eager = dispatch_free(x, keep, pixel_norm, ln_weight, ln_bias, pos_embed, mask_token, *weights)
+        out = (_forward_body if eager else tokenizer)(x, list(weights), keep, pixel_norm, ln_weight, ln_bias,
+                                                      pos_embed, mask_token, *options)
         patch_size, _, _, dense, eps, dtype, _ = options
         ctx.set_materialize_grads(False)
         _save(ctx, x, pixel_norm, weights, (ln_weight, ln_bias, pos_embed, mask_token), out, patch_size, dense, eps,

@@ -23,9 +23,13 @@ __all__ = ["cdiv", "interpreting", "MIN_CAPABILITY", "triton_supports", "check_i
            "prune_image_wgrad", "CONV_KEY", "IMAGE_KEY", "FWD_SHARED", "IMAGE_FWD_SHARED", "WGRAD_SHARED",
            "IMAGE_WGRAD_SHARED"]
 
+# read once, as the package's kernels are decorated (which is when Triton fixes the mode)
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def interpreting() -> bool:
-    """Triton's CPU interpreter is on (TRITON_INTERPRET=1, read before triton is imported)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Triton's CPU interpreter is on (TRITON_INTERPRET=1, set before the package is imported)."""
+    return _INTERPRETING
 
 
 # Oldest GPU the Triton kernels run on. Compiled for sm_75 (T4, RTX 20xx), Triton 3.8 emits no
@@ -34,17 +38,33 @@ def interpreting() -> bool:
 MIN_CAPABILITY = (8, 0)
 
 
+# triton_supports' answers by device: every launch asks, and the capability query costs microseconds
+_SUPPORTED: dict = {}
+
+
 def triton_supports(device) -> bool:
     """Triton runs on CUDA GPUs of compute capability MIN_CAPABILITY (sm_80) or newer, and on the
     CPU under its interpreter (TRITON_INTERPRET=1). One function for every Triton op's device
     check, so a tool that compiles the kernels for a GPU target on a CPU
     (benchmarks/static/codegen.py) has one place to rebind."""
+    import torch
+    if torch.compiler.is_compiling():   # traced once: dynamo reads no cache
+        return _device_supports(torch.device(device))
+    ok = _SUPPORTED.get(device)
+    if ok is None:
+        device_ = torch.device(device)
+        ok = _device_supports(device_)
+        if device_.type != "cuda" or device_.index is not None:   # "cuda" alone: whichever is current
+            _SUPPORTED[device] = ok
+    return ok
+
+
+def _device_supports(device) -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
         return False
     import torch
-    device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and tuple(torch.cuda.get_device_capability(device)) >= MIN_CAPABILITY
     return device.type == "cpu" and interpreting()
@@ -70,6 +90,7 @@ def rows_bucket(rows: int) -> int:
     return int(rows).bit_length()
 
 
+@functools.cache   # asked on every launch
 def accumulator(dtype):
     """Triton accumulator dtype for a torch dtype: float64 stays float64, the rest accumulate in float32."""
     import torch

@@ -98,6 +98,7 @@ def test_triton_kernels_do_not_spill(arch, dtype, tmp_path_factory):
 def test_triton_backend_refuses_gpus_below_sm80(monkeypatch):
     import torch
     from scott_kernels import functional
+    from scott_kernels import triton_configs
     from scott_kernels.triton_configs import MIN_CAPABILITY, triton_supports
 
     assert MIN_CAPABILITY == (8, 0)
@@ -106,6 +107,8 @@ def test_triton_backend_refuses_gpus_below_sm80(monkeypatch):
     monkeypatch.setitem(functional.BACKENDS, "cuda", (functional.BACKENDS["cuda"][0], lambda device: False))
     for capability, ok in [((7, 5), False), ((7, 0), False), ((8, 0), True), ((8, 6), True), ((9, 0), True)]:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        # answers are kept per device: a fresh table each (restored after the test)
+        monkeypatch.setattr(triton_configs, "_SUPPORTED", {})
         assert triton_supports(torch.device("cuda")) is ok
         assert ("triton" in functional._auto_candidates(torch.device("cuda"))) is (ok and HAS_TRITON)
 

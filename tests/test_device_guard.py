@@ -11,6 +11,7 @@ from unittest import mock
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import scott_kernels
 from scott_kernels import _device, functional, sparse_conv_tokenize
@@ -52,6 +53,13 @@ def _recording_ops():
         yield entered
     finally:
         _device.device_guard = original_guard
+
+
+class _Dispatched(TorchDispatchMode):
+    """A mode that passes every op through: with it active, eager calls dispatch every op."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
 
 
 def _run(backend, epilogue=False, num_visible=3, dense=False):
@@ -113,9 +121,13 @@ def test_each_op_enters_the_guard_for_its_tensors_device(backend, modules):
             _run(backend, num_visible=None)
             _run(backend, dense=True)
             _run_triton_stage_ops()
+            with _Dispatched():   # under a mode the tokenizer's two ops are dispatched
+                _run(backend)
     assert entered and all(device == torch.device("cpu") for _, _, device in entered)
     seen = {(module.rsplit(".", 1)[-1], name) for name, module, _ in entered}
     missing = _op_names(modules) - seen
+    if backend == "triton":   # a plain eager call runs the two ops' bodies directly, in the guard too
+        missing |= {("triton_backend", "_tokenize_forward"), ("triton_backend", "_tokenize_backward")} - seen
     assert not missing, f"ops whose body never entered the device guard: {sorted(missing)}"
 
 

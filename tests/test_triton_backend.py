@@ -932,6 +932,57 @@ def test_tokenizer_backward_with_a_frozen_weight():
     torch.library.opcheck(tokenizer_backward, bwd_args)
 
 
+def test_eager_calls_run_the_op_bodies(monkeypatch):
+    """A plain eager call (plain tensors or parameters, no mode, transform or profiler) runs the two
+    ops' bodies without dispatching the ops; under a dispatch mode or the profiler it calls the ops,
+    which the mode and the profiler then see; either way the same tokens and gradients, bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from scott_kernels import triton_backend
+    calls = []
+
+    def counted(op, name):
+        def call(*args):
+            calls.append(name)
+            return op(*args)
+        return call
+
+    monkeypatch.setattr(triton_backend, "tokenizer", counted(tokenizer, "forward"))
+    monkeypatch.setattr(triton_backend, "tokenizer_backward", counted(tokenizer_backward, "backward"))
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    keep = _fixed_count_keep(2, 6, 3)
+    x = torch.randn(2, 3, 32, 48, dtype=torch.float64)
+    weights = [torch.nn.Parameter(w) for w in random_weights(3, (5, 6), (7, 5))]
+
+    def step():
+        tokens = triton_backend.triton_tokenize(x, weights, keep, 16, num_visible=3)
+        return tokens, torch.autograd.grad(tokens, weights, torch.ones_like(tokens))
+
+    plain = step()
+    assert calls == []
+    mode = Seen()
+    with mode:
+        moded = step()
+    assert calls == ["forward", "backward"]
+    assert {"scott_kernels.triton_tokenizer.default", "scott_kernels.triton_tokenizer_backward.default"} <= set(mode.ops)
+    calls.clear()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        profiled = step()
+    assert calls == ["forward", "backward"]
+    for other in (moded, profiled):
+        torch.testing.assert_close(other[0], plain[0], rtol=0, atol=0)
+        for a, b in zip(other[1], plain[1]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_tables_launch_packs_the_images():
     """The tables launch's packing (every program packing every num_programs-th row, visibility
     read from keep) writes the packed images and the image GEMM's padded weight exactly as the

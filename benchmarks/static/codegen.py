@@ -347,6 +347,7 @@ def _accept_cpu_tensors() -> Callable[[], None]:
     import scott_kernels  # noqa: F401  (loads the backends)
     from scott_kernels import compact, triton_configs, triton_conv
 
+    @functools.lru_cache(maxsize=64)   # as the function it stands in for
     def supports(device):
         return torch.device(device).type in ("cpu", "cuda")
 

@@ -97,8 +97,9 @@ returns at once; cuda: the native calls are counters), timed in 10 blocks of ``-
 (20) calls each, 0.3 s apart, after 5 warm-up calls, garbage collection off as in timeit; the
 figure is the lowest block median (timeit's practice: on this shared machine other work slows
 every call for seconds at a time, by up to 2x; the report also gives the median over every
-call). What is timed: Python, the torch dispatcher, the custom-op and autograd layers, the
-Triton JIT's binding and cache/autotuner look-ups. The figure is the process's CPU time (what the dispatch costs a core of
+call). What is timed: Python, the torch dispatcher, the autograd layers, the custom-op layers
+where a call is dispatched (a plain eager triton call runs its two ops' bodies directly: see
+``_device.dispatch_free``), the Triton JIT's binding and cache/autotuner look-ups. The figure is the process's CPU time (what the dispatch costs a core of
 its own); the report also gives the wall time, which on a shared machine adds the waits for a
 core. Not included: the driver's own launch call (cuLaunchKernel
 or cudaLaunchKernel), so it is a floor of the host time on a GPU machine. Eager time on a GPU is
