@@ -423,7 +423,13 @@ def _tuner_class():
             stream = active.get_current_stream(active.get_current_device())
             g0, g1, g2 = (*grid, 1, 1)[:3]
             enter, leave = self._knobs.runtime.launch_enter_hook, self._knobs.runtime.launch_exit_hook
-            metadata = kernel.launch_metadata(grid, stream, *args, *tail) if enter is not None else None
+            # Triton >= 3.5 keeps each hook as a chain, empty unless a profiler joins it: an empty
+            # one has nothing to call, and the launch then needs no metadata for it
+            if not getattr(enter, "calls", True):
+                enter = None
+            if not getattr(leave, "calls", True):
+                leave = None
+            metadata = kernel.launch_metadata(grid, stream, *args, *tail) if enter or leave else None
             kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, metadata, enter, leave, *args,
                        *tail)
             return True
