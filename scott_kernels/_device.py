@@ -58,18 +58,23 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 def dispatch_free(*tensors: torch.Tensor | None) -> bool:
     """True where calling an op with these tensors reaches its body and nothing else: eager (not
-    traced by torch.compile), no dispatch mode (fake tensors, FlopCounterMode...), no torch-function
-    mode, no functorch transform, the profiler off (it records the op's name), and plain tensors or
-    parameters only (no subclass). There a caller may run the op's guarded body directly: a
+    traced by torch.compile or torch.jit.trace), grad mode off (an op without a derivative makes
+    its outputs refuse a backward; a body's would silently have none), no dispatch mode (fake
+    tensors, FlopCounterMode...), no torch-function mode, no functorch transform, the profiler off
+    (it records the op's name), and plain strided tensors or parameters off the meta device only
+    (no subclass). There a caller may run the op's guarded body directly: a
     ``torch.library.custom_op`` call costs tens of microseconds of host time in its Python layers
     (pytorch/pytorch#176592, #177109), and an eager step of a few short kernels is host-bound.
-    Anywhere else the op is called, so modes, subclasses, transforms and traces all see it."""
+    Anywhere else the op is called, so modes, subclasses, transforms and traces all see it. (Not
+    seen by such a call: a kernel registered over the op's own with torch.library.register_kernel,
+    and record-function observers outside the profiler.)"""
     C = torch._C
-    if (torch.compiler.is_compiling() or C._len_torch_dispatch_stack() or C._is_torch_function_mode_enabled()
-            or C._are_functorch_transforms_active() or C._autograd._profiler_enabled()):
+    if (C.is_grad_enabled() or torch.compiler.is_compiling() or C._len_torch_dispatch_stack()
+            or C._is_torch_function_mode_enabled() or C._are_functorch_transforms_active()
+            or C._autograd._profiler_enabled() or C._get_tracing_state() is not None):
         return False
-    plain = _PLAIN_TENSORS
-    return all(t is None or type(t) in plain for t in tensors)
+    plain, strided = _PLAIN_TENSORS, torch.strided
+    return all(t is None or (type(t) in plain and t.layout is strided and not t.is_meta) for t in tensors)
 
 
 def custom_op(name: str, *, mutates_args=()):

@@ -111,6 +111,11 @@ def test_triton_backend_refuses_gpus_below_sm80(monkeypatch):
         monkeypatch.setattr(triton_configs, "_SUPPORTED", {})
         assert triton_supports(torch.device("cuda")) is ok
         assert ("triton" in functional._auto_candidates(torch.device("cuda"))) is (ok and HAS_TRITON)
+    # kept per indexed device, never for "cuda" alone (whichever device is current)
+    assert triton_supports(torch.device("cuda", 0)) and triton_supports(torch.device("cuda"))
+    assert set(triton_configs._SUPPORTED) == {torch.device("cuda", 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert triton_supports(torch.device("cuda", 0)) and not triton_supports(torch.device("cuda"))
 
 
 @needs_tools
@@ -480,7 +485,7 @@ def test_direct_launch_passes_launch_hooks_only_when_set(monkeypatch):
     chain = type(runtime.launch_enter_hook) if hasattr(runtime.launch_enter_hook, "calls") else None
     empty = chain() if chain else None
     monkeypatch.setattr(runtime, "launch_enter_hook", empty)
-    monkeypatch.setattr(runtime, "launch_exit_hook", chain(reversed=True) if chain else None)
+    monkeypatch.setattr(runtime, "launch_exit_hook", chain() if chain else None)
     assert tuner._launch_compiled(compiled, (1, 2), (3,))
     assert seen[-1] == (None, None, None, (1, 2, 7))
     hook = lambda metadata: None
@@ -493,6 +498,11 @@ def test_direct_launch_passes_launch_hooks_only_when_set(monkeypatch):
     assert tuner._launch_compiled(compiled, (1, 2), (3,))
     metadata, enter, leave, args = seen[-1]
     assert metadata == ("metadata", (3,), (1, 2, 7)) and enter is hooked and leave is None and args == (1, 2, 7)
+    # an exit hook alone still gets the launch's metadata
+    monkeypatch.setattr(runtime, "launch_enter_hook", empty)
+    monkeypatch.setattr(runtime, "launch_exit_hook", hooked)
+    assert tuner._launch_compiled(compiled, (1, 2), (3,))
+    assert seen[-1] == (("metadata", (3,), (1, 2, 7)), None, hooked, (1, 2, 7))
 
 
 @needs_tools

@@ -983,6 +983,19 @@ def test_eager_calls_run_the_op_bodies(monkeypatch):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_backward_of_the_backward_refuses():
+    """The backward op has no derivative: a gradient taken with create_graph=True refuses a second
+    backward (through the op, which the eager path calls with grad mode on), never silently
+    dropping the terms through it."""
+    from scott_kernels import triton_backend
+    x = torch.randn(2, 3, 32, 48, dtype=torch.float64)
+    weights = [w.requires_grad_(True) for w in random_weights(3, (5, 6), (7, 5))]
+    tokens = triton_backend.triton_tokenize(x, weights, _fixed_count_keep(2, 6, 3), 16, num_visible=3)
+    grads = torch.autograd.grad(tokens.square().sum(), weights, create_graph=True)
+    with pytest.raises(RuntimeError, match="autograd"):
+        torch.autograd.grad(sum(g.square().sum() for g in grads), weights)
+
+
 def test_tables_launch_packs_the_images():
     """The tables launch's packing (every program packing every num_programs-th row, visibility
     read from keep) writes the packed images and the image GEMM's padded weight exactly as the
