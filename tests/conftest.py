@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Without a GPU, Triton kernels run under its interpreter: set before scott_kernels imports triton.
 if not torch.cuda.is_available():
@@ -20,6 +21,19 @@ DEVICES = ["cpu", _cuda_param()]
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+class RecordingMode(TorchDispatchMode):
+    """Passes every op through and records its name: with it active, eager calls dispatch every op
+    (the package runs an op's body itself only where nothing would see the call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def random_weights(in_chans, widths, kernels, dtype=torch.float64, device="cpu", requires_grad=True):

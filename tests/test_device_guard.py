@@ -11,7 +11,6 @@ from unittest import mock
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import scott_kernels
 from scott_kernels import _device, functional, sparse_conv_tokenize
@@ -19,7 +18,7 @@ from scott_kernels.cuda_backend import cuda_tokenize
 from scott_kernels.reference import reference_tokenize
 from scott_kernels.triton_configs import triton_supports
 
-from conftest import random_weights
+from conftest import RecordingMode, random_weights
 
 PACKAGE = Path(scott_kernels.__file__).resolve().parent
 
@@ -53,13 +52,6 @@ def _recording_ops():
         yield entered
     finally:
         _device.device_guard = original_guard
-
-
-class _Dispatched(TorchDispatchMode):
-    """A mode that passes every op through: with it active, eager calls dispatch every op."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
 
 
 def _run(backend, epilogue=False, num_visible=3, dense=False):
@@ -121,7 +113,7 @@ def test_each_op_enters_the_guard_for_its_tensors_device(backend, modules):
             _run(backend, num_visible=None)
             _run(backend, dense=True)
             _run_triton_stage_ops()
-            with _Dispatched():   # under a mode the tokenizer's two ops are dispatched
+            with RecordingMode():   # under a mode the tokenizer's two ops are dispatched
                 _run(backend)
     assert entered and all(device == torch.device("cpu") for _, _, device in entered)
     seen = {(module.rsplit(".", 1)[-1], name) for name, module, _ in entered}

@@ -14,7 +14,7 @@ from scott_kernels import SparseConvTokenizer, reference_tokenize, sparse_conv_t
 from scott_kernels.triton_backend import (conv_image, conv_image_wgrad, conv_relu, conv_relu_dgrad, conv_relu_wgrad,
                                           max_blur_pool, max_blur_pool_backward, triton_supports, visible_tables)
 
-from conftest import DEVICES, HAS_CUDA, random_weights
+from conftest import DEVICES, HAS_CUDA, RecordingMode, random_weights
 from test_backends import CONFIGS, _compare, _mask_cases
 
 pytestmark = pytest.mark.skipif(not triton_supports(torch.device("cuda" if HAS_CUDA else "cpu")),
@@ -936,7 +936,6 @@ def test_eager_calls_run_the_op_bodies(monkeypatch):
     """A plain eager call (plain tensors or parameters, no mode, transform or profiler) runs the two
     ops' bodies without dispatching the ops; under a dispatch mode or the profiler it calls the ops,
     which the mode and the profiler then see; either way the same tokens and gradients, bit for bit."""
-    from torch.utils._python_dispatch import TorchDispatchMode
     from scott_kernels import triton_backend
     calls = []
 
@@ -949,15 +948,6 @@ def test_eager_calls_run_the_op_bodies(monkeypatch):
     monkeypatch.setattr(triton_backend, "tokenizer", counted(tokenizer, "forward"))
     monkeypatch.setattr(triton_backend, "tokenizer_backward", counted(tokenizer_backward, "backward"))
 
-    class Seen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     keep = _fixed_count_keep(2, 6, 3)
     x = torch.randn(2, 3, 32, 48, dtype=torch.float64)
     weights = [torch.nn.Parameter(w) for w in random_weights(3, (5, 6), (7, 5))]
@@ -968,7 +958,7 @@ def test_eager_calls_run_the_op_bodies(monkeypatch):
 
     plain = step()
     assert calls == []
-    mode = Seen()
+    mode = RecordingMode()
     with mode:
         moded = step()
     assert calls == ["forward", "backward"]
