@@ -41,7 +41,9 @@ Every kernel sits behind a ``torch.library.custom_op`` with a fake implementatio
 so the backend traces under torch.compile. The tokenizer itself is one op per direction
 (``tokenizer``, ``tokenizer_backward``), which call the stage bodies directly; the stage ops stay
 for callers that compose stages. A plain eager call (no mode, subclass, transform, trace or
-profiler: ``_device.dispatch_free``) runs the two ops' bodies itself, without their dispatch.
+profiler: ``_device.dispatch_free``) runs the two ops' bodies itself, without their dispatch, and
+from its second step on replays the launch plan recorded for its call signature
+(``scott_kernels._replay``): the allocations and launches without the bodies' Python.
 With ``num_visible`` (visible patches per row) given, the tables are built in one launch, without
 a host synchronisation, which also builds the first compact stage's neighbour table, lays out its
 weight and packs the images for the first stage: ten launches per training step.
@@ -62,8 +64,9 @@ from typing import Sequence
 import torch
 
 from ._device import custom_op, dispatch_free, on_input_device
+from ._replay import Plans, global_state, tensor_signature
 from .compact import accumulator_dtype, compact_to_image, compute_dtype, register_stage_autograd, visible_tables
-from .triton_configs import triton_supports
+from .triton_configs import compile_state, triton_supports
 from .triton_conv import (_conv_relu_compact, _conv_relu_dgrad, _conv_relu_wgrad_compact, _weight_layouts, conv_radius,
                           conv_relu_dgrad)
 from .triton_image import (_conv_relu_image, _conv_relu_wgrad_image, _image_forward, _image_geometry, _image_wgrad,
@@ -320,8 +323,11 @@ def _grads(ctx, grad, needs_x, needs_w, needs_epilogue) -> tuple:
     x, pixel_norm, *rest = ctx.saved_tensors
     weights, epilogue, saved = rest[:stages], rest[stages:stages + 4], rest[stages + 4:]
     needs = [bool(needs_x), *map(bool, needs_w), *map(bool, needs_epilogue)]
-    backward = _backward_body if dispatch_free(grad, x, pixel_norm, *weights, *epilogue) else tokenizer_backward
-    out = backward(grad, saved, x, weights, pixel_norm, epilogue, patch_size, dense, norm, dtype, needs)
+    if dispatch_free(grad, x, pixel_norm, *weights, *epilogue):
+        out = _backward_body(grad, saved, x, weights, pixel_norm, epilogue, patch_size, dense, norm, dtype, needs,
+                             getattr(ctx, "forward_key", None))   # (set by an eager forward)
+    else:
+        out = tokenizer_backward(grad, saved, x, weights, pixel_norm, epilogue, patch_size, dense, norm, dtype, needs)
     out = [g if need else None for g, need in zip(out, needs)]
     return out[0], out[1:1 + stages], out[1 + stages:]
 
@@ -335,9 +341,31 @@ def _tokenizer_grads(ctx, grads):
 tokenizer.register_autograd(_tokenizer_grads, setup_context=_tokenizer_setup)
 
 
-# the ops' bodies as the ops run them (under the inputs' device), for calls that need no dispatch
-_forward_body = on_input_device(_tokenize_forward)
-_backward_body = on_input_device(_tokenize_backward)
+# Calls that need no dispatch run the ops' bodies under the inputs' device, replaying a launch
+# plan recorded for the call's signature (scott_kernels._replay): the key holds every tensor's
+# signature, the other arguments and the global state the bodies read; the backward's, its
+# forward's key (which fixes the saved tensors) too.
+_FORWARD_PLANS, _BACKWARD_PLANS = Plans(), Plans()
+
+
+@on_input_device
+def _forward_body(x, weights, keep, pixel_norm, ln_weight, ln_bias, pos_embed, mask_token, *options):
+    """(the forward op's outputs, the key of the call's plan)."""
+    inputs = (x, keep, pixel_norm, ln_weight, ln_bias, pos_embed, mask_token, *weights)
+    key = (options, global_state(x.device), compile_state(), *map(tensor_signature, inputs))
+    return _FORWARD_PLANS.run(key, inputs, _tokenize_forward, x, weights, keep, pixel_norm, ln_weight, ln_bias,
+                              pos_embed, mask_token, *options), key
+
+
+@on_input_device
+def _backward_body(grad, saved, x, weights, pixel_norm, epilogue, patch_size, dense, norm, dtype, needs, forward_key):
+    if forward_key is None or not _FORWARD_PLANS.planned(forward_key):   # no plan fixes the saved tensors
+        return _tokenize_backward(grad, saved, x, weights, pixel_norm, epilogue, patch_size, dense, norm, dtype, needs)
+    inputs = (grad, x, pixel_norm, *weights, *epilogue, *saved)
+    key = (forward_key, tuple(needs), global_state(grad.device), tensor_signature(grad),
+           *map(tensor_signature, inputs[1:3 + len(weights) + len(epilogue)]))
+    return _BACKWARD_PLANS.run(key, inputs, _tokenize_backward, grad, saved, x, weights, pixel_norm, epilogue,
+                               patch_size, dense, norm, dtype, needs)
 
 
 class _Tokenize(torch.autograd.Function):
@@ -347,13 +375,17 @@ class _Tokenize(torch.autograd.Function):
     arguments on every call, tens of microseconds of host time per step; this takes the weights as
     separate inputs. Where the call needs nothing but the op's body (``dispatch_free``: plain
     tensors, no mode, transform or profiler), it runs the bodies directly, saving each op's
-    dispatch (about 50 us of host time per op on a 2-core CPU); otherwise it calls the ops."""
+    dispatch (about 50 us of host time per op on a 2-core CPU), through their launch plans (the
+    bodies' own Python, about 0.2 ms per step there, once per signature); otherwise it calls the
+    ops."""
 
     @staticmethod
     def forward(ctx, x, keep, pixel_norm, ln_weight, ln_bias, pos_embed, mask_token, options, *weights):
-        eager = dispatch_free(x, keep, pixel_norm, ln_weight, ln_bias, pos_embed, mask_token, *weights)
-        out = (_forward_body if eager else tokenizer)(x, list(weights), keep, pixel_norm, ln_weight, ln_bias,
-                                                      pos_embed, mask_token, *options)
+        if dispatch_free(x, keep, pixel_norm, ln_weight, ln_bias, pos_embed, mask_token, *weights):
+            out, ctx.forward_key = _forward_body(x, list(weights), keep, pixel_norm, ln_weight, ln_bias, pos_embed,
+                                                 mask_token, *options)
+        else:
+            out = tokenizer(x, list(weights), keep, pixel_norm, ln_weight, ln_bias, pos_embed, mask_token, *options)
         patch_size, _, _, dense, eps, dtype, _ = options
         ctx.set_materialize_grads(False)
         _save(ctx, x, pixel_norm, weights, (ln_weight, ln_bias, pos_embed, mask_token), out, patch_size, dense, eps,

@@ -17,7 +17,7 @@ import functools
 import os
 from typing import Any, Callable, Iterable, Sequence
 
-__all__ = ["cdiv", "interpreting", "MIN_CAPABILITY", "triton_supports", "check_interpretable", "single_config", "rows_bucket", "accumulator", "MAX_SHARED", "shared_memory_limit", "gemm_shared_bytes", "keep_fitting", "shared_fits", "prune_hook",
+__all__ = ["cdiv", "interpreting", "compile_state", "MIN_CAPABILITY", "triton_supports", "check_interpretable", "single_config", "rows_bucket", "accumulator", "MAX_SHARED", "shared_memory_limit", "gemm_shared_bytes", "keep_fitting", "shared_fits", "prune_hook",
            "element_bytes", "pow2", "autotune", "SharedMemoryError", "resource_errors", "conv_fwd_configs", "image_fwd_configs", "conv_wgrad_configs",
            "image_wgrad_configs", "conv_dgrad_configs", "prune_wide", "prune_by_c_out", "prune_by_c_in",
            "prune_image_wgrad", "CONV_KEY", "IMAGE_KEY", "FWD_SHARED", "IMAGE_FWD_SHARED", "WGRAD_SHARED",
@@ -296,6 +296,28 @@ def resource_errors() -> tuple:
     return tuple(found)
 
 
+@functools.cache
+def _triton_knobs():
+    """Triton's ``knobs`` (3.4 and later), or None."""
+    try:
+        from triton import knobs
+        knobs.runtime.launch_enter_hook, knobs.runtime.debug, knobs.compilation
+    except (ImportError, AttributeError):
+        return None
+    return knobs
+
+
+def compile_state() -> tuple:
+    """The Triton settings a compiled kernel depends on besides its arguments (those the JIT's own
+    cache key reads): a kernel kept for direct calls is only for the same settings."""
+    knobs = _triton_knobs()
+    if knobs is None:
+        return ()
+    runtime = knobs.runtime
+    return (runtime.debug, getattr(knobs.compilation, "instrumentation_mode", None),
+            getattr(runtime, "add_stages_inspection_hook", None))
+
+
 def _with_stages(config, stages: int):
     import copy
     out = copy.copy(config)
@@ -317,11 +339,9 @@ def _tuner_class():
     import torch
     from triton.runtime import driver
     from triton.runtime.autotuner import Autotuner
-    try:
-        from triton import knobs as triton_knobs
-        triton_knobs.runtime.launch_enter_hook, triton_knobs.runtime.debug, triton_knobs.compilation
-    except (ImportError, AttributeError):   # an older Triton: every launch through the JIT
-        triton_knobs = None
+
+    from . import _replay
+    triton_knobs = _triton_knobs()   # None for an older Triton: every launch through the JIT
 
     class Tuner(Autotuner):
         shared_estimate = None      # (config, named_args) -> bytes, to order the fallbacks
@@ -342,6 +362,40 @@ def _tuner_class():
             return list(self.prune_configs(kwargs)) if len(self.configs) > 1 else list(self.configs)
 
         def run(self, *args, **kwargs):
+            rec = _replay.recording()
+            if rec is None:
+                return self._run(*args, **kwargs)
+            with rec.pause():   # what the launch itself dispatches (the interpreter's copies) is its own
+                ret = self._run(*args, **kwargs)
+            self._record_launch(rec, args, kwargs)
+            return ret
+
+        def _record_launch(self, rec, args, kwargs) -> None:
+            """Tells a plan's recorder (scott_kernels._replay) how to replay the launch just made:
+            its compiled kernel called directly, or under the interpreter the launch itself."""
+            if any(isinstance(v, self._tensor_type) for v in kwargs.values()):
+                rec.refuse(f"{self.base_fn.__name__}: a tensor passed by keyword")
+            elif not self._direct_launches:
+                rec.launch(lambda *a: self.run(*a, **kwargs), args)
+            else:
+                deterministic = torch.are_deterministic_algorithms_enabled()
+                direct = self._direct_key(deterministic, args, kwargs)
+                compiled = self._compiled.get(direct) if direct is not None else None
+                grid = kwargs["grid"]
+                try:
+                    grid = grid(compiled[2]) if compiled is not None and callable(grid) else grid
+                except KeyError:
+                    compiled = None
+                if compiled is None:
+                    rec.refuse(f"{self.base_fn.__name__}: no compiled kernel to call directly")
+                    return
+
+                def launch(*a):
+                    self.best_config = self.last_config = compiled[3]
+                    self._launch_compiled(compiled, a, grid)
+                rec.launch(launch, args)
+
+        def _run(self, *args, **kwargs):
             deterministic = torch.are_deterministic_algorithms_enabled()
             # a launch whose every argument matches an earlier one's calls that launch's compiled
             # kernel directly (see _direct_key)
@@ -382,10 +436,8 @@ def _tuner_class():
         def _direct_key(self, deterministic: bool, args, kwargs) -> tuple | None:
             if not self._direct_launches or getattr(self.fn, "pre_run_hooks", None):   # the interpreter, old Triton
                 return None
-            tensor, runtime, compilation = self._tensor_type, self._knobs.runtime, self._knobs.compilation
-            key = (deterministic, self._driver.get_current_device(), runtime.debug,
-                   getattr(compilation, "instrumentation_mode", None),
-                   getattr(runtime, "add_stages_inspection_hook", None),
+            tensor = self._tensor_type
+            key = (deterministic, self._driver.get_current_device(), *compile_state(),
                    *[(v.dtype, v.data_ptr() & 15) if isinstance(v, tensor) else (type(v), v) for v in args],
                    *[(k, (v.dtype, v.data_ptr() & 15) if isinstance(v, tensor) else (type(v), v))
                      for k, v in kwargs.items() if k != "grid"])
@@ -458,6 +510,7 @@ def _tuner_class():
             self.cache.clear()
             self._launch_configs.clear()
             self._compiled.clear()
+            _replay.forget_plans()   # they hold compiled kernels
 
         def _choose_and_run(self, deterministic, args, kwargs) -> tuple:
             """(the config launched, the launch's result) of a launch with no earlier like it."""

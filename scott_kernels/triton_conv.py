@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
 from ._device import custom_op, on_input_device
-from . import compact
+from . import _replay, compact
 from .compact import accumulator_dtype, check_tables, gemm_weight, gemm_weight_transposed
 from .triton_tables import _neighbour_table, _padded_channels, check_neighbours, layouts_args, new_weight_layouts
 from .triton_configs import (CONV_KEY, FWD_SHARED, WGRAD_SHARED, accumulator, autotune, cdiv, check_interpretable,
@@ -291,6 +291,8 @@ if triton is not None:
                  mask=row_ok[:, None] & col_ok[None, :])
 
     # ---- the weight's GEMM layouts ----------------------------------------------------------------
+    # one config, through the package's autotuner: a plan can record its launch (scott_kernels._replay)
+    @autotune([triton.Config({}, num_warps=4)], key=[], shared=None)
     @triton.jit
     def _weight_layouts_kernel(w_ptr, gemm_ptr, t_ptr, total, C_OUT: tl.constexpr, C_IN: tl.constexpr,
                                KK: tl.constexpr, CW: tl.constexpr, BLOCK: tl.constexpr):
@@ -393,7 +395,7 @@ def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
     if counters is None or counters.numel() < count:
         counters = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
         _ARRIVAL_COUNTERS[device] = counters
-    return counters
+    return _replay.persistent(counters)   # a launch plan keeps the buffer (each launch leaves it zeroed)
 
 
 def _weight_layouts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

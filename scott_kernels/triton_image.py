@@ -95,6 +95,8 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * C_OUT + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
+    # one config, through the package's autotuner: a plan can record its launch (scott_kernels._replay)
+    @autotune([triton.Config({}, num_warps=4)], key=[], shared=None)
     @triton.jit
     def _pack_image_kernel(x_ptr, packed_ptr, slot_ptr, norm_ptr, w_ptr, w_out_ptr, num_tiles, GH, GW, H, W, HP, WP,
                            s_b, s_c, s_h, s_w, w_total, w_share, C: tl.constexpr, CP: tl.constexpr, P: tl.constexpr,

@@ -72,6 +72,12 @@ def _prune_channels(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda cfg: cfg.kwargs["BLOCK_C"])]
 
 
+def _prune_warps(configs, named_args, **kwargs):
+    """The token epilogue's backward: eight warps for more than 256 channels, else four."""
+    warps = 8 if {**named_args, **kwargs}["C"] > 256 else 4
+    return [cfg for cfg in configs if cfg.num_warps == warps] or configs[:1]
+
+
 def _autotune(configs, key, prune=None):
     """triton_configs.autotune (fixed config under deterministic algorithms, fallback when a
     launch runs out of resources) without shared-memory pruning: these kernels stage nothing."""
@@ -564,6 +570,9 @@ if triton is not None:
             out_row = pos if DENSE else t64
             tl.store(out_ptr + out_row[:, None] * C + c[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
 
+    # through the package's autotuner, so a plan can record its launch (scott_kernels._replay): one
+    # config per channel count, eight warps past 256 channels
+    @_autotune([triton.Config({}, num_warps=4), triton.Config({}, num_warps=8)], ["C"], _prune_warps)
     @triton.jit
     def _pool_tokens_bwd_kernel(grad_ptr, x_ptr, stats_ptr, dx_ptr, part_ptr, slot_ptr, w_ptr, num_tiles,
                                 batch, N, rows_per_split,
@@ -853,7 +862,7 @@ def _pool_tokens_backward(grad: torch.Tensor, act: torch.Tensor, x: torch.Tensor
             act if ln_weight is None else ln_weight.contiguous(), num_tiles, B, N, -(-B // splits),
             C=dim, BLOCK_D=pow2(dim), DENSE=dense, NORM=norm,
             HAS_W=norm and ln_weight is not None, HAS_POS=has_pos, HAS_MASK_TOKEN=dense and has_mask_token,
-            ACC=accumulator(act.dtype), ROWS=32 if _interpreting() else 8, num_warps=8 if dim > 256 else 4)
+            ACC=accumulator(act.dtype), ROWS=32 if _interpreting() else 8)
     dact = _max_blur_pool_backward(dx, act, slot, tile_pos, relu_mask)
     return dact, part[0].sum((0, 1)), part[1].sum((0, 1)), part[2].sum(0), part[3].sum((0, 1))
 

@@ -432,21 +432,28 @@ import torch
 import codegen
 from triton.runtime.jit import JITFunction
 
+from scott_kernels import triton_backend
 with codegen.fake_gpu(90, first_config_only=lambda name: True) as rec:
-    runs = []
+    runs, bodies = [], []
     original = JITFunction.run
     def counted(self, *args, **kwargs):
         runs.append(self.fn.__name__)
         return original(self, *args, **kwargs)
     JITFunction.run = counted
+    for body in ("_tokenize_forward", "_tokenize_backward"):
+        def called(*args, _body=getattr(triton_backend, body), _name=body):
+            bodies.append(_name)
+            return _body(*args)
+        setattr(triton_backend, body, called)
     out = {}
     for name, batch in (("first", 2), ("second", 2), ("again", 2), ("other", 3)):
         for r in rec.records:
             r.launches.clear()
         runs.clear()
+        bodies.clear()
         codegen.run_workload(rec, "bfloat16", batch=batch, phases=("masked_fwd", "masked_bwd"))
-        out[name] = {"jit": sorted(runs),
-                     "launches": sorted((r.name, l.phase, l.grid, sorted(l.scalars.items()))
+        out[name] = {"jit": sorted(runs), "bodies": list(bodies),
+                     "launches": sorted((r.name, l.phase, l.grid, sorted(l.scalars.items()), l.tensor_bytes)
                                         for r in rec.records for l in r.launches if not l.trial)}
     JITFunction.run = original
 json.dump(out, sys.stdout, default=str)
@@ -510,7 +517,8 @@ def test_repeated_launches_call_the_compiled_kernel():
     """An autotuned launch whose arguments all match an earlier one's (only tensor addresses
     differ) calls that launch's compiled kernel directly, with the same grid and arguments as the
     JIT's launch; new argument values go through the JIT again. (The second step keeps the
-    compiled kernels: the first one's configs are timed choices.)"""
+    compiled kernels: the first one's configs are timed choices.) The second step also records
+    the tokenizer's launch plans (scott_kernels._replay), and the third replays them."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(STATIC), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", _DIRECT_LAUNCH_SCRIPT], capture_output=True, text=True, env=env,
@@ -519,7 +527,11 @@ def test_repeated_launches_call_the_compiled_kernel():
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     first, again, other = out["first"], out["again"], out["other"]
     assert again["launches"] == first["launches"] and first["launches"], "a direct launch differs from the JIT's"
-    tuned = {name for name in first["jit"]} - {"_pool_tokens_bwd_kernel"}
+    # the second step recorded the launch plans, the third replayed them: the same launches (kernel,
+    # grid, scalar arguments, bytes of tensor arguments), and neither body ran
+    assert out["second"]["bodies"] == ["_tokenize_forward", "_tokenize_backward"], out["second"]["bodies"]
+    assert again["bodies"] == [], again["bodies"]
+    tuned = set(first["jit"])
     assert "_visible_tables_kernel" in tuned, first["jit"]   # one config, through the autotuner all the same
     assert not tuned & set(again["jit"]), f"repeated autotuned launches went through the JIT: {again['jit']}"
     assert tuned & set(other["jit"]), "launches with new argument values must go through the JIT"

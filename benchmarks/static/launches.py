@@ -228,7 +228,7 @@ HOST_GEOMETRY = {"image": 64, "visible": 6, "hidden": 64, "dim": 64, "batch": 1}
 
 
 def host_time(backend: str, dtype_name: str = "bfloat16", geometry: dict | None = None, repeats: int = 20,
-              warmup: int = 5, blocks: int = 10, pause: float = 0.3) -> dict[str, float]:
+              warmup: int = 5, blocks: int = 10, pause: float = 0.3, plans: bool = True) -> dict[str, float]:
     """Host CPU seconds of one masked forward (weights requiring grad, as in training) and of one
     masked forward+backward through ``sparse_conv_tokenize(..., backend=backend,
     num_visible=...)`` on tiny tensors (:data:`HOST_GEOMETRY`: the headline's patch and kernel
@@ -241,10 +241,13 @@ def host_time(backend: str, dtype_name: str = "bfloat16", geometry: dict | None 
     practice: on this shared machine other work slows every call for seconds at a time, by up to
     2x, so the blocks are spread over a few seconds and the least disturbed one is reported);
     ``*_median``: the median over every call; ``*_wall``: the median wall time; ``*_min``: the
-    fastest wall time."""
+    fastest wall time.
+
+    An eager triton call replays the launch plan recorded for its signature (``scott_kernels._replay``;
+    the warm-up records it); ``plans=False`` times the op bodies' own Python instead."""
     import torch
     import codegen
-    from scott_kernels import sparse_conv_tokenize
+    from scott_kernels import _replay, sparse_conv_tokenize
 
     h = {**codegen.HEADLINE, **HOST_GEOMETRY, **(geometry or {})}
     dtype = getattr(torch, dtype_name)
@@ -268,6 +271,8 @@ def host_time(backend: str, dtype_name: str = "bfloat16", geometry: dict | None 
     torch.set_num_threads(1)
     with gpu_paths(), contextlib.ExitStack() as undo:
         undo.callback(torch.set_num_threads, threads)
+        undo.callback(setattr, _replay, "enabled", _replay.enabled)
+        _replay.enabled = plans
         tokens = forward()
         grad = torch.ones_like(tokens)
 

@@ -99,7 +99,9 @@ figure is the lowest block median (timeit's practice: on this shared machine oth
 every call for seconds at a time, by up to 2x; the report also gives the median over every
 call). What is timed: Python, the torch dispatcher, the autograd layers, the custom-op layers
 where a call is dispatched (a plain eager triton call runs its two ops' bodies directly: see
-``_device.dispatch_free``), the Triton JIT's binding and cache/autotuner look-ups. The figure is the process's CPU time (what the dispatch costs a core of
+``_device.dispatch_free``; from its second step it replays the launch plan recorded for its
+signature, ``scott_kernels._replay``, which the report also times switched off), the Triton JIT's
+binding and cache/autotuner look-ups. The figure is the process's CPU time (what the dispatch costs a core of
 its own); the report also gives the wall time, which on a shared machine adds the waits for a
 core. Not included: the driver's own launch call (cuLaunchKernel
 or cudaLaunchKernel), so it is a floor of the host time on a GPU machine. Eager time on a GPU is
@@ -169,6 +171,8 @@ def triton_rows(args) -> tuple[list[dict], list[dict], list[str]]:
             rec.lean, rec.phase = True, "host"
             try:
                 host = launch_count.host_time("triton", args.dtype, repeats=args.host_repeats)
+                bodies = launch_count.host_time("triton", args.dtype, repeats=args.host_repeats, plans=False)
+                host.update({f"{k}_bodies": v for k, v in bodies.items()})
             except Exception as e:
                 errors.append(f"host timing failed: {type(e).__name__}: {str(e).strip()[:500]}")
             rec.lean = False
@@ -279,6 +283,10 @@ def _every_launch_section(name: str, totals: dict, extras: dict, gap: float) -> 
                    f"forward+backward {host['fwd_bwd'] * 1e3:.3f} ms (median over every call {w('fwd_median'):.3f} / "
                    f"{w('fwd_bwd_median'):.3f} ms; median wall time {w('fwd_wall'):.3f} / {w('fwd_bwd_wall'):.3f} "
                    f"ms, fastest {w('fwd_min'):.3f} / {w('fwd_bwd_min'):.3f} ms; load average {_load()}).\n")
+        if "fwd_bwd_bodies" in host:
+            out.append(f"The steps replay the launch plans recorded for their signature (scott_kernels._replay); "
+                       f"the op bodies' own Python, plans off, timed the same way: forward {w('fwd_bodies'):.3f} ms, "
+                       f"forward+backward {w('fwd_bwd_bodies'):.3f} ms.\n")
     return out
 
 
