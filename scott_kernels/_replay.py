@@ -15,8 +15,10 @@ always) when the body
   - used a tensor that is neither an input, nor made by an op it dispatched, nor a buffer the
     package keeps on purpose (``persistent``); or was given one tensor as two inputs;
   - read tensor data on the host, or ran an op whose output shape depends on tensor data;
+  - made a tensor off the call's device (a copy to read on the host);
   - launched a kernel the package's autotuner could not name a compiled kernel for (a first,
-    compiling launch; a config with a pre-hook).
+    compiling launch; a config with a pre-hook), or one not through that autotuner (on a GPU,
+    Triton's launch hook tells).
 Recording runs under a ``TorchDispatchMode`` (to see the ops) and the autotuner reports each
 launch to it (``recording``); ops run inside another op or a launch are not recorded, their op or
 launch is.
@@ -32,7 +34,7 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Plans", "recording", "persistent", "tensor_signature", "global_state", "forget_plans"]
+__all__ = ["Plans", "recording", "persistent", "tensor_signature", "global_state", "forget_plans", "GUARDS"]
 
 _state = threading.local()
 
@@ -52,7 +54,11 @@ _ALIASES = (_aten.detach.default, _aten.alias.default)
 _FAST = {_aten.empty.memory_format: torch.empty, _aten.empty_like.default: torch.empty_like,
          _aten.empty_strided.default: torch.empty_strided, _aten.zeros.default: torch.zeros,
          _aten.new_empty.default: torch.Tensor.new_empty, _aten.new_zeros.default: torch.Tensor.new_zeros,
-         _aten.view.default: torch.Tensor.view}
+         _aten.view.default: torch.Tensor.view, _aten.detach.default: torch.Tensor.detach}
+
+# context managers entered (with the recorder) around each recording: a kernel library adds one
+# that refuses launches its recorder would not hear of
+GUARDS: list = []
 
 # plan caches alive, for forget_plans
 _ALL_PLANS: "weakref.WeakSet[Plans]" = weakref.WeakSet()
@@ -98,15 +104,19 @@ def forget_plans() -> None:
 class _Recorder(TorchDispatchMode):
     def __init__(self, inputs):
         super().__init__()
-        # every tensor seen is held, so no id is reused while recording
-        self.held = [t for t in inputs if t is not None]
+        given = [t for t in inputs if t is not None]
+        self.device = given[0].device if given else None
         self.names = {id(t): i for i, t in enumerate(inputs) if t is not None}
+        # An op's output is watched, not held: a factory op whose output Python holds elsewhere
+        # returns a detached alias of it, an op a replay would not make. A dead tensor's id leaves
+        # ``names`` as it dies, before the id can be reused.
+        self.watched: list = []
         self.count = len(inputs)
         self.steps: list = []         # (an op or a launch, its arguments' template, tensor fills, kwargs, outputs)
         self.constants: list = []     # (name, persistent tensor)
         self.refused: str | None = None
         self.paused = False
-        if len(self.names) < len(self.held):   # one tensor passed twice: a replay could not tell which use is which
+        if len(self.names) < len(given):   # one tensor passed twice: a replay could not tell which use is which
             self.refuse("a tensor passed as two inputs")
 
     def refuse(self, why: str) -> None:
@@ -118,8 +128,9 @@ class _Recorder(TorchDispatchMode):
             self.constants.append((self._new(t), t))
 
     def _new(self, t) -> int:
-        self.held.append(t)
-        self.names[id(t)] = self.count
+        key, names = id(t), self.names
+        self.watched.append(weakref.ref(t, lambda _, key=key: names.pop(key, None)))
+        names[key] = self.count
         self.count += 1
         return self.count - 1
 
@@ -140,18 +151,15 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        self.paused = True
-        try:
+        with self.pause():
             out = func(*args, **kwargs)
-        finally:
-            self.paused = False
         if self.refused is not None:
             return out
         if func in _HOST_READS or any(tag in func.tags for tag in _REFUSED_TAGS):
             self.refuse(f"{func} reads tensor data on the host")
             return out
         template, fills = self._template(args)
-        if any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+        if any(isinstance(u, torch.Tensor) for v in kwargs.values() for u in (v if isinstance(v, (list, tuple)) else (v,))):
             self.refuse(f"{func}: a tensor keyword argument")
         if out is None:   # (a device assertion)
             outs = None
@@ -162,6 +170,9 @@ class _Recorder(TorchDispatchMode):
         else:
             self.refuse(f"{func} returns {type(out).__name__}")
             return out
+        made = (out,) if isinstance(out, torch.Tensor) else out or ()
+        if any(t.device != self.device for t in made):   # a copy off the call's device: read on the host?
+            self.refuse(f"{func} makes a tensor off the call's device")
         self.steps.append((func, tuple(template), tuple(fills), kwargs, outs))
         return out
 
@@ -173,11 +184,13 @@ class _Recorder(TorchDispatchMode):
     def plan(self, outputs: list) -> "_Plan":
         """The plan of what was recorded, returning the tensors named ``outputs`` (None: None)."""
         alias: dict = {}
-        returned = set(outputs)
+        # an alias only launches read (no op, no caller) is replaced by its input: the same memory
+        kept = set(outputs) | {name for fn, _, fills, _, _ in self.steps if isinstance(fn, torch._ops.OpOverload)
+                               for _, name in fills}
         steps = []
         for fn, template, fills, kwargs, outs in self.steps:
             fills = tuple((i, alias.get(name, name)) for i, name in fills)
-            if fn in _ALIASES and outs not in returned:   # its input serves: same memory, same metadata
+            if fn in _ALIASES and outs not in kept:
                 alias[outs] = fills[0][1]
                 continue
             steps.append((_FAST.get(fn, getattr(fn, "_op", fn)), template, fills, kwargs, outs))
@@ -188,11 +201,11 @@ class _Recorder(TorchDispatchMode):
 
     @contextlib.contextmanager
     def pause(self):
-        self.paused = True
+        paused, self.paused = self.paused, True
         try:
             yield
         finally:
-            self.paused = False
+            self.paused = paused
 
 
 class _Plan:
@@ -248,22 +261,23 @@ class Plans:
         return sum(p is not None for p in self._plans.values())
 
     def run(self, key, inputs, body, *args):
-        if not enabled:
+        # off, or inside another body's recording (which records this body's ops and launches)
+        if not enabled or getattr(_state, "recorder", None) is not None:
             return body(*args)
         plan = self._plans.get(key, _UNSEEN)
         if plan is None:                     # refused too often: the body, unrecorded
             return body(*args)
         if plan is not _UNSEEN:
             return plan.replay(inputs)
-        if getattr(_state, "recorder", None) is not None:   # a body calling another's: not nested
-            return body(*args)
         return self._record(key, inputs, body, args)
 
     def _record(self, key, inputs, body, args):
         rec = _Recorder(inputs)
         _state.recorder = rec
         try:
-            with rec:
+            with rec, contextlib.ExitStack() as guards:
+                for guard in GUARDS:
+                    guards.enter_context(guard(rec))
                 out = body(*args)
         finally:
             _state.recorder = None

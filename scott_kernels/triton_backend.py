@@ -348,11 +348,17 @@ tokenizer.register_autograd(_tokenizer_grads, setup_context=_tokenizer_setup)
 _FORWARD_PLANS, _BACKWARD_PLANS = Plans(), Plans()
 
 
+def _settings() -> tuple:
+    """What the stage bodies read besides their arguments and ``global_state``: Triton's compile
+    settings and torch's float32 convolution precision (TF32 or not)."""
+    return (*compile_state(), torch.backends.cudnn.allow_tf32)
+
+
 @on_input_device
 def _forward_body(x, weights, keep, pixel_norm, ln_weight, ln_bias, pos_embed, mask_token, *options):
     """(the forward op's outputs, the key of the call's plan)."""
     inputs = (x, keep, pixel_norm, ln_weight, ln_bias, pos_embed, mask_token, *weights)
-    key = (options, global_state(x.device), compile_state(), *map(tensor_signature, inputs))
+    key = (options, global_state(x.device), _settings(), *map(tensor_signature, inputs))
     return _FORWARD_PLANS.run(key, inputs, _tokenize_forward, x, weights, keep, pixel_norm, ln_weight, ln_bias,
                               pos_embed, mask_token, *options), key
 
@@ -362,7 +368,7 @@ def _backward_body(grad, saved, x, weights, pixel_norm, epilogue, patch_size, de
     if forward_key is None or not _FORWARD_PLANS.planned(forward_key):   # no plan fixes the saved tensors
         return _tokenize_backward(grad, saved, x, weights, pixel_norm, epilogue, patch_size, dense, norm, dtype, needs)
     inputs = (grad, x, pixel_norm, *weights, *epilogue, *saved)
-    key = (forward_key, tuple(needs), global_state(grad.device), tensor_signature(grad),
+    key = (forward_key, tuple(needs), global_state(grad.device), _settings(), tensor_signature(grad),
            *map(tensor_signature, inputs[1:3 + len(weights) + len(epilogue)]))
     return _BACKWARD_PLANS.run(key, inputs, _tokenize_backward, grad, saved, x, weights, pixel_norm, epilogue,
                                patch_size, dense, norm, dtype, needs)
@@ -382,8 +388,12 @@ class _Tokenize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, keep, pixel_norm, ln_weight, ln_bias, pos_embed, mask_token, options, *weights):
         if dispatch_free(x, keep, pixel_norm, ln_weight, ln_bias, pos_embed, mask_token, *weights):
-            out, ctx.forward_key = _forward_body(x, list(weights), keep, pixel_norm, ln_weight, ln_bias, pos_embed,
-                                                 mask_token, *options)
+            out, forward_key = _forward_body(x, list(weights), keep, pixel_norm, ln_weight, ln_bias, pos_embed,
+                                             mask_token, *options)
+            # the backward's plan takes the saved tensors as the forward made them: not under
+            # saved-tensor hooks, whose unpacking may give them another dtype, device or offset
+            if torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+                ctx.forward_key = forward_key
         else:
             out = tokenizer(x, list(weights), keep, pixel_norm, ln_weight, ln_bias, pos_embed, mask_token, *options)
         patch_size, _, _, dense, eps, dtype, _ = options

@@ -13,6 +13,7 @@ tile sizes prunes them first:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Any, Callable, Iterable, Sequence
@@ -318,6 +319,24 @@ def compile_state() -> tuple:
             getattr(runtime, "add_stages_inspection_hook", None))
 
 
+@contextlib.contextmanager
+def _unreported_launches(rec):
+    """While a launch plan records (scott_kernels._replay): Triton's launch hook refuses the plan
+    for a kernel launched on a GPU but not through the package's autotuner, whose own launches
+    pause the recorder and report themselves; a replay would miss the other."""
+    chain = _triton_knobs().runtime.launch_enter_hook
+
+    def hook(metadata):
+        if not rec.paused:
+            rec.refuse("a kernel launched through Triton's JIT alone")
+
+    chain.add(hook)
+    try:
+        yield
+    finally:
+        chain.remove(hook)
+
+
 def _with_stages(config, stages: int):
     import copy
     out = copy.copy(config)
@@ -342,6 +361,8 @@ def _tuner_class():
 
     from . import _replay
     triton_knobs = _triton_knobs()   # None for an older Triton: every launch through the JIT
+    if triton_knobs is not None and hasattr(triton_knobs.runtime.launch_enter_hook, "add"):
+        _replay.GUARDS.append(_unreported_launches)
 
     class Tuner(Autotuner):
         shared_estimate = None      # (config, named_args) -> bytes, to order the fallbacks

@@ -329,7 +329,8 @@ if triton is not None:
 # Launch configuration
 # --------------------------------------------------------------------------------------------
 def _precision(dtype: torch.dtype) -> str:
-    # float32 follows torch's convolution setting (TF32 on tensor cores unless disabled)
+    # float32 follows torch's convolution setting (TF32 on tensor cores unless disabled; a launch
+    # plan's key holds the setting: triton_backend)
     if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting():
         return "tf32"
     return "ieee"

@@ -432,7 +432,7 @@ import torch
 import codegen
 from triton.runtime.jit import JITFunction
 
-from scott_kernels import triton_backend
+from scott_kernels import _replay, triton_backend
 with codegen.fake_gpu(90, first_config_only=lambda name: True) as rec:
     runs, bodies = [], []
     original = JITFunction.run
@@ -446,12 +446,14 @@ with codegen.fake_gpu(90, first_config_only=lambda name: True) as rec:
             return _body(*args)
         setattr(triton_backend, body, called)
     out = {}
-    for name, batch in (("first", 2), ("second", 2), ("again", 2), ("other", 3)):
+    for name, batch in (("first", 2), ("second", 2), ("again", 2), ("direct", 2), ("other", 3)):
         for r in rec.records:
             r.launches.clear()
         runs.clear()
         bodies.clear()
+        _replay.enabled = name != "direct"   # the bodies' own direct launches, without a plan
         codegen.run_workload(rec, "bfloat16", batch=batch, phases=("masked_fwd", "masked_bwd"))
+        _replay.enabled = True
         out[name] = {"jit": sorted(runs), "bodies": list(bodies),
                      "launches": sorted((r.name, l.phase, l.grid, sorted(l.scalars.items()), l.tensor_bytes)
                                         for r in rec.records for l in r.launches if not l.trial)}
@@ -518,15 +520,18 @@ def test_repeated_launches_call_the_compiled_kernel():
     differ) calls that launch's compiled kernel directly, with the same grid and arguments as the
     JIT's launch; new argument values go through the JIT again. (The second step keeps the
     compiled kernels: the first one's configs are timed choices.) The second step also records
-    the tokenizer's launch plans (scott_kernels._replay), and the third replays them."""
+    the tokenizer's launch plans (scott_kernels._replay) and the third replays them; the fourth,
+    plans off, runs the bodies, whose launches call the compiled kernels directly."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(STATIC), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", _DIRECT_LAUNCH_SCRIPT], capture_output=True, text=True, env=env,
                           timeout=1800)
     assert proc.returncode == 0, proc.stderr[-6000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    first, again, other = out["first"], out["again"], out["other"]
-    assert again["launches"] == first["launches"] and first["launches"], "a direct launch differs from the JIT's"
+    first, again, direct, other = out["first"], out["again"], out["direct"], out["other"]
+    assert direct["launches"] == first["launches"] and first["launches"], "a direct launch differs from the JIT's"
+    assert direct["bodies"] == ["_tokenize_forward", "_tokenize_backward"], direct["bodies"]
+    assert again["launches"] == first["launches"], "a replayed launch differs from the JIT's"
     # the second step recorded the launch plans, the third replayed them: the same launches (kernel,
     # grid, scalar arguments, bytes of tensor arguments), and neither body ran
     assert out["second"]["bodies"] == ["_tokenize_forward", "_tokenize_backward"], out["second"]["bodies"]
@@ -534,4 +539,5 @@ def test_repeated_launches_call_the_compiled_kernel():
     tuned = set(first["jit"])
     assert "_visible_tables_kernel" in tuned, first["jit"]   # one config, through the autotuner all the same
     assert not tuned & set(again["jit"]), f"repeated autotuned launches went through the JIT: {again['jit']}"
+    assert not tuned & set(direct["jit"]), f"repeated autotuned launches went through the JIT: {direct['jit']}"
     assert tuned & set(other["jit"]), "launches with new argument values must go through the JIT"

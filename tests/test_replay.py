@@ -67,6 +67,7 @@ def test_a_plan_replays_the_ops_with_the_new_inputs():
     (lambda x: [x[x > 0]], "reads tensor data"),                             # a data-dependent shape
     (lambda x: [x + _OUTSIDE], "from outside the call"),                     # a tensor not passed in
     (lambda x: [torch.cat([x, x])], "inside a list"),
+    (lambda x: [x + x.to("meta").sum().dim()], "off the call's device"),   # a copy to read elsewhere
 ])
 def test_recording_refuses_what_a_replay_could_not_repeat(fn, why):
     """A body that reads tensor data on the host, makes a data-dependent shape or uses a tensor it
@@ -107,15 +108,30 @@ def test_a_persistent_buffer_is_held_by_the_plan():
     assert got[1].data_ptr() == _KEPT.data_ptr()
 
 
-def test_a_body_running_inside_a_recording_is_not_recorded_itself():
+def test_a_body_running_inside_a_recording_runs_itself():
+    """Inside another body's recording a body runs (that recording takes its ops), neither
+    recording nor replaying its own plan."""
     inner_plans, inner = Plans(), _Body(lambda x: [x + 1])
+    x = torch.randint(-9, 9, (4,)).float()
+    _run(inner_plans, inner, x)
+    assert len(inner_plans) == 1 and inner.calls == 1
     outer_plans = Plans()
     outer = _Body(lambda x: [_run(inner_plans, inner, x * 2)[0] - 1])
     for _ in range(3):
         x = torch.randint(-9, 9, (4,)).float()
         torch.testing.assert_close(_run(outer_plans, outer, x)[0], x * 2, rtol=0, atol=0)
     assert len(outer_plans) == 1 and outer.calls == 1
-    assert len(inner_plans) == 0 and inner.calls == 1   # called once, inside the recording
+    assert inner.calls == 2   # once alone, once inside the outer recording; the outer plan replays its ops
+
+
+def test_a_plan_holds_only_what_the_body_dispatched():
+    """The recorder watches the tensors it names without holding them (a factory op whose output
+    Python holds elsewhere returns a detached alias, which no replay would make), and an alias that
+    only launches read is its input: a body of an allocation and a fill replays as those two ops."""
+    plans, body = Plans(), _Body(lambda x: [torch.empty(3, dtype=x.dtype).fill_(2.0) + x])
+    _run(plans, body, torch.randn(3))
+    (plan,) = plans._plans.values()
+    assert len(plan.steps) == 3 and plan.steps[0][0] is torch.empty   # empty, fill_, add
 
 
 def test_signatures_tell_apart_what_a_body_reads():
@@ -145,6 +161,26 @@ def test_plans_can_be_turned_off(monkeypatch):
     for _ in range(3):
         _run(plans, body, torch.randn(3))
     assert body.calls == 3 and len(plans) == 0
+
+
+def test_a_launch_outside_the_autotuner_refuses_the_plan():
+    """On a GPU, Triton's launch hook (its JIT calls it on every launch) refuses a recording for a
+    launch the package's autotuner did not report; the autotuner's own launches pause the recorder."""
+    pytest.importorskip("triton")
+    from scott_kernels import triton_configs
+    knobs = triton_configs._triton_knobs()
+    if knobs is None or not hasattr(knobs.runtime.launch_enter_hook, "add"):
+        pytest.skip("this Triton keeps no launch-hook chain")
+    triton_configs._tuner()   # registers the guard
+    assert triton_configs._unreported_launches in _replay.GUARDS
+    rec = _replay._Recorder([torch.zeros(1)])
+    with triton_configs._unreported_launches(rec):
+        with rec.pause():
+            knobs.runtime.launch_enter_hook("metadata")
+        assert rec.refused is None
+        knobs.runtime.launch_enter_hook("metadata")
+        assert "JIT alone" in rec.refused
+    assert not knobs.runtime.launch_enter_hook.calls
 
 
 def test_forget_plans_drops_every_plan():
@@ -279,11 +315,37 @@ def test_a_new_signature_gets_its_own_plan():
     finally:
         torch.use_deterministic_algorithms(False)
     assert len(triton_backend._FORWARD_PLANS) == 3
+    # float32's TF32 setting, which the kernels read: a plan of its own
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+        tokens(x32, w32)
+    assert len(triton_backend._FORWARD_PLANS) == 4
     # images at an odd offset (a view): their own plan, and the same tokens
     base = torch.empty(x.numel() + 1, dtype=x.dtype)
     shifted = base[1:].view_as(x).copy_(x)
     torch.testing.assert_close(tokens(shifted, weights), want, rtol=0, atol=0)
-    assert len(triton_backend._FORWARD_PLANS) == 4
+    assert len(triton_backend._FORWARD_PLANS) == 5
+
+
+@needs_triton_cpu
+def test_saved_tensor_hooks_turn_the_backward_plan_off(monkeypatch):
+    """Under saved-tensor hooks (whose unpacking may give the saved tensors another dtype, device
+    or offset) the backward runs its body; the forward still replays."""
+    triton_backend._FORWARD_PLANS.clear()
+    triton_backend._BACKWARD_PLANS.clear()
+    bodies = []
+    original = triton_backend._tokenize_backward
+    monkeypatch.setattr(triton_backend, "_tokenize_backward", lambda *a: bodies.append(1) or original(*a))
+    x = torch.randn(2, 3, 32, 48, dtype=torch.float64)
+    weights = random_weights(3, (5, 6), (7, 5))
+    keep = _fixed_keep(2, 6, 3, torch.Generator().manual_seed(0))
+    grads = []
+    for _ in range(3):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+            tokens = sparse_conv_tokenize(x, weights, keep, patch_size=16, backend="triton", num_visible=3)
+        grads.append(torch.autograd.grad(tokens, weights, torch.ones_like(tokens)))
+    assert len(bodies) == 3 and len(triton_backend._BACKWARD_PLANS) == 0 and len(triton_backend._FORWARD_PLANS) == 1
+    for a, b in zip(grads[0], grads[2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @needs_triton_cpu
