@@ -222,10 +222,11 @@ CASES = {
 }
 
 
-def _step(case: dict, seed: int):
+def _step(case: dict, seed: int, device: str = "cpu"):
     """A training step's tokens and gradients, plain (eager: plans) and through the ops (a
     pass-through dispatch mode: no plan)."""
     g = torch.Generator().manual_seed(seed)
+    on = lambda t: t.to(device).requires_grad_(t.requires_grad)   # drawn on the CPU, the same on every device
     dtype = case.get("dtype", torch.float64)
     stages = case.get("stages", 2)
     patch = 4 ** stages
@@ -233,20 +234,21 @@ def _step(case: dict, seed: int):
     x = torch.randn(B, 3, GH * patch, GW * patch, generator=g, dtype=torch.float64)
     kw = dict(patch_size=patch, backend="triton", packed=case.get("packed", False))
     if case.get("uint8"):
-        x = (x * 40 + 128).clamp(0, 255).to(torch.uint8)
+        x = on((x * 40 + 128).clamp(0, 255).to(torch.uint8))
         kw.update(pixel_mean=(120.0, 125.0, 130.0), pixel_std=(50.0, 60.0, 70.0))
     else:
-        x = x.to(dtype).requires_grad_(case.get("need_x", False))
+        x = on(x.to(dtype)).requires_grad_(case.get("need_x", False))
     widths, kernels = ((5, 6), (7, 5)) if stages == 2 else ((4, 5, 6), (5, 3, 3))
-    weights = [w.detach().to(dtype).requires_grad_(True) for w in random_weights(3, widths, kernels)]
+    weights = [on(w.detach().to(dtype)).requires_grad_(True) for w in random_weights(3, widths, kernels)]
     keep = _fixed_keep(B, GH * GW, visible, g) if case.get("keep", True) else None
     if keep is not None and case.get("count", True):
         kw["num_visible"] = visible
     elif keep is not None:   # the total fixed (read on the host), the rows' counts not
         keep = _fixed_keep(1, B * GH * GW, B * visible, g).view(B, GH * GW)
+    keep = None if keep is None else keep.to(device)
     params = list(weights)
     if case.get("epilogue"):
-        ln_weight, ln_bias, pos, mask_token = (torch.randn(shape, generator=g, dtype=dtype).requires_grad_(True)
+        ln_weight, ln_bias, pos, mask_token = (on(torch.randn(shape, generator=g, dtype=dtype)).requires_grad_(True)
                                                for shape in (6, 6, (1, GH * GW, 6), 6))
         kw.update(norm=(ln_weight, ln_bias, 1e-5), pos_embed=pos, mask_token=mask_token)
         params += [ln_weight, ln_bias, pos, mask_token]
@@ -255,7 +257,7 @@ def _step(case: dict, seed: int):
 
     def run():
         tokens = sparse_conv_tokenize(x, weights, keep, **kw)
-        grad = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(seed), dtype=tokens.dtype)
+        grad = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(seed), dtype=tokens.dtype).to(device)
         return [tokens, *torch.autograd.grad(tokens, params, grad)]
 
     plain = run()
@@ -271,7 +273,10 @@ def test_replayed_steps_match_the_ops(name, monkeypatch):
     the backward's plans, the next two replay them (neither body runs), and every step's tokens
     and gradients equal the ops' bit for bit. Without ``num_visible`` the visible total (read on
     the host before the forward) is part of the signature, the rows' counts are not and vary."""
-    case = CASES[name]
+    _check_replays(CASES[name], "cpu", monkeypatch)
+
+
+def _check_replays(case: dict, device: str, monkeypatch):
     triton_backend._FORWARD_PLANS.clear()
     triton_backend._BACKWARD_PLANS.clear()
     bodies = []
@@ -282,15 +287,37 @@ def test_replayed_steps_match_the_ops(name, monkeypatch):
             bodies.append(_name)
             return _original(*args)
         monkeypatch.setattr(triton_backend, body, counted)
-    for seed in range(3):
+    # the interpreter's launches are recorded from the first step; a GPU's from the second, whose
+    # launches call compiled kernels the first one kept
+    replayed_from = 1 if device == "cpu" else 2
+    for seed in range(replayed_from + 2):
         bodies.clear()
-        plain, through_ops = _step(case, seed)
+        plain, through_ops = _step(case, seed, device)
         for a, b in zip(plain, through_ops):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
-        if seed:
+        if seed >= replayed_from:
             # the ops' run calls the bodies, the plain one replays
             assert bodies == ["_tokenize_forward", "_tokenize_backward"], bodies
     assert len(triton_backend._FORWARD_PLANS) == 1 and len(triton_backend._BACKWARD_PLANS) == 1
+
+
+needs_triton_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and triton_supports(torch.device("cuda", 0))),
+                                      reason="needs a CUDA GPU the triton backend runs on")
+GPU_CASES = {"bfloat16": dict(dtype=torch.bfloat16), "float32": dict(dtype=torch.float32),
+             "epilogue": dict(dtype=torch.bfloat16, epilogue=True), "image gradient": dict(dtype=torch.bfloat16, need_x=True),
+             "host count": dict(dtype=torch.bfloat16, count=False)}
+
+
+@needs_triton_gpu
+@pytest.mark.parametrize("name, side_stream", [(name, False) for name in GPU_CASES] + [("bfloat16", True)])
+def test_replayed_steps_match_the_ops_gpu(name, side_stream, monkeypatch):
+    """On a GPU, the replayed steps (compiled kernels called directly, on the current stream) equal
+    the same steps through the ops bit for bit; on a side stream too, where a plan of its own gets
+    fresh weight-gradient arrival counters from each step (as CUDA-graph capture needs)."""
+    stream = torch.cuda.Stream() if side_stream else torch.cuda.current_stream()
+    with torch.cuda.stream(stream):
+        _check_replays(GPU_CASES[name], "cuda", monkeypatch)
+    torch.cuda.synchronize()
 
 
 @needs_triton_cpu
