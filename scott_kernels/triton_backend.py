@@ -374,6 +374,14 @@ def _backward_body(grad, saved, x, weights, pixel_norm, epilogue, patch_size, de
                                patch_size, dense, norm, dtype, needs)
 
 
+def _saved_tensor_hooks() -> bool:
+    """Whether default saved-tensor hooks are set (``torch.autograd.graph.saved_tensors_hooks``)."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except (AttributeError, TypeError, RuntimeError):   # no such query in this torch: assume hooks
+        return True
+
+
 class _Tokenize(torch.autograd.Function):
     """The tokenizer's autograd for the package's eager calls: the forward op with grad off, then the
     backward op, the same wiring as the op's registered autograd (which torch.compile traces, and
@@ -392,7 +400,7 @@ class _Tokenize(torch.autograd.Function):
                                              mask_token, *options)
             # the backward's plan takes the saved tensors as the forward made them: not under
             # saved-tensor hooks, whose unpacking may give them another dtype, device or offset
-            if torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+            if not _saved_tensor_hooks():
                 ctx.forward_key = forward_key
         else:
             out = tokenizer(x, list(weights), keep, pixel_norm, ln_weight, ln_bias, pos_embed, mask_token, *options)
