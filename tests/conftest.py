@@ -21,6 +21,10 @@ DEVICES = ["cpu", _cuda_param()]
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+    # restored after each test: a training run with deterministic=true sets it for the process
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
 
 
 class RecordingMode(TorchDispatchMode):

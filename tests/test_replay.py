@@ -146,11 +146,10 @@ def test_signatures_tell_apart_what_a_body_reads():
     state = global_state(x.device)
     with torch.autocast("cpu"):
         assert global_state(x.device) != state
-    torch.use_deterministic_algorithms(True)
-    try:
-        assert global_state(x.device) != state
-    finally:
-        torch.use_deterministic_algorithms(False)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(not was)   # (the conftest fixture restores it)
+    assert global_state(x.device) != state
+    torch.use_deterministic_algorithms(was)
     assert global_state(x.device) == state
 
 
@@ -336,11 +335,9 @@ def test_a_new_signature_gets_its_own_plan():
     torch.testing.assert_close(tokens(x, weights), want, rtol=0, atol=0)
     x32, w32 = x.float(), [w.float() for w in weights]
     tokens(x32, w32)
-    torch.use_deterministic_algorithms(True)
-    try:
-        torch.testing.assert_close(tokens(x, weights), want, rtol=0, atol=0)
-    finally:
-        torch.use_deterministic_algorithms(False)
+    torch.use_deterministic_algorithms(not torch.are_deterministic_algorithms_enabled())   # (the fixture restores it)
+    torch.testing.assert_close(tokens(x, weights), want, rtol=0, atol=0)
+    torch.use_deterministic_algorithms(not torch.are_deterministic_algorithms_enabled())
     assert len(triton_backend._FORWARD_PLANS) == 3
     # float32's TF32 setting, which the kernels read: a plan of its own
     with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
