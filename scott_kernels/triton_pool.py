@@ -572,7 +572,10 @@ if triton is not None:
 
     # through the package's autotuner, so a plan can record its launch (scott_kernels._replay): one
     # config per channel count, eight warps past 256 channels
-    @_autotune([triton.Config({}, num_warps=4), triton.Config({}, num_warps=8)], ["C"], _prune_warps)
+    # (one under the interpreter, where warps mean nothing: Triton 3.5's disk cache of a choice
+    # among several cannot name an interpreted kernel)
+    @_autotune([triton.Config({}, num_warps=4)] if _interpreting() else
+               [triton.Config({}, num_warps=4), triton.Config({}, num_warps=8)], ["C"], _prune_warps)
     @triton.jit
     def _pool_tokens_bwd_kernel(grad_ptr, x_ptr, stats_ptr, dx_ptr, part_ptr, slot_ptr, w_ptr, num_tiles,
                                 batch, N, rows_per_split,
